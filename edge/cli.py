@@ -1,0 +1,109 @@
+"""``medge``: one program, many subcommands.
+
+Each subcommand lives in its own module that exposes
+``configure_parser(parser)`` and ``run(args) -> int``. Only the chosen
+command's module is imported, so ``medge --help`` is fast and the daemon
+never loads the trainer. Trainer commands are found through the
+``medge.commands`` entry-point group (the ``edge`` package never imports
+``trainer``); they need the ``trainer`` extra (torch, onnx).
+
+This is the only module that prints, exits or configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from importlib.metadata import entry_points
+from typing import Sequence
+
+from edge import __version__
+from edge.errors import MedgeError
+
+__all__ = ["main", "COMMANDS"]
+
+# name -> (module, one-line help). Trainer commands resolve via entry points.
+COMMANDS: dict[str, tuple[str | None, str]] = {
+    "serve": ("edge.serve", "run the daemon (ZeroMQ + DICOM ingest, metrics, health)"),
+    "demo": ("edge.demo", "one-command demo: daemon + simulated probe + DICOM push + report"),
+    "send": ("edge.send", "test client / scanner simulator (zmq | dicom)"),
+    "bench": ("edge.bench", "latency benchmark (engine | zmq | dicom)"),
+    "engines": ("edge.engines_cmd", "list bundled/installed engines, verify their sha256"),
+    "doctor": ("edge.doctor", "check GPU, TensorRT, ports, engines, spool permissions"),
+    "train": (None, "train a model (needs the trainer extra)"),
+    "evaluate": (None, "evaluate a checkpoint or ONNX model on a held-out set (trainer extra)"),
+    "export": (None, "export a checkpoint to ONNX + manifest (trainer extra)"),
+    "quantize": (None, "write an INT8 Q/DQ ONNX behind an accuracy gate (trainer extra)"),
+    "build": (None, "build a TensorRT engine on this machine (tensorrt extra)"),
+}
+
+
+def _module_for(name: str) -> str:
+    module, _ = COMMANDS[name]
+    if module is not None:
+        return module
+    for ep in entry_points(group="medge.commands"):
+        if ep.name == name:
+            return ep.value
+    raise MedgeError(
+        f"'medge {name}' is provided by the trainer; install it with: pip install 'medge[trainer]'."
+    )
+
+
+def _load(name: str):
+    modname = _module_for(name)
+    try:
+        return importlib.import_module(modname)
+    except ImportError as exc:
+        extra = "tensorrt" if name == "build" else "trainer"
+        raise MedgeError(
+            f"'medge {name}' cannot start: {exc}. Install the extra with: pip install 'medge[{extra}]'."
+        ) from exc
+
+
+def _base_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="medge",
+        description="medge: streaming edge inference for imaging devices (research use only).",
+        epilog="Run 'medge COMMAND --help' for a command's options.",
+    )
+    p.add_argument("--version", action="version", version=f"medge {__version__}")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``medge`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _base_parser()
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name, (_, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            try:
+                _load(name).configure_parser(sp)
+            except MedgeError as exc:
+                print(f"medge: error: {exc}", file=sys.stderr)
+                return 2
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(_load(args.command).run(args) or 0)
+    except MedgeError as exc:
+        print(f"medge {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
