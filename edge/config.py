@@ -1,0 +1,614 @@
+"""Daemon configuration: one frozen, typed object, read once at start-up.
+
+Sources, later ones winning:
+
+1. the defaults written in the dataclasses below (the contract's defaults);
+2. a TOML file (``medge serve --config FILE``; ``/etc/medge/medge.toml``
+   under systemd);
+3. ``MEDGE_*`` environment variables: ``MEDGE_<SECTION>__<KEY>`` for a key
+   in a section (``MEDGE_ZMQ__INGEST=tcp://0.0.0.0:5555``,
+   ``MEDGE_METRICS__PORT=9200``, ``MEDGE_DICOM__TLS__CERT=/etc/medge/tls.pem``)
+   and ``MEDGE_<KEY>`` for a top-level key (``MEDGE_SPOOL_DIR``,
+   ``MEDGE_ENGINES_DIR``). Values are parsed as TOML values when they parse
+   (``9200``, ``true``, ``["A", "B"]``) and taken as strings otherwise;
+   lists may also be written comma-separated (``MEDGE_DICOM__ALLOWED_CALLING_AES=A,B``).
+   Arrays of tables (``[[models]]``, ``[[dicom.routes]]``,
+   ``[[dicom.destinations]]``) are file-only.
+
+Validation happens once, in :func:`load_config`: an unknown key, a value of
+the wrong type or out of range raises :class:`~edge.errors.ConfigError`
+whose message names the key (``zmq.ingest``, ``models[1].precision``,
+``MEDGE_METRICS__PORT``) and the problem. Nothing is silently replaced by a
+default.
+
+With no file and no environment, the daemon serves every model found in
+the engines folder (the bundled ``engines/``) on the contract's defaults.
+
+Examples
+--------
+>>> cfg = load_config(None, env={}, check_models=False)
+>>> cfg.zmq.ingest, cfg.metrics.port, str(cfg.spool_dir)
+('tcp://127.0.0.1:5555', 9108, '.medge')
+>>> cfg = load_config(None, env={"MEDGE_METRICS__PORT": "9200"}, check_models=False)
+>>> cfg.metrics.port
+9200
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from edge.errors import ConfigError
+
+__all__ = [
+    "PRECISION_CHOICES",
+    "BACKEND_CHOICES",
+    "PROVIDER_CHOICES",
+    "ZmqConfig",
+    "MetricsConfig",
+    "SchedulerConfig",
+    "ModelConfig",
+    "DicomTlsConfig",
+    "DicomRoute",
+    "DicomDestination",
+    "DicomConfig",
+    "OutboxConfig",
+    "MedgeConfig",
+    "load_config",
+    "default_config",
+    "ENV_PREFIX",
+]
+
+_log = logging.getLogger(__name__)
+
+ENV_PREFIX = "MEDGE_"
+PRECISION_CHOICES = ("fp32", "int8", "fp16", "auto")
+BACKEND_CHOICES = ("onnxruntime", "tensorrt", "auto")
+PROVIDER_CHOICES = ("cpu", "cuda", "tensorrt")
+_UNROUTED = ("accept", "reject")
+_ZMQ_SCHEMES = ("tcp://", "ipc://", "inproc://")
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class ZmqConfig:
+    """``[zmq]``: the ZeroMQ ingest (ROUTER) and results (PUB) sockets.
+
+    ``default_model`` answers requests whose header has no ``model`` (empty:
+    the first served model). ``max_frame_bytes`` bounds one pixels frame
+    (larger is ``payload_size``); ``max_pixels`` bounds ``H*W`` of a declared
+    shape (larger is ``bad_shape``). ``hwm`` is the ZeroMQ high-water mark of
+    both sockets, in messages.
+    """
+
+    enabled: bool = True
+    ingest: str = "tcp://127.0.0.1:5555"
+    publish: str = "tcp://127.0.0.1:5556"
+    default_model: str = ""
+    default_stream: str = "default"
+    max_frame_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    hwm: int = 10000
+    publish_masks: bool = True
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: the HTTP server for ``/metrics``, ``/healthz`` and ``/readyz``."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9108
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """``[scheduler]``: queues, micro-batching and the overload policy.
+
+    ``queue_size`` bounds each model's queue (a frame that finds it full is
+    answered ``overloaded``). ``max_batch`` caps a micro-batch;
+    ``max_delay_us`` is how long a worker waits for more frames once one is
+    queued (0: batch only what is already waiting, the lowest latency).
+    ``stream_backlog`` bounds the frames of one live stream waiting in a
+    queue: when a new frame would exceed it, the stream's oldest waiting
+    frame is shed and answered ``dropped``. ``workers`` is the number of
+    inference threads per model.
+    """
+
+    queue_size: int = 64
+    max_batch: int = 4
+    max_delay_us: int = 0
+    stream_backlog: int = 4
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[[models]]``: one served model.
+
+    ``name`` is the manifest's name; ``path`` its folder (default
+    ``<engines_dir>/<name>``). ``precision``: ``fp32``, ``int8``, ``fp16`` or
+    ``auto`` (int8 where the manifest has it on CPU, fp16 then fp32 on a GPU).
+    ``backend``: ``onnxruntime``, ``tensorrt`` or ``auto`` (TensorRT where
+    present, else ONNX Runtime; the fallback is logged and shown in
+    ``medge_model_info``). ``provider`` is the ONNX Runtime execution
+    provider (``cpu``, ``cuda``, ``tensorrt``); a provider that is not
+    installed is an error, not a fallback. ``intra_op_threads`` 0 means one
+    per core. ``max_batch``, ``max_delay_us`` and ``queue_size`` override
+    ``[scheduler]`` for this model when non-zero. ``threshold`` overrides the
+    manifest's score/probability threshold when set (>= 0).
+    """
+
+    name: str
+    path: str = ""
+    precision: str = "fp32"
+    backend: str = "onnxruntime"
+    provider: str = "cpu"
+    device_id: int = 0
+    intra_op_threads: int = 0
+    warmup_iterations: int = 3
+    max_batch: int = 0
+    max_delay_us: int = -1
+    queue_size: int = 0
+    threshold: float = -1.0
+
+
+@dataclass(frozen=True)
+class DicomTlsConfig:
+    """``[dicom.tls]``: optional TLS on the SCP (enabled when cert and key are set)."""
+
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether TLS is configured."""
+        return bool(self.cert and self.key)
+
+
+@dataclass(frozen=True)
+class DicomRoute:
+    """``[[dicom.routes]]``: instances matching these attributes go to ``model``.
+
+    ``sop_class_uid`` and ``body_part`` (BodyPartExamined) are optional
+    filters; empty matches any.
+    """
+
+    modality: str
+    model: str
+    sop_class_uid: str = ""
+    body_part: str = ""
+
+
+@dataclass(frozen=True)
+class DicomDestination:
+    """``[[dicom.destinations]]``: a C-STORE peer (a PACS) that receives results."""
+
+    name: str
+    host: str
+    port: int
+    ae_title: str
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    """``[dicom]``: the DICOM C-STORE SCP, its routing and its results.
+
+    ``allowed_calling_aes`` empty accepts any calling AE title. Timeouts are
+    in seconds. ``series_idle_s``: a series is complete after this long with
+    no new instance. ``unrouted``: ``accept`` (store and log by SOP class) or
+    ``reject``. ``frame_stride``: run every n-th frame of a multi-frame cine.
+    ``secondary_capture``: also write an overlay secondary-capture image.
+    With no ``[[dicom.routes]]`` the defaults route US to ``us-lesion-seg``
+    and CR/DX to ``xray-nodule-det`` (those that are served).
+    """
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 11112
+    ae_title: str = "MEDGE"
+    allowed_calling_aes: tuple[str, ...] = ()
+    max_associations: int = 4
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 30.0
+    network_timeout_s: float = 60.0
+    tls: DicomTlsConfig = field(default_factory=DicomTlsConfig)
+    series_idle_s: float = 10.0
+    unrouted: str = "accept"
+    frame_stride: int = 1
+    secondary_capture: bool = False
+    routes: tuple[DicomRoute, ...] = ()
+    destinations: tuple[DicomDestination, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    """``[outbox]``: durable delivery of results to ``[[dicom.destinations]]``.
+
+    A failed send is retried after ``retry_base_s * 2**(attempt-1)`` seconds,
+    capped at ``retry_max_s``. After ``max_attempts`` failed attempts within
+    one ``attempt_window_s`` (or at once on a permanent refusal) the result
+    moves to the dead-letter folder with the reason.
+    """
+
+    retry_base_s: float = 1.0
+    retry_max_s: float = 300.0
+    max_attempts: int = 10
+    attempt_window_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class MedgeConfig:
+    """The whole configuration (top-level keys plus one attribute per section).
+
+    ``engines_dir``: where model folders live (default: the bundled
+    ``engines/``). ``spool_dir``: received DICOM, outbox, dead letters.
+    ``cache_dir``: built TensorRT engines (default ``<spool_dir>/engine-cache``).
+    ``models`` empty in the file means every model in ``engines_dir``.
+    """
+
+    engines_dir: Path = field(default_factory=lambda: _default_engines_dir())
+    spool_dir: Path = Path(".medge")
+    cache_dir: Path = Path("")
+    shutdown_timeout_s: float = 4.0
+    zmq: ZmqConfig = field(default_factory=ZmqConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    models: tuple[ModelConfig, ...] = ()
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+
+    def model(self, name: str) -> ModelConfig:
+        """The served model called ``name``.
+
+        Raises
+        ------
+        ConfigError
+            If no served model has that name.
+        """
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ConfigError(f"Model {name!r} is not served (served: {', '.join(self.model_names)}).")
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Names of the served models, in configuration order."""
+        return tuple(m.name for m in self.models)
+
+    def model_dir(self, model: ModelConfig) -> Path:
+        """Folder of a served model: its ``path`` or ``<engines_dir>/<name>``."""
+        return Path(model.path) if model.path else self.engines_dir / model.name
+
+    @property
+    def engine_cache_dir(self) -> Path:
+        """Where built TensorRT engines are cached."""
+        return self.cache_dir if str(self.cache_dir) not in ("", ".") else self.spool_dir / "engine-cache"
+
+    @property
+    def default_model(self) -> str:
+        """The model used when a request names none."""
+        if self.zmq.default_model:
+            return self.zmq.default_model
+        return self.models[0].name if self.models else ""
+
+
+def _default_engines_dir() -> Path:
+    # Imported lazily so that this module stays importable on its own.
+    from edge.manifest import default_engines_dir
+
+    return default_engines_dir()
+
+
+# --------------------------------------------------------------------------- typed loading
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a TOML/env value to the annotated type, or raise naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, args[0], key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"Config key {key}: expected true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"Config key {key}: expected an integer, got {value!r}.")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"Config key {key}: expected a number, got {value!r}.")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"Config key {key}: expected a string, got {value!r}.")
+    if tp is Path:
+        if isinstance(value, str):
+            return Path(value)
+        raise ConfigError(f"Config key {key}: expected a path string, got {value!r}.")
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"Config key {key}: expected an array, got {value!r}.")
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"Config key {key}: expected a table, got {value!r}.")
+        return _build(tp, value, key)
+    raise ConfigError(f"Config key {key}: unsupported type {_type_name(tp)}.")  # pragma: no cover
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from a table, rejecting unknown keys."""
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            raise ConfigError(
+                f"Unknown config key {key} (known keys here: {', '.join(sorted(names))})."
+            )
+        kwargs[k] = _coerce(v, hints[k], key)
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+    ]
+    if missing:
+        where = prefix or "the top level"
+        raise ConfigError(f"Config table {where} is missing required key(s): {', '.join(missing)}.")
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- environment
+def _parse_env_value(raw: str, tp: Any) -> Any:
+    """An environment string as the value TOML would have given."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        origin = typing.get_origin(tp)
+    if tp in (str, Path):
+        return raw
+    if origin is tuple:
+        stripped = raw.strip()
+        if stripped.startswith("["):
+            try:
+                return tomllib.loads(f"v = {stripped}")["v"]
+            except tomllib.TOMLDecodeError:
+                return raw
+        return [p.strip() for p in stripped.split(",") if p.strip()]
+    try:
+        return tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Merge ``MEDGE_*`` overrides into the raw table ``data`` (in place)."""
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        parts = var[len(ENV_PREFIX) :].lower().split("__")
+        cls: Any = MedgeConfig
+        table = data
+        for depth, part in enumerate(parts):
+            hints = _hints(cls)
+            if part not in hints:
+                if len(parts) == 1:
+                    # A MEDGE_* variable that is not a top-level key (MEDGE_LOG, ...): not ours.
+                    _log.debug("Ignoring environment variable %s: not a config key.", var)
+                    break
+                raise ConfigError(f"Environment variable {var} names no config key ({part!r} is unknown).")
+            tp = hints[part]
+            last = depth == len(parts) - 1
+            if last:
+                if dataclasses.is_dataclass(tp):
+                    raise ConfigError(f"Environment variable {var} names a table, not a key.")
+                if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+                    raise ConfigError(
+                        f"Environment variable {var} names an array of tables; set it in the config file."
+                    )
+                dotted = ".".join(parts)
+                value = _parse_env_value(env[var], tp)
+                _coerce(value, tp, f"{dotted} (from environment variable {var})")
+                table[part] = value
+            else:
+                if not dataclasses.is_dataclass(tp):
+                    raise ConfigError(f"Environment variable {var}: {part!r} is a key, not a table.")
+                sub = table.setdefault(part, {})
+                if not isinstance(sub, dict):
+                    raise ConfigError(f"Environment variable {var}: {part!r} is not a table in the file.")
+                table, cls = sub, tp
+
+
+# --------------------------------------------------------------------------- validation
+def _check(cond: bool, key: str, problem: str) -> None:
+    if not cond:
+        raise ConfigError(f"Config key {key}: {problem}")
+
+
+def _check_port(port: int, key: str) -> None:
+    _check(0 <= port <= 65535, key, f"port {port} is not in 0..65535.")
+
+
+def _check_endpoint(ep: str, key: str) -> None:
+    _check(ep.startswith(_ZMQ_SCHEMES), key, f"endpoint {ep!r} does not start with one of {_ZMQ_SCHEMES}.")
+
+
+def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
+    z = cfg.zmq
+    _check_endpoint(z.ingest, "zmq.ingest")
+    _check_endpoint(z.publish, "zmq.publish")
+    _check(z.ingest != z.publish, "zmq.publish", "must differ from zmq.ingest.")
+    _check(z.max_frame_bytes > 0, "zmq.max_frame_bytes", "must be > 0.")
+    _check(z.max_pixels > 0, "zmq.max_pixels", "must be > 0.")
+    _check(z.hwm >= 0, "zmq.hwm", "must be >= 0.")
+    _check(bool(z.default_stream), "zmq.default_stream", "must not be empty.")
+    _check_port(cfg.metrics.port, "metrics.port")
+    s = cfg.scheduler
+    _check(s.queue_size >= 1, "scheduler.queue_size", f"{s.queue_size} must be >= 1.")
+    _check(s.max_batch >= 1, "scheduler.max_batch", f"{s.max_batch} must be >= 1.")
+    _check(s.max_delay_us >= 0, "scheduler.max_delay_us", f"{s.max_delay_us} must be >= 0.")
+    _check(s.stream_backlog >= 1, "scheduler.stream_backlog", f"{s.stream_backlog} must be >= 1.")
+    _check(s.workers >= 1, "scheduler.workers", f"{s.workers} must be >= 1.")
+    _check(cfg.shutdown_timeout_s > 0, "shutdown_timeout_s", "must be > 0.")
+
+    models = cfg.models
+    if check_models:
+        from edge.errors import ModelError
+        from edge.manifest import discover
+
+        if not models:
+            try:
+                found = discover(cfg.engines_dir)
+            except ModelError as exc:
+                raise ConfigError(f"Config key engines_dir: {exc}") from exc
+            _check(
+                bool(found),
+                "engines_dir",
+                f"{cfg.engines_dir} holds no model (no <name>/manifest.json); "
+                "list models under [[models]] or point engines_dir at the engines.",
+            )
+            models = tuple(ModelConfig(name=n) for n in found)
+        for i, m in enumerate(models):
+            d = Path(m.path) if m.path else cfg.engines_dir / m.name
+            _check(
+                (d / "manifest.json").is_file(),
+                f"models[{i}].name" if not m.path else f"models[{i}].path",
+                f"no manifest.json for model {m.name!r} in {d}.",
+            )
+    seen: set[str] = set()
+    for i, m in enumerate(models):
+        k = f"models[{i}]"
+        _check(bool(m.name), f"{k}.name", "must not be empty.")
+        _check(m.name not in seen, f"{k}.name", f"model {m.name!r} is listed twice.")
+        seen.add(m.name)
+        _check(m.precision in PRECISION_CHOICES, f"{k}.precision", f"{m.precision!r} is not one of {PRECISION_CHOICES}.")
+        _check(m.backend in BACKEND_CHOICES, f"{k}.backend", f"{m.backend!r} is not one of {BACKEND_CHOICES}.")
+        _check(m.provider in PROVIDER_CHOICES, f"{k}.provider", f"{m.provider!r} is not one of {PROVIDER_CHOICES}.")
+        _check(m.device_id >= 0, f"{k}.device_id", "must be >= 0.")
+        _check(m.intra_op_threads >= 0, f"{k}.intra_op_threads", "must be >= 0 (0: one per core).")
+        _check(m.warmup_iterations >= 0, f"{k}.warmup_iterations", "must be >= 0.")
+        _check(m.max_batch >= 0, f"{k}.max_batch", "must be >= 0 (0: the [scheduler] value).")
+        _check(m.queue_size >= 0, f"{k}.queue_size", "must be >= 0 (0: the [scheduler] value).")
+        _check(m.max_delay_us >= -1, f"{k}.max_delay_us", "must be >= 0 (or -1: the [scheduler] value).")
+        _check(m.threshold <= 1.0, f"{k}.threshold", f"{m.threshold} is above 1.")
+    if check_models and models:
+        _check(
+            not z.default_model or z.default_model in seen,
+            "zmq.default_model",
+            f"{z.default_model!r} is not a served model ({', '.join(sorted(seen))}).",
+        )
+
+    d = cfg.dicom
+    _check_port(d.port, "dicom.port")
+    _check(1 <= len(d.ae_title) <= 16, "dicom.ae_title", f"{d.ae_title!r} must be 1 to 16 characters.")
+    for i, ae in enumerate(d.allowed_calling_aes):
+        _check(1 <= len(ae) <= 16, f"dicom.allowed_calling_aes[{i}]", f"{ae!r} must be 1 to 16 characters.")
+    _check(d.max_associations >= 1, "dicom.max_associations", "must be >= 1.")
+    for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "series_idle_s"):
+        _check(getattr(d, name) > 0, f"dicom.{name}", "must be > 0.")
+    _check(d.unrouted in _UNROUTED, "dicom.unrouted", f"{d.unrouted!r} is not one of {_UNROUTED}.")
+    _check(d.frame_stride >= 1, "dicom.frame_stride", "must be >= 1.")
+    if bool(d.tls.cert) != bool(d.tls.key):
+        raise ConfigError("Config key dicom.tls: cert and key must be set together.")
+    for name in ("cert", "key", "ca"):
+        p = getattr(d.tls, name)
+        _check(not p or Path(p).is_file(), f"dicom.tls.{name}", f"file {p} does not exist.")
+    routes = d.routes
+    if not routes:
+        defaults = (("US", "us-lesion-seg"), ("CR", "xray-nodule-det"), ("DX", "xray-nodule-det"))
+        routes = tuple(DicomRoute(modality=mod, model=mdl) for mod, mdl in defaults if mdl in seen)
+    for i, r in enumerate(routes):
+        _check(bool(r.modality), f"dicom.routes[{i}].modality", "must not be empty.")
+        if check_models:
+            _check(r.model in seen, f"dicom.routes[{i}].model", f"{r.model!r} is not a served model.")
+    names: set[str] = set()
+    for i, dest in enumerate(d.destinations):
+        k = f"dicom.destinations[{i}]"
+        _check(bool(dest.name) and dest.name not in names, f"{k}.name", f"{dest.name!r} is empty or repeated.")
+        names.add(dest.name)
+        _check(bool(dest.host), f"{k}.host", "must not be empty.")
+        _check(1 <= dest.port <= 65535, f"{k}.port", f"port {dest.port} is not in 1..65535.")
+        _check(1 <= len(dest.ae_title) <= 16, f"{k}.ae_title", f"{dest.ae_title!r} must be 1 to 16 characters.")
+    o = cfg.outbox
+    _check(o.retry_base_s > 0, "outbox.retry_base_s", "must be > 0.")
+    _check(o.retry_max_s >= o.retry_base_s, "outbox.retry_max_s", "must be >= outbox.retry_base_s.")
+    _check(o.max_attempts >= 1, "outbox.max_attempts", "must be >= 1.")
+    _check(o.attempt_window_s > 0, "outbox.attempt_window_s", "must be > 0.")
+    return dataclasses.replace(cfg, models=models, dicom=dataclasses.replace(d, routes=routes))
+
+
+# --------------------------------------------------------------------------- public API
+def load_config(
+    path: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    check_models: bool = True,
+) -> MedgeConfig:
+    """Read, override and validate the configuration.
+
+    Parameters
+    ----------
+    path : path-like, optional
+        A TOML file. ``None``: defaults only.
+    env : mapping, optional
+        Environment to take ``MEDGE_*`` overrides from (default ``os.environ``).
+    check_models : bool
+        Resolve ``models`` against the engines folder (an empty list becomes
+        every model found there) and check that each has a manifest. Off for
+        tools that must work without engines (``medge doctor``).
+
+    Returns
+    -------
+    MedgeConfig
+        Frozen; ``models`` and ``dicom.routes`` filled in.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key and the problem.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            with open(p, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"Config file {p} does not exist.") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"Config file {p} is not valid TOML: {exc}.") from exc
+    _apply_env(data, os.environ if env is None else env)
+    cfg = _build(MedgeConfig, data, "")
+    return _validate(cfg, check_models)
+
+
+def default_config(check_models: bool = True) -> MedgeConfig:
+    """The configuration with no file and no environment overrides."""
+    return load_config(None, env={}, check_models=check_models)
