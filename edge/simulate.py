@@ -1,0 +1,198 @@
+"""Light synthetic image sources for the demo, ``medge send`` and ``medge bench``.
+
+``edge`` never imports the trainer, so this module carries its own small
+generators: an ultrasound-like probe (sector scan, speckle, a slowly moving
+hypoechoic lesion) and X-ray-like frames (a chest-like background with ribs
+and a few bright nodules). They are made to exercise the pipeline and look
+plausible in a report, not to be realistic. All randomness is seeded.
+
+A probe pre-renders a short loop of frames (``loop`` frames, default 32) so
+that streaming at 30-60 fps costs the client almost no CPU; the loop is
+continuous (the lesion's path is periodic).
+
+Examples
+--------
+>>> probe = UltrasoundProbe(height=120, width=160, seed=1, loop=4)
+>>> f = probe.frame(0)
+>>> f.shape, f.dtype
+((120, 160), dtype('uint8'))
+>>> probe.truth(0).shape
+(120, 160)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["UltrasoundProbe", "XrayFrames", "make_source"]
+
+
+def _to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Map [0, 1] floats to uint8 / uint16 (12-bit) / int16 / float32."""
+    x = np.clip(x, 0.0, 1.0)
+    if dtype == "uint8":
+        return (x * 255.0 + 0.5).astype(np.uint8)
+    if dtype == "uint16":
+        return (x * 4095.0 + 0.5).astype(np.uint16)
+    if dtype == "int16":
+        return (x * 4095.0 - 1024.0).astype(np.int16)
+    if dtype == "float32":
+        return x.astype(np.float32)
+    raise ValueError(f"dtype {dtype!r} is not one of uint8, uint16, int16, float32.")
+
+
+@dataclass
+class UltrasoundProbe:
+    """Sector-scan frames with speckle and a moving dark (hypoechoic) lesion.
+
+    Parameters
+    ----------
+    height, width : int
+        Frame size in pixels (a probe's B-mode image, e.g. 480 x 640).
+    dtype : str
+        ``uint8`` (typical B-mode) or ``uint16``/``int16``/``float32``.
+    seed : int
+        Seed of all randomness.
+    loop : int
+        Number of distinct frames rendered; frame ``i`` is ``i % loop``.
+    """
+
+    height: int = 480
+    width: int = 640
+    dtype: str = "uint8"
+    seed: int = 0
+    loop: int = 32
+    _frames: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
+    _truth: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.height < 16 or self.width < 16:
+            raise ValueError(f"Frame size {self.height}x{self.width} is too small (>= 16x16).")
+        rng = np.random.default_rng(self.seed)
+        h, w = self.height, self.width
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        apex_x, apex_y = w / 2.0, -0.08 * h
+        r = np.hypot(xx - apex_x, yy - apex_y)
+        theta = np.arctan2(xx - apex_x, yy - apex_y)
+        r0, r1 = 0.12 * h, 1.06 * h
+        half = math.radians(38.0)
+        sector = (r >= r0) & (r <= r1) & (np.abs(theta) <= half)
+        depth = np.clip((r - r0) / (r1 - r0), 0, 1)
+        # Tissue echogenicity: layered structure plus slow variations, attenuated with depth.
+        layers = 0.55 + 0.12 * np.sin(depth * 23.0 + 1.3 * np.sin(theta * 3.0))
+        blobs = self._smooth_noise(rng, h, w, 24) * 0.18
+        tissue = (layers + blobs) * (1.0 - 0.45 * depth)
+        # Lesion path: a slow ellipse inside the sector, periodic over the loop.
+        cy0, cx0 = 0.55 * h, 0.5 * w
+        ay, ax = 0.08 * h, 0.16 * w
+        ry, rx = 0.10 * h * rng.uniform(0.9, 1.2), 0.08 * w * rng.uniform(0.9, 1.2)
+        speckles = [rng.rayleigh(scale=0.6, size=(h, w)).astype(np.float32) for _ in range(4)]
+        for i in range(self.loop):
+            ph = 2 * math.pi * i / self.loop
+            cy, cx = cy0 + ay * math.sin(ph), cx0 + ax * math.cos(ph)
+            d2 = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+            lesion = d2 <= 1.0
+            rim = np.exp(-((np.sqrt(d2) - 1.0) ** 2) / 0.01) * 0.35
+            echo = tissue * np.where(lesion, 0.18, 1.0) + rim * (1.0 - 0.4 * depth)
+            img = echo * speckles[i % len(speckles)] * 0.85
+            # posterior acoustic enhancement below the lesion
+            below = (xx - cx) ** 2 / rx**2 < 1.0
+            img = img * np.where(below & (yy > cy + ry), 1.15, 1.0)
+            img = np.where(sector, img, 0.0)
+            self._frames.append(_to_dtype(img, self.dtype))
+            self._truth.append((lesion & sector).astype(np.uint8))
+
+    @staticmethod
+    def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
+        """Bilinearly upsampled coarse noise in [-1, 1] (vectorised)."""
+        gh, gw = h // cell + 2, w // cell + 2
+        g = rng.uniform(-1, 1, size=(gh, gw)).astype(np.float32)
+        ys = np.arange(h, dtype=np.float32) / cell
+        xs = np.arange(w, dtype=np.float32) / cell
+        y0, x0 = ys.astype(int), xs.astype(int)
+        fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+        a = g[y0][:, x0]
+        b = g[y0][:, x0 + 1]
+        c = g[y0 + 1][:, x0]
+        d = g[y0 + 1][:, x0 + 1]
+        return (a * (1 - fx) + b * fx) * (1 - fy) + (c * (1 - fx) + d * fx) * fy
+
+    def frame(self, i: int) -> np.ndarray:
+        """Frame ``i`` (read-only view; the loop repeats)."""
+        f = self._frames[i % self.loop]
+        f.flags.writeable = False
+        return f
+
+    def truth(self, i: int) -> np.ndarray:
+        """Ground-truth lesion mask of frame ``i`` (uint8 0/1)."""
+        return self._truth[i % self.loop]
+
+
+@dataclass
+class XrayFrames:
+    """Chest-X-ray-like frames (dark lung fields, bright ribs) with a few nodules.
+
+    ``truth(i)`` returns the nodule boxes as ``(x0, y0, x1, y1)`` tuples.
+    Defaults to 512 x 512 ``uint16`` (12-bit values), like a downsampled DX.
+    """
+
+    height: int = 512
+    width: int = 512
+    dtype: str = "uint16"
+    seed: int = 0
+    loop: int = 8
+    _frames: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
+    _boxes: list[list[tuple[float, float, float, float]]] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.height < 32 or self.width < 32:
+            raise ValueError(f"Frame size {self.height}x{self.width} is too small (>= 32x32).")
+        rng = np.random.default_rng(self.seed)
+        h, w = self.height, self.width
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        yn, xn = yy / h, xx / w
+        body = np.exp(-(((xn - 0.5) / 0.42) ** 6)) * 0.75 + 0.1
+        lungs = np.zeros((h, w), np.float32)
+        for cx in (0.3, 0.7):
+            lungs += np.exp(-(((xn - cx) / 0.15) ** 2 + ((yn - 0.5) / 0.3) ** 4))
+        base = body - 0.45 * np.clip(lungs, 0, 1)
+        ribs = np.zeros((h, w), np.float32)
+        for k in range(9):
+            y_c = 0.18 + k * 0.085
+            curve = y_c + 0.06 * ((xn - 0.5) * 2) ** 2
+            ribs += np.exp(-(((yn - curve) / 0.012) ** 2)) * np.clip(lungs, 0, 1)
+        base = base + 0.12 * ribs
+        for _ in range(self.loop):
+            img = base.copy()
+            boxes = []
+            for _ in range(int(rng.integers(1, 4))):
+                cx = rng.choice([rng.uniform(0.2, 0.4), rng.uniform(0.6, 0.8)]) * w
+                cy = rng.uniform(0.3, 0.7) * h
+                rad = rng.uniform(0.015, 0.035) * min(h, w)
+                img += 0.25 * np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (rad / 1.5) ** 2)))
+                boxes.append((float(cx - rad), float(cy - rad), float(cx + rad), float(cy + rad)))
+            img += rng.normal(0, 0.02, size=(h, w)).astype(np.float32)
+            self._frames.append(_to_dtype(img, self.dtype))
+            self._boxes.append(boxes)
+
+    def frame(self, i: int) -> np.ndarray:
+        """Frame ``i`` (read-only; the loop repeats)."""
+        f = self._frames[i % self.loop]
+        f.flags.writeable = False
+        return f
+
+    def truth(self, i: int) -> list[tuple[float, float, float, float]]:
+        """Nodule boxes of frame ``i`` in pixels."""
+        return self._boxes[i % self.loop]
+
+
+def make_source(kind: str, height: int, width: int, dtype: str, seed: int = 0, loop: int = 32):
+    """``ultrasound`` -> :class:`UltrasoundProbe`, ``xray`` -> :class:`XrayFrames`."""
+    if kind == "ultrasound":
+        return UltrasoundProbe(height, width, dtype, seed, loop)
+    if kind == "xray":
+        return XrayFrames(height, width, dtype, seed, min(loop, 8))
+    raise ValueError(f"Synthetic source kind {kind!r} is not 'ultrasound' or 'xray'.")
