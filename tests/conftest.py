@@ -1,0 +1,125 @@
+"""Shared fixtures: a tiny engines folder that makes tests independent of training.
+
+``fixture_engines`` (session scope) holds two models built with
+``onnx.helper``, with valid manifests and sha256s:
+
+* ``tiny-seg``: ``logits = 20 * (image - 0.5)``, so the served mask is the
+  set of pixels brighter than the middle of the image's (min-max
+  normalised) intensity range: a result a test can compute on its own.
+* ``tiny-det``: ``heatmap = AveragePool4x4(image)``, ``size = 16``,
+  ``offset = 0``: a bright square gives a box around it.
+
+Both take ``image`` ``[N, 1, 64, 64]`` float32 (small, so tests are fast)
+and have ``fp32`` and ``int8`` artifacts (the int8 one is the same graph;
+only the selection logic is under test).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edge.manifest import Artifact, InputSpec, Manifest, Postprocessing, Preprocessing, sha256_file
+
+FIXTURE_SIZE = 64
+
+
+def _save(model, path: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _seg_model(size: int):
+    from onnx import TensorProto, helper
+
+    inp = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, size, size])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1, size, size])
+    half = helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])
+    gain = helper.make_tensor("gain", TensorProto.FLOAT, [], [20.0])
+    nodes = [
+        helper.make_node("Sub", ["image", "half"], ["centred"]),
+        helper.make_node("Mul", ["centred", "gain"], ["logits"]),
+    ]
+    graph = helper.make_graph(nodes, "tiny_seg", [inp], [out], initializer=[half, gain])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _det_model(size: int):
+    from onnx import TensorProto, helper
+
+    h = size // 4
+    inp = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, size, size])
+    outs = [
+        helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, ["N", 1, h, h]),
+        helper.make_tensor_value_info("size", TensorProto.FLOAT, ["N", 2, h, h]),
+        helper.make_tensor_value_info("offset", TensorProto.FLOAT, ["N", 2, h, h]),
+    ]
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+    sixteen = helper.make_tensor("sixteen", TensorProto.FLOAT, [], [16.0])
+    nodes = [
+        helper.make_node("AveragePool", ["image"], ["heatmap"], kernel_shape=[4, 4], strides=[4, 4]),
+        helper.make_node("Mul", ["heatmap", "zero"], ["zeros"]),
+        helper.make_node("Add", ["zeros", "sixteen"], ["sixteens"]),
+        helper.make_node("Concat", ["sixteens", "sixteens"], ["size"], axis=1),
+        helper.make_node("Concat", ["zeros", "zeros"], ["offset"], axis=1),
+    ]
+    graph = helper.make_graph(nodes, "tiny_det", [inp], outs, initializer=[zero, sixteen])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def make_engines(root: Path, size: int = FIXTURE_SIZE) -> Path:
+    """Write ``tiny-seg`` and ``tiny-det`` model folders under ``root``."""
+    specs = {
+        "tiny-seg": ("segmentation", ("lesion",), ("logits",), _seg_model(size), Postprocessing(threshold=0.5)),
+        "tiny-det": (
+            "detection",
+            ("nodule",),
+            ("heatmap", "size", "offset"),
+            _det_model(size),
+            Postprocessing(threshold=0.5, nms_iou=0.5, max_detections=10, stride=4),
+        ),
+    }
+    for name, (task, labels, outputs, model, post) in specs.items():
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        _save(model, d / "model.onnx")
+        shutil.copyfile(d / "model.onnx", d / "model.int8.onnx")
+        Manifest(
+            name=name,
+            version="1",
+            task=task,
+            labels=labels,
+            input=InputSpec(size=(size, size)),
+            outputs=outputs,
+            preprocessing=Preprocessing(color="grayscale", resize="letterbox", normalize="minmax"),
+            postprocessing=post,
+            artifacts={
+                "fp32": Artifact("model.onnx", sha256_file(d / "model.onnx")),
+                "int8": Artifact("model.int8.onnx", sha256_file(d / "model.int8.onnx")),
+            },
+            intended_use="Test fixture only.",
+        ).save(d)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fixture_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only engines folder with ``tiny-seg`` and ``tiny-det`` (see module doc)."""
+    pytest.importorskip("onnx", reason="building fixture models needs onnx (the trainer extra)")
+    return make_engines(tmp_path_factory.mktemp("engines"))
+
+
+@pytest.fixture
+def engines_copy(fixture_engines: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of the fixture engines (for tamper tests)."""
+    dst = tmp_path / "engines"
+    shutil.copytree(fixture_engines, dst)
+    return dst
