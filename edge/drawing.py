@@ -203,6 +203,8 @@ def latency_figure(series: Mapping[str, Sequence[float] | np.ndarray], title: st
             d.line(pts, fill=c, width=2)
         p50, p99 = np.percentile(v, [50, 99])
         legend = f"{k}: p50 {p50:.2f} ms  p99 {p99:.2f} ms  n={n}"
-        d.rectangle([mid + 70, 70 + 14 * i, mid + 80, 80 + 14 * i], fill=c)
-        d.text((mid + 85, 69 + 14 * i), legend, fill=(0, 0, 0), font=font)
+        ly = h - 50 - 14 * (len(data) - i) - 6  # bottom right: CDFs rarely go there
+        lx = w - 30 - int(d.textlength(legend, font=font)) - 15
+        d.rectangle([lx, ly + 1, lx + 10, ly + 11], fill=c)
+        d.text((lx + 15, ly), legend, fill=(0, 0, 0), font=font)
     return img
