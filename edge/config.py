@@ -102,7 +102,6 @@ class ZmqConfig:
     max_frame_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 4096 * 4096
     hwm: int = 10000
-    publish_masks: bool = True
 
 
 @dataclass(frozen=True)

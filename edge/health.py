@@ -89,7 +89,7 @@ class HealthServer:
         self._server = _Server((host, port), registry, ready)
         self.host = host
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="medge-http", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.1,), name="medge-http", daemon=True)
         self._thread.start()
         _log.info("Metrics and health on http://%s:%d (/metrics, /healthz, /readyz).", host, self.port)
 

@@ -99,7 +99,7 @@ class Metrics:
         ``medge_outbox_pending{destination}``.
     outbox_sent, outbox_failures, outbox_dead_letters : Counter
         ``medge_outbox_sent_total``, ``medge_outbox_failures_total``,
-        ``medge_outbox_dead_letters_total``, by ``destination``.
+        ``medge_outbox_dead_letter_total``, by ``destination``.
     """
 
     def __init__(self, registry: CollectorRegistry, *, process: bool = True, gpu: bool = True) -> None:
@@ -154,7 +154,7 @@ class Metrics:
             "medge_outbox_failures", "Failed delivery attempts, by destination.", ["destination"], registry=r
         )
         self.outbox_dead_letters = Counter(
-            "medge_outbox_dead_letters",
+            "medge_outbox_dead_letter",
             "Results moved to the dead-letter folder, by destination.",
             ["destination"],
             registry=r,
