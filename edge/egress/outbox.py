@@ -1,0 +1,418 @@
+"""The durable outbox: results wait here until each destination has them.
+
+Layout under ``<spool_dir>/outbox``:
+
+``pending/<destination>/<SOPInstanceUID>.dcm``
+    One copy per destination, written atomically (temp, fsync, rename,
+    fsync dir) before the source instances are deleted from the spool.
+    Removed only after that destination answered a success (or warning)
+    status to the C-STORE.
+``pending/<destination>/<SOPInstanceUID>.attempts.json``
+    When the destination refused this object with a transient status: the
+    wall-clock times of those attempts (so the limit survives a restart).
+``dead-letter/<destination>/<SOPInstanceUID>.dcm`` + ``.reason.txt``
+    Objects that failed permanently (the peer rejected them: ``0xA9xx``,
+    ``0xCxxx``, ``0x01xx``; the peer accepts no presentation context for the
+    SOP class) or were refused transiently ``max_attempts`` times within
+    ``attempt_window_s``. Kept, counted, never retried automatically.
+``unsent/``
+    Results when no destination is configured (logged once).
+
+Retry policy: a destination that cannot be reached (connection refused,
+association rejected or aborted, timeout) is retried after
+``retry_base_s * 2**(n-1)`` seconds, capped at ``retry_max_s``; its objects
+are not charged an attempt for that, so a PACS that is down for hours
+loses nothing and is polled at most once per ``retry_max_s``. Every failed
+attempt is logged and counted in ``medge_outbox_failures_total``.
+
+Examples
+--------
+>>> import tempfile
+>>> from prometheus_client import CollectorRegistry
+>>> ob = Outbox(tempfile.mkdtemp(), destinations=[], registry=CollectorRegistry())
+>>> ob.pending_count()
+0
+>>> ob.close()
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.presentation import build_context
+
+from edge.spool import atomic_write, safe_name
+
+__all__ = ["Destination", "RetryPolicy", "Outbox", "classify_status", "get_or_create_metric"]
+
+_log = logging.getLogger(__name__)
+
+
+def get_or_create_metric(registry: CollectorRegistry, kind: type, name: str, doc: str, labels: Sequence[str] = ()) -> Any:
+    """Register a metric on ``registry`` or return the one already there under that name.
+
+    Lets the DICOM components and the daemon's metrics module share a
+    metric (``medge_dicom_instances_received_total``) without either
+    owning the other.
+    """
+    try:
+        return kind(name, doc, labelnames=tuple(labels), registry=registry)
+    except ValueError:
+        key = name[: -len("_total")] if kind is Counter and name.endswith("_total") else name
+        existing = registry._names_to_collectors.get(key) or registry._names_to_collectors.get(name)  # noqa: SLF001
+        if existing is None:
+            raise
+        return existing
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A C-STORE peer: ``name`` (a label, used in metrics and folder names), host, port, AE title."""
+
+    name: str
+    host: str
+    port: int
+    ae_title: str
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff and give-up bounds (``[outbox]``); see the module docstring."""
+
+    retry_base_s: float = 1.0
+    retry_max_s: float = 300.0
+    max_attempts: int = 10
+    attempt_window_s: float = 3600.0
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after ``failures`` consecutive failures (>= 1)."""
+        return min(self.retry_max_s, self.retry_base_s * (2.0 ** max(0, failures - 1)))
+
+
+def classify_status(status: int) -> str:
+    """``success``, ``transient`` or ``permanent`` for a C-STORE response status.
+
+    Warnings (``0xB000``, ``0xB006``, ``0xB007``: stored with coercion or
+    elements discarded) count as success. Out of resources (``0xA7xx``),
+    resource limitation (``0x0213``), duplicate invocation (``0x0210``) and
+    processing failure (``0x0110``) are transient; the rest (``0xA9xx``
+    data set does not match SOP class, ``0xCxxx`` cannot understand,
+    ``0x0122`` SOP class not supported, ``0x0124`` not authorised, ...) are
+    permanent.
+    """
+    if status == 0x0000 or status in (0xB000, 0xB006, 0xB007) or (status & 0xF000) == 0xB000:
+        return "success"
+    if (status & 0xFF00) == 0xA700 or status in (0x0213, 0x0210, 0x0110):
+        return "transient"
+    return "permanent"
+
+
+class _DestinationState:
+    def __init__(self) -> None:
+        self.failures = 0
+        self.next_try = 0.0
+
+
+class Outbox:
+    """Durable outbox with one sender thread per destination.
+
+    Parameters
+    ----------
+    root : path-like
+        The outbox folder (``<spool_dir>/outbox``).
+    destinations : sequence
+        Objects with ``name``, ``host``, ``port`` and ``ae_title``
+        (``edge.config.DicomDestination`` works).
+    registry : prometheus_client.CollectorRegistry
+        Where the outbox metrics go.
+    policy : RetryPolicy or edge.config.OutboxConfig, optional
+        Backoff and give-up bounds.
+    calling_ae : str
+        Our AE title towards the destinations.
+    start : bool
+        Start the sender threads now (else call :meth:`start`).
+    """
+
+    def __init__(
+        self,
+        root: Path | str,
+        destinations: Iterable[object],
+        registry: CollectorRegistry,
+        policy: object | None = None,
+        calling_ae: str = "MEDGE",
+        dimse_timeout_s: float = 30.0,
+        network_timeout_s: float = 30.0,
+        start: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        self.destinations = [
+            Destination(str(d.name), str(d.host), int(d.port), str(d.ae_title)) for d in destinations  # type: ignore[attr-defined]
+        ]
+        p = policy if policy is not None else RetryPolicy()
+        self.policy = RetryPolicy(
+            retry_base_s=float(getattr(p, "retry_base_s")),
+            retry_max_s=float(getattr(p, "retry_max_s")),
+            max_attempts=int(getattr(p, "max_attempts")),
+            attempt_window_s=float(getattr(p, "attempt_window_s")),
+        )
+        self.calling_ae = calling_ae
+        self.dimse_timeout_s = dimse_timeout_s
+        self.network_timeout_s = network_timeout_s
+        self.pending_root = self.root / "pending"
+        self.dead_root = self.root / "dead-letter"
+        self.unsent_dir = self.root / "unsent"
+        self.tmp_dir = self.root / "tmp"
+        for d in (self.pending_root, self.dead_root, self.unsent_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for dest in self.destinations:
+            (self.pending_root / dest.name).mkdir(exist_ok=True)
+            (self.dead_root / dest.name).mkdir(exist_ok=True)
+        self._pending = get_or_create_metric(
+            registry, Gauge, "medge_outbox_pending", "Result objects waiting to be sent, per destination.", ["destination"]
+        )
+        self._sent = get_or_create_metric(
+            registry, Counter, "medge_outbox_sent_total", "Result objects a destination accepted.", ["destination"]
+        )
+        self._failures = get_or_create_metric(
+            registry,
+            Counter,
+            "medge_outbox_failures_total",
+            "Failed send attempts (unreachable peer, refused association, failure status).",
+            ["destination"],
+        )
+        self._dead = get_or_create_metric(
+            registry,
+            Counter,
+            "medge_outbox_dead_letter_total",
+            "Result objects moved to the dead-letter folder.",
+            ["destination"],
+        )
+        self._stop = threading.Event()
+        self._wake = {d.name: threading.Event() for d in self.destinations}
+        self._state = {d.name: _DestinationState() for d in self.destinations}
+        self._threads: list[threading.Thread] = []
+        self._warned_no_destination = False
+        for dest in self.destinations:
+            self._update_gauge(dest)
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ API
+    def start(self) -> None:
+        """Start one sender thread per destination."""
+        if self._threads:
+            return
+        for dest in self.destinations:
+            t = threading.Thread(target=self._sender, args=(dest,), name=f"medge-outbox-{dest.name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the senders; pending objects stay on disk for the next start."""
+        self._stop.set()
+        for ev in self._wake.values():
+            ev.set()
+        for t in self._threads:
+            t.join(timeout_s)
+        self._threads.clear()
+
+    def __enter__(self) -> "Outbox":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def put(self, ds: Dataset) -> list[Path]:
+        """Write ``ds`` durably for every destination; returns the written paths."""
+        buf = io.BytesIO()
+        dcmwrite(buf, ds, enforce_file_format=True)
+        data = buf.getvalue()
+        name = f"{safe_name(str(ds.SOPInstanceUID))}.dcm"
+        written: list[Path] = []
+        if not self.destinations:
+            if not self._warned_no_destination:
+                _log.warning("No [[dicom.destinations]] configured: results are kept in %s.", self.unsent_dir)
+                self._warned_no_destination = True
+            path = self.unsent_dir / name
+            atomic_write(path, [data], tmp_dir=self.tmp_dir)
+            return [path]
+        for dest in self.destinations:
+            path = self.pending_root / dest.name / name
+            atomic_write(path, [data], tmp_dir=self.tmp_dir)
+            written.append(path)
+        for dest in self.destinations:
+            self._update_gauge(dest)
+            self._wake[dest.name].set()
+        return written
+
+    def pending(self, destination: str) -> list[Path]:
+        """Objects waiting for ``destination``, oldest first."""
+        d = self.pending_root / destination
+        paths = [p for p in d.glob("*.dcm")] if d.is_dir() else []
+        paths.sort(key=lambda p: (p.stat().st_mtime_ns, p.name))
+        return paths
+
+    def pending_count(self) -> int:
+        """Objects waiting, over all destinations."""
+        return sum(len(self.pending(d.name)) for d in self.destinations)
+
+    def dead_letters(self, destination: str) -> list[Path]:
+        """Objects in the dead-letter folder of ``destination``."""
+        return sorted((self.dead_root / destination).glob("*.dcm"))
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until nothing is pending (True) or ``timeout_s`` passed (False)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.pending_count() == 0:
+                return True
+            time.sleep(0.05)
+        return self.pending_count() == 0
+
+    # ------------------------------------------------------------------ internals
+    def _update_gauge(self, dest: Destination) -> None:
+        self._pending.labels(destination=dest.name).set(len(self.pending(dest.name)))
+
+    def _sender(self, dest: Destination) -> None:
+        state = self._state[dest.name]
+        wake = self._wake[dest.name]
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now < state.next_try:
+                wake.wait(state.next_try - now)
+                wake.clear()
+                continue
+            paths = self.pending(dest.name)
+            if not paths:
+                wake.wait(1.0)
+                wake.clear()
+                continue
+            try:
+                self._send_batch(dest, state, paths)
+            except Exception:  # noqa: BLE001 - the sender's one error boundary: log, count, back off, go on
+                _log.exception("Outbox sender for %s failed unexpectedly; backing off.", dest.name)
+                self._failures.labels(destination=dest.name).inc()
+                self._backoff(dest, state, "internal error")
+            self._update_gauge(dest)
+
+    def _backoff(self, dest: Destination, state: _DestinationState, why: str) -> None:
+        state.failures += 1
+        delay = self.policy.delay(state.failures)
+        state.next_try = time.monotonic() + delay
+        _log.warning(
+            "Destination %s (%s:%d %s): %s; attempt %d failed, next try in %.1f s.",
+            dest.name, dest.host, dest.port, dest.ae_title, why, state.failures, delay,
+        )
+
+    def _send_batch(self, dest: Destination, state: _DestinationState, paths: list[Path]) -> None:
+        items: list[tuple[Path, Dataset]] = []
+        for p in paths[:100]:
+            try:
+                items.append((p, dcmread(p)))
+            except (InvalidDicomError, OSError, ValueError) as exc:
+                self._dead_letter(dest, p, f"unreadable outbox file: {exc}")
+        if not items:
+            return
+        ae = AE(ae_title=self.calling_ae)
+        ae.dimse_timeout = self.dimse_timeout_s
+        ae.network_timeout = self.network_timeout_s
+        ae.acse_timeout = self.network_timeout_s
+        ae.connection_timeout = min(10.0, self.network_timeout_s)
+        contexts = {}
+        for _p, ds in items:
+            sop = str(ds.SOPClassUID)
+            ts = str(ds.file_meta.TransferSyntaxUID)
+            syntaxes = contexts.setdefault(sop, [ts])
+            for extra in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+                if extra not in syntaxes:
+                    syntaxes.append(extra)
+        ae.requested_contexts = [build_context(sop, ts) for sop, ts in list(contexts.items())[:128]]
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        if not assoc.is_established:
+            why = "association rejected" if assoc.is_rejected else "association aborted" if assoc.is_aborted else "cannot connect"
+            self._failures.labels(destination=dest.name).inc()
+            self._backoff(dest, state, why)
+            return
+        trouble: str | None = None
+        try:
+            accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+            for path, ds in items:
+                if self._stop.is_set():
+                    break
+                if str(ds.SOPClassUID) not in accepted:
+                    self._failures.labels(destination=dest.name).inc()
+                    self._dead_letter(dest, path, f"destination accepts no presentation context for SOP class {ds.SOPClassUID}")
+                    continue
+                rsp = assoc.send_c_store(ds)
+                status = int(getattr(rsp, "Status", -1)) if rsp else -1
+                if status < 0:
+                    trouble = "no response (timeout or aborted association)"
+                    self._failures.labels(destination=dest.name).inc()
+                    break
+                verdict = classify_status(status)
+                if verdict == "success":
+                    path.unlink()
+                    self._attempts_path(path).unlink(missing_ok=True)
+                    self._sent.labels(destination=dest.name).inc()
+                    state.failures = 0
+                    continue
+                self._failures.labels(destination=dest.name).inc()
+                if verdict == "permanent":
+                    self._dead_letter(dest, path, f"destination refused it with status 0x{status:04X}")
+                    continue
+                if self._charge_attempt(path):
+                    self._dead_letter(
+                        dest,
+                        path,
+                        f"refused {self.policy.max_attempts} times within {self.policy.attempt_window_s:.0f} s; "
+                        f"last status 0x{status:04X}",
+                    )
+                    continue
+                trouble = f"transient failure status 0x{status:04X}"
+                break
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        # Deleting a sent object needs no fsync: if the deletion is lost in a crash the
+        # object is sent again with the same SOP Instance UID, which a PACS treats as a resend.
+        if trouble is not None:
+            self._backoff(dest, state, trouble)
+
+    def _attempts_path(self, path: Path) -> Path:
+        return path.with_name(path.stem + ".attempts.json")
+
+    def _charge_attempt(self, path: Path) -> bool:
+        """Record one transient refusal of ``path``; True when it has used up its attempts."""
+        ap = self._attempts_path(path)
+        now = time.time()
+        try:
+            times = [float(t) for t in json.loads(ap.read_text(encoding="utf-8"))]
+        except (FileNotFoundError, ValueError):
+            times = []
+        times = [t for t in times if now - t < self.policy.attempt_window_s] + [now]
+        atomic_write(ap, [json.dumps(times).encode("utf-8")], tmp_dir=self.tmp_dir)
+        return len(times) >= self.policy.max_attempts
+
+    def _dead_letter(self, dest: Destination, path: Path, reason: str) -> None:
+        target_dir = self.dead_root / dest.name
+        target_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(target_dir / f"{path.stem}.reason.txt", [f"{reason}\n".encode("utf-8")], tmp_dir=self.tmp_dir)
+        shutil.move(str(path), target_dir / path.name)
+        self._attempts_path(path).unlink(missing_ok=True)
+        self._dead.labels(destination=dest.name).inc()
+        _log.error("Result %s for destination %s moved to the dead-letter folder: %s.", path.name, dest.name, reason)

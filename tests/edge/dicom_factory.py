@@ -1,0 +1,177 @@
+"""Synthetic DICOM instances with the right IODs, for the DICOM tests and benchmark.
+
+Pixels come from the trainer's seeded generators where they fit
+(ultrasound B-mode, chest radiograph); CT slices are simple seeded phantoms.
+Identifiers are made up ("MEDGE^TEST"); nothing here is patient data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+__all__ = [
+    "US_MF",
+    "US",
+    "CT",
+    "CR",
+    "DX",
+    "make_us_multiframe",
+    "make_us_single",
+    "make_ct_series",
+    "make_cr",
+    "make_dx",
+    "save",
+]
+
+US_MF = "1.2.840.10008.5.1.4.1.1.3.1"
+US = "1.2.840.10008.5.1.4.1.1.6.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+CR = "1.2.840.10008.5.1.4.1.1.1"
+DX = "1.2.840.10008.5.1.4.1.1.1.1"
+
+
+def _base(sop_class: str, modality: str, study_uid: str | None = None, series_uid: str | None = None) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.InstanceCreationDate = "20260101"
+    ds.InstanceCreationTime = "120000"
+    # Patient + General Study (made-up values)
+    ds.PatientName = "MEDGE^TEST"
+    ds.PatientID = "MEDGE-TEST-1"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.StudyDate = "20260101"
+    ds.StudyTime = "120000"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.AccessionNumber = "A1"
+    # General Series + Equipment
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.Modality = modality
+    ds.SeriesNumber = 1
+    ds.Manufacturer = "medge-tests"
+    # General Image
+    ds.InstanceNumber = 1
+    ds.ContentDate = "20260101"
+    ds.ContentTime = "120000"
+    return ds
+
+
+def _pixels(ds: Dataset, arr: np.ndarray, bits_stored: int | None = None) -> None:
+    arr = np.ascontiguousarray(arr)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(arr.shape[-2]), int(arr.shape[-1])
+    bits = arr.dtype.itemsize * 8
+    ds.BitsAllocated = bits
+    ds.BitsStored = bits_stored or bits
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if arr.dtype.kind == "i" else 0
+    ds.PixelData = arr.tobytes()
+
+
+def make_us_multiframe(frames: np.ndarray, study_uid: str | None = None) -> Dataset:
+    """US Multi-frame Image (cine) of uint8 ``[F, H, W]`` B-mode frames, no frame of reference."""
+    ds = _base(US_MF, "US", study_uid)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL", ""]
+    ds.NumberOfFrames = int(frames.shape[0])
+    ds.FrameIncrementPointer = 0x00181063  # FrameTime
+    ds.FrameTime = 33.3
+    ds.LossyImageCompression = "00"
+    _pixels(ds, frames.astype(np.uint8))
+    return ds
+
+
+def make_us_single(image: np.ndarray, study_uid: str | None = None) -> Dataset:
+    """US Image of one uint8 B-mode frame."""
+    ds = _base(US, "US", study_uid)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL", ""]
+    ds.LossyImageCompression = "00"
+    _pixels(ds, image.astype(np.uint8))
+    return ds
+
+
+def make_ct_series(n: int, size: int = 128, seed: int = 0, study_uid: str | None = None) -> list[Dataset]:
+    """A CT series of ``n`` axial int16 slices (HU via rescale) sharing a frame of reference."""
+    rng = np.random.default_rng(seed)
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    for_uid = generate_uid()
+    yy, xx = np.mgrid[0:size, 0:size]
+    out = []
+    for i in range(n):
+        body = ((xx - size / 2) ** 2 + (yy - size / 2) ** 2) < (0.42 * size) ** 2
+        img = np.where(body, 40, -1000).astype(np.int16)
+        cx, cy, r = size * 0.6, size * 0.45, size * (0.06 + 0.01 * i)
+        img[((xx - cx) ** 2 + (yy - cy) ** 2) < r * r] = 200
+        img = (img + rng.normal(0, 10, img.shape)).astype(np.int16)
+        ds = _base(CT, "CT", study_uid, series_uid)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.FrameOfReferenceUID = for_uid
+        ds.PositionReferenceIndicator = ""
+        ds.InstanceNumber = i + 1
+        ds.PixelSpacing = [0.7, 0.7]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-size * 0.35, -size * 0.35, 2.5 * i]
+        ds.SliceThickness = 2.5
+        ds.KVP = 120
+        ds.AcquisitionNumber = 1
+        ds.RescaleIntercept = 0
+        ds.RescaleSlope = 1
+        ds.RescaleType = "HU"
+        _pixels(ds, img, bits_stored=16)
+        out.append(ds)
+    return out
+
+
+def make_cr(image: np.ndarray, study_uid: str | None = None) -> Dataset:
+    """CR Image of a uint16 radiograph (12 bits stored)."""
+    ds = _base(CR, "CR", study_uid)
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PatientOrientation = ["L", "F"]
+    _pixels(ds, image.astype(np.uint16), bits_stored=12)
+    return ds
+
+
+def make_dx(image: np.ndarray, study_uid: str | None = None) -> Dataset:
+    """DX Image (for presentation) of a uint16 radiograph (12 bits stored)."""
+    ds = _base(DX, "DX", study_uid)
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.PatientOrientation = ["L", "F"]
+    ds.ImageLaterality = "U"
+    ds.PixelIntensityRelationship = "LIN"
+    ds.PixelIntensityRelationshipSign = 1
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.LossyImageCompression = "00"
+    ds.BurnedInAnnotation = "NO"
+    ds.ImagerPixelSpacing = [0.2, 0.2]
+    ds.DetectorType = "DIRECT"
+    _pixels(ds, image.astype(np.uint16), bits_stored=12)
+    return ds
+
+
+def save(ds: Dataset, path: Path) -> Path:
+    """Write ``ds`` as a DICOM file (with preamble and file meta)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
