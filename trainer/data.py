@@ -1,0 +1,737 @@
+"""Training data: two seeded synthetic generators and a loader for users' own data.
+
+Synthetic generators (each sample ``i`` of a set with seed ``s`` is drawn
+from ``numpy.random.default_rng([s, i])``, so a sample does not depend on the
+set size and any seed gives the same pixels on every machine):
+
+- :func:`make_ultrasound`: a B-mode frame (480 x 640 uint8) with sector/fan
+  geometry, Rayleigh speckle, depth attenuation with TGC-like gain, tissue
+  layers, hypo- and hyper-echoic lesions with irregular borders, posterior
+  acoustic shadowing / enhancement, and its lesion mask (0/1 uint8).
+- :func:`make_xray`: a chest-radiograph-like image (512 x 512 uint16,
+  12 bits stored) with body, lung fields, ribs, clavicles, spine, heart,
+  vessel texture, quantum noise and 0-4 nodules of varied size and
+  contrast, and their boxes ``[M, 4]`` (x0, y0, x1, y1 in source pixels).
+
+Model inputs are made **only** through :func:`edge.preprocess.preprocess`
+(masks through :func:`edge.preprocess.resize_nearest` with the same
+geometry), so the trainer sees exactly what the daemon will.
+
+User data (:func:`load_segmentation_folder`, :func:`load_detection_folder`):
+``images/`` holding DICOM (``.dcm`` or no suffix, read through
+:mod:`edge.pixels`) or PNG files, and ``masks/<stem>.png`` (segmentation) or
+one COCO JSON file of boxes (detection).
+
+Examples
+--------
+>>> from trainer.data import make_ultrasound, make_xray, sample_rng
+>>> img, mask = make_ultrasound(sample_rng(0, 0))
+>>> img.shape, img.dtype, mask.max()
+((480, 640), dtype('uint8'), 1)
+>>> img, boxes = make_xray(sample_rng(0, 1))
+>>> img.shape, img.dtype, boxes.shape[1]
+((512, 512), dtype('uint16'), 4)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from edge.errors import DataError
+from edge.manifest import InputSpec, Preprocessing
+from edge.preprocess import Geometry, preprocess, resize_float, resize_nearest
+
+__all__ = [
+    "GENERATOR_VERSION",
+    "US_SHAPE",
+    "XRAY_SHAPE",
+    "US_PREPROCESSING",
+    "XRAY_PREPROCESSING",
+    "sample_rng",
+    "make_ultrasound",
+    "make_xray",
+    "SegmentationSet",
+    "DetectionSet",
+    "segmentation_set_from_arrays",
+    "detection_set_from_arrays",
+    "synthetic_segmentation_set",
+    "synthetic_detection_set",
+    "load_image",
+    "load_segmentation_folder",
+    "load_detection_folder",
+    "default_cache_dir",
+]
+
+_log = logging.getLogger(__name__)
+
+#: Bump when a generator changes its pixels (invalidates caches).
+GENERATOR_VERSION = 1
+US_SHAPE = (480, 640)
+XRAY_SHAPE = (512, 512)
+#: Ultrasound frames are uint8 B-mode: a fixed scale keeps the gain visible to the model.
+US_PREPROCESSING = Preprocessing(color="grayscale", resize="letterbox", normalize="fixed", mean=0.0, std=255.0)
+#: Radiographs differ in bit depth and exposure: per-image min-max.
+XRAY_PREPROCESSING = Preprocessing(color="grayscale", resize="letterbox", normalize="minmax")
+
+_IMAGE_SUFFIXES = (".png", ".dcm", ".dicom", "")
+
+
+def sample_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator for sample ``index`` of the set with ``seed``."""
+    return np.random.default_rng([int(seed), int(index)])
+
+
+# ----------------------------------------------------------------- helpers
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], cell: int) -> np.ndarray:
+    """Zero-mean, unit-std smooth random field with features about ``cell`` pixels wide."""
+    h, w = shape
+    lo = rng.standard_normal((max(2, h // cell + 2), max(2, w // cell + 2))).astype(np.float32)
+    f = resize_float(lo, h + 2 * cell, w + 2 * cell)[cell : cell + h, cell : cell + w]
+    sd = float(f.std())
+    return (f - float(f.mean())) / (sd if sd > 1e-6 else 1.0)
+
+
+def _gauss_lowpass(shape: tuple[int, int], sigma_y: float, sigma_x: float) -> np.ndarray:
+    """Frequency response of a Gaussian blur (for :func:`numpy.fft.rfft2` spectra)."""
+    fy = np.fft.fftfreq(shape[0]).astype(np.float32)[:, None]
+    fx = np.fft.rfftfreq(shape[1]).astype(np.float32)[None, :]
+    return np.exp(-2.0 * np.pi**2 * ((fy * sigma_y) ** 2 + (fx * sigma_x) ** 2)).astype(np.float32)
+
+
+def _blur(img: np.ndarray, sigma_y: float, sigma_x: float) -> np.ndarray:
+    """Gaussian blur by FFT (wraps at the borders; used on fields padded or periodic)."""
+    spec = np.fft.rfft2(img) * _gauss_lowpass(img.shape, sigma_y, sigma_x)
+    return np.fft.irfft2(spec, s=img.shape).astype(np.float32)
+
+
+def _irregular_blob(
+    rng: np.random.Generator,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    cy: float,
+    cx: float,
+    ry: float,
+    rx: float,
+    irregularity: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised radius map and border radius of a rotated ellipse with a wavy border.
+
+    Returns ``(rho, border)``: a pixel is inside where ``rho < border``.
+    """
+    ang = rng.uniform(0, np.pi)
+    c, s = np.cos(ang), np.sin(ang)
+    dx, dy = xx - cx, yy - cy
+    u = (c * dx + s * dy) / rx
+    v = (-s * dx + c * dy) / ry
+    rho = np.sqrt(u * u + v * v)
+    phi = np.arctan2(v, u)
+    border = np.ones_like(rho)
+    for k in range(2, 9):
+        amp = irregularity * rng.uniform(0.2, 1.0) / k**0.8
+        border += amp * np.cos(k * phi + rng.uniform(0, 2 * np.pi))
+    if rng.random() < 0.3:  # a few spiculated / microlobulated margins
+        k = int(rng.integers(10, 18))
+        border += irregularity * 0.35 * np.maximum(np.cos(k * phi + rng.uniform(0, 2 * np.pi)), 0) ** 3
+    return rho.astype(np.float32), border.astype(np.float32)
+
+
+# ------------------------------------------------------------- ultrasound
+def make_ultrasound(rng: np.random.Generator, shape: tuple[int, int] = US_SHAPE) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic B-mode frame and its lesion mask.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        Source of randomness (see :func:`sample_rng`).
+    shape : tuple of int
+        Frame ``(height, width)``.
+
+    Returns
+    -------
+    image : numpy.ndarray
+        ``uint8`` ``[H, W]``; zero outside the sector.
+    mask : numpy.ndarray
+        ``uint8`` ``[H, W]``; 1 inside a lesion, else 0.
+    """
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    # Curvilinear probe: apex above the frame, fan of +-half_angle.
+    apex_x = w / 2 + rng.uniform(-0.02, 0.02) * w
+    apex_y = -rng.uniform(0.08, 0.16) * h
+    half = np.deg2rad(rng.uniform(30, 40))
+    r = np.hypot(xx - apex_x, yy - apex_y)
+    th = np.arctan2(xx - apex_x, yy - apex_y)
+    r0 = -apex_y + rng.uniform(0.02, 0.05) * h
+    r_max = min(h - 1 - apex_y, r0 + rng.uniform(0.82, 0.95) * h)
+    sector = (np.abs(th) <= half) & (r >= r0) & (r <= r_max)
+    depth = np.clip((r - r0) / (r_max - r0), 0, 1)
+
+    # Tissue echogenicity: smooth texture + layered near field (skin, fat, fascia, muscle).
+    echo = np.exp(0.25 * _smooth_field(rng, shape, 48) + 0.12 * _smooth_field(rng, shape, 12))
+    wobble = 0.015 * _smooth_field(rng, shape, 96)
+    dl = depth + wobble
+    skin = rng.uniform(0.02, 0.04)
+    fat = skin + rng.uniform(0.05, 0.14)
+    echo = echo * np.where(dl < skin, 2.2, 1.0) * np.where((dl >= skin) & (dl < fat), rng.uniform(0.35, 0.6), 1.0)
+    for _ in range(int(rng.integers(2, 5))):  # bright fascia lines
+        d0 = rng.uniform(fat, 0.95)
+        echo = echo * (1 + rng.uniform(0.8, 2.0) * np.exp(-(((dl - d0) / rng.uniform(0.003, 0.008)) ** 2)))
+    striation = 1 + 0.15 * np.sin(2 * np.pi * (dl * rng.uniform(20, 40) + 0.3 * th))
+    echo = echo * np.where(dl >= fat, striation, 1.0)
+
+    # Lesions.
+    mask = np.zeros(shape, dtype=bool)
+    shadow = np.ones(shape, dtype=np.float32)
+    n_lesions = 1 if rng.random() < 0.8 else 2
+    for _ in range(n_lesions):
+        ld = rng.uniform(0.25, 0.7)
+        lt = rng.uniform(-0.6, 0.6) * half
+        lr = r0 + ld * (r_max - r0)
+        cx, cy = apex_x + lr * np.sin(lt), apex_y + lr * np.cos(lt)
+        size = rng.uniform(0.06, 0.16) * h
+        ry, rx = size * rng.uniform(0.6, 1.0), size
+        rho, border = _irregular_blob(rng, yy, xx, cy, cx, ry, rx, rng.uniform(0.05, 0.25))
+        inside = (rho < border) & sector
+        if not inside.any():
+            continue
+        mask |= inside
+        kind = rng.choice(["cyst", "hypo", "hyper"], p=[0.25, 0.45, 0.3])
+        # Soft margin: echogenicity ramps over a few pixels around the border.
+        ramp = np.clip((border - rho) * size / rng.uniform(2.0, 5.0), 0, 1)
+        if kind == "cyst":
+            factor, texture = rng.uniform(0.03, 0.12), 0.2
+        elif kind == "hypo":
+            factor, texture = rng.uniform(0.2, 0.45), 0.35
+        else:
+            factor, texture = rng.uniform(1.9, 3.0), 0.3
+        inner = factor * np.exp(texture * _smooth_field(rng, shape, 10))
+        echo = echo * (1 - ramp) + echo * inner * ramp
+        # Posterior acoustic effect: everything deeper along the same beams.
+        ang_bins = np.clip(((th + half) / (2 * half) * 255).astype(np.intp), 0, 255)
+        far = np.zeros(256, dtype=np.float32)
+        np.maximum.at(far, ang_bins[inside], r[inside])
+        behind = (far[ang_bins] > 0) & (r > far[ang_bins]) & ~inside
+        if kind == "cyst":
+            post = rng.uniform(1.3, 1.8)  # posterior enhancement
+        elif kind == "hypo" and rng.random() < 0.6:
+            post = rng.uniform(0.25, 0.6)  # shadowing
+        else:
+            post = rng.uniform(0.85, 1.1)
+        effect = _blur(behind.astype(np.float32), 1.0, 4.0)
+        shadow *= 1 + (post - 1) * np.clip(effect, 0, 1)
+
+    # Speckle: low-passed complex Gaussian -> Rayleigh envelope (laterally elongated).
+    z = rng.standard_normal(shape).astype(np.float32) + 1j * rng.standard_normal(shape).astype(np.float32)
+    spec = np.fft.fft2(z)
+    fy = np.fft.fftfreq(h).astype(np.float32)[:, None]
+    fx = np.fft.fftfreq(w).astype(np.float32)[None, :]
+    sy, sx = rng.uniform(0.7, 1.1), rng.uniform(1.6, 2.6)
+    spec = spec * np.exp(-2 * np.pi**2 * ((fy * sy) ** 2 + (fx * sx) ** 2))
+    speckle = np.abs(np.fft.ifft2(spec)).astype(np.float32)
+    speckle /= float(speckle.mean())
+
+    # Attenuation and TGC: partly compensated, per-image slider curve.
+    atten_db = rng.uniform(18, 35) * depth
+    sliders = rng.uniform(-4, 4, size=8) + atten_db.max() * rng.uniform(0.55, 0.9) * np.linspace(0, 1, 8)
+    tgc_db = np.interp(depth, np.linspace(0, 1, 8), sliders)
+    gain_db = rng.uniform(-4, 4) + tgc_db - atten_db
+    env = echo * shadow * speckle * (10 ** (gain_db / 20))
+    env = env + rng.uniform(0.005, 0.02) * np.abs(rng.standard_normal(shape)).astype(np.float32)
+
+    # Log compression to the display range.
+    db = 20 * np.log10(env + 1e-6)
+    top = float(np.percentile(db[sector], 99.5)) + rng.uniform(-2, 2)
+    dr = rng.uniform(45, 60)
+    img = np.clip((db - (top - dr)) / dr, 0, 1) * 255
+    img = np.where(sector, img, 0)
+    # Depth markers beside the fan, as scanners draw them.
+    for d in np.arange(0.1, 1.0, 0.1):
+        my = int(apex_y + (r0 + d * (r_max - r0)) * np.cos(half))
+        mx = int(min(w - 4, apex_x + (r0 + d * (r_max - r0)) * np.sin(half) + 10))
+        if 0 <= my < h - 2:
+            img[my : my + 2, mx : mx + 3] = 200
+    return img.astype(np.uint8), mask.astype(np.uint8)
+
+
+# ------------------------------------------------------------------ X-ray
+def make_xray(rng: np.random.Generator, shape: tuple[int, int] = XRAY_SHAPE) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic chest radiograph (PA view) and its nodule boxes.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        Source of randomness (see :func:`sample_rng`).
+    shape : tuple of int
+        Image ``(height, width)``.
+
+    Returns
+    -------
+    image : numpy.ndarray
+        ``uint16`` ``[H, W]``, 12 bits stored, brighter = more attenuation
+        (MONOCHROME2).
+    boxes : numpy.ndarray
+        ``float32`` ``[M, 4]`` nodule boxes (x0, y0, x1, y1), ``M`` in 0..4.
+    """
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    u, v = xx / w, yy / h  # normalised coordinates
+    cxn = 0.5 + rng.uniform(-0.03, 0.03)
+
+    # Attenuation (line integral) map; the display is a monotone transform of it.
+    # Body: a wide rounded trunk with shoulders; thickness profile across x.
+    bw = rng.uniform(0.40, 0.47)
+    trunk = np.clip(1 - ((u - cxn) / bw) ** 2, 0, None)
+    body = np.sqrt(trunk) * np.clip((v + 0.05) / 0.15, 0, 1)
+    mu = 1.2 * body
+
+    # Lungs: two superellipses with a domed diaphragm and straight-ish mediastinal edge.
+    lungs = np.zeros(shape, dtype=np.float32)
+    lung_mask = np.zeros(shape, dtype=bool)
+    heart_side = 1.0  # patient's left = image right
+    for side in (-1.0, 1.0):
+        lx = cxn + side * rng.uniform(0.17, 0.21)
+        ly = rng.uniform(0.44, 0.5)
+        ax, ay = rng.uniform(0.12, 0.15), rng.uniform(0.27, 0.32)
+        if side == heart_side:
+            ax *= 0.92
+        p = rng.uniform(2.2, 3.0)
+        rho = (np.abs((u - lx) / ax) ** p + np.abs((v - ly) / ay) ** p) ** (1 / p)
+        rho = rho + 0.04 * _smooth_field(rng, shape, 64)
+        inside = rho < 1
+        lung_mask |= inside
+        lungs += np.clip((1 - rho) * 6, 0, 1) * np.sqrt(np.clip(1 - rho**2, 0, 1))
+    mu = mu - 0.75 * lungs * rng.uniform(0.85, 1.1)
+
+    # Heart and mediastinum; spine with vertebral bodies.
+    hx, hy = cxn + rng.uniform(0.04, 0.08), rng.uniform(0.63, 0.7)
+    heart = np.clip(1 - ((u - hx) / rng.uniform(0.13, 0.17)) ** 2 - ((v - hy) / rng.uniform(0.11, 0.14)) ** 2, 0, None)
+    mu = mu + 0.55 * np.sqrt(heart)
+    med = np.exp(-(((u - cxn) / rng.uniform(0.05, 0.07)) ** 2)) * np.clip((v - 0.1) / 0.2, 0, 1)
+    mu = mu + 0.35 * med
+    spine = np.exp(-(((u - cxn) / 0.03) ** 4))
+    vert = 0.8 + 0.2 * np.cos(2 * np.pi * v * rng.uniform(11, 14))
+    mu = mu + 0.3 * spine * vert
+
+    # Ribs: arcs from the spine outwards and down; cortex brighter than the core.
+    rib = np.zeros(shape, dtype=np.float32)
+    n_ribs = int(rng.integers(9, 11))
+    y_first = rng.uniform(0.13, 0.17)
+    gap = rng.uniform(0.062, 0.072)
+    for side in (-1.0, 1.0):
+        dxs = np.clip(side * (u - cxn), 0, None)
+        for i in range(n_ribs):
+            y0 = y_first + i * gap
+            curve = y0 - 0.25 * dxs + rng.uniform(1.0, 1.4) * dxs**2 * (1 + 0.4 * i / n_ribs)
+            half_t = rng.uniform(0.010, 0.014)
+            d = np.abs(v - curve) / half_t
+            lateral = (dxs > 0.02) & (dxs < bw * 0.98)
+            band = np.where(lateral & (d < 1), 0.6 + 0.4 * d**4, 0)
+            rib += band.astype(np.float32)
+    mu = mu + rng.uniform(0.18, 0.28) * rib * body
+
+    # Clavicles.
+    for side in (-1.0, 1.0):
+        dxs = side * (u - cxn)
+        curve = rng.uniform(0.1, 0.13) + 0.25 * (dxs - 0.05) ** 2 - 0.05 * dxs
+        d = np.abs(v - curve) / 0.016
+        mu = mu + 0.3 * ((d < 1) & (dxs > 0.04) & (dxs < 0.3)) * (0.7 + 0.3 * d**2)
+
+    # Vessel / interstitial texture inside the lungs.
+    vessels = np.abs(_smooth_field(rng, shape, 6)) * np.clip(_smooth_field(rng, shape, 24), 0, None)
+    mu = mu + 0.05 * vessels * lungs
+
+    # Nodules: inside the lung fields, spherical-projection profile, varied size/contrast.
+    boxes = []
+    n_nod = int(rng.choice([0, 1, 2, 3, 4], p=[0.15, 0.35, 0.25, 0.15, 0.10]))
+    ys, xs = np.nonzero(lung_mask)
+    for _ in range(n_nod if ys.size else 0):
+        for _attempt in range(20):
+            j = int(rng.integers(ys.size))
+            ny, nx = float(ys[j]), float(xs[j])
+            rad = float(rng.uniform(6, 22))
+            ok = all(
+                (nx - (b[0] + b[2]) / 2) ** 2 + (ny - (b[1] + b[3]) / 2) ** 2 > (rad + (b[2] - b[0]) / 2 + 4) ** 2
+                for b in boxes
+            )
+            margin = int(rad)
+            if ok and margin <= ny < h - margin and margin <= nx < w - margin and lung_mask[int(ny), int(nx)]:
+                break
+        else:
+            continue
+        contrast = float(rng.uniform(0.12, 0.4))
+        y_lo, y_hi = int(max(0, ny - 2 * rad)), int(min(h, ny + 2 * rad + 1))
+        x_lo, x_hi = int(max(0, nx - 2 * rad)), int(min(w, nx + 2 * rad + 1))
+        sub_y, sub_x = yy[y_lo:y_hi, x_lo:x_hi], xx[y_lo:y_hi, x_lo:x_hi]
+        rho, border = _irregular_blob(rng, sub_y, sub_x, ny, nx, rad * rng.uniform(0.8, 1.0), rad, 0.08)
+        q = np.clip(1 - (rho / border) ** 2, 0, 1)
+        mu[y_lo:y_hi, x_lo:x_hi] += contrast * np.sqrt(q)
+        inside = rho < border
+        iy, ix = np.nonzero(inside)
+        boxes.append(
+            [x_lo + ix.min(), y_lo + iy.min(), x_lo + ix.max() + 1, y_lo + iy.max() + 1]
+        )
+
+    # Detector: blur (focal spot + scatter), exposure, quantum + electronic noise.
+    mu = _blur(np.pad(mu, 16, mode="edge"), 1.2, 1.2)[16:-16, 16:-16]
+    mu = mu + 0.08 * _blur(np.pad(mu, 32, mode="edge"), 20, 20)[32:-32, 32:-32]
+    exposure = rng.uniform(0.9, 1.2)
+    signal = 1 - np.exp(-exposure * np.clip(mu + 0.15, 0, None))  # brighter = more attenuation
+    photons = rng.uniform(3000, 8000)
+    noisy = signal + rng.standard_normal(shape).astype(np.float32) * np.sqrt(np.clip(1 - signal, 1e-3, 1) / photons)
+    noisy = _blur(np.pad(noisy, 4, mode="edge"), 0.6, 0.6)[4:-4, 4:-4]
+    lo, hi = rng.uniform(0.0, 0.05), rng.uniform(0.92, 1.0)
+    img = np.clip((noisy - lo) / (hi - lo), 0, 1) * 4095
+    return img.astype(np.uint16), np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+
+
+# ------------------------------------------------------------------ sets
+@dataclass
+class SegmentationSet:
+    """Preprocessed segmentation samples (and, optionally, the source images).
+
+    ``inputs`` ``[N, C, H, W]`` float32 and ``targets`` ``[N, 1, H, W]``
+    uint8 are in model-input space; ``images`` and ``masks`` (source size)
+    are kept for evaluation through the served post-processing.
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    geoms: list[Geometry]
+    images: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+@dataclass
+class DetectionSet:
+    """Preprocessed detection samples.
+
+    ``boxes`` are per-image ``[M, 4]`` source-pixel boxes and ``input_boxes``
+    the same boxes in model-input pixels; ``classes`` are per-box label
+    indices.
+    """
+
+    inputs: np.ndarray
+    boxes: list[np.ndarray]
+    input_boxes: list[np.ndarray]
+    classes: list[np.ndarray]
+    geoms: list[Geometry]
+    images: list[np.ndarray] = field(default_factory=list)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+def _mask_to_input(mask: np.ndarray, geom: Geometry) -> np.ndarray:
+    """A source-size label mask placed in model-input space like its image."""
+    out = np.zeros((geom.dst_h, geom.dst_w), dtype=np.uint8)
+    out[geom.top : geom.top + geom.new_h, geom.left : geom.left + geom.new_w] = resize_nearest(
+        mask, geom.new_h, geom.new_w
+    )
+    return out
+
+
+def _boxes_to_input(boxes: np.ndarray, geom: Geometry) -> np.ndarray:
+    if boxes.size == 0:
+        return np.zeros((0, 4), np.float32)
+    x0, y0 = geom.to_input(boxes[:, 0], boxes[:, 1])
+    x1, y1 = geom.to_input(boxes[:, 2], boxes[:, 3])
+    return np.stack([x0, y0, x1, y1], axis=1).astype(np.float32)
+
+
+def segmentation_set_from_arrays(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    spec: InputSpec,
+    pre: Preprocessing,
+    keep_source: bool = True,
+    source: str = "",
+) -> SegmentationSet:
+    """Preprocess images and masks into a :class:`SegmentationSet`."""
+    if len(images) != len(masks):
+        raise DataError(f"{len(images)} images but {len(masks)} masks.")
+    if not images:
+        raise DataError(f"The segmentation set {source or ''} is empty.".replace("  ", " "))
+    xs, ys, geoms = [], [], []
+    for img, m in zip(images, masks):
+        if img.shape[:2] != m.shape[:2]:
+            raise DataError(f"A mask is {m.shape[0]}x{m.shape[1]} but its image is {img.shape[0]}x{img.shape[1]}.")
+        x, g = preprocess(img, spec, pre)
+        xs.append(x)
+        ys.append(_mask_to_input(m, g)[None])
+        geoms.append(g)
+    return SegmentationSet(
+        inputs=np.stack(xs),
+        targets=np.stack(ys),
+        geoms=geoms,
+        images=list(images) if keep_source else [],
+        masks=list(masks) if keep_source else [],
+        source=source,
+    )
+
+
+def detection_set_from_arrays(
+    images: Sequence[np.ndarray],
+    boxes: Sequence[np.ndarray],
+    spec: InputSpec,
+    pre: Preprocessing,
+    classes: Sequence[np.ndarray] | None = None,
+    keep_source: bool = True,
+    source: str = "",
+) -> DetectionSet:
+    """Preprocess images and their boxes into a :class:`DetectionSet`."""
+    if len(images) != len(boxes):
+        raise DataError(f"{len(images)} images but {len(boxes)} box lists.")
+    if not images:
+        raise DataError(f"The detection set {source} is empty.")
+    xs, geoms, ib = [], [], []
+    for img, b in zip(images, boxes):
+        x, g = preprocess(img, spec, pre)
+        xs.append(x)
+        geoms.append(g)
+        ib.append(_boxes_to_input(np.asarray(b, np.float32).reshape(-1, 4), g))
+    cls = [np.zeros(len(b), np.int64) for b in boxes] if classes is None else [np.asarray(c, np.int64) for c in classes]
+    return DetectionSet(
+        inputs=np.stack(xs),
+        boxes=[np.asarray(b, np.float32).reshape(-1, 4) for b in boxes],
+        input_boxes=ib,
+        classes=cls,
+        geoms=geoms,
+        images=list(images) if keep_source else [],
+        source=source,
+    )
+
+
+def default_cache_dir() -> Path:
+    """Where generated sets are cached (``MEDGE_CACHE_DIR`` or ``~/.cache/medge``)."""
+    env = os.environ.get("MEDGE_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "medge"
+
+
+def _cache_path(cache_dir: Path | None, kind: str, n: int, seed: int, spec: InputSpec, pre: Preprocessing) -> Path | None:
+    if cache_dir is None:
+        return None
+    key = json.dumps([GENERATOR_VERSION, kind, n, seed, list(spec.size), spec.channels, repr(pre)])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{kind}-n{n}-s{seed}-{digest}.npz"
+
+
+def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _generate(fn: Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]], n: int, seed: int):
+    out_a, out_b = [], []
+    for i in range(n):
+        a, b = fn(sample_rng(seed, i))
+        out_a.append(a)
+        out_b.append(b)
+    return out_a, out_b
+
+
+def synthetic_segmentation_set(
+    n: int,
+    seed: int,
+    spec: InputSpec | None = None,
+    pre: Preprocessing = US_PREPROCESSING,
+    keep_source: bool = True,
+    cache_dir: Path | str | None = None,
+) -> SegmentationSet:
+    """``n`` synthetic ultrasound frames with seed ``seed``, preprocessed for ``spec``.
+
+    With ``cache_dir`` the generated frames are stored there (atomically) and
+    reused by later calls with the same arguments.
+    """
+    if n <= 0:
+        raise DataError(f"Cannot generate a set of {n} samples.")
+    spec = spec or InputSpec()
+    path = _cache_path(Path(cache_dir) if cache_dir else None, "us", n, seed, spec, pre)
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            images, masks = list(z["images"]), list(z["masks"])
+        _log.debug("Loaded %d ultrasound frames from %s", n, path)
+    else:
+        images, masks = _generate(make_ultrasound, n, seed)
+        if path is not None:
+            _atomic_savez(path, images=np.stack(images), masks=np.stack(masks))
+    return segmentation_set_from_arrays(images, masks, spec, pre, keep_source, source=f"synthetic-us seed={seed}")
+
+
+def synthetic_detection_set(
+    n: int,
+    seed: int,
+    spec: InputSpec | None = None,
+    pre: Preprocessing = XRAY_PREPROCESSING,
+    keep_source: bool = True,
+    cache_dir: Path | str | None = None,
+) -> DetectionSet:
+    """``n`` synthetic chest radiographs with seed ``seed``, preprocessed for ``spec``."""
+    if n <= 0:
+        raise DataError(f"Cannot generate a set of {n} samples.")
+    spec = spec or InputSpec()
+    path = _cache_path(Path(cache_dir) if cache_dir else None, "xray", n, seed, spec, pre)
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            images = list(z["images"])
+            counts = z["counts"]
+            flat = z["boxes"]
+        boxes = np.split(flat, np.cumsum(counts)[:-1]) if len(counts) else []
+        _log.debug("Loaded %d radiographs from %s", n, path)
+    else:
+        images, boxes = _generate(make_xray, n, seed)
+        if path is not None:
+            counts = np.array([len(b) for b in boxes], np.int64)
+            _atomic_savez(
+                path, images=np.stack(images), counts=counts, boxes=np.concatenate(boxes).reshape(-1, 4)
+            )
+    return detection_set_from_arrays(images, boxes, spec, pre, keep_source=keep_source, source=f"synthetic-xray seed={seed}")
+
+
+# ------------------------------------------------------------- user data
+def load_image(path: Path | str) -> np.ndarray:
+    """Read one image: DICOM through :mod:`edge.pixels` (first frame) or PNG.
+
+    Raises
+    ------
+    DataError
+        If the file is missing, not a readable DICOM/PNG, or has no pixels.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"Image {p} does not exist.")
+    if p.suffix.lower() == ".png":
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(p) as im:
+                arr = np.asarray(im)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"Cannot read PNG {p}: {exc}.") from exc
+        if arr.ndim == 3 and arr.shape[2] == 4:
+            arr = arr[:, :, :3]
+        return arr
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from edge.pixels import decode_frames, frame_to_array
+
+    try:
+        ds = pydicom.dcmread(p)
+    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        raise DataError(f"Cannot read DICOM file {p}: {exc}.") from exc
+    frames = decode_frames(ds)
+    return frame_to_array(ds, frames[0])
+
+
+def _find_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"Image folder {folder} does not exist.")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"Image folder {folder} holds no .png or DICOM files.")
+    return files
+
+
+def load_segmentation_folder(
+    root: Path | str, spec: InputSpec | None = None, pre: Preprocessing = US_PREPROCESSING
+) -> SegmentationSet:
+    """Load ``root/images/*`` with ``root/masks/<stem>.png`` (non-zero = lesion).
+
+    Raises
+    ------
+    DataError
+        For a missing or unreadable file, or a mask whose size differs from its image.
+    """
+    root = Path(root)
+    images, masks = [], []
+    for img_path in _find_images(root / "images"):
+        mask_path = root / "masks" / f"{img_path.stem}.png"
+        if not mask_path.is_file():
+            raise DataError(f"Image {img_path} has no mask {mask_path}.")
+        img = load_image(img_path)
+        m = load_image(mask_path)
+        if m.ndim == 3:
+            m = m[:, :, 0]
+        if m.shape[:2] != img.shape[:2]:
+            raise DataError(
+                f"Mask {mask_path} is {m.shape[0]}x{m.shape[1]} but its image {img_path} is "
+                f"{img.shape[0]}x{img.shape[1]}; masks must have the image's size."
+            )
+        images.append(img)
+        masks.append((m > 0).astype(np.uint8))
+    return segmentation_set_from_arrays(images, masks, spec or InputSpec(), pre, source=str(root))
+
+
+def load_detection_folder(
+    root: Path | str,
+    spec: InputSpec | None = None,
+    pre: Preprocessing = XRAY_PREPROCESSING,
+    annotations: str = "annotations.json",
+    labels: Sequence[str] | None = None,
+) -> tuple[DetectionSet, list[str]]:
+    """Load ``root/images/*`` with COCO boxes from ``root/<annotations>``.
+
+    Returns the set and the label names (COCO categories by id, or ``labels``).
+
+    Raises
+    ------
+    DataError
+        For an empty or malformed COCO file, an image it names that is
+        missing, or a box outside its image.
+    """
+    root = Path(root)
+    ann_path = root / annotations
+    if not ann_path.is_file():
+        raise DataError(f"COCO annotation file {ann_path} does not exist.")
+    text = ann_path.read_text(encoding="utf-8").strip()
+    if not text:
+        raise DataError(f"COCO annotation file {ann_path} is empty.")
+    try:
+        coco = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"COCO annotation file {ann_path} is not valid JSON: {exc}.") from exc
+    if not isinstance(coco, dict) or not coco.get("images"):
+        raise DataError(f"COCO annotation file {ann_path} lists no images; it is empty.")
+    cats = sorted(coco.get("categories") or [{"id": 1, "name": "nodule"}], key=lambda c: c["id"])
+    names = list(labels) if labels else [str(c["name"]) for c in cats]
+    cat_index = {c["id"]: i for i, c in enumerate(cats)}
+    by_image: dict[int, list[dict]] = {}
+    for a in coco.get("annotations") or []:
+        by_image.setdefault(a["image_id"], []).append(a)
+    images, boxes, classes = [], [], []
+    for entry in coco["images"]:
+        try:
+            img_path = root / "images" / entry["file_name"]
+            img = load_image(img_path)
+            b, c = [], []
+            for a in by_image.get(entry["id"], []):
+                x, y, bw, bh = (float(v) for v in a["bbox"])
+                if bw <= 0 or bh <= 0 or x < 0 or y < 0 or x + bw > img.shape[1] + 0.5 or y + bh > img.shape[0] + 0.5:
+                    raise DataError(f"Box {a['bbox']} in {ann_path} lies outside its {img.shape[1]}x{img.shape[0]} image {img_path}.")
+                b.append([x, y, x + bw, y + bh])
+                c.append(cat_index.get(a.get("category_id", cats[0]["id"]), 0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"COCO annotation file {ann_path} is malformed: {exc!r}.") from exc
+        images.append(img)
+        boxes.append(np.asarray(b, np.float32).reshape(-1, 4))
+        classes.append(np.asarray(c, np.int64))
+    ds = detection_set_from_arrays(images, boxes, spec or InputSpec(), pre, classes=classes, source=str(root))
+    return ds, names
