@@ -267,7 +267,8 @@ class Scheduler:
         """Stop accepting, run what is queued, stop the workers.
 
         Frames still queued when ``timeout_s`` runs out are answered
-        ``dropped`` (reason ``shutdown``) so every accepted frame is answered.
+        ``dropped`` (reason ``shutdown``) so every accepted frame is answered;
+        a batch already inside the backend gets up to one more second.
         """
         self._accepting = False
         self._stopping = True
@@ -285,6 +286,13 @@ class Scheduler:
                 q.per_stream.clear()
             for job in left:
                 self._answer_dropped(q, job, reason="shutdown")
+        # A batch already inside the backend cannot be interrupted; give it a short grace.
+        grace = time.monotonic() + 1.0
+        for q in self._queues.values():
+            for t in q.threads:
+                t.join(timeout=max(0.0, grace - time.monotonic()))
+                if t.is_alive():
+                    _log.warning("Worker %s still busy at shutdown; its frames may go unanswered.", t.name)
         _log.info("Scheduler stopped: %d frames accepted, %d answered.", self._accepted, self._answered)
 
     @property

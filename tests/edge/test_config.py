@@ -1,0 +1,167 @@
+"""Configuration: defaults, TOML, MEDGE_* overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from edge.cli import main
+from edge.config import DicomRoute, MedgeConfig, ModelConfig, load_config
+from edge.errors import ConfigError
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "medge.toml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_defaults_are_the_contracts() -> None:
+    cfg = load_config(None, env={}, check_models=False)
+    assert cfg.zmq.ingest == "tcp://127.0.0.1:5555"
+    assert cfg.zmq.publish == "tcp://127.0.0.1:5556"
+    assert (cfg.metrics.host, cfg.metrics.port) == ("127.0.0.1", 9108)
+    assert (cfg.dicom.host, cfg.dicom.port, cfg.dicom.ae_title) == ("127.0.0.1", 11112, "MEDGE")
+    assert cfg.spool_dir == Path(".medge")
+    assert cfg.engine_cache_dir == Path(".medge") / "engine-cache"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.zmq.ingest = "tcp://0.0.0.0:1"  # type: ignore[misc]
+
+
+def test_no_config_serves_every_model_in_the_engines_dir(fixture_engines: Path) -> None:
+    cfg = load_config(None, env={"MEDGE_ENGINES_DIR": str(fixture_engines)})
+    assert cfg.model_names == ("tiny-det", "tiny-seg")
+    assert cfg.default_model == "tiny-det"
+    assert all(m.precision == "fp32" and m.backend == "onnxruntime" for m in cfg.models)
+
+
+def test_default_dicom_routes_follow_the_bundled_model_names(engines_copy: Path) -> None:
+    (engines_copy / "tiny-seg").rename(engines_copy / "us-lesion-seg")
+    text = (engines_copy / "us-lesion-seg" / "manifest.json").read_text()
+    (engines_copy / "us-lesion-seg" / "manifest.json").write_text(text.replace('"tiny-seg"', '"us-lesion-seg"'))
+    cfg = load_config(None, env={"MEDGE_ENGINES_DIR": str(engines_copy)})
+    assert cfg.dicom.routes == (DicomRoute(modality="US", model="us-lesion-seg"),)
+
+
+def test_full_toml_file(tmp_path: Path, fixture_engines: Path) -> None:
+    path = _write(
+        tmp_path,
+        f"""
+engines_dir = "{fixture_engines}"
+spool_dir = "{tmp_path / 'spool'}"
+[zmq]
+ingest = "tcp://0.0.0.0:6000"
+default_model = "tiny-seg"
+[scheduler]
+max_batch = 8
+max_delay_us = 500
+[[models]]
+name = "tiny-seg"
+precision = "int8"
+threshold = 0.3
+[dicom]
+allowed_calling_aes = ["SCANNER1", "SCANNER2"]
+unrouted = "reject"
+[dicom.tls]
+[[dicom.routes]]
+modality = "US"
+model = "tiny-seg"
+body_part = "BREAST"
+[[dicom.destinations]]
+name = "pacs"
+host = "10.0.0.5"
+port = 104
+ae_title = "PACS"
+[outbox]
+max_attempts = 3
+""",
+    )
+    cfg = load_config(path, env={})
+    assert cfg.zmq.ingest == "tcp://0.0.0.0:6000"
+    assert cfg.model_names == ("tiny-seg",)
+    assert cfg.model("tiny-seg").precision == "int8"
+    assert cfg.scheduler.max_batch == 8 and cfg.scheduler.max_delay_us == 500
+    assert cfg.dicom.allowed_calling_aes == ("SCANNER1", "SCANNER2")
+    assert cfg.dicom.routes[0].body_part == "BREAST"
+    assert cfg.dicom.destinations[0].port == 104
+    assert cfg.outbox.max_attempts == 3
+    assert cfg.spool_dir == tmp_path / "spool"
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[metrics]\nport = 9200\n")
+    env = {
+        "MEDGE_METRICS__PORT": "9300",
+        "MEDGE_ZMQ__INGEST": "tcp://0.0.0.0:7000",
+        "MEDGE_DICOM__ALLOWED_CALLING_AES": "A1,B2",
+        "MEDGE_DICOM__ENABLED": "false",
+        "MEDGE_SPOOL_DIR": str(tmp_path / "s"),
+        "MEDGE_SOMETHING_ELSE": "ignored: not a config key",
+    }
+    cfg = load_config(path, env=env, check_models=False)
+    assert cfg.metrics.port == 9300
+    assert cfg.zmq.ingest == "tcp://0.0.0.0:7000"
+    assert cfg.dicom.allowed_calling_aes == ("A1", "B2")
+    assert cfg.dicom.enabled is False
+    assert cfg.spool_dir == tmp_path / "s"
+    assert load_config(None, env={"MEDGE_DICOM__ALLOWED_CALLING_AES": '["X"]'}, check_models=False).dicom.allowed_calling_aes == ("X",)
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "names"),
+    [
+        ("[zmq]\ningest = 5\n", {}, "zmq.ingest"),
+        ("[zmq]\ningest = \"http://x\"\n", {}, "zmq.ingest"),
+        ("[zmq]\nbogus = 1\n", {}, "zmq.bogus"),
+        ("[metrics]\nport = 70000\n", {}, "metrics.port"),
+        ("[scheduler]\nmax_batch = 0\n", {}, "scheduler.max_batch"),
+        ("[[models]]\nname = \"x\"\nprecision = \"int4\"\n", {}, "models[0].precision"),
+        ("[[models]]\nname = \"x\"\nbackend = \"magic\"\n", {}, "models[0].backend"),
+        ("[[models]]\nprecision = \"fp32\"\n", {}, "name"),
+        ("[dicom]\nunrouted = \"maybe\"\n", {}, "dicom.unrouted"),
+        ("[dicom]\nae_title = \"A_TITLE_MUCH_TOO_LONG\"\n", {}, "dicom.ae_title"),
+        ("[dicom.tls]\ncert = \"/nonexistent.pem\"\nkey = \"/nonexistent.key\"\n", {}, "dicom.tls.cert"),
+        ("[[dicom.destinations]]\nname = \"p\"\nhost = \"h\"\nport = 0\nae_title = \"P\"\n", {}, "dicom.destinations[0].port"),
+        ("[outbox]\nretry_max_s = 0.1\n", {}, "outbox.retry_max_s"),
+        ("", {"MEDGE_METRICS__PORT": "nine"}, "MEDGE_METRICS__PORT"),
+        ("", {"MEDGE_ZMQ__NOPE": "1"}, "MEDGE_ZMQ__NOPE"),
+        ("", {"MEDGE_MODELS": "x"}, "MEDGE_MODELS"),
+        ("not toml = = =", {}, "not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, env: dict[str, str], names: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(_write(tmp_path, text), env=env, check_models=False)
+    assert names in str(info.value)
+
+
+def test_models_are_checked_against_the_engines(tmp_path: Path, fixture_engines: Path) -> None:
+    path = _write(tmp_path, f'engines_dir = "{fixture_engines}"\n[[models]]\nname = "nope"\n')
+    with pytest.raises(ConfigError, match=r"models\[0\]\.name.*nope"):
+        load_config(path, env={})
+    path = _write(
+        tmp_path,
+        f'engines_dir = "{fixture_engines}"\n[[dicom.routes]]\nmodality = "CT"\nmodel = "ct-liver"\n',
+    )
+    with pytest.raises(ConfigError, match=r"dicom\.routes\[0\]\.model"):
+        load_config(path, env={})
+    with pytest.raises(ConfigError, match="engines_dir"):
+        load_config(None, env={"MEDGE_ENGINES_DIR": str(tmp_path / "empty")})
+
+
+def test_model_lookup_and_dirs(fixture_engines: Path) -> None:
+    cfg = MedgeConfig(engines_dir=fixture_engines, models=(ModelConfig(name="tiny-seg"),))
+    assert cfg.model_dir(cfg.model("tiny-seg")) == fixture_engines / "tiny-seg"
+    with pytest.raises(ConfigError, match="not served"):
+        cfg.model("other")
+
+
+def test_medge_serve_with_a_bad_config_stops_and_names_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, "[zmq]\ningest = 42\n")
+    assert main(["serve", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "zmq.ingest" in err and "expected a string" in err
