@@ -363,6 +363,7 @@ def run_load(
         tick = Tick(t_s=0.0)
         tick_lat: list[float] = []
         last_progress = t0
+        blocked_since: int | None = None  # first failed send since the last one that worked
         sending = True
 
         def finish(st: _Stream, rep: Reply) -> None:
@@ -429,11 +430,14 @@ def run_load(
                                                     stream=sp.name, want=sp.want)
                         except NotConnectedError:
                             blocked = True
+                            if blocked_since is None:
+                                blocked_since = now
                             if sp.mode == "rate":
                                 skipped += 1
                                 tick.skipped += 1
                                 st.seq += 1
                             break
+                        blocked_since = None
                         st.in_flight[rid] = (st.seq, t_send)
                         st.seq += 1
                         sent += 1
@@ -467,7 +471,7 @@ def run_load(
             now = time.perf_counter_ns()
             # --- the "daemon gone" rule, then per-request timeouts (a lost reply)
             outstanding = sum(len(st.in_flight) for st in states)
-            if (outstanding or blocked) and now - last_progress > timeout_ns:
+            if (outstanding or blocked_since is not None) and now - last_progress > timeout_ns:
                 aborted = (f"the daemon at {endpoint} stopped answering "
                            f"(no reply for {reply_timeout_s:g} s; {outstanding} requests unanswered)")
                 for st in states:
@@ -481,7 +485,7 @@ def run_load(
                         del st.in_flight[rid]
                         samples.append(Sample(st.spec.name, seq, (t_send - t0) / 1e9, None, "timeout", "timeout"))
                         tick.timeouts += 1
-            if not outstanding and not blocked:
+            if not outstanding and blocked_since is None:
                 last_progress = now
             if now >= next_tick:
                 if tick_lat:

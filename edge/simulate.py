@@ -81,35 +81,49 @@ class UltrasoundProbe:
         half = math.radians(38.0)
         sector = (r >= r0) & (r <= r1) & (np.abs(theta) <= half)
         depth = np.clip((r - r0) / (r1 - r0), 0, 1)
-        # Tissue echogenicity: layered structure plus slow variations, attenuated with depth.
-        layers = 0.55 + 0.12 * np.sin(depth * 23.0 + 1.3 * np.sin(theta * 3.0))
-        blobs = self._smooth_noise(rng, h, w, 24) * 0.18
-        tissue = (layers + blobs) * (1.0 - 0.45 * depth)
+        # Tissue echogenicity: smooth texture, a darker fat layer, bright fascia lines.
+        tissue = np.exp(0.25 * self._smooth_noise(rng, h, w, 48) + 0.12 * self._smooth_noise(rng, h, w, 12))
+        tissue *= np.where(depth < 0.03, 2.2, 1.0) * np.where((depth >= 0.03) & (depth < 0.12), 0.5, 1.0)
+        for d0 in (0.2, 0.45, 0.8):
+            tissue *= 1 + 1.2 * np.exp(-(((depth - d0) / 0.005) ** 2))
+        tissue *= 1 + 0.15 * np.sin(2 * np.pi * (depth * 30 + 0.3 * theta))
+        # Speckle: low-passed complex Gaussian -> Rayleigh envelope, laterally elongated.
+        fy = np.fft.fftfreq(h).astype(np.float32)[:, None]
+        fx = np.fft.fftfreq(w).astype(np.float32)[None, :]
+        lowpass = np.exp(-2 * np.pi**2 * ((fy * 0.9) ** 2 + (fx * 2.1) ** 2))
+        speckles = []
+        for _ in range(4):
+            z = rng.standard_normal((h, w)) + 1j * rng.standard_normal((h, w))
+            sp = np.abs(np.fft.ifft2(np.fft.fft2(z) * lowpass)).astype(np.float32)
+            speckles.append(sp / float(sp.mean()))
+        atten = 10 ** ((-8.0 * depth) / 20)  # residual attenuation after TGC
         # Lesion path: a slow ellipse inside the sector, periodic over the loop.
-        cy0, cx0 = 0.55 * h, 0.5 * w
-        ay, ax = 0.08 * h, 0.16 * w
-        ry, rx = 0.10 * h * rng.uniform(0.9, 1.2), 0.08 * w * rng.uniform(0.9, 1.2)
-        speckles = [rng.rayleigh(scale=0.6, size=(h, w)).astype(np.float32) for _ in range(4)]
+        cy0, cx0 = 0.5 * h, 0.5 * w
+        ay, ax = 0.08 * h, 0.14 * w
+        ry, rx = 0.09 * h * rng.uniform(0.9, 1.2), 0.07 * w * rng.uniform(0.9, 1.2)
         for i in range(self.loop):
             ph = 2 * math.pi * i / self.loop
             cy, cx = cy0 + ay * math.sin(ph), cx0 + ax * math.cos(ph)
-            d2 = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
-            lesion = d2 <= 1.0
-            rim = np.exp(-((np.sqrt(d2) - 1.0) ** 2) / 0.01) * 0.35
-            echo = tissue * np.where(lesion, 0.18, 1.0) + rim * (1.0 - 0.4 * depth)
-            img = echo * speckles[i % len(speckles)] * 0.85
+            rho = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
+            lesion = rho < 1.0
+            ramp = np.clip((1.0 - rho) * min(ry, rx) / 3.0, 0, 1)  # soft margin, a few pixels
+            echo = tissue * (1 - ramp) + tissue * 0.25 * ramp  # hypoechoic
             # posterior acoustic enhancement below the lesion
-            below = (xx - cx) ** 2 / rx**2 < 1.0
-            img = img * np.where(below & (yy > cy + ry), 1.15, 1.0)
+            below = ((xx - cx) / rx) ** 2 < 1.0
+            echo = echo * np.where(below & (yy > cy + ry), 1.3, 1.0)
+            env = echo * speckles[i % len(speckles)] * atten + 0.01
+            db = 20 * np.log10(env)
+            top = float(np.percentile(db[sector], 99.5))
+            img = np.clip((db - (top - 50.0)) / 50.0, 0, 1)
             img = np.where(sector, img, 0.0)
             self._frames.append(_to_dtype(img, self.dtype))
             self._truth.append((lesion & sector).astype(np.uint8))
 
     @staticmethod
     def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
-        """Bilinearly upsampled coarse noise in [-1, 1] (vectorised)."""
+        """Bilinearly upsampled coarse Gaussian noise, features about ``cell`` pixels wide."""
         gh, gw = h // cell + 2, w // cell + 2
-        g = rng.uniform(-1, 1, size=(gh, gw)).astype(np.float32)
+        g = rng.standard_normal(size=(gh, gw)).astype(np.float32)
         ys = np.arange(h, dtype=np.float32) / cell
         xs = np.arange(w, dtype=np.float32) / cell
         y0, x0 = ys.astype(int), xs.astype(int)

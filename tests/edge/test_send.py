@@ -1,0 +1,128 @@
+"""``medge send zmq``: a real daemon on loopback, folder/cine sources, a daemon that is down or dies."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge.cli import main
+from edge.errors import ProtocolError
+from edge.zmqclient import decode_reply, encode_request
+
+from ._daemon import running_daemon
+from ._fake_router import FakeRouter
+
+
+@pytest.fixture(scope="module")
+def daemon(fixture_engines: Path, tmp_path_factory: pytest.TempPathFactory):
+    with running_daemon(fixture_engines, tmp_path_factory.mktemp("daemon"), ["tiny-seg", "tiny-det"]) as d:
+        yield d
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_encode_decode_roundtrip() -> None:
+    img = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    hdr, pix = encode_request(img, req_id="a:1", model="m", stream="s", want=["mask"])
+    h = json.loads(hdr)
+    assert h["v"] == 1 and h["id"] == "a:1" and h["dtype"] == "uint16" and h["shape"] == [3, 4]
+    assert bytes(pix) == img.tobytes()
+    mask = np.eye(3, 4, dtype=np.uint8)
+    reply = json.dumps({"v": 1, "id": "a:1", "status": "ok", "mask": {"dtype": "uint8", "shape": [3, 4]}}).encode()
+    rep = decode_reply([reply, mask.tobytes()])
+    assert rep.status == "ok" and np.array_equal(rep.mask, mask)
+    # A REQ-style empty delimiter is tolerated; garbage is a ProtocolError.
+    assert decode_reply([b"", reply, mask.tobytes()]).id == "a:1"
+    with pytest.raises(ProtocolError):
+        decode_reply([b"not json"])
+    with pytest.raises(ProtocolError):
+        decode_reply([reply, b"short"])
+
+
+def test_send_synthetic_stream_gets_every_reply(daemon, capsys) -> None:
+    rc = main(["send", "zmq", "--endpoint", daemon.endpoint, "--model", "tiny-seg", "--fps", "60",
+               "--frames", "45", "--json"])
+    lines = _json_lines(capsys.readouterr().out)
+    summary = lines[-1]
+    assert rc == 0
+    assert summary["type"] == "summary"
+    assert summary["sent"] == 45 and summary["ok"] == 45 and summary["errors"] == 0
+    assert summary["latency_ms"]["count"] == 45 and summary["latency_ms"]["median_ms"] > 0
+    assert {"preprocess", "infer"} <= set(summary["server_stages_ms"])
+    assert any(line["type"] == "tick" for line in lines[:-1])
+
+
+def test_send_folder_of_pngs_and_dicom_cine(daemon, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (100, 120), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 255, (90, 80, 3), dtype=np.uint8)).save(folder / "b.png")
+    rc = main(["send", "zmq", "--endpoint", daemon.endpoint, "--model", "tiny-det", "--source", str(folder),
+               "--frames", "4", "--fps", "40", "--json"])
+    summary = _json_lines(capsys.readouterr().out)[-1]
+    assert rc == 0 and summary["ok"] == 4
+
+    cine = np.stack([np.full((64, 72), 10 * i, np.uint8) for i in range(3)])
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Modality = "US"
+    ds.NumberOfFrames = 3
+    ds.Rows, ds.Columns = 64, 72
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = cine.tobytes()
+    path = tmp_path / "cine.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    rc = main(["send", "zmq", "--endpoint", daemon.endpoint, "--model", "tiny-seg", "--source", str(path),
+               "--frames", "3", "--fps", "40", "--json"])
+    summary = _json_lines(capsys.readouterr().out)[-1]
+    assert rc == 0 and summary["ok"] == 3 and summary["errors"] == 0
+
+
+def test_send_unknown_model_counts_errors(daemon, capsys) -> None:
+    rc = main(["send", "zmq", "--endpoint", daemon.endpoint, "--model", "no-such-model", "--frames", "3",
+               "--fps", "30", "--json"])
+    summary = _json_lines(capsys.readouterr().out)[-1]
+    assert rc == 1
+    assert summary["errors"] == 3 and summary["error_codes"] == {"unknown_model": 3}
+
+
+def test_send_daemon_down_is_a_clear_error(capsys) -> None:
+    from edge.demo import free_port
+
+    rc = main(["send", "zmq", "--endpoint", f"tcp://127.0.0.1:{free_port()}", "--frames", "5",
+               "--connect-timeout-s", "0.5"])
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "no daemon is accepting connections" in err
+
+
+def test_send_daemon_dies_mid_run_keeps_partial_counts(capsys) -> None:
+    fake = FakeRouter(delay_s=0.001)
+    timer = threading.Timer(0.6, fake.close)
+    timer.start()
+    try:
+        rc = main(["send", "zmq", "--endpoint", fake.endpoint, "--duration-s", "10", "--fps", "50",
+                   "--reply-timeout-s", "0.8", "--json"])
+    finally:
+        timer.join()
+    out = capsys.readouterr()
+    summary = _json_lines(out.out)[-1]
+    assert rc == 3
+    assert "stopped answering" in out.err
+    assert 10 <= summary["ok"] < 500  # partial: it ran, then stopped well before 10 s
+    assert summary["wall_s"] < 5
