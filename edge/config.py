@@ -464,7 +464,7 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
     z = cfg.zmq
     _check_endpoint(z.ingest, "zmq.ingest")
     _check_endpoint(z.publish, "zmq.publish")
-    _check(z.ingest != z.publish, "zmq.publish", "must differ from zmq.ingest.")
+    _check(z.ingest != z.publish or z.ingest.endswith(":*"), "zmq.publish", "must differ from zmq.ingest.")
     _check(z.max_frame_bytes > 0, "zmq.max_frame_bytes", "must be > 0.")
     _check(z.max_pixels > 0, "zmq.max_pixels", "must be > 0.")
     _check(z.hwm >= 0, "zmq.hwm", "must be >= 0.")

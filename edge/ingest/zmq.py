@@ -74,16 +74,25 @@ def parse_header(frame: bytes | memoryview) -> dict[str, Any]:
     ProtocolError
         ``bad_header``: not UTF-8 JSON, not an object, or ``v`` is not 1.
     """
+    hdr = _decode_header(frame)
+    _check_version(hdr)
+    return hdr
+
+
+def _decode_header(frame: bytes | memoryview) -> dict[str, Any]:
     try:
         hdr = json.loads(bytes(frame).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError("bad_header", f"The header frame is not UTF-8 JSON ({exc.__class__.__name__}).") from exc
     if not isinstance(hdr, dict):
         raise ProtocolError("bad_header", "The header is not a JSON object.")
+    return hdr
+
+
+def _check_version(hdr: dict[str, Any]) -> None:
     v = hdr.get("v")
     if v != PROTOCOL_VERSION or isinstance(v, bool):
-        raise ProtocolError("bad_header", f"Header field v is {v!r}; this daemon speaks protocol v1 (\"v\": 1).")
-    return hdr
+        raise ProtocolError("bad_header", f"Header field v is {str(v)[:16]!r}; this daemon speaks protocol v1 (\"v\": 1).")
 
 
 def _dims(shape: Any, max_pixels: int) -> tuple[int, ...]:
@@ -378,13 +387,13 @@ class ZmqServer:
         header = encode_error(
             request_id, code, message, stream=stream, model=model, sent_ns=sent_ns if isinstance(sent_ns, int) else None
         )
+        if self._metrics is not None:  # counted before the reply leaves, so a client never sees it uncounted
+            self._metrics.requests_failed.labels(source=SOURCE, code=code).inc()
         try:
             router.send_multipart([*envelope, header], flags=zmq.NOBLOCK)
         except zmq.Again:
             _log.warning("Error reply dropped: the client's send high-water mark is reached.")
         self._pub.publish(stream, header, None)
-        if self._metrics is not None:
-            self._metrics.requests_failed.labels(source=SOURCE, code=code).inc()
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         """One ROUTER message: validate, submit, or answer with an error. The error boundary."""
@@ -401,13 +410,14 @@ class ZmqServer:
         try:
             if not body:
                 raise ProtocolError("bad_header", "The message has no header frame.")
-            header = parse_header(body[0].buffer)
+            header = _decode_header(body[0].buffer)
             rid = header.get("id")
             sent_ns = header.get("sent_ns")
             if isinstance(header.get("stream"), str) and 0 < len(header["stream"]) <= _MAX_STREAM_CHARS:
                 stream = header["stream"]
             if isinstance(header.get("model"), str):
                 model = header["model"][:64]
+            _check_version(header)
             req = parse_request(
                 header,
                 body,

@@ -1,0 +1,217 @@
+"""ZeroMQ protocol v1 against a real daemon on loopback.
+
+The client code here uses only pyzmq, json and numpy, following
+docs/protocol.md (not the daemon's modules), so it checks the document as
+much as the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import zmq
+
+from edge.config import load_config
+from edge.serve import Daemon
+
+
+@pytest.fixture(scope="module")
+def daemon(fixture_engines: Path) -> Iterator[Daemon]:
+    env = {
+        "MEDGE_ENGINES_DIR": str(fixture_engines),
+        "MEDGE_ZMQ__INGEST": "tcp://127.0.0.1:*",
+        "MEDGE_ZMQ__PUBLISH": "tcp://127.0.0.1:*",
+        "MEDGE_ZMQ__DEFAULT_MODEL": "tiny-seg",
+        "MEDGE_METRICS__PORT": "0",
+        "MEDGE_DICOM__ENABLED": "false",
+    }
+    with Daemon(load_config(None, env=env)) as d:
+        assert d.ready
+        yield d
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context]:
+    c = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+def _dealer(ctx: zmq.Context, daemon: Daemon) -> zmq.Socket:
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.RCVTIMEO, 10_000)
+    s.connect(daemon.zmq.ingest_endpoint)
+    return s
+
+
+def _frame(rng: np.random.Generator, i: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Alternating uint8 480x640 and uint16 512x512 frames, dark noise plus one bright rectangle."""
+    if i % 2 == 0:
+        h, w, dtype, hi = 480, 640, np.uint8, 220
+    else:
+        h, w, dtype, hi = 512, 512, np.uint16, 4000
+    img = rng.integers(0, hi // 8, size=(h, w)).astype(dtype)
+    y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+    y1, x1 = y0 + int(rng.integers(h // 8, h // 2)), x0 + int(rng.integers(w // 8, w // 2))
+    img[y0:y1, x0:x1] = hi
+    return img, (y0, x0, y1, x1)
+
+
+def _request(i: Any, img: np.ndarray, **extra: Any) -> list[bytes]:
+    hdr = {"v": 1, "id": i, "dtype": str(img.dtype), "shape": list(img.shape), **extra}
+    return [json.dumps(hdr).encode("utf-8"), img.tobytes()]
+
+
+def _failed(daemon: Daemon, code: str) -> float:
+    return daemon.registry.get_sample_value("medge_requests_failed_total", {"source": "zmq", "code": code}) or 0.0
+
+
+def test_thousand_mixed_frames_pipelined(daemon: Daemon, ctx: zmq.Context) -> None:
+    sock = _dealer(ctx, daemon)
+    rng = np.random.default_rng(1234)
+    n, window = 1000, 4  # window <= stream_backlog: nothing is shed
+    expected: dict[str, tuple[tuple[int, ...], tuple[int, int, int, int]]] = {}
+    replies: dict[str, tuple[dict[str, Any], list[bytes]]] = {}
+    sent = 0
+    t0 = time.perf_counter()
+    while len(replies) < n:
+        while sent < n and sent - len(replies) < window:
+            img, rect = _frame(rng, sent)
+            fid = f"f-{sent}"
+            expected[fid] = (img.shape, rect)
+            sock.send_multipart(_request(fid, img, stream="probe-1", sent_ns=time.time_ns()))
+            sent += 1
+        frames = sock.recv_multipart()
+        hdr = json.loads(frames[0])
+        assert hdr["id"] not in replies, "duplicate reply"
+        replies[hdr["id"]] = (hdr, frames[1:])
+    elapsed = time.perf_counter() - t0
+    assert set(replies) == set(expected)
+    ious = []
+    for fid, (hdr, rest) in replies.items():
+        shape, (y0, x0, y1, x1) = expected[fid]
+        assert hdr["v"] == 1 and hdr["status"] == "ok", hdr
+        assert hdr["model"] == "tiny-seg" and hdr["task"] == "segmentation" and hdr["stream"] == "probe-1"
+        assert hdr["mask"] == {"dtype": "uint8", "shape": list(shape)}
+        assert len(rest) == 1 and len(rest[0]) == shape[0] * shape[1]
+        mask = np.frombuffer(rest[0], np.uint8).reshape(shape)
+        ref = np.zeros(shape, bool)
+        ref[y0:y1, x0:x1] = True
+        ious.append((mask.astype(bool) & ref).sum() / (mask.astype(bool) | ref).sum())
+        assert set(hdr["timing_us"]) == {"queue", "preprocess", "infer", "postprocess", "total"}
+        assert isinstance(hdr["sent_ns"], int)
+    assert min(ious) > 0.85, f"worst mask IoU {min(ious):.3f}"
+    assert elapsed < 60
+
+
+def test_req_client(daemon: Daemon, ctx: zmq.Context) -> None:
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.RCVTIMEO, 10_000)
+    req.connect(daemon.zmq.ingest_endpoint)
+    for i in range(3):
+        img = np.zeros((50, 60, 3), np.uint8)
+        img[10:30, 20:50] = 255
+        req.send_multipart(_request(i, img))
+        frames = req.recv_multipart()
+        hdr = json.loads(frames[0])
+        assert hdr["id"] == i and hdr["status"] == "ok" and len(frames) == 2
+        assert np.frombuffer(frames[1], np.uint8).reshape(50, 60)[20, 30] == 1
+    req.send_multipart([b"{oops", b""])
+    hdr = json.loads(req.recv_multipart()[0])
+    assert hdr["status"] == "error" and hdr["error"]["code"] == "bad_header"
+
+
+def test_detection_boxes_and_want(daemon: Daemon, ctx: zmq.Context) -> None:
+    sock = _dealer(ctx, daemon)
+    img = np.zeros((300, 400), np.float32)
+    img[120:180, 170:230] = 1.0
+    sock.send_multipart(_request("d", img, model="tiny-det"))
+    frames = sock.recv_multipart()
+    hdr = json.loads(frames[0])
+    assert len(frames) == 1 and hdr["status"] == "ok" and hdr["task"] == "detection" and "mask" not in hdr
+    box = hdr["boxes"][0]
+    assert set(box) == {"label", "score", "x0", "y0", "x1", "y1"} and box["label"] == "nodule"
+    assert 0 <= box["x0"] < 200 < box["x1"] <= 400 and 0 <= box["y0"] < 150 < box["y1"] <= 300
+    sock.send_multipart(_request("w", img, model="tiny-seg", want=["boxes"]))
+    frames = sock.recv_multipart()
+    hdr = json.loads(frames[0])
+    assert len(frames) == 1 and hdr["status"] == "ok" and "mask" not in hdr and hdr["boxes"] == []
+
+
+def test_every_reply_is_published(daemon: Daemon, ctx: zmq.Context) -> None:
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVTIMEO, 10_000)
+    sub.setsockopt(zmq.SUBSCRIBE, b"cam-7")
+    sub.connect(daemon.zmq.publish_endpoint)
+    time.sleep(0.3)  # let the subscription reach the publisher (slow-joiner)
+    sock = _dealer(ctx, daemon)
+    img = np.full((32, 32), 9, np.uint8)
+    sock.send_multipart(_request("p1", img, stream="cam-7"))
+    reply = sock.recv_multipart()
+    sock.send_multipart([json.dumps({"v": 1, "id": "p2", "stream": "cam-7"}).encode()])
+    err = sock.recv_multipart()
+    got = [sub.recv_multipart(), sub.recv_multipart()]
+    assert got[0][0] == b"cam-7" and got[0][1:] == reply
+    assert got[1][0] == b"cam-7" and got[1][1:] == err
+
+
+MALFORMED = [
+    ("non-JSON header", [b"\xff\xfe not json", b"x"], "bad_header"),
+    ("JSON but not an object", [b"[1, 2]", b"x"], "bad_header"),
+    ("wrong version", _request("v2", np.zeros((4, 4), np.uint8), v=2), "bad_header"),
+    ("missing dtype", [json.dumps({"v": 1, "id": "nd", "shape": [4, 4]}).encode(), b"\0" * 16], "bad_header"),
+    ("missing pixels frame", [json.dumps({"v": 1, "id": "mp", "dtype": "uint8", "shape": [4, 4]}).encode()], "payload_size"),
+    ("extra frame", _request("xf", np.zeros((4, 4), np.uint8)) + [b"more"], "payload_size"),
+    ("wrong payload size", [json.dumps({"v": 1, "id": "ps", "dtype": "uint16", "shape": [4, 4]}).encode(), b"\0" * 16], "payload_size"),
+    ("unknown dtype", [json.dumps({"v": 1, "id": "ud", "dtype": "complex64", "shape": [4, 4]}).encode(), b"\0" * 128], "bad_dtype"),
+    ("unknown model", _request("um", np.zeros((4, 4), np.uint8), model="no-such-model"), "unknown_model"),
+    ("3-D shape with C=2", [json.dumps({"v": 1, "id": "c2", "dtype": "uint8", "shape": [4, 4, 2]}).encode(), b"\0" * 32], "bad_shape"),
+    ("huge shape", [json.dumps({"v": 1, "id": "hg", "dtype": "uint8", "shape": [100000, 100000]}).encode(), b"\0" * 16], "bad_shape"),
+    ("negative shape", [json.dumps({"v": 1, "id": "ng", "dtype": "uint8", "shape": [-4, 4]}).encode(), b""], "bad_shape"),
+    ("1-D shape", [json.dumps({"v": 1, "id": "1d", "dtype": "uint8", "shape": [16]}).encode(), b"\0" * 16], "bad_shape"),
+    ("string stream", _request("st", np.zeros((4, 4), np.uint8), stream=5), "bad_header"),
+]
+
+
+@pytest.mark.parametrize(("what", "frames", "code"), MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_message_gets_its_error_code(
+    daemon: Daemon, ctx: zmq.Context, what: str, frames: list[bytes], code: str
+) -> None:
+    before = _failed(daemon, code)
+    sock = _dealer(ctx, daemon)
+    sock.send_multipart(frames)
+    reply = sock.recv_multipart()
+    hdr = json.loads(reply[0])
+    assert len(reply) == 1 and hdr["v"] == 1 and hdr["status"] == "error"
+    assert hdr["error"]["code"] == code, hdr
+    assert hdr["error"]["message"]
+    try:
+        expected_id = json.loads(frames[0])["id"]
+    except (ValueError, TypeError, KeyError):
+        expected_id = None
+    assert hdr["id"] == expected_id
+    assert _failed(daemon, code) == before + 1
+    # the daemon keeps serving
+    sock.send_multipart(_request("after", np.zeros((8, 8), np.uint8)))
+    assert json.loads(sock.recv_multipart()[0])["status"] == "ok"
+
+
+def test_empty_message_from_a_dealer(daemon: Daemon, ctx: zmq.Context) -> None:
+    sock = _dealer(ctx, daemon)
+    sock.send(b"")  # a lone empty frame: delimiter and nothing else
+    reply = sock.recv_multipart()
+    assert reply[0] == b"" and json.loads(reply[1])["error"]["code"] == "bad_header"
+
+
+def test_metrics_reflect_traffic(daemon: Daemon) -> None:
+    reg = daemon.registry
+    assert (reg.get_sample_value("medge_frames_received_total", {"source": "zmq", "model": "tiny-seg"}) or 0) >= 1
+    assert (reg.get_sample_value("medge_end_to_end_seconds_count", {"source": "zmq", "model": "tiny-seg"}) or 0) >= 1
+    assert (reg.get_sample_value("medge_stage_seconds_count", {"model": "tiny-seg", "stage": "egress"}) or 0) >= 1
+    info = {"model": "tiny-seg", "version": "1", "backend": "onnxruntime", "precision": "fp32"}
+    assert reg.get_sample_value("medge_model_info", info) == 1
