@@ -56,6 +56,9 @@ _log = logging.getLogger(__name__)
 _MANUFACTURER = "medge"
 _SERIES_NUMBER = {"SEG": 9901, "SR": 9902, "SC": 9903}
 _NOT_CLINICAL = "NOT FOR CLINICAL USE"
+_MIN_REGION_PIXELS = 9  # mask regions smaller than this are not outlined in an SR
+_MAX_REGIONS = 32  # per frame and label
+_MAX_VERTICES = 2000  # per outline
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,28 @@ def _drop_collinear(pts: np.ndarray) -> np.ndarray:
     return np.vstack([kept, kept[:1]])
 
 
+def _area(poly: np.ndarray) -> float:
+    x, y = poly[:, 0], poly[:, 1]
+    return 0.5 * abs(float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1])))
+
+
+def _largest(outlines: list[np.ndarray]) -> list[np.ndarray]:
+    """At most ``_MAX_REGIONS`` outlines (largest first), each at most ``_MAX_VERTICES`` vertices.
+
+    Keeps every SR small and every GraphicData far below the 64 KiB an
+    explicit-VR ``FL`` element can hold.
+    """
+    keep = sorted(outlines, key=_area, reverse=True)[:_MAX_REGIONS]
+    out = []
+    for poly in keep:
+        if len(poly) > _MAX_VERTICES:
+            step = int(np.ceil((len(poly) - 1) / (_MAX_VERTICES - 1)))
+            ring = poly[:-1][::step]
+            poly = np.vstack([ring, ring[:1]])
+        out.append(poly)
+    return out
+
+
 def _rectangle(box: dict, cols: int, rows: int) -> np.ndarray:
     x0 = float(np.clip(box["x0"], 0, cols))
     x1 = float(np.clip(box["x1"], 0, cols))
@@ -289,7 +314,7 @@ def _roi_groups(sources: Sequence[SourceResult], model: ModelInfo) -> list:
                     continue
                 label_map = src.masks[idx]
                 for value, label in enumerate(model.labels, start=1):
-                    for outline in mask_outlines(label_map == value):
+                    for outline in _largest(mask_outlines(label_map == value, min_pixels=_MIN_REGION_PIXELS)):
                         regions.append((outline, label, None))
             found_any = found_any or bool(regions)
             for n, (poly, label, score) in enumerate(regions, start=1):

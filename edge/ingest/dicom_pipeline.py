@@ -17,6 +17,7 @@ in ``medge_dicom_processing_failures_total{reason}``, and the rest goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -32,7 +33,7 @@ from pydicom.errors import InvalidDicomError
 
 from edge.egress.dicom_results import ModelInfo, SourceResult, build_results, make_overlay
 from edge.egress.outbox import Outbox, get_or_create_metric
-from edge.errors import DataError, MedgeError
+from edge.errors import DataError, MedgeError, ProtocolError
 from edge.pixels import decode_frames, frame_to_array
 from edge.routing import InstanceInfo, Router, SeriesAssembler, SeriesKey
 from edge.spool import InstanceResult, Spool
@@ -245,7 +246,13 @@ class DicomPipeline:
 
     def _infer_frame(self, image: np.ndarray, model: str):
         for attempt in range(6):
-            r = self.service.infer(image, model=model, source="dicom", timeout_s=self.infer_timeout_s)
+            try:
+                r = self.service.infer(image, model=model, source="dicom", timeout_s=self.infer_timeout_s)
+            except ProtocolError as exc:
+                if exc.code == "overloaded" and not self._stop.is_set():
+                    time.sleep(0.1 * 2**attempt)
+                    continue
+                raise _ProcessingError("model", f"model {model} failed: {exc.code}: {exc.message}") from exc
             if r.status == "ok":
                 return r
             if r.status == "dropped" and not self._stop.is_set():
@@ -310,8 +317,8 @@ class DicomPipeline:
             if res is None or not p.exists():
                 continue
             ds = dcmread(p, stop_before_pixels=True)
-            if res.model_version and res.model_version != info.version:
-                info = ModelInfo(info.name, res.model_version, info.task, info.labels, info.research_only)
+            # The result records what actually ran (version, task); the manifest gives labels.
+            info = dataclasses.replace(info, version=res.model_version or info.version, task=res.task or info.task)
             sources.append(SourceResult(ds, res.frames, res.masks, res.boxes))
             kept.append(p)
         if not sources:

@@ -25,6 +25,9 @@ __all__ = [
     "make_cr",
     "make_dx",
     "save",
+    "FakeService",
+    "free_port",
+    "dicom_config",
 ]
 
 US_MF = "1.2.840.10008.5.1.4.1.1.3.1"
@@ -175,3 +178,86 @@ def save(ds: Dataset, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+# --------------------------------------------------------------------------- test doubles
+class FakeService:
+    """A deterministic stand-in for the scheduler (``edge.types.InferenceService``).
+
+    ``us-lesion-seg``: the mask is every pixel above 60 % of the frame's
+    range. ``xray-nodule-det``: one box around the brightest 5 % of pixels
+    with score 0.87. Records every call (model, shape) for assertions.
+    """
+
+    def __init__(self, models: tuple[str, ...] = ("us-lesion-seg", "xray-nodule-det"), fail_model: str = "") -> None:
+        import threading
+
+        self._models = models
+        self.fail_model = fail_model
+        self.calls: list[tuple[str, tuple[int, ...], str]] = []
+        self._lock = threading.Lock()
+
+    def models(self):
+        return list(self._models)
+
+    def submit(self, image, *, model, source, stream, callback, received_ns=None):  # pragma: no cover - unused
+        callback(self.infer(image, model=model, source=source))
+
+    @staticmethod
+    def expected(image: np.ndarray, model: str):
+        """What :meth:`infer` answers for ``image`` (mask or boxes), for assertions."""
+        from edge.postprocess import Box
+
+        g = np.asarray(image, dtype=np.float32)
+        if g.ndim == 3:
+            g = g.mean(axis=2)
+        lo, hi = float(g.min()), float(g.max())
+        if model == "xray-nodule-det":
+            ys, xs = np.nonzero(g >= lo + 0.95 * (hi - lo)) if hi > lo else (np.array([0]), np.array([0]))
+            return [Box("nodule", 0.87, float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))]
+        return (g > lo + 0.6 * (hi - lo)).astype(np.uint8) if hi > lo else np.zeros(g.shape, np.uint8)
+
+    def infer(self, image, *, model, source, timeout_s=30.0):
+        from edge.types import InferenceResult
+
+        with self._lock:
+            self.calls.append((model, tuple(np.shape(image)), source))
+        if model == self.fail_model:
+            return InferenceResult(status="error", model=model, error_code="internal", error_message="fake failure")
+        out = self.expected(image, model)
+        if model == "xray-nodule-det":
+            return InferenceResult(status="ok", model=model, model_version="1", task="detection", boxes=out)
+        return InferenceResult(status="ok", model=model, model_version="1", task="segmentation", mask=out)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for peers that cannot bind port 0 themselves)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dicom_config(tmp_path: Path, **dicom_overrides):
+    """A MedgeConfig for tests: SCP on an ephemeral port, fast series completion, no models checked."""
+    import dataclasses
+
+    from edge.config import DicomRoute, default_config
+
+    cfg = default_config(check_models=False)
+    routes = (
+        DicomRoute(modality="US", model="us-lesion-seg"),
+        DicomRoute(modality="CT", model="us-lesion-seg"),
+        DicomRoute(modality="CR", model="xray-nodule-det"),
+        DicomRoute(modality="DX", model="xray-nodule-det"),
+    )
+    d = dataclasses.replace(
+        cfg.dicom,
+        port=0,
+        series_idle_s=0.3,
+        routes=routes,
+        **dicom_overrides,
+    )
+    o = dataclasses.replace(cfg.outbox, retry_base_s=0.1, retry_max_s=0.5)
+    return dataclasses.replace(cfg, dicom=d, outbox=o, spool_dir=tmp_path / "spool")
