@@ -238,10 +238,12 @@ class DicomConfig:
 class OutboxConfig:
     """``[outbox]``: durable delivery of results to ``[[dicom.destinations]]``.
 
-    A failed send is retried after ``retry_base_s * 2**(attempt-1)`` seconds,
-    capped at ``retry_max_s``. After ``max_attempts`` failed attempts within
-    one ``attempt_window_s`` (or at once on a permanent refusal) the result
-    moves to the dead-letter folder with the reason.
+    A destination that cannot be reached is retried after
+    ``retry_base_s * 2**(n-1)`` seconds, capped at ``retry_max_s``, for as
+    long as it takes (nothing is lost). A result the destination refuses
+    with a transient status ``max_attempts`` times within
+    ``attempt_window_s``, or refuses permanently, moves to the dead-letter
+    folder with the reason (see :mod:`edge.egress.outbox`).
     """
 
     retry_base_s: float = 1.0

@@ -165,3 +165,26 @@ def test_medge_serve_with_a_bad_config_stops_and_names_the_key(
     assert main(["serve", "--config", str(path)]) == 1
     err = capsys.readouterr().err
     assert "zmq.ingest" in err and "expected a string" in err
+
+
+def test_every_key_is_documented() -> None:
+    import typing
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text(encoding="utf-8")
+
+    def keys(cls: type) -> list[str]:
+        out = []
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            inner = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple and typing.get_args(tp) else None
+            if dataclasses.is_dataclass(tp):
+                out += keys(tp)
+            elif inner is not None and dataclasses.is_dataclass(inner):
+                out += keys(inner)
+            else:
+                out.append(f.name)
+        return out
+
+    missing = [k for k in keys(MedgeConfig) if f"| `{k}` |" not in doc]
+    assert not missing, f"undocumented config keys: {missing}"
