@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
 
 from edge.errors import MedgeError, ProtocolError
@@ -103,6 +103,8 @@ def send_paths(
             pairs.append((sop, ts))
     if len(pairs) > 128:
         raise MedgeError(f"{len(pairs)} distinct SOP class/transfer syntax pairs; one association carries at most 128.")
+    # Send files as stored: pynetdicom otherwise decodes and re-encodes a dataset given by path.
+    _config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.requested_contexts = [build_context(sop, ts) for sop, ts in pairs]

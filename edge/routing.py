@@ -58,6 +58,10 @@ _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D
 _SEQ_END = 0xFFFEE0DD
 
+_PIXEL_DATA = 0x7FE00010
+# Image Pixel attributes (US) needed to check that native pixel data is complete.
+_IMAGE_US = {0x00280002: "samples", 0x00280010: "rows", 0x00280011: "columns", 0x00280100: "bits"}
+
 # tag -> InstanceInfo field
 _WANTED = {
     0x00080016: "sop_class_uid",
@@ -146,6 +150,7 @@ class _Reader:
         self.implicit = implicit
         self.end = "<" if little else ">"
         self.found: dict[str, str] = {}
+        self.image: dict[str, int] = {}
 
     def _header(self, pos: int) -> tuple[int, bytes, int, int]:
         """(tag, vr, value length, value offset) of the element at ``pos``."""
@@ -193,6 +198,10 @@ class _Reader:
             if top and tag in _WANTED:
                 raw = bytes(self.data[vpos : vpos + length])
                 self.found[_WANTED[tag]] = raw.decode("ascii", "replace").strip(" \x00")
+            elif top and tag in _IMAGE_US and length == 2:
+                self.image[_IMAGE_US[tag]] = struct.unpack_from(self.end + "H", self.data, vpos)[0]
+            elif top and tag == _PIXEL_DATA:
+                self.image["pixel_bytes"] = length
             elif vr == b"SQ" or (self.implicit and length >= 8 and tag & 0xFFFF != 0 and self._looks_like_item(vpos)):
                 self._items(vpos, vpos + length, defined=True)
             pos = vpos + length
@@ -259,6 +268,14 @@ def scan_encoded(data: bytes | memoryview, transfer_syntax_uid: str) -> Instance
         frames = max(1, int(f.get("number_of_frames") or 1))
     except ValueError:
         frames = 1
+    img = reader.image
+    if "pixel_bytes" in img and all(k in img for k in ("rows", "columns", "bits")):
+        # Native (defined-length) pixel data must hold every pixel the header declares.
+        bits = img["rows"] * img["columns"] * img.get("samples", 1) * img["bits"] * frames
+        if img["pixel_bytes"] < (bits + 7) // 8:
+            raise DataError(
+                f"Pixel data holds {img['pixel_bytes']} bytes but the image needs {(bits + 7) // 8}; it is truncated."
+            )
     return InstanceInfo(
         sop_class_uid=f.get("sop_class_uid", ""),
         sop_instance_uid=f.get("sop_instance_uid", ""),

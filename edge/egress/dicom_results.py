@@ -59,6 +59,7 @@ _NOT_CLINICAL = "NOT FOR CLINICAL USE"
 _MIN_REGION_PIXELS = 9  # mask regions smaller than this are not outlined in an SR
 _MAX_REGIONS = 32  # per frame and label
 _MAX_VERTICES = 2000  # per outline
+_PLANE_KEYS = ("FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 
 
 @dataclass(frozen=True)
@@ -486,15 +487,23 @@ def build_results(sources: Sequence[SourceResult], model: ModelInfo) -> list[Dat
     multi = [s for s in sources if s.multiframe]
     out: list[Dataset] = []
     if single:
-        with_for = [s for s in single if "FrameOfReferenceUID" in s.dataset]
-        without = [s for s in single if "FrameOfReferenceUID" not in s.dataset]
+        # Slices with a patient coordinate system (frame of reference + image plane) share one SEG.
+        planar = [s for s in single if all(k in s.dataset for k in _PLANE_KEYS)]
+        alone = [s for s in single if not all(k in s.dataset for k in _PLANE_KEYS)]
         by_for: dict[str, list[SourceResult]] = {}
-        for s in with_for:
+        for s in planar:
             by_for.setdefault(str(s.dataset.FrameOfReferenceUID), []).append(s)
         for group in by_for.values():
             group.sort(key=lambda s: int(getattr(s.dataset, "InstanceNumber", 0) or 0))
-            out.append(make_segmentation(group, model))
-        for s in without:
+            if len(group) == 1:
+                alone.extend(group)
+                continue
+            try:
+                out.append(make_segmentation(group, model))
+            except ValueError as exc:  # e.g. inconsistent geometry across the slices
+                _log.warning("One SEG per instance for a series highdicom cannot segment as a whole: %s", exc)
+                alone.extend(group)
+        for s in alone:
             out.append(make_segmentation([s], model))
     if multi:
         out.append(make_findings_sr(multi, model))

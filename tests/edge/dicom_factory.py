@@ -252,12 +252,7 @@ def dicom_config(tmp_path: Path, **dicom_overrides):
         DicomRoute(modality="CR", model="xray-nodule-det"),
         DicomRoute(modality="DX", model="xray-nodule-det"),
     )
-    d = dataclasses.replace(
-        cfg.dicom,
-        port=0,
-        series_idle_s=0.3,
-        routes=routes,
-        **dicom_overrides,
-    )
+    settings = {"port": 0, "series_idle_s": 0.3, "routes": routes, **dicom_overrides}
+    d = dataclasses.replace(cfg.dicom, **settings)
     o = dataclasses.replace(cfg.outbox, retry_base_s=0.1, retry_max_s=0.5)
     return dataclasses.replace(cfg, dicom=d, outbox=o, spool_dir=tmp_path / "spool")

@@ -1,0 +1,223 @@
+"""The C-STORE SCP against real peers: DCMTK echoscu/storescu and pynetdicom's SCU."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pydicom
+import pytest
+from prometheus_client import CollectorRegistry
+from pydicom import dcmread
+from pydicom.uid import JPEGLSNearLossless, RLELossless
+from pynetdicom import AE
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification
+
+from edge.config import DicomRoute, DicomTlsConfig
+from edge.dicom_send import send_paths
+from edge.egress.dicom_results import ModelInfo
+from edge.ingest.dicom import DicomIngest
+from tests.edge import dicom_factory as f
+
+ECHOSCU, STORESCU = "/usr/bin/echoscu", "/usr/bin/storescu"
+TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
+INFOS = {
+    "us-lesion-seg": ModelInfo("us-lesion-seg", "1", "segmentation", ("lesion",)),
+    "xray-nodule-det": ModelInfo("xray-nodule-det", "1", "detection", ("nodule",)),
+}
+
+pytestmark = pytest.mark.skipif(
+    not (Path(ECHOSCU).exists() and Path(STORESCU).exists()), reason="DCMTK is not installed (apt-get install dcmtk)"
+)
+
+
+@pytest.fixture
+def start_scp(tmp_path: Path) -> Iterator[Callable[..., tuple[DicomIngest, f.FakeService, CollectorRegistry]]]:
+    started: list[DicomIngest] = []
+
+    def _start(spool_max_bytes: int | None = None, **dicom) -> tuple[DicomIngest, f.FakeService, CollectorRegistry]:
+        dicom.setdefault("allowed_calling_aes", ("MODALITY", "PYSCU"))
+        cfg = f.dicom_config(tmp_path, **dicom)
+        svc, reg = f.FakeService(), CollectorRegistry()
+        ing = DicomIngest(cfg, svc, reg, cfg.spool_dir, spool_max_bytes=spool_max_bytes, model_info=INFOS.__getitem__)
+        started.append(ing.start())
+        return ing, svc, reg
+
+    yield _start
+    for ing in started:
+        ing.close()
+
+
+def echoscu(port: int, calling: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [ECHOSCU, "-aet", calling, "-aec", "MEDGE", "127.0.0.1", str(port)], capture_output=True, text=True, timeout=30
+    )
+
+
+def storescu(port: int, files: list[Path], calling: str = "MODALITY") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [STORESCU, "-aet", calling, "-aec", "MEDGE", "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def pyscu_store(port: int, items: list[Path], calling: str = "PYSCU") -> list[int]:
+    """Send files as stored (no decode) with pynetdicom's SCU; returns the statuses."""
+    from pynetdicom import _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True  # raw bytes from the file, as edge.dicom_send does
+    pairs = []
+    for p in items:
+        meta = pydicom.filereader.read_file_meta_info(p)
+        pair = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+        if pair not in pairs:
+            pairs.append(pair)
+    ae = AE(ae_title=calling)
+    ae.requested_contexts = [build_context(s, t) for s, t in pairs] + [build_context(Verification)]
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDGE")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(p).Status) for p in items]
+    finally:
+        assoc.release()
+
+
+def metric(reg: CollectorRegistry, name: str, **labels: str) -> float:
+    v = reg.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+def test_echoscu_succeeds_and_a_disallowed_calling_ae_is_rejected(start_scp) -> None:
+    ing, _svc, _reg = start_scp()
+    ok = echoscu(ing.port, "MODALITY")
+    assert ok.returncode == 0, ok.stderr
+    bad = echoscu(ing.port, "INTRUDER")
+    assert bad.returncode != 0
+    assert "reject" in (bad.stdout + bad.stderr).lower()
+
+
+def test_storescu_us_cine_ct_series_cr_dx_are_spooled_and_run(start_scp, tmp_path: Path) -> None:
+    ing, svc, reg = start_scp(frame_stride=2)
+    src = tmp_path / "src"
+    frames = np.stack([np.full((48, 64), 10 * i, np.uint8) for i in range(5)])
+    files = [f.save(f.make_us_multiframe(frames), src / "us_mf.dcm")]
+    files += [f.save(d, src / f"ct{i}.dcm") for i, d in enumerate(f.make_ct_series(3, 64))]
+    xray = (np.arange(80 * 96).reshape(80, 96) % 4096).astype(np.uint16)
+    files += [f.save(f.make_cr(xray), src / "cr.dcm"), f.save(f.make_dx(xray), src / "dx.dcm")]
+    r = storescu(ing.port, files)
+    assert r.returncode == 0, r.stderr
+    assert metric(reg, "medge_dicom_instances_received_total", calling_ae="MODALITY") == len(files)
+    assert ing.pipeline.wait_idle(30)
+    calls = sorted(svc.calls)
+    # cine frames 1, 3, 5 (stride 2) + 3 CT slices through the segmentation model; CR + DX through detection
+    assert [c[0] for c in calls].count("us-lesion-seg") == 3 + 3
+    assert [c for c in calls if c[0] == "xray-nodule-det"] == [("xray-nodule-det", (80, 96), "dicom")] * 2
+    # Results are in the outbox (no destination configured: unsent/), sources are gone from the spool.
+    kinds = sorted(dcmread(p, stop_before_pixels=True).Modality for p in (ing.outbox.unsent_dir).glob("*.dcm"))
+    assert kinds == ["SEG", "SR", "SR", "SR"]
+    assert ing.spool.pending_instances() == []
+
+
+def test_compressed_transfer_syntaxes_are_accepted_as_sent_and_decoded(start_scp, tmp_path: Path) -> None:
+    routes = tuple(DicomRoute(modality=m, model="us-lesion-seg") for m in ("CT", "MR", "OT", "NM", "US"))
+    ing, svc, _reg = start_scp(routes=routes)
+    names = [
+        "CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "image_dfl.dcm",
+        "JPEG2000.dcm", "MR_small_jp2klossless.dcm", "SC_rgb_rle.dcm", "SC_rgb_jpeg_dcmtk.dcm",
+        "SC_rgb_jpeg_gdcm.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPGExtended.dcm",
+    ]
+    files = [shutil.copy(TEST_FILES / n, tmp_path / n) for n in names]
+    # JPEG-LS near-lossless and RLE ultrasound made here (pydicom's encoders).
+    img = (np.add.outer(np.arange(40), np.arange(50)) % 200).astype(np.uint8)
+    for ts, name in ((JPEGLSNearLossless, "us_jls_near.dcm"), (RLELossless, "us_rle.dcm")):
+        ds = f.make_us_single(img)
+        ds.compress(ts, **({"jls_error": 2} if ts == JPEGLSNearLossless else {}))
+        files.append(f.save(ds, tmp_path / name))
+    statuses = pyscu_store(ing.port, [Path(p) for p in files])
+    assert statuses == [0] * len(files)
+    # Stored byte-for-byte as sent: same transfer syntax in the spool as in the file.
+    assert ing.pipeline.wait_idle(60)
+    assert list(ing.spool.failed_dir.glob("*.dcm")) == [], [
+        p.read_text() for p in ing.spool.failed_dir.glob("*.txt")
+    ]
+    shapes = [c[1] for c in svc.calls]
+    assert (100, 100, 3) in shapes  # RGB (RLE, JPEG baseline YBR, JPEG lossless) reaches the model as RGB
+    assert (40, 50) in shapes and (128, 128) in shapes and (64, 64) in shapes
+    # Some of pydicom's files are one image in several transfer syntaxes with the same SOP Instance
+    # UID: a resend replaces the spooled copy, so each distinct instance runs once.
+    distinct = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+    assert len(svc.calls) == len(distinct)
+
+
+def test_full_spool_answers_out_of_resources(start_scp, tmp_path: Path) -> None:
+    ing, svc, reg = start_scp(spool_max_bytes=1000)
+    p = f.save(f.make_us_single(np.zeros((64, 64), np.uint8)), tmp_path / "us.dcm")
+    assert pyscu_store(ing.port, [p]) == [0xA700]
+    assert ing.spool.pending_instances() == [] and svc.calls == []
+    assert metric(reg, "medge_dicom_store_failures_total", status="0xA700") == 1
+    assert metric(reg, "medge_dicom_instances_received_total", calling_ae="PYSCU") == 0
+
+
+def test_broken_dataset_gets_a_failure_status_and_the_scp_keeps_serving(start_scp, tmp_path: Path) -> None:
+    ing, _svc, _reg = start_scp()
+    good = f.save(f.make_us_single(np.zeros((64, 64), np.uint8)), tmp_path / "good.dcm")
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(good.read_bytes()[:-1500])  # pixel data cut short
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(good.read_bytes()[:400] + np.random.default_rng(1).bytes(3000))
+    assert pyscu_store(ing.port, [broken, garbage, good]) == [0xC210, 0xC210, 0x0000]
+    assert echoscu(ing.port, "MODALITY").returncode == 0
+    assert ing.pipeline.wait_idle(20)
+    assert len(list(ing.outbox.unsent_dir.glob("*.dcm"))) == 1
+
+
+def test_unrouted_instances_are_refused_or_accepted_as_configured(start_scp, tmp_path: Path) -> None:
+    mr = shutil.copy(TEST_FILES / "MR_small_implicit.dcm", tmp_path / "mr.dcm")
+    ing, svc, reg = start_scp(unrouted="reject")
+    assert pyscu_store(ing.port, [Path(mr)]) == [0x0122]
+    ing2, svc2, reg2 = start_scp(unrouted="accept")
+    assert pyscu_store(ing2.port, [Path(mr)]) == [0x0000]
+    assert ing2.spool.pending_instances() == [] and svc2.calls == []
+    sop = "1.2.840.10008.5.1.4.1.1.4"
+    assert metric(reg, "medge_dicom_unrouted_total", sop_class_uid=sop, action="reject") == 1
+    assert metric(reg2, "medge_dicom_unrouted_total", sop_class_uid=sop, action="accept") == 1
+
+
+def test_medge_send_dicom_sends_a_folder(start_scp, tmp_path: Path) -> None:
+    ing, _svc, reg = start_scp(allowed_calling_aes=("MEDGE-SEND",))
+    src = tmp_path / "folder"
+    for i in range(3):
+        f.save(f.make_us_single(np.full((32, 32), i, np.uint8)), src / "sub" / f"{i}.dcm")
+    (src / "notes.txt").write_text("not dicom")
+    report = send_paths([src], port=ing.port)
+    assert (report.sent, report.failed, len(report.skipped)) == (3, 0, 1)
+    assert metric(reg, "medge_dicom_instances_received_total", calling_ae="MEDGE-SEND") == 3
+
+
+def test_tls_association(start_scp, tmp_path: Path) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost"],
+        check=True, capture_output=True, timeout=60,
+    )
+    ing, _svc, _reg = start_scp(tls=DicomTlsConfig(cert=str(cert), key=str(key)))
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    ctx.check_hostname = False
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", ing.port, ae_title="MEDGE", tls_args=(ctx, None))
+    assert assoc.is_established
+    assert int(assoc.send_c_echo().Status) == 0
+    assoc.release()
+    assert echoscu(ing.port, "MODALITY").returncode != 0  # plain TCP is not spoken
