@@ -118,6 +118,8 @@ def test_bench_zmq_compare_raw(daemon, fixture_engines: Path, tmp_path: Path, ca
     o = step["overhead_ms"]["vs_raw_infer"]
     assert o["p50"] == pytest.approx(step["latency_ms"]["median_ms"] - step["raw_infer_ms"]["median_ms"], abs=1e-3)
     assert "OVERHEAD (zmq - raw infer)" in text
+    assert step["mean_batch"] == pytest.approx(1.0)  # concurrency 1: never more than one frame waits
+    assert step["paired_overhead_ms"]["count"] == step["ok"] and step["paired_overhead_ms"]["p50"] > 0
     assert doc["aborted"] is None and len(doc["samples"]) == step["ok"]
     with open(tmp_path / "z.csv") as fh:
         rows = list(csv.DictReader(fh))
