@@ -1,0 +1,172 @@
+"""The durable outbox against real peers: DCMTK storescp and a scripted pynetdicom SCP."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from pydicom import dcmread
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import ComprehensiveSRStorage, SegmentationStorage
+
+from edge.egress.dicom_results import ModelInfo, SourceResult, build_results
+from edge.egress.outbox import Destination, Outbox, RetryPolicy
+from tests.edge import dicom_factory as f
+
+STORESCP = "/usr/bin/storescp"
+FAST = RetryPolicy(retry_base_s=0.05, retry_max_s=0.3, max_attempts=50, attempt_window_s=3600)
+DET = ModelInfo("xray-nodule-det", "1", "detection", ("nodule",))
+
+
+def results(n: int) -> list:
+    """``n`` distinct SR result objects."""
+    out = []
+    for i in range(n):
+        src = f.make_dx(np.full((32, 32), i, np.uint16))
+        boxes = [[{"label": "nodule", "score": 0.5 + i / 100, "x0": 1, "y0": 2, "x1": 10, "y1": 12}]]
+        out.extend(build_results([SourceResult(src, [1], None, boxes)], DET))
+    return out
+
+
+def wait_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+class ScriptedSCP:
+    """A pynetdicom storage SCP answering a scripted status per C-STORE, then success."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.script = list(statuses)
+        self.stored: list[str] = []
+        self.lock = threading.Lock()
+        ae = AE(ae_title="SCRIPTED")
+        ae.add_supported_context(ComprehensiveSRStorage)
+        ae.add_supported_context(SegmentationStorage)
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.port = self.server.server_address[1]
+
+    def _store(self, event) -> int:  # noqa: ANN001
+        with self.lock:
+            status = self.script.pop(0) if self.script else 0x0000
+            if status == 0x0000:
+                self.stored.append(str(event.request.AffectedSOPInstanceUID))
+            return status
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def metric(reg: CollectorRegistry, name: str, **labels: str) -> float:
+    return reg.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.skipif(not Path(STORESCP).exists(), reason="DCMTK is not installed (apt-get install dcmtk)")
+def test_destination_down_then_up_gets_everything_exactly_once(tmp_path: Path) -> None:
+    port = f.free_port()
+    reg = CollectorRegistry()
+    objs = results(3)
+    with Outbox(tmp_path / "outbox", [Destination("pacs", "127.0.0.1", port, "PACS")], reg, policy=FAST) as ob:
+        for o in objs:
+            ob.put(o)
+        time.sleep(0.8)  # nobody listens: several attempts, all backed off
+        assert metric(reg, "medge_outbox_failures_total", destination="pacs") >= 2
+        assert metric(reg, "medge_outbox_pending", destination="pacs") == 3
+        pacs_dir = tmp_path / "pacs"
+        pacs_dir.mkdir()
+        pacs = subprocess.Popen([STORESCP, "-od", str(pacs_dir), "-aet", "PACS", "-uf", str(port)])
+        try:
+            wait_port(port)
+            assert ob.wait_idle(20)
+        finally:
+            pacs.terminate()
+            pacs.wait(10)
+    got = sorted(str(dcmread(p).SOPInstanceUID) for p in pacs_dir.iterdir())
+    assert got == sorted(str(o.SOPInstanceUID) for o in objs)  # each exactly once
+    assert metric(reg, "medge_outbox_sent_total", destination="pacs") == 3
+    assert metric(reg, "medge_outbox_pending", destination="pacs") == 0
+
+
+def test_transient_refusals_are_retried_and_delivered_once_per_destination(tmp_path: Path) -> None:
+    flaky = ScriptedSCP([0xA700, 0xA700, 0xA701, 0xA700])  # out of resources, four times
+    steady = ScriptedSCP([])
+    reg = CollectorRegistry()
+    objs = results(3)
+    dests = [Destination("flaky", "127.0.0.1", flaky.port, "SCRIPTED"), Destination("steady", "127.0.0.1", steady.port, "SCRIPTED")]
+    try:
+        with Outbox(tmp_path / "outbox", dests, reg, policy=FAST) as ob:
+            for o in objs:
+                ob.put(o)
+            assert ob.wait_idle(20)
+    finally:
+        flaky.close()
+        steady.close()
+    want = sorted(str(o.SOPInstanceUID) for o in objs)
+    assert sorted(flaky.stored) == want and sorted(steady.stored) == want
+    assert metric(reg, "medge_outbox_failures_total", destination="flaky") == 4
+    assert metric(reg, "medge_outbox_failures_total", destination="steady") == 0
+    assert list((tmp_path / "outbox" / "pending" / "flaky").iterdir()) == []  # no attempts files left
+
+
+def test_permanent_refusal_goes_to_dead_letter_with_reason(tmp_path: Path) -> None:
+    scp = ScriptedSCP([0xA900])
+    reg = CollectorRegistry()
+    objs = results(2)
+    try:
+        with Outbox(tmp_path / "outbox", [Destination("pacs", "127.0.0.1", scp.port, "SCRIPTED")], reg, policy=FAST) as ob:
+            for o in objs:
+                ob.put(o)
+            assert ob.wait_idle(20)
+            dead = ob.dead_letters("pacs")
+    finally:
+        scp.close()
+    assert len(dead) == 1 and len(scp.stored) == 1
+    reason = dead[0].with_name(dead[0].stem + ".reason.txt").read_text()
+    assert "0xA900" in reason
+    assert metric(reg, "medge_outbox_dead_letter_total", destination="pacs") == 1
+
+
+def test_too_many_transient_refusals_in_the_window_go_to_dead_letter(tmp_path: Path) -> None:
+    scp = ScriptedSCP([0xA700] * 3)
+    reg = CollectorRegistry()
+    policy = RetryPolicy(retry_base_s=0.05, retry_max_s=0.1, max_attempts=3, attempt_window_s=60)
+    try:
+        with Outbox(tmp_path / "outbox", [Destination("pacs", "127.0.0.1", scp.port, "SCRIPTED")], reg, policy=policy) as ob:
+            ob.put(results(1)[0])
+            assert ob.wait_idle(20)
+            (dead,) = ob.dead_letters("pacs")
+    finally:
+        scp.close()
+    assert "refused 3 times" in dead.with_name(dead.stem + ".reason.txt").read_text()
+    assert scp.stored == []
+
+
+def test_pending_results_survive_a_restart(tmp_path: Path) -> None:
+    port = f.free_port()
+    objs = results(2)
+    dest = [Destination("pacs", "127.0.0.1", port, "SCRIPTED")]
+    with Outbox(tmp_path / "outbox", dest, CollectorRegistry(), policy=FAST) as ob:
+        for o in objs:
+            ob.put(o)
+    assert len(list((tmp_path / "outbox" / "pending" / "pacs").glob("*.dcm"))) == 2
+    scp = ScriptedSCP([])
+    try:
+        dest = [Destination("pacs", "127.0.0.1", scp.port, "SCRIPTED")]
+        reg = CollectorRegistry()
+        with Outbox(tmp_path / "outbox", dest, reg, policy=FAST) as ob:
+            assert metric(reg, "medge_outbox_pending", destination="pacs") == 2
+            assert ob.wait_idle(20)
+    finally:
+        scp.close()
+    assert sorted(scp.stored) == sorted(str(o.SOPInstanceUID) for o in objs)
