@@ -1,0 +1,399 @@
+#!/usr/bin/env python3
+"""The daemon's own targets (issue 3), measured in one run on this machine.
+
+1. **Ready time and RSS**: ``medge serve`` (child process, bundled engines,
+   DICOM on, free loopback ports) from spawn to ``/readyz`` 200; RSS then
+   and the peak RSS (VmHWM) after all the traffic below.
+2. **Overhead at batch 1** (closed loop, loopback): for each bundled model,
+   alternating blocks (``--rounds``) of
+   - *raw*: ``InferenceSession.run`` in this process on the same artifact
+     and the same preprocessed tensor, with the daemon's session options
+     (intra-op threads = cores, sequential, no spinning);
+   - *e2e*: a DEALER sends one frame, waits for the reply, repeats;
+   for two inputs: the model's native input (256x256 float32: pre/post-
+   processing is trivial, so the difference is the serving layer: ZeroMQ,
+   queueing, threads, encoding) and a 480x640 uint8 probe frame (raw then
+   also includes our preprocessing and postprocessing, run in this process:
+   ``LoadedModel.run``). Overhead = e2e − raw at p50 and p99.
+   Targets: p50 <= 0.5 ms, p99 <= 2 ms.
+3. **Live stream**: one 30 fps stream of 480x640 uint8 frames to
+   ``us-lesion-seg`` for ``--stream-s`` seconds (default 60), paced by the
+   sender, replies read concurrently: target zero drops and zero errors.
+
+Results: ``benchmarks/results/<date>-<host>-daemon-overhead.{json,md}``
+(machine, library versions and load average recorded: shared machines are
+noisy; compare ratios taken in one run).
+
+Usage::
+
+    python benchmarks/daemon_overhead.py                 # the full run (~3 min)
+    python benchmarks/daemon_overhead.py --quick         # smoke run (~30 s)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from edge.manifest import default_engines_dir  # noqa: E402
+from edge.models import load_model  # noqa: E402
+
+MODELS = ("us-lesion-seg", "xray-nodule-det")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def _summary(ms: list[float]) -> dict[str, float]:
+    return {
+        "n": len(ms),
+        "p50_ms": round(_pct(ms, 50), 4),
+        "p90_ms": round(_pct(ms, 90), 4),
+        "p99_ms": round(_pct(ms, 99), 4),
+        "mean_ms": round(float(np.mean(ms)), 4) if ms else float("nan"),
+    }
+
+
+def _status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _machine() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    vers = {}
+    for dist in ("onnxruntime", "pyzmq", "numpy", "prometheus-client"):
+        try:
+            vers[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            vers[dist] = None
+    return {
+        "host": platform.node(),
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "versions": vers,
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+class Daemon:
+    """``medge serve`` as a child process on free ports."""
+
+    def __init__(self, workdir: Path, engines_dir: Path, dicom: bool = True) -> None:
+        self.ingest = f"tcp://127.0.0.1:{_free_port()}"
+        self.publish = f"tcp://127.0.0.1:{_free_port()}"
+        self.http = f"http://127.0.0.1:{_free_port()}"
+        cfg = workdir / "medge.toml"
+        cfg.write_text(
+            f'engines_dir = "{engines_dir}"\nspool_dir = "{workdir / "spool"}"\n'
+            f'[zmq]\ningest = "{self.ingest}"\npublish = "{self.publish}"\n'
+            f'[metrics]\nport = {self.http.rsplit(":", 1)[1]}\n'
+            f"[dicom]\nenabled = {'true' if dicom else 'false'}\nport = {_free_port()}\n",
+            encoding="utf-8",
+        )
+        self.log = open(workdir / "serve.log", "wb")
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edge.cli", "--log-level", "WARNING", "serve", "--config", str(cfg)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> float:
+        while time.perf_counter() - self.t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"medge serve exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(self.http + "/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return time.perf_counter() - self.t0
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError("medge serve did not become ready")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.http + "/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def stop(self) -> tuple[int, float]:
+        t = time.perf_counter()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.log.close()
+        return rc, time.perf_counter() - t
+
+
+def _request(i: int, img: np.ndarray, model: str, stream: str = "bench") -> list[Any]:
+    hdr = {"v": 1, "id": i, "model": model, "stream": stream, "dtype": str(img.dtype), "shape": list(img.shape)}
+    return [json.dumps(hdr).encode(), img]
+
+
+def _e2e_block(sock: zmq.Socket, img: np.ndarray, model: str, n: int, start_id: int) -> list[float]:
+    out = []
+    for k in range(n):
+        t = time.perf_counter_ns()
+        sock.send_multipart(_request(start_id + k, img, model), copy=False)
+        frames = sock.recv_multipart()
+        out.append((time.perf_counter_ns() - t) / 1e6)
+        hdr = json.loads(frames[0])
+        if hdr["status"] != "ok":
+            raise RuntimeError(f"reply not ok: {hdr}")
+    return out
+
+
+def overhead(daemon: Daemon, engines_dir: Path, rounds: int, block: int, warmup: int) -> list[dict[str, Any]]:
+    """Alternate raw and e2e blocks per model and input; return one row per (model, input)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.RCVTIMEO, 30_000)
+    sock.connect(daemon.ingest)
+    rng = np.random.default_rng(0)
+    rows = []
+    try:
+        for name in MODELS:
+            model = load_model(name, engines_dir=engines_dir, max_batch=1)  # the daemon's session options
+            native = rng.random(model.manifest.input.size, dtype=np.float32)
+            probe = rng.integers(0, 255, (480, 640), dtype=np.uint8)
+            for label, img in (("256x256 float32 (model input)", native), ("480x640 uint8 (probe frame)", probe)):
+                x, _ = model.preprocess(img)
+                batch = x[None]
+                full = label.startswith("480")
+                raw_fn = (lambda: model.run([img])) if full else (lambda: model.backend.infer(batch))
+                raw_ms: list[float] = []
+                e2e_ms: list[float] = []
+                for _ in range(warmup):
+                    raw_fn()
+                _e2e_block(sock, img, name, warmup, 0)
+                for r in range(rounds):
+                    for _ in range(block):
+                        t = time.perf_counter_ns()
+                        raw_fn()
+                        raw_ms.append((time.perf_counter_ns() - t) / 1e6)
+                    e2e_ms += _e2e_block(sock, img, name, block, r * block)
+                raw, e2e = _summary(raw_ms), _summary(e2e_ms)
+                rows.append(
+                    {
+                        "model": name,
+                        "precision": model.precision,
+                        "input": label,
+                        "raw_is": "preprocess + ORT + postprocess in-process" if full else "ORT session.run only",
+                        "raw": raw,
+                        "e2e": e2e,
+                        "overhead_p50_ms": round(e2e["p50_ms"] - raw["p50_ms"], 4),
+                        "overhead_p99_ms": round(e2e["p99_ms"] - raw["p99_ms"], 4),
+                    }
+                )
+                print(
+                    f"  {name:<16} {label:<30} raw p50 {raw['p50_ms']:.3f} p99 {raw['p99_ms']:.3f} | "
+                    f"e2e p50 {e2e['p50_ms']:.3f} p99 {e2e['p99_ms']:.3f} | "
+                    f"overhead p50 {rows[-1]['overhead_p50_ms']:+.3f} p99 {rows[-1]['overhead_p99_ms']:+.3f} ms",
+                    flush=True,
+                )
+            model.close()
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    return rows
+
+
+def stream(daemon: Daemon, seconds: float, fps: float = 30.0) -> dict[str, Any]:
+    """One paced live stream; replies read by a second thread on the same socket's poller."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(daemon.ingest)
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 255, (480, 640), dtype=np.uint8) for _ in range(8)]
+    sent: dict[int, int] = {}
+    lat: list[float] = []
+    status: dict[str, int] = {}
+    n_total = int(seconds * fps)
+    period_ns = int(1e9 / fps)
+    t0 = time.perf_counter_ns()
+    i = 0
+    late_sends = 0
+    while i < n_total or len(lat) + sum(v for k, v in status.items() if k != "ok") < n_total:
+        now = time.perf_counter_ns()
+        if i < n_total and now >= t0 + i * period_ns:
+            if now > t0 + i * period_ns + period_ns:
+                late_sends += 1
+            sent[i] = now
+            sock.send_multipart(_request(i, frames[i % 8], "us-lesion-seg", stream="probe-30fps"), copy=False)
+            i += 1
+            continue
+        wait_ms = max(0, (t0 + i * period_ns - now) // 1_000_000) if i < n_total else 1000
+        if sock.poll(min(wait_ms, 1000) if i < n_total else 1000):
+            msg = sock.recv_multipart()
+            hdr = json.loads(msg[0])
+            status[hdr["status"]] = status.get(hdr["status"], 0) + 1
+            if hdr["status"] == "ok":
+                lat.append((time.perf_counter_ns() - sent[hdr["id"]]) / 1e6)
+        elif i >= n_total:
+            break  # nothing for a second after the last send
+    sock.close(linger=0)
+    ctx.term()
+    return {
+        "fps": fps,
+        "seconds": seconds,
+        "frames_sent": i,
+        "replies": status,
+        "dropped": status.get("dropped", 0),
+        "errors": status.get("error", 0),
+        "unanswered": i - sum(status.values()),
+        "late_sends": late_sends,
+        "latency": _summary(lat),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--engines-dir", type=Path, default=default_engines_dir())
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--block", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--stream-s", type=float, default=60.0)
+    ap.add_argument("--quick", action="store_true", help="short smoke run (not for the record)")
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.block, args.warmup, args.stream_s = 3, 30, 10, 5.0
+    machine = _machine()
+    date = dt.datetime.now(dt.timezone.utc)
+    result: dict[str, Any] = {"date_utc": date.isoformat(timespec="seconds"), "machine": machine, "quick": args.quick}
+    with tempfile.TemporaryDirectory(prefix="medge-overhead-") as tmp:
+        daemon = Daemon(Path(tmp), args.engines_dir, dicom=True)
+        try:
+            ready_s = daemon.wait_ready()
+            time.sleep(0.5)
+            rss_ready = _status_kb(daemon.proc.pid, "VmRSS") * 1024
+            print(f"ready in {ready_s:.2f} s, RSS {rss_ready / 2**20:.0f} MiB (both models, DICOM on)", flush=True)
+            print("overhead at batch 1 (closed loop):", flush=True)
+            rows = overhead(daemon, args.engines_dir, args.rounds, args.block, args.warmup)
+            print(f"30 fps stream of 480x640 for {args.stream_s:.0f} s ...", flush=True)
+            live = stream(daemon, args.stream_s)
+            print(
+                f"  sent {live['frames_sent']}, replies {live['replies']}, unanswered {live['unanswered']}, "
+                f"latency p50 {live['latency']['p50_ms']:.2f} p99 {live['latency']['p99_ms']:.2f} ms",
+                flush=True,
+            )
+            rss_peak = _status_kb(daemon.proc.pid, "VmHWM") * 1024
+            rss_end = _status_kb(daemon.proc.pid, "VmRSS") * 1024
+        finally:
+            rc, stop_s = daemon.stop()
+    machine["loadavg_end"] = os.getloadavg()
+    result.update(
+        {
+            "ready_s": round(ready_s, 3),
+            "rss_ready_bytes": rss_ready,
+            "rss_end_bytes": rss_end,
+            "rss_peak_bytes": rss_peak,
+            "overhead": rows,
+            "stream_30fps": live,
+            "shutdown": {"exit_code": rc, "seconds": round(stop_s, 3)},
+        }
+    )
+    worst50 = max(r["overhead_p50_ms"] for r in rows if "model input" in r["input"])
+    worst99 = max(r["overhead_p99_ms"] for r in rows if "model input" in r["input"])
+    targets = {
+        "overhead_p50_le_0.5ms (model input)": worst50 <= 0.5,
+        "overhead_p99_le_2ms (model input)": worst99 <= 2.0,
+        "stream_30fps_zero_drops": live["dropped"] == 0 and live["errors"] == 0 and live["unanswered"] == 0,
+        "rss_le_400MB": rss_peak <= 400 * 10**6,
+        "ready_le_5s": ready_s <= 5.0,
+        "sigterm_exit_0": rc == 0,
+    }
+    result["targets"] = targets
+    stem = f"{date:%Y-%m-%d}-{machine['host'] or 'host'}-daemon-overhead{'-quick' if args.quick else ''}"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    md = [
+        f"# Daemon overhead and live-stream run, {result['date_utc']}",
+        "",
+        f"Machine: {machine['cpu']} ({machine['cores']} cores), Python {machine['python']}, "
+        f"onnxruntime {machine['versions']['onnxruntime']}, pyzmq {machine['versions']['pyzmq']}; "
+        f"load average {machine['loadavg_start'][0]:.2f} at start, {machine['loadavg_end'][0]:.2f} at end "
+        "(shared machine: compare ratios within this run).",
+        "",
+        f"- ready in **{ready_s:.2f} s**; RSS with both bundled models and DICOM on: "
+        f"**{rss_ready / 2**20:.0f} MiB** at ready, peak **{rss_peak / 2**20:.0f} MiB** after the runs below",
+        f"- SIGTERM: exit {rc} in {stop_s:.2f} s",
+        "",
+        "## Overhead at batch 1 (closed loop, loopback; raw and e2e blocks alternate)",
+        "",
+        "| model | precision | input | raw p50 / p99 ms | e2e p50 / p99 ms | overhead p50 / p99 ms | raw is |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        md.append(
+            f"| {r['model']} | {r['precision']} | {r['input']} | {r['raw']['p50_ms']:.3f} / {r['raw']['p99_ms']:.3f} | "
+            f"{r['e2e']['p50_ms']:.3f} / {r['e2e']['p99_ms']:.3f} | **{r['overhead_p50_ms']:+.3f} / "
+            f"{r['overhead_p99_ms']:+.3f}** | {r['raw_is']} |"
+        )
+    md += [
+        "",
+        f"## One 30 fps stream of 480x640 uint8 to us-lesion-seg for {live['seconds']:.0f} s",
+        "",
+        f"sent {live['frames_sent']}, replies {live['replies']}, dropped **{live['dropped']}**, errors "
+        f"{live['errors']}, unanswered {live['unanswered']}; latency p50 {live['latency']['p50_ms']:.2f} ms, "
+        f"p99 {live['latency']['p99_ms']:.2f} ms.",
+        "",
+        "## Targets",
+        "",
+        *[f"- {k}: {'met' if v else '**NOT met**'}" for k, v in targets.items()],
+        "",
+        f"Reproduce: `python benchmarks/daemon_overhead.py{' --quick' if args.quick else ''}`.",
+        "",
+    ]
+    (args.out_dir / f"{stem}.md").write_text("\n".join(md), encoding="utf-8")
+    print(f"wrote {args.out_dir / (stem + '.json')} and .md")
+    for k, v in targets.items():
+        print(f"  {k}: {'met' if v else 'NOT met'}")
+    return 0 if all(targets.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
