@@ -239,13 +239,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def dicom_config(tmp_path: Path, **dicom_overrides):
-    """A MedgeConfig for tests: SCP on an ephemeral port, fast series completion, no models checked."""
+def dicom_config(tmp_path: Path, base=None, **dicom_overrides):
+    """A MedgeConfig for tests: SCP on an ephemeral port, fast series completion.
+
+    ``base`` is the config to start from (default: the defaults, models not checked).
+    """
     import dataclasses
 
     from edge.config import DicomRoute, default_config
 
-    cfg = default_config(check_models=False)
+    cfg = base if base is not None else default_config(check_models=False)
     routes = (
         DicomRoute(modality="US", model="us-lesion-seg"),
         DicomRoute(modality="CT", model="us-lesion-seg"),
