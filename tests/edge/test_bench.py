@@ -151,11 +151,11 @@ def test_bench_zmq_daemon_down(tmp_path: Path, capsys) -> None:
 
 def test_bench_zmq_daemon_dies_mid_run_keeps_partial_results(tmp_path: Path, capsys) -> None:
     fake = FakeRouter(delay_s=0.001)
-    timer = threading.Timer(1.0, fake.close)
+    timer = threading.Timer(1.5, fake.close)
     timer.start()
     out = tmp_path / "partial.json"
     try:
-        rc = main(["bench", "zmq", "--endpoint", fake.endpoint, "--concurrency", "2", "--duration-s", "20",
+        rc = main(["bench", "zmq", "--endpoint", fake.endpoint, "--concurrency", "2", "--frame", "96x128", "--duration-s", "20",
                    "--warmup-s", "0.2", "--reply-timeout-s", "0.8", "--json", str(out)])
     finally:
         timer.join()

@@ -113,11 +113,11 @@ def test_send_daemon_down_is_a_clear_error(capsys) -> None:
 
 def test_send_daemon_dies_mid_run_keeps_partial_counts(capsys) -> None:
     fake = FakeRouter(delay_s=0.001)
-    timer = threading.Timer(0.6, fake.close)
+    timer = threading.Timer(1.5, fake.close)
     timer.start()
     try:
         rc = main(["send", "zmq", "--endpoint", fake.endpoint, "--duration-s", "10", "--fps", "50",
-                   "--reply-timeout-s", "0.8", "--json"])
+                   "--frame", "96x128", "--reply-timeout-s", "0.8", "--json"])
     finally:
         timer.join()
     out = capsys.readouterr()
@@ -126,3 +126,14 @@ def test_send_daemon_dies_mid_run_keeps_partial_counts(capsys) -> None:
     assert "stopped answering" in out.err
     assert 10 <= summary["ok"] < 500  # partial: it ran, then stopped well before 10 s
     assert summary["wall_s"] < 5
+
+
+def test_send_dicom_is_dispatched_to_the_scu(tmp_path: Path, capsys) -> None:
+    from edge.benchdicom import synthetic_instances
+    from edge.demo import free_port
+
+    path = tmp_path / "us.dcm"
+    synthetic_instances(1, "US", frame=(32, 32))[0].save_as(path, enforce_file_format=True)
+    rc = main(["send", "dicom", str(path), "--port", str(free_port()), "--timeout", "2"])
+    assert rc != 0
+    assert "127.0.0.1" in capsys.readouterr().err
