@@ -35,7 +35,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from edge.errors import DataError, MedgeError
+from edge.errors import DataError
 
 __all__ = [
     "synthetic_instances",

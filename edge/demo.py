@@ -448,7 +448,7 @@ def _write_report(report: Path, args, res, sources, seg, det, dicom_summary, rea
                f"shows the pipeline works end to end, not the model's accuracy.", "",
                "![segmentation](overlay_segmentation.png)", ""]
     if "overlay_detection" in files:
-        md += ["## Detection", "", f"Last reply's boxes (green) and the simulator's nodules (blue).", "",
+        md += ["## Detection", "", "Last reply's boxes (green) and the simulator's nodules (blue).", "",
                "![detection](overlay_detection.png)", ""]
     md += ["## DICOM", ""]
     if dicom_summary.get("status") == "ran":

@@ -32,13 +32,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import zmq
 
 from edge.benchstats import summarize_ms
-from edge.errors import DataError, MedgeError, ProtocolError
+from edge.errors import DataError, ProtocolError
 from edge.zmqclient import NotConnectedError, Reply, ZmqClient
 
 __all__ = [
