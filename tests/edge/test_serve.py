@@ -91,6 +91,9 @@ class Served:
         self._log.close()
 
 
+HAVE_BUNDLED = all((default_engines_dir() / n / "manifest.json").is_file() for n in BUNDLED)
+
+
 @pytest.fixture
 def served(tmp_path: Path, fixture_engines: Path) -> Iterator[Served]:
     cfg = tmp_path / "medge.toml"
@@ -102,12 +105,31 @@ def served(tmp_path: Path, fixture_engines: Path) -> Iterator[Served]:
         s.stop()
 
 
+@pytest.fixture(params=["fixture", "bundled"])
+def served_any(request: pytest.FixtureRequest, tmp_path: Path, fixture_engines: Path) -> Iterator[Served]:
+    """A daemon on the fixture models, or with no config on the bundled ones (DICOM on)."""
+    if request.param == "fixture":
+        cfg: Path | None = tmp_path / "medge.toml"
+        cfg.write_text(f'engines_dir = "{fixture_engines}"\n[dicom]\nenabled = false\n[zmq]\ndefault_model = "tiny-seg"\n')
+        env: dict[str, str] = {}
+    else:
+        if not HAVE_BUNDLED:
+            pytest.skip("the bundled engines are not built yet (trainer)")
+        cfg, env = None, {"MEDGE_ENGINES_DIR": str(default_engines_dir())}
+    s = Served(tmp_path, env, config=cfg)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
 def _req(i: int, img: np.ndarray) -> list[bytes]:
     hdr = {"v": 1, "id": i, "stream": "probe-1", "dtype": str(img.dtype), "shape": list(img.shape)}
     return [json.dumps(hdr).encode(), img.tobytes()]
 
 
-def test_sigterm_during_a_60fps_stream(served: Served) -> None:
+def test_sigterm_during_a_60fps_stream(served_any: Served) -> None:
+    served = served_any
     ready_s = served.wait_ready()
     assert ready_s <= 5.0, f"ready after {ready_s:.2f} s"
     ctx = zmq.Context()
@@ -198,10 +220,7 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
-@pytest.mark.skipif(
-    not all((default_engines_dir() / n / "manifest.json").is_file() for n in BUNDLED),
-    reason="the bundled engines are not built yet (trainer)",
-)
+@pytest.mark.skipif(not HAVE_BUNDLED, reason="the bundled engines are not built yet (trainer)")
 def test_no_config_serves_the_bundled_models(tmp_path: Path) -> None:
     s = Served(tmp_path, {"MEDGE_ENGINES_DIR": str(default_engines_dir())})
     try:
@@ -245,3 +264,13 @@ def test_engines_verify_and_doctor_cli(engines_copy: Path, tmp_path: Path) -> No
     assert res.returncode == 1 and "sha256 mismatch" in res.stdout
     doctor = run("doctor")
     assert doctor.returncode == 1 and "[FAIL] engine tiny-seg" in doctor.stdout
+
+
+def test_serve_check(tmp_path: Path, fixture_engines: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edge.cli import main
+
+    cfg = tmp_path / "medge.toml"
+    cfg.write_text(f'engines_dir = "{fixture_engines}"\n[[models]]\nname = "tiny-seg"\nprecision = "auto"\n')
+    assert main(["serve", "--config", str(cfg), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-seg v1: segmentation, onnxruntime, int8" in out and "configuration OK" in out

@@ -17,6 +17,7 @@ import pytest
 import zmq
 
 from edge.config import load_config
+from edge.manifest import default_engines_dir
 from edge.serve import Daemon
 
 
@@ -215,3 +216,43 @@ def test_metrics_reflect_traffic(daemon: Daemon) -> None:
     assert (reg.get_sample_value("medge_stage_seconds_count", {"model": "tiny-seg", "stage": "egress"}) or 0) >= 1
     info = {"model": "tiny-seg", "version": "1", "backend": "onnxruntime", "precision": "fp32"}
     assert reg.get_sample_value("medge_model_info", info) == 1
+
+
+BUNDLED = ("us-lesion-seg", "xray-nodule-det")
+
+
+@pytest.mark.skipif(
+    not all((default_engines_dir() / n / "manifest.json").is_file() for n in BUNDLED),
+    reason="the bundled engines are not built yet (trainer)",
+)
+def test_bundled_models_over_the_wire_match_in_process(ctx: zmq.Context) -> None:
+    """Replies from the daemon equal what LoadedModel.run gives for the same pixels."""
+    from edge.models import load_model
+
+    env = {
+        "MEDGE_ZMQ__INGEST": "tcp://127.0.0.1:*",
+        "MEDGE_ZMQ__PUBLISH": "tcp://127.0.0.1:*",
+        "MEDGE_METRICS__PORT": "0",
+        "MEDGE_DICOM__ENABLED": "false",
+        "MEDGE_SCHEDULER__MAX_BATCH": "1",
+    }
+    rng = np.random.default_rng(99)
+    frames = [_frame(rng, i)[0] for i in range(40)]
+    with Daemon(load_config(None, env=env)) as d:
+        sock = _dealer(ctx, d)
+        for name in BUNDLED:
+            with load_model(name) as local:
+                for i, img in enumerate(frames):
+                    sock.send_multipart(_request(i, img, model=name, stream=name))
+                    reply = sock.recv_multipart()
+                    hdr = json.loads(reply[0])
+                    [ref] = local.run([img])
+                    assert hdr["status"] == "ok" and hdr["id"] == i and hdr["model"] == name
+                    if ref.mask is not None:
+                        mask = np.frombuffer(reply[1], np.uint8).reshape(img.shape)
+                        assert (mask == ref.mask).mean() > 0.999
+                    else:
+                        assert len(reply) == 1
+                        assert [b["label"] for b in hdr["boxes"]] == [b.label for b in ref.boxes]
+                        for got, exp in zip(hdr["boxes"], ref.boxes):
+                            assert abs(got["x0"] - exp.x0) < 0.5 and abs(got["y1"] - exp.y1) < 0.5
