@@ -337,29 +337,49 @@ def explain_sweep(key: str, sw: dict[str, Any]) -> str:
     if not rows or rows[0]["p50"] is None:
         return "(no data)"
     first, best = rows[0], max(rows, key=lambda x: x["fps"])
-    unit = "streams" if key == "stream_sweep" else "outstanding requests"
+
+    def n(k: int) -> str:
+        if key == "stream_sweep":
+            return f"{k} stream" + ("s" if k != 1 else "")
+        return f"{k} outstanding request" + ("s" if k != 1 else "")
     batch_txt = f" at a mean batch of {best['batch']:.2f}" if best.get("batch") else ""
     if best["k"] == first["k"]:
         s1 = (f"Micro-batching did not help here: the served rate was highest, {best['fps']:.1f} frames/s, with "
-              f"{first['k']} {unit} and did not rise with more{batch_txt}, because on this CPU a batched `infer` "
+              f"{n(first['k'])} and did not rise with more{batch_txt}, because on this CPU a batched `infer` "
               f"costs about as much per frame as single ones (the cores are already busy with one frame).")
     elif best["fps"] > first["fps"] * 1.1:
         s1 = (f"Micro-batching helps once several frames wait at the same time: going from {first['k']} to "
-              f"{best['k']} {unit} raised the served rate from {first['fps']:.1f} to {best['fps']:.1f} frames/s"
+              f"{n(best['k'])} raised the served rate from {first['fps']:.1f} to {best['fps']:.1f} frames/s"
               f"{batch_txt}, because one batched `infer` call costs less than that many single ones.")
     else:
         s1 = (f"Micro-batching bought little here: the best served rate was {best['fps']:.1f} frames/s at "
-              f"{best['k']} {unit} (vs {first['fps']:.1f} at {first['k']}){batch_txt}, because on this CPU a batched "
+              f"{n(best['k'])} (vs {first['fps']:.1f} at {n(first['k'])}){batch_txt}, because on this CPU a batched "
               f"`infer` costs about as much per frame as single ones, so batching only saves the per-call overhead.")
-    broke = next((x for x in rows if x["lost"] > 0 or (x["p99"] or 0) > 33.3), None)
-    if broke is None:
-        s2 = (f"Latency did not break in this range: p99 stayed at {rows[-1]['p99']:.1f} ms with nothing dropped "
-              f"at {rows[-1]['k']} {unit}.")
+    if key == "stream_sweep":
+        broke = next((x for x in rows if x["lost"] > 0 or (x["p99"] or 0) > 33.3), None)
+        if broke is None:
+            s2 = (f"Latency did not break in this range: p99 stayed at {rows[-1]['p99']:.1f} ms with nothing "
+                  f"dropped at {n(rows[-1]['k'])}.")
+        else:
+            s2 = (f"Latency breaks at {n(broke['k'])} ({broke['k'] * 30} frames/s offered), where the offered load "
+                  f"exceeds what the model serves: p99 reaches {broke['p99']:.1f} ms, more than one 30 fps frame "
+                  f"interval (33 ms)"
+                  + (f", and {broke['lost']} frames were shed by the daemon or skipped by the probe"
+                     if broke["lost"] else "") + ".")
     else:
-        s2 = (f"Latency breaks at {broke['k']} {unit}, where the offered load exceeds what the model can serve: "
-              f"p99 reaches {broke['p99']:.1f} ms (one 30 fps frame interval is 33 ms)"
-              + (f" and {broke['lost']} frames were shed or skipped" if broke["lost"] else "")
-              + "; past that point frames wait in the queue instead of being batched usefully.")
+        broke = None
+        for prev, cur in zip(rows, rows[1:]):
+            if cur["p50"] and prev["p50"] and cur["p50"] > 1.5 * prev["p50"] and cur["fps"] < 1.1 * prev["fps"]:
+                broke = (prev, cur)
+                break
+        if broke is None:
+            s2 = (f"Latency did not break in this range: p50 went from {rows[0]['p50']:.1f} to "
+                  f"{rows[-1]['p50']:.1f} ms while the served rate kept rising.")
+        else:
+            prev, cur = broke
+            s2 = (f"Latency breaks from {n(prev['k'])} to {n(cur['k'])}: p50 rose from {prev['p50']:.1f} to "
+                  f"{cur['p50']:.1f} ms while the served rate stayed at {cur['fps']:.1f} frames/s, so the extra "
+                  f"requests only wait in the queue.")
     return s1 + " " + s2
 
 
