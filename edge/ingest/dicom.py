@@ -263,6 +263,7 @@ class DicomIngest:
         ae.dimse_timeout = d.dimse_timeout_s
         ae.network_timeout = d.network_timeout_s
         ae.maximum_pdu_size = 0  # unlimited: fewer, larger P-DATA PDUs from the sender
+        ae.require_called_aet = True  # a peer calling another AE title is misconfigured: reject, don't guess
         if self.allowed:
             ae.require_calling_aet = list(self.allowed)
         ae.add_supported_context(Verification)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import ssl
 import subprocess
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -221,3 +222,28 @@ def test_tls_association(start_scp, tmp_path: Path) -> None:
     assert int(assoc.send_c_echo().Status) == 0
     assoc.release()
     assert echoscu(ing.port, "MODALITY").returncode != 0  # plain TCP is not spoken
+
+
+def test_association_limit_and_release_on_network_timeout(start_scp) -> None:
+    ing, _svc, _reg = start_scp(max_associations=1, network_timeout_s=0.5)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    held = ae.associate("127.0.0.1", ing.port, ae_title="MEDGE")
+    assert held.is_established
+    assert echoscu(ing.port, "MODALITY").returncode != 0  # over the limit: rejected
+    # Idle past the network timeout: the SCP releases (A-RELEASE), it does not abort.
+    deadline = time.monotonic() + 5
+    while held.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert held.is_released and not held.is_aborted
+    assert echoscu(ing.port, "MODALITY").returncode == 0  # the slot is free again
+
+
+def test_medge_send_dicom_cli(start_scp, tmp_path: Path, capsys) -> None:
+    from edge.cli import main
+
+    ing, _svc, _reg = start_scp(allowed_calling_aes=())
+    f.save(f.make_us_single(np.zeros((16, 16), np.uint8)), tmp_path / "a.dcm")
+    assert main(["send", "dicom", "--port", str(ing.port), "--json", str(tmp_path / "a.dcm")]) == 0
+    assert '"sent": 1' in capsys.readouterr().out
+    assert main(["send", "dicom", "--port", str(ing.port), "--aet", "WRONG", str(tmp_path / "a.dcm")]) != 0

@@ -165,3 +165,23 @@ def test_classify_status_and_backoff_bounds() -> None:
     assert classify_status(0xA900) == classify_status(0xC210) == classify_status(0x0122) == "permanent"
     p = RetryPolicy(retry_base_s=1.0, retry_max_s=10.0)
     assert [p.delay(n) for n in (1, 2, 3, 4, 5, 50)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+def test_scan_encoded_refuses_native_pixel_data_shorter_than_the_image() -> None:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    from tests.edge.dicom_factory import make_us_single
+
+    ds = make_us_single(np.zeros((16, 16), np.uint8))
+    ds.PixelData = bytes(200)  # re-encoded with a consistent length, but 256 bytes are needed
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, ds)
+    with pytest.raises(DataError, match="truncated"):
+        scan_encoded(buf.getvalue(), "1.2.840.10008.1.2.1")
+    ds.PixelData = bytes(256)
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, ds)
+    assert scan_encoded(buf.getvalue(), "1.2.840.10008.1.2.1").sop_instance_uid == ds.SOPInstanceUID
