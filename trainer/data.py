@@ -81,6 +81,7 @@ US_PREPROCESSING = Preprocessing(color="grayscale", resize="letterbox", normaliz
 #: Radiographs differ in bit depth and exposure: per-image min-max.
 XRAY_PREPROCESSING = Preprocessing(color="grayscale", resize="letterbox", normalize="minmax")
 
+_CACHE_FORMAT = 2  # packed masks
 _IMAGE_SUFFIXES = (".png", ".dcm", ".dicom", "")
 
 
@@ -520,10 +521,11 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "medge"
 
 
-def _cache_path(cache_dir: Path | None, kind: str, n: int, seed: int, spec: InputSpec, pre: Preprocessing) -> Path | None:
+def _cache_path(cache_dir: Path | None, kind: str, n: int, seed: int) -> Path | None:
+    """Cache file of the *source* images (preprocessing is redone on load: it is cheap)."""
     if cache_dir is None:
         return None
-    key = json.dumps([GENERATOR_VERSION, kind, n, seed, list(spec.size), spec.channels, repr(pre)])
+    key = json.dumps([GENERATOR_VERSION, _CACHE_FORMAT, kind, n, seed])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Path(cache_dir) / f"{kind}-n{n}-s{seed}-{digest}.npz"
 
@@ -563,15 +565,17 @@ def synthetic_segmentation_set(
     if n <= 0:
         raise DataError(f"Cannot generate a set of {n} samples.")
     spec = spec or InputSpec()
-    path = _cache_path(Path(cache_dir) if cache_dir else None, "us", n, seed, spec, pre)
+    path = _cache_path(Path(cache_dir) if cache_dir else None, "us", n, seed)
     if path is not None and path.is_file():
         with np.load(path) as z:
-            images, masks = list(z["images"]), list(z["masks"])
+            images = list(z["images"])
+            shape = z["images"].shape
+            masks = list(np.unpackbits(z["masks_packed"], axis=-1, count=shape[-1]).reshape(shape))
         _log.debug("Loaded %d ultrasound frames from %s", n, path)
     else:
         images, masks = _generate(make_ultrasound, n, seed)
         if path is not None:
-            _atomic_savez(path, images=np.stack(images), masks=np.stack(masks))
+            _atomic_savez(path, images=np.stack(images), masks_packed=np.packbits(np.stack(masks) > 0, axis=-1))
     return segmentation_set_from_arrays(images, masks, spec, pre, keep_source, source=f"synthetic-us seed={seed}")
 
 
@@ -587,7 +591,7 @@ def synthetic_detection_set(
     if n <= 0:
         raise DataError(f"Cannot generate a set of {n} samples.")
     spec = spec or InputSpec()
-    path = _cache_path(Path(cache_dir) if cache_dir else None, "xray", n, seed, spec, pre)
+    path = _cache_path(Path(cache_dir) if cache_dir else None, "xray", n, seed)
     if path is not None and path.is_file():
         with np.load(path) as z:
             images = list(z["images"])

@@ -51,6 +51,8 @@ __all__ = [
     "git_describe",
     "build_manifest",
     "write_manifest",
+    "export_checkpoint",
+    "INTENDED_USE",
 ]
 
 _log = logging.getLogger(__name__)
@@ -311,3 +313,114 @@ def write_manifest(manifest: Manifest, directory: Path | str | None = None) -> P
     for prec in loaded.artifacts:
         loaded.artifact_path(prec, verify=True)
     return path
+
+
+INTENDED_USE = {
+    "segmentation": (
+        "Research and demonstration only: segmentation of lesions in B-mode ultrasound frames, "
+        "trained on synthetic data. NOT FOR CLINICAL USE."
+    ),
+    "detection": (
+        "Research and demonstration only: detection of nodules in chest radiographs, "
+        "trained on synthetic data. NOT FOR CLINICAL USE."
+    ),
+}
+
+
+def export_checkpoint(
+    checkpoint: Path | str,
+    out_dir: Path | str,
+    name: str,
+    version: str = "1",
+    fp16: bool = True,
+    evaluate: bool = True,
+    heldout_n: int = 200,
+    heldout_data: str | None = None,
+    val_n: int = 100,
+    atol: float = PARITY_ATOL,
+    extra_training: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """Checkpoint -> ``out_dir`` with ``model.onnx`` (+ ``model.fp16.onnx``), ``model.pt`` and ``manifest.json``.
+
+    The detector's score threshold is chosen on the validation set (never
+    the held-out one) as the FROC point of best sensitivity within the FP
+    budget; FP32 (and FP16) metrics come from the held-out set through ONNX
+    Runtime and :mod:`edge.postprocess`. An existing INT8 artifact in
+    ``out_dir`` is removed, because it no longer matches the new FP32 model.
+    """
+    import shutil
+
+    from trainer.evaluate import (
+        FP_BUDGET,
+        VALIDATION_SEED,
+        detect_all,
+        evaluate_model,
+        froc,
+        heldout_set,
+        onnx_runner,
+        pick_threshold,
+        summarize,
+    )
+    from trainer.train import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    task = ckpt["task"]
+    model = model_from_checkpoint(ckpt)
+    spec = InputSpec(name=ckpt["input"]["name"], channels=int(ckpt["input"]["channels"]), size=tuple(ckpt["input"]["size"]))
+    pre_d = dict(ckpt["preprocessing"])
+    if pre_d.get("window") is not None:
+        pre_d["window"] = tuple(pre_d["window"])
+    pre = Preprocessing(**pre_d)
+    post = Postprocessing(**ckpt["postprocessing"])
+    labels = list(ckpt["labels"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ARTIFACT_FILES.values():
+        if (out / stale).exists():
+            (out / stale).unlink()
+    fp32 = export_onnx(model, out / ARTIFACT_FILES["fp32"], task, spec)
+    parity = check_parity(model, fp32, spec, atol=atol)
+    paths = {"fp32": fp32}
+    if fp16:
+        paths["fp16"] = convert_fp16(fp32, out / ARTIFACT_FILES["fp16"])
+    ckpt_dst = out / "model.pt"
+    if Path(checkpoint).resolve() != ckpt_dst.resolve():
+        tmp = ckpt_dst.with_name("model.pt.tmp")
+        shutil.copyfile(checkpoint, tmp)
+        os.replace(tmp, ckpt_dst)
+    metrics: dict[str, dict[str, float]] = {}
+    cfg = ckpt.get("config", {})
+    synthetic = cfg.get("data", "synthetic") == "synthetic"
+    if evaluate:
+        if task == "detection":
+            val = heldout_set(task, val_n, seed=int(cfg.get("val_seed", VALIDATION_SEED)), spec=spec, pre=pre,
+                              data=None if synthetic else cfg.get("val_data"), labels=labels)
+            pts = froc(detect_all(onnx_runner(fp32), val, post, labels), val)
+            # Aim a little under the budget on validation data so the held-out point stays within it.
+            chosen = pick_threshold(pts, FP_BUDGET * 0.8)
+            post = Postprocessing(threshold=float(chosen["threshold"]), nms_iou=post.nms_iou,
+                                  max_detections=post.max_detections, stride=post.stride)
+            _log.info("Detector threshold %.3f chosen on validation data (sensitivity %.3f at %.3f FP/image)",
+                      chosen["threshold"], chosen["sensitivity"], chosen["fp_per_image"])
+        test = heldout_set(task, heldout_n, spec=spec, pre=pre, data=heldout_data, labels=labels)
+        for prec, p in paths.items():
+            metrics[prec] = summarize(task, evaluate_model(onnx_runner(p), task, test, post, labels))
+    training = {
+        **dict(ckpt.get("training", {})),
+        "generator": "trainer.data.make_ultrasound" if task == "segmentation" else "trainer.data.make_xray",
+        "epochs": int(ckpt.get("epoch", 0)),
+        "config": {k: cfg.get(k) for k in ("n_train", "n_val", "batch_size", "lr", "epochs", "steps_per_epoch", "base", "augment", "seed", "data_seed", "val_seed")},
+        "heldout": {"data": heldout_data or "synthetic", "seed": None if heldout_data else 1000, "n": heldout_n},
+        "code_version": git_describe(),
+        "checkpoint": {"path": "model.pt", "sha256": sha256_file(ckpt_dst)},
+        "onnx_parity_max_abs_diff": parity,
+        "onnx_parity_tolerance": atol,
+        "opset": OPSET,
+        **dict(extra_training or {}),
+    }
+    man = build_manifest(
+        out, name, task, labels, spec, pre, post, metrics=metrics, training=training,
+        intended_use=INTENDED_USE[task], version=version,
+    )
+    write_manifest(man, out)
+    return Manifest.load(out)

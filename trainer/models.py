@@ -115,8 +115,9 @@ class CenterNet(nn.Module):
     Outputs ``heatmap`` ``[N, K, H/4, W/4]`` (probabilities: the sigmoid is
     inside the model), ``size`` ``[N, 2, H/4, W/4]`` (box width, height in
     model-input pixels) and ``offset`` ``[N, 2, H/4, W/4]`` (sub-cell centre
-    offset in cells). :meth:`forward_train` returns the heatmap as logits
-    for a numerically stable focal loss.
+    offset in cells). :meth:`forward_train` (and :meth:`forward` while
+    ``emit_logits`` is set, as during training, also under DDP) returns the
+    heatmap as logits for a numerically stable focal loss.
 
     Parameters
     ----------
@@ -146,6 +147,7 @@ class CenterNet(nn.Module):
         self.off = nn.Sequential(_conv_bn_relu(c2, c2), nn.Conv2d(c2, 2, 1))
         # Focal-loss prior: start with a low foreground probability (CenterNet's -2.19).
         nn.init.constant_(self.hm[-1].bias, -2.19)
+        self.emit_logits = False
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         f2 = self.encoder[0](x)
@@ -160,8 +162,10 @@ class CenterNet(nn.Module):
         return self.hm(f), self.wh(f) * SIZE_SCALE, self.off(f)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(heatmap, size, offset)`` with the heatmap as probabilities."""
+        """``(heatmap, size, offset)`` with the heatmap as probabilities (logits if ``emit_logits``)."""
         logits, size, offset = self.forward_train(x)
+        if self.emit_logits:
+            return logits, size, offset
         return torch.sigmoid(logits), size, offset
 
 

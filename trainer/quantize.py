@@ -28,11 +28,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import numpy as np
 
 from edge.errors import DataError, EngineBuildError
+
+if TYPE_CHECKING:
+    from edge.manifest import Manifest
 
 __all__ = [
     "DEFAULT_MAX_DICE_DROP",
@@ -41,6 +44,9 @@ __all__ = [
     "GateResult",
     "quantize_int8",
     "quantize_with_gate",
+    "gate_summary",
+    "calibration_inputs",
+    "quantize_engine",
 ]
 
 _log = logging.getLogger(__name__)
@@ -225,3 +231,90 @@ def quantize_with_gate(
 def gate_summary(result: GateResult) -> Mapping[str, float]:
     """The gate's numbers as a flat mapping (for manifests and JSON output)."""
     return {"fp32": result.fp32, "int8": result.int8, "drop": result.drop, "max_drop": result.max_drop}
+
+
+def calibration_inputs(manifest: "Manifest", n: int, data: str | None = None) -> np.ndarray:
+    """``n`` calibration inputs from the model's **training** data.
+
+    Synthetic models regenerate the first ``n`` samples of their training
+    seed (recorded in the manifest); models trained on a folder use ``data``.
+    The held-out seed is refused.
+    """
+    from trainer.data import load_detection_folder, load_segmentation_folder, synthetic_detection_set, synthetic_segmentation_set, default_cache_dir
+    from trainer.evaluate import HELDOUT_SEED, TRAIN_SEED
+
+    if n <= 0:
+        raise DataError(f"The calibration set has size {n}; INT8 calibration needs at least one training sample.")
+    if data:
+        if manifest.task == "segmentation":
+            ds = load_segmentation_folder(data, manifest.input, manifest.preprocessing)
+        else:
+            ds = load_detection_folder(data, manifest.input, manifest.preprocessing, labels=list(manifest.labels))[0]
+        return ds.inputs[:n]
+    seed = int(manifest.training.get("data_seed", TRAIN_SEED))
+    if seed == HELDOUT_SEED:
+        raise DataError(f"Seed {seed} is the held-out set's; calibration must come from training data.")
+    make = synthetic_segmentation_set if manifest.task == "segmentation" else synthetic_detection_set
+    return make(n, seed, manifest.input, manifest.preprocessing, keep_source=False, cache_dir=default_cache_dir() / "data").inputs
+
+
+def quantize_engine(
+    engine_dir: Path | str,
+    calib_n: int = 64,
+    calib_data: str | None = None,
+    max_drop: float | None = None,
+    activation_type: str = "uint8",
+    method: str = "minmax",
+    heldout_n: int = 200,
+    heldout_data: str | None = None,
+    calib_override: np.ndarray | None = None,
+) -> GateResult:
+    """Quantize ``engine_dir/model.onnx`` behind the gate and update its manifest.
+
+    On success ``model.int8.onnx`` is written and the manifest gains the
+    ``int8`` artifact, its held-out metrics and the gate record. On refusal
+    (:class:`GateRefused`) nothing in ``engine_dir`` changes.
+    """
+    from edge.manifest import Manifest
+    from trainer.evaluate import evaluate_model, gated_metric, heldout_set, onnx_runner, summarize
+    from trainer.export import ARTIFACT_FILES, build_manifest, write_manifest
+
+    d = Path(engine_dir)
+    man = Manifest.load(d)
+    fp32 = man.artifact_path("fp32", verify=True)
+    metric = gated_metric(man.task)
+    if max_drop is None:
+        max_drop = DEFAULT_MAX_DICE_DROP if man.task == "segmentation" else DEFAULT_MAX_MAP_DROP
+    calib = calib_override if calib_override is not None else calibration_inputs(man, calib_n, calib_data)
+    test = heldout_set(man.task, heldout_n, spec=man.input, pre=man.preprocessing, data=heldout_data, labels=list(man.labels))
+    full: dict[str, dict] = {}
+
+    def score(path: Path) -> float:
+        m = evaluate_model(onnx_runner(path), man.task, test, man.postprocessing, list(man.labels))
+        full[str(path)] = m
+        return float(m[metric])
+
+    result = quantize_with_gate(
+        fp32, d / ARTIFACT_FILES["int8"], calib, score, metric, max_drop,
+        activation_type=activation_type, method=method,
+    )
+    int8_metrics = summarize(man.task, next(v for k, v in full.items() if k != str(fp32)))
+    metrics = {k: dict(v) for k, v in man.metrics.items()}
+    metrics["int8"] = int8_metrics
+    if "fp32" not in metrics:
+        metrics["fp32"] = summarize(man.task, full[str(fp32)])
+    training = dict(man.training)
+    training["quantization"] = {
+        "format": "QDQ",
+        "weights": "int8 symmetric per-channel",
+        "activations": "int8 symmetric" if activation_type == "int8" else "uint8 asymmetric",
+        "calibration": {"method": method, "n": int(calib.shape[0]), "source": calib_data or f"training data (seed {man.training.get('data_seed', 1)})"},
+        "gate": {"metric": metric, **gate_summary(result)},
+    }
+    new = build_manifest(
+        d, man.name, man.task, list(man.labels), man.input, man.preprocessing, man.postprocessing,
+        metrics=metrics, training=training, intended_use=man.intended_use, version=man.version,
+        research_only=man.research_only,
+    )
+    write_manifest(new, d)
+    return result

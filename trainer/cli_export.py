@@ -1,0 +1,43 @@
+"""``medge export``: checkpoint -> ONNX (FP32 + FP16) + manifest.json with held-out metrics.
+
+The ONNX output is checked against PyTorch (default tolerance 1e-3 absolute)
+and the export is refused beyond it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from trainer.export import PARITY_ATOL, export_checkpoint
+
+__all__ = ["configure_parser", "run"]
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    """Add ``medge export`` options to ``p``."""
+    p.add_argument("checkpoint", help="a checkpoint from medge train (best.pt)")
+    p.add_argument("--out", required=True, help="engine folder to write (model.onnx, manifest.json, ...)")
+    p.add_argument("--name", required=True, help="model name, e.g. us-lesion-seg")
+    p.add_argument("--version", default="1")
+    p.add_argument("--no-fp16", action="store_true", help="skip the FP16 ONNX")
+    p.add_argument("--no-eval", action="store_true", help="skip held-out evaluation (manifest without metrics)")
+    p.add_argument("--heldout-n", type=int, default=200)
+    p.add_argument("--heldout-data", default=None, help="held-out folder instead of synthetic data")
+    p.add_argument("--atol", type=float, default=PARITY_ATOL, help="ORT vs PyTorch tolerance")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export and print the manifest's metrics."""
+    man = export_checkpoint(
+        args.checkpoint, args.out, args.name, version=args.version, fp16=not args.no_fp16,
+        evaluate=not args.no_eval, heldout_n=args.heldout_n, heldout_data=args.heldout_data, atol=args.atol,
+    )
+    if args.json:
+        print(json.dumps(man.to_dict(), indent=2))
+    else:
+        print(f"wrote {man.directory}: {', '.join(sorted(man.artifacts))}")
+        for prec, m in man.metrics.items():
+            print(f"  {prec}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items()))
+    return 0

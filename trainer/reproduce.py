@@ -1,0 +1,213 @@
+"""Rebuild the bundled engines from scratch: generate, train, export, quantize, evaluate.
+
+``python -m trainer.reproduce --out engines`` (``make engines``) retrains
+``us-lesion-seg`` and ``xray-nodule-det`` with the recipes below, exports
+FP32 + FP16 ONNX, quantizes to INT8 behind the accuracy gate, evaluates every
+precision on the held-out synthetic set (seed 1000) and writes the
+manifests, the PyTorch checkpoints (``model.pt``, for ``medge train --init``)
+and a JSON record of times and metrics. ``--quick`` runs the same pipeline
+with tiny sets and a few steps (used by the tests: it checks the plumbing,
+not the accuracy).
+
+Examples
+--------
+``python -m trainer.reproduce --out engines --results benchmarks/results/reproduce.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["Recipe", "RECIPES", "QUICK_RECIPES", "machine_info", "reproduce", "main"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one bundled model is trained."""
+
+    name: str
+    task: str
+    n_train: int
+    n_val: int
+    epochs: int
+    steps_per_epoch: int
+    batch_size: int
+    lr: float
+    patience: int
+    input_size: tuple[int, int] = (256, 256)
+    base: int = 16
+    heldout_n: int = 200
+    calib_n: int = 64
+    max_drop: float | None = None  # None: the gate's defaults
+
+
+RECIPES = (
+    Recipe("us-lesion-seg", "segmentation", n_train=1200, n_val=64, epochs=14, steps_per_epoch=100,
+           batch_size=8, lr=3e-3, patience=5),
+    Recipe("xray-nodule-det", "detection", n_train=1200, n_val=100, epochs=24, steps_per_epoch=100,
+           batch_size=16, lr=3e-3, patience=6),
+)
+QUICK_RECIPES = (
+    Recipe("us-lesion-seg", "segmentation", n_train=8, n_val=4, epochs=1, steps_per_epoch=2, batch_size=2,
+           lr=1e-3, patience=1, input_size=(64, 64), base=4, heldout_n=4, calib_n=2, max_drop=1.0),
+    Recipe("xray-nodule-det", "detection", n_train=8, n_val=4, epochs=1, steps_per_epoch=2, batch_size=2,
+           lr=1e-3, patience=1, input_size=(64, 64), base=4, heldout_n=4, calib_n=2, max_drop=1.0),
+)
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a measurement was taken: CPU model, cores, OS, library versions, niceness."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import numpy
+    import onnxruntime
+    import torch
+
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+        "nice": os.nice(0),
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def _build_one(r: Recipe, out: Path, work: Path, cache_dir: str | None, progress: bool) -> dict[str, Any]:
+    from edge.manifest import InputSpec
+    from trainer.data import synthetic_detection_set, synthetic_segmentation_set
+    from trainer.evaluate import TRAIN_SEED, VALIDATION_SEED
+    from trainer.export import export_checkpoint
+    from trainer.quantize import GateRefused, quantize_engine
+    from trainer.train import TrainConfig, default_preprocessing, train
+
+    spec = InputSpec(size=r.input_size)
+    pre = default_preprocessing(r.task)
+    make = synthetic_segmentation_set if r.task == "segmentation" else synthetic_detection_set
+    t0 = time.monotonic()
+    make(r.n_train, TRAIN_SEED, spec, pre, keep_source=False, cache_dir=cache_dir)
+    make(r.n_val, VALIDATION_SEED, spec, pre, cache_dir=cache_dir)
+    gen_s = time.monotonic() - t0
+    run_dir = work / r.name
+    cfg = TrainConfig(
+        task=r.task, out_dir=run_dir, n_train=r.n_train, n_val=r.n_val, epochs=r.epochs,
+        steps_per_epoch=r.steps_per_epoch, batch_size=r.batch_size, lr=r.lr, patience=r.patience,
+        base=r.base, input_size=r.input_size, cache_dir=cache_dir, progress=progress,
+    )
+    t1 = time.monotonic()
+    res = train(cfg)
+    train_s = time.monotonic() - t1
+    t2 = time.monotonic()
+    engine = out / r.name
+    timing = {"generate_s": round(gen_s, 1), "train_s": round(train_s, 1)}
+    man = export_checkpoint(
+        res.best_checkpoint, engine, r.name, version="1", heldout_n=r.heldout_n, val_n=r.n_val,
+        extra_training={"recipe": r.__dict__ | {"input_size": list(r.input_size)}, "timing": timing,
+                        "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "stopped_early": res.stopped_early},
+    )
+    export_s = time.monotonic() - t2
+    t3 = time.monotonic()
+    gate: dict[str, Any]
+    try:
+        g = quantize_engine(engine, calib_n=r.calib_n, max_drop=r.max_drop, heldout_n=r.heldout_n)
+        gate = {"passed": True, "metric": g.metric, "fp32": g.fp32, "int8": g.int8, "drop": g.drop, "max_drop": g.max_drop}
+    except GateRefused as exc:
+        gate = {"passed": False, "message": str(exc)}
+    quant_s = time.monotonic() - t3
+    from edge.manifest import Manifest
+
+    man = Manifest.load(engine)
+    return {
+        "name": r.name,
+        "task": r.task,
+        "epochs_run": res.epochs_run,
+        "best_epoch": res.best_epoch,
+        "seconds": {"generate": round(gen_s, 1), "train": round(train_s, 1), "export_eval": round(export_s, 1),
+                    "quantize_gate": round(quant_s, 1), "total": round(time.monotonic() - t0, 1)},
+        "metrics": {k: dict(v) for k, v in man.metrics.items()},
+        "threshold": man.postprocessing.threshold,
+        "gate": gate,
+    }
+
+
+def reproduce(
+    out: Path | str,
+    quick: bool = False,
+    only: Sequence[str] | None = None,
+    work: Path | str | None = None,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Rebuild the selected bundled engines into ``out``; returns the record of times and metrics."""
+    recipes = [r for r in (QUICK_RECIPES if quick else RECIPES) if not only or r.name in only]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"machine": machine_info(), "quick": quick, "models": []}
+    with tempfile.TemporaryDirectory(prefix="medge-reproduce-") as tmp:
+        work_dir = Path(work) if work else Path(tmp)
+        for r in recipes:
+            _log.info("Building %s", r.name)
+            record["models"].append(_build_one(r, out, work_dir, cache_dir, progress))
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m trainer.reproduce``."""
+    p = argparse.ArgumentParser(prog="python -m trainer.reproduce", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="engines", help="engines folder to (re)write")
+    p.add_argument("--quick", action="store_true", help="tiny sets and steps: checks the pipeline, not accuracy")
+    p.add_argument("--only", action="append", choices=[r.name for r in RECIPES], help="build only this model (repeatable)")
+    p.add_argument("--work", default=None, help="keep run folders (checkpoints, metrics.jsonl) here")
+    p.add_argument("--cache-dir", default=None, help="generated-data cache (default ~/.cache/medge/data)")
+    p.add_argument("--results", default=None, help="also write the JSON record to this file")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from edge.errors import MedgeError
+
+    try:
+        rec = reproduce(args.out, args.quick, args.only, args.work, args.cache_dir, progress=not args.no_progress)
+    except MedgeError as exc:
+        print(f"reproduce: error: {exc}", file=sys.stderr)
+        return 1
+    text = json.dumps(rec, indent=2)
+    if args.results:
+        path = Path(args.results)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    print(text)
+    failed = [m["name"] for m in rec["models"] if not m["gate"]["passed"]]
+    if failed:
+        print(f"reproduce: INT8 gate refused for {', '.join(failed)}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,723 @@
+"""Training loop for both tasks, single-process or data-parallel under ``torchrun``.
+
+- Seeded: model init, sample order and augmentation come from ``seed``.
+- Data-parallel with no code change: when ``torchrun`` sets ``WORLD_SIZE``
+  > 1 the loop joins a process group (``nccl`` on GPU, ``gloo`` on CPU),
+  wraps the model in :class:`~torch.nn.parallel.DistributedDataParallel`
+  and gives each rank its shard of every epoch's permutation; rank 0 alone
+  writes checkpoints, logs and the progress bar.
+- Augmentation (batched, in model-input space): horizontal flip, small
+  rotation, zoom and shift (one affine per sample; boxes follow their
+  centres), gain/offset/gamma jitter, multiplicative speckle or additive noise.
+- Losses: BCE + soft Dice (segmentation); CenterNet focal loss on the
+  heatmap + L1 on size and offset (detection).
+- Validation each epoch through the served post-processing
+  (:mod:`trainer.evaluate`), early stopping on its score, ``best.pt`` and
+  ``last.pt`` checkpoints, one JSON line per epoch in ``metrics.jsonl``.
+- Transfer learning: ``init`` loads a checkpoint's weights;
+  ``freeze_encoder`` keeps its contracting path fixed.
+
+Examples
+--------
+>>> from trainer.train import TrainConfig, train  # doctest: +SKIP
+>>> result = train(TrainConfig(task="segmentation", out_dir="runs/seg", epochs=2, n_train=32))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, TextIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge.errors import ConfigError, DataError
+from edge.manifest import InputSpec, Postprocessing, Preprocessing
+from trainer.data import (
+    US_PREPROCESSING,
+    XRAY_PREPROCESSING,
+    DetectionSet,
+    SegmentationSet,
+    default_cache_dir,
+    load_detection_folder,
+    load_segmentation_folder,
+    synthetic_detection_set,
+    synthetic_segmentation_set,
+)
+from trainer.evaluate import (
+    FP_BUDGET,
+    HELDOUT_SEED,
+    TRAIN_SEED,
+    VALIDATION_SEED,
+    evaluate_detection,
+    evaluate_segmentation,
+    torch_runner,
+)
+from trainer.models import CenterNet, build_model
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "load_checkpoint",
+    "model_from_checkpoint",
+    "save_checkpoint",
+    "segmentation_loss",
+    "detection_targets",
+    "detection_loss",
+    "augment_batch",
+    "crop_batch",
+    "default_labels",
+    "default_preprocessing",
+    "default_postprocessing",
+]
+
+_log = logging.getLogger(__name__)
+
+
+def default_labels(task: str) -> list[str]:
+    """Label names of the bundled model for ``task``."""
+    return ["lesion"] if task == "segmentation" else ["nodule"]
+
+
+def default_preprocessing(task: str) -> Preprocessing:
+    """Preprocessing of the bundled model for ``task``."""
+    return US_PREPROCESSING if task == "segmentation" else XRAY_PREPROCESSING
+
+
+def default_postprocessing(task: str) -> Postprocessing:
+    """Post-processing defaults (the detector's threshold is tuned on validation data)."""
+    if task == "segmentation":
+        return Postprocessing(threshold=0.5)
+    return Postprocessing(threshold=0.3, nms_iou=0.3, max_detections=20, stride=4)
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; saved into every checkpoint.
+
+    ``data`` is ``"synthetic"`` or a folder (``images/`` + ``masks/`` or a
+    COCO ``annotations.json``); ``val_data`` likewise (default: synthetic
+    with :data:`~trainer.evaluate.VALIDATION_SEED`, or a 10 % split of a folder).
+    """
+
+    task: str
+    out_dir: Path | str
+    data: str = "synthetic"
+    val_data: str | None = None
+    n_train: int = 1600
+    n_val: int = 64
+    data_seed: int = TRAIN_SEED
+    val_seed: int = VALIDATION_SEED
+    seed: int = 0
+    epochs: int = 30
+    steps_per_epoch: int | None = None
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 6
+    min_delta: float = 1e-4
+    augment: bool = True
+    crop: int | None = None
+    amp: str = "auto"
+    base: int = 16
+    input_size: tuple[int, int] = (256, 256)
+    init: str | None = None
+    freeze_encoder: bool = False
+    max_minutes: float | None = None
+    threads: int = 0
+    cache_dir: str | None = None
+    progress: bool = True
+    labels: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for values that cannot work."""
+        if self.task not in ("segmentation", "detection"):
+            raise ConfigError(f"task {self.task!r} is not 'segmentation' or 'detection'.")
+        for name in ("n_train", "n_val", "epochs", "batch_size", "base"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} {getattr(self, name)} is not >= 1.")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ConfigError(f"amp {self.amp!r} is not one of auto, bf16, off.")
+        if self.data == "synthetic" and HELDOUT_SEED in (self.data_seed, self.val_seed):
+            raise ConfigError(f"Seed {HELDOUT_SEED} is the held-out test set's; it must never touch training.")
+        if any(s % 8 for s in self.input_size):
+            raise ConfigError(f"input_size {list(self.input_size)} is not divisible by 8.")
+        if self.crop is not None and (self.crop % 16 or not 16 <= self.crop <= min(self.input_size)):
+            raise ConfigError(f"crop {self.crop} is not a multiple of 16 within the input size.")
+        if self.freeze_encoder and not self.init:
+            raise ConfigError("freeze_encoder needs init (a checkpoint to take the encoder from).")
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict of the config."""
+        d = dataclasses.asdict(self)
+        d["out_dir"] = str(self.out_dir)
+        d["input_size"] = list(self.input_size)
+        return d
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: checkpoint paths, last epoch, best score, wall time."""
+
+    best_checkpoint: Path
+    last_checkpoint: Path
+    epochs_run: int
+    best_epoch: int
+    best_score: float
+    best_metrics: dict[str, Any]
+    seconds: float
+    stopped_early: bool
+
+
+# ------------------------------------------------------------------ losses
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE with logits + soft Dice (per image, smoothed)."""
+    target = target.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    dims = tuple(range(1, p.ndim))
+    inter = (p * target).sum(dims)
+    dice = 1 - (2 * inter + 1) / (p.sum(dims) + target.sum(dims) + 1)
+    return bce + dice.mean()
+
+
+def _gaussian_radius(h: torch.Tensor, w: torch.Tensor, min_overlap: float = 0.7) -> torch.Tensor:
+    """CenterNet's Gaussian radius for a box of ``h`` x ``w`` output cells."""
+    b1 = h + w
+    c1 = w * h * (1 - min_overlap) / (1 + min_overlap)
+    r1 = (b1 + torch.sqrt(b1**2 - 4 * c1)) / 2
+    b2 = 2 * (h + w)
+    c2 = (1 - min_overlap) * w * h
+    r2 = (b2 + torch.sqrt(b2**2 - 16 * c2)) / 2
+    a3 = 4 * min_overlap
+    b3 = -2 * min_overlap * (h + w)
+    c3 = (min_overlap - 1) * w * h
+    r3 = (b3 + torch.sqrt(b3**2 - 4 * a3 * c3)) / 2
+    return torch.minimum(torch.minimum(r1, r2), r3)
+
+
+def detection_targets(
+    boxes: torch.Tensor, classes: torch.Tensor, valid: torch.Tensor, num_classes: int, out_h: int, out_w: int, stride: int
+) -> dict[str, torch.Tensor]:
+    """CenterNet targets from padded boxes ``[B, M, 4]`` (input pixels), classes and validity ``[B, M]``.
+
+    Returns ``heatmap`` ``[B, K, h, w]`` (Gaussian peaks of 1 at centre cells),
+    ``size`` and ``offset`` ``[B, 2, h, w]`` and ``mask`` ``[B, 1, h, w]``
+    (1 at centre cells).
+    """
+    bsz, m = boxes.shape[:2]
+    hm = torch.zeros(bsz, num_classes, out_h, out_w)
+    size = torch.zeros(bsz, 2, out_h * out_w)
+    offset = torch.zeros(bsz, 2, out_h * out_w)
+    mask = torch.zeros(bsz, 1, out_h * out_w)
+    if m == 0:
+        return {"heatmap": hm, "size": size.view(bsz, 2, out_h, out_w), "offset": offset.view(bsz, 2, out_h, out_w), "mask": mask.view(bsz, 1, out_h, out_w)}
+    cx = (boxes[..., 0] + boxes[..., 2]) / (2 * stride)
+    cy = (boxes[..., 1] + boxes[..., 3]) / (2 * stride)
+    bw = (boxes[..., 2] - boxes[..., 0]).clamp(min=1)
+    bh = (boxes[..., 3] - boxes[..., 1]).clamp(min=1)
+    valid = valid & (cx >= 0) & (cx < out_w) & (cy >= 0) & (cy < out_h)
+    ix, iy = cx.floor().clamp(0, out_w - 1), cy.floor().clamp(0, out_h - 1)
+    radius = _gaussian_radius(bh / stride, bw / stride).clamp(min=0).floor()
+    sigma = (2 * radius + 1) / 6
+    yy = torch.arange(out_h, dtype=torch.float32).view(1, 1, out_h, 1)
+    xx = torch.arange(out_w, dtype=torch.float32).view(1, 1, 1, out_w)
+    g = torch.exp(
+        -((xx - ix[..., None, None]) ** 2 + (yy - iy[..., None, None]) ** 2) / (2 * sigma[..., None, None] ** 2)
+    )
+    g = g * valid[..., None, None].float()  # [B, M, h, w]
+    for k in range(num_classes):
+        sel = (classes == k).float()[..., None, None]
+        hm[:, k] = (g * sel).amax(dim=1) if m else hm[:, k]
+    flat = (iy * out_w + ix).long().clamp(0, out_h * out_w - 1)
+    for j in range(m):
+        ok = valid[:, j]
+        if not bool(ok.any()):
+            continue
+        b = torch.nonzero(ok).flatten()
+        idx = flat[b, j]
+        size[b, 0, idx] = bw[b, j]
+        size[b, 1, idx] = bh[b, j]
+        offset[b, 0, idx] = cx[b, j] - ix[b, j]
+        offset[b, 1, idx] = cy[b, j] - iy[b, j]
+        mask[b, 0, idx] = 1.0
+    return {
+        "heatmap": hm,
+        "size": size.view(bsz, 2, out_h, out_w),
+        "offset": offset.view(bsz, 2, out_h, out_w),
+        "mask": mask.view(bsz, 1, out_h, out_w),
+    }
+
+
+def detection_loss(
+    hm_logits: torch.Tensor, size: torch.Tensor, offset: torch.Tensor, t: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """CenterNet loss: penalty-reduced focal loss + 0.1 * L1(size) + L1(offset)."""
+    hm_logits = hm_logits.float()
+    gt = t["heatmap"]
+    pos = (gt >= 1.0 - 1e-4).float()
+    logp, log1p = F.logsigmoid(hm_logits), F.logsigmoid(-hm_logits)
+    p = torch.sigmoid(hm_logits)
+    focal = -(pos * (1 - p) ** 2 * logp + (1 - pos) * (1 - gt) ** 4 * p**2 * log1p).sum()
+    n_pos = pos.sum().clamp(min=1.0)
+    mask = t["mask"]
+    n_reg = mask.sum().clamp(min=1.0)
+    l_size = (mask * (size.float() - t["size"]).abs()).sum() / n_reg
+    l_off = (mask * (offset.float() - t["offset"]).abs()).sum() / n_reg
+    return focal / n_pos + 0.1 * l_size + l_off
+
+
+# ------------------------------------------------------------ augmentation
+def augment_batch(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    task: str,
+    mask: torch.Tensor | None = None,
+    boxes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Random flip/rotation/zoom/shift + intensity jitter + noise for a batch ``[B, C, H, W]``.
+
+    ``mask`` ``[B, 1, H, W]`` follows the geometry with nearest sampling;
+    ``boxes`` ``[B, M, 4]`` (input pixels) follow it by their centres (sizes scale with zoom).
+    """
+    bsz, _, h, w = x.shape
+
+    def u(lo: float, hi: float, n: int = bsz) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+    flip = torch.where(torch.rand(bsz, generator=gen) < 0.5, -1.0, 1.0)
+    ang = u(-10, 10) * math.pi / 180
+    zoom = u(0.9, 1.15)
+    tx, ty = u(-0.06, 0.06), u(-0.06, 0.06)
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    # theta maps output to input normalised coordinates: in = A @ out + t.
+    a = torch.stack([torch.stack([cos * flip, -sin], 1), torch.stack([sin * flip, cos], 1)], 1) / zoom[:, None, None]
+    theta = torch.cat([a, torch.stack([tx, ty], 1)[:, :, None]], 2)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if mask is not None:
+        mask = F.grid_sample(mask.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    if boxes is not None and boxes.shape[1]:
+        cxn = (boxes[..., 0] + boxes[..., 2]) / w - 1
+        cyn = (boxes[..., 1] + boxes[..., 3]) / h - 1
+        p = torch.stack([cxn - tx[:, None], cyn - ty[:, None]], -1)  # [B, M, 2]
+        out = torch.linalg.solve(a[:, None], p[..., None])[..., 0]
+        ncx, ncy = (out[..., 0] + 1) * w / 2, (out[..., 1] + 1) * h / 2
+        bw = (boxes[..., 2] - boxes[..., 0]) * zoom[:, None]
+        bh = (boxes[..., 3] - boxes[..., 1]) * zoom[:, None]
+        boxes = torch.stack([ncx - bw / 2, ncy - bh / 2, ncx + bw / 2, ncy + bh / 2], -1)
+    # Intensity: gain, offset, gamma on the non-padding pixels.
+    fg = (x > 0).float()
+    gain = u(0.8, 1.25)[:, None, None, None]
+    gamma = u(0.8, 1.25)[:, None, None, None]
+    off = u(-0.05, 0.05)[:, None, None, None]
+    x = x.clamp(min=0) ** gamma * gain + off * fg
+    noise = torch.randn(x.shape, generator=gen)
+    sigma = u(0.0, 0.12)[:, None, None, None]
+    if task == "segmentation":  # speckle: multiplicative, pixel-correlated a little
+        noise = F.avg_pool2d(noise, 3, stride=1, padding=1) * 3
+        x = x * (1 + sigma * noise).clamp(min=0)
+    else:  # quantum-like additive noise
+        x = x + 0.3 * sigma * noise
+    return x * fg, mask, boxes
+
+
+def crop_batch(
+    x: torch.Tensor, mask: torch.Tensor, size: int, gen: torch.Generator, p_lesion: float = 0.7
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``size`` x ``size`` crops; with probability ``p_lesion`` centred near a lesion pixel.
+
+    The U-Net is fully convolutional, so training on crops costs a fraction
+    of full frames while validation and service run on full frames.
+    """
+    bsz, _, h, w = x.shape
+    xs, ms = [], []
+    for i in range(bsz):
+        fg = torch.nonzero(mask[i, 0] > 0)
+        if fg.numel() and float(torch.rand(1, generator=gen)) < p_lesion:
+            cy, cx = fg[int(torch.randint(len(fg), (1,), generator=gen))].tolist()
+            cy += int(torch.randint(-size // 4, size // 4 + 1, (1,), generator=gen))
+            cx += int(torch.randint(-size // 4, size // 4 + 1, (1,), generator=gen))
+        else:
+            cy = int(torch.randint(h, (1,), generator=gen))
+            cx = int(torch.randint(w, (1,), generator=gen))
+        top = min(max(0, cy - size // 2), h - size)
+        left = min(max(0, cx - size // 2), w - size)
+        xs.append(x[i, :, top : top + size, left : left + size])
+        ms.append(mask[i, :, top : top + size, left : left + size])
+    return torch.stack(xs), torch.stack(ms)
+
+
+# ------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, model: nn.Module, cfg: TrainConfig, labels: list[str], extra: Mapping[str, Any]) -> Path:
+    """Write a checkpoint atomically: weights, model config, labels, pre/post-processing, config."""
+    spec = InputSpec(size=tuple(cfg.input_size))
+    pre = default_preprocessing(cfg.task)
+    state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
+    obj = {
+        "format": "medge-checkpoint-1",
+        "task": cfg.task,
+        "model": {"base": cfg.base, "num_classes": len(labels), "in_channels": spec.channels},
+        "labels": list(labels),
+        "input": {"name": spec.name, "channels": spec.channels, "size": list(spec.size)},
+        "preprocessing": dataclasses.asdict(pre),
+        "postprocessing": dataclasses.asdict(default_postprocessing(cfg.task)),
+        "state_dict": state,
+        "config": cfg.to_json(),
+        **dict(extra),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"Checkpoint {p} does not exist.")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise DataError(f"Checkpoint {p} cannot be read: {exc}.") from exc
+    if not isinstance(obj, dict) or obj.get("format") != "medge-checkpoint-1":
+        raise DataError(f"{p} is not a medge checkpoint.")
+    return obj
+
+
+def model_from_checkpoint(ckpt: Mapping[str, Any]) -> nn.Module:
+    """The model of a loaded checkpoint, weights loaded, in eval mode."""
+    m = ckpt["model"]
+    model = build_model(ckpt["task"], num_classes=m["num_classes"], in_channels=m["in_channels"], base=m["base"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _set_logits(model: nn.Module, on: bool) -> None:
+    inner = _unwrap(model)
+    if isinstance(inner, CenterNet):
+        inner.emit_logits = on
+
+
+# ------------------------------------------------------------------ data
+def _load_sets(cfg: TrainConfig, labels: list[str]) -> tuple[Any, Any, list[str]]:
+    spec = InputSpec(size=tuple(cfg.input_size))
+    pre = default_preprocessing(cfg.task)
+    cache = cfg.cache_dir if cfg.cache_dir is not None else str(default_cache_dir() / "data")
+    if cfg.data == "synthetic":
+        if cfg.task == "segmentation":
+            tr = synthetic_segmentation_set(cfg.n_train, cfg.data_seed, spec, pre, keep_source=False, cache_dir=cache)
+        else:
+            tr = synthetic_detection_set(cfg.n_train, cfg.data_seed, spec, pre, keep_source=False, cache_dir=cache)
+    elif cfg.task == "segmentation":
+        tr = load_segmentation_folder(cfg.data, spec, pre)
+    else:
+        tr, labels = load_detection_folder(cfg.data, spec, pre, labels=labels or None)
+    if cfg.val_data in (None, "synthetic") and cfg.data == "synthetic":
+        if cfg.task == "segmentation":
+            va = synthetic_segmentation_set(cfg.n_val, cfg.val_seed, spec, pre, cache_dir=cache)
+        else:
+            va = synthetic_detection_set(cfg.n_val, cfg.val_seed, spec, pre, cache_dir=cache)
+    elif cfg.val_data not in (None, "synthetic"):
+        if cfg.task == "segmentation":
+            va = load_segmentation_folder(cfg.val_data, spec, pre)
+        else:
+            va, _ = load_detection_folder(cfg.val_data, spec, pre, labels=labels)
+    else:
+        va = tr  # a user's folder without a validation folder: validate on training data (logged)
+        _log.warning("No validation data given; validating on the training set (early stopping is optimistic).")
+    return tr, va, labels or default_labels(cfg.task)
+
+
+def _batch(ds: Any, idx: np.ndarray, task: str) -> dict[str, torch.Tensor]:
+    x = torch.from_numpy(ds.inputs[idx])
+    if task == "segmentation":
+        return {"x": x, "mask": torch.from_numpy(ds.targets[idx])}
+    m = max([len(ds.input_boxes[i]) for i in idx] + [0])
+    boxes = torch.zeros(len(idx), m, 4)
+    cls = torch.zeros(len(idx), m, dtype=torch.long)
+    valid = torch.zeros(len(idx), m, dtype=torch.bool)
+    for j, i in enumerate(idx):
+        n = len(ds.input_boxes[i])
+        if n:
+            boxes[j, :n] = torch.from_numpy(ds.input_boxes[i])
+            cls[j, :n] = torch.from_numpy(ds.classes[i])
+            valid[j, :n] = True
+    return {"x": x, "boxes": boxes, "classes": cls, "valid": valid}
+
+
+# ------------------------------------------------------------------ loop
+def _use_bf16(amp: str) -> bool:
+    if amp == "off":
+        return False
+    if amp == "bf16":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class _Progress:
+    """A one-line progress bar on a stream (stderr); silent when disabled."""
+
+    def __init__(self, total: int, label: str, stream: TextIO | None, width: int = 28) -> None:
+        self.total, self.label, self.stream, self.width = max(1, total), label, stream, width
+        self.t0 = time.monotonic()
+        self._last = 0.0
+
+    def update(self, done: int, info: str = "") -> None:
+        if self.stream is None:
+            return
+        now = time.monotonic()
+        if done < self.total and now - self._last < 0.5:
+            return
+        self._last = now
+        frac = min(1.0, done / self.total)
+        bar = "#" * int(frac * self.width) + "-" * (self.width - int(frac * self.width))
+        el = now - self.t0
+        eta = el / frac - el if frac > 0 else 0.0
+        self.stream.write(f"\r{self.label} [{bar}] {done}/{self.total} {el:5.0f}s eta {eta:4.0f}s {info}  ")
+        if done >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _score(task: str, metrics: Mapping[str, Any]) -> float:
+    if task == "segmentation":
+        return float(metrics["dice"])
+    return 0.5 * (float(metrics[f"sensitivity_at_{FP_BUDGET:g}fp"]) + float(metrics["map50"]))
+
+
+def _validate(model: nn.Module, ds: Any, task: str, labels: list[str]) -> dict[str, Any]:
+    run = torch_runner(_unwrap(model), task)
+    if task == "segmentation":
+        m = evaluate_segmentation(run, ds, threshold=0.5)
+    else:
+        m = evaluate_detection(run, ds, default_postprocessing(task), labels)
+    m = {k: v for k, v in m.items() if k not in ("per_case", "froc")}
+    return m
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
+def train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Run one training; returns where the best and last checkpoints are.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) this joins the process group and
+    trains data-parallel; every rank returns the same result.
+    """
+    cfg.validate()
+    world, rank, local = _dist_info()
+    distributed = world > 1
+    device = torch.device("cpu")
+    if distributed:
+        import torch.distributed as dist
+
+        if torch.cuda.is_available():
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif distributed and device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    is_main = rank == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+
+    labels = list(cfg.labels) or default_labels(cfg.task)
+    init_ckpt = load_checkpoint(cfg.init) if cfg.init else None
+    if init_ckpt is not None:
+        if init_ckpt["task"] != cfg.task:
+            raise ConfigError(f"Checkpoint {cfg.init} is a {init_ckpt['task']} model, not {cfg.task}.")
+        cfg.base = int(init_ckpt["model"]["base"])
+        if not cfg.labels:
+            labels = list(init_ckpt["labels"])
+    tr, va, labels = _load_sets(cfg, labels)
+    if len(tr) == 0:
+        raise DataError("The training set is empty.")
+
+    model = build_model(cfg.task, num_classes=len(labels), base=cfg.base)
+    if init_ckpt is not None:
+        own = model.state_dict()
+        compatible = {k: v for k, v in init_ckpt["state_dict"].items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(compatible, strict=False)
+        _log.info("Initialised %d/%d tensors from %s", len(compatible), len(own), cfg.init)
+    if cfg.freeze_encoder:
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
+        for mod in model.encoder.modules():  # keep BN statistics of the pretrained encoder
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.momentum = 0.0
+    model.to(device)
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[local] if device.type == "cuda" else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_rank_batch = max(1, cfg.batch_size // world)
+    steps = cfg.steps_per_epoch or max(1, len(tr) // (per_rank_batch * world))
+    total = steps * cfg.epochs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
+    bf16 = _use_bf16(cfg.amp) and device.type == "cpu"
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    log_path = out / "metrics.jsonl"
+    if is_main and log_path.exists() and init_ckpt is None:
+        log_path.unlink()
+
+    best_score, best_epoch, best_metrics, bad_epochs = -math.inf, 0, {}, 0
+    stopped_early = False
+    best_path, last_path = out / "best.pt", out / "last.pt"
+    epoch = 0
+    stream = sys.stderr if (cfg.progress and is_main) else None
+    record = {
+        "data": cfg.data if cfg.data != "synthetic" else ("synthetic-us" if cfg.task == "segmentation" else "synthetic-xray"),
+        "data_seed": cfg.data_seed,
+        "n_train": len(tr),
+        "val_seed": cfg.val_seed,
+        "n_val": len(va),
+        "seed": cfg.seed,
+        "world_size": world,
+        "bf16": bf16,
+        "init": str(cfg.init) if cfg.init else None,
+        "freeze_encoder": cfg.freeze_encoder,
+    }
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        _set_logits(model, True)
+        if cfg.freeze_encoder:
+            _unwrap(model).encoder.eval()
+        perm = np.random.default_rng([cfg.seed, epoch]).permutation(len(tr))
+        need = steps * per_rank_batch * world
+        perm = np.resize(perm, need)[rank::world]
+        bar = _Progress(steps, f"epoch {epoch}/{cfg.epochs}", stream)
+        loss_sum = 0.0
+        t_ep = time.monotonic()
+        for s in range(steps):
+            idx = perm[s * per_rank_batch : (s + 1) * per_rank_batch]
+            b = _batch(tr, idx, cfg.task)
+            x = b["x"]
+            if cfg.task == "segmentation":
+                mask = b["mask"]
+                if cfg.augment:
+                    x, mask, _ = augment_batch(x, gen, cfg.task, mask=mask)
+                if cfg.crop:
+                    x, mask = crop_batch(x, mask, cfg.crop, gen)
+                x, mask = x.to(device), mask.to(device)
+                if device.type == "cpu":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(x)
+                loss = segmentation_loss(logits.float(), mask)
+            else:
+                boxes = b["boxes"]
+                if cfg.augment:
+                    x, _, boxes = augment_batch(x, gen, cfg.task, boxes=boxes)
+                h, w = x.shape[-2:]
+                t = detection_targets(boxes, b["classes"], b["valid"], len(labels), h // 4, w // 4, 4)
+                t = {k: v.to(device) for k, v in t.items()}
+                x = x.to(device)
+                if device.type == "cpu":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    hm, size, offset = model(x)  # emit_logits is set: heatmap logits
+                loss = detection_loss(hm, size, offset, t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach())
+            bar.update(s + 1, f"loss {loss_sum / (s + 1):.4f}")
+        train_loss = loss_sum / steps
+        if distributed:
+            import torch.distributed as dist
+
+            tl = torch.tensor([train_loss], device=device)
+            dist.all_reduce(tl)
+            train_loss = float(tl) / world
+        _set_logits(model, False)
+        metrics = _validate(model, va, cfg.task, labels)
+        score = _score(cfg.task, metrics)
+        entry = {
+            "epoch": epoch,
+            "train_loss": round(train_loss, 6),
+            "lr": sched.get_last_lr()[0],
+            "seconds": round(time.monotonic() - t_ep, 2),
+            "score": round(score, 6),
+            **{f"val_{k}": (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
+        }
+        improved = score > best_score + cfg.min_delta
+        if improved:
+            best_score, best_epoch, best_metrics, bad_epochs = score, epoch, metrics, 0
+        else:
+            bad_epochs += 1
+        if is_main:
+            extra = {"epoch": epoch, "metrics": metrics, "training": {**record, "epochs": epoch}}
+            save_checkpoint(last_path, model, cfg, labels, extra)
+            if improved:
+                save_checkpoint(best_path, model, cfg, labels, {**extra, "training": {**record, "epochs": epoch, "best_epoch": epoch}})
+            with open(log_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry) + "\n")
+            _log.info("epoch %d: %s", epoch, json.dumps(entry))
+            if stream is not None:
+                stream.write(f"  val score {score:.4f} (best {best_score:.4f} @ {best_epoch})\n")
+        if on_epoch is not None:
+            on_epoch(entry)
+        if bad_epochs >= cfg.patience:
+            stopped_early = True
+            _log.info("Early stop at epoch %d (no improvement for %d epochs).", epoch, cfg.patience)
+            break
+        if cfg.max_minutes is not None and (time.monotonic() - t_start) / 60 >= cfg.max_minutes:
+            _log.info("Stopping at epoch %d: time budget of %.1f min used.", epoch, cfg.max_minutes)
+            break
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return TrainResult(
+        best_checkpoint=best_path,
+        last_checkpoint=last_path,
+        epochs_run=epoch,
+        best_epoch=best_epoch,
+        best_score=best_score,
+        best_metrics=best_metrics,
+        seconds=time.monotonic() - t_start,
+        stopped_early=stopped_early,
+    )
+
