@@ -63,7 +63,7 @@ from pynetdicom.sop_class import Verification
 
 from edge.egress.dicom_results import ModelInfo
 from edge.egress.outbox import Outbox, get_or_create_metric
-from edge.errors import DataError
+from edge.errors import DataError, MedgeError
 from edge.ingest.dicom_pipeline import DicomPipeline, WorkItem
 from edge.routing import Router, scan_encoded
 from edge.spool import Spool, SpoolError, SpoolFullError
@@ -282,12 +282,18 @@ class DicomIngest:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
-        self._server = self.ae.start_server(
-            (self.settings.host, self.settings.port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=_ssl_context(self.settings.tls),
-        )
+        try:
+            self._server = self.ae.start_server(
+                (self.settings.host, self.settings.port),
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=_ssl_context(self.settings.tls),
+            )
+        except (OSError, ssl.SSLError) as exc:
+            self.close()
+            raise MedgeError(
+                f"DICOM SCP cannot listen on {self.settings.host}:{self.settings.port}: {exc}."
+            ) from exc
         _log.info(
             "DICOM SCP %s listening on %s:%d (%s).",
             self.settings.ae_title, self.settings.host, self.port,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings as pywarnings
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,6 +21,11 @@ from edge.egress.dicom_results import ModelInfo, SourceResult, build_results, ma
 from tests.edge import dicom_factory as f
 
 DCIODVFY = "/usr/bin/dciodvfy"
+
+
+class DciodvfyWarning(UserWarning):
+    """A dciodvfy warning on a result object (errors fail the test)."""
+
 SEG = ModelInfo("us-lesion-seg", "1.0", "segmentation", ("lesion",), True)
 DET = ModelInfo("xray-nodule-det", "1.0", "detection", ("nodule",), True)
 
@@ -44,6 +50,8 @@ def dciodvfy(ds: Dataset, tmp_path: Path, name: str) -> list[str]:
     print(f"dciodvfy {name}: {len(errors)} errors, {len(warnings)} warnings")
     for w in warnings:
         print(f"  {w}")
+        # Also in pytest's warnings summary, so CI output lists them without -s.
+        pywarnings.warn(f"dciodvfy {name.split('.')[0]}: {w}", DciodvfyWarning, stacklevel=2)
     assert errors == [], f"dciodvfy errors on {name}: {errors}"
     return warnings
 

@@ -247,3 +247,13 @@ def test_medge_send_dicom_cli(start_scp, tmp_path: Path, capsys) -> None:
     assert main(["send", "dicom", "--port", str(ing.port), "--json", str(tmp_path / "a.dcm")]) == 0
     assert '"sent": 1' in capsys.readouterr().out
     assert main(["send", "dicom", "--port", str(ing.port), "--aet", "WRONG", str(tmp_path / "a.dcm")]) != 0
+
+
+def test_port_in_use_is_a_clear_error(start_scp, tmp_path: Path) -> None:
+    from edge.errors import MedgeError
+
+    ing, _svc, _reg = start_scp()
+    cfg = f.dicom_config(tmp_path / "second", port=ing.port)
+    second = DicomIngest(cfg, f.FakeService(), CollectorRegistry(), cfg.spool_dir, model_info=INFOS.__getitem__)
+    with pytest.raises(MedgeError, match="cannot listen"):
+        second.start()

@@ -153,3 +153,27 @@ def test_bundled_models_load_verify_and_answer() -> None:
                     assert res.mask is not None and res.mask.shape == (480, 640)
                 else:
                     assert all(0 <= b.x0 <= b.x1 <= 640 and 0 <= b.y0 <= b.y1 <= 480 for b in res.boxes)
+
+
+def test_vectorised_nms_matches_the_greedy_reference() -> None:
+    """edge.postprocess.nms (IoU matrix once) keeps exactly what one-box-at-a-time greedy NMS keeps."""
+    from edge.postprocess import box_iou, nms
+
+    def reference(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+        order = np.argsort(-scores, kind="stable")
+        keep: list[int] = []
+        while order.size:
+            i = int(order[0])
+            keep.append(i)
+            rest = order[1:]
+            order = rest[box_iou(boxes[i], boxes[rest]) <= iou] if rest.size else rest
+        return np.asarray(keep, dtype=np.intp)
+
+    rng = np.random.default_rng(3)
+    for _ in range(500):
+        n = int(rng.integers(0, 40))
+        xy = rng.random((n, 2)) * 100
+        boxes = np.concatenate([xy, xy + rng.random((n, 2)) * 40 + 0.5], axis=1)
+        scores = rng.random(n).round(2)  # ties exercise the stable order
+        thr = float(rng.choice([0.0, 0.3, 0.5, 0.9]))
+        np.testing.assert_array_equal(nms(boxes, scores, thr), reference(boxes, scores, thr))
