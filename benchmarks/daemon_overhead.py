@@ -4,7 +4,8 @@
 1. **Ready time and RSS**: ``medge serve`` (child process, bundled engines,
    DICOM on, free loopback ports) from spawn to ``/readyz`` 200; RSS then
    and the peak RSS (VmHWM) after all the traffic below.
-2. **Overhead at batch 1** (closed loop, loopback): for each bundled model,
+2. **Overhead at batch 1** (closed loop, loopback; simulated ultrasound /
+   X-ray frames from :mod:`edge.simulate`): for each bundled model,
    alternating blocks (``--rounds``) of
    - *raw*: ``InferenceSession.run`` in this process on the same artifact
      and the same preprocessed tensor, with the daemon's session options
@@ -57,6 +58,7 @@ if str(ROOT) not in sys.path:
 
 from edge.manifest import default_engines_dir  # noqa: E402
 from edge.models import load_model  # noqa: E402
+from edge.simulate import make_source  # noqa: E402
 
 MODELS = ("us-lesion-seg", "xray-nodule-det")
 
@@ -142,7 +144,9 @@ class Daemon:
     def wait_ready(self, timeout: float = 60.0) -> float:
         while time.perf_counter() - self.t0 < timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"medge serve exited with {self.proc.returncode}")
+                self.log.flush()
+                tail = Path(self.log.name).read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"medge serve exited with {self.proc.returncode}:\n{tail}")
             try:
                 with urllib.request.urlopen(self.http + "/readyz", timeout=1) as r:
                     if r.status == 200:
@@ -192,13 +196,16 @@ def overhead(daemon: Daemon, engines_dir: Path, rounds: int, block: int, warmup:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.RCVTIMEO, 30_000)
     sock.connect(daemon.ingest)
-    rng = np.random.default_rng(0)
     rows = []
     try:
         for name in MODELS:
             model = load_model(name, engines_dir=engines_dir, max_batch=1)  # the daemon's session options
-            native = rng.random(model.manifest.input.size, dtype=np.float32)
-            probe = rng.integers(0, 255, (480, 640), dtype=np.uint8)
+            # realistic frames (the simulator the demo uses): random noise would make the
+            # detector's post-processing decode hundreds of spurious peaks
+            h, w = model.manifest.input.size
+            kind = "xray" if model.task == "detection" else "ultrasound"
+            native = make_source(kind, h, w, "float32", seed=0, loop=1).frame(0)
+            probe = make_source(kind, 480, 640, "uint8", seed=0, loop=1).frame(0)
             for label, img in (("256x256 float32 (model input)", native), ("480x640 uint8 (probe frame)", probe)):
                 x, _ = model.preprocess(img)
                 batch = x[None]
@@ -246,8 +253,8 @@ def stream(daemon: Daemon, seconds: float, fps: float = 30.0) -> dict[str, Any]:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.connect(daemon.ingest)
-    rng = np.random.default_rng(1)
-    frames = [rng.integers(0, 255, (480, 640), dtype=np.uint8) for _ in range(8)]
+    src = make_source("ultrasound", 480, 640, "uint8", seed=1, loop=8)
+    frames = [src.frame(k) for k in range(8)]
     sent: dict[int, int] = {}
     lat: list[float] = []
     status: dict[str, int] = {}

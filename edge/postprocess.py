@@ -71,17 +71,28 @@ def box_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Indices kept by greedy non-maximum suppression, best score first."""
+    """Indices kept by greedy non-maximum suppression, best score first.
+
+    The pairwise IoU matrix is computed once (the daemon calls this per
+    frame; candidates are capped upstream, so the matrix is small).
+    """
     order = np.argsort(-scores, kind="stable")
-    keep: list[int] = []
-    while order.size:
-        i = int(order[0])
-        keep.append(i)
-        if order.size == 1:
-            break
-        rest = order[1:]
-        order = rest[box_iou(boxes[i], boxes[rest]) <= iou]
-    return np.asarray(keep, dtype=np.intp)
+    n = order.size
+    if n <= 1:
+        return order.astype(np.intp)
+    b = np.asarray(boxes, dtype=np.float64)[order]
+    ix0 = np.maximum(b[:, None, 0], b[None, :, 0])
+    iy0 = np.maximum(b[:, None, 1], b[None, :, 1])
+    ix1 = np.minimum(b[:, None, 2], b[None, :, 2])
+    iy1 = np.minimum(b[:, None, 3], b[None, :, 3])
+    inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    ious = inter / np.maximum(area[:, None] + area[None, :] - inter, 1e-9)
+    suppressed = np.zeros(n, dtype=bool)
+    for i in range(n):
+        if not suppressed[i]:
+            suppressed[i + 1 :] |= ious[i, i + 1 :] > iou
+    return order[~suppressed].astype(np.intp)
 
 
 def _peaks(heatmap: np.ndarray) -> np.ndarray:
