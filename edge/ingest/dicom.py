@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -308,11 +309,19 @@ class DicomIngest:
             return int(self.settings.port)
         return int(self._server.server_address[1])
 
-    def close(self) -> None:
-        """Stop accepting, finish the open associations, stop the workers and the outbox."""
+    def close(self, timeout_s: float = 3.0) -> None:
+        """Stop accepting, give open associations ``timeout_s`` to finish, stop the workers and the outbox.
+
+        An association still open after that keeps its thread; whatever it
+        stores still goes to the spool and is processed at the next start.
+        """
         if self._server is not None:
+            open_assocs = list(self._server.active_associations)
             self._server.shutdown()
             self._server = None
+            deadline = time.monotonic() + timeout_s
+            for assoc in open_assocs:
+                assoc.join(max(0.0, deadline - time.monotonic()))
         if self.pipeline is not None:
             self.pipeline.close()
         if self.outbox is not None:

@@ -257,3 +257,27 @@ def test_port_in_use_is_a_clear_error(start_scp, tmp_path: Path) -> None:
     second = DicomIngest(cfg, f.FakeService(), CollectorRegistry(), cfg.spool_dir, model_info=INFOS.__getitem__)
     with pytest.raises(MedgeError, match="cannot listen"):
         second.start()
+
+
+def test_restart_after_inference_reuses_saved_results(tmp_path: Path) -> None:
+    """Crash after inference but before the series completed: the restart does not run the model again."""
+    src = tmp_path / "src"
+    files = [f.save(d, src / f"ct{i}.dcm") for i, d in enumerate(f.make_ct_series(2, 32))]
+    cfg = f.dicom_config(tmp_path, series_idle_s=3600.0)  # the series never completes in the first run
+    svc = f.FakeService()
+    first = DicomIngest(cfg, svc, CollectorRegistry(), cfg.spool_dir, model_info=INFOS.__getitem__).start()
+    try:
+        assert storescu(first.port, files).returncode == 0
+        deadline = time.monotonic() + 20
+        while len(list(first.spool.results_dir.glob("*.npz"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        first.close()
+    assert len(svc.calls) == 2 and len(first.spool.pending_instances()) == 2
+    cfg2 = f.dicom_config(tmp_path, series_idle_s=0.2)
+    refusing = f.FakeService(fail_model="us-lesion-seg")  # would fail if asked again
+    with DicomIngest(cfg2, refusing, CollectorRegistry(), cfg2.spool_dir, model_info=INFOS.__getitem__).start() as second:
+        assert second.pipeline.wait_idle(20)
+        assert refusing.calls == []
+        assert [dcmread(p).Modality for p in second.outbox.unsent_dir.glob("*.dcm")] == ["SEG"]
+        assert second.spool.pending_instances() == []
