@@ -358,7 +358,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"Config key {key}: expected a table, got {value!r}.")
-        return _build(tp, value, key)
+        return _build(typing.cast(type, tp), value, key)
     raise ConfigError(f"Config key {key}: unsupported type {_type_name(tp)}.")  # pragma: no cover
 
 
@@ -498,11 +498,11 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
             )
             models = tuple(ModelConfig(name=n) for n in found)
         for i, m in enumerate(models):
-            d = Path(m.path) if m.path else cfg.engines_dir / m.name
+            mdir = Path(m.path) if m.path else cfg.engines_dir / m.name
             _check(
-                (d / "manifest.json").is_file(),
+                (mdir / "manifest.json").is_file(),
                 f"models[{i}].name" if not m.path else f"models[{i}].path",
-                f"no manifest.json for model {m.name!r} in {d}.",
+                f"no manifest.json for model {m.name!r} in {mdir}.",
             )
     seen: set[str] = set()
     for i, m in enumerate(models):

@@ -31,8 +31,9 @@ import os
 import queue
 import threading
 import time
+import functools
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import zmq
@@ -42,15 +43,35 @@ from edge.egress.zmq import PROTOCOL_VERSION, Publisher, encode_error, encode_re
 from edge.errors import ConfigError, ProtocolError
 from edge.metrics import Metrics
 from edge.preprocess import SUPPORTED_DTYPES
-from edge.types import InferenceResult, InferenceService
+from edge.types import InferenceResult, InferenceService, ResultCallback
 
-__all__ = ["Request", "parse_header", "parse_request", "ZmqServer", "SOURCE"]
+__all__ = ["Request", "parse_header", "parse_request", "ZmqServer", "LiveService", "SOURCE"]
 
 _log = logging.getLogger(__name__)
 
 SOURCE = "zmq"
 _MAX_STREAM_CHARS = 128
 _BATCH_RECV = 256  # messages drained per poll wake-up before results get a turn
+
+
+class LiveService(InferenceService, Protocol):
+    """An :class:`~edge.types.InferenceService` whose ``submit`` takes the live-source options
+    (:class:`edge.scheduler.Scheduler`)."""
+
+    def submit(
+        self,
+        image: np.ndarray,
+        *,
+        model: str | None,
+        source: str,
+        stream: str,
+        callback: ResultCallback,
+        received_ns: int | None = None,
+        live: bool = True,
+        track_e2e: bool = True,
+    ) -> None:
+        """Queue one frame without blocking; see :meth:`edge.scheduler.Scheduler.submit`."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -196,7 +217,7 @@ class ZmqServer:
     ----------
     config : ZmqConfig
         Endpoints, limits, high-water marks, default stream.
-    service : InferenceService
+    service : LiveService
         The scheduler (``submit`` must not block for live frames).
     metrics : Metrics, optional
     context : zmq.Context, optional
@@ -211,7 +232,7 @@ class ZmqServer:
     def __init__(
         self,
         config: ZmqConfig,
-        service: InferenceService,
+        service: LiveService,
         metrics: Metrics | None = None,
         context: zmq.Context | None = None,
     ) -> None:
@@ -434,7 +455,7 @@ class ZmqServer:
                 model=req.model,
                 source=SOURCE,
                 stream=req.stream,
-                callback=lambda res, p=pending: self._on_result(p, res),
+                callback=functools.partial(self._on_result, pending),
                 received_ns=received,
                 track_e2e=False,
             )
