@@ -88,9 +88,9 @@ class LoadedModel:
     """One model, loaded on a backend, with its manifest's pre/post-processing.
 
     Use :func:`load_model` or :class:`ModelRegistry` to make one. Thread
-    safety: :meth:`run` may be called from one thread at a time per model
-    (the scheduler gives each model its own worker(s) and backends are
-    thread-safe for ``infer``; ONNX Runtime sessions are).
+    safety: :meth:`run` may be called from several threads (the scheduler's
+    workers): ONNX Runtime sessions are thread-safe, the TensorRT backend
+    serialises its calls.
 
     Attributes
     ----------

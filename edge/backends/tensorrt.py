@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -369,6 +370,7 @@ class TensorRTBackend:
             raise
         self.output_names = tuple(outs)
         self.last_timings_ms: dict[str, float] = {}
+        self._lock = threading.Lock()  # one context, one stream: one batch at a time
         _log.info("TensorRT engine %s ready (%s, %s, max batch %d).", self.plan_path.name, gpu_name, precision, max_batch)
 
     def _load_or_build(self, onnx_path: Path) -> bytes:
@@ -391,7 +393,15 @@ class TensorRTBackend:
         return plan
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Run ``[N, C, H, W]`` (N <= max_batch): H2D, execute_async_v3, D2H, one sync."""
+        """Run ``[N, C, H, W]`` (N <= max_batch): H2D, execute_async_v3, D2H, one sync.
+
+        Thread-safe (calls are serialised: the context, stream and pinned
+        buffers are shared); the GIL is released while waiting on the stream.
+        """
+        with self._lock:
+            return self._infer(batch)
+
+    def _infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         cudart = self._cudart
         n = int(batch.shape[0])
         if n > self.max_batch:
