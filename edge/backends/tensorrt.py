@@ -4,6 +4,8 @@ Written against TensorRT 10's Python API (``tensorrt.Builder``,
 ``OnnxParser``, ``BuilderFlag``, ``IExecutionContext.set_tensor_address`` and
 ``execute_async_v3``) and the CUDA runtime bindings of cuda-python
 (``cuda.bindings.runtime``, or ``cuda.cudart`` in older releases).
+TensorRT 11 removes the ``BuilderFlag.INT8``/``FP16`` weak typing used
+here, so the ``tensorrt`` extra pins ``tensorrt<11``.
 
 * **Build on the target.** A TensorRT plan is specific to the GPU, its
   compute capability and the TensorRT version, so the daemon builds it from
@@ -180,6 +182,7 @@ def build_engine(
     input_name: str,
     input_chw: tuple[int, int, int],
     max_batch: int,
+    compute_capability: tuple[int, int] = (7, 5),
     workspace_bytes: int = _WORKSPACE_BYTES,
 ) -> bytes:
     """Build a serialized TensorRT plan from an ONNX file.
@@ -204,14 +207,15 @@ def build_engine(
         raise EngineBuildError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    # platform_has_fast_fp16/int8 are deprecated since TensorRT 10.5: ask the compute capability.
     if precision == "fp16":
-        if not builder.platform_has_fast_fp16:
+        if compute_capability < (5, 3):
             raise BackendUnavailableError("This GPU has no fast FP16; choose precision = 'fp32'.")
         config.set_flag(trt.BuilderFlag.FP16)
     elif precision == "int8":
-        if not builder.platform_has_fast_int8:
+        if compute_capability < (6, 1):
             raise BackendUnavailableError("This GPU has no fast INT8; choose precision = 'fp16' or 'fp32'.")
-        config.set_flag(trt.BuilderFlag.INT8)
+        config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization: the Q/DQ nodes set the scales
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
     c, h, w = input_chw
@@ -384,6 +388,7 @@ class TensorRTBackend:
             input_name=self.input_name,
             input_chw=self._input_chw,  # type: ignore[arg-type]
             max_batch=self.max_batch,
+            compute_capability=self.key.compute_capability,
         )
         _atomic_write(self.plan_path, plan)
         _atomic_write(
