@@ -42,7 +42,7 @@ import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence, cast
 
 import numpy as np
 
@@ -271,7 +271,7 @@ class Spool:
         arrays: dict[str, np.ndarray] = {"meta": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)}
         if result.masks is not None:
             arrays["masks"] = np.ascontiguousarray(result.masks, dtype=np.uint8)
-        np.savez_compressed(buf, **arrays)
+        cast(Any, np.savez_compressed)(buf, **arrays)
         out = self.result_path(instance_path)
         atomic_write(out, [buf.getvalue()], tmp_dir=self.tmp_dir)
         return out

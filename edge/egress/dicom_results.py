@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from edge import __version__
@@ -109,12 +110,12 @@ def series_description(model: ModelInfo, kind: str) -> str:
     return text
 
 
-def _label_code(label: str) -> hd.sr.CodedConcept | object:
+def _label_code(label: str) -> Code:
     known = {"lesion": codes.SCT.Lesion, "nodule": codes.SCT.Nodule, "mass": codes.SCT.Mass}
     return known.get(label.lower(), codes.SCT.Finding)
 
 
-def _procedure(modality: str) -> object:
+def _procedure(modality: str) -> Code:
     m = modality.upper()
     if m == "US":
         return codes.SCT.DiagnosticUltrasonography
@@ -293,8 +294,8 @@ def make_segmentation(sources: Sequence[SourceResult], model: ModelInfo) -> hd.s
 
 
 # --------------------------------------------------------------------------- SR
-def _roi_groups(sources: Sequence[SourceResult], model: ModelInfo) -> list:
-    groups = []
+def _roi_groups(sources: Sequence[SourceResult], model: ModelInfo) -> list[Any]:
+    groups: list[Any] = []
     for src in sources:
         ds = src.dataset
         rows, cols = int(ds.Rows), int(ds.Columns)
@@ -463,8 +464,8 @@ def make_overlay(source: Dataset, frame_pixels: np.ndarray, result: SourceResult
         series_description=series_description(model, "overlay"),
     )
     sc.BurnedInAnnotation = "YES"  # the result is drawn into the pixels
-    orientation = list(getattr(source, "PatientOrientation", []) or [])
-    sc.PatientOrientation = orientation if len(orientation) == 2 else ""  # Type 2: empty when unknown
+    src_orientation = list(getattr(source, "PatientOrientation", []) or [])
+    sc.PatientOrientation = src_orientation if len(src_orientation) == 2 else []  # Type 2: empty when unknown
     if "Laterality" not in sc:
         sc.Laterality = getattr(source, "Laterality", "") or ""  # General Series: Type 2C
     return sc

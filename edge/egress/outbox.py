@@ -333,7 +333,7 @@ class Outbox:
         ae.network_timeout = self.network_timeout_s
         ae.acse_timeout = self.network_timeout_s
         ae.connection_timeout = min(10.0, self.network_timeout_s)
-        contexts = {}
+        contexts: dict[str, list[str]] = {}
         for _p, ds in items:
             sop = str(ds.SOPClassUID)
             ts = str(ds.file_meta.TransferSyntaxUID)

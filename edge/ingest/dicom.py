@@ -60,7 +60,6 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
 
 from edge.egress.dicom_results import ModelInfo
 from edge.egress.outbox import Outbox, get_or_create_metric
@@ -114,6 +113,7 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     RLELossless,
 )
 
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210
@@ -267,7 +267,7 @@ class DicomIngest:
         ae.require_called_aet = True  # a peer calling another AE title is misconfigured: reject, don't guess
         if self.allowed:
             ae.require_calling_aet = list(self.allowed)
-        ae.add_supported_context(Verification)
+        ae.add_supported_context(VERIFICATION_SOP_CLASS)
         for uid in STORAGE_SOP_CLASSES.values():
             ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
         return ae
@@ -278,7 +278,7 @@ class DicomIngest:
         if self.pipeline is not None:
             self.pipeline.recover()
             self.pipeline.start()
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
