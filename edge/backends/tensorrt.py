@@ -357,13 +357,16 @@ class TensorRTBackend:
         self.output_names: tuple[str, ...] = ()
         outs: list[str] = []
         try:
-            for i in range(self._engine.num_io_tensors):
-                tname = self._engine.get_tensor_name(i)
+            names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+            modes = {n: self._engine.get_tensor_mode(n) for n in names}
+            # input shapes first: output shapes are only known once every input shape is set
+            for tname in names:
+                if modes[tname] == trt.TensorIOMode.INPUT:
+                    self._context.set_input_shape(tname, (self.max_batch, *self._input_chw))
+            for tname in names:
                 dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(tname)))
-                is_input = self._engine.get_tensor_mode(tname) == trt.TensorIOMode.INPUT
-                if is_input:
+                if modes[tname] == trt.TensorIOMode.INPUT:
                     shape = (self.max_batch, *self._input_chw)
-                    self._context.set_input_shape(tname, shape)
                 else:
                     outs.append(tname)
                     shape = tuple(self._context.get_tensor_shape(tname))
