@@ -103,8 +103,6 @@ def send_paths(
             pairs.append((sop, ts))
     if len(pairs) > 128:
         raise MedgeError(f"{len(pairs)} distinct SOP class/transfer syntax pairs; one association carries at most 128.")
-    # Send files as stored: pynetdicom otherwise decodes and re-encodes a dataset given by path.
-    _config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.requested_contexts = [build_context(sop, ts) for sop, ts in pairs]
@@ -114,6 +112,9 @@ def send_paths(
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted or unreachable"
         raise ProtocolError("association", f"Association with {called_ae} at {host}:{port} was {why}.")
+    # Send files as stored: pynetdicom otherwise decodes and re-encodes a dataset given by path.
+    # (A process-wide pynetdicom setting; restored afterwards.)
+    chunked, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
     try:
         for f, _sop, _ts in files:
             try:
@@ -132,6 +133,7 @@ def send_paths(
             if not assoc.is_established:
                 break
     finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
         if assoc.is_established:
             assoc.release()
     report.seconds = time.perf_counter() - t0

@@ -73,7 +73,6 @@ def pyscu_store(port: int, items: list[Path], calling: str = "PYSCU") -> list[in
     """Send files as stored (no decode) with pynetdicom's SCU; returns the statuses."""
     from pynetdicom import _config
 
-    _config.STORE_SEND_CHUNKED_DATASET = True  # raw bytes from the file, as edge.dicom_send does
     pairs = []
     for p in items:
         meta = pydicom.filereader.read_file_meta_info(p)
@@ -84,9 +83,11 @@ def pyscu_store(port: int, items: list[Path], calling: str = "PYSCU") -> list[in
     ae.requested_contexts = [build_context(s, t) for s, t in pairs] + [build_context(Verification)]
     assoc = ae.associate("127.0.0.1", port, ae_title="MEDGE")
     assert assoc.is_established
+    chunked, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True  # raw bytes, as sent
     try:
         return [int(assoc.send_c_store(p).Status) for p in items]
     finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
         assoc.release()
 
 
