@@ -45,11 +45,12 @@ from edge.metrics import Metrics
 from edge.preprocess import SUPPORTED_DTYPES
 from edge.types import InferenceResult, InferenceService, ResultCallback
 
-__all__ = ["Request", "parse_header", "parse_request", "ZmqServer", "LiveService", "SOURCE"]
+__all__ = ["Request", "parse_header", "parse_request", "ZmqServer", "LiveService", "SOURCE", "MAX_HEADER_BYTES"]
 
 _log = logging.getLogger(__name__)
 
 SOURCE = "zmq"
+MAX_HEADER_BYTES = 65536
 _MAX_STREAM_CHARS = 128
 _BATCH_RECV = 256  # messages drained per poll wake-up before results get a turn
 
@@ -101,6 +102,8 @@ def parse_header(frame: bytes | memoryview) -> dict[str, Any]:
 
 
 def _decode_header(frame: bytes | memoryview) -> dict[str, Any]:
+    if memoryview(frame).nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError("bad_header", f"The header frame is larger than {MAX_HEADER_BYTES} bytes.")
     try:
         hdr = json.loads(bytes(frame).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

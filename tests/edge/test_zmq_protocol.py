@@ -176,6 +176,7 @@ MALFORMED = [
     ("negative shape", [json.dumps({"v": 1, "id": "ng", "dtype": "uint8", "shape": [-4, 4]}).encode(), b""], "bad_shape"),
     ("1-D shape", [json.dumps({"v": 1, "id": "1d", "dtype": "uint8", "shape": [16]}).encode(), b"\0" * 16], "bad_shape"),
     ("string stream", _request("st", np.zeros((4, 4), np.uint8), stream=5), "bad_header"),
+    ("oversized header", [json.dumps({"v": 1, "pad": "x" * 70000}).encode(), b""], "bad_header"),
 ]
 
 
