@@ -6,6 +6,9 @@ answers at once, ``/readyz`` says 503); load, verify and warm up every
 model; start the scheduler; bind the ZeroMQ sockets; start the DICOM SCP
 (``[dicom] enabled``); then ``/readyz`` answers 200.
 
+Under systemd (``Type=notify``) it sends ``READY=1`` once ready and
+``STOPPING=1`` when it starts shutting down.
+
 Shutdown on SIGTERM or SIGINT, within ``shutdown_timeout_s`` plus about a
 second: stop accepting (new ZeroMQ requests are answered ``overloaded``),
 stop the DICOM side, let the scheduler answer every accepted frame, send
@@ -26,7 +29,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -41,7 +46,7 @@ from edge.metrics import Metrics
 from edge.models import ModelRegistry
 from edge.scheduler import Scheduler
 
-__all__ = ["Daemon", "configure_parser", "run"]
+__all__ = ["Daemon", "configure_parser", "run", "sd_notify"]
 
 _log = logging.getLogger(__name__)
 
@@ -171,6 +176,23 @@ class Daemon:
         self.close()
 
 
+def sd_notify(message: str) -> bool:
+    """Tell systemd (``Type=notify``) about our state, e.g. ``READY=1``; a no-op elsewhere."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):  # abstract namespace
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(addr)
+            sock.sendall(message.encode("utf-8"))
+    except OSError as exc:
+        _log.warning("sd_notify(%s) failed: %s", message, exc)
+        return False
+    return True
+
+
 def _start_dicom(cfg: MedgeConfig, service: Scheduler, registry: CollectorRegistry) -> Any:
     """Start the DICOM side through ``edge.ingest.dicom.start_dicom`` where it is installed."""
     if importlib.util.find_spec("edge.ingest.dicom") is None:
@@ -217,7 +239,9 @@ def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _on_signal)
     with Daemon(config):
+        sd_notify("READY=1")
         while not stop.wait(0.5):
             pass
         _log.info("%s received; shutting down.", received[0] if received else "stop")
+        sd_notify("STOPPING=1")
     return 0

@@ -274,3 +274,16 @@ def test_serve_check(tmp_path: Path, fixture_engines: Path, capsys: pytest.Captu
     assert main(["serve", "--config", str(cfg), "--check"]) == 0
     out = capsys.readouterr().out
     assert "tiny-seg v1: segmentation, onnxruntime, int8" in out and "configuration OK" in out
+
+
+def test_sd_notify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge.serve import sd_notify
+
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert sd_notify("READY=1") is False
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as srv:
+        srv.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        assert sd_notify("READY=1") is True
+        assert srv.recv(100) == b"READY=1"
