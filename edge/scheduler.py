@@ -263,12 +263,12 @@ class Scheduler:
         """Refuse new frames (``overloaded``); queued frames still run."""
         self._accepting = False
 
-    def close(self, timeout_s: float = 4.0) -> None:
+    def close(self, timeout_s: float = 4.0, grace_s: float = 1.0) -> None:
         """Stop accepting, run what is queued, stop the workers.
 
         Frames still queued when ``timeout_s`` runs out are answered
         ``dropped`` (reason ``shutdown``) so every accepted frame is answered;
-        a batch already inside the backend gets up to one more second.
+        a batch already inside the backend gets up to ``grace_s`` more.
         """
         self._accepting = False
         self._stopping = True
@@ -287,7 +287,7 @@ class Scheduler:
             for job in left:
                 self._answer_dropped(q, job, reason="shutdown")
         # A batch already inside the backend cannot be interrupted; give it a short grace.
-        grace = time.monotonic() + 1.0
+        grace = time.monotonic() + grace_s
         for q in self._queues.values():
             for t in q.threads:
                 t.join(timeout=max(0.0, grace - time.monotonic()))

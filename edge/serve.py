@@ -154,10 +154,12 @@ class Daemon:
                 self.dicom.close()
             except Exception:  # error boundary of shutdown: the rest must still close
                 _log.exception("Closing the DICOM side failed.")
+        # Budget: queued frames get what is left minus 2 s; a batch inside the backend 0.8 s
+        # more; the last replies up to budget - 0.6 s; then a 0.5 s socket linger.
         if self.scheduler is not None:
-            self.scheduler.close(timeout_s=max(0.5, budget - 1.0 - (time.monotonic() - t0)))
+            self.scheduler.close(timeout_s=max(0.3, budget - 2.0 - (time.monotonic() - t0)), grace_s=0.8)
         if self.zmq is not None:
-            self.zmq.close(timeout_s=max(0.5, budget - (time.monotonic() - t0)))
+            self.zmq.close(timeout_s=max(0.3, budget - 0.6 - (time.monotonic() - t0)))
         if self.health is not None:
             self.health.close()
         self.models.close()

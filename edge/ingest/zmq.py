@@ -266,7 +266,7 @@ class ZmqServer:
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.RCVHWM, self._cfg.hwm)
         router.setsockopt(zmq.SNDHWM, self._cfg.hwm)
-        router.setsockopt(zmq.LINGER, 1000)
+        router.setsockopt(zmq.LINGER, 500)
         try:
             router.bind(self._cfg.ingest)
         except zmq.ZMQError as exc:
@@ -297,7 +297,7 @@ class ZmqServer:
         self._wake()
         stuck = False
         if self._thread is not None:
-            self._thread.join(timeout=timeout_s + 1.5)
+            self._thread.join(timeout=timeout_s + 0.5)
             stuck = self._thread.is_alive()
         if stuck:
             _log.error("The ZeroMQ I/O thread did not stop; closing its sockets forcibly.")
@@ -364,7 +364,7 @@ class ZmqServer:
                 except BlockingIOError:
                     pass
             self._send_results()
-        router.close(linger=1000)
+        router.close(linger=500)
         self._pub.close()
 
     def _send_results(self) -> None:
