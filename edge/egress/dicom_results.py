@@ -466,8 +466,11 @@ def make_overlay(source: Dataset, frame_pixels: np.ndarray, result: SourceResult
     sc.BurnedInAnnotation = "YES"  # the result is drawn into the pixels
     src_orientation = list(getattr(source, "PatientOrientation", []) or [])
     sc.PatientOrientation = src_orientation if len(src_orientation) == 2 else []  # Type 2: empty when unknown
-    if "Laterality" not in sc:
-        sc.Laterality = getattr(source, "Laterality", "") or ""  # General Series: Type 2C
+    if getattr(source, "BodyPartExamined", ""):
+        sc.BodyPartExamined = source.BodyPartExamined  # lets a validator decide whether Laterality applies
+    if "Laterality" not in sc and (getattr(source, "Laterality", "") or "BodyPartExamined" not in sc):
+        # General Series: Type 2C (paired body parts); empty when the source does not say.
+        sc.Laterality = getattr(source, "Laterality", "") or ""
     return sc
 
 
