@@ -367,13 +367,17 @@ class DicomIngest:
             return STATUS_CANNOT_UNDERSTAND
         model = self.router.match(info)
         if model is None:
+            # Label by the negotiated SOP class (one of ours, so a bounded set), not the peer's data;
+            # Modality is logged only when it is a short code.
+            sop = str(event.context.abstract_syntax)
+            modality = info.modality if info.modality.isalnum() and len(info.modality) <= 16 else "?"
             if self.settings.unrouted == "reject":
-                _log.info("Refused an instance of SOP class %s (modality %s): no route.", info.sop_class_uid, info.modality)
-                self._unrouted.labels(sop_class_uid=info.sop_class_uid, action="reject").inc()
+                _log.info("Refused an instance of SOP class %s (modality %s): no route.", sop, modality)
+                self._unrouted.labels(sop_class_uid=sop, action="reject").inc()
                 self._refused.labels(status=f"0x{STATUS_SOP_CLASS_NOT_SUPPORTED:04X}").inc()
                 return STATUS_SOP_CLASS_NOT_SUPPORTED
-            _log.info("Accepted an instance of SOP class %s (modality %s): no route, not stored.", info.sop_class_uid, info.modality)
-            self._unrouted.labels(sop_class_uid=info.sop_class_uid, action="accept").inc()
+            _log.info("Accepted an instance of SOP class %s (modality %s): no route, not stored.", sop, modality)
+            self._unrouted.labels(sop_class_uid=sop, action="accept").inc()
             self._received.labels(calling_ae=self._calling_label(event.assoc.requestor.ae_title)).inc()
             return STATUS_SUCCESS
         try:
