@@ -282,3 +282,23 @@ def test_restart_after_inference_reuses_saved_results(tmp_path: Path) -> None:
         assert refusing.calls == []
         assert [dcmread(p).Modality for p in second.outbox.unsent_dir.glob("*.dcm")] == ["SEG"]
         assert second.spool.pending_instances() == []
+
+
+def test_concurrent_associations_each_get_their_series(start_scp, tmp_path: Path) -> None:
+    ing, svc, reg = start_scp(max_associations=4)
+    batches = []
+    for b in range(3):
+        batches.append([f.save(d, tmp_path / f"s{b}" / f"{i}.dcm") for i, d in enumerate(f.make_ct_series(4, 32, seed=b))])
+    procs = [
+        subprocess.Popen(
+            [STORESCU, "-aet", "MODALITY", "-aec", "MEDGE", "127.0.0.1", str(ing.port), *map(str, files)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        for files in batches
+    ]
+    assert [p.wait(60) for p in procs] == [0, 0, 0]
+    assert metric(reg, "medge_dicom_instances_received_total", calling_ae="MODALITY") == 12
+    assert ing.pipeline.wait_idle(30)
+    segs = [dcmread(p) for p in ing.outbox.unsent_dir.glob("*.dcm")]
+    assert sorted(len(s.ReferencedSeriesSequence[0].ReferencedInstanceSequence) for s in segs) == [4, 4, 4]
+    assert len(svc.calls) == 12
