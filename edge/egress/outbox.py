@@ -179,6 +179,8 @@ class Outbox:
         self.tmp_dir = self.root / "tmp"
         for d in (self.pending_root, self.dead_root, self.unsent_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
+        for stale in self.tmp_dir.iterdir():  # half-written by a crash; the source is still in the spool
+            stale.unlink()
         for dest in self.destinations:
             (self.pending_root / dest.name).mkdir(exist_ok=True)
             (self.dead_root / dest.name).mkdir(exist_ok=True)
