@@ -195,6 +195,7 @@ class FakeService:
         self._models = models
         self.fail_model = fail_model
         self.calls: list[tuple[str, tuple[int, ...], str]] = []
+        self.images: list[np.ndarray] = []
         self._lock = threading.Lock()
 
     def models(self):
@@ -222,6 +223,7 @@ class FakeService:
 
         with self._lock:
             self.calls.append((model, tuple(np.shape(image)), source))
+            self.images.append(np.array(image, copy=True))
         if model == self.fail_model:
             return InferenceResult(status="error", model=model, error_code="internal", error_message="fake failure")
         out = self.expected(image, model)

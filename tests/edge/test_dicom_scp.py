@@ -302,3 +302,17 @@ def test_concurrent_associations_each_get_their_series(start_scp, tmp_path: Path
     segs = [dcmread(p) for p in ing.outbox.unsent_dir.glob("*.dcm")]
     assert sorted(len(s.ReferencedSeriesSequence[0].ReferencedInstanceSequence) for s in segs) == [4, 4, 4]
     assert len(svc.calls) == 12
+
+
+def test_monochrome1_and_rescale_reach_the_model_in_display_order(start_scp, tmp_path: Path) -> None:
+    ing, svc, _reg = start_scp()
+    raw = (np.arange(32 * 40).reshape(32, 40) % 1000).astype(np.uint16)
+    cr = f.make_cr(raw)
+    cr.PhotometricInterpretation = "MONOCHROME1"  # higher value = darker, as many CR plates store it
+    cr.RescaleSlope, cr.RescaleIntercept = 2, -100
+    assert storescu(ing.port, [f.save(cr, tmp_path / "cr_m1.dcm")]).returncode == 0
+    assert ing.pipeline.wait_idle(20)
+    (seen,) = svc.images
+    modality = raw.astype(np.float32) * 2 - 100
+    # Inverted so that higher always means brighter, in modality units.
+    assert np.allclose(seen, modality.max() + modality.min() - modality)
