@@ -298,15 +298,17 @@ def stream(daemon: Daemon, seconds: float, fps: float = 30.0) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engines-dir", type=Path, default=default_engines_dir())
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--block", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=150, help="raw/e2e alternations per model and input")
+    ap.add_argument("--block", type=int, default=10, help="iterations per block (small: both sides see the same load)")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--stream-s", type=float, default=60.0)
     ap.add_argument("--quick", action="store_true", help="short smoke run (not for the record)")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
     if args.quick:
-        args.rounds, args.block, args.warmup, args.stream_s = 3, 30, 10, 5.0
+        args.rounds, args.block, args.warmup, args.stream_s = 10, 10, 10, 5.0
+    # a SIGTERM (timeout, CI) must still stop the daemon child: run the finally blocks
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     machine = _machine()
     date = dt.datetime.now(dt.timezone.utc)
     result: dict[str, Any] = {"date_utc": date.isoformat(timespec="seconds"), "machine": machine, "quick": args.quick}
@@ -368,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         f"**{rss_ready / 2**20:.0f} MiB** at ready, peak **{rss_peak / 2**20:.0f} MiB** after the runs below",
         f"- SIGTERM: exit {rc} in {stop_s:.2f} s",
         "",
-        "## Overhead at batch 1 (closed loop, loopback; raw and e2e blocks alternate)",
+        f"## Overhead at batch 1 (closed loop, loopback; raw and e2e alternate in blocks of {args.block}, {args.rounds} rounds)",
         "",
         "| model | precision | input | raw p50 / p99 ms | e2e p50 / p99 ms | overhead p50 / p99 ms | raw is |",
         "| --- | --- | --- | --- | --- | --- | --- |",
