@@ -96,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.log_level != "DEBUG":
+        # Both log every association / every object they build at INFO; too chatty for a daemon.
+        for noisy in ("pynetdicom", "highdicom"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(_load(args.command).run(args) or 0)
     except MedgeError as exc:
