@@ -176,16 +176,25 @@ def _request(i: int, img: np.ndarray, model: str, stream: str = "bench") -> list
     return [json.dumps(hdr).encode(), img]
 
 
-def _e2e_block(sock: zmq.Socket, img: np.ndarray, model: str, n: int, start_id: int) -> list[float]:
+def _e2e_block(
+    sock: zmq.Socket, img: np.ndarray, model: str, n: int, start_id: int, stages: dict[str, list[int]] | None = None
+) -> list[float]:
     out = []
     for k in range(n):
         t = time.perf_counter_ns()
         sock.send_multipart(_request(start_id + k, img, model), copy=False)
         frames = sock.recv_multipart()
-        out.append((time.perf_counter_ns() - t) / 1e6)
+        e2e_ns = time.perf_counter_ns() - t
+        out.append(e2e_ns / 1e6)
         hdr = json.loads(frames[0])
         if hdr["status"] != "ok":
             raise RuntimeError(f"reply not ok: {hdr}")
+        if stages is not None:
+            for key, us in hdr["timing_us"].items():
+                stages.setdefault(key, []).append(int(us))
+            # client-measured time outside the daemon's receipt-to-result span: ZeroMQ both ways,
+            # the result hand-off to the I/O thread, reply encoding
+            stages.setdefault("transport", []).append(e2e_ns // 1000 - int(hdr["timing_us"]["total"]))
     return out
 
 
@@ -212,6 +221,7 @@ def overhead(daemon: Daemon, engines_dir: Path, rounds: int, block: int, warmup:
                 raw_fn = (lambda: model.run([img])) if full else (lambda: model.backend.infer(batch))
                 raw_ms: list[float] = []
                 e2e_ms: list[float] = []
+                stages: dict[str, list[int]] = {}
                 for _ in range(warmup):
                     raw_fn()
                 _e2e_block(sock, img, name, warmup, 0)
@@ -220,7 +230,7 @@ def overhead(daemon: Daemon, engines_dir: Path, rounds: int, block: int, warmup:
                         t = time.perf_counter_ns()
                         raw_fn()
                         raw_ms.append((time.perf_counter_ns() - t) / 1e6)
-                    e2e_ms += _e2e_block(sock, img, name, block, r * block)
+                    e2e_ms += _e2e_block(sock, img, name, block, r * block, stages)
                 raw, e2e = _summary(raw_ms), _summary(e2e_ms)
                 rows.append(
                     {
@@ -232,6 +242,7 @@ def overhead(daemon: Daemon, engines_dir: Path, rounds: int, block: int, warmup:
                         "e2e": e2e,
                         "overhead_p50_ms": round(e2e["p50_ms"] - raw["p50_ms"], 4),
                         "overhead_p99_ms": round(e2e["p99_ms"] - raw["p99_ms"], 4),
+                        "server_stages_p50_us": {k: int(np.median(v)) for k, v in stages.items()},
                     }
                 )
                 print(
@@ -372,14 +383,16 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"## Overhead at batch 1 (closed loop, loopback; raw and e2e alternate in blocks of {args.block}, {args.rounds} rounds)",
         "",
-        "| model | precision | input | raw p50 / p99 ms | e2e p50 / p99 ms | overhead p50 / p99 ms | raw is |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | precision | input | raw p50 / p99 ms | e2e p50 / p99 ms | overhead p50 / p99 ms | raw is | median µs: queue / pre / infer / post / transport |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         md.append(
             f"| {r['model']} | {r['precision']} | {r['input']} | {r['raw']['p50_ms']:.3f} / {r['raw']['p99_ms']:.3f} | "
             f"{r['e2e']['p50_ms']:.3f} / {r['e2e']['p99_ms']:.3f} | **{r['overhead_p50_ms']:+.3f} / "
-            f"{r['overhead_p99_ms']:+.3f}** | {r['raw_is']} |"
+            f"{r['overhead_p99_ms']:+.3f}** | {r['raw_is']} | "
+            + " / ".join(str(r["server_stages_p50_us"].get(k, "")) for k in ("queue", "preprocess", "infer", "postprocess", "transport"))
+            + " |"
         )
     md += [
         "",
