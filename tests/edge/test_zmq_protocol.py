@@ -257,3 +257,50 @@ def test_bundled_models_over_the_wire_match_in_process(ctx: zmq.Context) -> None
                         assert [b["label"] for b in hdr["boxes"]] == [b.label for b in ref.boxes]
                         for got, exp in zip(hdr["boxes"], ref.boxes):
                             assert abs(got["x0"] - exp.x0) < 0.5 and abs(got["y1"] - exp.y1) < 0.5
+
+
+def test_ingest_never_waits_on_inference(fixture_engines: Path, ctx: zmq.Context) -> None:
+    """While a slow batch runs, the I/O thread keeps receiving, answering errors and shedding."""
+    from prometheus_client import CollectorRegistry
+
+    from edge.config import SchedulerConfig, ZmqConfig
+    from edge.ingest.zmq import ZmqServer
+    from edge.manifest import Manifest
+    from edge.metrics import Metrics
+    from edge.models import LoadedModel, ModelRegistry
+    from edge.scheduler import Scheduler
+
+    class Slow:
+        name, precision, max_batch = "slow", "fp32", 1
+
+        def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+            time.sleep(0.5)  # releases the GIL, like ONNX Runtime
+            return {"logits": np.zeros((batch.shape[0], 1, 64, 64), np.float32)}
+
+        def close(self) -> None:
+            pass
+
+    models = ModelRegistry({"tiny-seg": LoadedModel(Manifest.load(fixture_engines / "tiny-seg"), Slow())})
+    metrics = Metrics(CollectorRegistry(), process=False)
+    cfg = ZmqConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*")
+    with Scheduler(models, SchedulerConfig(max_batch=1, stream_backlog=1), metrics) as sched:
+        with ZmqServer(cfg, sched, metrics) as srv:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.RCVTIMEO, 10_000)
+            sock.connect(srv.ingest_endpoint)
+            img = np.zeros((64, 64), np.uint8)
+            t0 = time.perf_counter()
+            sock.send_multipart(_request("slow-1", img))  # occupies the worker for 0.5 s
+            time.sleep(0.05)
+            sock.send_multipart(_request("slow-2", img))  # waits
+            sock.send_multipart(_request("slow-3", img))  # sheds slow-2 (backlog 1)
+            sock.send_multipart([b"not json"])
+            order = []
+            for _ in range(4):
+                hdr = json.loads(sock.recv_multipart()[0])
+                order.append((hdr["id"], hdr["status"], time.perf_counter() - t0))
+            sched.stop_accepting()
+    first_two = {(i, s) for i, s, _ in order[:2]}
+    assert first_two == {(None, "error"), ("slow-2", "dropped")}
+    assert all(t < 0.4 for _, _, t in order[:2]), order  # answered while the slow batch ran
+    assert [(i, s) for i, s, _ in order[2:]] == [("slow-1", "ok"), ("slow-3", "ok")]
