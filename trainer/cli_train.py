@@ -37,6 +37,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--patience", type=int, default=6, help="early stopping: epochs without improvement")
     p.add_argument("--base", type=int, default=16, help="channels at full resolution")
+    p.add_argument("--input-size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"), help="model input size")
+    p.add_argument("--crop", type=int, default=None, help="train on random crops of this size (segmentation)")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"], help="bfloat16 autocast on CPU")
     p.add_argument("--init", default=None, metavar="CHECKPOINT", help="fine-tune from this checkpoint")
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         task=args.task, out_dir=args.out, data=args.data, val_data=args.val_data, n_train=args.n_train,
         n_val=args.n_val, data_seed=args.data_seed, seed=args.seed, epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-        base=args.base, augment=not args.no_augment, amp=args.amp, init=args.init,
+        base=args.base, input_size=tuple(args.input_size), crop=args.crop, augment=not args.no_augment, amp=args.amp, init=args.init,
         freeze_encoder=args.freeze_encoder, max_minutes=args.max_minutes, threads=args.threads,
         progress=not args.no_progress,
     )

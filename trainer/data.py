@@ -73,7 +73,7 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 #: Bump when a generator changes its pixels (invalidates caches).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 US_SHAPE = (480, 640)
 XRAY_SHAPE = (512, 512)
 #: Ultrasound frames are uint8 B-mode: a fixed scale keeps the gain visible to the model.
@@ -208,11 +208,11 @@ def make_ultrasound(rng: np.random.Generator, shape: tuple[int, int] = US_SHAPE)
         # Soft margin: echogenicity ramps over a few pixels around the border.
         ramp = np.clip((border - rho) * size / rng.uniform(2.0, 5.0), 0, 1)
         if kind == "cyst":
-            factor, texture = rng.uniform(0.03, 0.12), 0.2
+            factor, texture = rng.uniform(0.02, 0.08), 0.2
         elif kind == "hypo":
-            factor, texture = rng.uniform(0.2, 0.45), 0.35
+            factor, texture = rng.uniform(0.12, 0.35), 0.35
         else:
-            factor, texture = rng.uniform(1.9, 3.0), 0.3
+            factor, texture = rng.uniform(2.6, 4.0), 0.3
         inner = factor * np.exp(texture * _smooth_field(rng, shape, 10))
         echo = echo * (1 - ramp) + echo * inner * ramp
         # Posterior acoustic effect: everything deeper along the same beams.
@@ -341,9 +341,9 @@ def make_xray(rng: np.random.Generator, shape: tuple[int, int] = XRAY_SHAPE) -> 
     # Clavicles.
     for side in (-1.0, 1.0):
         dxs = side * (u - cxn)
-        curve = rng.uniform(0.1, 0.13) + 0.25 * (dxs - 0.05) ** 2 - 0.05 * dxs
-        d = np.abs(v - curve) / 0.016
-        mu = mu + 0.3 * ((d < 1) & (dxs > 0.04) & (dxs < 0.3)) * (0.7 + 0.3 * d**2)
+        curve = rng.uniform(0.12, 0.15) - 0.12 * dxs + 0.9 * np.clip(dxs - 0.2, 0, None) ** 2
+        d = np.abs(v - curve) / rng.uniform(0.013, 0.017)
+        mu = mu + 0.3 * ((d < 1) & (dxs > 0.03) & (dxs < 0.32)) * (0.7 + 0.3 * d**2)
 
     # Vessel / interstitial texture inside the lungs.
     vessels = np.abs(_smooth_field(rng, shape, 6)) * np.clip(_smooth_field(rng, shape, 24), 0, None)
@@ -367,7 +367,7 @@ def make_xray(rng: np.random.Generator, shape: tuple[int, int] = XRAY_SHAPE) -> 
                 break
         else:
             continue
-        contrast = float(rng.uniform(0.12, 0.4))
+        contrast = float(rng.uniform(0.2, 0.5))
         y_lo, y_hi = int(max(0, ny - 2 * rad)), int(min(h, ny + 2 * rad + 1))
         x_lo, x_hi = int(max(0, nx - 2 * rad)), int(min(w, nx + 2 * rad + 1))
         sub_y, sub_x = yy[y_lo:y_hi, x_lo:x_hi], xx[y_lo:y_hi, x_lo:x_hi]

@@ -1,0 +1,63 @@
+"""ONNX export: opset, dynamic batch, parity with PyTorch, FP16, manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from edge.errors import ModelError  # noqa: E402
+from edge.manifest import InputSpec, Manifest  # noqa: E402
+from trainer.evaluate import onnx_runner  # noqa: E402
+from trainer.export import check_parity, convert_fp16, export_checkpoint, export_onnx  # noqa: E402
+from trainer.models import CenterNet  # noqa: E402
+
+SPEC = InputSpec(size=(64, 64))
+
+
+def test_export_dynamic_batch_and_parity(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = CenterNet(base=4).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", "detection", SPEC)
+    proto = onnx.load(str(path))
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+    assert [o.name for o in proto.graph.output] == ["heatmap", "size", "offset"]
+    out = onnx_runner(path)(np.zeros((3, 1, 64, 64), np.float32))
+    assert out["heatmap"].shape == (3, 1, 16, 16)
+    assert check_parity(model, path, SPEC) < 1e-3
+    with pytest.raises(ModelError, match="differs from PyTorch"):
+        check_parity(model, path, SPEC, atol=-1.0)  # an impossible tolerance must refuse
+
+
+def test_fp16_keeps_float32_io_and_tracks_fp32(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = CenterNet(base=4).eval()
+    fp32 = export_onnx(model, tmp_path / "m.onnx", "detection", SPEC)
+    fp16 = convert_fp16(fp32, tmp_path / "m.fp16.onnx")
+    x = np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32)
+    a, b = onnx_runner(fp32)(x), onnx_runner(fp16)(x)
+    for k in a:
+        assert b[k].dtype == np.float32
+        np.testing.assert_allclose(a[k], b[k], atol=2e-2)
+    assert fp16.stat().st_size < fp32.stat().st_size * 0.7
+
+
+def test_export_checkpoint_writes_verified_manifest(tmp_path: Path, seg_checkpoint: Path) -> None:
+    out = tmp_path / "eng"
+    man = export_checkpoint(seg_checkpoint, out, "tiny-seg", heldout_n=3, val_n=3)
+    again = Manifest.load(out)
+    assert again.task == "segmentation" and again.labels == ("lesion",)
+    assert set(again.artifacts) == {"fp32", "fp16"}
+    for prec in again.artifacts:
+        again.artifact_path(prec, verify=True)
+    assert {"dice", "iou"} <= set(again.metrics["fp32"])
+    tr = again.training
+    assert tr["checkpoint"]["path"] == "model.pt" and (out / "model.pt").is_file()
+    assert tr["heldout"]["seed"] == 1000 and tr["data_seed"] == 1 and tr["code_version"]
+    assert "NOT FOR CLINICAL USE" in again.intended_use and again.research_only
+    assert man.input.size == (64, 64)

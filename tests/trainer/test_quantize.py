@@ -1,0 +1,89 @@
+"""INT8 Q/DQ: format, calibration from training data, and the accuracy gate refusing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("torch")
+
+from edge.cli import main as medge  # noqa: E402
+from edge.errors import DataError  # noqa: E402
+from edge.manifest import Manifest  # noqa: E402
+from trainer.export import export_checkpoint  # noqa: E402
+from trainer.quantize import GateRefused, quantize_engine, quantize_int8, quantize_with_gate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def det_engine(tmp_path_factory: pytest.TempPathFactory, det_checkpoint: Path) -> Path:
+    out = tmp_path_factory.mktemp("det-engine")
+    export_checkpoint(det_checkpoint, out, "tiny-det", fp16=False, heldout_n=3, val_n=3)
+    return out
+
+
+def _zero_points(path: Path) -> list[np.ndarray]:
+    m = onnx.load(str(path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+    return [inits[n.input[2]] for n in m.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+
+
+@pytest.mark.parametrize("act", ["int8", "uint8"])
+def test_qdq_format(tmp_path: Path, det_engine: Path, act: str) -> None:
+    calib = np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32)
+    out = quantize_int8(det_engine / "model.onnx", tmp_path / "q.onnx", calib, activation_type=act)
+    m = onnx.load(str(out))
+    ops = {n.op_type for n in m.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops  # explicit Q/DQ around float ops
+    zps = _zero_points(out)
+    assert zps and all(z.dtype == (np.int8 if act == "int8" else np.uint8) for z in zps)
+    if act == "int8":
+        assert all(int(np.abs(z).max()) == 0 for z in zps)  # symmetric: zero point 0 (TensorRT)
+    inits = {i.name: i for i in m.graph.initializer}
+    w = [inits[n.input[0]] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight_quantized")]
+    assert w and all(t.data_type == onnx.TensorProto.INT8 for t in w)
+    scales = [inits[n.input[1]] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight_quantized")]
+    assert any(len(s.dims) == 1 and s.dims[0] > 1 for s in scales)  # per-channel
+
+
+def test_zero_size_calibration_set_is_a_clear_error(tmp_path: Path, det_engine: Path) -> None:
+    with pytest.raises(DataError, match="size zero"):
+        quantize_int8(det_engine / "model.onnx", tmp_path / "q.onnx", np.zeros((0, 1, 64, 64), np.float32))
+    with pytest.raises(DataError, match="size 0"):
+        quantize_engine(det_engine, calib_n=0)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_gate_refuses_and_writes_nothing(tmp_path: Path, det_engine: Path) -> None:
+    calib = np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32)
+    target = tmp_path / "int8.onnx"
+    scores = iter([0.9, 0.5])  # FP32, then INT8: a 0.4 drop
+    with pytest.raises(GateRefused, match=r"0\.4000 below FP32 .* refusing to write"):
+        quantize_with_gate(det_engine / "model.onnx", target, calib, lambda p: next(scores), "map50", 0.02)
+    assert not target.exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_gate_refuses_broken_calibration(det_engine: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A deliberately broken calibration (one sample, absurd threshold) is refused: exit 3, no artifact."""
+    before = (det_engine / "manifest.json").read_bytes()
+    rc = medge(["quantize", str(det_engine), "--calib-n", "1", "--max-map-drop", "-1", "--heldout-n", "3"])
+    assert rc == 3
+    assert "refused" in capsys.readouterr().err
+    assert not (det_engine / "model.int8.onnx").exists()
+    assert (det_engine / "manifest.json").read_bytes() == before
+
+
+def test_quantize_engine_updates_manifest(tmp_path: Path, det_engine: Path) -> None:
+    import shutil
+
+    eng = tmp_path / "e"
+    shutil.copytree(det_engine, eng)
+    r = quantize_engine(eng, calib_n=2, max_drop=1.0, heldout_n=3)
+    man = Manifest.load(eng)
+    assert man.artifact_path("int8", verify=True).name == "model.int8.onnx"
+    assert "map50" in man.metrics["int8"]
+    q = man.training["quantization"]
+    assert q["calibration"]["n"] == 2 and "training data" in q["calibration"]["source"]
+    assert q["gate"]["max_drop"] == 1.0 and r.passed

@@ -1,0 +1,99 @@
+"""Training: checkpoints, metrics log, progress, early stopping, fine-tuning, freezing, DDP under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tests.trainer.conftest import tiny_config  # noqa: E402
+from trainer.data import synthetic_segmentation_set  # noqa: E402
+from trainer.evaluate import evaluate_segmentation, torch_runner  # noqa: E402
+from trainer.train import load_checkpoint, model_from_checkpoint, train  # noqa: E402
+
+from edge.errors import ConfigError  # noqa: E402
+from edge.manifest import InputSpec  # noqa: E402
+
+
+def test_run_writes_checkpoints_log_and_progress(tmp_path: Path, cache_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tiny_config("segmentation", tmp_path, cache_dir, epochs=2, progress=True, patience=5)
+    r = train(cfg)
+    assert r.epochs_run == 2 and r.best_checkpoint.is_file() and r.last_checkpoint.is_file()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2]
+    assert {"train_loss", "val_dice", "val_iou", "lr", "seconds"} <= set(lines[0])
+    err = capsys.readouterr().err
+    assert "epoch 2/2" in err and "3/3" in err
+    ck = load_checkpoint(r.last_checkpoint)
+    assert ck["task"] == "segmentation" and ck["labels"] == ["lesion"] and ck["training"]["seed"] == 0
+
+
+def test_same_seed_same_weights(tmp_path: Path, cache_dir: str) -> None:
+    a = train(tiny_config("detection", tmp_path / "a", cache_dir, amp="off")).last_checkpoint
+    b = train(tiny_config("detection", tmp_path / "b", cache_dir, amp="off")).last_checkpoint
+    sa, sb = load_checkpoint(a)["state_dict"], load_checkpoint(b)["state_dict"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k])
+
+
+def test_early_stopping(tmp_path: Path, cache_dir: str) -> None:
+    # lr 0: the validation score cannot improve after epoch 1, so patience 1 stops at epoch 2.
+    r = train(tiny_config("segmentation", tmp_path, cache_dir, epochs=6, lr=0.0, patience=1))
+    assert r.stopped_early and r.epochs_run == 2 and r.best_epoch == 1
+
+
+def test_heldout_seed_is_refused(tmp_path: Path, cache_dir: str) -> None:
+    with pytest.raises(ConfigError, match="held-out"):
+        train(tiny_config("segmentation", tmp_path, cache_dir, data_seed=1000))
+
+
+def test_finetuning_beats_scratch_on_a_small_set(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> None:
+    """A checkpoint pretrained on plenty of data, fine-tuned on 4 frames, beats 4 frames from scratch."""
+    size = (64, 64)
+    common = dict(input_size=size, base=8, batch_size=8, amp="off", n_val=16)
+    pre = train(tiny_config("segmentation", tmp_path_factory.mktemp("pre"), cache_dir, n_train=64,
+                            epochs=1, steps_per_epoch=120, lr=5e-3, **common))
+    small = dict(n_train=4, data_seed=5, epochs=1, steps_per_epoch=12, lr=2e-3, **common)
+    ft = train(tiny_config("segmentation", tmp_path_factory.mktemp("ft"), cache_dir, init=str(pre.best_checkpoint), **small))
+    frozen = train(tiny_config("segmentation", tmp_path_factory.mktemp("fz"), cache_dir, init=str(pre.best_checkpoint),
+                               freeze_encoder=True, **small))
+    scratch = train(tiny_config("segmentation", tmp_path_factory.mktemp("sc"), cache_dir, **small))
+    test = synthetic_segmentation_set(24, 77, InputSpec(size=size), cache_dir=cache_dir)
+
+    def dice(ckpt: Path) -> float:
+        m = model_from_checkpoint(load_checkpoint(ckpt))
+        return evaluate_segmentation(torch_runner(m, "segmentation"), test)["dice"]
+
+    d_pre, d_ft, d_fz, d_sc = dice(pre.best_checkpoint), dice(ft.last_checkpoint), dice(frozen.last_checkpoint), dice(scratch.last_checkpoint)
+    assert d_pre > 0.4, d_pre
+    assert d_ft > d_sc + 0.15, (d_ft, d_sc)
+    assert d_fz > d_sc + 0.15, (d_fz, d_sc)
+    # Frozen encoder: identical encoder weights, changed decoder.
+    a, b = load_checkpoint(pre.best_checkpoint)["state_dict"], load_checkpoint(frozen.last_checkpoint)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("encoder."))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder.") and a[k].is_floating_point())
+
+
+def test_torchrun_two_cpu_processes(tmp_path: Path, cache_dir: str) -> None:
+    """`medge train` runs data-parallel (DDP, gloo) under torchrun with no code change."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "MEDGE_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "edge.cli", "train", "--task", "detection", "--out", str(out), "--n-train", "8", "--n-val", "4",
+        "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--input-size", "64", "64",
+        "--base", "4", "--no-progress", "--json",
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ck = load_checkpoint(out / "best.pt")
+    assert ck["training"]["world_size"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    result = json.loads(p.stdout[p.stdout.index("{"):])
+    assert result["epochs_run"] == 1
