@@ -58,7 +58,7 @@ class Recipe:
 RECIPES = (
     # U-Net: 128 x 128 crops (4x cheaper than full frames; validation and service use full frames).
     Recipe("us-lesion-seg", "segmentation", n_train=1200, n_val=64, epochs=12, steps_per_epoch=150,
-           batch_size=16, lr=3e-3, patience=6, crop=128),
+           batch_size=16, lr=3e-3, patience=4, crop=128),
     Recipe("xray-nodule-det", "detection", n_train=1200, n_val=100, epochs=20, steps_per_epoch=100,
            batch_size=16, lr=3e-3, patience=5),
 )
