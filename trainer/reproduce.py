@@ -59,8 +59,9 @@ RECIPES = (
     # U-Net: 128 x 128 crops (4x cheaper than full frames; validation and service use full frames).
     Recipe("us-lesion-seg", "segmentation", n_train=1200, n_val=64, epochs=12, steps_per_epoch=150,
            batch_size=16, lr=3e-3, patience=4, crop=128),
-    Recipe("xray-nodule-det", "detection", n_train=1200, n_val=100, epochs=20, steps_per_epoch=100,
-           batch_size=16, lr=3e-3, patience=5),
+    # Detector: 128 x 128 crops too (boxes follow their crop), 32 per step.
+    Recipe("xray-nodule-det", "detection", n_train=1200, n_val=100, epochs=16, steps_per_epoch=80,
+           batch_size=32, lr=3e-3, patience=5, crop=128),
 )
 QUICK_RECIPES = (
     Recipe("us-lesion-seg", "segmentation", n_train=8, n_val=4, epochs=1, steps_per_epoch=2, batch_size=2,

@@ -334,19 +334,33 @@ def augment_batch(
 
 
 def crop_batch(
-    x: torch.Tensor, mask: torch.Tensor, size: int, gen: torch.Generator, p_lesion: float = 0.7
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random ``size`` x ``size`` crops; with probability ``p_lesion`` centred near a lesion pixel.
+    x: torch.Tensor,
+    size: int,
+    gen: torch.Generator,
+    mask: torch.Tensor | None = None,
+    boxes: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    p_object: float = 0.7,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Random ``size`` x ``size`` crops; with probability ``p_object`` near a lesion pixel / box centre.
 
-    The U-Net is fully convolutional, so training on crops costs a fraction
-    of full frames while validation and service run on full frames.
+    Both models are fully convolutional, so training on crops costs a
+    fraction of full frames while validation and service run on full
+    frames. Boxes are shifted with their crop; a box whose centre leaves the
+    crop is marked invalid.
     """
     bsz, _, h, w = x.shape
-    xs, ms = [], []
+    xs, ms, tops, lefts = [], [], [], []
     for i in range(bsz):
-        fg = torch.nonzero(mask[i, 0] > 0)
-        if fg.numel() and float(torch.rand(1, generator=gen)) < p_lesion:
-            cy, cx = fg[int(torch.randint(len(fg), (1,), generator=gen))].tolist()
+        if mask is not None:
+            cand = torch.nonzero(mask[i, 0] > 0).float()
+        elif boxes is not None and valid is not None and bool(valid[i].any()):
+            b = boxes[i][valid[i]]
+            cand = torch.stack([(b[:, 1] + b[:, 3]) / 2, (b[:, 0] + b[:, 2]) / 2], 1)
+        else:
+            cand = torch.zeros(0, 2)
+        if len(cand) and float(torch.rand(1, generator=gen)) < p_object:
+            cy, cx = (int(v) for v in cand[int(torch.randint(len(cand), (1,), generator=gen))].tolist())
             cy += int(torch.randint(-size // 4, size // 4 + 1, (1,), generator=gen))
             cx += int(torch.randint(-size // 4, size // 4 + 1, (1,), generator=gen))
         else:
@@ -354,9 +368,18 @@ def crop_batch(
             cx = int(torch.randint(w, (1,), generator=gen))
         top = min(max(0, cy - size // 2), h - size)
         left = min(max(0, cx - size // 2), w - size)
+        tops.append(top)
+        lefts.append(left)
         xs.append(x[i, :, top : top + size, left : left + size])
-        ms.append(mask[i, :, top : top + size, left : left + size])
-    return torch.stack(xs), torch.stack(ms)
+        if mask is not None:
+            ms.append(mask[i, :, top : top + size, left : left + size])
+    if boxes is not None and valid is not None and boxes.shape[1]:
+        shift = torch.tensor([[lf, tp, lf, tp] for tp, lf in zip(tops, lefts)], dtype=boxes.dtype)[:, None, :]
+        boxes = boxes - shift
+        cx = (boxes[..., 0] + boxes[..., 2]) / 2
+        cy = (boxes[..., 1] + boxes[..., 3]) / 2
+        valid = valid & (cx >= 0) & (cx < size) & (cy >= 0) & (cy < size)
+    return torch.stack(xs), (torch.stack(ms) if mask is not None else None), boxes, valid
 
 
 # ------------------------------------------------------------- checkpoints
@@ -637,7 +660,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = 
                 if cfg.augment:
                     x, mask, _ = augment_batch(x, gen, cfg.task, mask=mask)
                 if cfg.crop:
-                    x, mask = crop_batch(x, mask, cfg.crop, gen)
+                    x, mask, _, _ = crop_batch(x, cfg.crop, gen, mask=mask)
                 x, mask = x.to(device), mask.to(device)
                 if device.type == "cpu":
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -645,11 +668,13 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = 
                     logits = model(x)
                 loss = segmentation_loss(logits.float(), mask)
             else:
-                boxes = b["boxes"]
+                boxes, valid = b["boxes"], b["valid"]
                 if cfg.augment:
                     x, _, boxes = augment_batch(x, gen, cfg.task, boxes=boxes)
+                if cfg.crop:
+                    x, _, boxes, valid = crop_batch(x, cfg.crop, gen, boxes=boxes, valid=valid)
                 h, w = x.shape[-2:]
-                t = detection_targets(boxes, b["classes"], b["valid"], len(labels), h // 4, w // 4, 4)
+                t = detection_targets(boxes, b["classes"], valid, len(labels), h // 4, w // 4, 4)
                 t = {k: v.to(device) for k, v in t.items()}
                 x = x.to(device)
                 if device.type == "cpu":

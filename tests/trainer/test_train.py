@@ -97,3 +97,27 @@ def test_torchrun_two_cpu_processes(tmp_path: Path, cache_dir: str) -> None:
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     result = json.loads(p.stdout[p.stdout.index("{"):])
     assert result["epochs_run"] == 1
+
+
+def test_crops_keep_boxes_on_their_pixels(cache_dir: str) -> None:
+    import numpy as np
+
+    from trainer.data import synthetic_detection_set
+    from trainer.train import _batch, crop_batch
+
+    ds = synthetic_detection_set(8, 1, InputSpec(size=(128, 128)), cache_dir=cache_dir)
+    b = _batch(ds, np.arange(8), "detection")
+    x, _, boxes, valid = crop_batch(b["x"], 64, torch.Generator().manual_seed(0), boxes=b["boxes"], valid=b["valid"])
+    assert x.shape == (8, 1, 64, 64) and boxes is not None and valid is not None
+    checked = 0
+    for i in range(8):
+        for j in range(boxes.shape[1]):
+            x0, y0, x1, y1 = boxes[i, j].floor().int().tolist()
+            if valid[i, j] and x0 >= 0 and y0 >= 0 and x1 <= 64 and y1 <= 64:
+                X0, Y0, X1, Y1 = b["boxes"][i, j].floor().int().tolist()
+                assert torch.equal(x[i, 0, y0:y1, x0:x1], b["x"][i, 0, Y0:Y1, X0:X1])
+                checked += 1
+    assert checked >= 3
+    # Centres outside the crop are dropped.
+    cx = (boxes[..., 0] + boxes[..., 2]) / 2
+    assert bool(((cx >= 0) & (cx < 64))[valid].all())
