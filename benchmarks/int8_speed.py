@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT default)")
     p.add_argument("--out", default=None, help="write the JSON record here")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=ONNX",
+                   help="also time this ONNX file in the same interleaved loop (e.g. int8sym=/tmp/sym.onnx)")
     args = p.parse_args(argv)
 
     man = Manifest.load(args.engine)
@@ -69,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             so.intra_op_num_threads = args.threads
         path = man.artifact_path(prec, verify=True)
         sessions[prec] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for spec in args.extra:
+        label, _, path = spec.partition("=")
+        sessions[label] = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     name = man.input.name
     for _ in range(args.warmup):
         for s in sessions.values():
@@ -88,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in times.items()
     }
     ratio = stats["fp32"]["p50_ms"] / stats["int8"]["p50_ms"]
+    extra = {k: {**stats[k], "speedup_vs_fp32": round(stats["fp32"]["p50_ms"] / stats[k]["p50_ms"], 3)}
+             for k in stats if k not in ("fp32", "int8")}
     record = {
         "what": f"{man.name} ONNX Runtime CPU, batch 1, input {list(man.input.size)}, median of {args.runs} interleaved runs",
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -99,8 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         "int8": stats["int8"],
         "speedup_int8_vs_fp32": round(ratio, 3),
     }
+    if extra:
+        record["extra"] = extra
     print(f"{man.name}: FP32 p50 {stats['fp32']['p50_ms']:.2f} ms, INT8 p50 {stats['int8']['p50_ms']:.2f} ms "
           f"-> INT8 is {ratio:.2f}x faster (batch 1, {args.runs} runs each)")
+    for k, v in extra.items():
+        print(f"  {k}: p50 {v['p50_ms']:.2f} ms ({v['speedup_vs_fp32']:.2f}x vs FP32)")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
