@@ -392,7 +392,9 @@ def export_checkpoint(
     cfg = ckpt.get("config", {})
     synthetic = cfg.get("data", "synthetic") == "synthetic"
     if evaluate:
-        if task == "detection":
+        if task == "detection" and not synthetic and not cfg.get("val_data"):
+            _log.warning("No validation folder recorded; keeping the detector threshold %.3f.", post.threshold)
+        elif task == "detection":
             val = heldout_set(task, val_n, seed=int(cfg.get("val_seed", VALIDATION_SEED)), spec=spec, pre=pre,
                               data=None if synthetic else cfg.get("val_data"), labels=labels)
             pts = froc(detect_all(onnx_runner(fp32), val, post, labels), val)

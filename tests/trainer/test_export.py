@@ -61,3 +61,18 @@ def test_export_checkpoint_writes_verified_manifest(tmp_path: Path, seg_checkpoi
     assert tr["heldout"]["seed"] == 1000 and tr["data_seed"] == 1 and tr["code_version"]
     assert "NOT FOR CLINICAL USE" in again.intended_use and again.research_only
     assert man.input.size == (64, 64)
+
+
+def test_cli_export_then_evaluate(tmp_path: Path, det_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from edge.cli import main as medge
+
+    out = tmp_path / "eng"
+    assert medge(["export", str(det_checkpoint), "--out", str(out), "--name", "tiny-det", "--heldout-n", "3", "--no-fp16"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert medge(["evaluate", str(out), "--n", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert {"map50", "sensitivity", "fp_per_image"} <= set(res["fp32"])
+    # The manifest's FP32 metrics are the same held-out numbers.
+    assert res["fp32"]["map50"] == pytest.approx(Manifest.load(out).metrics["fp32"]["map50"])

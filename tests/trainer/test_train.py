@@ -121,3 +121,21 @@ def test_crops_keep_boxes_on_their_pixels(cache_dir: str) -> None:
     # Centres outside the crop are dropped.
     cx = (boxes[..., 0] + boxes[..., 2]) / 2
     assert bool(((cx >= 0) & (cx < 64))[valid].all())
+
+
+def test_trains_on_a_users_png_folder(tmp_path: Path, cache_dir: str) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from trainer.data import make_ultrasound, sample_rng
+
+    root = tmp_path / "mine"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(3):
+        img, mask = make_ultrasound(sample_rng(50, i))
+        Image.fromarray(img).save(root / "images" / f"c{i}.png")
+        Image.fromarray((mask * 255).astype(np.uint8)).save(root / "masks" / f"c{i}.png")
+    r = train(tiny_config("segmentation", tmp_path / "run", cache_dir, data=str(root), val_data=str(root)))
+    ck = load_checkpoint(r.best_checkpoint)
+    assert ck["training"]["data"] == str(root) and ck["training"]["n_train"] == 3
