@@ -146,6 +146,7 @@ def quantize_int8(
     if method not in methods:
         raise EngineBuildError(f"Calibration method {method!r} is not one of {sorted(methods)}.")
     import onnx
+    import onnx.shape_inference
 
     input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
     out_path = Path(out_path)
@@ -154,7 +155,8 @@ def quantize_int8(
         pre = Path(tmp) / "pre.onnx"
         try:
             quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        except Exception as exc:  # noqa: BLE001 - ORT's pre-processing raises assorted types; optional step
+        except (RuntimeError, ValueError, KeyError, onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            # Optional step (shape inference + graph clean-up); quantization works without it.
             _log.warning("ONNX Runtime quantization pre-processing skipped: %s", exc)
             shutil.copyfile(fp32_path, pre)
         tmp_out = Path(tmp) / "int8.onnx"

@@ -87,3 +87,11 @@ def test_quantize_engine_updates_manifest(tmp_path: Path, det_engine: Path) -> N
     q = man.training["quantization"]
     assert q["calibration"]["n"] == 2 and "training data" in q["calibration"]["source"]
     assert q["gate"]["max_drop"] == 1.0 and r.passed
+
+
+def test_build_refuses_tensorrt_int8_from_uint8_activations() -> None:
+    from edge.errors import EngineBuildError
+    from trainer.build import build
+
+    with pytest.raises(EngineBuildError, match="--activations int8"):
+        build("us-lesion-seg", "int8", max_batch=1, cache_dir="/nonexistent")
