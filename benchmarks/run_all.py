@@ -8,9 +8,10 @@
    loopback ports) and ``medge bench zmq --compare-raw`` per model at batch 1,
    closed loop, for the model's native input size and a realistic frame
    size: the daemon's overhead at p50 / p99 (targets 0.5 / 2 ms).
-4. On the fp32 daemon (the default configuration): a stream-count sweep
-   (1, 2, 4, 8 probes at 30 fps each) and a closed-loop concurrency sweep
-   (1, 2, 4, 8), with the mean micro-batch size read from ``/metrics``.
+4. On the int8 daemon (what ``precision = "auto"`` picks on a CPU; fp32
+   when a model has no int8 artifact): a stream-count sweep (1, 2, 4, 8
+   probes at 30 fps each) and a closed-loop concurrency sweep (1, 2, 4, 8),
+   with the mean micro-batch size read from ``/metrics``.
 5. ``medge bench dicom``: C-STORE throughput and store-to-result latency
    into the daemon's SCP, results received by a local storage SCP.
 
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                         s = doc["steps"][0]["summary"]
                         out["zmq_overhead"].append({"model": name, "precision": prec, "frame": frame, "dtype": dt,
                                                     "summary": s, "exit_status": doc["exit_status"]})
-            if prec == "fp32":
+            if prec == precisions[-1]:
                 seg = next((n for n, m in manifests.items() if m.task == "segmentation"), None)
                 if seg:
                     for key, extra in (("stream_sweep", ["--rate", "30", "--sweep", "streams=1,2,4,8"]),
@@ -189,14 +190,14 @@ def main(argv: list[str] | None = None) -> int:
                         if doc:
                             out[key] = {"model": seg, "precision": prec, "frame": "480x640 uint8",
                                         "steps": doc["steps"], "exit_status": doc["exit_status"]}
-                if dicom:
-                    _log("dicom")
-                    doc = _medge(["bench", "dicom", "--port", str(ports["dicom"]), "--synthetic", "10" if a.quick else "40",
-                                  "--results-port", str(results_port), "--results-timeout-s", "60"],
-                                 tmp / "dicom.json")
-                    if doc:
-                        out["dicom"] = {"summary": doc["summary"], "config": doc["config"],
-                                        "exit_status": doc["exit_status"]}
+            if dicom:
+                _log("dicom")
+                doc = _medge(["bench", "dicom", "--port", str(ports["dicom"]), "--synthetic", "10" if a.quick else "40",
+                              "--results-port", str(results_port), "--results-timeout-s", "60"],
+                             tmp / "dicom.json")
+                if doc:
+                    out["dicom"] = {"summary": doc["summary"], "config": doc["config"],
+                                    "exit_status": doc["exit_status"]}
         finally:
             code = daemon.stop()
             out.setdefault("daemon_exit_status", {})[prec] = code
