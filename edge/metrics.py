@@ -19,7 +19,7 @@ True
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -104,6 +104,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry, *, process: bool = True, gpu: bool = True) -> None:
         self.registry = registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = registry
         self.frames_received = Counter(
             "medge_frames_received", "Frames accepted for inference.", ["source", "model"], registry=r
@@ -170,11 +171,22 @@ class Metrics:
             if collector is not None:
                 r.register(collector)
 
+    def child(self, metric: Any, *label_values: str) -> Any:
+        """``metric.labels(*label_values)``, cached: the per-frame hot path skips label validation.
+
+        ``label_values`` are positional, in the metric's label order.
+        """
+        key = (id(metric), label_values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*label_values)
+        return found
+
     def observe_stages(self, model: str, timing_us: dict[str, int]) -> None:
         """Record the stage timings of one frame (``timing_us`` keys that are stages)."""
         for stage in STAGES:
             if stage in timing_us:
-                self.stage_seconds.labels(model=model, stage=stage).observe(timing_us[stage] / 1e6)
+                self.child(self.stage_seconds, model, stage).observe(timing_us[stage] / 1e6)
 
 
 class NvmlCollector(Collector):

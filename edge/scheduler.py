@@ -222,8 +222,8 @@ class Scheduler:
         with self._lock:
             self._accepted += 1
         if self._metrics is not None:
-            self._metrics.frames_received.labels(source=source, model=name).inc()
-            self._metrics.queue_depth.labels(model=name).set(depth)
+            self._metrics.child(self._metrics.frames_received, source, name).inc()
+            self._metrics.child(self._metrics.queue_depth, name).set(depth)
 
     def infer(
         self, image: np.ndarray, *, model: str, source: str, timeout_s: float = 30.0, stream: str = ""
@@ -378,7 +378,7 @@ class Scheduler:
             depth = len(q.jobs)
             q.cond.notify_all()  # wake non-live submitters waiting for room
         if self._metrics is not None:
-            self._metrics.queue_depth.labels(model=q.model.name).set(depth)
+            self._metrics.child(self._metrics.queue_depth, q.model.name).set(depth)
         return batch
 
     def _worker(self, q: _ModelQueue) -> None:
@@ -407,7 +407,7 @@ class Scheduler:
                 ]
             now = time.perf_counter_ns()
             if self._metrics is not None:
-                self._metrics.batch_size.labels(model=model.name).observe(len(batch))
+                self._metrics.child(self._metrics.batch_size, model.name).observe(len(batch))
             for job, res in zip(batch, results):
                 res.timing_us["queue"] = max(0, (t_start - job.enqueued_ns) // 1000)
                 res.timing_us["total"] = max(0, (now - job.received_ns) // 1000)
@@ -417,7 +417,7 @@ class Scheduler:
                     elif res.error_code:
                         self._metrics.requests_failed.labels(source=job.source, code=res.error_code).inc()
                     if job.track_e2e:
-                        self._metrics.end_to_end_seconds.labels(source=job.source, model=model.name).observe(
+                        self._metrics.child(self._metrics.end_to_end_seconds, job.source, model.name).observe(
                             res.timing_us["total"] / 1e6
                         )
                 self._deliver(job, res)

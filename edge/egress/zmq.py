@@ -145,7 +145,7 @@ class Publisher:
         if mask is not None:
             frames.append(mask)
         try:
-            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=mask is None or mask.nbytes <= 128 * 1024)
         except zmq.Again:
             _log.debug("PUB high-water mark reached; a result was not published.")
 

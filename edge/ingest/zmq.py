@@ -52,6 +52,7 @@ _log = logging.getLogger(__name__)
 SOURCE = "zmq"
 MAX_HEADER_BYTES = 65536
 _MAX_STREAM_CHARS = 128
+_ZERO_COPY_BYTES = 128 * 1024
 _BATCH_RECV = 256  # messages drained per poll wake-up before results get a turn
 
 
@@ -389,8 +390,9 @@ class ZmqServer:
             frames: list[Any] = [*p.envelope, header]
             if mask is not None:
                 frames.append(mask)
+            copy = mask is None or mask.nbytes <= _ZERO_COPY_BYTES  # a memcpy beats zero-copy bookkeeping
             try:
-                router.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                router.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
             except zmq.Again:
                 _log.warning("Reply to a client dropped: its send high-water mark is reached.")
             self._pub.publish(req.stream, header, mask)
@@ -398,8 +400,8 @@ class ZmqServer:
             self.replied += 1
             if self._metrics is not None and res.status == "ok":
                 done = time.perf_counter_ns()
-                self._metrics.stage_seconds.labels(model=res.model, stage="egress").observe((done - p.ready_ns) / 1e9)
-                self._metrics.end_to_end_seconds.labels(source=SOURCE, model=res.model).observe(
+                self._metrics.child(self._metrics.stage_seconds, res.model, "egress").observe((done - p.ready_ns) / 1e9)
+                self._metrics.child(self._metrics.end_to_end_seconds, SOURCE, res.model).observe(
                     (done - p.received_ns) / 1e9
                 )
 
