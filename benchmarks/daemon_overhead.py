@@ -4,7 +4,10 @@
 1. **Ready time and RSS**: ``medge serve`` (child process, bundled engines,
    DICOM on, free loopback ports) from spawn to ``/readyz`` 200; RSS then
    and the peak RSS (VmHWM) after all the traffic below.
-2. **Overhead at batch 1** (closed loop, loopback; simulated ultrasound /
+2. **Floor**: the same comparison against a bare ZeroMQ echo server (ROUTER,
+   one worker thread running the same backend, pipe wake-up; nothing else):
+   what moving the frame and two thread hand-offs cost on this machine.
+3. **Overhead at batch 1** (closed loop, loopback; simulated ultrasound /
    X-ray frames from :mod:`edge.simulate`): for each bundled model,
    alternating blocks (``--rounds``) of
    - *raw*: ``InferenceSession.run`` in this process on the same artifact
@@ -17,7 +20,7 @@
    also includes our preprocessing and postprocessing, run in this process:
    ``LoadedModel.run``). Overhead = e2e − raw at p50 and p99.
    Targets: p50 <= 0.5 ms, p99 <= 2 ms.
-3. **Live stream**: one 30 fps stream of 480x640 uint8 frames to
+4. **Live stream**: one 30 fps stream of 480x640 uint8 frames to
    ``us-lesion-seg`` for ``--stream-s`` seconds (default 60), paced by the
    sender, replies read concurrently: target zero drops and zero errors.
 
@@ -306,6 +309,106 @@ def stream(daemon: Daemon, seconds: float, fps: float = 30.0) -> dict[str, Any]:
     }
 
 
+def echo_server(endpoint: str, model_name: str, engines_dir: Path) -> None:
+    """The floor of any ZeroMQ serving layer here: a bare ROUTER, one worker thread, no pre/post.
+
+    Each request's pixels are received and ignored; the worker runs the backend on a
+    fixed preprocessed tensor (what *raw* measures) and the I/O thread sends a small reply.
+    """
+    import queue
+
+    model = load_model(model_name, engines_dir=engines_dir, max_batch=1)
+    h, w = model.manifest.input.size
+    x = model.preprocess(np.zeros((h, w), np.float32))[0][None]
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(endpoint)
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    rfd, wfd = os.pipe()
+
+    def worker() -> None:
+        while True:
+            ident = jobs.get()
+            model.backend.infer(x)
+            done.put(ident)
+            os.write(wfd, b"x")
+
+    import threading
+
+    threading.Thread(target=worker, daemon=True).start()
+    poller = zmq.Poller()
+    poller.register(router, zmq.POLLIN)
+    poller.register(rfd, zmq.POLLIN)
+    while True:
+        ev = dict(poller.poll(100))
+        if ev.get(router):
+            frames = router.recv_multipart(copy=False)
+            if frames[1].bytes == b"stop":
+                break
+            jobs.put(frames[0].bytes)
+        if ev.get(rfd):
+            os.read(rfd, 4096)
+            while not done.empty():
+                router.send_multipart([done.get(), b'{"v":1,"status":"ok"}'])
+    router.close(linger=0)
+    ctx.term()
+
+
+def floor(engines_dir: Path, rounds: int, block: int, warmup: int) -> dict[str, Any]:
+    """raw vs a bare echo server (``echo_server``) with the same 256x256 float32 payload."""
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    name = MODELS[0]
+    proc = subprocess.Popen([sys.executable, __file__, "--echo-server", endpoint, name, str(engines_dir)])
+    try:
+        model = load_model(name, engines_dir=engines_dir, max_batch=1)
+        h, w = model.manifest.input.size
+        img = make_source("ultrasound", h, w, "float32", seed=0, loop=1).frame(0)
+        batch = model.preprocess(img)[0][None]
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.RCVTIMEO, 30_000)
+        sock.connect(endpoint)
+        hdr = json.dumps({"v": 1, "dtype": "float32", "shape": [h, w]}).encode()
+        raw_ms: list[float] = []
+        e2e_ms: list[float] = []
+        for i in range(warmup + rounds * block):
+            t = time.perf_counter_ns()
+            model.backend.infer(batch)
+            if i >= warmup:
+                raw_ms.append((time.perf_counter_ns() - t) / 1e6)
+            t = time.perf_counter_ns()
+            sock.send_multipart([hdr, img], copy=False)
+            sock.recv_multipart()
+            if i >= warmup:
+                e2e_ms.append((time.perf_counter_ns() - t) / 1e6)
+        sock.send_multipart([b"stop", b""])
+        sock.close(linger=100)
+        ctx.term()
+        model.close()
+    finally:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    raw, e2e = _summary(raw_ms), _summary(e2e_ms)
+    row = {
+        "model": name,
+        "input": "256x256 float32 (model input)",
+        "server": "bare ROUTER + one worker thread + pipe wake-up; no parsing, pre/post-processing, metrics or PUB",
+        "raw": raw,
+        "e2e": e2e,
+        "overhead_p50_ms": round(e2e["p50_ms"] - raw["p50_ms"], 4),
+        "overhead_p99_ms": round(e2e["p99_ms"] - raw["p99_ms"], 4),
+    }
+    print(
+        f"  floor: bare ZeroMQ echo server, {name}: overhead p50 {row['overhead_p50_ms']:+.3f} "
+        f"p99 {row['overhead_p99_ms']:+.3f} ms",
+        flush=True,
+    )
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engines-dir", type=Path, default=default_engines_dir())
@@ -315,7 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stream-s", type=float, default=60.0)
     ap.add_argument("--quick", action="store_true", help="short smoke run (not for the record)")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--echo-server", nargs=3, metavar=("ENDPOINT", "MODEL", "ENGINES_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.echo_server:
+        echo_server(args.echo_server[0], args.echo_server[1], Path(args.echo_server[2]))
+        return 0
     if args.quick:
         args.rounds, args.block, args.warmup, args.stream_s = 10, 10, 10, 5.0
     # a SIGTERM (timeout, CI) must still stop the daemon child: run the finally blocks
@@ -332,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ready in {ready_s:.2f} s, RSS {rss_ready / 2**20:.0f} MiB (both models, DICOM on)", flush=True)
             print("overhead at batch 1 (closed loop):", flush=True)
             rows = overhead(daemon, args.engines_dir, args.rounds, args.block, args.warmup)
+            floor_row = floor(args.engines_dir, args.rounds, args.block, args.warmup)
             print(f"30 fps stream of 480x640 for {args.stream_s:.0f} s ...", flush=True)
             live = stream(daemon, args.stream_s)
             print(
@@ -351,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             "rss_end_bytes": rss_end,
             "rss_peak_bytes": rss_peak,
             "overhead": rows,
+            "floor_bare_zmq_echo": floor_row,
             "stream_30fps": live,
             "shutdown": {"exit_code": rc, "seconds": round(stop_s, 3)},
         }
@@ -395,6 +504,11 @@ def main(argv: list[str] | None = None) -> int:
             + " |"
         )
     md += [
+        "",
+        f"Floor of any ZeroMQ serving layer on this machine, measured the same way: a bare ROUTER with "
+        f"one worker thread and a pipe wake-up, no parsing, pre/post-processing, metrics or PUB, same "
+        f"256x256 float32 payload ({floor_row['model']}): overhead p50 **{floor_row['overhead_p50_ms']:+.3f} ms**, "
+        f"p99 **{floor_row['overhead_p99_ms']:+.3f} ms**.",
         "",
         f"## One 30 fps stream of 480x640 uint8 to us-lesion-seg for {live['seconds']:.0f} s",
         "",
