@@ -244,6 +244,20 @@ class Manifest:
         return path
 
     @property
+    def int8_tensorrt_ready(self) -> bool:
+        """Whether the ``int8`` artifact has symmetric int8 activations (zero point 0).
+
+        TensorRT builds explicit-precision INT8 only from such Q/DQ graphs; the
+        trainer's default CPU artifact uses uint8 activations (faster on ONNX
+        Runtime's CPU kernels) and records that under ``training.quantization``.
+        """
+        if "int8" not in self.artifacts:
+            return False
+        quant = self.training.get("quantization", {})
+        act = quant.get("activations", "") if isinstance(quant, Mapping) else ""
+        return str(act).startswith("int8")
+
+    @property
     def num_classes(self) -> int:
         """Number of foreground labels."""
         return len(self.labels)

@@ -55,8 +55,9 @@ def _us(t0: int, t1: int) -> int:
 def resolve_precision(requested: str, manifest: Manifest, kind: str, provider: str) -> str:
     """The precision to serve for a request of ``fp32``/``int8``/``fp16``/``auto``.
 
-    ``auto``: on native TensorRT, int8 when the manifest has a (Q/DQ) int8
-    artifact, else fp16; on ONNX Runtime's GPU providers, fp16 when the
+    ``auto``: on native TensorRT, int8 when the manifest has a Q/DQ int8
+    artifact with symmetric int8 activations (see
+    :attr:`edge.manifest.Manifest.int8_tensorrt_ready`), else fp16; on ONNX Runtime's GPU providers, fp16 when the
     manifest has an fp16 artifact, else fp32; on the CPU, int8 when present
     (the trainer only writes int8 behind an accuracy gate), else fp32.
 
@@ -69,12 +70,18 @@ def resolve_precision(requested: str, manifest: Manifest, kind: str, provider: s
     arts = manifest.artifacts
     if requested == "auto":
         if kind == "tensorrt":
-            return "int8" if "int8" in arts else "fp16"
+            return "int8" if manifest.int8_tensorrt_ready else "fp16"
         if provider in ("cuda", "tensorrt"):
             return "fp16" if "fp16" in arts else "fp32"
         return "int8" if "int8" in arts else "fp32"
     if requested not in ("fp32", "int8", "fp16"):
         raise ModelError(f"Precision {requested!r} is not fp32, int8, fp16 or auto.")
+    if kind == "tensorrt" and requested == "int8" and "int8" in arts and not manifest.int8_tensorrt_ready:
+        raise BackendUnavailableError(
+            f"Model {manifest.name!r}: its int8 artifact has "
+            f"{manifest.training.get('quantization', {}).get('activations', 'unknown')} activations; "
+            f"TensorRT needs symmetric int8 (zero point 0). Run: medge quantize {manifest.name} --activations int8"
+        )
     # TensorRT builds an fp16 engine from the fp32 ONNX file; everything else needs its artifact.
     if requested not in arts and not (kind == "tensorrt" and requested == "fp16"):
         raise ModelError(

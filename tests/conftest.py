@@ -105,6 +105,8 @@ def make_engines(root: Path, size: int = FIXTURE_SIZE) -> Path:
                 "fp32": Artifact("model.onnx", sha256_file(d / "model.onnx")),
                 "int8": Artifact("model.int8.onnx", sha256_file(d / "model.int8.onnx")),
             },
+            # Recorded as the TensorRT-ready form so the (fake-GPU) TensorRT tests may pick int8.
+            training={"quantization": {"format": "QDQ", "activations": "int8 symmetric"}},
             intended_use="Test fixture only.",
         ).save(d)
     return root

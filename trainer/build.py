@@ -49,13 +49,12 @@ def build(engine: str | Path, precision: str, max_batch: int, cache_dir: str | P
     if not d.is_dir():
         d = default_engines_dir() / str(engine)
     man = Manifest.load(d)
-    if precision == "int8":
+    if precision == "int8" and not man.int8_tensorrt_ready:
         act = man.training.get("quantization", {}).get("activations", "")
-        if not str(act).startswith("int8"):
-            raise EngineBuildError(
-                f"{d}/model.int8.onnx has {act or 'unknown'} activations; TensorRT needs symmetric int8 "
-                f"(zero point 0). Run: medge quantize {d} --activations int8"
-            )
+        raise EngineBuildError(
+            f"{d}/model.int8.onnx has {act or 'unknown'} activations; TensorRT needs symmetric int8 "
+            f"(zero point 0). Run: medge quantize {d} --activations int8"
+        )
     path = man.artifact_path(precision, verify=True)
     backend = TensorRTBackend(
         path, onnx_sha256=man.artifacts[precision].sha256, model_name=man.name, precision=precision,

@@ -177,3 +177,25 @@ def test_vectorised_nms_matches_the_greedy_reference() -> None:
         scores = rng.random(n).round(2)  # ties exercise the stable order
         thr = float(rng.choice([0.0, 0.3, 0.5, 0.9]))
         np.testing.assert_array_equal(nms(boxes, scores, thr), reference(boxes, scores, thr))
+
+
+def test_tensorrt_int8_needs_symmetric_activations():
+    """The bundled CPU int8 (uint8 activations) is never handed to TensorRT."""
+    import dataclasses
+
+    from edge.errors import BackendUnavailableError
+    from edge.manifest import Manifest, default_engines_dir
+    from edge.models import resolve_precision
+
+    m = Manifest.load(default_engines_dir() / "us-lesion-seg")
+    assert "int8" in m.artifacts and not m.int8_tensorrt_ready
+    assert resolve_precision("auto", m, "tensorrt", "cpu") == "fp16"
+    assert resolve_precision("auto", m, "onnxruntime", "cpu") == "int8"
+    with pytest.raises(BackendUnavailableError, match="symmetric int8"):
+        resolve_precision("int8", m, "tensorrt", "cpu")
+    training = dict(m.training)
+    training["quantization"] = {**dict(training.get("quantization", {})), "activations": "int8 symmetric"}
+    sym = dataclasses.replace(m, training=training)
+    assert sym.int8_tensorrt_ready
+    assert resolve_precision("auto", sym, "tensorrt", "cpu") == "int8"
+    assert resolve_precision("int8", sym, "tensorrt", "cpu") == "int8"
