@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for name, res in report.items():
             for prec, status in res.items():
-                print(f"{name:<20} {prec:<5} {status}")
+                print(f"{name:<20} {prec:<13} {status}")
         for name, why in broken:
             print(f"{name:<20} BROKEN: {why}")
         for name in sorted(unknown):

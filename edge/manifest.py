@@ -28,6 +28,8 @@ from edge.errors import ModelError
 __all__ = [
     "TASKS",
     "PRECISIONS",
+    "ARTIFACT_KEYS",
+    "INT8_TENSORRT",
     "InputSpec",
     "Preprocessing",
     "Postprocessing",
@@ -42,6 +44,10 @@ _log = logging.getLogger(__name__)
 
 TASKS = ("segmentation", "detection")
 PRECISIONS = ("fp32", "fp16", "int8")
+# Artifact keys: one per precision, plus an INT8 variant with symmetric int8
+# activations (zero point 0) for TensorRT, beside the CPU-fast uint8 one.
+INT8_TENSORRT = "int8-tensorrt"
+ARTIFACT_KEYS = PRECISIONS + (INT8_TENSORRT,)
 _COLORS = ("grayscale", "rgb")
 _RESIZE = ("letterbox", "stretch")
 _NORMALIZE = ("minmax", "zscore", "fixed")
@@ -245,17 +251,31 @@ class Manifest:
 
     @property
     def int8_tensorrt_ready(self) -> bool:
-        """Whether the ``int8`` artifact has symmetric int8 activations (zero point 0).
+        """Whether TensorRT can build INT8 from this model's artifacts.
 
-        TensorRT builds explicit-precision INT8 only from such Q/DQ graphs; the
-        trainer's default CPU artifact uses uint8 activations (faster on ONNX
-        Runtime's CPU kernels) and records that under ``training.quantization``.
+        TensorRT builds explicit-precision INT8 only from Q/DQ graphs with
+        symmetric int8 activations (zero point 0): the ``int8-tensorrt``
+        artifact, or an ``int8`` artifact whose ``training.quantization``
+        record says its activations are int8. The trainer's default ``int8``
+        uses uint8 activations (faster on ONNX Runtime's CPU kernels).
         """
+        if INT8_TENSORRT in self.artifacts:
+            return True
         if "int8" not in self.artifacts:
             return False
         quant = self.training.get("quantization", {})
         act = quant.get("activations", "") if isinstance(quant, Mapping) else ""
         return str(act).startswith("int8")
+
+    def artifact_key(self, precision: str, backend: str) -> str:
+        """The artifact that serves ``precision`` on ``backend`` (``onnxruntime`` or ``tensorrt``).
+
+        INT8 on TensorRT prefers ``int8-tensorrt``; everything else is the
+        precision's own key.
+        """
+        if backend == "tensorrt" and precision == "int8" and INT8_TENSORRT in self.artifacts:
+            return INT8_TENSORRT
+        return precision
 
     @property
     def num_classes(self) -> int:
@@ -290,8 +310,8 @@ class Manifest:
         if not 0.0 <= self.postprocessing.threshold <= 1.0:
             raise bad(f"postprocessing.threshold {self.postprocessing.threshold} is not in [0, 1].")
         for prec in self.artifacts:
-            if prec not in PRECISIONS:
-                raise bad(f"artifact precision {prec!r} is not one of {PRECISIONS}.")
+            if prec not in ARTIFACT_KEYS:
+                raise bad(f"artifact key {prec!r} is not one of {ARTIFACT_KEYS}.")
         if "fp32" not in self.artifacts:
             raise bad("there is no fp32 artifact.")
         if self.task == "detection" and set(self.outputs) != {"heatmap", "size", "offset"}:

@@ -353,7 +353,9 @@ def load_model(
     manifest = Manifest.load(directory)
     kind, prov, fallback = resolve_backend(backend, provider)
     prec = resolve_precision(precision, manifest, kind, prov)
-    art_key = prec if prec in manifest.artifacts else "fp32"
+    art_key = manifest.artifact_key(prec, kind)
+    if art_key not in manifest.artifacts:
+        art_key = "fp32"  # TensorRT fp16 is built from the fp32 ONNX file
     onnx_path = manifest.artifact_path(art_key, verify=True)
     be = create_backend(
         kind,

@@ -55,9 +55,10 @@ def build(engine: str | Path, precision: str, max_batch: int, cache_dir: str | P
             f"{d}/model.int8.onnx has {act or 'unknown'} activations; TensorRT needs symmetric int8 "
             f"(zero point 0). Run: medge quantize {d} --activations int8"
         )
-    path = man.artifact_path(precision, verify=True)
+    key = man.artifact_key(precision, "tensorrt")
+    path = man.artifact_path(key, verify=True)
     backend = TensorRTBackend(
-        path, onnx_sha256=man.artifacts[precision].sha256, model_name=man.name, precision=precision,
+        path, onnx_sha256=man.artifacts[key].sha256, model_name=man.name, precision=precision,
         input_name=man.input.name, input_chw=(man.input.channels, *man.input.size), max_batch=max_batch,
         cache_dir=cache_dir, device_id=device,
     )

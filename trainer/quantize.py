@@ -273,8 +273,12 @@ def quantize_engine(
 ) -> GateResult:
     """Quantize ``engine_dir/model.onnx`` behind the gate and update its manifest.
 
-    On success ``model.int8.onnx`` is written and the manifest gains the
-    ``int8`` artifact, its held-out metrics and the gate record. On refusal
+    On success the artifact is written and the manifest gains it, its
+    held-out metrics and the gate record: ``uint8`` activations give the
+    ``int8`` artifact (``model.int8.onnx``, for ONNX Runtime on CPU), ``int8``
+    (symmetric) activations the ``int8-tensorrt`` one
+    (``model.int8-tensorrt.onnx``, recorded under
+    ``training.quantization_tensorrt``). On refusal
     (:class:`GateRefused`) nothing in ``engine_dir`` changes.
     """
     from edge.manifest import Manifest
@@ -296,17 +300,19 @@ def quantize_engine(
         full[str(path)] = m
         return float(m[metric])
 
+    key = "int8-tensorrt" if activation_type == "int8" else "int8"
+    record = "quantization_tensorrt" if key == "int8-tensorrt" else "quantization"
     result = quantize_with_gate(
-        fp32, d / ARTIFACT_FILES["int8"], calib, score, metric, max_drop,
+        fp32, d / ARTIFACT_FILES[key], calib, score, metric, max_drop,
         activation_type=activation_type, method=method,
     )
     int8_metrics = summarize(man.task, next(v for k, v in full.items() if k != str(fp32)))
     metrics = {k: dict(v) for k, v in man.metrics.items()}
-    metrics["int8"] = int8_metrics
+    metrics[key] = int8_metrics
     if "fp32" not in metrics:
         metrics["fp32"] = summarize(man.task, full[str(fp32)])
     training = dict(man.training)
-    training["quantization"] = {
+    training[record] = {
         "format": "QDQ",
         "weights": "int8 symmetric per-channel",
         "activations": "int8 symmetric" if activation_type == "int8" else "uint8 asymmetric",

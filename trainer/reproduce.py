@@ -139,6 +139,12 @@ def _build_one(r: Recipe, out: Path, work: Path, cache_dir: str | None, progress
         gate = {"passed": True, "metric": g.metric, "fp32": g.fp32, "int8": g.int8, "drop": g.drop, "max_drop": g.max_drop}
     except GateRefused as exc:
         gate = {"passed": False, "message": str(exc)}
+    try:  # the TensorRT form (symmetric int8 activations), behind the same gate
+        g = quantize_engine(engine, calib_n=r.calib_n, max_drop=r.max_drop, heldout_n=r.heldout_n,
+                            activation_type="int8")
+        gate["tensorrt"] = {"passed": True, "int8": g.int8, "drop": g.drop}
+    except GateRefused as exc:
+        gate["tensorrt"] = {"passed": False, "message": str(exc)}
     quant_s = time.monotonic() - t3
     from edge.manifest import Manifest
 

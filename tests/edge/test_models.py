@@ -143,7 +143,7 @@ def test_bundled_models_load_verify_and_answer() -> None:
     assert set(BUNDLED) <= set(found)
     img = _bright_rect((480, 640), "uint8", (150, 250, 250, 380))
     for name in BUNDLED:
-        for precision in sorted(found[name].artifacts):
+        for precision in sorted(set(found[name].artifacts) & {"fp32", "fp16", "int8"}):
             if precision == "fp16":
                 continue
             with load_model(name, precision=precision) as model:
@@ -180,14 +180,19 @@ def test_vectorised_nms_matches_the_greedy_reference() -> None:
 
 
 def test_tensorrt_int8_needs_symmetric_activations():
-    """The bundled CPU int8 (uint8 activations) is never handed to TensorRT."""
+    """The CPU int8 artifact (uint8 activations) is never handed to TensorRT."""
     import dataclasses
 
     from edge.errors import BackendUnavailableError
-    from edge.manifest import Manifest, default_engines_dir
+    from edge.manifest import INT8_TENSORRT, Manifest, default_engines_dir
     from edge.models import resolve_precision
 
-    m = Manifest.load(default_engines_dir() / "us-lesion-seg")
+    bundled = Manifest.load(default_engines_dir() / "us-lesion-seg")
+    assert bundled.int8_tensorrt_ready
+    assert resolve_precision("auto", bundled, "tensorrt", "cpu") == "int8"
+    assert bundled.artifact_key("int8", "tensorrt") == INT8_TENSORRT
+    # Without the TensorRT artifact, only the uint8-activation one is left.
+    m = dataclasses.replace(bundled, artifacts={k: v for k, v in bundled.artifacts.items() if k != INT8_TENSORRT})
     assert "int8" in m.artifacts and not m.int8_tensorrt_ready
     assert resolve_precision("auto", m, "tensorrt", "cpu") == "fp16"
     assert resolve_precision("auto", m, "onnxruntime", "cpu") == "int8"

@@ -89,9 +89,38 @@ def test_quantize_engine_updates_manifest(tmp_path: Path, det_engine: Path) -> N
     assert q["gate"]["max_drop"] == 1.0 and r.passed
 
 
-def test_build_refuses_tensorrt_int8_from_uint8_activations() -> None:
+def test_build_refuses_tensorrt_int8_from_uint8_activations(tmp_path) -> None:
+    import dataclasses
+    import shutil
+
     from edge.errors import EngineBuildError
+    from edge.manifest import INT8_TENSORRT, Manifest, default_engines_dir
     from trainer.build import build
 
+    eng = tmp_path / "us-lesion-seg"
+    shutil.copytree(default_engines_dir() / "us-lesion-seg", eng)
+    man = Manifest.load(eng)
+    arts = {k: v for k, v in man.artifacts.items() if k != INT8_TENSORRT}
+    dataclasses.replace(man, artifacts=arts).save(eng)
     with pytest.raises(EngineBuildError, match="--activations int8"):
-        build("us-lesion-seg", "int8", max_batch=1, cache_dir="/nonexistent")
+        build(str(eng), "int8", max_batch=1, cache_dir="/nonexistent")
+
+
+def test_bundled_engines_carry_a_tensorrt_int8_artifact() -> None:
+    """Symmetric int8 activations (int8 zero points, all 0), gated like the CPU int8."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edge.manifest import INT8_TENSORRT, Manifest, default_engines_dir
+
+    for name in ("us-lesion-seg", "xray-nodule-det"):
+        man = Manifest.load(default_engines_dir() / name)
+        assert man.int8_tensorrt_ready and man.artifact_key("int8", "tensorrt") == INT8_TENSORRT
+        assert man.artifact_key("int8", "onnxruntime") == "int8"
+        gate = man.training["quantization_tensorrt"]["gate"]
+        assert gate["drop"] <= gate["max_drop"]
+        model = onnx.load(str(man.artifact_path(INT8_TENSORRT, verify=True)))
+        inits = {i.name: i for i in model.graph.initializer}
+        zps = [numpy_helper.to_array(inits[n.input[2]]) for n in model.graph.node
+               if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+        assert zps and all(z.dtype.name == "int8" and not z.any() for z in zps)

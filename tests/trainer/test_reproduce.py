@@ -20,10 +20,10 @@ def test_quick_reproduce_builds_both_engines(tmp_path: Path, capsys: pytest.Capt
     found = discover(out)
     assert set(found) == {"us-lesion-seg", "xray-nodule-det"}
     for m in found.values():
-        assert set(m.artifacts) == {"fp32", "fp16", "int8"}
+        assert set(m.artifacts) == {"fp32", "fp16", "int8", "int8-tensorrt"}
         for prec in m.artifacts:
             m.artifact_path(prec, verify=True)
-        assert set(m.metrics) == {"fp32", "fp16", "int8"}
+        assert set(m.metrics) == {"fp32", "fp16", "int8", "int8-tensorrt"}
         assert m.training["quantization"]["gate"]["max_drop"] == 1.0
         assert (m.directory / "model.pt").is_file()
     rec = json.loads((tmp_path / "r.json").read_text())
