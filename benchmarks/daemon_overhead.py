@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from edge.benchstats import cpu_model  # noqa: E402
 from edge.manifest import default_engines_dir  # noqa: E402
 from edge.models import load_model  # noqa: E402
 from edge.simulate import make_source  # noqa: E402
@@ -95,14 +96,7 @@ def _status_kb(pid: int, key: str) -> int:
 def _machine() -> dict[str, Any]:
     import importlib.metadata as md
 
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     vers = {}
     for dist in ("onnxruntime", "pyzmq", "numpy", "prometheus-client"):
         try:

@@ -46,6 +46,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
+from edge.benchstats import cpu_model
+
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 
@@ -166,14 +168,7 @@ def run_storescp(files: list[Path], out: Path) -> float:
 
 
 def machine() -> dict[str, object]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     dcmtk = subprocess.run([STORESCU, "--version"], capture_output=True, text=True).stdout.splitlines()[0:1]
     import pynetdicom
     import pydicom

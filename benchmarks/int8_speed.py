@@ -29,17 +29,8 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 
 from edge.manifest import Manifest  # noqa: E402
+from edge.benchstats import cpu_model  # noqa: E402
 from edge.preprocess import preprocess  # noqa: E402
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _frame(task: str) -> np.ndarray:
@@ -98,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "what": f"{man.name} ONNX Runtime CPU, batch 1, input {list(man.input.size)}, median of {args.runs} interleaved runs",
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "onnxruntime": ort.__version__, "python": platform.python_version(), "nice": os.nice(0)},
         "threads": args.threads or "ort-default",
         "int8_activations": man.training.get("quantization", {}).get("activations", "?"),

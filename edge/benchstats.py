@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 __all__ = [
+    "cpu_model",
     "PERCENTILES",
     "summarize_ms",
     "coefficient_of_variation",
@@ -136,7 +137,8 @@ def write_csv(path: Path | str, rows: Iterable[Mapping[str, Any]], columns: Sequ
     return atomic_write_text(path, buf.getvalue())
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo; the platform's word elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
@@ -186,7 +188,7 @@ def machine_info() -> dict[str, Any]:
         usable = os.cpu_count() or 0
     return {
         "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count() or 0,
         "cpu_usable": usable,
         "memory_bytes": int(mem_bytes),

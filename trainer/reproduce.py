@@ -73,15 +73,9 @@ QUICK_RECIPES = (
 
 def machine_info() -> dict[str, Any]:
     """Where a measurement was taken: CPU model, cores, OS, library versions, niceness."""
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from edge.benchstats import cpu_model
+
+    cpu = cpu_model()
     import numpy
     import onnxruntime
     import torch
