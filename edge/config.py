@@ -146,7 +146,11 @@ class ModelConfig:
     ``medge_model_info``). ``provider`` is the ONNX Runtime execution
     provider (``cpu``, ``cuda``, ``tensorrt``); a provider that is not
     installed is an error, not a fallback. ``intra_op_threads`` 0 means one
-    per core. ``max_batch``, ``max_delay_us`` and ``queue_size`` override
+    per core. ``spin_us``: how long ONNX Runtime's intra-op threads keep
+    spinning for more work after a parallel section before they sleep (0:
+    never spin). A short bounded spin keeps the cores awake through the
+    end of a run and the reply, which saves a wake-up per hand-off, and
+    costs little CPU: see docs/configuration.md. ``max_batch``, ``max_delay_us`` and ``queue_size`` override
     ``[scheduler]`` for this model when non-zero. ``threshold`` overrides the
     manifest's score/probability threshold when set (>= 0).
     """
@@ -158,6 +162,7 @@ class ModelConfig:
     provider: str = "cpu"
     device_id: int = 0
     intra_op_threads: int = 0
+    spin_us: int = 1000
     warmup_iterations: int = 3
     max_batch: int = 0
     max_delay_us: int = -1
@@ -515,6 +520,7 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
         _check(m.provider in PROVIDER_CHOICES, f"{k}.provider", f"{m.provider!r} is not one of {PROVIDER_CHOICES}.")
         _check(m.device_id >= 0, f"{k}.device_id", "must be >= 0.")
         _check(m.intra_op_threads >= 0, f"{k}.intra_op_threads", "must be >= 0 (0: one per core).")
+        _check(0 <= m.spin_us <= 1_000_000, f"{k}.spin_us", "must be between 0 (no spinning) and 1000000.")
         _check(m.warmup_iterations >= 0, f"{k}.warmup_iterations", "must be >= 0.")
         _check(m.max_batch >= 0, f"{k}.max_batch", "must be >= 0 (0: the [scheduler] value).")
         _check(m.queue_size >= 0, f"{k}.queue_size", "must be >= 0 (0: the [scheduler] value).")

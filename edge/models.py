@@ -313,6 +313,7 @@ def load_model(
     cache_dir: Path | str = ".medge/engine-cache",
     device_id: int = 0,
     intra_op_threads: int = 0,
+    spin_us: int = 1000,
     threshold: float | None = None,
     warmup_iterations: int = 0,
 ) -> LoadedModel:
@@ -331,6 +332,9 @@ def load_model(
         ONNX Runtime execution provider: ``cpu``, ``cuda`` or ``tensorrt``.
     max_batch : int
         Largest batch the backend will be given.
+    spin_us : int
+        ONNX Runtime: how long intra-op threads spin for work before they
+        sleep (0: never); ignored by TensorRT.
     warmup_iterations : int
         Run :meth:`LoadedModel.warmup` before returning (0: don't).
 
@@ -370,6 +374,7 @@ def load_model(
         provider=prov or "cpu",
         device_id=device_id,
         intra_op_threads=intra_op_threads,
+        spin_us=spin_us,
     )
     if kind == "onnxruntime":
         label = "onnxruntime" if prov == "cpu" else f"onnxruntime+{prov}"
@@ -471,6 +476,7 @@ def _load_configured(config: MedgeConfig, mc: ModelConfig, warmup: bool) -> Load
             cache_dir=config.engine_cache_dir,
             device_id=mc.device_id,
             intra_op_threads=mc.intra_op_threads,
+            spin_us=mc.spin_us,
             threshold=mc.threshold if mc.threshold >= 0 else None,
         )
     except (ModelError, BackendUnavailableError) as exc:

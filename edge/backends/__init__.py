@@ -97,6 +97,7 @@ def create_backend(
     provider: str = "cpu",
     device_id: int = 0,
     intra_op_threads: int = 0,
+    spin_us: int = 1000,
 ) -> Backend:
     """Build a backend of a concrete ``kind`` (``onnxruntime`` or ``tensorrt``).
 
@@ -134,4 +135,5 @@ def create_backend(
         device_id=device_id,
         intra_op_threads=intra_op_threads,
         max_batch=max_batch,
+        spin_us=spin_us,
     )
