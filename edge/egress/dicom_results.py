@@ -61,6 +61,18 @@ _MIN_REGION_PIXELS = 9  # mask regions smaller than this are not outlined in an 
 _MAX_REGIONS = 32  # per frame and label
 _MAX_VERTICES = 2000  # per outline
 _PLANE_KEYS = ("FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+# Body Part Examined defined terms of unpaired structures (PS3.16 Annex L, as dciodvfy knows
+# them). For these the General Series Laterality (Type 2C, "required if the body part examined
+# is a paired structure") must be absent; for any other body part, or none, it is required and
+# is empty when not known.
+_UNPAIRED_BODY_PARTS = frozenset(
+    """ABDOMEN ABDOMENPELVIS AORTA BACK BLADDER BRAIN CEREBELLUM CERVIX CHEST CHESTABDOMEN
+    CHESTABDPELVIS CIRCLEOFWILLIS COCCYX COLON CORONARYARTERY CSPINE CTSPINE DUODENUM ESOPHAGUS
+    FACE GALLBLADDER HEAD HEADNECK HEART ILEUM ILIUM JAW JEJUNUM LARYNX LIVER LSPINE LSSPINE
+    MAXILLA MEDIASTINUM MOUTH NECK NECKCHEST NECKCHESTABDOMEN NECKCHESTABDPELV NOSE PANCREAS
+    PELVIS PENIS PHARYNX PROSTATE RECTUM SCALP SKULL SPINE SPLEEN SSPINE STERNUM STOMACH THYMUS
+    THYROID TLSPINE TONGUE TRACHEA TSPINE URETER URETHRA UTERUS VAGINA VULVA WHOLEBODY""".split()
+)
 
 
 @dataclass(frozen=True)
@@ -443,12 +455,36 @@ def _draw_overlay(gray: np.ndarray, mask: np.ndarray | None, boxes: Sequence[dic
     return rgb
 
 
+def _laterality(source: Dataset) -> tuple[str | None, bool]:
+    """(``R``/``L`` or ``None``, whether General Series Laterality belongs in an image of ``source``).
+
+    The source's own Laterality, else its Image Laterality (DX, MG), when it
+    is ``R`` or ``L``. Laterality belongs unless Body Part Examined names an
+    unpaired structure.
+    """
+    body_part = str(getattr(source, "BodyPartExamined", "") or "").strip().upper()
+    if body_part in _UNPAIRED_BODY_PARTS:
+        return None, False
+    for keyword in ("Laterality", "ImageLaterality"):
+        value = str(getattr(source, keyword, "") or "").strip().upper()
+        if value in ("R", "L"):
+            return value, True
+    return None, True
+
+
 def make_overlay(source: Dataset, frame_pixels: np.ndarray, result: SourceResult, index: int, model: ModelInfo) -> hd.sc.SCImage:
-    """A secondary-capture RGB image of one processed frame with the result burned in."""
+    """A secondary-capture RGB image of one processed frame with the result burned in.
+
+    General Series Laterality (Type 2C) follows the source: ``R``/``L`` when
+    the source says so; absent when its Body Part Examined is an unpaired
+    structure; otherwise (a paired or unnamed body part of unknown side)
+    present and empty, which the standard allows when the side is unknown.
+    """
     frame = result.frames[index]
     mask = result.masks[index] if result.masks is not None else None
     boxes = result.boxes[index] if index < len(result.boxes) else []
     rgb = _draw_overlay(frame_pixels, mask, boxes)
+    laterality, laterality_applies = _laterality(source)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=rgb,
@@ -462,15 +498,19 @@ def make_overlay(source: Dataset, frame_pixels: np.ndarray, result: SourceResult
         instance_number=int(frame),
         manufacturer=_MANUFACTURER,
         series_description=series_description(model, "overlay"),
+        laterality=hd.LateralityValues(laterality) if laterality else None,
     )
     sc.BurnedInAnnotation = "YES"  # the result is drawn into the pixels
     src_orientation = list(getattr(source, "PatientOrientation", []) or [])
     sc.PatientOrientation = src_orientation if len(src_orientation) == 2 else []  # Type 2: empty when unknown
     if getattr(source, "BodyPartExamined", ""):
-        sc.BodyPartExamined = source.BodyPartExamined  # lets a validator decide whether Laterality applies
-    if "Laterality" not in sc and (getattr(source, "Laterality", "") or "BodyPartExamined" not in sc):
-        # General Series: Type 2C (paired body parts); empty when the source does not say.
-        sc.Laterality = getattr(source, "Laterality", "") or ""
+        sc.BodyPartExamined = source.BodyPartExamined  # what the Laterality condition is judged by
+    if laterality_applies and "Laterality" not in sc:
+        # Type 2C, required for a paired (or unnamed) body part: empty = side unknown. highdicom
+        # has no way to write an empty value (its None omits the attribute).
+        sc.Laterality = ""
+    elif not laterality_applies and "Laterality" in sc:
+        del sc.Laterality
     return sc
 
 

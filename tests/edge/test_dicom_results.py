@@ -175,6 +175,59 @@ def test_secondary_capture_overlay_is_valid(tmp_path: Path) -> None:
     assert px.shape == (64, 64, 3) and tuple(px[5, 10]) == (0, 255, 0)
 
 
+def only_unknown_laterality(warnings: list[str]) -> bool:
+    """The one dciodvfy warning an empty (side unknown) Laterality gets, and nothing else."""
+    return len(warnings) == 1 and "<Laterality>" in warnings[0] and "empty when actually unknown" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "body_part, laterality, expected",
+    [
+        # Unpaired body part: Laterality (General Series, Type 2C) absent, even if the source set one.
+        ("ABDOMEN", None, None),
+        ("ABDOMEN", "R", None),
+        # Paired body part of known side: the side, through highdicom's ``laterality``.
+        ("BREAST", "L", "L"),
+        # A paired body part of unknown side, or no Body Part Examined at all (the factory's plain US):
+        # dciodvfy cannot rule out a paired structure, so leaving Laterality out is an *error*
+        # ("Missing attribute Type 2C"), and a value or a body part would be invented data. Empty is
+        # the standard's "unknown"; dciodvfy still warns that empty is only for "actually unknown",
+        # which it is. Unavoidable without data the modality did not send.
+        ("BREAST", None, ""),
+        (None, None, ""),
+    ],
+)
+def test_us_overlay_laterality_follows_the_source(
+    tmp_path: Path, body_part: str | None, laterality: str | None, expected: str | None
+) -> None:
+    img = (np.arange(48 * 64).reshape(48, 64) % 251).astype(np.uint8)
+    src = roundtrip(f.make_us_single(img))
+    if body_part:
+        src.BodyPartExamined = body_part
+    if laterality:
+        src.Laterality = laterality
+    mask = disc(48, 64, 30, 20, 9)
+    sc = make_overlay(src, img.astype(np.float32), SourceResult(src, [1], mask[None]), 0, SEG)
+    warnings = dciodvfy(sc, tmp_path, "us_overlay_sc")
+    if expected == "":
+        assert only_unknown_laterality(warnings), warnings
+    else:
+        assert warnings == []
+    back = roundtrip(sc)
+    assert back.get("Laterality") == expected
+    assert back.get("BodyPartExamined") == body_part
+
+
+def test_cine_overlay_without_anatomy_has_only_the_unknown_laterality_warning(tmp_path: Path) -> None:
+    frames = np.stack([np.full((40, 56), 20 * i, np.uint8) for i in range(3)])
+    src = roundtrip(f.make_us_multiframe(frames))
+    masks = np.stack([disc(40, 56, 20, 20, 6)] * 2)
+    sc = make_overlay(src, frames[2].astype(np.float32), SourceResult(src, [1, 3], masks), 1, SEG)
+    assert sc.InstanceNumber == 3
+    # See test_us_overlay_laterality_follows_the_source: no body part, no side -> empty, one warning.
+    assert only_unknown_laterality(dciodvfy(sc, tmp_path, "us_cine_overlay_sc"))
+
+
 def test_series_description_fits_and_flags_research_models() -> None:
     long = ModelInfo("m" * 70, "1", "segmentation")
     assert len(series_description(long, "SEG")) <= 64
