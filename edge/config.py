@@ -217,8 +217,12 @@ class DicomConfig:
     no new instance. ``unrouted``: ``accept`` (store and log by SOP class) or
     ``reject``. ``frame_stride``: run every n-th frame of a multi-frame cine.
     ``secondary_capture``: also write an overlay secondary-capture image.
-    With no ``[[dicom.routes]]`` the defaults route US to ``us-lesion-seg``
-    and CR/DX to ``xray-nodule-det`` (those that are served).
+    ``spool_min_free_mb``: a C-STORE is refused (``0xA700``) when it would
+    leave less than this many MiB free on the spool's file system (0: no
+    reserve). ``spool_max_mb``: a C-STORE is refused when the received but
+    not yet processed instances plus the outbox would exceed this many MiB
+    (0: no cap). With no ``[[dicom.routes]]`` the defaults route US to
+    ``us-lesion-seg`` and CR/DX to ``xray-nodule-det`` (those that are served).
     """
 
     enabled: bool = True
@@ -235,6 +239,8 @@ class DicomConfig:
     unrouted: str = "accept"
     frame_stride: int = 1
     secondary_capture: bool = False
+    spool_min_free_mb: int = 64
+    spool_max_mb: int = 0
     routes: tuple[DicomRoute, ...] = ()
     destinations: tuple[DicomDestination, ...] = ()
 
@@ -543,6 +549,8 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
         _check(getattr(d, name) > 0, f"dicom.{name}", "must be > 0.")
     _check(d.unrouted in _UNROUTED, "dicom.unrouted", f"{d.unrouted!r} is not one of {_UNROUTED}.")
     _check(d.frame_stride >= 1, "dicom.frame_stride", "must be >= 1.")
+    _check(d.spool_min_free_mb >= 0, "dicom.spool_min_free_mb", f"{d.spool_min_free_mb} must be >= 0 (0: no reserve).")
+    _check(d.spool_max_mb >= 0, "dicom.spool_max_mb", f"{d.spool_max_mb} must be >= 0 (0: no cap).")
     if bool(d.tls.cert) != bool(d.tls.key):
         raise ConfigError("Config key dicom.tls: cert and key must be set together.")
     for name in ("cert", "key", "ca"):

@@ -40,9 +40,10 @@ import os
 import re
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence, cast
+from typing import Any, Callable, Iterable, Sequence, cast
 
 import numpy as np
 
@@ -137,13 +138,29 @@ class Spool:
     root : path-like
         The spool folder (created if missing).
     max_bytes : int, optional
-        Quota for ``instances/``; a store that would exceed it raises
-        :class:`SpoolFullError`. ``None``: no quota.
+        Quota for ``instances/`` plus whatever ``extra_bytes`` reports; a
+        store that would exceed it raises :class:`SpoolFullError`. ``None``:
+        no quota.
     min_free_bytes : int
-        Free space the file system must keep after a store (default 64 MiB).
+        Free space the file system must keep after a store (default 64 MiB;
+        0: no reserve).
+    extra_bytes : callable, optional
+        ``extra_bytes(recount) -> int``: bytes held elsewhere that count
+        against ``max_bytes`` (the outbox). Called with ``False`` on every
+        store (must be cheap) and with ``True`` to count them on disk again
+        before a store is refused (at most once per second).
     """
 
-    def __init__(self, root: Path | str, max_bytes: int | None = None, min_free_bytes: int = 64 << 20) -> None:
+    #: Least seconds between two re-counts of ``extra_bytes`` on the refusal path.
+    RECOUNT_INTERVAL_S = 1.0
+
+    def __init__(
+        self,
+        root: Path | str,
+        max_bytes: int | None = None,
+        min_free_bytes: int = 64 << 20,
+        extra_bytes: Callable[[bool], int] | None = None,
+    ) -> None:
         self.root = Path(root)
         self.instances_dir = self.root / "instances"
         self.results_dir = self.root / "results"
@@ -151,6 +168,8 @@ class Spool:
         self.tmp_dir = self.root / "tmp"
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
+        self.extra_bytes = extra_bytes
+        self._last_recount = float("-inf")
         self._lock = threading.Lock()
         try:
             for d in (self.instances_dir, self.results_dir, self.failed_dir, self.tmp_dir):
@@ -168,10 +187,19 @@ class Spool:
         return self._used_bytes
 
     def _check_room(self, size: int) -> None:
-        if self.max_bytes is not None and self._used_bytes + size > self.max_bytes:
-            raise SpoolFullError(
-                f"Spool quota of {self.max_bytes} bytes would be exceeded ({self._used_bytes} used, {size} more)."
-            )
+        if self.max_bytes is not None:
+            extra = self.extra_bytes(False) if self.extra_bytes is not None else 0
+            if self._used_bytes + extra + size > self.max_bytes and self.extra_bytes is not None:
+                now = time.monotonic()
+                if now - self._last_recount >= self.RECOUNT_INTERVAL_S:
+                    # Before refusing, count again: a person may have cleared dead letters.
+                    self._last_recount = now
+                    extra = self.extra_bytes(True)
+            if self._used_bytes + extra + size > self.max_bytes:
+                raise SpoolFullError(
+                    f"Spool quota of {self.max_bytes} bytes would be exceeded ({self._used_bytes} in received "
+                    f"instances, {extra} in the outbox, {size} more)."
+                )
         if self.min_free_bytes > 0:
             st = os.statvfs(self.instances_dir)
             free = st.f_bavail * st.f_frsize

@@ -18,6 +18,10 @@ Layout under ``<spool_dir>/outbox``:
 ``unsent/``
     Results when no destination is configured (logged once).
 
+Disk use: :meth:`Outbox.stored_bytes` is what the result files
+(``pending``, ``dead-letter``, ``unsent``) hold, kept up to date as files are
+written, sent and moved; the SCP counts it against ``[dicom] spool_max_mb``.
+
 Retry policy: a destination that cannot be reached (connection refused,
 association rejected or aborted, timeout) is retried after
 ``retry_base_s * 2**(n-1)`` seconds, capped at ``retry_max_s``; its objects
@@ -184,6 +188,9 @@ class Outbox:
         for dest in self.destinations:
             (self.pending_root / dest.name).mkdir(exist_ok=True)
             (self.dead_root / dest.name).mkdir(exist_ok=True)
+        # Bytes of the result files held here; changed together with the files, under this lock.
+        self._bytes_lock = threading.Lock()
+        self._stored_bytes = self._scan_bytes()
         self._pending = get_or_create_metric(
             registry, Gauge, "medge_outbox_pending", "Result objects waiting to be sent, per destination.", ["destination"]
         )
@@ -251,11 +258,11 @@ class Outbox:
                 _log.warning("No [[dicom.destinations]] configured: results are kept in %s.", self.unsent_dir)
                 self._warned_no_destination = True
             path = self.unsent_dir / name
-            atomic_write(path, [data], tmp_dir=self.tmp_dir)
+            self._write(path, data)
             return [path]
         for dest in self.destinations:
             path = self.pending_root / dest.name / name
-            atomic_write(path, [data], tmp_dir=self.tmp_dir)
+            self._write(path, data)
             written.append(path)
         for dest in self.destinations:
             self._update_gauge(dest)
@@ -277,6 +284,18 @@ class Outbox:
         """Objects in the dead-letter folder of ``destination``."""
         return sorted((self.dead_root / destination).glob("*.dcm"))
 
+    def stored_bytes(self, recount: bool = False) -> int:
+        """Bytes of the result files in the outbox (pending, dead-letter and unsent).
+
+        Kept up to date as the outbox writes, sends and moves files, so this
+        is cheap. ``recount=True`` sums the files on disk again first, which
+        also notices files a person removed (e.g. from ``dead-letter/``).
+        """
+        if recount:
+            with self._bytes_lock:
+                self._stored_bytes = self._scan_bytes()
+        return self._stored_bytes
+
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until nothing is pending (True) or ``timeout_s`` passed (False)."""
         deadline = time.monotonic() + timeout_s
@@ -287,6 +306,35 @@ class Outbox:
         return self.pending_count() == 0
 
     # ------------------------------------------------------------------ internals
+    def _scan_bytes(self) -> int:
+        total = 0
+        for pattern in ("pending/*/*.dcm", "dead-letter/*/*.dcm", "unsent/*.dcm"):
+            for p in self.root.glob(pattern):
+                try:
+                    total += p.stat().st_size
+                except FileNotFoundError:  # removed while we looked
+                    pass
+        return total
+
+    @staticmethod
+    def _size(path: Path) -> int:
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _write(self, path: Path, data: bytes) -> None:
+        with self._bytes_lock:
+            old = self._size(path)
+            atomic_write(path, [data], tmp_dir=self.tmp_dir)
+            self._stored_bytes += len(data) - old
+
+    def _remove_sent(self, path: Path) -> None:
+        with self._bytes_lock:
+            size = self._size(path)
+            path.unlink()
+            self._stored_bytes -= size
+
     def _update_gauge(self, dest: Destination) -> None:
         self._pending.labels(destination=dest.name).set(len(self.pending(dest.name)))
 
@@ -368,7 +416,7 @@ class Outbox:
                     break
                 verdict = classify_status(status)
                 if verdict == "success":
-                    path.unlink()
+                    self._remove_sent(path)
                     self._attempts_path(path).unlink(missing_ok=True)
                     self._sent.labels(destination=dest.name).inc()
                     state.failures = 0
@@ -414,7 +462,11 @@ class Outbox:
         target_dir = self.dead_root / dest.name
         target_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(target_dir / f"{path.stem}.reason.txt", [f"{reason}\n".encode("utf-8")], tmp_dir=self.tmp_dir)
-        shutil.move(str(path), target_dir / path.name)
+        target = target_dir / path.name
+        with self._bytes_lock:
+            replaced = self._size(target)  # an earlier dead letter of the same object
+            shutil.move(str(path), target)
+            self._stored_bytes -= replaced
         self._attempts_path(path).unlink(missing_ok=True)
         self._dead.labels(destination=dest.name).inc()
         _log.error("Result %s for destination %s moved to the dead-letter folder: %s.", path.name, dest.name, reason)

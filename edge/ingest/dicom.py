@@ -12,8 +12,10 @@ What happens on the network (association) thread, and nothing more:
    ``0x0122`` (``unrouted = "reject"``).
 3. The encoded bytes (file meta + data set, exactly as received) are written
    to the spool: temp file, fsync, rename, fsync of the folder. Only then is
-   success (``0x0000``) returned. A full spool (quota or disk reserve) or an
-   unwritable one answers ``0xA700`` (out of resources), never success.
+   success (``0x0000``) returned. A full spool (``[dicom] spool_max_mb``
+   over the received instances plus the outbox, or less free disk than
+   ``spool_min_free_mb`` after the write) or an unwritable one answers
+   ``0xA700`` (out of resources), never success; nothing is left behind.
 4. The spooled instance is queued for :class:`~edge.ingest.dicom_pipeline.DicomPipeline`,
    whose worker threads decode and call the inference service.
 
@@ -179,11 +181,15 @@ class DicomIngest:
     spool_dir : path-like
         Received instances go to ``<spool_dir>/dicom``, results to ``<spool_dir>/outbox``.
     spool_max_bytes : int, optional
-        Quota for spooled instances (default: only the disk reserve).
+        Cap on received-but-unprocessed instances plus the outbox, in bytes
+        (default: ``[dicom] spool_max_mb``; 0 there means no cap).
     model_info : callable, optional
         Overrides how result objects learn a model's name, version and labels.
     workers : int
         Inference worker threads.
+    min_free_bytes : int, optional
+        Free space the spool's file system must keep after a store
+        (default: ``[dicom] spool_min_free_mb``).
     """
 
     def __init__(
@@ -195,12 +201,21 @@ class DicomIngest:
         spool_max_bytes: int | None = None,
         model_info: Any = None,
         workers: int = 1,
-        min_free_bytes: int = 64 << 20,
+        min_free_bytes: int | None = None,
     ) -> None:
         self.config = config
         dcfg = config.dicom
         self.settings = dcfg
-        self.spool = Spool(Path(spool_dir) / "dicom", max_bytes=spool_max_bytes, min_free_bytes=min_free_bytes)
+        if spool_max_bytes is None:
+            spool_max_bytes = int(getattr(dcfg, "spool_max_mb", 0)) << 20 or None
+        if min_free_bytes is None:
+            min_free_bytes = int(getattr(dcfg, "spool_min_free_mb", 64)) << 20
+        self.spool = Spool(
+            Path(spool_dir) / "dicom",
+            max_bytes=spool_max_bytes,
+            min_free_bytes=min_free_bytes,
+            extra_bytes=self._outbox_bytes,  # the cap covers the results waiting in the outbox too
+        )
         served = set(service.models()) if service is not None else set()
         routes = [r for r in dcfg.routes if service is None or r.model in served]
         for r in dcfg.routes:
@@ -255,6 +270,10 @@ class DicomIngest:
             )
         self.ae = self._make_ae()
         self._server: Any = None
+
+    def _outbox_bytes(self, recount: bool) -> int:
+        outbox = getattr(self, "outbox", None)
+        return outbox.stored_bytes(recount) if outbox is not None else 0
 
     def _make_ae(self) -> AE:
         d = self.settings
@@ -383,7 +402,9 @@ class DicomIngest:
         try:
             path = self.spool.store_instance(info.sop_instance_uid, [_PREAMBLE, _encode_meta(event.file_meta), data])
         except SpoolFullError as exc:
-            _log.error("Spool full, answering out of resources: %s", exc)
+            _log.error(
+                "Spool full ([dicom] spool_max_mb / spool_min_free_mb), answering out of resources: %s", exc
+            )
             self._refused.labels(status=f"0x{STATUS_OUT_OF_RESOURCES:04X}").inc()
             return STATUS_OUT_OF_RESOURCES
         except SpoolError as exc:

@@ -122,6 +122,10 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ("[[models]]\nprecision = \"fp32\"\n", {}, "name"),
         ("[dicom]\nunrouted = \"maybe\"\n", {}, "dicom.unrouted"),
         ("[dicom]\nae_title = \"A_TITLE_MUCH_TOO_LONG\"\n", {}, "dicom.ae_title"),
+        ("[dicom]\nspool_max_mb = -1\n", {}, "dicom.spool_max_mb"),
+        ("[dicom]\nspool_min_free_mb = -64\n", {}, "dicom.spool_min_free_mb"),
+        ("[dicom]\nspool_max_mb = 0.5\n", {}, "dicom.spool_max_mb"),
+        ("", {"MEDGE_DICOM__SPOOL_MIN_FREE_MB": "-1"}, "dicom.spool_min_free_mb"),
         ("[dicom.tls]\ncert = \"/nonexistent.pem\"\nkey = \"/nonexistent.key\"\n", {}, "dicom.tls.cert"),
         ("[[dicom.destinations]]\nname = \"p\"\nhost = \"h\"\nport = 0\nae_title = \"P\"\n", {}, "dicom.destinations[0].port"),
         ("[outbox]\nretry_max_s = 0.1\n", {}, "outbox.retry_max_s"),
@@ -135,6 +139,14 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, env: dict[str, str]
     with pytest.raises(ConfigError, match=None) as info:
         load_config(_write(tmp_path, text), env=env, check_models=False)
     assert names in str(info.value)
+
+
+def test_dicom_spool_limits_default_and_override() -> None:
+    d = load_config(None, env={}, check_models=False).dicom
+    assert (d.spool_min_free_mb, d.spool_max_mb) == (64, 0)  # 64 MiB reserve, no cap
+    env = {"MEDGE_DICOM__SPOOL_MAX_MB": "2048", "MEDGE_DICOM__SPOOL_MIN_FREE_MB": "0"}
+    d = load_config(None, env=env, check_models=False).dicom
+    assert (d.spool_min_free_mb, d.spool_max_mb) == (0, 2048)
 
 
 def test_models_are_checked_against_the_engines(tmp_path: Path, fixture_engines: Path) -> None:

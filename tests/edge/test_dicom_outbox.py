@@ -129,6 +129,10 @@ def test_permanent_refusal_goes_to_dead_letter_with_reason(tmp_path: Path) -> No
                 ob.put(o)
             assert ob.wait_idle(20)
             dead = ob.dead_letters("pacs")
+            # Disk use follows the files: the sent one is gone, the dead letter still counts.
+            assert ob.stored_bytes() == ob.stored_bytes(recount=True) == dead[0].stat().st_size > 0
+            dead[0].unlink()  # a person clears the dead letter: seen on the next recount
+            assert ob.stored_bytes(recount=True) == 0
     finally:
         scp.close()
     assert len(dead) == 1 and len(scp.stored) == 1
@@ -159,14 +163,18 @@ def test_pending_results_survive_a_restart(tmp_path: Path) -> None:
     with Outbox(tmp_path / "outbox", dest, CollectorRegistry(), policy=FAST) as ob:
         for o in objs:
             ob.put(o)
-    assert len(list((tmp_path / "outbox" / "pending" / "pacs").glob("*.dcm"))) == 2
+        written = ob.stored_bytes()
+    files = list((tmp_path / "outbox" / "pending" / "pacs").glob("*.dcm"))
+    assert len(files) == 2 and written == sum(p.stat().st_size for p in files)
     scp = ScriptedSCP([])
     try:
         dest = [Destination("pacs", "127.0.0.1", scp.port, "SCRIPTED")]
         reg = CollectorRegistry()
         with Outbox(tmp_path / "outbox", dest, reg, policy=FAST) as ob:
             assert metric(reg, "medge_outbox_pending", destination="pacs") == 2
+            assert ob.stored_bytes() == written  # counted from disk at start
             assert ob.wait_idle(20)
+            assert ob.stored_bytes() == 0
     finally:
         scp.close()
     assert sorted(scp.stored) == sorted(str(o.SOPInstanceUID) for o in objs)

@@ -60,9 +60,9 @@ def echoscu(port: int, calling: str) -> subprocess.CompletedProcess:
     )
 
 
-def storescu(port: int, files: list[Path], calling: str = "MODALITY") -> subprocess.CompletedProcess:
+def storescu(port: int, files: list[Path], calling: str = "MODALITY", *options: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [STORESCU, "-aet", calling, "-aec", "MEDGE", "127.0.0.1", str(port), *map(str, files)],
+        [STORESCU, *options, "-aet", calling, "-aec", "MEDGE", "127.0.0.1", str(port), *map(str, files)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -165,6 +165,50 @@ def test_full_spool_answers_out_of_resources(start_scp, tmp_path: Path) -> None:
     assert ing.spool.pending_instances() == [] and svc.calls == []
     assert metric(reg, "medge_dicom_store_failures_total", status="0xA700") == 1
     assert metric(reg, "medge_dicom_instances_received_total", calling_ae="PYSCU") == 0
+
+
+def test_storescu_over_spool_max_mb_is_refused_and_leaves_nothing_then_below_it_succeeds(
+    start_scp, tmp_path: Path
+) -> None:
+    ing, svc, reg = start_scp(spool_max_mb=1)
+    rng = np.random.default_rng(5)
+    big = f.save(f.make_us_single(rng.integers(0, 255, (1024, 1100), dtype=np.uint8)), tmp_path / "big.dcm")
+    assert big.stat().st_size > 1 << 20  # over the 1 MiB cap on its own
+    r = storescu(ing.port, [big], "MODALITY", "-v")
+    # storescu reports the refusal ("Received Store Response (Refused: OutOfResources)") and fails.
+    assert r.returncode != 0 and "Refused: OutOfResources" in r.stderr, r.stderr
+    # Nothing of it is left: not in instances/, not half-written in tmp/, never run.
+    assert list(ing.spool.instances_dir.iterdir()) == [] and list(ing.spool.tmp_dir.iterdir()) == []
+    assert svc.calls == []
+    assert metric(reg, "medge_dicom_store_failures_total", status="0xA700") == 1
+    assert metric(reg, "medge_dicom_instances_received_total", calling_ae="MODALITY") == 0
+    small = f.save(f.make_us_single(rng.integers(0, 255, (256, 300), dtype=np.uint8)), tmp_path / "small.dcm")
+    r = storescu(ing.port, [small], "MODALITY", "-v")
+    assert r.returncode == 0 and "Received Store Response (Success)" in r.stderr, r.stderr
+    assert metric(reg, "medge_dicom_instances_received_total", calling_ae="MODALITY") == 1
+    assert ing.pipeline.wait_idle(20) and [c[1] for c in svc.calls] == [(256, 300)]
+
+
+def test_spool_max_mb_counts_the_results_in_the_outbox(start_scp, tmp_path: Path) -> None:
+    ing, svc, reg = start_scp(spool_max_mb=1)
+    # Results waiting in the outbox (here: unsent, no destination) count against the cap.
+    ing.outbox.put(f.make_us_single(np.zeros((960, 1000), np.uint8)))
+    assert ing.outbox.stored_bytes() > 900_000
+    p = f.save(f.make_us_single(np.ones((400, 500), np.uint8)), tmp_path / "us.dcm")
+    assert pyscu_store(ing.port, [p]) == [0xA700]
+    # Clearing the outbox by hand is noticed (re-counted before refusing) without a restart.
+    for q in ing.outbox.unsent_dir.glob("*.dcm"):
+        q.unlink()
+    ing.spool.RECOUNT_INTERVAL_S = 0.0
+    assert pyscu_store(ing.port, [p]) == [0x0000]
+
+
+def test_spool_min_free_mb_is_the_disk_reserve(start_scp, tmp_path: Path) -> None:
+    ing, svc, reg = start_scp(spool_min_free_mb=1 << 40)  # 1 EiB: more than any disk has free
+    p = f.save(f.make_us_single(np.ones((64, 64), np.uint8)), tmp_path / "us.dcm")
+    assert pyscu_store(ing.port, [p]) == [0xA700]
+    assert list(ing.spool.instances_dir.iterdir()) == [] and list(ing.spool.tmp_dir.iterdir()) == []
+    assert svc.calls == [] and metric(reg, "medge_dicom_store_failures_total", status="0xA700") == 1
 
 
 def test_broken_dataset_gets_a_failure_status_and_the_scp_keeps_serving(start_scp, tmp_path: Path) -> None:

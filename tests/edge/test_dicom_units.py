@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -121,6 +122,35 @@ def test_spool_store_quota_result_and_quarantine(tmp_path: Path) -> None:
     # A new Spool over the same folder finds what is there (the crash-recovery index is the folder).
     spool.store_instance("1.2.5", [b"z"])
     assert [q.name for q in Spool(tmp_path).pending_instances()] == ["1.2.5.dcm"]
+
+
+def test_spool_cap_counts_extra_bytes_and_recounts_them_before_refusing(tmp_path: Path) -> None:
+    outbox = {"bytes": 500, "recounts": 0}
+
+    def extra(recount: bool) -> int:
+        if recount:
+            outbox["recounts"] += 1
+        return outbox["bytes"]
+
+    spool = Spool(tmp_path, max_bytes=1000, min_free_bytes=0, extra_bytes=extra)
+    spool.store_instance("1.2.1", [b"x" * 400])  # 400 + 500 <= 1000
+    with pytest.raises(SpoolFullError, match="500 in the outbox"):
+        spool.store_instance("1.2.2", [b"y" * 200])  # 400 + 500 + 200 > 1000
+    assert outbox["recounts"] == 1  # counted again before refusing
+    assert not (spool.instances_dir / "1.2.2.dcm").exists() and list(spool.tmp_dir.iterdir()) == []
+    outbox["bytes"] = 0  # e.g. dead letters cleared by hand; the cheap count has not seen it yet
+    spool.RECOUNT_INTERVAL_S = 0.0
+    spool.store_instance("1.2.2", [b"y" * 200])
+    assert spool.used_bytes == 600
+
+
+def test_spool_disk_reserve_refuses_before_writing(tmp_path: Path) -> None:
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    spool = Spool(tmp_path, min_free_bytes=free + (1 << 30))  # more than the disk has
+    with pytest.raises(SpoolFullError, match="below the reserve"):
+        spool.store_instance("1.2.3", [b"x"])
+    assert list(spool.instances_dir.iterdir()) == [] and list(spool.tmp_dir.iterdir()) == []
+    assert Spool(tmp_path / "b", min_free_bytes=0).store_instance("1.2.3", [b"x"]).exists()
 
 
 def test_safe_name_never_escapes_the_folder() -> None:
