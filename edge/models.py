@@ -220,25 +220,23 @@ class LoadedModel:
     def _run_batch(self, images: Sequence[np.ndarray]) -> list[InferenceResult]:
         n = len(images)
         out: list[InferenceResult | None] = [None] * n
-        tensors: list[np.ndarray] = []
+        batch = np.empty((n, *self.input_shape), dtype=np.float32)  # preprocessed in place, no stacking
         geoms: list[Geometry] = []
         slots: list[int] = []
         pre_us: list[int] = []
         for i, img in enumerate(images):
             t0 = time.perf_counter_ns()
             try:
-                x, geom = self.preprocess(img)
+                _, geom = preprocess(img, self.manifest.input, self.manifest.preprocessing, out=batch[len(slots)])
             except DataError as exc:
                 out[i] = self._error("bad_shape", str(exc))
                 continue
-            tensors.append(x)
             geoms.append(geom)
             slots.append(i)
             pre_us.append(_us(t0, time.perf_counter_ns()))
-        if tensors:
+        if slots:
             t0 = time.perf_counter_ns()
-            batch = np.stack(tensors) if len(tensors) > 1 else tensors[0][None]
-            outputs = self.backend.infer(batch)
+            outputs = self.backend.infer(batch[: len(slots)])
             infer_us = _us(t0, time.perf_counter_ns())
             for j, (slot, geom) in enumerate(zip(slots, geoms)):
                 t1 = time.perf_counter_ns()

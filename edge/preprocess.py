@@ -118,19 +118,41 @@ def resize_nearest(labels: np.ndarray, height: int, width: int) -> np.ndarray:
     return labels[rows[:, None], cols[None, :]]
 
 
-def _normalize(x: np.ndarray, pre: Preprocessing) -> np.ndarray:
+def _normalize_inplace(x: np.ndarray, pre: Preprocessing) -> None:
+    """Intensity normalisation of a float32 array, in place (same arithmetic as ever)."""
     if pre.normalize == "minmax":
         lo, hi = float(x.min()), float(x.max())
         if hi - lo < 1e-12:
-            return np.zeros_like(x)
-        return (x - lo) * np.float32(1.0 / (hi - lo))
+            x.fill(0.0)
+            return
+        x -= np.float32(lo)
+        x *= np.float32(1.0 / (hi - lo))
+        return
     if pre.normalize == "zscore":
         sd = float(x.std())
-        return (x - np.float32(x.mean())) * np.float32(1.0 / sd if sd > 1e-12 else 0.0)
-    return (x - np.float32(pre.mean)) * np.float32(1.0 / pre.std)
+        mean = np.float32(x.mean())
+        x -= mean
+        x *= np.float32(1.0 / sd if sd > 1e-12 else 0.0)
+        return
+    if pre.mean != 0.0:
+        x -= np.float32(pre.mean)
+    x *= np.float32(1.0 / pre.std)
 
 
-def preprocess(image: np.ndarray, spec: InputSpec, pre: Preprocessing) -> tuple[np.ndarray, Geometry]:
+def _gray_plane(image: np.ndarray, channels: int) -> np.ndarray | None:
+    """The single source plane when no channel conversion is needed (any dtype), else None."""
+    if channels != 1:
+        return None
+    if image.ndim == 2:
+        return image
+    if image.ndim == 3 and image.shape[2] == 1:
+        return image[:, :, 0]
+    return None
+
+
+def preprocess(
+    image: np.ndarray, spec: InputSpec, pre: Preprocessing, out: np.ndarray | None = None
+) -> tuple[np.ndarray, Geometry]:
     """Turn one image into a ``[C, H, W]`` float32 model input.
 
     Steps: to float channels, optional CT window, resize (letterbox or
@@ -144,24 +166,47 @@ def preprocess(image: np.ndarray, spec: InputSpec, pre: Preprocessing) -> tuple[
         in modality units (see :mod:`edge.pixels` for DICOM).
     spec, pre
         From the model's manifest.
+    out : numpy.ndarray, optional
+        A C-contiguous float32 ``[C, H, W]`` array to write into (one slot
+        of a batch tensor: the serving path then copies nothing more).
 
     Returns
     -------
     tensor : numpy.ndarray
-        ``[C, H, W]`` float32.
+        ``[C, H, W]`` float32 (``out`` when given).
     geometry : Geometry
         Where the image sits in the tensor, to map results back.
+
+    Notes
+    -----
+    When the image already has the model's size and needs no channel
+    conversion or window, it is converted straight into ``out`` and
+    normalised there in place: one pass over the source, two over a buffer
+    that is still in cache. Every path computes the same float32 values.
     """
+    dst_h, dst_w = spec.size
+    if out is None:
+        out = np.empty((spec.channels, dst_h, dst_w), dtype=np.float32)
+    elif out.shape != (spec.channels, dst_h, dst_w) or out.dtype != np.float32:
+        raise ValueError(f"out has shape {out.shape} {out.dtype}; expected {(spec.channels, dst_h, dst_w)} float32.")
+    plane = _gray_plane(image, spec.channels)
+    if plane is not None and pre.window is None and plane.shape == (dst_h, dst_w):
+        geom = geometry_for(dst_h, dst_w, dst_h, dst_w, pre.resize)
+        np.copyto(out[0], plane, casting="unsafe")
+        _normalize_inplace(out, pre)
+        return out, geom
     planes = to_float_channels(image, spec.channels)
     if pre.window is not None:
         center, width = pre.window
         planes = np.clip((planes - np.float32(center - width / 2.0)) / np.float32(width), 0.0, 1.0)
-    dst_h, dst_w = spec.size
     geom = geometry_for(planes.shape[1], planes.shape[2], dst_h, dst_w, pre.resize)
     resized = np.stack([resize_float(p, geom.new_h, geom.new_w) for p in planes])
-    resized = _normalize(resized, pre)
-    if (geom.new_h, geom.new_w) == (dst_h, dst_w):
-        return np.ascontiguousarray(resized, dtype=np.float32), geom
-    out = np.zeros((spec.channels, dst_h, dst_w), dtype=np.float32)
-    out[:, geom.top : geom.top + geom.new_h, geom.left : geom.left + geom.new_w] = resized
+    _normalize_inplace(resized, pre)
+    top, left, nh, nw = geom.top, geom.left, geom.new_h, geom.new_w
+    out[:, top : top + nh, left : left + nw] = resized
+    if (nh, nw) != (dst_h, dst_w):
+        out[:, :top] = 0.0
+        out[:, top + nh :] = 0.0
+        out[:, top : top + nh, :left] = 0.0
+        out[:, top : top + nh, left + nw :] = 0.0
     return out, geom

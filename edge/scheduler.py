@@ -406,18 +406,24 @@ class Scheduler:
                     for _ in batch
                 ]
             now = time.perf_counter_ns()
-            if self._metrics is not None:
-                self._metrics.child(self._metrics.batch_size, model.name).observe(len(batch))
             for job, res in zip(batch, results):
                 res.timing_us["queue"] = max(0, (t_start - job.enqueued_ns) // 1000)
                 res.timing_us["total"] = max(0, (now - job.received_ns) // 1000)
-                if self._metrics is not None:
-                    if res.status == "ok":
-                        self._metrics.observe_stages(model.name, res.timing_us)
-                    elif res.error_code:
-                        self._metrics.requests_failed.labels(source=job.source, code=res.error_code).inc()
-                    if job.track_e2e:
-                        self._metrics.child(self._metrics.end_to_end_seconds, job.source, model.name).observe(
-                            res.timing_us["total"] / 1e6
-                        )
+                if self._metrics is not None and res.status == "error" and res.error_code:
+                    # failures are counted before the answer leaves: a client never sees one uncounted
+                    self._metrics.requests_failed.labels(source=job.source, code=res.error_code).inc()
+            # answer first, then the histograms: they are not on the frame's critical path
+            for job, res in zip(batch, results):
                 self._deliver(job, res)
+            if self._metrics is not None:
+                self._observe(model.name, batch, results)
+
+    def _observe(self, model: str, batch: list[_Job], results: list[InferenceResult]) -> None:
+        m = self._metrics
+        assert m is not None
+        m.child(m.batch_size, model).observe(len(batch))
+        for job, res in zip(batch, results):
+            if res.status == "ok":
+                m.observe_stages(model, res.timing_us)
+            if job.track_e2e:
+                m.child(m.end_to_end_seconds, job.source, model).observe(res.timing_us["total"] / 1e6)

@@ -1,12 +1,22 @@
-"""ZeroMQ ingest: the protocol v1 ROUTER socket and the one I/O thread.
+"""ZeroMQ ingest: the protocol v1 ROUTER socket, its I/O thread, and direct replies.
 
-One thread owns both sockets (ROUTER for requests, PUB for results; ZeroMQ
-sockets are not thread-safe). It never waits on inference: a valid request
-is handed to the scheduler (:meth:`edge.scheduler.Scheduler.submit`, which
-does not block) and the thread goes back to polling. Workers hand results
-back through a queue and wake the I/O thread through a pipe it polls beside
-the ROUTER socket; the I/O thread encodes and sends the reply and publishes
-it on PUB.
+The ROUTER (requests) and PUB (results) sockets are guarded by one lock;
+every ZeroMQ call on them is made holding it (a ZeroMQ socket may move
+between threads behind a full memory barrier, which the lock provides).
+The I/O thread waits for traffic on the ROUTER's notification descriptor
+(``zmq.FD``) and a wake-up pipe *without* holding the lock, then takes it
+to receive and validate what arrived. A valid request is handed to the
+scheduler (:meth:`edge.scheduler.Scheduler.submit`, which never blocks for
+live frames) and the thread goes back to waiting: it never waits on
+inference.
+
+The worker thread that produced a result encodes and sends the reply
+itself, under the lock, and publishes it on PUB: no second hand-off to the
+I/O thread, which on a small or virtual CPU costs a wake-up of an idle core
+per frame. ``zmq.FD`` is edge-triggered: a send may consume the
+notification of a message that arrived meanwhile, so after every send the
+worker checks ``zmq.EVENTS`` and wakes the I/O thread through the pipe when
+input is waiting.
 
 Clients: DEALER (``[header, pixels]``, may pipeline) and REQ (whose empty
 delimiter frame is kept in the reply envelope). Every malformed message is
@@ -27,8 +37,9 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
-import queue
+import select
 import threading
 import time
 import functools
@@ -53,7 +64,8 @@ SOURCE = "zmq"
 MAX_HEADER_BYTES = 65536
 _MAX_STREAM_CHARS = 128
 _ZERO_COPY_BYTES = 128 * 1024
-_BATCH_RECV = 256  # messages drained per poll wake-up before results get a turn
+_BATCH_RECV = 256  # messages drained per wake-up before workers get the socket lock
+_WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in SUPPORTED_DTYPES}
 
 
 class LiveService(InferenceService, Protocol):
@@ -103,10 +115,11 @@ def parse_header(frame: bytes | memoryview) -> dict[str, Any]:
 
 
 def _decode_header(frame: bytes | memoryview) -> dict[str, Any]:
-    if memoryview(frame).nbytes > MAX_HEADER_BYTES:
+    raw = frame if isinstance(frame, bytes) else bytes(frame)
+    if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError("bad_header", f"The header frame is larger than {MAX_HEADER_BYTES} bytes.")
     try:
-        hdr = json.loads(bytes(frame).decode("utf-8"))
+        hdr = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError("bad_header", f"The header frame is not UTF-8 JSON ({exc.__class__.__name__}).") from exc
     if not isinstance(hdr, dict):
@@ -184,8 +197,8 @@ def parse_request(
         raise ProtocolError("payload_size", f"The message has {len(frames)} frames (expected [header, pixels]).")
     pixels = frames[1]
     buf = pixels.buffer if isinstance(pixels, zmq.Frame) else memoryview(pixels)
-    dt = np.dtype(dtype).newbyteorder("<")
-    expected = int(np.prod(shape)) * dt.itemsize
+    dt = _WIRE_DTYPES[dtype]
+    expected = math.prod(shape) * dt.itemsize
     if buf.nbytes > max_frame_bytes:
         raise ProtocolError("payload_size", f"The pixels frame has {buf.nbytes} bytes; the limit is {max_frame_bytes}.")
     if buf.nbytes != expected:
@@ -209,8 +222,6 @@ def parse_request(
 class _Pending:
     envelope: list[bytes]
     request: Request
-    result: InferenceResult | None = None
-    ready_ns: int = 0
     received_ns: int = 0
 
 
@@ -245,7 +256,7 @@ class ZmqServer:
         self._metrics = metrics
         self._own_ctx = context is None
         self._ctx = context or zmq.Context(io_threads=1)
-        self._results: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
+        self._lock = threading.RLock()  # guards both sockets and the counters below
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
@@ -253,7 +264,9 @@ class ZmqServer:
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
         self._router: zmq.Socket | None = None
+        self._router_fd = -1
         self._pub: Publisher | None = None
+        self._sockets_open = False
         self._inflight = 0
         self._close_timeout_s = 2.0
         self.ingest_endpoint = ""
@@ -279,6 +292,8 @@ class ZmqServer:
             router.close(linger=0)
             raise ConfigError(f"Config key zmq.publish: cannot bind {self._cfg.publish}: {exc}.") from exc
         self._router = router
+        self._router_fd = router.getsockopt(zmq.FD)
+        self._sockets_open = True
         self.ingest_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.publish_endpoint = self._pub.endpoint
         self._thread = threading.Thread(target=self._loop, name="medge-zmq-io", daemon=True)
@@ -305,11 +320,17 @@ class ZmqServer:
             self._ctx.destroy(linger=0)
         elif self._own_ctx:
             self._ctx.term()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        locked = self._lock.acquire(timeout=1.0)  # a stuck I/O thread may hold it; close anyway
+        try:
+            self._sockets_open = False
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        finally:
+            if locked:
+                self._lock.release()
         _log.info("ZeroMQ server closed: %d frames accepted, %d replies sent.", self.accepted, self.replied)
 
     def __enter__(self) -> "ZmqServer":
@@ -323,74 +344,32 @@ class ZmqServer:
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
-            pass  # the pipe is full of wake-ups already; the I/O thread will drain the queue
+            pass  # the pipe is full of wake-ups already; the I/O thread will look at the socket
         except OSError:
             pass  # closed during shutdown
 
     def _on_result(self, pending: _Pending, result: InferenceResult) -> None:
-        """Called from a worker thread: hand the result to the I/O thread."""
-        pending.result = result
-        pending.ready_ns = time.perf_counter_ns()
-        self._results.put(pending)
-        self._wake()
-
-    # ----------------------------------------------------------------- I/O thread
-    def _loop(self) -> None:
-        router = self._router
-        assert router is not None and self._pub is not None
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        deadline: float | None = None
-        while True:
-            if self._closing.is_set():
-                if deadline is None:
-                    deadline = time.monotonic() + self._close_timeout_s
-                if self._inflight <= 0 and self._results.empty():
-                    break
-                if time.monotonic() > deadline:
-                    _log.warning("Closing with %d replies unsent.", self._inflight)
-                    break
-            events = dict(poller.poll(50))
-            if events.get(router):
-                for _ in range(_BATCH_RECV):
-                    try:
-                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._handle(frames)
-            if events.get(self._wake_r):
-                try:
-                    os.read(self._wake_r, 65536)
-                except BlockingIOError:
-                    pass
-            self._send_results()
-        router.close(linger=500)
-        self._pub.close()
-
-    def _send_results(self) -> None:
-        router = self._router
-        assert router is not None and self._pub is not None
-        while True:
-            try:
-                p = self._results.get_nowait()
-            except queue.Empty:
+        """Called from the thread that produced the result (a worker): encode, send, publish."""
+        ready = time.perf_counter_ns()
+        req = pending.request
+        header, mask = encode_result(
+            req.id,
+            result,
+            stream=req.stream,
+            want_mask=req.want_mask,
+            want_boxes=req.want_boxes,
+            sent_ns=req.sent_ns,
+        )
+        frames: list[Any] = [*pending.envelope, header]
+        if mask is not None:
+            frames.append(mask)
+        copy = mask is None or mask.nbytes <= _ZERO_COPY_BYTES  # a memcpy beats zero-copy bookkeeping
+        with self._lock:
+            if not self._sockets_open:
+                _log.warning("A reply was ready after the ZeroMQ sockets closed; it is lost.")
                 return
-            res = p.result
-            assert res is not None
-            req = p.request
-            header, mask = encode_result(
-                req.id,
-                res,
-                stream=req.stream,
-                want_mask=req.want_mask,
-                want_boxes=req.want_boxes,
-                sent_ns=req.sent_ns,
-            )
-            frames: list[Any] = [*p.envelope, header]
-            if mask is not None:
-                frames.append(mask)
-            copy = mask is None or mask.nbytes <= _ZERO_COPY_BYTES  # a memcpy beats zero-copy bookkeeping
+            router = self._router
+            assert router is not None and self._pub is not None
             try:
                 router.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
             except zmq.Again:
@@ -398,12 +377,55 @@ class ZmqServer:
             self._pub.publish(req.stream, header, mask)
             self._inflight -= 1
             self.replied += 1
-            if self._metrics is not None and res.status == "ok":
-                done = time.perf_counter_ns()
-                self._metrics.child(self._metrics.stage_seconds, res.model, "egress").observe((done - p.ready_ns) / 1e9)
-                self._metrics.child(self._metrics.end_to_end_seconds, SOURCE, res.model).observe(
-                    (done - p.received_ns) / 1e9
-                )
+            # the send may have consumed the edge-triggered notification of new input
+            if router.getsockopt(zmq.EVENTS) & zmq.POLLIN or (self._closing.is_set() and self._inflight <= 0):
+                self._wake()
+        if self._metrics is not None and result.status == "ok":
+            done = time.perf_counter_ns()
+            self._metrics.child(self._metrics.stage_seconds, result.model, "egress").observe((done - ready) / 1e9)
+            self._metrics.child(self._metrics.end_to_end_seconds, SOURCE, result.model).observe(
+                (done - pending.received_ns) / 1e9
+            )
+
+    # ----------------------------------------------------------------- I/O thread
+    def _loop(self) -> None:
+        router = self._router
+        assert router is not None and self._pub is not None
+        waiter = select.poll()
+        waiter.register(self._router_fd, select.POLLIN)
+        waiter.register(self._wake_r, select.POLLIN)
+        deadline: float | None = None
+        while True:
+            if self._closing.is_set():
+                if deadline is None:
+                    deadline = time.monotonic() + self._close_timeout_s
+                if self._inflight <= 0:
+                    break
+                if time.monotonic() > deadline:
+                    _log.warning("Closing with %d replies unsent.", self._inflight)
+                    break
+            with self._lock:
+                for _ in range(_BATCH_RECV):
+                    if not router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        break
+                    try:
+                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+                more = bool(router.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+            if more:
+                continue  # a burst: keep draining (workers take the lock between rounds)
+            for fd, _ in waiter.poll(50):
+                if fd == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 65536)
+                    except BlockingIOError:
+                        pass
+        with self._lock:
+            self._sockets_open = False
+            router.close(linger=500)
+            self._pub.close()
 
     def _reply_error(
         self, envelope: list[bytes], request_id: Any, code: str, message: str, stream: str, model: str | None, sent_ns: Any
@@ -436,7 +458,7 @@ class ZmqServer:
         try:
             if not body:
                 raise ProtocolError("bad_header", "The message has no header frame.")
-            header = _decode_header(body[0].buffer)
+            header = _decode_header(body[0].bytes)
             rid = header.get("id")
             sent_ns = header.get("sent_ns")
             if isinstance(header.get("stream"), str) and 0 < len(header["stream"]) <= _MAX_STREAM_CHARS:
