@@ -304,3 +304,43 @@ def test_ingest_never_waits_on_inference(fixture_engines: Path, ctx: zmq.Context
     assert first_two == {(None, "error"), ("slow-2", "dropped")}
     assert all(t < 0.4 for _, _, t in order[:2]), order  # answered while the slow batch ran
     assert [(i, s) for i, s, _ in order[2:]] == [("slow-1", "ok"), ("slow-3", "ok")]
+
+
+def test_concurrent_pipelining_clients_lose_no_reply(daemon: Daemon, ctx: zmq.Context) -> None:
+    """Six clients pipeline at once while workers send replies on the shared ROUTER and the I/O
+    thread waits on its edge-triggered FD: every request is answered, in order per client, and
+    no client stalls. (The lost-wake-up window itself is too narrow to hit on purpose; this
+    exercises the socket lock under contention.)"""
+    import threading
+
+    n_clients, per_client, window = 6, 60, 4
+    got: dict[int, list[Any]] = {c: [] for c in range(n_clients)}
+    errors: list[str] = []
+
+    def client(c: int) -> None:
+        sock = _dealer(ctx, daemon)
+        sock.setsockopt(zmq.RCVTIMEO, 5_000)  # a lost wake-up shows as a stalled client
+        img = np.full((32, 48), c * 10, np.uint8)
+        sent = 0
+        try:
+            while len(got[c]) < per_client:
+                while sent < per_client and sent - len(got[c]) < window:
+                    sock.send_multipart(_request(f"{c}-{sent}", img, stream=f"client-{c}"))
+                    sent += 1
+                hdr = json.loads(sock.recv_multipart()[0])
+                if hdr["status"] != "ok":
+                    errors.append(f"{hdr['id']}: {hdr['status']}")
+                got[c].append(hdr["id"])
+        except zmq.Again:
+            errors.append(f"client {c} stalled after {len(got[c])} replies")
+        finally:
+            sock.close(linger=0)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    for c in range(n_clients):
+        assert sorted(got[c], key=lambda s: int(s.split("-")[1])) == [f"{c}-{i}" for i in range(per_client)]
