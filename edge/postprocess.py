@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+import math
+
 import numpy as np
 
 from edge.manifest import Postprocessing
@@ -50,7 +52,7 @@ def segmentation_mask(logits: np.ndarray, geom: Geometry, threshold: float) -> n
     nh, nw = max(1, int(round(geom.new_h * sy))), max(1, int(round(geom.new_w * sx)))
     if c == 1:
         t = min(max(threshold, 1e-6), 1 - 1e-6)
-        cut = np.float32(np.log(t / (1.0 - t)))
+        cut = np.float32(math.log(t / (1.0 - t)))
         region = logits[0, top : top + nh, left : left + nw]
         up = resize_float(region, geom.src_h, geom.src_w)
         return (up > cut).view(np.uint8)  # a fresh 0/1 array; the view saves a second pass

@@ -139,6 +139,30 @@ def _normalize_inplace(x: np.ndarray, pre: Preprocessing) -> None:
     x *= np.float32(1.0 / pre.std)
 
 
+def _normalize_into(plane: np.ndarray, dst: np.ndarray, pre: Preprocessing) -> None:
+    """``dst = normalise(float32(plane))`` reading the source once, where the arithmetic allows.
+
+    ``fixed`` and ``minmax`` subtract a float32 constant from the plane as it is
+    converted (float32 arithmetic either way, so the values equal those of
+    :func:`_normalize_inplace` on a float32 copy); ``zscore`` needs float32
+    statistics of the converted plane, so it copies first.
+    """
+    if pre.normalize == "fixed":
+        np.subtract(plane, np.float32(pre.mean), out=dst, dtype=np.float32)
+        dst *= np.float32(1.0 / pre.std)
+        return
+    if pre.normalize == "minmax":
+        lo, hi = float(plane.min()), float(plane.max())
+        if hi - lo < 1e-12:
+            dst.fill(0.0)
+            return
+        np.subtract(plane, np.float32(lo), out=dst, dtype=np.float32)
+        dst *= np.float32(1.0 / (hi - lo))
+        return
+    np.copyto(dst, plane, casting="unsafe")
+    _normalize_inplace(dst, pre)
+
+
 def _gray_plane(image: np.ndarray, channels: int) -> np.ndarray | None:
     """The single source plane when no channel conversion is needed (any dtype), else None."""
     if channels != 1:
@@ -192,8 +216,7 @@ def preprocess(
     plane = _gray_plane(image, spec.channels)
     if plane is not None and pre.window is None and plane.shape == (dst_h, dst_w):
         geom = geometry_for(dst_h, dst_w, dst_h, dst_w, pre.resize)
-        np.copyto(out[0], plane, casting="unsafe")
-        _normalize_inplace(out, pre)
+        _normalize_into(plane, out[0], pre)
         return out, geom
     planes = to_float_channels(image, spec.channels)
     if pre.window is not None:
