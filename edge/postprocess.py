@@ -6,10 +6,9 @@ evaluation, so what is measured offline is what is served.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
-
-import math
 
 import numpy as np
 
