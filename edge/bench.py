@@ -108,6 +108,9 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="ONNX Runtime execution provider (default cpu)")
     g.add_argument("--threads", type=int, default=0,
                    help="ONNX Runtime intra-op threads (0: one per usable core, as the daemon)")
+    g.add_argument("--spin-us", type=int, default=1000, metavar="US",
+                   help="ONNX Runtime intra-op spin after each parallel section, as the daemon's "
+                        "[[models]] spin_us (default 1000; 0: no spinning)")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -239,7 +242,7 @@ def _load(args: argparse.Namespace, max_batch: int):
 
     return load_model(args.model, engines_dir=args.engines_dir, precision=args.precision,
                       backend=args.backend, provider=args.provider, max_batch=max_batch,
-                      intra_op_threads=args.threads, warmup_iterations=0)
+                      intra_op_threads=args.threads, spin_us=args.spin_us, warmup_iterations=0)
 
 
 def bench_engine_samples(infer: Callable[[np.ndarray], Any], batch: np.ndarray, *, warmup_s: float,
@@ -300,14 +303,15 @@ def _run_engine(args: argparse.Namespace) -> int:
         info = {"model": model.name, "version": model.version, "task": model.task,
                 "backend": label, "precision": model.precision, "batch": args.batch,
                 "input_shape": list(batch.shape), "source_frame": list(args.frame),
-                "threads": getattr(be, "intra_op_threads", None)}
+                "threads": getattr(be, "intra_op_threads", None), "spin_us": getattr(be, "spin_us", None)}
     s = summarize_ms(lat)
     total_ms = float(lat.sum())
     thr = {"inferences_per_s": round(len(lat) * args.batch / (total_ms / 1000.0), 2) if total_ms else 0.0,
            "batches_per_s": round(len(lat) / (total_ms / 1000.0), 2) if total_ms else 0.0}
     stage_summary = {k: summarize_ms(v) for k, v in stages.items()}
     print(f"medge bench engine: {info['model']} v{info['version']} ({info['task']}), {info['backend']} "
-          f"{info['precision']}, batch {args.batch}, input {info['input_shape']}, threads {info['threads']}")
+          f"{info['precision']}, batch {args.batch}, input {info['input_shape']}, threads {info['threads']}"
+          + (f", spin {info['spin_us']} us" if info.get("spin_us") is not None else ""))
     print(f"warm-up {args.warmup_s:g} s, timed {len(lat)} iterations in {wall:.2f} s (only backend.infer is timed)")
     print()
     rows = [_stats_row("latency (ms)", s)]
