@@ -355,16 +355,19 @@ def floor(engines_dir: Path, rounds: int, block: int, warmup: int) -> list[dict[
         for label, msg in payloads:
             raw_ms: list[float] = []
             e2e_ms: list[float] = []
-            for i in range(warmup + rounds * block):
-                t = time.perf_counter_ns()
-                model.backend.infer(batch)
-                if i >= warmup:
-                    raw_ms.append((time.perf_counter_ns() - t) / 1e6)
-                t = time.perf_counter_ns()
-                sock.send_multipart(msg, copy=False)
-                sock.recv_multipart()
-                if i >= warmup:
-                    e2e_ms.append((time.perf_counter_ns() - t) / 1e6)
+            for r in range(-1, rounds):  # round -1 is the warm-up; then blocks alternate as for the daemon
+                n = warmup if r < 0 else block
+                for _ in range(n):
+                    t = time.perf_counter_ns()
+                    model.backend.infer(batch)
+                    if r >= 0:
+                        raw_ms.append((time.perf_counter_ns() - t) / 1e6)
+                for _ in range(n):
+                    t = time.perf_counter_ns()
+                    sock.send_multipart(msg, copy=False)
+                    sock.recv_multipart()
+                    if r >= 0:
+                        e2e_ms.append((time.perf_counter_ns() - t) / 1e6)
             raw, e2e = _summary(raw_ms), _summary(e2e_ms)
             rows.append(
                 {
