@@ -58,12 +58,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from edge.benchstats import cpu_model  # noqa: E402
+from edge.benchstats import machine_info  # noqa: E402
 from edge.manifest import default_engines_dir  # noqa: E402
 from edge.models import load_model  # noqa: E402
 from edge.simulate import make_source  # noqa: E402
 
 MODELS = ("us-lesion-seg", "xray-nodule-det")
+SPIN_US = 1000  # [[models]] spin_us of the daemon, and the raw side's: set by --spin-us
 
 
 def _free_port() -> int:
@@ -94,23 +95,8 @@ def _status_kb(pid: int, key: str) -> int:
 
 
 def _machine() -> dict[str, Any]:
-    import importlib.metadata as md
-
-    cpu = cpu_model()
-    vers = {}
-    for dist in ("onnxruntime", "pyzmq", "numpy", "prometheus-client"):
-        try:
-            vers[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            vers[dist] = None
-    return {
-        "host": platform.node(),
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "versions": vers,
-        "loadavg_start": os.getloadavg(),
-    }
+    """:func:`edge.benchstats.machine_info` plus host name and load average."""
+    return {**machine_info(), "host": platform.node(), "loadavg_start": os.getloadavg()}
 
 
 class Daemon:
@@ -125,7 +111,8 @@ class Daemon:
             f'engines_dir = "{engines_dir}"\nspool_dir = "{workdir / "spool"}"\n'
             f'[zmq]\ningest = "{self.ingest}"\npublish = "{self.publish}"\n'
             f'[metrics]\nport = {self.http.rsplit(":", 1)[1]}\n'
-            f"[dicom]\nenabled = {'true' if dicom else 'false'}\nport = {_free_port()}\n",
+            f"[dicom]\nenabled = {'true' if dicom else 'false'}\nport = {_free_port()}\n"
+            + "".join(f'[[models]]\nname = "{m}"\nspin_us = {SPIN_US}\n' for m in MODELS),
             encoding="utf-8",
         )
         self.log = open(workdir / "serve.log", "wb")
@@ -204,7 +191,7 @@ def overhead(daemon: Daemon, engines_dir: Path, rounds: int, block: int, warmup:
     rows = []
     try:
         for name in MODELS:
-            model = load_model(name, engines_dir=engines_dir, max_batch=1)  # the daemon's session options
+            model = load_model(name, engines_dir=engines_dir, max_batch=1, spin_us=SPIN_US)  # the daemon's session options
             # realistic frames (the simulator the demo uses): random noise would make the
             # detector's post-processing decode hundreds of spurious peaks
             h, w = model.manifest.input.size
@@ -312,7 +299,7 @@ def echo_server(endpoint: str, model_name: str, engines_dir: Path) -> None:
     plus, when the request carried a full frame, a 256x256 uint8 "mask" (the size of the
     segmentation reply). A one-byte request gets a one-byte reply.
     """
-    model = load_model(model_name, engines_dir=engines_dir, max_batch=1)
+    model = load_model(model_name, engines_dir=engines_dir, max_batch=1, spin_us=SPIN_US)
     h, w = model.manifest.input.size
     x = model.preprocess(np.zeros((h, w), np.float32))[0][None]
     mask = np.zeros((h, w), np.uint8)
@@ -336,10 +323,12 @@ def floor(engines_dir: Path, rounds: int, block: int, warmup: int) -> list[dict[
     """raw vs the one-thread echo server (``echo_server``): the 256x256 frame, then one byte."""
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
     name = MODELS[0]
-    proc = subprocess.Popen([sys.executable, __file__, "--echo-server", endpoint, name, str(engines_dir)])
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--spin-us", str(SPIN_US), "--echo-server", endpoint, name, str(engines_dir)]
+    )
     rows = []
     try:
-        model = load_model(name, engines_dir=engines_dir, max_batch=1)
+        model = load_model(name, engines_dir=engines_dir, max_batch=1, spin_us=SPIN_US)
         h, w = model.manifest.input.size
         img = make_source("ultrasound", h, w, "float32", seed=0, loop=1).frame(0)
         batch = model.preprocess(img)[0][None]
@@ -406,8 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stream-s", type=float, default=60.0)
     ap.add_argument("--quick", action="store_true", help="short smoke run (not for the record)")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--spin-us", type=int, default=SPIN_US,
+                    help="[[models]] spin_us for the daemon and the raw side (default 1000; 0: no spinning)")
     ap.add_argument("--echo-server", nargs=3, metavar=("ENDPOINT", "MODEL", "ENGINES_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    global SPIN_US
+    SPIN_US = args.spin_us
     if args.echo_server:
         echo_server(args.echo_server[0], args.echo_server[1], Path(args.echo_server[2]))
         return 0
@@ -417,7 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     machine = _machine()
     date = dt.datetime.now(dt.timezone.utc)
-    result: dict[str, Any] = {"date_utc": date.isoformat(timespec="seconds"), "machine": machine, "quick": args.quick}
+    result: dict[str, Any] = {
+        "date_utc": date.isoformat(timespec="seconds"),
+        "machine": machine,
+        "quick": args.quick,
+        "spin_us": SPIN_US,
+    }
     with tempfile.TemporaryDirectory(prefix="medge-overhead-") as tmp:
         daemon = Daemon(Path(tmp), args.engines_dir, dicom=True)
         try:
@@ -464,16 +462,17 @@ def main(argv: list[str] | None = None) -> int:
         "sigterm_exit_0": rc == 0,
     }
     result["targets"] = targets
-    stem = f"{date:%Y-%m-%d}-{machine['host'] or 'host'}-daemon-overhead{'-quick' if args.quick else ''}"
+    tag = ("-quick" if args.quick else "") + (f"-spin{SPIN_US}" if SPIN_US != 1000 else "")
+    stem = f"{date:%Y-%m-%d}-{machine['host'] or 'host'}-daemon-overhead{tag}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     md = [
         f"# Daemon overhead and live-stream run, {result['date_utc']}",
         "",
-        f"Machine: {machine['cpu']} ({machine['cores']} cores), Python {machine['python']}, "
-        f"onnxruntime {machine['versions']['onnxruntime']}, pyzmq {machine['versions']['pyzmq']}; "
+        f"Machine: {machine['cpu_model']} ({machine['cpu_usable']} cores), Python {machine['versions']['python']}, "
+        f"onnxruntime {machine['versions'].get('onnxruntime')}, pyzmq {machine['versions'].get('pyzmq')}; "
         f"load average {machine['loadavg_start'][0]:.2f} at start, {machine['loadavg_end'][0]:.2f} at end "
-        "(shared machine: compare ratios within this run).",
+        f"(shared machine: compare ratios within this run). ONNX Runtime spin_us = {SPIN_US} on both sides.",
         "",
         f"- ready in **{ready_s:.2f} s**; RSS with both bundled models and DICOM on: "
         f"**{rss_ready / 2**20:.0f} MiB** at ready, peak **{rss_peak / 2**20:.0f} MiB** after the runs below",

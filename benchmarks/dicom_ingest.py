@@ -46,7 +46,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
-from edge.benchstats import cpu_model
+from edge.benchstats import machine_info
 
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
@@ -168,20 +168,9 @@ def run_storescp(files: list[Path], out: Path) -> float:
 
 
 def machine() -> dict[str, object]:
-    cpu = cpu_model()
+    """:func:`edge.benchstats.machine_info` plus the DCMTK version and the kernel."""
     dcmtk = subprocess.run([STORESCU, "--version"], capture_output=True, text=True).stdout.splitlines()[0:1]
-    import pynetdicom
-    import pydicom
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "pynetdicom": pynetdicom.__version__,
-        "pydicom": pydicom.__version__,
-        "dcmtk": dcmtk[0] if dcmtk else "",
-        "kernel": platform.release(),
-    }
+    return {**machine_info(), "dcmtk": dcmtk[0] if dcmtk else "", "kernel": platform.release()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 
 from edge.manifest import Manifest  # noqa: E402
-from edge.benchstats import cpu_model  # noqa: E402
+from edge.benchstats import machine_info  # noqa: E402
 from edge.preprocess import preprocess  # noqa: E402
 
 
@@ -89,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "what": f"{man.name} ONNX Runtime CPU, batch 1, input {list(man.input.size)}, median of {args.runs} interleaved runs",
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "onnxruntime": ort.__version__, "python": platform.python_version(), "nice": os.nice(0)},
+        "machine": {**machine_info(), "nice": os.nice(0)},
         "threads": args.threads or "ort-default",
         "int8_activations": man.training.get("quantization", {}).get("activations", "?"),
         "fp32": stats["fp32"],

@@ -426,6 +426,7 @@ def update_readme(md_rel: Path, r: dict[str, Any]) -> None:
         f"Latest recorded run: [{md_rel.name}]({md_rel.as_posix()}) ({r['machine']['cpu_model']}, "
         f"{r['machine']['cpu_usable']} cores, {'GPU' if r['machine']['gpus'] else 'no GPU'}).{line} "
         "Reproduce with `make bench`; tools: `medge bench engine|zmq|dicom --help`.\n"
+        + _floor_paragraph(readme.parent)
     )
     if "\n## Benchmarks\n" in text:
         head, rest = text.split("\n## Benchmarks\n", 1)
@@ -435,6 +436,30 @@ def update_readme(md_rel: Path, r: dict[str, Any]) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     atomic_write_text(readme, text)
+
+
+def _floor_paragraph(root: Path) -> str:
+    """A README paragraph from the newest full ``daemon_overhead.py`` run: its overhead next to the
+    floor of ZeroMQ itself on the same machine (empty when there is no such run)."""
+    runs = sorted((root / "benchmarks" / "results").glob("*-daemon-overhead.json"))  # date-prefixed names
+    if not runs:
+        return ""
+    d = json.loads(runs[-1].read_text(encoding="utf-8"))
+    floors = d.get("floor_one_thread_zmq_echo") or []
+    rows = [o for o in d.get("overhead", []) if "model input" in o.get("input", "")]
+    if not floors or not rows:
+        return ""
+    seg = rows[0]
+    rel = runs[-1].with_suffix(".md").relative_to(root).as_posix()
+    return (
+        f"\nDaemon targets in one run ([{runs[-1].with_suffix('.md').name}]({rel}), {d['date_utc'][:10]}): "
+        f"overhead p50 " + ", ".join(f"{o['model']} {o['overhead_p50_ms']:+.2f} ms" for o in rows)
+        + f"; the floor of ZeroMQ itself on this machine (a one-thread echo server running the same session "
+        f"with the same frame) is {floors[0]['overhead_p50_ms']:+.2f} ms p50 "
+        f"({floors[-1]['overhead_p50_ms']:+.2f} ms with one byte each way), so the daemon's own share is "
+        f"{seg['overhead_p50_ms'] - floors[0]['overhead_p50_ms']:+.2f} ms ({seg['model']}). "
+        "Where it goes: docs/operations.md, *Threads and where latency goes*.\n"
+    )
 
 
 if __name__ == "__main__":
