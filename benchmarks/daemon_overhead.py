@@ -387,6 +387,7 @@ def floor(engines_dir: Path, rounds: int, block: int, warmup: int) -> list[dict[
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SPIN_US
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engines-dir", type=Path, default=default_engines_dir())
     ap.add_argument("--rounds", type=int, default=150, help="raw/e2e alternations per model and input")
@@ -399,7 +400,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="[[models]] spin_us for the daemon and the raw side (default 1000; 0: no spinning)")
     ap.add_argument("--echo-server", nargs=3, metavar=("ENDPOINT", "MODEL", "ENGINES_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    global SPIN_US
     SPIN_US = args.spin_us
     if args.echo_server:
         echo_server(args.echo_server[0], args.echo_server[1], Path(args.echo_server[2]))
