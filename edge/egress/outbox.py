@@ -272,9 +272,14 @@ class Outbox:
     def pending(self, destination: str) -> list[Path]:
         """Objects waiting for ``destination``, oldest first."""
         d = self.pending_root / destination
-        paths = [p for p in d.glob("*.dcm")] if d.is_dir() else []
-        paths.sort(key=lambda p: (p.stat().st_mtime_ns, p.name))
-        return paths
+        dated: list[tuple[int, str, Path]] = []
+        for p in d.glob("*.dcm") if d.is_dir() else ():
+            try:
+                dated.append((p.stat().st_mtime_ns, p.name, p))
+            except FileNotFoundError:
+                continue  # sent (and removed) by the sender thread since the listing
+        dated.sort(key=lambda t: (t[0], t[1]))
+        return [p for _, _, p in dated]
 
     def pending_count(self) -> int:
         """Objects waiting, over all destinations."""

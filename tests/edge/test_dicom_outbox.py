@@ -178,3 +178,22 @@ def test_pending_results_survive_a_restart(tmp_path: Path) -> None:
     finally:
         scp.close()
     assert sorted(scp.stored) == sorted(str(o.SOPInstanceUID) for o in objs)
+
+
+def test_pending_listing_tolerates_a_file_sent_meanwhile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sender removes a delivered file between put()'s listing and its stat: put() must still
+    succeed (it once failed the whole series' results with FileNotFoundError)."""
+    port = f.free_port()  # nobody listens: nothing is sent during the test
+    a, b = results(2)
+    with Outbox(tmp_path / "outbox", [Destination("pacs", "127.0.0.1", port, "PACS")], CollectorRegistry(), policy=FAST) as ob:
+        (first,) = ob.put(a)
+        real_stat = Path.stat
+
+        def stat(self: Path, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if self == first:
+                raise FileNotFoundError(2, "sent meanwhile", str(self))
+            return real_stat(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "stat", stat)
+        written = ob.put(b)
+        assert [p.name for p in ob.pending("pacs")] == [p.name for p in written]

@@ -51,3 +51,43 @@ def test_letterbox_into_a_batch_slot_pads_with_zeros() -> None:
 def test_out_of_the_wrong_shape_is_refused() -> None:
     with pytest.raises(ValueError, match="expected"):
         preprocess(np.zeros(SPEC.size, np.uint8), SPEC, Preprocessing(), out=np.empty((1, 8, 8), np.float32))
+
+
+# ------------------------------------------------------------------ postprocessing
+@pytest.mark.parametrize(
+    "shape",
+    [(192, 256, 480, 640), (64, 64, 100, 70), (7, 9, 50, 50), (256, 256, 256, 256), (192, 256, 512, 512), (5, 5, 5, 40)],
+)
+@pytest.mark.parametrize("kind", ["blob", "noise"])
+def test_upsample_threshold_equals_thresholding_the_float_resize(
+    shape: tuple[int, int, int, int], kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edge-only interpolation gives exactly the mask of the full Pillow float resize."""
+    import edge.postprocess
+    from edge.postprocess import upsample_threshold
+    from edge.preprocess import resize_float
+
+    h, w, oh, ow = shape
+    rng = np.random.default_rng(sum(shape))
+    if kind == "blob":  # a smooth logit field with a lesion-like region, as a segmentation model gives
+        yy, xx = np.mgrid[0:h, 0:w]
+        plane = (6.0 - 0.02 * ((yy - h / 2) ** 2 + (xx - w / 3) ** 2) * (256 / max(h, w)) + rng.normal(0, 0.3, (h, w)))
+    else:  # edges everywhere: exercises the fall-back to the full resize
+        plane = rng.normal(0, 2, (h, w))
+    plane = plane.astype(np.float32)
+    cut = np.float32(0.25)
+    want = (resize_float(plane, oh, ow) > cut).astype(np.uint8)
+    if kind == "blob" and oh >= 100:  # a real lesion edge: the interpolate-the-edge path, not the fall-back
+        monkeypatch.setattr(edge.postprocess, "resize_float", lambda *a: pytest.fail("fell back to the full resize"))
+    got = upsample_threshold(plane, oh, ow, cut)
+    assert got.dtype == np.uint8 and got.shape == (oh, ow)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_upsample_threshold_all_background_and_all_foreground() -> None:
+    from edge.postprocess import upsample_threshold
+
+    assert not upsample_threshold(np.full((8, 8), -5, np.float32), 20, 30, np.float32(0)).any()
+    assert upsample_threshold(np.full((8, 8), 5, np.float32), 20, 30, np.float32(0)).all()
+    with pytest.raises(ValueError, match="enlarges only"):
+        upsample_threshold(np.zeros((8, 8), np.float32), 4, 30, np.float32(0))
