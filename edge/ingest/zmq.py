@@ -16,7 +16,8 @@ I/O thread, which on a small or virtual CPU costs a wake-up of an idle core
 per frame. ``zmq.FD`` is edge-triggered: a send may consume the
 notification of a message that arrived meanwhile, so after every send the
 worker checks ``zmq.EVENTS`` and wakes the I/O thread through the pipe when
-input is waiting.
+input is waiting (and the I/O thread's wait also ends every 50 ms, so even a
+missed notification would delay a request by at most that).
 
 Clients: DEALER (``[header, pixels]``, may pipeline) and REQ (whose empty
 delimiter frame is kept in the reply envelope). Every malformed message is
