@@ -407,8 +407,6 @@ class ZmqServer:
                     break
             with self._lock:
                 for _ in range(_BATCH_RECV):
-                    if not router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                        break
                     try:
                         frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
@@ -416,7 +414,7 @@ class ZmqServer:
                     self._handle(frames)
                 more = bool(router.getsockopt(zmq.EVENTS) & zmq.POLLIN)
             if more:
-                continue  # a burst: keep draining (workers take the lock between rounds)
+                continue  # a burst: keep draining, _BATCH_RECV messages per hold of the lock
             for fd, _ in waiter.poll(50):
                 if fd == self._wake_r:
                     try:
