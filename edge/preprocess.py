@@ -118,49 +118,31 @@ def resize_nearest(labels: np.ndarray, height: int, width: int) -> np.ndarray:
     return labels[rows[:, None], cols[None, :]]
 
 
-def _normalize_inplace(x: np.ndarray, pre: Preprocessing) -> None:
-    """Intensity normalisation of a float32 array, in place (same arithmetic as ever)."""
-    if pre.normalize == "minmax":
-        lo, hi = float(x.min()), float(x.max())
-        if hi - lo < 1e-12:
-            x.fill(0.0)
-            return
-        x -= np.float32(lo)
-        x *= np.float32(1.0 / (hi - lo))
-        return
-    if pre.normalize == "zscore":
-        sd = float(x.std())
-        mean = np.float32(x.mean())
-        x -= mean
-        x *= np.float32(1.0 / sd if sd > 1e-12 else 0.0)
-        return
-    if pre.mean != 0.0:
-        x -= np.float32(pre.mean)
-    x *= np.float32(1.0 / pre.std)
+def _normalize_into(src: np.ndarray, dst: np.ndarray, pre: Preprocessing) -> None:
+    """``dst = normalise(float32(src))``; ``dst`` may be ``src`` itself (in place).
 
-
-def _normalize_into(plane: np.ndarray, dst: np.ndarray, pre: Preprocessing) -> None:
-    """``dst = normalise(float32(plane))`` reading the source once, where the arithmetic allows.
-
-    ``fixed`` and ``minmax`` subtract a float32 constant from the plane as it is
-    converted (float32 arithmetic either way, so the values equal those of
-    :func:`_normalize_inplace` on a float32 copy); ``zscore`` needs float32
-    statistics of the converted plane, so it copies first.
+    ``fixed`` and ``minmax`` subtract a float32 constant while converting and
+    then scale in place: float32 arithmetic throughout, the same values as
+    normalising a float32 copy, with one pass over the source. ``zscore``
+    needs float32 statistics of the converted image, so it converts first.
     """
-    if pre.normalize == "fixed":
-        np.subtract(plane, np.float32(pre.mean), out=dst, dtype=np.float32)
-        dst *= np.float32(1.0 / pre.std)
+    if pre.normalize == "zscore":
+        if dst is not src:
+            np.copyto(dst, src, casting="unsafe")
+        sd = float(dst.std())
+        dst -= np.float32(dst.mean())
+        dst *= np.float32(1.0 / sd if sd > 1e-12 else 0.0)
         return
     if pre.normalize == "minmax":
-        lo, hi = float(plane.min()), float(plane.max())
+        lo, hi = float(src.min()), float(src.max())
         if hi - lo < 1e-12:
             dst.fill(0.0)
             return
-        np.subtract(plane, np.float32(lo), out=dst, dtype=np.float32)
-        dst *= np.float32(1.0 / (hi - lo))
-        return
-    np.copyto(dst, plane, casting="unsafe")
-    _normalize_inplace(dst, pre)
+        offset, scale = lo, 1.0 / (hi - lo)
+    else:
+        offset, scale = pre.mean, 1.0 / pre.std
+    np.subtract(src, np.float32(offset), out=dst, dtype=np.float32)
+    dst *= np.float32(scale)
 
 
 def _gray_plane(image: np.ndarray, channels: int) -> np.ndarray | None:
@@ -224,7 +206,7 @@ def preprocess(
         planes = np.clip((planes - np.float32(center - width / 2.0)) / np.float32(width), 0.0, 1.0)
     geom = geometry_for(planes.shape[1], planes.shape[2], dst_h, dst_w, pre.resize)
     resized = np.stack([resize_float(p, geom.new_h, geom.new_w) for p in planes])
-    _normalize_inplace(resized, pre)
+    _normalize_into(resized, resized, pre)
     top, left, nh, nw = geom.top, geom.left, geom.new_h, geom.new_w
     out[:, top : top + nh, left : left + nw] = resized
     if (nh, nw) != (dst_h, dst_w):
