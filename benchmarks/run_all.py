@@ -14,6 +14,8 @@
    with the mean micro-batch size read from ``/metrics``.
 5. ``medge bench dicom``: C-STORE throughput and store-to-result latency
    into the daemon's SCP, results received by a local storage SCP.
+6. ``benchmarks/dicom_ingest.py --skip-storescp``: our SCP against a bare
+   pynetdicom SCP, DCMTK ``storescu`` sending (the ratio of the DICOM issue).
 
 Every measurement runs the real command line in a fresh process, as a user
 would. ``--quick`` shortens every step (for a smoke run; not for the record).
@@ -202,6 +204,20 @@ def main(argv: list[str] | None = None) -> int:
             code = daemon.stop()
             out.setdefault("daemon_exit_status", {})[prec] = code
             _log(f"daemon {prec}: stopped ({code})")
+    # 6. DICOM ingest: our SCP (inference off) against a bare pynetdicom SCP, storescu sending
+    if not a.no_dicom:
+        _log("dicom_ingest (ours vs bare pynetdicom SCP)")
+        di_out = tmp / "dicom_ingest"
+        res = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "dicom_ingest.py"), "--skip-storescp",
+             "--count", "50" if a.quick else "200", "--repeat", "1" if a.quick else "3", "--out", str(di_out)],
+            capture_output=True, text=True,
+        )
+        latest = di_out / "dicom_ingest-latest.json"
+        if latest.is_file():
+            out["dicom_ingest"] = json.loads(latest.read_text(encoding="utf-8"))
+        else:
+            out["skipped"].append(f"dicom_ingest: exit {res.returncode}: {(res.stderr or res.stdout)[-300:]}")
     info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     out["wall_s"] = round(time.time() - t_start, 1)
     stem = f"{date}-{_slug(info)}" + ("-quick" if a.quick else "")
@@ -325,6 +341,16 @@ def render_markdown(r: dict[str, Any]) -> str:
                   f"{_f(s['store_ms'].get('median_ms'))} | {_f(s['store_ms'].get('p99_ms'))} | "
                   f"{s.get('instances_with_result')} | {_f(s.get('store_to_result_ms', {}).get('median_ms'), 1)} | "
                   f"{_f(s.get('store_to_result_ms', {}).get('p99_ms'), 1)} |"]
+    di = r.get("dicom_ingest")
+    if di:
+        ips = di["instances_per_s"]
+        lines += ["", "## 7. DICOM ingest (`benchmarks/dicom_ingest.py`)", "",
+                  f"{di['instances']} CT instances ({di['megabytes']} MB), {di['sender']}, median of {di['repeat']} "
+                  "runs per receiver taken in turns; our SCP with inference off (receive, check, durable spool) "
+                  "against a bare pynetdicom SCP that only writes each dataset:", "",
+                  "| receiver | instances/s |", "| --- | --- |",
+                  *[f"| {k} | {_f(v, 1)} |" for k, v in ips.items()], "",
+                  f"Ratio ours / bare: **{_f(di['ratio_ours_over_bare'], 3)}** (target >= {di['target_ratio']})."]
     lines += ["", f"Daemon ready after start: {r.get('daemon_ready_s')} s; exit status after SIGTERM: "
               f"{r.get('daemon_exit_status')}.", ""]
     return "\n".join(lines)
