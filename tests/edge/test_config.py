@@ -120,6 +120,7 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ("[[models]]\nname = \"x\"\nprecision = \"int4\"\n", {}, "models[0].precision"),
         ("[[models]]\nname = \"x\"\nbackend = \"magic\"\n", {}, "models[0].backend"),
         ("[[models]]\nprecision = \"fp32\"\n", {}, "name"),
+        ("[[models]]\nname = \"x\"\nspin_us = -1\n", {}, "models[0].spin_us"),
         ("[dicom]\nunrouted = \"maybe\"\n", {}, "dicom.unrouted"),
         ("[dicom]\nae_title = \"A_TITLE_MUCH_TOO_LONG\"\n", {}, "dicom.ae_title"),
         ("[dicom]\nspool_max_mb = -1\n", {}, "dicom.spool_max_mb"),
@@ -200,3 +201,15 @@ def test_every_key_is_documented() -> None:
 
     missing = [k for k in keys(MedgeConfig) if f"| `{k}` |" not in doc]
     assert not missing, f"undocumented config keys: {missing}"
+
+
+def test_spin_us_reaches_the_onnxruntime_session(tmp_path: Path, fixture_engines: Path) -> None:
+    """[[models]] spin_us is what the served model's ONNX Runtime session spins (0: not at all)."""
+    from edge.models import ModelRegistry
+
+    text = f'engines_dir = "{fixture_engines}"\n[[models]]\nname = "tiny-seg"\nspin_us = 0\n[[models]]\nname = "tiny-det"\n'
+    cfg = load_config(_write(tmp_path, text), env={})
+    assert [m.spin_us for m in cfg.models] == [0, 1000]
+    with ModelRegistry.from_config(cfg, warmup=False) as models:
+        spins = {m.name: m.backend.spin_us for m in models}
+    assert spins == {"tiny-seg": 0, "tiny-det": 1000}
