@@ -66,8 +66,16 @@ class InferenceService(Protocol):
         stream: str,
         callback: ResultCallback,
         received_ns: int | None = None,
+        live: bool = True,
+        track_e2e: bool = True,
     ) -> None:
-        """Queue one image; ``callback`` is called exactly once, from a worker thread."""
+        """Queue one image; ``callback`` is called exactly once, from a worker thread.
+
+        ``live`` frames never block (an over-long stream backlog sheds its
+        oldest frame); ``live=False`` waits for room instead. ``track_e2e``
+        False: the source observes the end-to-end latency itself, after its
+        own egress. See :meth:`edge.scheduler.Scheduler.submit`.
+        """
         ...
 
     def infer(self, image: np.ndarray, *, model: str, source: str, timeout_s: float = 30.0) -> InferenceResult:

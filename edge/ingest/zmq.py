@@ -45,7 +45,7 @@ import threading
 import time
 import functools
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import zmq
@@ -55,9 +55,9 @@ from edge.egress.zmq import PROTOCOL_VERSION, Publisher, encode_error, encode_re
 from edge.errors import ConfigError, ProtocolError
 from edge.metrics import Metrics
 from edge.preprocess import SUPPORTED_DTYPES
-from edge.types import InferenceResult, InferenceService, ResultCallback
+from edge.types import InferenceResult, InferenceService
 
-__all__ = ["Request", "parse_header", "parse_request", "ZmqServer", "LiveService", "SOURCE", "MAX_HEADER_BYTES"]
+__all__ = ["Request", "parse_header", "parse_request", "ZmqServer", "SOURCE", "MAX_HEADER_BYTES"]
 
 _log = logging.getLogger(__name__)
 
@@ -69,24 +69,9 @@ _BATCH_RECV = 256  # messages drained per wake-up before workers get the socket 
 _WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in SUPPORTED_DTYPES}
 
 
-class LiveService(InferenceService, Protocol):
-    """An :class:`~edge.types.InferenceService` whose ``submit`` takes the live-source options
-    (:class:`edge.scheduler.Scheduler`)."""
-
-    def submit(
-        self,
-        image: np.ndarray,
-        *,
-        model: str | None,
-        source: str,
-        stream: str,
-        callback: ResultCallback,
-        received_ns: int | None = None,
-        live: bool = True,
-        track_e2e: bool = True,
-    ) -> None:
-        """Queue one frame without blocking; see :meth:`edge.scheduler.Scheduler.submit`."""
-        ...
+def _input_waiting(sock: zmq.Socket) -> bool:
+    """Whether ``sock`` has a message to receive (also processes its pending commands)."""
+    return bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
 @dataclass(frozen=True)
@@ -233,7 +218,7 @@ class ZmqServer:
     ----------
     config : ZmqConfig
         Endpoints, limits, high-water marks, default stream.
-    service : LiveService
+    service : InferenceService
         The scheduler (``submit`` must not block for live frames).
     metrics : Metrics, optional
     context : zmq.Context, optional
@@ -248,7 +233,7 @@ class ZmqServer:
     def __init__(
         self,
         config: ZmqConfig,
-        service: LiveService,
+        service: InferenceService,
         metrics: Metrics | None = None,
         context: zmq.Context | None = None,
     ) -> None:
@@ -293,7 +278,7 @@ class ZmqServer:
             router.close(linger=0)
             raise ConfigError(f"Config key zmq.publish: cannot bind {self._cfg.publish}: {exc}.") from exc
         self._router = router
-        self._router_fd = router.getsockopt(zmq.FD)
+        self._router_fd = int(router.getsockopt(zmq.FD))
         self._sockets_open = True
         self.ingest_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.publish_endpoint = self._pub.endpoint
@@ -379,7 +364,7 @@ class ZmqServer:
             self._inflight -= 1
             self.replied += 1
             # the send may have consumed the edge-triggered notification of new input
-            if router.getsockopt(zmq.EVENTS) & zmq.POLLIN or (self._closing.is_set() and self._inflight <= 0):
+            if _input_waiting(router) or (self._closing.is_set() and self._inflight <= 0):
                 self._wake()
         if self._metrics is not None and result.status == "ok":
             done = time.perf_counter_ns()
@@ -412,7 +397,7 @@ class ZmqServer:
                     except zmq.Again:
                         break
                     self._handle(frames)
-                more = bool(router.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+                more = _input_waiting(router)
             if more:
                 continue  # a burst: keep draining, _BATCH_RECV messages per hold of the lock
             for fd, _ in waiter.poll(50):

@@ -201,7 +201,7 @@ class FakeService:
     def models(self):
         return list(self._models)
 
-    def submit(self, image, *, model, source, stream, callback, received_ns=None):  # pragma: no cover - unused
+    def submit(self, image, *, model, source, stream, callback, received_ns=None, live=True, track_e2e=True):  # pragma: no cover - unused
         callback(self.infer(image, model=model, source=source))
 
     @staticmethod
