@@ -90,8 +90,16 @@ class ZmqConfig:
     ``default_model`` answers requests whose header has no ``model`` (empty:
     the first served model). ``max_frame_bytes`` bounds one pixels frame
     (larger is ``payload_size``); ``max_pixels`` bounds ``H*W`` of a declared
-    shape (larger is ``bad_shape``). ``hwm`` is the ZeroMQ high-water mark of
-    both sockets, in messages.
+    shape (larger is ``bad_shape``); it is also the socket's
+    ``ZMQ_MAXMSGSIZE``, so a larger frame never reaches memory (the peer is
+    disconnected). ``hwm`` is the ROUTER's high-water mark, in messages.
+    ``publish_hwm`` is the PUB socket's high-water mark per subscriber, in
+    messages, and ``publish_max_bytes`` bounds what one subscriber that stops
+    reading can make the daemon hold (its messages beyond either are dropped
+    for it). ``curve_server_key``: a ZeroMQ certificate file holding the
+    server's CURVE key pair (``medge keys``); when set, both sockets require
+    CURVE and only the client public keys in the certificate files of
+    ``curve_client_keys_dir`` may connect (ZAP).
     """
 
     enabled: bool = True
@@ -101,16 +109,40 @@ class ZmqConfig:
     default_stream: str = "default"
     max_frame_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 4096 * 4096
-    hwm: int = 10000
+    hwm: int = 1000
+    publish_hwm: int = 64
+    publish_max_bytes: int = 32 * 1024 * 1024
+    curve_server_key: str = ""
+    curve_client_keys_dir: str = ""
+
+    @property
+    def curve_enabled(self) -> bool:
+        """Whether CURVE authentication and encryption are configured."""
+        return bool(self.curve_server_key)
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """``[metrics]``: the HTTP server for ``/metrics``, ``/healthz`` and ``/readyz``."""
+    """``[metrics]``: the HTTP server for ``/metrics``, ``/healthz`` and ``/readyz``.
+
+    In the style of the Prometheus exporters' web configuration: HTTPS when
+    ``tls_cert`` and ``tls_key`` are set (``tls_client_ca``: also require a
+    client certificate signed by it), and HTTP basic auth when
+    ``basic_auth_file`` names an htpasswd file of bcrypt hashes
+    (``htpasswd -nbB user password``). ``idle_timeout_s`` closes a
+    connection that sends nothing for that long; ``max_connections`` bounds
+    the connections served at once (more are closed at accept).
+    """
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 9108
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    basic_auth_file: str = ""
+    idle_timeout_s: float = 10.0
+    max_connections: int = 32
 
 
 @dataclass(frozen=True)
@@ -124,10 +156,13 @@ class SchedulerConfig:
     ``stream_backlog`` bounds the frames of one live stream waiting in a
     queue: when a new frame would exceed it, the stream's oldest waiting
     frame is shed and answered ``dropped``. ``workers`` is the number of
-    inference threads per model.
+    inference threads per model. ``queue_max_mb`` bounds the pixel bytes
+    waiting in each model's queue (0: no byte bound); a frame that would
+    exceed it is answered ``overloaded`` (live) or waits (DICOM).
     """
 
     queue_size: int = 64
+    queue_max_mb: int = 256
     max_batch: int = 4
     max_delay_us: int = 0
     stream_backlog: int = 4
@@ -200,12 +235,23 @@ class DicomRoute:
 
 @dataclass(frozen=True)
 class DicomDestination:
-    """``[[dicom.destinations]]``: a C-STORE peer (a PACS) that receives results."""
+    """``[[dicom.destinations]]``: a C-STORE peer (a PACS) that receives results.
+
+    ``tls``: send over TLS (DICOM TLS, PS3.15 B.1), verifying the peer's
+    certificate against ``tls_ca`` (empty: the system's CA store) and its
+    name against ``tls_server_name`` (empty: ``host``); ``tls_cert`` and
+    ``tls_key`` present a client certificate when the PACS asks for one.
+    """
 
     name: str
     host: str
     port: int
     ae_title: str
+    tls: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_server_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -223,6 +269,19 @@ class DicomConfig:
     not yet processed instances plus the outbox would exceed this many MiB
     (0: no cap). With no ``[[dicom.routes]]`` the defaults route US to
     ``us-lesion-seg`` and CR/DX to ``xray-nodule-det`` (those that are served).
+
+    Input bounds (checked on the encoded data before anything is decoded):
+    ``max_inflated_mb`` caps a deflated data set's inflated size (it is
+    inflated in a stream and refused past the cap, or past its declared
+    image size plus ``max_inflated_mb`` of other elements, whichever is
+    smaller); ``max_frames`` caps NumberOfFrames and ``max_pixels`` caps
+    Rows x Columns of one frame. ``connect_timeout_s`` is how long a new
+    connection may take to finish the TLS handshake and send its
+    A-ASSOCIATE-RQ; ``max_associations_per_peer`` bounds the connections
+    (associated or not) from one IP address; ``max_pending_connections``
+    bounds connections that have not associated yet. ``max_attempts``:
+    a spooled instance whose processing was started this many times
+    without finishing (a crash, an OOM kill) is quarantined.
     """
 
     enabled: bool = True
@@ -241,6 +300,13 @@ class DicomConfig:
     secondary_capture: bool = False
     spool_min_free_mb: int = 64
     spool_max_mb: int = 0
+    max_inflated_mb: int = 512
+    max_frames: int = 1000
+    max_pixels: int = 4096 * 4096
+    connect_timeout_s: float = 5.0
+    max_associations_per_peer: int = 2
+    max_pending_connections: int = 16
+    max_attempts: int = 3
     routes: tuple[DicomRoute, ...] = ()
     destinations: tuple[DicomDestination, ...] = ()
 
@@ -480,11 +546,30 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
     _check(z.ingest != z.publish or z.ingest.endswith(":*"), "zmq.publish", "must differ from zmq.ingest.")
     _check(z.max_frame_bytes > 0, "zmq.max_frame_bytes", "must be > 0.")
     _check(z.max_pixels > 0, "zmq.max_pixels", "must be > 0.")
-    _check(z.hwm >= 0, "zmq.hwm", "must be >= 0.")
+    _check(z.max_frame_bytes <= 2**31 - 1, "zmq.max_frame_bytes", "must be < 2 GiB.")
+    _check(z.hwm >= 1, "zmq.hwm", "must be >= 1 (0 would mean no limit).")
+    _check(z.publish_hwm >= 1, "zmq.publish_hwm", "must be >= 1 (0 would mean no limit).")
+    _check(z.publish_max_bytes >= 65536, "zmq.publish_max_bytes", "must be >= 65536.")
+    _check(not z.curve_client_keys_dir or bool(z.curve_server_key), "zmq.curve_client_keys_dir",
+           "is set but zmq.curve_server_key is not (CURVE needs the server's key pair).")
+    if z.curve_server_key:
+        _check(Path(z.curve_server_key).is_file(), "zmq.curve_server_key", f"file {z.curve_server_key} does not exist.")
+        _check(bool(z.curve_client_keys_dir) and Path(z.curve_client_keys_dir).is_dir(), "zmq.curve_client_keys_dir",
+               "must name an existing folder of allowed client public keys when zmq.curve_server_key is set.")
     _check(bool(z.default_stream), "zmq.default_stream", "must not be empty.")
-    _check_port(cfg.metrics.port, "metrics.port")
+    mc = cfg.metrics
+    _check_port(mc.port, "metrics.port")
+    if bool(mc.tls_cert) != bool(mc.tls_key):
+        raise ConfigError("Config key metrics.tls_cert: tls_cert and tls_key must be set together.")
+    _check(not mc.tls_client_ca or bool(mc.tls_cert), "metrics.tls_client_ca", "needs metrics.tls_cert and tls_key.")
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "basic_auth_file"):
+        p = getattr(mc, name)
+        _check(not p or Path(p).is_file(), f"metrics.{name}", f"file {p} does not exist.")
+    _check(mc.idle_timeout_s > 0, "metrics.idle_timeout_s", "must be > 0.")
+    _check(mc.max_connections >= 1, "metrics.max_connections", "must be >= 1.")
     s = cfg.scheduler
     _check(s.queue_size >= 1, "scheduler.queue_size", f"{s.queue_size} must be >= 1.")
+    _check(s.queue_max_mb >= 0, "scheduler.queue_max_mb", f"{s.queue_max_mb} must be >= 0 (0: no byte bound).")
     _check(s.max_batch >= 1, "scheduler.max_batch", f"{s.max_batch} must be >= 1.")
     _check(s.max_delay_us >= 0, "scheduler.max_delay_us", f"{s.max_delay_us} must be >= 0.")
     _check(s.stream_backlog >= 1, "scheduler.stream_backlog", f"{s.stream_backlog} must be >= 1.")
@@ -551,6 +636,13 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
     _check(d.frame_stride >= 1, "dicom.frame_stride", "must be >= 1.")
     _check(d.spool_min_free_mb >= 0, "dicom.spool_min_free_mb", f"{d.spool_min_free_mb} must be >= 0 (0: no reserve).")
     _check(d.spool_max_mb >= 0, "dicom.spool_max_mb", f"{d.spool_max_mb} must be >= 0 (0: no cap).")
+    _check(d.max_inflated_mb >= 1, "dicom.max_inflated_mb", "must be >= 1.")
+    _check(d.max_frames >= 1, "dicom.max_frames", "must be >= 1.")
+    _check(d.max_pixels >= 1, "dicom.max_pixels", "must be >= 1.")
+    _check(d.connect_timeout_s > 0, "dicom.connect_timeout_s", "must be > 0.")
+    _check(d.max_associations_per_peer >= 1, "dicom.max_associations_per_peer", "must be >= 1.")
+    _check(d.max_pending_connections >= 1, "dicom.max_pending_connections", "must be >= 1.")
+    _check(d.max_attempts >= 1, "dicom.max_attempts", "must be >= 1.")
     if bool(d.tls.cert) != bool(d.tls.key):
         raise ConfigError("Config key dicom.tls: cert and key must be set together.")
     for name in ("cert", "key", "ca"):
@@ -572,6 +664,12 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
         _check(bool(dest.host), f"{k}.host", "must not be empty.")
         _check(1 <= dest.port <= 65535, f"{k}.port", f"port {dest.port} is not in 1..65535.")
         _check(1 <= len(dest.ae_title) <= 16, f"{k}.ae_title", f"{dest.ae_title!r} must be 1 to 16 characters.")
+        if bool(dest.tls_cert) != bool(dest.tls_key):
+            raise ConfigError(f"Config key {k}.tls_cert: tls_cert and tls_key must be set together.")
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            p = getattr(dest, name)
+            _check(not p or Path(p).is_file(), f"{k}.{name}", f"file {p} does not exist.")
+            _check(not p or dest.tls, f"{k}.{name}", f"is set but {k}.tls is false.")
     o = cfg.outbox
     _check(o.retry_base_s > 0, "outbox.retry_base_s", "must be > 0.")
     _check(o.retry_max_s >= o.retry_base_s, "outbox.retry_max_s", "must be >= outbox.retry_base_s.")
