@@ -36,6 +36,7 @@ import numpy as np
 
 from edge.benchstats import format_table, machine_info, summarize_ms, write_csv, write_json
 from edge.errors import MedgeError
+from edge.zmq_auth import add_curve_arguments, curve_from_args
 
 __all__ = ["configure_parser", "run", "EXIT_OK", "EXIT_FAILURES", "EXIT_UNREACHABLE",
            "parse_frame", "parse_sweep", "bench_engine_samples", "scrape_metrics"]
@@ -132,6 +133,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     pz = sub.add_parser("zmq", help="end-to-end through a running daemon (perf_analyzer style)",
                         description="Stream synthetic frames to a running daemon and measure latency.")
     pz.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
+    add_curve_arguments(pz)
     g = pz.add_mutually_exclusive_group()
     g.add_argument("--rate", type=_positive_float, default=None, metavar="FPS",
                    help="open loop: frames per second per stream")
@@ -438,7 +440,8 @@ def _run_zmq(args: argparse.Namespace) -> int:
             specs = _specs(step, source, args.model, args.window, want)
             if args.warmup_s > 0:
                 warm = run_load(args.endpoint, specs, duration_s=args.warmup_s, reply_timeout_s=args.reply_timeout_s,
-                                connect_timeout_s=args.connect_timeout_s, keep_last=False)
+                                connect_timeout_s=args.connect_timeout_s, keep_last=False,
+                                curve=curve_from_args(args))
                 if warm.aborted:
                     aborted = warm.aborted
                     break
@@ -457,7 +460,8 @@ def _run_zmq(args: argparse.Namespace) -> int:
                     prog.update()
                 res = run_load(args.endpoint, specs, duration_s=args.duration_s / blocks,
                                reply_timeout_s=args.reply_timeout_s, connect_timeout_s=args.connect_timeout_s,
-                               on_tick=lambda t: prog.update(f"sent {t.sent} ok {t.ok}"), keep_last=False)
+                               on_tick=lambda t: prog.update(f"sent {t.sent} ok {t.ok}"), keep_last=False,
+                               curve=curve_from_args(args))
                 parts.append(res)
                 if res.aborted:
                     aborted = res.aborted

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "bench": ("edge.bench", "latency benchmark (engine | zmq | dicom)"),
     "engines": ("edge.engines_cmd", "list bundled/installed engines, verify their sha256"),
     "doctor": ("edge.doctor", "check GPU, TensorRT, ports, engines, spool permissions"),
+    "keys": ("edge.keys", "write a ZeroMQ CURVE key pair (daemon or client)"),
     "train": (None, "train a model (needs the trainer extra)"),
     "evaluate": (None, "evaluate a checkpoint or ONNX model on a held-out set (trainer extra)"),
     "export": (None, "export a checkpoint to ONNX + manifest (trainer extra)"),

@@ -94,9 +94,9 @@ class ZmqConfig:
     ``ZMQ_MAXMSGSIZE``, so a larger frame never reaches memory (the peer is
     disconnected). ``hwm`` is the ROUTER's high-water mark, in messages.
     ``publish_hwm`` is the PUB socket's high-water mark per subscriber, in
-    messages, and ``publish_max_bytes`` bounds what one subscriber that stops
-    reading can make the daemon hold (its messages beyond either are dropped
-    for it). ``curve_server_key``: a ZeroMQ certificate file holding the
+    messages: a subscriber that stops reading makes the daemon hold at most
+    this many of its messages (about ``publish_hwm`` x one reply with its
+    mask, plus the kernel's socket buffer); newer ones are dropped for it. ``curve_server_key``: a ZeroMQ certificate file holding the
     server's CURVE key pair (``medge keys``); when set, both sockets require
     CURVE and only the client public keys in the certificate files of
     ``curve_client_keys_dir`` may connect (ZAP).
@@ -110,8 +110,7 @@ class ZmqConfig:
     max_frame_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 4096 * 4096
     hwm: int = 1000
-    publish_hwm: int = 64
-    publish_max_bytes: int = 32 * 1024 * 1024
+    publish_hwm: int = 32
     curve_server_key: str = ""
     curve_client_keys_dir: str = ""
 
@@ -549,7 +548,6 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
     _check(z.max_frame_bytes <= 2**31 - 1, "zmq.max_frame_bytes", "must be < 2 GiB.")
     _check(z.hwm >= 1, "zmq.hwm", "must be >= 1 (0 would mean no limit).")
     _check(z.publish_hwm >= 1, "zmq.publish_hwm", "must be >= 1 (0 would mean no limit).")
-    _check(z.publish_max_bytes >= 65536, "zmq.publish_max_bytes", "must be >= 65536.")
     _check(not z.curve_client_keys_dir or bool(z.curve_server_key), "zmq.curve_client_keys_dir",
            "is set but zmq.curve_server_key is not (CURVE needs the server's key pair).")
     if z.curve_server_key:

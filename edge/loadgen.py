@@ -39,6 +39,7 @@ import zmq
 
 from edge.benchstats import summarize_ms
 from edge.errors import DataError, ProtocolError
+from edge.zmq_auth import CurveClientKeys
 from edge.zmqclient import NotConnectedError, Reply, ZmqClient
 
 __all__ = [
@@ -310,6 +311,7 @@ def run_load(
     on_tick: Callable[[Tick], None] | None = None,
     keep_last: bool = True,
     context: zmq.Context | None = None,
+    curve: CurveClientKeys | None = None,
 ) -> LoadResult:
     """Drive ``streams`` against the daemon at ``endpoint``; return what was measured.
 
@@ -325,6 +327,8 @@ def run_load(
     keep_last : bool
         Keep the last ok reply of each stream (with its mask) in
         ``LoadResult.last_replies``.
+    curve : CurveClientKeys, optional
+        Connect with CURVE (a daemon with ``[zmq] curve_server_key``).
     """
     if duration_s is None and any(s.frames is None for s in streams):
         raise ValueError("Give duration_s or a frame count for every stream.")
@@ -337,7 +341,7 @@ def run_load(
     aborted: str | None = None
     try:
         for spec in streams:
-            states.append(_Stream(spec, ZmqClient(endpoint, context=ctx)))
+            states.append(_Stream(spec, ZmqClient(endpoint, context=ctx, curve=curve)))
         # A daemon that is down is found here, before the clock starts.
         deadline = time.monotonic() + connect_timeout_s
         for st in states:

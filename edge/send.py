@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.errors import MedgeError
+from edge.zmq_auth import add_curve_arguments, curve_from_args
 
 __all__ = ["configure_parser", "run"]
 
@@ -86,6 +87,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                     help="a frame with no reply after this long is a timeout; no reply at all: the run stops")
     pz.add_argument("--connect-timeout-s", type=_positive, default=3.0)
     pz.add_argument("--json", action="store_true", help="print JSON lines (one per second, then the summary)")
+    add_curve_arguments(pz)
 
     mod = _dicom_module()
     if mod is not None and hasattr(mod, "configure_parser"):
@@ -143,7 +145,7 @@ def _run_zmq(args: argparse.Namespace) -> int:
               f"{p50} {p99}", flush=True)
 
     res = run_load(args.endpoint, [spec], duration_s=duration, reply_timeout_s=args.reply_timeout_s,
-                   connect_timeout_s=args.connect_timeout_s, on_tick=tick)
+                   connect_timeout_s=args.connect_timeout_s, on_tick=tick, curve=curve_from_args(args))
     summary: dict[str, Any] = res.summary()
     if args.json:
         print(json.dumps({"type": "summary", **summary}), flush=True)

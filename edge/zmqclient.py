@@ -26,6 +26,7 @@ import numpy as np
 import zmq
 
 from edge.errors import MedgeError, ProtocolError
+from edge.zmq_auth import CurveClientKeys
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -162,12 +163,16 @@ class ZmqClient:
     sndhwm, rcvhwm : int
         High-water marks; the load generator bounds in-flight requests
         itself, these only cap memory.
+    curve : CurveClientKeys, optional
+        Connect with CURVE (the daemon's public key and this client's key
+        pair), for a daemon with ``[zmq] curve_server_key`` set.
     """
 
     endpoint: str
     context: zmq.Context | None = None
     sndhwm: int = 1000
     rcvhwm: int = 10000
+    curve: CurveClientKeys | None = None
     _sock: zmq.Socket | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -177,6 +182,12 @@ class ZmqClient:
         s.setsockopt(zmq.IMMEDIATE, 1)
         s.setsockopt(zmq.SNDHWM, self.sndhwm)
         s.setsockopt(zmq.RCVHWM, self.rcvhwm)
+        try:
+            if self.curve is not None:
+                self.curve.apply(s)
+        except MedgeError:
+            s.close(0)
+            raise
         try:
             s.connect(self.endpoint)
         except zmq.ZMQError as exc:
