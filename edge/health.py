@@ -6,6 +6,31 @@
   ingest sockets are bound; 503 before that and while shutting down
   (readiness: a load balancer or systemd watchdog should wait for it).
 
+Hardening, in the style of the Prometheus exporters' web configuration
+(``exporter-toolkit``):
+
+* **Bounds** (always on): a connection that sends nothing for
+  ``idle_timeout_s`` (no request, half a request line, a TLS handshake that
+  stalls) is closed; at most ``max_connections`` connections are served at
+  once and the excess is closed at accept, so idle sockets cannot exhaust
+  threads or file descriptors. The TLS handshake runs in the connection's
+  own thread under the idle timeout, never in the accept loop.
+* **TLS** (off by default): ``tls_cert`` + ``tls_key`` serve HTTPS (TLS 1.2
+  or newer); ``tls_client_ca`` also requires a client certificate signed by
+  that CA.
+* **Basic auth** (off by default): ``basic_auth_file`` is an htpasswd file
+  of bcrypt hashes (``htpasswd -nbB user password``). Every endpoint, the
+  probes included, then answers 401 without valid credentials. A successful
+  check is cached in memory as the SHA-256 of the password (compared in
+  constant time), so a scrape every 15 s costs one bcrypt per process, not
+  one per scrape. The file is read once at start-up. Neither the password
+  nor the ``Authorization`` header is ever logged.
+
+Each request is answered inside an error boundary (component ``http``, see
+:mod:`edge.boundary`): a failure answers 500, is counted in
+``medge_internal_errors_total{component="http"}`` and the server keeps
+serving.
+
 Examples
 --------
 >>> from prometheus_client import CollectorRegistry
@@ -16,92 +41,448 @@ True
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
 import logging
+import socket
+import ssl
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
+import bcrypt
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-__all__ = ["HealthServer"]
+from edge.boundary import ErrorBoundary
+from edge.errors import ConfigError
+
+__all__ = ["HealthServer", "HtpasswdAuth"]
 
 _log = logging.getLogger(__name__)
+
+_REALM = 'Basic realm="medge"'
+_BCRYPT_PREFIXES = ("$2y$", "$2b$", "$2a$")
+_TEXT = "text/plain; charset=utf-8"
+_ROUTES = ("/metrics", "/healthz", "/readyz")
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class _Throttle:
+    """At most one log record per key per ``interval_s``; counts what it held back."""
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def due(self, key: str) -> int | None:
+        """``None`` to stay quiet, else how many records were held back since the last one."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self._interval_s:
+                self._held[key] = self._held.get(key, 0) + 1
+                return None
+            self._last[key] = now
+            return self._held.pop(key, 0)
+
+
+def _more(held: int) -> str:
+    return f" ({held} more since the last report)" if held else ""
+
+
+class HtpasswdAuth:
+    """HTTP basic auth against an htpasswd file of bcrypt hashes.
+
+    Parameters
+    ----------
+    path : path-like
+        Lines ``user:hash`` with hashes from ``htpasswd -nbB user password``
+        (``$2y$``, ``$2b$`` or ``$2a$``); blank lines and ``#`` comments are
+        skipped.
+
+    Raises
+    ------
+    ConfigError
+        If the file cannot be read, holds no user, or holds a line that is
+        not ``user:bcrypt-hash`` (the line number is named, never its text).
+
+    Examples
+    --------
+    >>> import base64, tempfile, bcrypt
+    >>> f = tempfile.NamedTemporaryFile("w", suffix=".htpasswd", delete=False)
+    >>> _ = f.write("prom:" + bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode() + "\\n"); f.close()
+    >>> auth = HtpasswdAuth(f.name)
+    >>> auth.check("Basic " + base64.b64encode(b"prom:s3cret").decode())
+    True
+    >>> auth.check("Basic " + base64.b64encode(b"prom:wrong").decode())
+    False
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"Config key metrics.basic_auth_file: cannot read {self.path}: {exc}.") from exc
+        users: dict[str, bytes] = {}
+        for number, line in enumerate(text.splitlines(), start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            user, sep, hashed = line.partition(":")
+            if not sep or not user or not hashed.startswith(_BCRYPT_PREFIXES):
+                raise ConfigError(
+                    f"Config key metrics.basic_auth_file: line {number} of {self.path} is not 'user:bcrypt-hash' "
+                    "(make it with 'htpasswd -nbB user password'; other hash types are not accepted)."
+                )
+            users[user] = hashed.encode("ascii", "replace")
+        if not users:
+            raise ConfigError(f"Config key metrics.basic_auth_file: {self.path} holds no user.")
+        self._users = users
+        # An unknown user costs the same bcrypt as a known one (no user enumeration by timing).
+        self._decoy = next(iter(users.values()))
+        self._lock = threading.Lock()
+        self._verified: dict[str, bytes] = {}
+
+    @property
+    def users(self) -> tuple[str, ...]:
+        """The user names in the file."""
+        return tuple(self._users)
+
+    def check(self, authorization: str | None) -> bool:
+        """Whether an ``Authorization`` header value carries valid credentials."""
+        if not authorization:
+            return False
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, sep, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        if not sep:
+            return False
+        secret = password.encode("utf-8")
+        digest = hashlib.sha256(secret).digest()
+        with self._lock:
+            known = self._verified.get(user)
+        if known is not None and hmac.compare_digest(known, digest):
+            return True
+        hashed = self._users.get(user)
+        try:
+            ok = bcrypt.checkpw(secret, hashed if hashed is not None else self._decoy)
+        except ValueError:  # a password longer than bcrypt's 72 bytes, or a hash bcrypt cannot parse
+            ok = False
+        if ok and hashed is not None:
+            with self._lock:
+                self._verified[user] = digest
+            return True
+        return False
+
+
+def _server_ssl_context(cert: str, key: str, client_ca: str) -> ssl.SSLContext | None:
+    """The HTTPS context (TLS 1.2+), or ``None`` when ``cert`` is empty."""
+    if not cert:
+        return None
+    if not key:
+        raise ConfigError("Config key metrics.tls_key: tls_cert and tls_key must be set together.")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key, password=b"")  # never prompt on a terminal for an encrypted key
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"Config key metrics.tls_cert: cannot load the certificate {cert} with the key {key} "
+            f"(PEM, unencrypted key): {exc}."
+        ) from exc
+    if client_ca:
+        try:
+            ctx.load_verify_locations(cafile=client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"Config key metrics.tls_client_ca: cannot load the CA file {client_ca}: {exc}.") from exc
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
     protocol_version = "HTTP/1.1"
+    server_version = "medge"
+    sys_version = ""
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
-            self._send(200, b"ok\n")
-        elif path == "/readyz":
-            if self.server.ready():
-                self._send(200, b"ready\n")
-            else:
-                self._send(503, b"not ready\n")
-        else:
-            self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
+        headers: dict[str, str] = {}
+        try:
+            code, body, ctype, headers = self._answer(path)
+        except Exception as exc:  # noqa: BLE001 - the HTTP handler's one error boundary: count, answer 500, go on
+            self.server.boundary.report(exc, f"GET {path if path in _ROUTES else 'other path'}")
+            code, body, ctype = 500, b"internal error: see the daemon's log\n", _TEXT
+        self._send(code, body, ctype, headers)
 
-    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+    def _answer(self, path: str) -> tuple[int, bytes, str, dict[str, str]]:
+        auth = self.server.auth
+        if auth is not None and not auth.check(self.headers.get("Authorization")):
+            held = self.server.throttle.due("auth")
+            if held is not None:
+                _log.warning(
+                    "Refused an HTTP request from %s without valid basic-auth credentials%s.",
+                    self.client_address[0], _more(held),
+                )
+            return 401, b"unauthorized\n", _TEXT, {"WWW-Authenticate": _REALM}
+        if path == "/metrics":
+            return 200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST, {}
+        if path == "/healthz":
+            return 200, b"ok\n", _TEXT, {}
+        if path == "/readyz":
+            return (200, b"ready\n", _TEXT, {}) if self.server.ready() else (503, b"not ready\n", _TEXT, {})
+        return 404, b"not found: try /metrics, /healthz or /readyz\n", _TEXT, {}
+
+    def _send(self, code: int, body: bytes, ctype: str, headers: dict[str, str]) -> None:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        # The request line and status only: headers (Authorization) are never logged.
         _log.debug("http %s - %s", self.address_string(), format % args)
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    block_on_close = False  # close() shuts connections down itself instead of waiting for them
     allow_reuse_address = True
+    request_queue_size = 64
 
-    def __init__(self, addr: tuple[str, int], registry: CollectorRegistry, ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        addr: tuple[str, int],
+        registry: CollectorRegistry,
+        ready: Callable[[], bool],
+        *,
+        ssl_context: ssl.SSLContext | None,
+        auth: HtpasswdAuth | None,
+        idle_timeout_s: float,
+        max_connections: int,
+    ) -> None:
         super().__init__(addr, _Handler)
         self.registry = registry
         self.ready = ready
+        self.ssl_context = ssl_context
+        self.auth = auth
+        self.idle_timeout_s = idle_timeout_s
+        self.max_connections = max_connections
+        self.boundary = ErrorBoundary("http", _log, registry)
+        self.throttle = _Throttle()
+        self.refused = 0
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._conns_lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+
+    def active(self) -> int:
+        with self._conns_lock:
+            return len(self._conns)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Take a connection slot, or refuse (the caller closes the socket at once)."""
+        if self._slots.acquire(blocking=False):
+            return True
+        self.refused += 1
+        held = self.throttle.due("full")
+        if held is not None:
+            _log.warning(
+                "HTTP connection from %s closed at accept: %d connections are open (metrics.max_connections)%s.",
+                client_address[0], self.max_connections, _more(held),
+            )
+        return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # no thread started: the slot would leak
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        conn: socket.socket = request
+        self._track(conn, None)
+        try:
+            conn.settimeout(self.idle_timeout_s)
+            if self.ssl_context is not None:
+                # The handshake happens here, in this connection's thread and under the idle
+                # timeout: a peer that connects and stalls holds one slot, never the listener.
+                tls = self.ssl_context.wrap_socket(conn, server_side=True)
+                self._track(tls, conn)
+                conn = tls
+            self.finish_request(conn, client_address)
+        except ssl.SSLError as exc:
+            held = self.throttle.due("tls")
+            if held is not None:
+                _log.warning("TLS handshake with %s failed: %s%s.", client_address[0], exc.reason or exc, _more(held))
+        except OSError as exc:  # the peer went away or stalled past the idle timeout
+            _log.debug("HTTP connection from %s ended: %s.", client_address[0], exc)
+        except Exception as exc:  # noqa: BLE001 - the connection loop's error boundary
+            self.boundary.report(exc, "connection")
+        finally:
+            self._untrack(conn)
+            self.shutdown_request(conn)
+            self._slots.release()
+
+    def _track(self, conn: socket.socket, replaces: socket.socket | None) -> None:
+        with self._conns_lock:
+            if replaces is not None:
+                self._conns.discard(replaces)
+            self._conns.add(conn)
+
+    def _untrack(self, conn: socket.socket) -> None:
+        with self._conns_lock:
+            self._conns.discard(conn)
+
+    def shutdown_connections(self) -> None:
+        """Shut every open connection down, so that the threads serving them end now."""
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by its thread
 
 
 class HealthServer:
-    """A small threaded HTTP server (started on construction) for metrics and probes.
+    """A small threaded HTTP(S) server (started on construction) for metrics and probes.
 
     Parameters
     ----------
     host, port : str, int
         Where to listen; port 0 picks a free one (see :attr:`port`).
     registry : CollectorRegistry
-        What ``/metrics`` exposes.
+        What ``/metrics`` exposes; ``medge_internal_errors_total`` is added to it.
     ready : callable
         Returns whether ``/readyz`` answers 200.
+    tls_cert, tls_key : str, optional
+        PEM certificate (chain) and unencrypted key: serve HTTPS (TLS 1.2+).
+    tls_client_ca : str, optional
+        PEM CA bundle: require a client certificate signed by it (needs TLS).
+    basic_auth_file : str, optional
+        htpasswd file of bcrypt hashes: every endpoint requires basic auth.
+    idle_timeout_s : float
+        Close a connection that sends nothing (or stalls its TLS handshake) this long.
+    max_connections : int
+        Connections served at once; more are closed at accept.
 
     Raises
     ------
+    ConfigError
+        If a TLS file or the htpasswd file cannot be used.
     OSError
         If the address cannot be bound.
+
+    See Also
+    --------
+    HealthServer.from_config : the same from ``[metrics]``.
     """
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, ready: Callable[[], bool]) -> None:
-        self._server = _Server((host, port), registry, ready)
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        ready: Callable[[], bool],
+        *,
+        tls_cert: str = "",
+        tls_key: str = "",
+        tls_client_ca: str = "",
+        basic_auth_file: str = "",
+        idle_timeout_s: float = 10.0,
+        max_connections: int = 32,
+    ) -> None:
+        if tls_client_ca and not tls_cert:
+            raise ConfigError("Config key metrics.tls_client_ca: needs metrics.tls_cert and tls_key.")
+        if not idle_timeout_s > 0:
+            raise ConfigError(f"Config key metrics.idle_timeout_s: {idle_timeout_s} must be > 0.")
+        if max_connections < 1:
+            raise ConfigError(f"Config key metrics.max_connections: {max_connections} must be >= 1.")
+        ssl_context = _server_ssl_context(tls_cert, tls_key, tls_client_ca)
+        auth = HtpasswdAuth(basic_auth_file) if basic_auth_file else None
+        self._server = _Server(
+            (host, port),
+            registry,
+            ready,
+            ssl_context=ssl_context,
+            auth=auth,
+            idle_timeout_s=float(idle_timeout_s),
+            max_connections=int(max_connections),
+        )
         self.host = host
         self.port = int(self._server.server_address[1])
+        self.scheme = "https" if ssl_context is not None else "http"
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.1,), name="medge-http", daemon=True)
         self._thread.start()
-        _log.info("Metrics and health on http://%s:%d (/metrics, /healthz, /readyz).", host, self.port)
+        extras = [
+            "TLS" if ssl_context is not None else "",
+            "client certificates required" if tls_client_ca else "",
+            f"basic auth for {len(auth.users)} user(s)" if auth is not None else "",
+        ]
+        _log.info(
+            "Metrics and health on %s (/metrics, /healthz, /readyz; %s).",
+            self.url,
+            ", ".join(e for e in extras if e) or "no TLS, no auth",
+        )
+        if host not in _LOOPBACK and (ssl_context is None or auth is None):
+            _log.warning(
+                "Metrics and health listen on %s without %s: anyone who can reach the port can read them "
+                "(set metrics.tls_cert, tls_key and basic_auth_file; see docs/operations.md).",
+                host,
+                "TLS or basic auth" if ssl_context is None and auth is None else "TLS" if ssl_context is None else "basic auth",
+            )
+
+    @classmethod
+    def from_config(cls, config: Any, registry: CollectorRegistry, ready: Callable[[], bool]) -> "HealthServer":
+        """Start a server as ``[metrics]`` (an :class:`edge.config.MetricsConfig`) says."""
+        return cls(
+            config.host,
+            config.port,
+            registry,
+            ready,
+            tls_cert=config.tls_cert,
+            tls_key=config.tls_key,
+            tls_client_ca=config.tls_client_ca,
+            basic_auth_file=config.basic_auth_file,
+            idle_timeout_s=config.idle_timeout_s,
+            max_connections=config.max_connections,
+        )
 
     @property
     def url(self) -> str:
-        """Base URL, e.g. ``http://127.0.0.1:9108``."""
-        return f"http://{self.host}:{self.port}"
+        """Base URL, e.g. ``http://127.0.0.1:9108`` (``https://`` with TLS)."""
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    @property
+    def active_connections(self) -> int:
+        """Connections being served now (each holds one thread)."""
+        return self._server.active()
+
+    @property
+    def refused_connections(self) -> int:
+        """Connections closed at accept because ``max_connections`` were open."""
+        return self._server.refused
 
     def close(self) -> None:
-        """Stop serving and close the listening socket."""
+        """Stop serving, close the listening socket and every open connection."""
         self._server.shutdown()
         self._server.server_close()
+        self._server.shutdown_connections()
         self._thread.join(timeout=2.0)
 
     def __enter__(self) -> "HealthServer":

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import zmq
 from prometheus_client import CollectorRegistry
 
 from edge.config import MedgeConfig, load_config
@@ -45,6 +46,7 @@ from edge.ingest.zmq import ZmqServer
 from edge.metrics import Metrics
 from edge.models import ModelRegistry
 from edge.scheduler import Scheduler
+from edge.zmq_auth import CurveServer
 
 __all__ = ["Daemon", "configure_parser", "run", "sd_notify"]
 
@@ -82,14 +84,36 @@ class Daemon:
         self.scheduler: Scheduler | None = None
         self.zmq: ZmqServer | None = None
         self.dicom: Any = None
+        self._zmq_ctx: zmq.Context | None = None
+        self._curve: CurveServer | None = None
         self._ready = False
         self._stopped = False
         self.ready_s = 0.0
 
     @property
     def ready(self) -> bool:
-        """Models loaded and warm, sockets bound, not shutting down."""
-        return self._ready
+        """Models loaded and warm, sockets bound, every serving loop alive, not shutting down."""
+        return self._ready and not self.unhealthy()
+
+    def unhealthy(self) -> list[str]:
+        """Names of the components whose serving threads have died (empty when all serve).
+
+        A component that lost its loop answers nothing (or only
+        ``overloaded``); ``/readyz`` then says 503 so a load balancer or an
+        operator sees it, instead of a daemon that looks ready and is not.
+        """
+        bad = []
+        for name, part in (("scheduler", self.scheduler), ("zmq", self.zmq), ("dicom", self.dicom)):
+            check = getattr(part, "healthy", None)
+            if part is not None and callable(check):
+                try:
+                    ok = bool(check())
+                except Exception:  # noqa: BLE001 - a probe must answer, whatever the component does
+                    _log.exception("Health check of %s failed.", name)
+                    ok = False
+                if not ok:
+                    bad.append(name)
+        return bad
 
     def start(self) -> "Daemon":
         """Bring everything up; on failure, close what was started and re-raise."""
@@ -98,7 +122,7 @@ class Daemon:
         try:
             if cfg.metrics.enabled:
                 try:
-                    self.health = HealthServer(cfg.metrics.host, cfg.metrics.port, self.registry, lambda: self._ready)
+                    self.health = HealthServer.from_config(cfg.metrics, self.registry, lambda: self.ready)
                 except OSError as exc:
                     from edge.errors import ConfigError
 
@@ -119,7 +143,13 @@ class Daemon:
                 model_configs={m.name: m for m in cfg.models},
             ).start()
             if cfg.zmq.enabled:
-                self.zmq = ZmqServer(cfg.zmq, self.scheduler, self.metrics).start()
+                self._zmq_ctx = zmq.Context(io_threads=1)
+                if cfg.zmq.curve_enabled:
+                    self._curve = CurveServer(
+                        self._zmq_ctx, cfg.zmq.curve_server_key, cfg.zmq.curve_client_keys_dir
+                    ).start()
+                    self._curve.secure_context()  # the ROUTER and PUB sockets created next are CURVE servers
+                self.zmq = ZmqServer(cfg.zmq, self.scheduler, self.metrics, context=self._zmq_ctx).start()
             if cfg.dicom.enabled:
                 self.dicom = _start_dicom(cfg, self.scheduler, self.registry)
         except BaseException:
@@ -160,6 +190,11 @@ class Daemon:
             self.scheduler.close(timeout_s=max(0.3, budget - 2.0 - (time.monotonic() - t0)), grace_s=0.8)
         if self.zmq is not None:
             self.zmq.close(timeout_s=max(0.3, budget - 0.6 - (time.monotonic() - t0)))
+        if self._curve is not None:
+            self._curve.stop()
+        if self._zmq_ctx is not None:
+            # Sockets are closed with their linger by now; destroy never waits on a socket left open.
+            self._zmq_ctx.destroy(linger=0)
         if self.health is not None:
             self.health.close()
         self.models.close()
@@ -246,4 +281,24 @@ def run(args: argparse.Namespace) -> int:
             pass
         _log.info("%s received; shutting down.", received[0] if received else "stop")
         sd_notify("STOPPING=1")
+        _exit_after(config.shutdown_timeout_s + 0.9)
     return 0
+
+
+def _exit_after(seconds: float) -> None:
+    """Last resort of a bounded shutdown: if closing takes longer than ``seconds``, exit now.
+
+    Every component closes within its share of ``shutdown_timeout_s``; this
+    guards against one that cannot (a thread stuck in a library call). What
+    was accepted durably (spooled DICOM, the outbox) is on disk and is picked
+    up at the next start; ZeroMQ clients get no reply, as with a crash.
+    """
+
+    def _expire() -> None:
+        _log.error("Shutdown did not finish within %.1f s; exiting without waiting further.", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, _expire)
+    timer.daemon = True
+    timer.start()

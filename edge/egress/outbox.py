@@ -27,7 +27,29 @@ association rejected or aborted, timeout) is retried after
 ``retry_base_s * 2**(n-1)`` seconds, capped at ``retry_max_s``; its objects
 are not charged an attempt for that, so a PACS that is down for hours
 loses nothing and is polled at most once per ``retry_max_s``. Every failed
-attempt is logged and counted in ``medge_outbox_failures_total``.
+attempt is counted in ``medge_outbox_failures_total``; the log says why
+when a destination starts failing or the reason changes, then at most once
+a minute while it goes on (with how many attempts failed meanwhile), and
+once more when the destination accepts results again.
+
+DICOM TLS (PS3.15 B.1, a destination with ``tls = true``): the association
+runs over TLS 1.2 or newer; the server certificate is verified against
+``tls_ca`` (empty: the system's CA store) and its name against
+``tls_server_name`` (empty: ``host``); ``tls_cert`` + ``tls_key`` are
+presented as a client certificate when the peer asks for one. The files are
+loaded when the outbox starts (an unusable file is a
+:class:`~edge.errors.ConfigError`) and again whenever one of them changes
+on disk, so a renewed certificate or CA is picked up without a restart. A
+TLS failure (handshake refused, certificate not trusted, name mismatch,
+client certificate refused) is a transient delivery failure like an
+unreachable peer: the results stay pending, are retried with backoff and
+are never dead-lettered for it, so a certificate problem delays delivery
+until it is fixed and loses nothing.
+
+The sender loop has one error boundary (component ``outbox``, see
+:mod:`edge.boundary`): an unexpected exception is counted in
+``medge_internal_errors_total`` and ``medge_outbox_failures_total``, and the
+destination backs off and is tried again; nothing is dead-lettered for it.
 
 Examples
 --------
@@ -44,7 +66,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -57,14 +81,19 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
+from edge.boundary import ErrorBoundary
+from edge.errors import ConfigError
 from edge.spool import atomic_write, safe_name
 
 __all__ = ["Destination", "RetryPolicy", "Outbox", "classify_status", "get_or_create_metric"]
 
 _log = logging.getLogger(__name__)
+
+#: while a destination keeps failing for the same reason, at most one log line per this many seconds
+_FAILURE_LOG_INTERVAL_S = 60.0
 
 
 def get_or_create_metric(registry: CollectorRegistry, kind: type, name: str, doc: str, labels: Sequence[str] = ()) -> Any:
@@ -86,12 +115,37 @@ def get_or_create_metric(registry: CollectorRegistry, kind: type, name: str, doc
 
 @dataclass(frozen=True)
 class Destination:
-    """A C-STORE peer: ``name`` (a label, used in metrics and folder names), host, port, AE title."""
+    """A C-STORE peer: ``name`` (a label, used in metrics and folder names), host, port, AE title.
+
+    ``tls``: send over TLS, verifying the peer against ``tls_ca`` (empty: the
+    system's CA store) and ``tls_server_name`` (empty: ``host``);
+    ``tls_cert`` + ``tls_key``: our client certificate (see the module docstring).
+    """
 
     name: str
     host: str
     port: int
     ae_title: str
+    tls: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_server_name: str = ""
+
+    @classmethod
+    def of(cls, d: object) -> "Destination":
+        """A :class:`Destination` from any object with the same attributes (``edge.config.DicomDestination``)."""
+        return cls(
+            str(getattr(d, "name")),
+            str(getattr(d, "host")),
+            int(getattr(d, "port")),
+            str(getattr(d, "ae_title")),
+            tls=bool(getattr(d, "tls", False)),
+            tls_ca=str(getattr(d, "tls_ca", "") or ""),
+            tls_cert=str(getattr(d, "tls_cert", "") or ""),
+            tls_key=str(getattr(d, "tls_key", "") or ""),
+            tls_server_name=str(getattr(d, "tls_server_name", "") or ""),
+        )
 
 
 @dataclass(frozen=True)
@@ -126,10 +180,89 @@ def classify_status(status: int) -> str:
     return "permanent"
 
 
+class _RecordingSSLSocket(ssl.SSLSocket):
+    """An SSLSocket that notes its TLS error on its context: pynetdicom logs and swallows it."""
+
+    def connect(self, address: Any) -> None:
+        try:
+            super().connect(address)
+        except ssl.SSLError as exc:
+            _note_tls_error(self.context, exc)
+            raise
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        # TLS 1.3: a client certificate the peer refuses shows up on the first read, not in the handshake.
+        try:
+            return super().recv(buflen, flags)
+        except ssl.SSLError as exc:
+            _note_tls_error(self.context, exc)
+            raise
+
+
+class _ClientContext(ssl.SSLContext):
+    """The TLS client context of one destination; remembers the last TLS error seen on it."""
+
+    sslsocket_class = _RecordingSSLSocket
+    last_error: str = ""
+
+
+def _note_tls_error(ctx: ssl.SSLContext, exc: ssl.SSLError) -> None:
+    if isinstance(ctx, _ClientContext):
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            detail = f"certificate verify failed ({str(exc.verify_message).rstrip('.')})"
+        else:
+            detail = exc.reason or type(exc).__name__  # e.g. TLSV13_ALERT_CERTIFICATE_REQUIRED
+        ctx.last_error = f"TLS failed: {detail}"
+
+
+class _ClientTls:
+    """Builds the TLS context of a destination and rebuilds it when one of its files changes."""
+
+    def __init__(self, dest: Destination) -> None:
+        self.dest = dest
+        self.server_hostname = dest.tls_server_name or dest.host
+        self._files = [p for p in (dest.tls_ca, dest.tls_cert, dest.tls_key) if p]
+        self._stamp: tuple[Any, ...] | None = None
+        self._ctx: _ClientContext | None = None
+
+    def _files_stamp(self) -> tuple[Any, ...]:
+        out: list[Any] = []
+        for p in self._files:
+            try:
+                st = os.stat(p)
+                out.append((p, st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                out.append((p, None))
+        return tuple(out)
+
+    def context(self) -> _ClientContext:
+        """The context for the next association (raises ``ssl.SSLError``/``OSError`` if a file is unusable)."""
+        stamp = self._files_stamp()
+        if self._ctx is None or stamp != self._stamp:
+            self._ctx = self._build()
+            self._stamp = stamp
+        return self._ctx
+
+    def _build(self) -> _ClientContext:
+        d = self.dest
+        ctx = _ClientContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the certificate and the host name
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if d.tls_ca:
+            ctx.load_verify_locations(cafile=d.tls_ca)
+        else:
+            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        if d.tls_cert:
+            ctx.load_cert_chain(d.tls_cert, d.tls_key or None, password=b"")  # never prompt for a passphrase
+        return ctx
+
+
 class _DestinationState:
     def __init__(self) -> None:
         self.failures = 0
         self.next_try = 0.0
+        self.logged_reason = ""
+        self.logged_at = 0.0
+        self.unlogged = 0
 
 
 class Outbox:
@@ -140,7 +273,8 @@ class Outbox:
     root : path-like
         The outbox folder (``<spool_dir>/outbox``).
     destinations : sequence
-        Objects with ``name``, ``host``, ``port`` and ``ae_title``
+        Objects with ``name``, ``host``, ``port`` and ``ae_title``, and
+        optionally the ``tls*`` attributes of :class:`Destination`
         (``edge.config.DicomDestination`` works).
     registry : prometheus_client.CollectorRegistry
         Where the outbox metrics go.
@@ -150,6 +284,11 @@ class Outbox:
         Our AE title towards the destinations.
     start : bool
         Start the sender threads now (else call :meth:`start`).
+
+    Raises
+    ------
+    ConfigError
+        If a TLS destination's CA, certificate or key file cannot be loaded.
     """
 
     def __init__(
@@ -164,9 +303,18 @@ class Outbox:
         start: bool = True,
     ) -> None:
         self.root = Path(root)
-        self.destinations = [
-            Destination(str(d.name), str(d.host), int(d.port), str(d.ae_title)) for d in destinations  # type: ignore[attr-defined]
-        ]
+        self.destinations = [Destination.of(d) for d in destinations]
+        self._tls: dict[str, _ClientTls] = {}
+        for dest in self.destinations:
+            if dest.tls:
+                self._tls[dest.name] = tls = _ClientTls(dest)
+                try:
+                    tls.context()
+                except (OSError, ssl.SSLError) as exc:
+                    raise ConfigError(
+                        f"Config key dicom.destinations ({dest.name}): cannot load its TLS files "
+                        f"(tls_ca {dest.tls_ca or 'system store'}, tls_cert {dest.tls_cert or 'none'}): {exc}."
+                    ) from exc
         p = policy if policy is not None else RetryPolicy()
         self.policy = RetryPolicy(
             retry_base_s=float(getattr(p, "retry_base_s")),
@@ -211,6 +359,7 @@ class Outbox:
             "Result objects moved to the dead-letter folder.",
             ["destination"],
         )
+        self._boundary = ErrorBoundary("outbox", _log, registry)
         self._stop = threading.Event()
         self._wake = {d.name: threading.Event() for d in self.destinations}
         self._state = {d.name: _DestinationState() for d in self.destinations}
@@ -359,20 +508,34 @@ class Outbox:
                 continue
             try:
                 self._send_batch(dest, state, paths)
-            except Exception:  # noqa: BLE001 - the sender's one error boundary: log, count, back off, go on
-                _log.exception("Outbox sender for %s failed unexpectedly; backing off.", dest.name)
+            except Exception as exc:  # noqa: BLE001 - the sender's one error boundary: count, back off, go on
+                self._boundary.report(exc, f"sending to {dest.name}")
                 self._failures.labels(destination=dest.name).inc()
-                self._backoff(dest, state, "internal error")
+                self._backoff(dest, state, f"internal error ({type(exc).__name__})")
             self._update_gauge(dest)
 
     def _backoff(self, dest: Destination, state: _DestinationState, why: str) -> None:
         state.failures += 1
         delay = self.policy.delay(state.failures)
-        state.next_try = time.monotonic() + delay
-        _log.warning(
-            "Destination %s (%s:%d %s): %s; attempt %d failed, next try in %.1f s.",
-            dest.name, dest.host, dest.port, dest.ae_title, why, state.failures, delay,
-        )
+        now = time.monotonic()
+        state.next_try = now + delay
+        # Logged when the destination starts failing or the reason changes, else once a minute.
+        if why != state.logged_reason or now - state.logged_at >= _FAILURE_LOG_INTERVAL_S:
+            more = f" ({state.unlogged} more failed attempts since the last report)" if state.unlogged else ""
+            _log.warning(
+                "Destination %s (%s:%d %s%s): %s; attempt %d failed, next try in %.1f s; results stay pending%s.",
+                dest.name, dest.host, dest.port, dest.ae_title, ", TLS" if dest.tls else "", why,
+                state.failures, delay, more,
+            )
+            state.logged_reason, state.logged_at, state.unlogged = why, now, 0
+        else:
+            state.unlogged += 1
+
+    def _recovered(self, dest: Destination, state: _DestinationState) -> None:
+        if state.failures:
+            _log.info("Destination %s accepts results again after %d failed attempts.", dest.name, state.failures)
+        state.failures = 0
+        state.logged_reason, state.unlogged = "", 0
 
     def _send_batch(self, dest: Destination, state: _DestinationState, paths: list[Path]) -> None:
         items: list[tuple[Path, Dataset]] = []
@@ -397,9 +560,33 @@ class Outbox:
                 if extra not in syntaxes:
                     syntaxes.append(extra)
         ae.requested_contexts = [build_context(sop, ts) for sop, ts in list(contexts.items())[:128]]
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        tls_args: tuple[ssl.SSLContext, str] | None = None
+        ctx: _ClientContext | None = None
+        client_tls = self._tls.get(dest.name)
+        if client_tls is not None:
+            try:
+                ctx = client_tls.context()
+            except (OSError, ssl.SSLError) as exc:  # e.g. a certificate file half-way through being replaced
+                self._failures.labels(destination=dest.name).inc()
+                self._backoff(dest, state, f"cannot load its TLS files: {exc}")
+                return
+            ctx.last_error = ""
+            tls_args = (ctx, client_tls.server_hostname)
+        connected: list[bool] = []
+        assoc = ae.associate(
+            dest.host,
+            dest.port,
+            ae_title=dest.ae_title,
+            tls_args=tls_args,
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))],
+        )
         if not assoc.is_established:
-            why = "association rejected" if assoc.is_rejected else "association aborted" if assoc.is_aborted else "cannot connect"
+            if ctx is not None and ctx.last_error:
+                why = ctx.last_error
+            elif not connected:  # pynetdicom reports a refused connection as an abort
+                why = "cannot connect (refused, unreachable or timed out)"
+            else:
+                why = "association rejected" if assoc.is_rejected else "association aborted"
             self._failures.labels(destination=dest.name).inc()
             self._backoff(dest, state, why)
             return
@@ -424,7 +611,7 @@ class Outbox:
                     self._remove_sent(path)
                     self._attempts_path(path).unlink(missing_ok=True)
                     self._sent.labels(destination=dest.name).inc()
-                    state.failures = 0
+                    self._recovered(dest, state)
                     continue
                 self._failures.labels(destination=dest.name).inc()
                 if verdict == "permanent":

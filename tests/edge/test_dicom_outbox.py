@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+import ssl
 import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -34,6 +37,16 @@ def results(n: int) -> list:
     return out
 
 
+def poll(cond: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
+    """Wait until ``cond()`` holds, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    assert cond(), f"timed out waiting for {what}"
+
+
 def wait_port(port: int, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -45,23 +58,34 @@ def wait_port(port: int, timeout_s: float = 10.0) -> None:
 
 
 class ScriptedSCP:
-    """A pynetdicom storage SCP answering a scripted status per C-STORE, then success."""
+    """A pynetdicom storage SCP answering a scripted status per C-STORE, then success.
 
-    def __init__(self, statuses: list[int]) -> None:
+    ``ssl_context``: speak TLS; ``peer_subjects`` then holds the commonName of
+    the client certificate of each stored object (``""`` when there was none).
+    """
+
+    def __init__(self, statuses: list[int], port: int = 0, ssl_context: ssl.SSLContext | None = None) -> None:
         self.script = list(statuses)
         self.stored: list[str] = []
+        self.peer_subjects: list[str] = []
         self.lock = threading.Lock()
         ae = AE(ae_title="SCRIPTED")
         ae.add_supported_context(ComprehensiveSRStorage)
         ae.add_supported_context(SegmentationStorage)
-        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.server = ae.start_server(
+            ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)], ssl_context=ssl_context
+        )
         self.port = self.server.server_address[1]
 
     def _store(self, event) -> int:  # noqa: ANN001
+        sock = event.assoc.dul.socket.socket
+        cert = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
+        cn = dict(item for rdn in cert["subject"] for item in rdn).get("commonName", "") if cert else ""
         with self.lock:
             status = self.script.pop(0) if self.script else 0x0000
             if status == 0x0000:
                 self.stored.append(str(event.request.AffectedSOPInstanceUID))
+                self.peer_subjects.append(cn)
             return status
 
     def close(self) -> None:
@@ -80,8 +104,8 @@ def test_destination_down_then_up_gets_everything_exactly_once(tmp_path: Path) -
     with Outbox(tmp_path / "outbox", [Destination("pacs", "127.0.0.1", port, "PACS")], reg, policy=FAST) as ob:
         for o in objs:
             ob.put(o)
-        time.sleep(0.8)  # nobody listens: several attempts, all backed off
-        assert metric(reg, "medge_outbox_failures_total", destination="pacs") >= 2
+        # Nobody listens: several attempts, all backed off.
+        poll(lambda: metric(reg, "medge_outbox_failures_total", destination="pacs") >= 2, what="failed attempts")
         assert metric(reg, "medge_outbox_pending", destination="pacs") == 3
         pacs_dir = tmp_path / "pacs"
         pacs_dir.mkdir()
@@ -197,3 +221,50 @@ def test_pending_listing_tolerates_a_file_sent_meanwhile(tmp_path: Path, monkeyp
         monkeypatch.setattr(Path, "stat", stat)
         written = ob.put(b)
         assert [p.name for p in ob.pending("pacs")] == [p.name for p in written]
+
+
+def test_an_unexpected_sender_error_backs_off_and_delivers_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sender loop's error boundary: counted, backed off, retried; nothing dead-lettered."""
+    scp = ScriptedSCP([])
+    reg = CollectorRegistry()
+    real = Outbox._send_batch
+    calls = {"n": 0}
+
+    def flaky(self: Outbox, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug in the sender")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Outbox, "_send_batch", flaky)
+    objs = results(2)
+    try:
+        with Outbox(tmp_path / "outbox", [Destination("pacs", "127.0.0.1", scp.port, "SCRIPTED")], reg, policy=FAST) as ob:
+            for o in objs:
+                ob.put(o)
+            assert ob.wait_idle(20)
+            assert ob.dead_letters("pacs") == []
+    finally:
+        scp.close()
+    assert sorted(scp.stored) == sorted(str(o.SOPInstanceUID) for o in objs)
+    assert metric(reg, "medge_internal_errors_total", component="outbox") == 1
+    assert metric(reg, "medge_outbox_failures_total", destination="pacs") == 1
+
+
+def test_a_failing_destination_is_logged_once_per_reason_then_on_recovery(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="edge.egress.outbox")
+    port = f.free_port()
+    reg = CollectorRegistry()
+    with Outbox(tmp_path / "outbox", [Destination("pacs", "127.0.0.1", port, "SCRIPTED")], reg, policy=FAST) as ob:
+        ob.put(results(1)[0])
+        poll(lambda: metric(reg, "medge_outbox_failures_total", destination="pacs") >= 4, what="failed attempts")
+        warnings = [r for r in caplog.records if r.name == "edge.egress.outbox" and r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "cannot connect" in warnings[0].getMessage()
+        scp = ScriptedSCP([], port=port)
+        try:
+            assert ob.wait_idle(20)
+        finally:
+            scp.close()
+    assert any("accepts results again" in r.getMessage() for r in caplog.records)
