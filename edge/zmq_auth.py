@@ -151,10 +151,24 @@ class CurveServer:
 
     def secure(self, sock: zmq.Socket) -> None:
         """Make ``sock`` a CURVE server with the daemon's key pair (before bind)."""
-        sock.curve_secretkey = self._secret_key
-        sock.curve_publickey = self.public_key
-        sock.curve_server = True
-        sock.zap_domain = b"*"
+        for opt, value in self._options():
+            sock.setsockopt(opt, value)
+
+    def secure_context(self) -> None:
+        """Make every socket the context creates from now on a CURVE server (pyzmq's context defaults).
+
+        Call after :meth:`start` (the ZAP handler's own sockets must stay plain).
+        """
+        for opt, value in self._options():
+            self._ctx.setsockopt(opt, value)
+
+    def _options(self) -> list[tuple[int, object]]:
+        return [
+            (zmq.CURVE_SECRETKEY, self._secret_key),
+            (zmq.CURVE_PUBLICKEY, self.public_key),
+            (zmq.CURVE_SERVER, 1),
+            (zmq.ZAP_DOMAIN, b"*"),
+        ]
 
     def stop(self) -> None:
         """Stop the ZAP handler thread."""
