@@ -272,8 +272,7 @@ class DicomConfig:
     Input bounds (checked on the encoded data before anything is decoded):
     ``max_inflated_mb`` caps a deflated data set's inflated size (it is
     inflated in a stream and refused past the cap, or past its declared
-    image size plus ``max_inflated_mb`` of other elements, whichever is
-    smaller); ``max_frames`` caps NumberOfFrames and ``max_pixels`` caps
+    image size plus 32 MiB for its other elements, whichever is smaller); ``max_frames`` caps NumberOfFrames and ``max_pixels`` caps
     Rows x Columns of one frame. ``connect_timeout_s`` is how long a new
     connection may take to finish the TLS handshake and send its
     A-ASSOCIATE-RQ; ``max_associations_per_peer`` bounds the connections

@@ -1,11 +1,17 @@
 """Routing of received DICOM instances to models, and series assembly.
 
-Three small pieces:
+Three pieces:
 
 - :func:`scan_encoded` walks an encoded data set's top-level elements
   without decoding values (no pydicom on the network thread), checks that
   the encoding is structurally whole (no truncated element, item or pixel
-  data) and picks out the few attributes routing needs;
+  data), enforces the input bounds of :class:`ScanLimits` (inflated size,
+  frames, pixels per frame) and picks out the few attributes routing
+  needs. Deflated data sets are inflated in a stream by
+  :func:`inflate_bounded` and refused as soon as they pass their bound,
+  so a deflate bomb never reaches memory; :func:`split_part10` finds the
+  data set in a spooled file so that the same checks run before any
+  pydicom decode of it;
 - :class:`Router` maps (Modality, SOP Class UID, BodyPartExamined) to a
   model with first-match-wins rules (``[[dicom.routes]]``);
 - :class:`SeriesAssembler` groups processed instances by study, series and
@@ -24,13 +30,14 @@ True
 from __future__ import annotations
 
 import logging
+import math
 import struct
 import threading
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from edge.errors import DataError
 
@@ -38,7 +45,12 @@ __all__ = [
     "Route",
     "Router",
     "InstanceInfo",
+    "ScanLimits",
+    "SizeLimitError",
     "scan_encoded",
+    "scan_and_inflate",
+    "inflate_bounded",
+    "split_part10",
     "SeriesKey",
     "SeriesAssembler",
     "PendingSeries",
@@ -142,10 +154,79 @@ class Router:
 
 
 # --------------------------------------------------------------------------- header scan
+#: Deepest nesting of sequences and items the scan follows (real data sets nest a few levels;
+#: without a bound, a few kilobytes of nested sequences would exhaust the stack).
+MAX_NESTING = 32
+#: Inflated bytes a deflated data set may hold besides its declared image (all other elements:
+#: overlays, icons, private data). Before the pixel data element is reached, this is the bound.
+OTHER_ELEMENTS_BYTES = 32 << 20
+#: Bytes inflated per step (zlib ``max_length``): a bound is overshot by at most this much.
+INFLATE_CHUNK_BYTES = 256 << 10
+_MAX_COMMENT = 64  # Error Comment (0000,0902) is LO: at most 64 characters
+
+
+class SizeLimitError(DataError):
+    """An instance is over one of the input bounds (``[dicom] max_inflated_mb``, ``max_frames``, ``max_pixels``).
+
+    Parameters
+    ----------
+    message : str
+        A sentence naming the limit, its value and its configuration key (never patient data).
+    key : str
+        The ``[dicom]`` configuration key of the limit.
+    comment : str
+        At most 64 characters, for the Error Comment of the C-STORE response.
+    """
+
+    def __init__(self, message: str, key: str, comment: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.comment = comment[:_MAX_COMMENT]
+
+
+@dataclass(frozen=True)
+class ScanLimits:
+    """Input bounds checked on the encoded data before anything is decoded or allocated.
+
+    Parameters
+    ----------
+    max_inflated_bytes : int
+        A deflated data set is refused once its inflated size passes this
+        (``[dicom] max_inflated_mb``), or once it passes its declared image
+        size (Rows x Columns x Samples x Bits Allocated / 8 x Frames) plus
+        ``other_elements_bytes``, whichever is smaller.
+    max_frames : int
+        Number of Frames above this is refused (``[dicom] max_frames``).
+    max_pixels : int
+        Rows x Columns above this is refused (``[dicom] max_pixels``).
+    other_elements_bytes : int
+        Inflated bytes allowed besides the declared image (see :data:`OTHER_ELEMENTS_BYTES`).
+
+    Examples
+    --------
+    >>> ScanLimits(max_frames=10).max_frames
+    10
+    """
+
+    max_inflated_bytes: int = 512 << 20
+    max_frames: int = 1000
+    max_pixels: int = 4096 * 4096
+    other_elements_bytes: int = OTHER_ELEMENTS_BYTES
+
+    @classmethod
+    def from_config(cls, dicom: Any) -> "ScanLimits":
+        """The bounds of a ``[dicom]`` section (:class:`edge.config.DicomConfig`)."""
+        return cls(
+            max_inflated_bytes=int(dicom.max_inflated_mb) << 20,
+            max_frames=int(dicom.max_frames),
+            max_pixels=int(dicom.max_pixels),
+        )
+
+
 class _Reader:
     """Walks encoded elements; raises DataError on any structural problem."""
 
-    def __init__(self, data: bytes | memoryview, implicit: bool, little: bool) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview, implicit: bool, little: bool) -> None:
         self.data = memoryview(data)
         self.implicit = implicit
         self.end = "<" if little else ">"
@@ -173,7 +254,19 @@ class _Reader:
         (length,) = struct.unpack_from(self.end + "H", d, pos + 6)
         return tag, vr, length, pos + 8
 
-    def walk(self, pos: int, stop: int, until_item_end: bool, top: bool) -> int:
+    def record(self, tag: int, length: int, vpos: int) -> None:
+        """Keep a top-level attribute that routing or the input bounds need."""
+        if tag in _WANTED:
+            raw = bytes(self.data[vpos : vpos + length])
+            self.found[_WANTED[tag]] = raw.decode("ascii", "replace").strip(" \x00")
+        elif tag in _IMAGE_US:
+            if length == 2:
+                self.image[_IMAGE_US[tag]] = struct.unpack_from(self.end + "H", self.data, vpos)[0]
+            elif length != 0:
+                # Anything but US would let a decoder read a size this scan did not check.
+                raise DataError(f"Element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has {length} bytes; US needs 2.")
+
+    def walk(self, pos: int, stop: int, until_item_end: bool, top: bool, depth: int = 0) -> int:
         """Walk elements from ``pos``; returns the offset after the last one."""
         last_tag = -1
         while pos < stop:
@@ -188,22 +281,19 @@ class _Reader:
             if length == _UNDEFINED:
                 if vr not in (b"SQ", b"OB", b"OW", b"UN", b""):
                     raise DataError(f"Undefined length on a VR {vr.decode()} element at byte {pos}.")
-                pos = self._items(vpos, stop)
+                pos = self._items(vpos, stop, depth=depth + 1)
                 continue
             if vpos + length > stop:
                 raise DataError(
                     f"Element ({tag >> 16:04X},{tag & 0xFFFF:04X}) of {length} bytes runs past "
                     f"the end of the data set; it is truncated."
                 )
-            if top and tag in _WANTED:
-                raw = bytes(self.data[vpos : vpos + length])
-                self.found[_WANTED[tag]] = raw.decode("ascii", "replace").strip(" \x00")
-            elif top and tag in _IMAGE_US and length == 2:
-                self.image[_IMAGE_US[tag]] = struct.unpack_from(self.end + "H", self.data, vpos)[0]
+            if top and (tag in _WANTED or tag in _IMAGE_US):
+                self.record(tag, length, vpos)
             elif top and tag == _PIXEL_DATA:
                 self.image["pixel_bytes"] = length
             elif vr == b"SQ" or (self.implicit and length >= 8 and tag & 0xFFFF != 0 and self._looks_like_item(vpos)):
-                self._items(vpos, vpos + length, defined=True)
+                self._items(vpos, vpos + length, defined=True, depth=depth + 1)
             pos = vpos + length
         if until_item_end:
             raise DataError("Data set ended inside an item without its delimiter.")
@@ -213,8 +303,10 @@ class _Reader:
         (tag_g, tag_e) = struct.unpack_from(self.end + "HH", self.data, pos)
         return tag_g == 0xFFFE and tag_e == 0xE000
 
-    def _items(self, pos: int, stop: int, defined: bool = False) -> int:
+    def _items(self, pos: int, stop: int, defined: bool = False, depth: int = 1) -> int:
         """Walk sequence items (or encapsulated fragments) from ``pos``."""
+        if depth > MAX_NESTING:
+            raise DataError(f"Sequences are nested deeper than {MAX_NESTING} levels at byte {pos}.")
         limit = min(stop, len(self.data))
         while pos < limit:
             tag, _vr, length, vpos = self._header(pos)
@@ -223,7 +315,7 @@ class _Reader:
             if tag != _ITEM:
                 raise DataError(f"Expected an item at byte {pos}; the sequence is corrupt.")
             if length == _UNDEFINED:
-                pos = self.walk(vpos, limit, until_item_end=True, top=False)
+                pos = self.walk(vpos, limit, until_item_end=True, top=False, depth=depth)
             else:
                 if vpos + length > limit:
                     raise DataError(f"Item of {length} bytes at byte {pos} is truncated.")
@@ -233,25 +325,190 @@ class _Reader:
         raise DataError("Data set ended inside a sequence or encapsulated pixel data without its delimiter.")
 
 
-def scan_encoded(data: bytes | memoryview, transfer_syntax_uid: str) -> InstanceInfo:
-    """Check an encoded data set's structure and read the routing attributes.
+def _number_of_frames(raw: str) -> int:
+    """Number of Frames (IS) as an int, at least 1; DataError when it is not a whole number."""
+    if not raw:
+        return 1
+    try:
+        n = int(raw)
+    except ValueError:
+        try:
+            x = float(raw)
+        except ValueError:
+            raise DataError("Number of Frames is not a number.") from None
+        if not math.isfinite(x) or not x.is_integer():
+            raise DataError("Number of Frames is not a whole number.") from None
+        n = int(x)
+    return max(1, n)
 
-    Walks every element (into sequences and encapsulated pixel data) by tag
-    and length only; no value is decoded except the handful routing needs.
-    Deflated data sets are inflated first. Costs tens of microseconds for a
-    typical image.
+
+def _check_image(image: dict[str, int], frames: int, limits: ScanLimits) -> None:
+    """Refuse frame counts and frame sizes over the configured bounds."""
+    if frames > limits.max_frames:
+        raise SizeLimitError(
+            f"Number of Frames {frames} is over the limit of {limits.max_frames} ([dicom] max_frames).",
+            "max_frames",
+            "NumberOfFrames over the limit ([dicom] max_frames)",
+        )
+    rows, columns = image.get("rows"), image.get("columns")
+    if rows is not None and columns is not None and rows * columns > limits.max_pixels:
+        raise SizeLimitError(
+            f"Rows x Columns {rows} x {columns} = {rows * columns} pixels is over the limit of "
+            f"{limits.max_pixels} ([dicom] max_pixels).",
+            "max_pixels",
+            "Rows x Columns over the limit ([dicom] max_pixels)",
+        )
+
+
+def _image_bytes(image: dict[str, int], frames: int) -> int | None:
+    """Bytes the declared image needs (native encoding), or None when Rows, Columns or Bits are missing."""
+    if not all(k in image for k in ("rows", "columns", "bits")):
+        return None
+    return (image["rows"] * image["columns"] * image.get("samples", 1) * image["bits"] * frames + 7) // 8
+
+
+class _InflateProbe:
+    """Follows the top-level elements of a data set while it is being inflated.
+
+    Until the Pixel Data element is reached, everything counts as "other
+    elements" (bound: ``other_elements_bytes``). At the Pixel Data header the
+    declared image size is known (Image Pixel attributes precede it in tag
+    order), the frame and pixel bounds are checked, and the bound becomes
+    image + other elements, capped by ``max_inflated_bytes``.
+    """
+
+    def __init__(self, limits: ScanLimits) -> None:
+        self.limits = limits
+        self.limit = min(limits.max_inflated_bytes, limits.other_elements_bytes)
+        self.image_bytes: int | None = None
+        self._image: dict[str, int] = {}
+        self._found: dict[str, str] = {}
+        self._pos = 0
+        self._done = False
+        self._retry_at = 0
+
+    def feed(self, buf: bytearray) -> None:
+        """Look at the newly inflated bytes; raises SizeLimitError as soon as a bound is certain to be passed."""
+        if self._done or len(buf) < self._retry_at:
+            return
+        r = _Reader(buf, implicit=False, little=True)
+        r.image, r.found = self._image, self._found  # shared: what was read before is kept
+        n = len(buf)
+        try:
+            while self._pos + 12 <= n:
+                tag, _vr, length, vpos = r._header(self._pos)
+                if tag == _PIXEL_DATA:
+                    self._done = True
+                    self._at_pixel_data(r, length, vpos)
+                    return
+                if tag > _PIXEL_DATA:
+                    self._done = True  # no pixel data: every byte is "other elements"
+                    return
+                if length == _UNDEFINED:
+                    try:
+                        end = r._items(vpos, n, depth=1)
+                    except DataError:
+                        # Incomplete (or corrupt) sequence: look again once much more has arrived.
+                        self._retry_at = 2 * n
+                        return
+                    self._pos = end
+                    continue
+                if vpos + length > n:
+                    return
+                if tag in _WANTED or tag in _IMAGE_US:
+                    r.record(tag, length, vpos)
+                self._pos = vpos + length
+        except SizeLimitError:
+            raise
+        except (DataError, struct.error):
+            self._done = True  # corrupt: the full scan says why; the bound stays "other elements"
+        finally:
+            r.data.release()  # the bytearray must stay resizable
+
+    def _at_pixel_data(self, r: _Reader, length: int, vpos: int) -> None:
+        frames = _number_of_frames(r.found.get("number_of_frames", ""))
+        _check_image(r.image, frames, self.limits)
+        image = _image_bytes(r.image, frames)
+        if image is None:
+            return
+        self.image_bytes = image
+        self.limit = min(self.limits.max_inflated_bytes, image + self.limits.other_elements_bytes)
+        if length != _UNDEFINED and vpos + length > self.limit:
+            raise self.over(vpos + length)
+
+    def over(self, size: int) -> SizeLimitError:
+        """The error for an inflated size of ``size`` bytes past the bound."""
+        cap_mb = self.limits.max_inflated_bytes >> 20
+        if self.image_bytes is not None:
+            what = (
+                f"its declared image of {self.image_bytes} bytes plus {self.limits.other_elements_bytes} bytes "
+                f"of other elements, capped by [dicom] max_inflated_mb = {cap_mb}"
+            )
+        else:
+            what = (
+                f"{self.limits.other_elements_bytes} bytes of elements besides a declared image, "
+                f"capped by [dicom] max_inflated_mb = {cap_mb}"
+            )
+        return SizeLimitError(
+            f"Deflated data set inflates to more than {self.limit} bytes (at least {size}); the limit is {what}.",
+            "max_inflated_mb",
+            "Inflated size over the limit ([dicom] max_inflated_mb)",
+        )
+
+
+def inflate_bounded(data: bytes | bytearray | memoryview, limits: ScanLimits | None = None) -> bytearray:
+    """Inflate a Deflated Explicit VR Little Endian data set without ever holding more than its bound.
+
+    The raw deflate stream is inflated :data:`INFLATE_CHUNK_BYTES` at a time
+    (``zlib.decompressobj`` with ``max_length``); after each step the bytes
+    so far are checked against the bound of ``limits`` (see
+    :class:`ScanLimits`), so a data set that would inflate to gigabytes is
+    refused after at most the bound plus one step.
 
     Raises
     ------
+    SizeLimitError
+        The inflated size, Number of Frames or Rows x Columns is over its bound.
     DataError
-        If the encoding is truncated or structurally broken, or has no SOP
-        Class/Instance UID.
+        The deflate stream is corrupt or truncated.
+
+    Examples
+    --------
+    >>> import zlib
+    >>> c = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    >>> bytes(inflate_bounded(c.compress(b"abc") + c.flush()))
+    b'abc'
     """
+    limits = limits or ScanLimits()
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    probe = _InflateProbe(limits)
+    out = bytearray()
+    pending: bytes | bytearray | memoryview = data
+    try:
+        while True:
+            chunk = inflater.decompress(pending, INFLATE_CHUNK_BYTES)
+            pending = inflater.unconsumed_tail
+            if chunk:
+                out += chunk
+                probe.feed(out)
+                if len(out) > probe.limit:
+                    raise probe.over(len(out))
+            elif not pending or inflater.eof:
+                break
+    except zlib.error as exc:
+        raise DataError(f"Deflated data set cannot be inflated (corrupt deflate stream): {exc}.") from exc
+    if not inflater.eof:
+        raise DataError("Deflated data set ends before its deflate stream does; it is truncated.")
+    return out
+
+
+def scan_and_inflate(
+    data: bytes | bytearray | memoryview, transfer_syntax_uid: str, limits: ScanLimits | None = None
+) -> tuple[InstanceInfo, bytes | bytearray | memoryview]:
+    """Like :func:`scan_encoded`, and also return the data set as walked (inflated when it was deflated)."""
+    limits = limits or ScanLimits()
     if transfer_syntax_uid == DEFLATED_LE:
-        try:
-            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(data))
-        except zlib.error as exc:
-            raise DataError(f"Deflated data set cannot be inflated: {exc}.") from exc
+        data = inflate_bounded(data, limits)
     implicit = transfer_syntax_uid == IMPLICIT_VR_LE
     little = transfer_syntax_uid != EXPLICIT_VR_BE
     if len(data) < 8:
@@ -264,19 +521,14 @@ def scan_encoded(data: bytes | memoryview, transfer_syntax_uid: str) -> Instance
     f = reader.found
     if not f.get("sop_class_uid") or not f.get("sop_instance_uid"):
         raise DataError("Data set has no SOP Class UID or SOP Instance UID.")
-    try:
-        frames = max(1, int(f.get("number_of_frames") or 1))
-    except ValueError:
-        frames = 1
+    frames = _number_of_frames(f.get("number_of_frames", ""))
     img = reader.image
-    if "pixel_bytes" in img and all(k in img for k in ("rows", "columns", "bits")):
+    _check_image(img, frames, limits)
+    needed = _image_bytes(img, frames)
+    if "pixel_bytes" in img and needed is not None and img["pixel_bytes"] < needed:
         # Native (defined-length) pixel data must hold every pixel the header declares.
-        bits = img["rows"] * img["columns"] * img.get("samples", 1) * img["bits"] * frames
-        if img["pixel_bytes"] < (bits + 7) // 8:
-            raise DataError(
-                f"Pixel data holds {img['pixel_bytes']} bytes but the image needs {(bits + 7) // 8}; it is truncated."
-            )
-    return InstanceInfo(
+        raise DataError(f"Pixel data holds {img['pixel_bytes']} bytes but the image needs {needed}; it is truncated.")
+    info = InstanceInfo(
         sop_class_uid=f.get("sop_class_uid", ""),
         sop_instance_uid=f.get("sop_instance_uid", ""),
         modality=f.get("modality", ""),
@@ -285,6 +537,67 @@ def scan_encoded(data: bytes | memoryview, transfer_syntax_uid: str) -> Instance
         series_instance_uid=f.get("series_instance_uid", ""),
         number_of_frames=frames,
     )
+    return info, data
+
+
+def scan_encoded(
+    data: bytes | bytearray | memoryview, transfer_syntax_uid: str, limits: ScanLimits | None = None
+) -> InstanceInfo:
+    """Check an encoded data set's structure and bounds, and read the routing attributes.
+
+    Walks every element (into sequences and encapsulated pixel data) by tag
+    and length only; no value is decoded except the handful routing and the
+    bounds need. Deflated data sets are inflated by :func:`inflate_bounded`
+    first. Costs tens of microseconds for a typical image.
+
+    Parameters
+    ----------
+    data : bytes-like
+        The data set as encoded in ``transfer_syntax_uid`` (no file meta).
+    transfer_syntax_uid : str
+    limits : ScanLimits, optional
+        Input bounds (default: the defaults of ``[dicom]``).
+
+    Raises
+    ------
+    SizeLimitError
+        Over a bound: inflated size, Number of Frames, or Rows x Columns.
+    DataError
+        If the encoding is truncated or structurally broken, nested deeper
+        than :data:`MAX_NESTING`, or has no SOP Class/Instance UID.
+    """
+    return scan_and_inflate(data, transfer_syntax_uid, limits)[0]
+
+
+def split_part10(raw: bytes | bytearray | memoryview) -> tuple[str, int]:
+    """(Transfer Syntax UID, offset of the data set) of a DICOM Part 10 file's bytes.
+
+    Walks the file meta information (group 0002, Explicit VR Little Endian)
+    by tag and length only.
+
+    Raises
+    ------
+    DataError
+        No ``DICM`` prefix, truncated or corrupt file meta, or no Transfer Syntax UID.
+    """
+    mv = memoryview(raw)
+    if len(mv) < 132 or bytes(mv[128:132]) != b"DICM":
+        raise DataError("Not a DICOM Part 10 file (no DICM prefix after the preamble).")
+    reader = _Reader(mv, implicit=False, little=True)
+    pos, ts = 132, ""
+    try:
+        while pos + 8 <= len(mv) and struct.unpack_from("<H", mv, pos)[0] == 0x0002:
+            tag, _vr, length, vpos = reader._header(pos)
+            if length == _UNDEFINED or vpos + length > len(mv):
+                raise DataError("File meta information is truncated or corrupt.")
+            if tag == 0x00020010:
+                ts = bytes(mv[vpos : vpos + length]).decode("ascii", "replace").strip(" \x00")
+            pos = vpos + length
+    except struct.error as exc:
+        raise DataError(f"File meta information is truncated: {exc}.") from exc
+    if not ts:
+        raise DataError("File meta information has no Transfer Syntax UID.")
+    return ts, pos
 
 
 # --------------------------------------------------------------------------- assembly
@@ -354,6 +667,20 @@ class SeriesAssembler:
                 s.expected = max(0, s.expected - 1)
                 if not s.paths and not s.expected:
                     del self._series[key]
+
+    def restore(self, series: PendingSeries) -> None:
+        """Put back a series :meth:`due` handed out whose results could not be written yet (a transient error).
+
+        It becomes due again ``series_idle_s`` from now; instances that
+        arrived for it meanwhile are kept.
+        """
+        with self._lock:
+            s = self._get(series.key)
+            for p in series.paths:
+                if p not in s.paths:
+                    s.paths.append(p)
+            s.expected += series.expected
+            s.last_activity = self._clock()
 
     def due(self, force: bool = False) -> list[PendingSeries]:
         """Remove and return the series that are complete (all of them with ``force``)."""

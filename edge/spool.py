@@ -7,14 +7,22 @@ separate database to get out of step with the files:
 ``<root>/instances/<name>.dcm``
     Received instances exactly as they arrived (file meta + the encoded data
     set). Present means "accepted, no result in the outbox yet".
+``<root>/instances/<name>.attempts``
+    How many times processing of ``<name>.dcm`` was started without
+    finishing (a decimal number). Written durably *before* processing
+    starts and removed once its result is saved, so a crash or an OOM kill
+    in the middle still counts; an instance started ``[dicom] max_attempts``
+    times is quarantined at the next start instead of crashing the daemon
+    again (no poison pill).
 ``<root>/results/<name>.npz``
     The inference result of one instance (masks and/or boxes per processed
     frame). Present means "inference done, series not yet finalised", so a
     restart does not run the model again.
 ``<root>/failed/<name>.dcm`` + ``<name>.reason.txt``
     Instances that were accepted but could not be processed (undecodable
-    pixels, a model error); kept for a person to look at, never deleted
-    silently.
+    pixels, a model error, over an input bound, too many unfinished
+    attempts); kept for a person to look at, never deleted silently. The
+    reason never holds patient data.
 ``<root>/tmp/``
     Partially written files; anything here at start-up is garbage from a
     crash and is removed.
@@ -254,10 +262,11 @@ class Spool:
                 size = 0
             with self._lock:
                 self._used_bytes -= size
-            try:
-                self.result_path(p).unlink()
-            except FileNotFoundError:
-                pass
+            for q in (self.result_path(p), self.attempts_path(p)):
+                try:
+                    q.unlink()
+                except FileNotFoundError:
+                    pass
         _fsync_dir(self.instances_dir)
 
     def quarantine(self, path: Path, reason: str) -> Path:
@@ -273,11 +282,54 @@ class Spool:
             size = 0
         with self._lock:
             self._used_bytes -= size
-        try:
-            self.result_path(path).unlink()
-        except FileNotFoundError:
-            pass
+        for q in (self.result_path(path), self.attempts_path(path)):
+            try:
+                q.unlink()
+            except FileNotFoundError:
+                pass
         return dst
+
+    # ------------------------------------------------------------ processing attempts
+    def attempts_path(self, instance_path: Path) -> Path:
+        """Where the unfinished-attempt count of ``instance_path`` is kept."""
+        return self.instances_dir / f"{instance_path.stem}.attempts"
+
+    def attempts(self, instance_path: Path) -> int:
+        """How many times processing of ``instance_path`` started without finishing (0: none)."""
+        try:
+            text = self.attempts_path(instance_path).read_text("ascii").strip()
+        except FileNotFoundError:
+            return 0
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpoolError(f"Cannot read the attempt count of {instance_path.name}: {exc}.") from exc
+        try:
+            return max(0, int(text))
+        except ValueError:
+            # Written atomically, so this is damage from outside; err on the side of quarantine.
+            _log.warning("Attempt count of %s is unreadable; treating it as very high.", instance_path.name)
+            return 1 << 30
+
+    def begin_attempt(self, instance_path: Path) -> int:
+        """Count one more processing attempt, durably (fsync), before it starts; returns the new count."""
+        n = self.attempts(instance_path) + 1
+        atomic_write(self.attempts_path(instance_path), [str(n).encode("ascii") + b"\n"], tmp_dir=self.tmp_dir)
+        return n
+
+    def undo_attempt(self, instance_path: Path) -> None:
+        """Take back an attempt that stopped for a transient reason (shutdown, overload): it must not count."""
+        n = self.attempts(instance_path) - 1
+        if n <= 0:
+            self.clear_attempts(instance_path)
+        else:
+            atomic_write(self.attempts_path(instance_path), [str(n).encode("ascii") + b"\n"], tmp_dir=self.tmp_dir)
+
+    def clear_attempts(self, instance_path: Path) -> None:
+        """Processing finished (its result is saved): forget the attempts."""
+        try:
+            self.attempts_path(instance_path).unlink()
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.instances_dir)
 
     # ------------------------------------------------------------ per-instance results
     def result_path(self, instance_path: Path) -> Path:

@@ -4,9 +4,14 @@ What happens on the network (association) thread, and nothing more:
 
 1. :func:`edge.routing.scan_encoded` walks the encoded data set as received
    (tag and length only; no pydicom decode) to check it is structurally
-   whole and to read Modality, SOP class, BodyPartExamined and the UIDs.
-   A truncated or corrupt data set is answered ``0xC210`` (cannot
-   understand).
+   whole and within the input bounds, and to read Modality, SOP class,
+   BodyPartExamined and the UIDs. A truncated or corrupt data set (or
+   deflate stream) is answered ``0xC210`` (cannot understand); one over a
+   bound — inflated size (``[dicom] max_inflated_mb``, checked while
+   inflating, so a deflate bomb is refused before it is in memory),
+   Number of Frames (``max_frames``) or Rows x Columns (``max_pixels``) —
+   is answered ``0xA700`` (out of resources). Both carry an Error Comment
+   naming the reason (no patient data), and nothing is written.
 2. Routing: an instance no rule routes to a served model is accepted and
    logged by SOP class (``unrouted = "accept"``, not stored) or refused with
    ``0x0122`` (``unrouted = "reject"``).
@@ -24,6 +29,20 @@ Associations: calling-AE allow-list (others are rejected at A-ASSOCIATE),
 network timeout the SCP releases the association rather than aborting it
 (some PACS treat a release as "study sent").
 
+**Admission** (before pynetdicom sees a connection; :class:`AdmittingServer`):
+the accept thread only accepts and counts. It closes at once a connection
+over ``max_associations_per_peer`` (connections from one IP address,
+associated or not) or over ``max_pending_connections`` (connections not yet
+associated). Each admitted connection gets its own thread, which does the
+TLS handshake (never the accept thread) and reads the whole
+A-ASSOCIATE-RQ PDU, both within ``connect_timeout_s`` in all; a
+connection that is idle, slow, sends only part of a PDU or something other
+than an A-ASSOCIATE-RQ is closed and counted in
+``medge_dicom_connections_refused_total{reason}``. Only then is the
+pynetdicom association created, so a connection that has not associated
+holds none of the ``max_associations`` slots. This relies on pynetdicom
+3.0.4 internals, named where they are used.
+
 Examples
 --------
 >>> from edge.config import default_config
@@ -37,15 +56,18 @@ Examples
 from __future__ import annotations
 
 import logging
+import socket
+import socketserver
 import ssl
+import struct
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter
-from pydicom.filewriter import write_file_meta_info
-from pydicom.filebase import DicomBytesIO
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -62,12 +84,14 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from edge.boundary import ErrorBoundary
 from edge.egress.dicom_results import ModelInfo
 from edge.egress.outbox import Outbox, get_or_create_metric
 from edge.errors import DataError, MedgeError
-from edge.ingest.dicom_pipeline import DicomPipeline, WorkItem
-from edge.routing import Router, scan_encoded
+from edge.ingest.dicom_pipeline import DicomPipeline, LogThrottle, WorkItem, encode_file_meta
+from edge.routing import Router, ScanLimits, SizeLimitError, scan_encoded
 from edge.spool import Spool, SpoolError, SpoolFullError
 from edge.types import InferenceService
 
@@ -77,6 +101,9 @@ __all__ = [
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_CANNOT_UNDERSTAND",
     "STATUS_SOP_CLASS_NOT_SUPPORTED",
+    "CONNECTION_REFUSAL_REASONS",
+    "Admission",
+    "AdmittingServer",
     "DicomIngest",
     "start_dicom",
 ]
@@ -123,14 +150,16 @@ STATUS_INTERNAL = 0xC211
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
+_MAX_COMMENT = 64  # Error Comment (0000,0902) is LO
 
 
-def _encode_meta(file_meta: Any) -> bytes:
-    buf = DicomBytesIO()
-    buf.is_little_endian = True
-    buf.is_implicit_VR = False
-    write_file_meta_info(buf, file_meta, enforce_standard=True)
-    return buf.getvalue()
+def _status(code: int, comment: str) -> Dataset:
+    """A C-STORE response status with an Error Comment (at most 64 characters, no patient data)."""
+    ds = Dataset()
+    ds.Status = code
+    text = comment.encode("ascii", "replace").decode("ascii")
+    ds.ErrorComment = text if len(text) <= _MAX_COMMENT else text[: _MAX_COMMENT - 3] + "..."
+    return ds
 
 
 def _ssl_context(tls: Any) -> ssl.SSLContext | None:
@@ -143,6 +172,300 @@ def _ssl_context(tls: Any) -> ssl.SSLContext | None:
         ctx.load_verify_locations(cafile=tls.ca)
         ctx.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: the modality must present a certificate
     return ctx
+
+
+# --------------------------------------------------------------------------- admission
+#: PDU type of an A-ASSOCIATE-RQ (PS3.8 9.3.2).
+_A_ASSOCIATE_RQ = 0x01
+#: Largest A-ASSOCIATE-RQ PDU admitted (128 presentation contexts of many transfer syntaxes fit).
+MAX_ASSOCIATE_RQ_BYTES = 1 << 20
+#: Values of ``medge_dicom_connections_refused_total{reason}``.
+CONNECTION_REFUSAL_REASONS = ("peer_limit", "pending_limit", "timeout", "tls", "protocol", "closed")
+#: How often the accept loop looks for pending connections past their deadline.
+_POLL_S = 0.25
+
+
+class _Refused(MedgeError):
+    """A connection closed before it associated; ``reason`` is a bounded label value."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What :class:`AdmittingServer` enforces before pynetdicom sees a connection.
+
+    ``on_refused(ip, reason, message)`` is called (any thread) for every
+    connection closed by admission; ``boundary`` counts unexpected errors.
+    """
+
+    connect_timeout_s: float
+    max_per_peer: int
+    max_pending: int
+    tls: ssl.SSLContext | None
+    on_refused: Any
+    boundary: ErrorBoundary
+
+
+class _Pending:
+    """A connection admitted but not yet associated."""
+
+    __slots__ = ("sock", "ip", "deadline", "reaped")
+
+    def __init__(self, sock: socket.socket, ip: str, deadline: float) -> None:
+        self.sock = sock
+        self.ip = ip
+        self.deadline = deadline
+        self.reaped = False
+
+
+class _PrefixedAssociationSocket(AssociationSocket):
+    """An AssociationSocket that first hands out the bytes admission already read (the A-ASSOCIATE-RQ).
+
+    pynetdicom's DUL reads a PDU when :attr:`ready` and then ``recv(6)`` and
+    ``recv(length)``; both public members of
+    :class:`pynetdicom.transport.AssociationSocket` in pynetdicom 3.0.4.
+    """
+
+    _prefix: bytearray
+
+    @property
+    def ready(self) -> bool:
+        """True while admitted bytes are left, else as pynetdicom (socket readable or TLS bytes pending)."""
+        if self.socket is not None and self._prefix:
+            return True
+        return bool(super().ready)
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """``nr_bytes`` from the admitted bytes first, then from the socket."""
+        out = bytearray()
+        if self._prefix:
+            out += self._prefix[:nr_bytes]
+            del self._prefix[:nr_bytes]
+        if len(out) < nr_bytes:
+            out += super().recv(nr_bytes - len(out))
+        return out
+
+
+def _close(sock: socket.socket) -> None:
+    """Close without a TLS close-notify exchange (the peer may be the one stalling)."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    """Exactly ``n`` bytes before ``deadline`` (monotonic), or _Refused."""
+    buf = bytearray()
+    while len(buf) < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Refused("timeout", "no whole A-ASSOCIATE-RQ within [dicom] connect_timeout_s")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(min(n - len(buf), 65536))
+        except TimeoutError:
+            raise _Refused("timeout", "no whole A-ASSOCIATE-RQ within [dicom] connect_timeout_s") from None
+        except ssl.SSLError as exc:
+            raise _Refused("tls", f"TLS error before the A-ASSOCIATE-RQ ({exc.reason or type(exc).__name__})") from None
+        except OSError:
+            if time.monotonic() >= deadline:  # shut down by the accept loop at the deadline
+                raise _Refused("timeout", "no whole A-ASSOCIATE-RQ within [dicom] connect_timeout_s") from None
+            raise _Refused("closed", "the connection failed before its A-ASSOCIATE-RQ") from None
+        if not chunk:
+            if time.monotonic() >= deadline:  # shut down by the accept loop at the deadline
+                raise _Refused("timeout", "no whole A-ASSOCIATE-RQ within [dicom] connect_timeout_s")
+            raise _Refused("closed", "the peer closed the connection before its A-ASSOCIATE-RQ")
+        buf += chunk
+    return bytes(buf)
+
+
+class _AdmittingRequestHandler(RequestHandler):
+    """pynetdicom's request handler, with admission first, on the connection's own thread."""
+
+    server: "AdmittingServer"
+    _prefix: bytes = b""
+
+    def handle(self) -> None:
+        """TLS handshake and the whole A-ASSOCIATE-RQ within the deadline, then pynetdicom's handling."""
+        server = self.server
+        entry = server.pending_entry(self.request)
+        if entry is None:  # pragma: no cover - verify_request registers every admitted connection
+            deadline = time.monotonic() + server.admission.connect_timeout_s
+            entry = _Pending(self.request, str(self.client_address[0]), deadline)
+        try:
+            try:
+                self.request, self._prefix = server.admit(entry)
+            except _Refused as exc:
+                _close(entry.sock)
+                server.release(entry)  # before it is counted: whoever sees the count sees the slot free
+                server.admission.on_refused(entry.ip, exc.reason, str(exc))
+                return
+            super().handle()  # creates the Association (with our socket class) and starts its thread
+        except Exception as exc:  # noqa: BLE001 - the admission's one error boundary: count, close, keep serving
+            server.admission.boundary.report(exc, "admitting a DICOM connection")
+            _close(entry.sock)
+        finally:
+            server.release(entry)  # after the association started, so the peer is never counted at 0
+
+    def _create_association(self) -> Any:
+        # pynetdicom 3.0.4: RequestHandler._create_association() builds the acceptor Association and
+        # its AssociationSocket (assoc.dul.socket) around self.request. The socket is swapped for a
+        # subclass (no state beyond _prefix) that serves the A-ASSOCIATE-RQ admission read first.
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        if not isinstance(sock, AssociationSocket):  # pragma: no cover - a pynetdicom upgrade changed this
+            raise MedgeError("pynetdicom's acceptor has no AssociationSocket; admission needs pynetdicom 3.0.")
+        sock.__class__ = _PrefixedAssociationSocket
+        sock._prefix = bytearray(self._prefix)
+        return assoc
+
+
+class AdmittingServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server with connection admission in front.
+
+    Made through the public ``AE.make_server(..., server_class=AdmittingServer,
+    request_handler=..., admission=...)`` (pynetdicom 3.0.4 passes extra
+    keyword arguments to the server class) and run by the caller's thread
+    (``serve_forever``), because ``AE.start_server(block=False)`` always
+    makes a plain ``ThreadedAssociationServer``. The accept thread only
+    accepts, checks the per-peer and pending limits (``verify_request``)
+    and, every :data:`_POLL_S`, shuts down pending connections past their
+    deadline (``service_actions``); the TLS handshake and the read of the
+    A-ASSOCIATE-RQ run on the connection's own thread
+    (:class:`_AdmittingRequestHandler`). ``ssl_context`` must be ``None``:
+    TLS is ``admission.tls``, so pynetdicom's ``get_request`` (which would
+    handshake on the accept thread) never wraps a socket.
+    """
+
+    daemon_threads = True  # a stalled handshake must not hold up shutdown
+    block_on_close = False
+    request_queue_size = 64  # listen backlog: bursts wait in the kernel, not refused
+
+    def __init__(self, *args: Any, admission: Admission, **kwargs: Any) -> None:
+        self.admission = admission
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        super().__init__(*args, **kwargs)
+        if self.ssl_context is not None:
+            raise MedgeError("AdmittingServer does TLS itself: pass it as admission.tls, not ssl_context.")
+
+    # ---- accept thread
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit within the pending and per-peer limits; False closes the connection at once."""
+        ip = str(client_address[0])
+        a = self.admission
+        with self._lock:
+            if len(self._pending) >= a.max_pending:
+                reason = "pending_limit"
+                message = f"{len(self._pending)} connections have not associated yet ([dicom] max_pending_connections = {a.max_pending})"
+            else:
+                from_peer = sum(1 for e in self._pending.values() if e.ip == ip) + sum(
+                    1 for assoc in self.active_associations if assoc.requestor.address == ip
+                )
+                if from_peer >= a.max_per_peer:
+                    reason = "peer_limit"
+                    message = f"{from_peer} connections from this address already ([dicom] max_associations_per_peer = {a.max_per_peer})"
+                else:
+                    self._pending[id(request)] = _Pending(request, ip, time.monotonic() + a.connect_timeout_s)
+                    return True
+        a.on_refused(ip, reason, message)
+        return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start the connection's thread (ThreadingMixIn); forget it if that fails."""
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.release(self.pending_entry(request))
+            raise
+
+    def service_actions(self) -> None:
+        """pynetdicom's housekeeping, then shut down pending connections past their deadline."""
+        super().service_actions()
+        now = time.monotonic()
+        with self._lock:
+            late = [e for e in self._pending.values() if e.deadline <= now and not e.reaped]
+            for e in late:
+                e.reaped = True
+        for e in late:
+            # Wakes the connection's thread wherever it waits (handshake included); it closes and counts.
+            try:
+                socket.socket.shutdown(e.sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def shutdown(self) -> None:
+        """Stop accepting, close the listening socket and every pending connection."""
+        # Not AssociationServer.shutdown: it also removes the server from AE._servers (private),
+        # where only AE.start_server registers it.
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+        with self._lock:
+            pending = list(self._pending.values())
+        for e in pending:
+            try:
+                socket.socket.shutdown(e.sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # ---- connection threads
+    def pending_entry(self, request: Any) -> _Pending | None:
+        """The pending record of ``request`` (the socket as accepted)."""
+        with self._lock:
+            return self._pending.get(id(request))
+
+    def release(self, entry: _Pending | None) -> None:
+        """The connection associated or was closed: it is no longer pending."""
+        if entry is None:
+            return
+        with self._lock:
+            for k, v in list(self._pending.items()):
+                if v is entry:
+                    del self._pending[k]
+
+    def admit(self, entry: _Pending) -> tuple[socket.socket, bytes]:
+        """TLS handshake (if configured) and the whole A-ASSOCIATE-RQ PDU before the entry's deadline.
+
+        Returns the socket to use (the TLS one) and the PDU's bytes; raises _Refused.
+        """
+        sock, deadline = entry.sock, entry.deadline
+        tls = self.admission.tls
+        if tls is not None:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                wrapped = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except (OSError, ValueError) as exc:
+                raise _Refused("closed", f"the connection failed before the TLS handshake ({type(exc).__name__})") from None
+            with self._lock:
+                entry.sock = wrapped  # the accept loop must shut down this one now (the plain one is detached)
+            sock = wrapped
+            try:
+                wrapped.do_handshake()
+            except TimeoutError:
+                raise _Refused("timeout", "no TLS handshake within [dicom] connect_timeout_s") from None
+            except ssl.SSLError as exc:
+                raise _Refused("tls", f"TLS handshake failed ({exc.reason or type(exc).__name__})") from None
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise _Refused("timeout", "no TLS handshake within [dicom] connect_timeout_s") from None
+                raise _Refused("closed", "the peer closed the connection during the TLS handshake") from None
+        header = _recv_exact(sock, 6, deadline)
+        pdu_type, _reserved, length = struct.unpack(">BBL", header)
+        if pdu_type != _A_ASSOCIATE_RQ:
+            raise _Refused("protocol", f"the first PDU is of type 0x{pdu_type:02X}, not an A-ASSOCIATE-RQ")
+        if length > MAX_ASSOCIATE_RQ_BYTES:
+            raise _Refused("protocol", f"its A-ASSOCIATE-RQ of {length} bytes is over {MAX_ASSOCIATE_RQ_BYTES}")
+        body = _recv_exact(sock, length, deadline)
+        sock.settimeout(None)  # blocking, as pynetdicom expects of an accepted socket
+        return sock, header + body
 
 
 def _model_info_from_config(config: Any) -> Any:
@@ -223,6 +546,18 @@ class DicomIngest:
                 _log.warning("DICOM route %s -> %s ignored: the model is not served.", r.modality, r.model)
         self.router = Router(routes)
         self.allowed = tuple(dcfg.allowed_calling_aes)
+        self.limits = ScanLimits.from_config(dcfg)
+        self._boundary = ErrorBoundary("dicom_scp", _log, registry)
+        self._throttle = LogThrottle(_log)
+        self._connections_refused = get_or_create_metric(
+            registry,
+            Counter,
+            "medge_dicom_connections_refused_total",
+            "DICOM connections closed before they associated (admission limits, timeouts, TLS), by reason.",
+            ["reason"],
+        )
+        for reason in CONNECTION_REFUSAL_REASONS:
+            self._connections_refused.labels(reason=reason).inc(0)
         self._received = get_or_create_metric(
             registry,
             Counter,
@@ -267,9 +602,12 @@ class DicomIngest:
                 series_idle_s=dcfg.series_idle_s,
                 overlay=bool(getattr(dcfg, "secondary_capture", False)),
                 workers=workers,
+                limits=self.limits,
+                max_attempts=int(dcfg.max_attempts),
             )
         self.ae = self._make_ae()
-        self._server: Any = None
+        self._server: AdmittingServer | None = None
+        self._accept_thread: threading.Thread | None = None
 
     def _outbox_bytes(self, recount: bool) -> int:
         outbox = getattr(self, "outbox", None)
@@ -302,18 +640,37 @@ class DicomIngest:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
+        d = self.settings
         try:
-            self._server = self.ae.start_server(
-                (self.settings.host, self.settings.port),
-                block=False,
-                evt_handlers=handlers,
-                ssl_context=_ssl_context(self.settings.tls),
+            admission = Admission(
+                connect_timeout_s=float(d.connect_timeout_s),
+                max_per_peer=int(d.max_associations_per_peer),
+                max_pending=int(d.max_pending_connections),
+                tls=_ssl_context(d.tls),
+                on_refused=self._connection_refused,
+                boundary=self._boundary,
+            )
+            # AE.make_server is pynetdicom's public way to use another server class (extra keyword
+            # arguments go to its constructor); the accept loop runs on our own thread.
+            self._server = cast(
+                AdmittingServer,
+                self.ae.make_server(
+                    (d.host, d.port),
+                    evt_handlers=handlers,
+                    server_class=AdmittingServer,
+                    request_handler=_AdmittingRequestHandler,
+                    admission=admission,
+                ),
             )
         except (OSError, ssl.SSLError) as exc:
             self.close()
             raise MedgeError(
                 f"DICOM SCP cannot listen on {self.settings.host}:{self.settings.port}: {exc}."
             ) from exc
+        self._accept_thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": _POLL_S}, name="medge-dicom-accept", daemon=True
+        )
+        self._accept_thread.start()
         _log.info(
             "DICOM SCP %s listening on %s:%d (%s).",
             self.settings.ae_title, self.settings.host, self.port,
@@ -338,6 +695,9 @@ class DicomIngest:
             open_assocs = list(self._server.active_associations)
             self._server.shutdown()
             self._server = None
+            if self._accept_thread is not None:
+                self._accept_thread.join(timeout_s)
+                self._accept_thread = None
             deadline = time.monotonic() + timeout_s
             for assoc in open_assocs:
                 assoc.join(max(0.0, deadline - time.monotonic()))
@@ -357,6 +717,12 @@ class DicomIngest:
         # Release, not abort, when the peer goes quiet: some PACS mark a study complete on release.
         event.assoc.network_timeout_response = "A-RELEASE"
 
+    def _connection_refused(self, ip: str, reason: str, message: str) -> None:
+        self._connections_refused.labels(reason=reason).inc()
+        self._throttle.warning(
+            f"conn:{reason}", "DICOM connection from %s closed before it associated (%s): %s.", ip, reason, message
+        )
+
     def _on_rejected(self, event: Any) -> None:
         _log.warning(
             "Association from %s rejected (calling AE not allowed or too many associations).",
@@ -367,23 +733,27 @@ class DicomIngest:
         calling = calling.strip()
         return calling if calling in self.allowed else "other"
 
-    def _on_store(self, event: Any) -> int:
+    def _on_store(self, event: Any) -> int | Dataset:
         try:
             return self._store(event)
-        except Exception:  # noqa: BLE001 - the SCP's one error boundary: log, count, answer failure, keep serving
-            _log.exception("Unexpected error while storing a C-STORE request.")
+        except Exception as exc:  # noqa: BLE001 - the SCP's one error boundary: log, count, answer failure, keep serving
+            self._boundary.report(exc, "storing a C-STORE request")
             self._refused.labels(status=f"0x{STATUS_INTERNAL:04X}").inc()
-            return STATUS_INTERNAL
+            return _status(STATUS_INTERNAL, "Unexpected internal error (logged by the receiver)")
 
-    def _store(self, event: Any) -> int:
+    def _store(self, event: Any) -> int | Dataset:
         ts = str(event.context.transfer_syntax)
         data = event.encoded_dataset(include_meta=False)
         try:
-            info = scan_encoded(data, ts)
+            info = scan_encoded(data, ts, self.limits)
+        except SizeLimitError as exc:
+            self._throttle.warning(f"limit:{exc.key}", "C-STORE refused (out of resources): %s", exc)
+            self._refused.labels(status=f"0x{STATUS_OUT_OF_RESOURCES:04X}").inc()
+            return _status(STATUS_OUT_OF_RESOURCES, exc.comment)
         except DataError as exc:
-            _log.warning("C-STORE data set refused: %s", exc)
+            self._throttle.warning("cannot_understand", "C-STORE data set refused: %s", exc)
             self._refused.labels(status=f"0x{STATUS_CANNOT_UNDERSTAND:04X}").inc()
-            return STATUS_CANNOT_UNDERSTAND
+            return _status(STATUS_CANNOT_UNDERSTAND, str(exc))
         model = self.router.match(info)
         if model is None:
             # Label by the negotiated SOP class (one of ours, so a bounded set), not the peer's data;
@@ -400,20 +770,20 @@ class DicomIngest:
             self._received.labels(calling_ae=self._calling_label(event.assoc.requestor.ae_title)).inc()
             return STATUS_SUCCESS
         try:
-            path = self.spool.store_instance(info.sop_instance_uid, [_PREAMBLE, _encode_meta(event.file_meta), data])
+            path = self.spool.store_instance(info.sop_instance_uid, [_PREAMBLE, encode_file_meta(event.file_meta), data])
         except SpoolFullError as exc:
             _log.error(
                 "Spool full ([dicom] spool_max_mb / spool_min_free_mb), answering out of resources: %s", exc
             )
             self._refused.labels(status=f"0x{STATUS_OUT_OF_RESOURCES:04X}").inc()
-            return STATUS_OUT_OF_RESOURCES
+            return _status(STATUS_OUT_OF_RESOURCES, "Spool full ([dicom] spool_max_mb or spool_min_free_mb)")
         except SpoolError as exc:
             _log.error("Spool not writable, answering out of resources: %s", exc)
             self._refused.labels(status=f"0x{STATUS_OUT_OF_RESOURCES:04X}").inc()
-            return STATUS_OUT_OF_RESOURCES
+            return _status(STATUS_OUT_OF_RESOURCES, "Spool not writable")
         self._received.labels(calling_ae=self._calling_label(event.assoc.requestor.ae_title)).inc()
         if self.pipeline is not None:
-            self.pipeline.enqueue(WorkItem(path, info, model))
+            self.pipeline.enqueue(WorkItem(path, info, model, source=str(event.assoc.requestor.address)))
         return STATUS_SUCCESS
 
 

@@ -2,77 +2,306 @@
 
 The SCP's association threads only write the spool and call
 :meth:`DicomPipeline.enqueue`. Worker threads here then, per instance:
-read it, decode the frames (:mod:`edge.pixels`: photometric interpretation,
-palette, rescale), run each frame (every ``frame_stride``-th of a cine)
+read it (bounded: :func:`read_spooled`), decode the frames one at a time
+(:mod:`edge.pixels`: photometric interpretation, palette, rescale), run
+each frame (every ``frame_stride``-th of a cine, at most ``max_frames``)
 through ``service.infer(..., source="dicom")``, and save the per-instance
 result in the spool. A finaliser thread hands out series that have been
 idle for ``series_idle_s``, makes the DICOM results
 (:mod:`edge.egress.dicom_results`), writes them to the outbox and only then
 deletes the source instances.
 
-Failures are contained per instance: an instance that cannot be decoded or
-whose model fails is moved to ``<spool>/failed/`` with the reason, counted
-in ``medge_dicom_processing_failures_total{reason}``, and the rest goes on.
+**Bounded before decoded.** Every read of a spooled file (worker, recovery,
+finaliser, overlays) first runs the same bounded scan as the SCP on the
+file's bytes (:func:`edge.routing.scan_and_inflate`: inflated size, frames,
+pixels per frame); a deflated instance is inflated by that scan, under its
+cap, and pydicom is handed the inflated bytes, so pydicom's own unbounded
+inflation never sees a deflate bomb.
+
+**Fair sharing.** The work queue is round-robin over *sources* (the peer's
+IP address; ``recovery`` for instances recovered at start-up), not one
+FIFO: each source has its own queue and the workers take one turn from
+each source in rotation. A turn is one instance, or at most
+:data:`FRAMES_PER_TURN` frames of a multi-frame one, whose remaining frames
+wait for the source's next turn. So one association (or one peer with
+several) sending a long cine or a thousand instances delays another peer's
+instance by at most one turn per busy source, never by its whole backlog.
+
+**Failures.** An instance that cannot be decoded, whose model fails, or
+that is over an input bound is moved to ``<spool>/failed/`` with the
+reason (never patient data), counted in
+``medge_dicom_processing_failures_total{reason}``, and the rest goes on.
+*Transient* errors (the service overloaded, shedding, or shutting down; a
+full disk while saving) are retried with a capped backoff and never make an
+instance fail; at shutdown they leave it in the spool for the next start.
+**Poison pills**: processing an instance (and finalising its series) is
+counted durably in the spool *before* it starts
+(:meth:`edge.spool.Spool.begin_attempt`) and the count is removed when its
+result is saved; at start-up an instance whose count reached
+``max_attempts`` — it was started that often and each time the daemon
+died (an OOM kill, a crash in a decoder) — is quarantined with reason
+``max_attempts`` instead of being run again. The worker and finaliser
+loops catch anything unexpected at one place
+(:class:`edge.boundary.ErrorBoundary`, components ``dicom_pipeline`` and
+``dicom_finaliser``) and keep serving.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
+from edge.boundary import ErrorBoundary
 from edge.egress.dicom_results import ModelInfo, SourceResult, build_results, make_overlay
 from edge.egress.outbox import Outbox, get_or_create_metric
 from edge.errors import DataError, MedgeError, ProtocolError
-from edge.pixels import decode_frames, frame_to_array
-from edge.routing import InstanceInfo, Router, SeriesAssembler, SeriesKey
-from edge.spool import InstanceResult, Spool
+from edge.pixels import decode_frame, frame_to_array, number_of_frames
+from edge.routing import (
+    InstanceInfo,
+    PendingSeries,
+    Router,
+    ScanLimits,
+    SeriesAssembler,
+    SeriesKey,
+    SizeLimitError,
+    scan_and_inflate,
+    split_part10,
+)
+from edge.spool import InstanceResult, Spool, SpoolError
 from edge.types import InferenceService
 
-__all__ = ["DicomPipeline", "WorkItem", "instance_info_from_file"]
+__all__ = [
+    "DicomPipeline",
+    "WorkItem",
+    "LogThrottle",
+    "FRAMES_PER_TURN",
+    "FAILURE_REASONS",
+    "encode_file_meta",
+    "instance_info_from_file",
+    "read_spooled",
+]
 
 _log = logging.getLogger(__name__)
 
 _OVERLAY_MAX_FRAMES = 16
+#: Frames of one multi-frame instance run in one turn before other sources get theirs.
+FRAMES_PER_TURN = 8
+#: Values of ``medge_dicom_processing_failures_total{reason}``.
+FAILURE_REASONS = ("decode", "model", "result", "unreadable", "unrouted", "internal", "limits", "max_attempts")
+#: Longest wait between two tries of a transient failure (service overloaded, disk full).
+_MAX_BACKOFF_S = 2.0
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def encode_file_meta(file_meta: Dataset) -> bytes:
+    """File meta information (group 0002) encoded as in a Part 10 file, after the ``DICM`` prefix."""
+    buf = DicomBytesIO()
+    buf.is_little_endian = True
+    buf.is_implicit_VR = False
+    write_file_meta_info(buf, file_meta, enforce_standard=True)
+    return buf.getvalue()
+
+
+def read_spooled(path: Path, limits: ScanLimits | None = None, stop_before_pixels: bool = False) -> Dataset:
+    """Read a spooled instance with pydicom, only after it passed the bounded scan.
+
+    The file's bytes are scanned first (:func:`edge.routing.scan_and_inflate`:
+    structure, inflated size, frames, pixels per frame). A deflated data set
+    is inflated by that scan, under its cap, and pydicom gets the inflated
+    bytes as Explicit VR Little Endian: pydicom's own ``zlib.decompress``
+    (no size cap) never runs on spooled data.
+
+    Raises
+    ------
+    SizeLimitError
+        The instance is over an input bound.
+    DataError
+        The file is not a whole DICOM file.
+    OSError
+        The file cannot be read.
+    """
+    raw = path.read_bytes()  # one read: a resend replaces the file by rename, never in place
+    ts, offset = split_part10(raw)
+    _info, data = scan_and_inflate(memoryview(raw)[offset:], ts, limits)
+    if ts != DeflatedExplicitVRLittleEndian:
+        return dcmread(io.BytesIO(raw), stop_before_pixels=stop_before_pixels)
+    meta = FileMetaDataset(read_dataset(io.BytesIO(raw[132:offset]), is_implicit_VR=False, is_little_endian=True))
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    encoded = b"".join([_PREAMBLE, encode_file_meta(meta), data])
+    del raw, data
+    return dcmread(io.BytesIO(encoded), stop_before_pixels=stop_before_pixels)
+
+
+def instance_info_from_file(path: Path, limits: ScanLimits | None = None) -> InstanceInfo:
+    """The routing attributes of a spooled file, from the bounded scan (no pydicom decode).
+
+    Raises
+    ------
+    SizeLimitError, DataError, OSError
+        As :func:`read_spooled`.
+    """
+    raw = path.read_bytes()
+    ts, offset = split_part10(raw)
+    return scan_and_inflate(memoryview(raw)[offset:], ts, limits)[0]
 
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One accepted instance waiting for inference."""
+    """One accepted instance waiting for inference.
+
+    ``source`` is the fair queue's key: who sent it (the peer's IP address),
+    ``recovery`` for instances found in the spool at start-up.
+    """
 
     path: Path
     info: InstanceInfo
     model: str
+    source: str = ""
 
 
-def instance_info_from_file(path: Path) -> InstanceInfo:
-    """The routing attributes of a spooled file (header only)."""
-    ds = dcmread(path, stop_before_pixels=True)
-    return InstanceInfo(
-        sop_class_uid=str(getattr(ds, "SOPClassUID", "")),
-        sop_instance_uid=str(getattr(ds, "SOPInstanceUID", "")),
-        modality=str(getattr(ds, "Modality", "")),
-        body_part=str(getattr(ds, "BodyPartExamined", "")),
-        study_instance_uid=str(getattr(ds, "StudyInstanceUID", "")),
-        series_instance_uid=str(getattr(ds, "SeriesInstanceUID", "")),
-        number_of_frames=int(getattr(ds, "NumberOfFrames", 1) or 1),
-    )
+@dataclass
+class _Job:
+    """An instance in the workers' hands, with what its earlier turns produced."""
+
+    item: WorkItem
+    ds: Dataset | None = None
+    indices: list[int] = field(default_factory=list)
+    done: int = 0
+    numbers: list[int] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)
+    boxes: list[list[dict]] = field(default_factory=list)
+    version: str = ""
+    task: str = ""
+    counted: bool = False  # an attempt was begun for it (undone if it stops for a transient reason)
+
+
+class _Transient(MedgeError):
+    """Processing stopped for a reason that is not the instance's fault (shutdown)."""
 
 
 class _ProcessingError(MedgeError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class LogThrottle:
+    """At most one log record per key per ``interval_s``; the next one says how many were held back.
+
+    For conditions a peer can repeat at will (refused connections, an
+    overloaded service): each is logged, but cannot flood the journal.
+
+    Examples
+    --------
+    >>> import logging
+    >>> log = logging.getLogger("example.throttle")
+    >>> log.addHandler(logging.NullHandler())
+    >>> t = LogThrottle(log, interval_s=60.0)
+    >>> t.warning("k", "Said once.")
+    True
+    >>> t.warning("k", "Said once.")
+    False
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 30.0) -> None:
+        self._log = logger
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, key: str, msg: str, *args: object) -> bool:
+        """Log ``msg % args`` at WARNING unless ``key`` was logged within the interval; True if logged."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self._interval_s:
+                self._held[key] = self._held.get(key, 0) + 1
+                return False
+            self._last[key] = now
+            held = self._held.pop(key, 0)
+        self._log.warning(msg + (f" ({held} more like it since the last report)" if held else ""), *args, stacklevel=2)
+        return True
+
+
+class _FairQueue:
+    """Round-robin over sources: each source has its own FIFO; one item per source per rotation."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._queues: OrderedDict[str, deque[_Job]] = OrderedDict()
+        self._closed = False
+
+    def put(self, job: _Job, source: str, front: bool = False) -> bool:
+        """Queue ``job`` for ``source`` (``front``: ahead of the source's others, e.g. a continuation).
+
+        Returns False once closed (the job is not queued; its instance stays in the spool).
+        """
+        with self._cv:
+            if self._closed:
+                return False
+            q = self._queues.get(source)
+            if q is None:
+                q = self._queues[source] = deque()  # a new source joins at the end of the rotation
+            if front:
+                q.appendleft(job)
+            else:
+                q.append(job)
+            self._cv.notify()
+            return True
+
+    def get(self) -> _Job | None:
+        """The next job in rotation (blocks); ``None`` once closed."""
+        with self._cv:
+            while not self._queues and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                return None
+            source, q = next(iter(self._queues.items()))
+            job = q.popleft()
+            del self._queues[source]
+            if q:
+                self._queues[source] = q  # its turn is over: to the end of the rotation
+            return job
+
+    def close(self) -> list[_Job]:
+        """Wake every waiting worker with ``None``; returns the jobs still queued."""
+        with self._cv:
+            self._closed = True
+            left = [j for q in self._queues.values() for j in q]
+            self._queues.clear()
+            self._cv.notify_all()
+            return left
+
+    def __len__(self) -> int:
+        with self._cv:
+            return sum(len(q) for q in self._queues.values())
+
+
+def _kind(exc: BaseException) -> str:
+    """An exception for a reason file or log line: our own messages in full, others by type only.
+
+    medge's own errors never carry patient data; a third-party message might
+    quote an element value.
+    """
+    return f"{type(exc).__name__}: {exc}" if isinstance(exc, MedgeError) else type(exc).__name__
 
 
 class DicomPipeline:
@@ -98,6 +327,12 @@ class DicomPipeline:
         Worker threads (each blocks in ``service.infer``).
     infer_timeout_s : float
         Per-frame timeout given to ``service.infer``.
+    limits : ScanLimits, optional
+        Input bounds checked before any spooled file is decoded (default: the ``[dicom]`` defaults).
+        At most ``limits.max_frames`` frames of an instance run.
+    max_attempts : int
+        An instance whose processing started this many times without
+        finishing is quarantined at start-up (``[dicom] max_attempts``).
     """
 
     def __init__(
@@ -113,17 +348,21 @@ class DicomPipeline:
         overlay: bool = False,
         workers: int = 1,
         infer_timeout_s: float = 60.0,
+        limits: ScanLimits | None = None,
+        max_attempts: int = 3,
     ) -> None:
         self.spool = spool
         self.service = service
         self.router = router
         self.outbox = outbox
         self.model_info = model_info
-        self.frame_stride = frame_stride
+        self.frame_stride = max(1, frame_stride)
         self.overlay = overlay
         self.infer_timeout_s = infer_timeout_s
+        self.limits = limits or ScanLimits()
+        self.max_attempts = max(1, max_attempts)
         self.assembler = SeriesAssembler(series_idle_s)
-        self._queue: queue.Queue[WorkItem | None] = queue.Queue()
+        self._queue = _FairQueue()
         self._stop = threading.Event()
         self._n_workers = max(1, workers)
         self._threads: list[threading.Thread] = []
@@ -134,12 +373,17 @@ class DicomPipeline:
             "Accepted DICOM instances that could not be processed (moved to the spool's failed/ folder).",
             ["reason"],
         )
+        for reason in FAILURE_REASONS:
+            self._failures.labels(reason=reason).inc(0)
         self._results = get_or_create_metric(
             registry, Counter, "medge_dicom_results_total", "DICOM result objects written to the outbox.", ["kind"]
         )
         self._backlog = get_or_create_metric(
             registry, Gauge, "medge_dicom_spool_instances", "Spooled DICOM instances without a result in the outbox."
         )
+        self._worker_boundary = ErrorBoundary("dicom_pipeline", _log, registry)
+        self._finaliser_boundary = ErrorBoundary("dicom_finaliser", _log, registry)
+        self._throttle = LogThrottle(_log)
         self._in_flight = 0
         self._lock = threading.Lock()
 
@@ -155,28 +399,55 @@ class DicomPipeline:
         self._threads.append(t)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the threads; unfinished work stays in the spool for the next start."""
+        """Stop the threads; unfinished work stays in the spool for the next start.
+
+        Instances paused between two turns are not counted as attempts (a
+        shutdown is not their fault); one still inside a worker after
+        ``timeout_s`` keeps its attempt: it may be what hangs.
+        """
         self._stop.set()
-        for _ in range(self._n_workers):
-            self._queue.put(None)
+        left = self._queue.close()
         for t in self._threads:
             t.join(timeout_s)
         self._threads.clear()
+        for job in left:
+            self._undo(job)
 
     def recover(self) -> int:
-        """Queue every spooled instance that has no result in the outbox; returns how many."""
+        """Queue every spooled instance that has no result in the outbox; returns how many.
+
+        An instance whose processing was started ``max_attempts`` times
+        without finishing is quarantined (reason ``max_attempts``) instead.
+        """
         n = 0
         for path in self.spool.pending_instances():
             try:
-                info = instance_info_from_file(path)
-            except (InvalidDicomError, OSError, ValueError, AttributeError) as exc:
-                self._fail(path, None, "unreadable", f"spooled file cannot be read: {exc}")
+                tries = self.spool.attempts(path)
+            except SpoolError as exc:
+                self._fail(path, "unreadable", str(exc))
+                continue
+            if tries >= self.max_attempts:
+                self._fail(
+                    path,
+                    "max_attempts",
+                    f"processing was started {tries} times without finishing (the daemon crashed or was "
+                    f"killed while processing it, e.g. out of memory); the limit is [dicom] max_attempts = "
+                    f"{self.max_attempts}",
+                )
+                continue
+            try:
+                info = instance_info_from_file(path, self.limits)
+            except SizeLimitError as exc:
+                self._fail(path, "limits", str(exc))
+                continue
+            except (DataError, OSError) as exc:
+                self._fail(path, "unreadable", f"spooled file cannot be read: {_kind(exc)}")
                 continue
             model = self.router.match(info)
             if model is None:
-                self._fail(path, None, "unrouted", "no routing rule matches it any more")
+                self._fail(path, "unrouted", "no routing rule matches it any more")
                 continue
-            self.enqueue(WorkItem(path, info, model))
+            self.enqueue(WorkItem(path, info, model, source="recovery"))
             n += 1
         if n:
             _log.info("Recovered %d spooled DICOM instance(s) without a result; processing them again.", n)
@@ -188,7 +459,7 @@ class DicomPipeline:
         with self._lock:
             self._in_flight += 1
             self._backlog.set(self._in_flight)
-        self._queue.put(item)
+        self._queue.put(_Job(item), item.source)
 
     def idle(self) -> bool:
         """True when no instance is queued, in inference or waiting for its series to complete."""
@@ -214,99 +485,176 @@ class DicomPipeline:
             self._in_flight = max(0, self._in_flight - n)
             self._backlog.set(self._in_flight)
 
-    def _fail(self, path: Path, key: SeriesKey | None, reason: str, message: str) -> None:
+    def _fail(self, path: Path, reason: str, message: str) -> None:
         _log.error("DICOM instance %s not processed (%s): %s", path.name, reason, message)
         self._failures.labels(reason=reason).inc()
         try:
             self.spool.quarantine(path, f"{reason}: {message}")
         except OSError as exc:
-            _log.error("Cannot move %s to the failed folder: %s", path.name, exc)
+            _log.error("Cannot move %s to the failed folder: %s", path.name, type(exc).__name__)
+
+    def _undo(self, job: _Job) -> None:
+        """Take back the attempt of a job stopped for a transient reason."""
+        if job.counted:
+            job.counted = False
+            try:
+                self.spool.undo_attempt(job.item.path)
+            except (OSError, SpoolError) as exc:
+                _log.warning("Cannot take back the attempt of %s: %s", job.item.path.name, type(exc).__name__)
+
+    def _wait_transient(self, attempt: int, exc: BaseException, what: str) -> None:
+        """Back off after a transient failure; raises _Transient when shutting down."""
+        self._throttle.warning(what, "DICOM processing waits and tries again (%s): %s.", what, _kind(exc))
+        if self._stop.wait(min(_MAX_BACKOFF_S, 0.1 * 2**attempt)):
+            raise _Transient(f"shutting down while {what}")
+
+    def _durably(self, fn: Callable[[], Any], what: str) -> Any:
+        """Run a spool write, retrying while the disk is full or failing (transient)."""
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except (OSError, SpoolError) as exc:
+                self._wait_transient(attempt, exc, what)
+                attempt += 1
 
     def _worker(self) -> None:
-        while not self._stop.is_set():
-            item = self._queue.get()
-            if item is None:
+        while True:
+            job = self._queue.get()
+            if job is None:
                 return
-            key = self._key(item)
+            key = self._key(job.item)
             try:
-                if self.spool.load_result(item.path) is None:
-                    result = self._infer_instance(item)
-                    self.spool.save_result(item.path, result)
-                if not self.assembler.add(key, item.path):
-                    self._done()  # the same instance again (a resend) while its series is open
+                self._turn(job)
+            except _Transient:
+                self._undo(job)  # stays in the spool; the next start runs it again
             except _ProcessingError as exc:
                 self.assembler.forget(key)
-                self._fail(item.path, key, exc.reason, str(exc))
+                self._fail(job.item.path, exc.reason, str(exc))
                 self._done()
             except Exception as exc:  # noqa: BLE001 - the worker's one error boundary
-                _log.exception("Unexpected error processing DICOM instance %s.", item.path.name)
+                self._worker_boundary.report(exc, "processing a spooled instance")
                 self.assembler.forget(key)
-                self._fail(item.path, key, "internal", repr(exc))
+                self._fail(job.item.path, "internal", f"unexpected {_kind(exc)}")
                 self._done()
 
-    def _infer_frame(self, image: np.ndarray, model: str):
-        for attempt in range(6):
+    def _turn(self, job: _Job) -> None:
+        """Run one turn of ``job``: start it, or continue its frames; queue the rest for a later turn."""
+        item = job.item
+        if job.ds is None:
+            if self.spool.load_result(item.path) is not None:
+                self._added(item)  # processed before a restart: only its series is left to do
+                return
+            self._durably(lambda: self.spool.begin_attempt(item.path), "counting an attempt")
+            job.counted = True
+            self._open(job)
+        ds = job.ds
+        assert ds is not None
+        stop = min(len(job.indices), job.done + FRAMES_PER_TURN)
+        while job.done < stop:
+            i = job.indices[job.done]
+            try:
+                image = frame_to_array(ds, decode_frame(ds, i))
+            except (DataError, ValueError, KeyError, AttributeError, IndexError) as exc:
+                raise _ProcessingError("decode", f"frame {i + 1} cannot be decoded: {_kind(exc)}") from exc
+            r = self._infer_frame(image, item.model)
+            job.version, job.task = r.model_version, r.task
+            job.numbers.append(i + 1)
+            if r.mask is not None:
+                job.masks.append(np.asarray(r.mask, dtype=np.uint8))
+            job.boxes.append([b.to_dict() for b in r.boxes])
+            job.done += 1
+        if job.done < len(job.indices):
+            if not self._queue.put(job, item.source, front=True):  # the rest at this source's next turn
+                raise _Transient("shutting down between two turns")
+            return
+        result = InstanceResult(
+            model=item.model,
+            model_version=job.version,
+            task=job.task or self.model_info(item.model).task,
+            frames=job.numbers,
+            masks=np.stack(job.masks) if job.masks and len(job.masks) == len(job.numbers) else None,
+            boxes=job.boxes,
+        )
+        job.ds = None
+        self._durably(lambda: self.spool.save_result(item.path, result), "saving a result")
+        self._durably(lambda: self.spool.clear_attempts(item.path), "clearing an attempt count")
+        job.counted = False
+        self._added(item)
+
+    def _open(self, job: _Job) -> None:
+        """Read the job's instance (bounded) and choose its frames."""
+        try:
+            ds = read_spooled(job.item.path, self.limits)
+        except SizeLimitError as exc:
+            raise _ProcessingError("limits", str(exc)) from exc
+        except (InvalidDicomError, DataError, OSError, ValueError, AttributeError, KeyError) as exc:
+            raise _ProcessingError("decode", f"instance cannot be read: {_kind(exc)}") from exc
+        n = min(number_of_frames(ds), self.limits.max_frames)
+        job.ds = ds
+        job.indices = list(range(0, n, self.frame_stride))
+
+    def _added(self, item: WorkItem) -> None:
+        if not self.assembler.add(self._key(item), item.path):
+            self._done()  # the same instance again (a resend) while its series is open
+
+    def _infer_frame(self, image: np.ndarray, model: str) -> Any:
+        """One frame through the service; overload and shedding are retried (never a failure)."""
+        attempt = 0
+        while True:
             try:
                 r = self.service.infer(image, model=model, source="dicom", timeout_s=self.infer_timeout_s)
             except ProtocolError as exc:
-                if exc.code == "overloaded" and not self._stop.is_set():
-                    time.sleep(0.1 * 2**attempt)
-                    continue
-                raise _ProcessingError("model", f"model {model} failed: {exc.code}: {exc.message}") from exc
+                if exc.code != "overloaded":
+                    raise _ProcessingError("model", f"model {model} failed: {exc.code}: {exc}") from exc
+                self._wait_transient(attempt, exc, f"model {model} is overloaded")
+                attempt += 1
+                continue
             if r.status == "ok":
                 return r
-            if r.status == "dropped" and not self._stop.is_set():
-                time.sleep(0.1 * 2**attempt)  # shed under load: DICOM is not live, wait and try again
+            if r.status == "dropped":  # shed under load or at shutdown: DICOM is not live, wait and retry
+                self._wait_transient(attempt, _Transient("frame dropped"), f"model {model} shed a frame")
+                attempt += 1
                 continue
             raise _ProcessingError(
                 "model", f"model {model} answered {r.status}: {r.error_code or ''} {r.error_message or ''}".strip()
             )
-        raise _ProcessingError("model", f"model {model} kept shedding the frame (overloaded)")
-
-    def _infer_instance(self, item: WorkItem) -> InstanceResult:
-        try:
-            ds = dcmread(item.path)
-            frames = decode_frames(ds)
-        except (InvalidDicomError, DataError, OSError, ValueError, AttributeError, KeyError) as exc:
-            raise _ProcessingError("decode", f"pixel data cannot be decoded: {exc}") from exc
-        numbers: list[int] = []
-        masks: list[np.ndarray] = []
-        boxes: list[list[dict]] = []
-        version, task = "", ""
-        for i in range(0, frames.shape[0], self.frame_stride):
-            try:
-                image = frame_to_array(ds, frames[i])
-            except (DataError, ValueError, KeyError, AttributeError) as exc:
-                raise _ProcessingError("decode", f"frame {i + 1} cannot be converted: {exc}") from exc
-            r = self._infer_frame(image, item.model)
-            version, task = r.model_version, r.task
-            numbers.append(i + 1)
-            if r.mask is not None:
-                masks.append(np.asarray(r.mask, dtype=np.uint8))
-            boxes.append([b.to_dict() for b in r.boxes])
-        if not task:
-            task = self.model_info(item.model).task
-        return InstanceResult(
-            model=item.model,
-            model_version=version,
-            task=task,
-            frames=numbers,
-            masks=np.stack(masks) if masks and len(masks) == len(numbers) else None,
-            boxes=boxes,
-        )
 
     def _finaliser(self) -> None:
         period = min(0.25, max(0.02, self.assembler.series_idle_s / 4))
         while not self._stop.wait(period):
-            for series in self.assembler.due():
+            try:
+                for series in self.assembler.due():
+                    self._finalise_series(series)
+            except Exception as exc:  # noqa: BLE001 - the finaliser's one error boundary
+                self._finaliser_boundary.report(exc, "handing out complete series")
+
+    def _finalise_series(self, series: PendingSeries) -> None:
+        """Results of one complete series to the outbox; transient errors put the series back."""
+        counted: list[Path] = []
+        try:
+            for p in series.paths:
+                if p.exists():
+                    self.spool.begin_attempt(p)
+                    counted.append(p)
+            self._finalise(series.key, series.paths)
+        except (OSError, SpoolError) as exc:
+            # A full or failing disk is transient: try the series again later, it is not its fault.
+            for p in counted:
                 try:
-                    self._finalise(series.key, series.paths)
-                except Exception as exc:  # noqa: BLE001 - the finaliser's one error boundary
-                    _log.exception("Cannot make the DICOM results of a series (model %s).", series.key.model)
-                    for p in series.paths:
-                        self._fail(p, series.key, "result", repr(exc))
-                finally:
-                    self._done(len(series.paths))
+                    self.spool.undo_attempt(p)
+                except (OSError, SpoolError):
+                    pass
+            self._throttle.warning(
+                "finalise", "The results of a series cannot be written yet (%s); trying again later.", _kind(exc)
+            )
+            self.assembler.restore(series)
+            return
+        except Exception as exc:  # noqa: BLE001 - the finaliser's one error boundary
+            self._finaliser_boundary.report(exc, f"making the results of a series (model {series.key.model})")
+            for p in series.paths:
+                self._fail(p, "result", f"its series' results cannot be made: {_kind(exc)}")
+        self._done(len(series.paths))
 
     def _finalise(self, key: SeriesKey, paths: list[Path]) -> None:
         info = self.model_info(key.model)
@@ -316,7 +664,7 @@ class DicomPipeline:
             res = self.spool.load_result(p)
             if res is None or not p.exists():
                 continue
-            ds = dcmread(p, stop_before_pixels=True)
+            ds = read_spooled(p, self.limits, stop_before_pixels=True)
             # The result records what actually ran (version, task); the manifest gives labels.
             info = dataclasses.replace(info, version=res.model_version or info.version, task=res.task or info.task)
             sources.append(SourceResult(ds, res.frames, res.masks, res.boxes))
@@ -338,9 +686,8 @@ class DicomPipeline:
     def _overlays(self, paths: list[Path], sources: list[SourceResult], info: ModelInfo) -> list:
         out = []
         for p, src in zip(paths, sources):
-            full = dcmread(p)
-            frames = decode_frames(full)
+            full = read_spooled(p, self.limits)  # one instance's pixels in memory at a time
             for idx, number in enumerate(src.frames[:_OVERLAY_MAX_FRAMES]):
-                pixels = frame_to_array(full, frames[number - 1])
+                pixels = frame_to_array(full, decode_frame(full, number - 1))
                 out.append(make_overlay(src.dataset, pixels, src, idx, info))
         return out

@@ -25,6 +25,9 @@ __all__ = [
     "make_cr",
     "make_dx",
     "save",
+    "encode_dataset",
+    "write_part10",
+    "write_deflate_bomb",
     "FakeService",
     "free_port",
     "dicom_config",
@@ -178,6 +181,96 @@ def save(ds: Dataset, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def encode_dataset(ds: Dataset, transfer_syntax_uid: str) -> bytes:
+    """``ds`` encoded in one of the four native transfer syntaxes (no file meta): the bytes a C-STORE carries."""
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+    buf = DicomBytesIO()
+    buf.is_little_endian = transfer_syntax_uid != ExplicitVRBigEndian
+    buf.is_implicit_VR = transfer_syntax_uid == ImplicitVRLittleEndian
+    write_dataset(buf, ds)
+    data = buf.getvalue()
+    if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
+        c = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+        data = c.compress(data) + c.flush()
+    return data
+
+
+def write_part10(path: Path, sop_class: str, sop_instance: str, transfer_syntax_uid: str, chunks) -> Path:
+    """A Part 10 file: preamble, file meta for ``transfer_syntax_uid``, then ``chunks`` (encoded data set) as given."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = transfer_syntax_uid
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as fh:
+        fh.write(b"\x00" * 128 + b"DICM" + buf.getvalue())
+        for chunk in chunks:
+            fh.write(chunk)
+    return path
+
+
+def write_deflate_bomb(
+    path: Path, inflated_bytes: int, rows: int = 64, columns: int = 64, frames: int = 1, pixel_length: int | None = None
+) -> Path:
+    """A Deflated Explicit VR Little Endian US image whose pixel data inflates to ``inflated_bytes`` of zeros.
+
+    The header declares a small image (``rows`` x ``columns`` x 8 bits x
+    ``frames``) and a Pixel Data element of ``pixel_length`` bytes (default:
+    ``inflated_bytes``, so the encoding is consistent, only enormous). Built
+    without ever holding the inflated bytes: one 1 MiB block of zeros is
+    deflated once after a full flush, and the same compressed block repeated
+    (each block is independent after a full flush); 2 GiB deflate to about 2 MB.
+    """
+    import struct
+    import zlib
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    block = 1 << 20
+    if inflated_bytes % block:
+        raise ValueError("inflated_bytes must be a whole number of MiB.")
+    ds = _base(US, "US")
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    head = encode_dataset(ds, "1.2.840.10008.1.2.1")  # explicit VR LE, no pixel data yet
+    length = inflated_bytes if pixel_length is None else pixel_length
+    head += struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, length)
+    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    first = c.compress(head) + c.flush(zlib.Z_FULL_FLUSH)
+    zeros = bytes(block)
+    seg = c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)
+    assert c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH) == seg  # independent blocks: safe to repeat
+    tail = c.flush()
+    n = inflated_bytes // block
+
+    def chunks():
+        yield first
+        for _ in range(n - 2):  # two blocks were compressed above
+            yield seg
+        yield seg
+        yield seg
+        yield tail
+
+    return write_part10(path, US, str(ds.SOPInstanceUID), DeflatedExplicitVRLittleEndian, chunks())
 
 
 # --------------------------------------------------------------------------- test doubles

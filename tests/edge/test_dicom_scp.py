@@ -329,7 +329,8 @@ def test_restart_after_inference_reuses_saved_results(tmp_path: Path) -> None:
 
 
 def test_concurrent_associations_each_get_their_series(start_scp, tmp_path: Path) -> None:
-    ing, svc, reg = start_scp(max_associations=4)
+    # All three senders are on 127.0.0.1: one peer address, so its per-peer limit must allow three.
+    ing, svc, reg = start_scp(max_associations=4, max_associations_per_peer=4)
     batches = []
     for b in range(3):
         batches.append([f.save(d, tmp_path / f"s{b}" / f"{i}.dcm") for i, d in enumerate(f.make_ct_series(4, 32, seed=b))])

@@ -215,3 +215,175 @@ def test_scan_encoded_refuses_native_pixel_data_shorter_than_the_image() -> None
     buf.is_little_endian, buf.is_implicit_VR = True, False
     write_dataset(buf, ds)
     assert scan_encoded(buf.getvalue(), "1.2.840.10008.1.2.1").sop_instance_uid == ds.SOPInstanceUID
+
+
+# --------------------------------------------------------------------------- input bounds (hardening)
+def _deflate(data: bytes) -> bytes:
+    import zlib
+
+    c = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return c.compress(data) + c.flush()
+
+
+def _explicit_le(*elements: tuple[int, bytes, bytes]) -> bytes:
+    """Explicit VR LE elements (tag, VR, value), long-VR headers where the standard says."""
+    out = b""
+    for tag, vr, value in elements:
+        if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT"):
+            out += struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
+        else:
+            out += struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+    return out
+
+
+_UIDS = ((0x00080016, b"UI", b"1.2.840.10008.5.1.4.1.1.7\x00"), (0x00080018, b"UI", b"1.2.3.4\x00"))
+
+
+def test_inflate_bounded_refuses_past_its_bound_and_tells_corrupt_from_too_big() -> None:
+    from edge.routing import INFLATE_CHUNK_BYTES, ScanLimits, SizeLimitError, inflate_bounded
+
+    # 3 MiB of private data, no image: everything counts as "other elements".
+    data = _explicit_le(*_UIDS, (0x00091010, b"OB", bytes(3 << 20)))
+    with pytest.raises(SizeLimitError, match=r"max_inflated_mb") as info:
+        inflate_bounded(_deflate(data), ScanLimits(other_elements_bytes=1 << 20))
+    assert info.value.key == "max_inflated_mb" and len(info.value.comment) <= 64
+    with pytest.raises(SizeLimitError):
+        inflate_bounded(_deflate(data), ScanLimits(max_inflated_bytes=1 << 20))
+    assert len(inflate_bounded(_deflate(data), ScanLimits(other_elements_bytes=4 << 20))) == len(data)
+    # Corrupt and truncated deflate streams are "cannot understand", not "too big".
+    good = _deflate(data)
+    for broken in (b"\xff" * 64, good[: len(good) // 2]):
+        with pytest.raises(DataError) as err:
+            inflate_bounded(broken)
+        assert not isinstance(err.value, SizeLimitError)
+    assert INFLATE_CHUNK_BYTES <= 1 << 20
+
+
+def test_deflate_bomb_is_refused_at_its_pixel_data_header_with_little_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from edge.routing import SizeLimitError, split_part10
+    from tests.edge import dicom_factory as f
+
+    raw = f.write_deflate_bomb(tmp_path / "bomb.dcm", 1024 << 20).read_bytes()
+    ts, offset = split_part10(raw)
+    tracemalloc.start()
+    try:
+        with pytest.raises(SizeLimitError, match="declared image of 4096 bytes"):
+            scan_encoded(memoryview(raw)[offset:], ts)
+        _cur, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20  # one inflate step, not the 32 MiB margin, let alone 1 GiB
+    # A bomb whose Pixel Data length is consistent with its small image, but followed by 64 MiB more.
+    raw = f.write_deflate_bomb(tmp_path / "tail.dcm", 64 << 20, pixel_length=4096).read_bytes()
+    ts, offset = split_part10(raw)
+    with pytest.raises(SizeLimitError):
+        scan_encoded(raw[offset:], ts)
+
+
+@pytest.mark.parametrize(
+    "ts", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"]
+)
+def test_scan_encoded_refuses_frames_and_pixels_over_the_limits(ts: str) -> None:
+    from edge.routing import ScanLimits, SizeLimitError
+    from tests.edge import dicom_factory as f
+
+    cine = f.encode_dataset(f.make_us_multiframe(np.zeros((12, 4, 5), np.uint8)), ts)
+    assert scan_encoded(cine, ts, ScanLimits(max_frames=12)).number_of_frames == 12
+    with pytest.raises(SizeLimitError, match=r"Number of Frames 12 .*max_frames") as info:
+        scan_encoded(cine, ts, ScanLimits(max_frames=11))
+    assert info.value.key == "max_frames" and "max_frames" in info.value.comment
+    with pytest.raises(SizeLimitError, match=r"4 x 5 = 20 pixels .*max_pixels"):
+        scan_encoded(cine, ts, ScanLimits(max_pixels=19))
+    assert scan_encoded(cine, ts, ScanLimits(max_pixels=20)).sop_class_uid == f.US_MF
+
+
+def test_scan_refuses_image_attributes_not_encoded_as_us_and_deep_nesting() -> None:
+    from edge.routing import MAX_NESTING
+
+    rows_ul = _explicit_le(*_UIDS, (0x00280010, b"UL", struct.pack("<I", 70000)))
+    with pytest.raises(DataError, match="US needs 2"):
+        scan_encoded(rows_ul, "1.2.840.10008.1.2.1")
+    # Sequences of undefined length nested MAX_NESTING + 1 deep: refused, no RecursionError.
+    depth = MAX_NESTING + 1
+    nested = b""
+    for _ in range(depth):
+        nested = (
+            struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF)
+            + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + nested
+            + struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+        )
+    with pytest.raises(DataError, match="nested deeper"):
+        scan_encoded(_explicit_le(*_UIDS) + nested, "1.2.840.10008.1.2.1")
+
+
+def test_read_spooled_inflates_under_the_bound_and_matches_pydicom(tmp_path: Path) -> None:
+    from edge.ingest.dicom_pipeline import instance_info_from_file, read_spooled
+    from edge.routing import split_part10
+
+    path = TEST_FILES / "image_dfl.dcm"
+    ts, offset = split_part10(path.read_bytes())
+    assert ts == "1.2.840.10008.1.2.1.99" and offset > 132
+    ours, theirs = read_spooled(path), dcmread(path)
+    assert ours.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"  # handed to pydicom inflated
+    assert np.array_equal(ours.pixel_array, theirs.pixel_array)
+    assert instance_info_from_file(path).sop_instance_uid == theirs.SOPInstanceUID
+    plain = read_spooled(TEST_FILES / "CT_small.dcm", stop_before_pixels=True)
+    assert "PixelData" not in plain and plain.Modality == "CT"
+
+
+def test_spool_counts_attempts_durably_and_forgets_them_with_the_instance(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    p = spool.store_instance("1.2.3", [b"x" * 10])
+    assert spool.attempts(p) == 0
+    assert [spool.begin_attempt(p) for _ in range(3)] == [1, 2, 3]
+    assert spool.attempts_path(p).read_text().strip() == "3" and spool.pending_instances() == [p]
+    spool.undo_attempt(p)
+    assert spool.attempts(p) == 2
+    spool.clear_attempts(p)
+    assert spool.attempts(p) == 0 and not spool.attempts_path(p).exists()
+    spool.begin_attempt(p)
+    spool.quarantine(p, "max_attempts: test")
+    assert not spool.attempts_path(p).exists() and (spool.failed_dir / "1.2.3.dcm").exists()
+    q = spool.store_instance("1.2.4", [b"y"])
+    spool.begin_attempt(q)
+    spool.remove_instances([q])
+    assert list(spool.instances_dir.iterdir()) == []
+    assert spool.used_bytes == 0
+
+
+def test_fair_queue_takes_one_turn_per_source() -> None:
+    from edge.ingest.dicom_pipeline import WorkItem, _FairQueue, _Job
+
+    q = _FairQueue()
+
+    def job(name: str) -> _Job:
+        return _Job(WorkItem(Path(name), InstanceInfo(), "m"))
+
+    for i in range(4):
+        q.put(job(f"a{i}"), "10.0.0.1")
+    q.put(job("b0"), "10.0.0.2")
+    q.put(job("b1"), "10.0.0.2")
+    q.put(job("c0"), "10.0.0.3")
+    first = q.get()
+    assert first is not None and first.item.path.name == "a0"
+    q.put(first, "10.0.0.1", front=True)  # a continuation keeps its place within its source
+    order = [q.get().item.path.name for _ in range(len(q))]
+    assert order == ["b0", "c0", "a0", "b1", "a1", "a2", "a3"]
+    assert q.close() == [] and q.get() is None and not q.put(job("late"), "x")
+
+
+def test_series_assembler_restore_makes_a_series_due_again_later() -> None:
+    now = [0.0]
+    a = SeriesAssembler(10.0, clock=lambda: now[0])
+    k = SeriesKey("st", "se", "m")
+    a.announce(k)
+    a.add(k, Path("1.dcm"))
+    now[0] = 11.0
+    (s,) = a.due()
+    a.restore(s)
+    assert a.due() == []
+    now[0] = 22.0
+    (again,) = a.due()
+    assert again.paths == [Path("1.dcm")]
