@@ -10,9 +10,12 @@ that triggers the same failure thousands of times a second cannot flood the
 journal, and the count still tells the operator how often it happened.
 
 The log line names the component and the exception type, with the
-traceback. Exceptions raised on purpose by medge never carry patient data in
-their messages; callers pass ``what`` as a bounded description, never a
-value taken from a peer.
+traceback's frames (file, line, function, source line). The exception's
+*message* is logged only for medge's own errors (:class:`~edge.errors.MedgeError`,
+whose messages never carry patient data): a third-party message may quote
+the peer's data (pydicom's ``Unable to convert 'SMITH-1970' to 'DA'``), so
+it is withheld, also at debug level. Callers pass ``what`` as a bounded
+description, never a value taken from a peer.
 
 Examples
 --------
@@ -32,11 +35,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-__all__ = ["ErrorBoundary", "internal_errors_counter"]
+from edge.errors import MedgeError
+
+__all__ = ["ErrorBoundary", "internal_errors_counter", "safe_traceback"]
 
 _METRIC = "medge_internal_errors_total"
 
@@ -106,10 +112,44 @@ class ErrorBoundary:
         if log_it:
             more = f" ({suppressed} more since the last report)" if suppressed else ""
             self._log.error(
-                "Unexpected %s in %s%s; it kept serving%s.",
+                "Unexpected %s in %s%s; it kept serving%s.\n%s",
                 name,
                 self.component,
                 f" ({what})" if what else "",
                 more,
-                exc_info=(type(exc), exc, exc.__traceback__),
+                safe_traceback(exc),
             )
+
+
+def safe_traceback(exc: BaseException) -> str:
+    """The traceback of ``exc`` with third-party exception messages withheld.
+
+    Frames (file, line, function, source line) are kept: they show where it
+    failed. Messages are kept for :class:`~edge.errors.MedgeError` only;
+    others become ``<module>.<type> (message withheld: it may quote data
+    from the peer)``. Chained causes are rendered the same way.
+
+    Examples
+    --------
+    >>> birth_date = "SMITH-1970"  # a value taken from a peer's data set
+    >>> try:
+    ...     raise ValueError(f"Unable to convert {birth_date!r} to 'DA' object")
+    ... except ValueError as exc:
+    ...     text = safe_traceback(exc)
+    >>> "SMITH" in text, text.splitlines()[-1]
+    (False, 'builtins.ValueError (message withheld: it may quote data from the peer)')
+    """
+    parts: list[str] = []
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen and len(parts) < 8:
+        seen.add(id(cur))
+        frames = "".join(traceback.format_tb(cur.__traceback__))
+        kind = f"{type(cur).__module__}.{type(cur).__qualname__}"
+        if isinstance(cur, MedgeError):
+            last = f"{kind}: {cur}"
+        else:
+            last = f"{kind} (message withheld: it may quote data from the peer)"
+        parts.append(f"Traceback (most recent call last):\n{frames}{last}")
+        cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
+    return "\n\nwhich was raised while handling or from:\n\n".join(parts)

@@ -75,6 +75,76 @@ def _base_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _WarningsToLog:
+    """``warnings.showwarning`` replacement: third-party warning text never reaches the log.
+
+    pydicom and highdicom warn with the offending value in the message
+    (``Invalid value for VR DA: '<birth date>'``, ``The string "<patient
+    name>" is unlikely to represent ...``), so their text is withheld: the
+    log gets the category and the place it came from, once per place (then
+    at debug level). Warnings raised by medge's own code keep their text.
+    """
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, str, int]] = set()
+        self._log = logging.getLogger("edge.warnings")
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        where = _short_path(str(filename))
+        key = (category.__name__, where, int(lineno))
+        level = logging.DEBUG if key in self._seen else logging.WARNING
+        self._seen.add(key)
+        if where.startswith("edge/"):
+            self._log.log(level, "%s at %s:%d: %s", category.__name__, where, lineno, message)
+        else:
+            self._log.log(
+                level,
+                "%s from %s:%d (text withheld: third-party warnings may quote patient data; "
+                "later ones from this place are logged at debug level).",
+                category.__name__, where, lineno,
+            )
+
+
+def _short_path(filename: str) -> str:
+    """``site-packages/pydicom/valuerep.py`` -> ``pydicom/valuerep.py``; our files -> ``edge/...``."""
+    norm = filename.replace("\\", "/")
+    for marker in ("/site-packages/", "/dist-packages/"):
+        if marker in norm:
+            return norm.split(marker, 1)[1]
+    if "/edge/" in norm:
+        return "edge/" + norm.rsplit("/edge/", 1)[1]
+    return norm.rsplit("/", 1)[-1]
+
+
+class _WithholdDicomLibraryText(logging.Filter):
+    """A handler filter: records of pydicom's and highdicom's loggers lose their text.
+
+    pydicom logs the same value-quoting message it warns with (``Invalid
+    value for VR DA: '<birth date>'``); the place and level are kept.
+    """
+
+    _PREFIXES = ("pydicom", "highdicom")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".", 1)[0] in self._PREFIXES:
+            record.msg = "%s %s at %s:%d (text withheld: it may quote patient data)."
+            record.args = (record.name, record.levelname, record.module, record.lineno)
+            record.exc_info = None
+            record.exc_text = None
+            record.stack_info = None
+        return True
+
+
+def _route_warnings() -> None:
+    """Send Python warnings to the log (never to bare stderr) and guard the log against DICOM values."""
+    import warnings
+
+    warnings.showwarning = _WarningsToLog()
+    warnings.simplefilter("always")  # our replacement de-duplicates by place, not by (possibly identifying) text
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WithholdDicomLibraryText())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medge`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -101,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Both log every association / every object they build at INFO; too chatty for a daemon.
         for noisy in ("pynetdicom", "highdicom"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    _route_warnings()
     try:
         return int(_load(args.command).run(args) or 0)
     except MedgeError as exc:
