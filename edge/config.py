@@ -128,9 +128,13 @@ class MetricsConfig:
     ``tls_cert`` and ``tls_key`` are set (``tls_client_ca``: also require a
     client certificate signed by it), and HTTP basic auth when
     ``basic_auth_file`` names an htpasswd file of bcrypt hashes
-    (``htpasswd -nbB user password``). ``idle_timeout_s`` closes a
-    connection that sends nothing for that long; ``max_connections`` bounds
-    the connections served at once (more are closed at accept).
+    (``htpasswd -nbB user password``). ``idle_timeout_s``: a request (TLS
+    handshake, request line and headers) must arrive complete within this
+    many seconds of the connection or of the previous response, else the
+    connection is closed (a slow drip does not extend it).
+    ``max_connections`` bounds the connections served at once; when all are
+    taken, the one that has waited longest for its request is closed to let
+    the newcomer in.
     """
 
     enabled: bool = True

@@ -9,12 +9,21 @@
 Hardening, in the style of the Prometheus exporters' web configuration
 (``exporter-toolkit``):
 
-* **Bounds** (always on): a connection that sends nothing for
-  ``idle_timeout_s`` (no request, half a request line, a TLS handshake that
-  stalls) is closed; at most ``max_connections`` connections are served at
-  once and the excess is closed at accept, so idle sockets cannot exhaust
-  threads or file descriptors. The TLS handshake runs in the connection's
-  own thread under the idle timeout, never in the accept loop.
+* **Bounds** (always on): every request must be complete (request line,
+  headers and any small body) within ``idle_timeout_s``, counted from the
+  accept (the TLS handshake included) or, on a keep-alive connection, from
+  the end of the previous response; a response must be written within
+  ``idle_timeout_s`` too. A connection that misses its deadline is shut
+  down by a reaper thread, however it trickles its bytes (slowloris). At
+  most ``max_connections`` connections are served at once; a newcomer beyond
+  that evicts the connection that has waited longest for its request (so a
+  scraper always gets in while slow clients churn), and is closed at accept
+  only when every connection is busy answering a request. The TLS handshake
+  runs in the connection's own thread, never in the accept loop.
+* **Request bodies**: a body announced by ``Content-Length`` (up to 64 KiB)
+  is read and discarded, so it is never parsed as the next request; a larger
+  one is answered ``413``, an unusable length or ``Transfer-Encoding``
+  ``400``, and the connection is closed.
 * **TLS** (off by default): ``tls_cert`` + ``tls_key`` serve HTTPS (TLS 1.2
   or newer); ``tls_client_ca`` also requires a client certificate signed by
   that CA.
@@ -69,6 +78,10 @@ _BCRYPT_PREFIXES = ("$2y$", "$2b$", "$2a$")
 _TEXT = "text/plain; charset=utf-8"
 _ROUTES = ("/metrics", "/healthz", "/readyz")
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
+_MAX_DISCARDED_BODY = 64 * 1024  # a GET's body read and thrown away; larger ones are refused (413)
+
+# Connection states (see _Conn). A connection waiting for its request (or handshake) may be evicted.
+_HANDSHAKE, _WAITING, _BUSY, _WRITING = "handshake", "waiting", "busy", "writing"
 
 
 class _Throttle:
@@ -210,11 +223,91 @@ def _server_ssl_context(cert: str, key: str, client_ca: str) -> ssl.SSLContext |
     return ctx
 
 
+class _Conn:
+    """One accepted connection: its socket and where it stands against its deadline.
+
+    Every field is read and written under the server's ``_lock``. ``deadline`` is the
+    :func:`time.monotonic` time by which the connection must have sent its whole request
+    (or read its response); ``None`` while the handler computes an answer. ``since`` is
+    when it began waiting for the current request (eviction picks the smallest).
+    """
+
+    __slots__ = ("sock", "peer", "state", "since", "deadline", "expired", "evicted")
+
+    def __init__(self, sock: socket.socket, peer: str, state: str, now: float, idle_timeout_s: float) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.state = state
+        self.since = now
+        self.deadline: float | None = now + idle_timeout_s
+        self.expired = False  # shut down by the reaper, by eviction or by close()
+        self.evicted = False  # its slot went to a newcomer: the thread must not give it back
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
     protocol_version = "HTTP/1.1"
     server_version = "medge"
     sys_version = ""
+
+    def __init__(self, request: socket.socket, client_address: Any, server: "_Server", conn: _Conn) -> None:
+        self.conn = conn
+        self.served = 0
+        super().__init__(request, client_address, server)
+
+    def handle_one_request(self) -> None:
+        # The first request's deadline runs from the accept (the TLS handshake included); each
+        # later one's from the end of the previous response. The per-read socket timeout stays.
+        if self.served and not self.server.transition(self.conn, _WAITING, deadline=True):
+            self.close_connection = True
+            return
+        self.served += 1
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        # A request line cut short by the deadline (EOF) must not be parsed, let alone answered
+        # (``GET /metrics`` alone is a valid HTTP/0.9 request).
+        if self.conn.expired or not super().parse_request():
+            self.close_connection = True
+            return False
+        if self.conn.expired or not self._discard_body():  # headers cut short by the deadline
+            self.close_connection = True
+            return False
+        if not self.server.transition(self.conn, _BUSY, deadline=False):
+            self.close_connection = True
+            return False
+        return True
+
+    def _discard_body(self) -> bool:
+        """Read and drop a small body (still under the request's deadline), or answer an error."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            self.send_error(400, "Request bodies need a Content-Length")
+            return False
+        lengths = {v.strip() for v in self.headers.get_all("Content-Length", [])}
+        if not lengths:
+            return True
+        length = lengths.pop()
+        if lengths or not (length.isascii() and length.isdigit()):
+            self.send_error(400, "Bad Content-Length")
+            return False
+        size = int(length)
+        if size > _MAX_DISCARDED_BODY:
+            self.send_error(413, f"Request bodies are limited to {_MAX_DISCARDED_BODY} bytes")
+            return False
+        while size > 0:
+            chunk = self.rfile.read(min(size, 16384))
+            if not chunk:  # EOF: the peer went away, or the deadline shut the connection down
+                return False
+            size -= len(chunk)
+        return True
+
+    def end_headers(self) -> None:
+        # Writing an answer has its own deadline: a peer that does not read cannot hold the
+        # connection (SSLSocket.sendall's timeout is per send, not total). An error answer to an
+        # unfinished request (400, 413, 100 Continue) stays under the request's deadline.
+        if self.conn.state == _BUSY:
+            self.server.transition(self.conn, _WRITING, deadline=True)
+        super().end_headers()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         path = self.path.split("?", 1)[0]
@@ -285,78 +378,188 @@ class _Server(ThreadingHTTPServer):
         self.boundary = ErrorBoundary("http", _log, registry)
         self.throttle = _Throttle()
         self.refused = 0
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._conns_lock = threading.Lock()
-        self._conns: set[socket.socket] = set()
+        self.evicted = 0
+        self.timed_out = 0
+        # One lock (and condition, for the reaper) guards the connections, their states and counts.
+        self._lock = threading.Condition()
+        self._conns: set[_Conn] = set()
+        self._slots_used = 0  # connections holding a slot (an evicted one's thread gave its slot away)
+        self._admitted: _Conn | None = None  # verify_request -> process_request, both in the accept loop
+        self._stopping = False
+        self._reaper = threading.Thread(target=self._reap, name="medge-http-reaper", daemon=True)
+        self._reaper.start()
 
     def active(self) -> int:
-        with self._conns_lock:
+        with self._lock:
             return len(self._conns)
 
+    # -------------------------------------------------------------------------------- admission
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        """Take a connection slot, or refuse (the caller closes the socket at once)."""
-        if self._slots.acquire(blocking=False):
-            return True
-        self.refused += 1
-        held = self.throttle.due("full")
-        if held is not None:
-            _log.warning(
-                "HTTP connection from %s closed at accept: %d connections are open (metrics.max_connections)%s.",
-                client_address[0], self.max_connections, _more(held),
-            )
-        return False
+        """Take a slot; when none is free, evict the connection waiting longest for its request;
+        when every connection is busy answering, refuse (the caller closes the socket at once)."""
+        peer = str(client_address[0])
+        now = time.monotonic()
+        state = _HANDSHAKE if self.ssl_context is not None else _WAITING
+        with self._lock:
+            victim: _Conn | None = None
+            refused = False
+            if self._slots_used >= self.max_connections:
+                waiting = [c for c in self._conns if c.state in (_HANDSHAKE, _WAITING) and not c.expired]
+                # An evicted thread ends at once (its socket is shut down); the cap keeps even a
+                # flood of newcomers from running more than twice max_connections threads.
+                if waiting and len(self._conns) < 2 * self.max_connections:
+                    victim = min(waiting, key=lambda c: c.since)
+                    victim.evicted = True  # its slot goes to the newcomer
+                    self._expire(victim)
+                    self.evicted += 1
+                else:
+                    refused = True
+                    self.refused += 1
+            else:
+                self._slots_used += 1
+            if not refused:
+                conn = _Conn(request, peer, state, now, self.idle_timeout_s)
+                self._conns.add(conn)
+                self._admitted = conn
+                self._lock.notify()
+        if refused:
+            held = self.throttle.due("full")
+            if held is not None:
+                _log.warning(
+                    "HTTP connection from %s closed at accept: %d connections are open and all busy "
+                    "(metrics.max_connections)%s.",
+                    peer, self.max_connections, _more(held),
+                )
+            return False
+        if victim is not None:
+            held = self.throttle.due("evict")
+            if held is not None:
+                _log.warning(
+                    "HTTP connection from %s closed to make room for a new one: %d connections are open "
+                    "(metrics.max_connections) and it had waited %.1f s for a complete request%s.",
+                    victim.peer, self.max_connections, now - victim.since, _more(held),
+                )
+        return True
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        conn, self._admitted = self._admitted, None
+        assert conn is not None and conn.sock is request
+        thread = threading.Thread(
+            target=self.process_request_thread, args=(conn, client_address), name="medge-http-conn", daemon=True
+        )
         try:
-            super().process_request(request, client_address)
+            thread.start()
         except BaseException:
-            self._slots.release()  # no thread started: the slot would leak
+            self._release(conn)  # no thread started: the slot would leak
             raise
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        conn: socket.socket = request
-        self._track(conn, None)
+    def process_request_thread(self, conn: _Conn, client_address: Any) -> None:  # type: ignore[override]
+        sock: socket.socket = conn.sock
         try:
-            conn.settimeout(self.idle_timeout_s)
+            sock.settimeout(self.idle_timeout_s)  # per read/write; the reaper enforces the deadline
             if self.ssl_context is not None:
-                # The handshake happens here, in this connection's thread and under the idle
-                # timeout: a peer that connects and stalls holds one slot, never the listener.
-                tls = self.ssl_context.wrap_socket(conn, server_side=True)
-                self._track(tls, conn)
-                conn = tls
-            self.finish_request(conn, client_address)
+                # The handshake happens here, in this connection's thread and under the request's
+                # deadline: a peer that connects and stalls (or trickles) holds one slot until then.
+                sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                self._swap(conn, sock)
+                sock.do_handshake()
+                if not self.transition(conn, _WAITING, deadline=False):
+                    return
+            _Handler(sock, client_address, self, conn)
         except ssl.SSLError as exc:
-            held = self.throttle.due("tls")
-            if held is not None:
-                _log.warning("TLS handshake with %s failed: %s%s.", client_address[0], exc.reason or exc, _more(held))
-        except OSError as exc:  # the peer went away or stalled past the idle timeout
+            if not conn.expired:
+                held = self.throttle.due("tls")
+                if held is not None:
+                    _log.warning(
+                        "TLS handshake with %s failed: %s%s.", client_address[0], exc.reason or exc, _more(held)
+                    )
+        except OSError as exc:  # the peer went away, stalled, or missed its deadline
             _log.debug("HTTP connection from %s ended: %s.", client_address[0], exc)
         except Exception as exc:  # noqa: BLE001 - the connection loop's error boundary
             self.boundary.report(exc, "connection")
         finally:
-            self._untrack(conn)
-            self.shutdown_request(conn)
-            self._slots.release()
+            self._release(conn)  # untracked first: the reaper never touches a closed socket
+            self.shutdown_request(sock)
 
-    def _track(self, conn: socket.socket, replaces: socket.socket | None) -> None:
-        with self._conns_lock:
-            if replaces is not None:
-                self._conns.discard(replaces)
-            self._conns.add(conn)
-
-    def _untrack(self, conn: socket.socket) -> None:
-        with self._conns_lock:
+    def _release(self, conn: _Conn) -> None:
+        with self._lock:
             self._conns.discard(conn)
+            if not conn.evicted:
+                self._slots_used -= 1
+
+    def _swap(self, conn: _Conn, sock: socket.socket) -> None:
+        """The connection's socket is now ``sock`` (TLS-wrapped); the deadline follows it."""
+        with self._lock:
+            conn.sock = sock
+            if conn.expired:  # expired while the raw socket was being handed over
+                self._shut(sock)
+
+    # -------------------------------------------------------------------------------- deadlines
+    def transition(self, conn: _Conn, state: str, *, deadline: bool) -> bool:
+        """Move ``conn`` to ``state``, with a fresh deadline or none; ``False`` if it has expired.
+
+        Entering ``_WAITING`` with a deadline restarts the wait (keep-alive); entering it from the
+        TLS handshake keeps the accept's deadline and wait time."""
+        with self._lock:
+            if conn.expired:
+                return False
+            now = time.monotonic()
+            if state == _WAITING and deadline:
+                conn.since = now
+            conn.state = state
+            if deadline:
+                conn.deadline = now + self.idle_timeout_s
+                self._lock.notify()
+            elif state != _WAITING:
+                conn.deadline = None
+            return True
+
+    def _reap(self) -> None:
+        """Shut down every connection whose deadline has passed; sleep until the next deadline."""
+        with self._lock:
+            while not self._stopping:
+                now = time.monotonic()
+                nearest: float | None = None
+                for conn in self._conns:
+                    if conn.expired or conn.deadline is None:
+                        continue
+                    if conn.deadline <= now:
+                        self._expire(conn)
+                        self.timed_out += 1
+                        _log.debug(
+                            "HTTP connection from %s closed: no complete %s within %.1f s (metrics.idle_timeout_s).",
+                            conn.peer, "response read" if conn.state == _WRITING else "request",
+                            self.idle_timeout_s,
+                        )
+                    elif nearest is None or conn.deadline < nearest:
+                        nearest = conn.deadline
+                self._lock.wait(None if nearest is None else nearest - now)
+
+    def _expire(self, conn: _Conn) -> None:
+        """Mark ``conn`` expired and shut its socket down (caller holds ``_lock``): its thread's
+        blocked read or write returns at once and the thread ends."""
+        conn.expired = True
+        conn.deadline = None
+        self._shut(conn.sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        try:
+            # The plain socket's shutdown, also for an SSLSocket: SSLSocket.shutdown would drop
+            # its SSL object under the feet of the thread reading it.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass  # not connected any more, or handed over to its TLS wrapper
 
     def shutdown_connections(self) -> None:
-        """Shut every open connection down, so that the threads serving them end now."""
-        with self._conns_lock:
-            conns = list(self._conns)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed by its thread
+        """Stop the reaper and shut every open connection down, so that the threads serving them end now."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+            for conn in self._conns:
+                if not conn.expired:
+                    self._expire(conn)
+        self._reaper.join(timeout=2.0)
 
 
 class HealthServer:
@@ -377,9 +580,12 @@ class HealthServer:
     basic_auth_file : str, optional
         htpasswd file of bcrypt hashes: every endpoint requires basic auth.
     idle_timeout_s : float
-        Close a connection that sends nothing (or stalls its TLS handshake) this long.
+        Time for a whole request (TLS handshake, request line, headers, small body), from the
+        accept or the end of the previous response, and for writing a response; a connection
+        that misses it is closed.
     max_connections : int
-        Connections served at once; more are closed at accept.
+        Connections served at once; a newcomer beyond them evicts the one waiting longest for
+        its request, or is closed at accept when all are busy answering.
 
     Raises
     ------
@@ -475,8 +681,18 @@ class HealthServer:
 
     @property
     def refused_connections(self) -> int:
-        """Connections closed at accept because ``max_connections`` were open."""
+        """Connections closed at accept because ``max_connections`` were open and all busy."""
         return self._server.refused
+
+    @property
+    def evicted_connections(self) -> int:
+        """Connections closed, while waiting for their request, to make room for a newcomer."""
+        return self._server.evicted
+
+    @property
+    def timed_out_connections(self) -> int:
+        """Connections closed for missing their deadline (request, handshake or response)."""
+        return self._server.timed_out
 
     def close(self) -> None:
         """Stop serving, close the listening socket and every open connection."""

@@ -8,6 +8,7 @@ import base64
 import http.client
 import json
 import logging
+import select
 import shutil
 import socket
 import ssl
@@ -118,24 +119,213 @@ def test_idle_connections_are_closed_after_the_idle_timeout(sockets: list[socket
         poll(lambda: srv.active_connections == 50, what="the server to accept all 50 connections")
         assert get(srv.url + "/healthz")[0] == 200  # served while they sit
         poll(lambda: srv.active_connections == 0, what="idle connections to be closed")
-        poll(lambda: threading.active_count() <= baseline + 1, what="connection threads to end")  # +1: the listener
+        poll(lambda: threading.active_count() <= baseline + 2, what="connection threads to end")  # +2: listener, reaper
         assert all(closed_by_server(s) for s in sockets)
         assert get(srv.url + "/healthz")[0] == 200
 
 
-def test_connections_beyond_max_connections_are_closed_at_accept(sockets: list[socket.socket]) -> None:
+def test_connections_beyond_max_connections_are_closed_at_accept_when_every_slot_is_busy(
+    sockets: list[socket.socket],
+) -> None:
+    """With every slot serving a request (nothing to evict), newcomers are closed at accept."""
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def ready() -> bool:  # /readyz blocks: its connection is busy, not waiting for a request
+        entered.release()
+        return release.wait(10)
+
     baseline = threading.active_count()
-    with HealthServer("127.0.0.1", 0, CollectorRegistry(), ready=lambda: True, idle_timeout_s=30, max_connections=4) as srv:
-        held = [connect(srv.port, sockets) for _ in range(4)]
-        poll(lambda: srv.active_connections == 4, what="4 connections to be served")
+    with HealthServer("127.0.0.1", 0, CollectorRegistry(), ready=ready, idle_timeout_s=30, max_connections=4) as srv:
+        held = [connect(srv.port, sockets, b"GET /readyz HTTP/1.1\r\nHost: t\r\n\r\n") for _ in range(4)]
+        for _ in range(4):
+            assert entered.acquire(timeout=10), "a /readyz request to reach the handler"
         extra = [connect(srv.port, sockets) for _ in range(16)]
         assert all(closed_by_server(s) for s in extra)  # closed at once, not after the 30 s idle timeout
-        assert srv.refused_connections == 16
-        assert srv.active_connections == 4 and threading.active_count() <= baseline + 1 + 4
+        assert srv.refused_connections == 16 and srv.evicted_connections == 0
+        assert srv.active_connections == 4 and threading.active_count() <= baseline + 2 + 4  # + listener, reaper
+        release.set()
         for s in held:
+            assert s.recv(1024).startswith(b"HTTP/1.1 200 ")
             s.close()
         poll(lambda: srv.active_connections == 0, what="the held connections to end")
         assert get(srv.url + "/healthz")[0] == 200
+
+
+def test_a_full_server_evicts_the_connection_waiting_longest_for_its_request(sockets: list[socket.socket]) -> None:
+    """Idle or half-sent connections hold every slot: a newcomer evicts the oldest of them and is served."""
+    with HealthServer("127.0.0.1", 0, CollectorRegistry(), ready=lambda: True, idle_timeout_s=30, max_connections=4) as srv:
+        oldest = connect(srv.port, sockets, b"GET /metr")
+        poll(lambda: srv.active_connections == 1, what="the first connection to be accepted")
+        rest = [connect(srv.port, sockets, b"GET /health") for _ in range(3)]
+        poll(lambda: srv.active_connections == 4, what="4 connections to hold every slot")
+        status, body, _ = get(srv.url + "/healthz", timeout=5)  # would be refused at accept without eviction
+        assert (status, body) == (200, b"ok\n")
+        assert closed_by_server(oldest)
+        assert srv.evicted_connections == 1 and srv.refused_connections == 0
+        poll(lambda: srv.active_connections == 3, what="the scrape's connection to end")
+        for s in rest:  # the others keep their slots and can still finish their request
+            s.sendall(b"z HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            assert s.recv(1024).startswith(b"HTTP/1.1 200 ")
+
+
+def _closed_now(s: socket.socket) -> bool:
+    """Whether the server has closed ``s`` (EOF or reset pending), without blocking; TLS too
+    (a TLS 1.3 session ticket is read and is not a close)."""
+    timeout = s.gettimeout()
+    s.settimeout(0)
+    try:
+        return s.recv(1024) == b""
+    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        return False
+    except OSError:
+        return True
+    finally:
+        s.settimeout(timeout)
+
+
+def test_slow_drip_requests_are_closed_at_the_request_deadline_and_scrapes_get_in(
+    sockets: list[socket.socket],
+) -> None:
+    """Slowloris: 32 connections (= max_connections) each send one byte of a request line per second,
+    well inside the per-read idle timeout. Each must still be closed within idle_timeout_s (+1 s) of its
+    first byte, and /metrics and /readyz answer while they drip."""
+    idle = 2.0
+    with HealthServer("127.0.0.1", 0, CollectorRegistry(), ready=lambda: True, idle_timeout_s=idle, max_connections=32) as srv:
+        opened_at: dict[socket.socket, float] = {}
+        for _ in range(32):
+            s = connect(srv.port, sockets, b"G")
+            opened_at[s] = time.monotonic()
+        poll(lambda: srv.active_connections == 32, what="all 32 dripping connections to be accepted")
+        stop = threading.Event()
+
+        def drip() -> None:
+            while not stop.wait(1.0):  # the attacker's pacing: one more byte per connection per second
+                for s in list(opened_at):
+                    try:
+                        s.send(b"E")
+                    except OSError:
+                        pass
+
+        dripper = threading.Thread(target=drip, daemon=True)
+        dripper.start()
+        try:
+            status, body, _ = get(srv.url + "/metrics", timeout=idle)
+            assert status == 200 and b"medge_internal_errors_total" in body
+            assert get(srv.url + "/readyz", timeout=idle)[0] == 200
+            closed_at: dict[socket.socket, float] = {}
+
+            def all_closed() -> bool:
+                open_ = [s for s in opened_at if s not in closed_at]
+                readable = select.select(open_, [], [], 0)[0] if open_ else []
+                now = time.monotonic()
+                closed_at.update((s, now) for s in readable if _closed_now(s))
+                return len(closed_at) == len(opened_at)
+
+            poll(all_closed, timeout_s=idle + 4, what=f"the dripping connections to be closed ({len(closed_at)}/32)")
+            slowest = max(closed_at[s] - opened_at[s] for s in opened_at)
+            assert slowest <= idle + 1.0, f"a dripping connection stayed open {slowest:.2f} s"
+        finally:
+            stop.set()
+            dripper.join(5)
+        poll(lambda: srv.active_connections == 0, what="every connection thread to end")
+        assert srv.evicted_connections >= 1  # the scrape took the slot of the oldest dripper
+        assert srv.timed_out_connections + srv.evicted_connections == 32
+        assert get(srv.url + "/healthz")[0] == 200
+
+
+def test_keep_alive_connections_serve_several_requests_each_under_its_own_deadline() -> None:
+    """The deadline restarts at the end of each response: a client asking every 0.4 s keeps its
+    connection well past idle_timeout_s; once it stops asking, the idle connection is closed."""
+    idle = 1.0
+    with HealthServer("127.0.0.1", 0, CollectorRegistry(), ready=lambda: True, idle_timeout_s=idle) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
+        started = time.monotonic()
+        port = None
+        for i in range(8):
+            conn.request("GET", ("/metrics", "/healthz", "/readyz")[i % 3])
+            resp = conn.getresponse()
+            assert resp.status == 200 and not resp.will_close
+            resp.read()
+            port = port or conn.sock.getsockname()[1]
+            assert conn.sock.getsockname()[1] == port  # the same connection every time
+            time.sleep(0.4)  # the client's pacing between scrapes
+        assert time.monotonic() - started > 2 * idle
+        assert srv.active_connections == 1
+        poll(lambda: srv.active_connections == 0, timeout_s=idle + 2, what="the idle keep-alive connection to be closed")
+        assert srv.timed_out_connections == 1
+        conn.close()
+
+
+def test_a_get_with_a_body_discards_the_body_and_keeps_the_connection_in_step() -> None:
+    """A GET with a Content-Length body: the body is read and discarded, not parsed as the next request."""
+    with HealthServer("127.0.0.1", 0, CollectorRegistry(), ready=lambda: True, idle_timeout_s=30) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=3)  # 3 s << the 30 s idle timeout
+        conn.request("GET", "/healthz", body=b"hello")
+        resp = conn.getresponse()
+        assert (resp.status, resp.read(), resp.will_close) == (200, b"ok\n", False)
+        port = conn.sock.getsockname()[1]
+        conn.request("GET", "/readyz", body=b"x" * 60_000)
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, b"ready\n")
+        conn.request("GET", "/readyz")
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, b"ready\n")
+        assert conn.sock.getsockname()[1] == port  # one connection, still in step
+        conn.close()
+
+        for headers, code in (
+            (b"Content-Length: 1000000000\r\n", 413),  # larger than the 64 KiB that would be discarded
+            (b"Content-Length: lots\r\n", 400),
+            (b"Content-Length: 5\r\nContent-Length: 6\r\n", 400),
+            (b"Transfer-Encoding: chunked\r\n", 400),
+        ):
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=3)
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\n" + headers + b"\r\n")
+            answer = b""
+            while chunk := s.recv(4096):  # the server answers, then closes: EOF well before 3 s
+                answer += chunk
+            s.close()
+            assert answer.startswith(b"HTTP/1.1 %d " % code), (headers, answer[:80])
+            assert b"Connection: close" in answer
+        poll(lambda: srv.active_connections == 0, what="the refused requests' connections to end")
+        assert get(srv.url + "/healthz")[0] == 200
+
+
+def test_tls_handshake_and_request_share_one_deadline(pki: Pki, sockets: list[socket.socket]) -> None:
+    """Over TLS, (a) a ClientHello sent one byte per second and (b) a quick handshake followed by a request
+    line sent one byte per second are both closed within idle_timeout_s (+1 s) of the connect, although
+    every read gets a byte in time."""
+    idle = 2.0
+    with HealthServer(
+        "127.0.0.1", 0, CollectorRegistry(), lambda: True,
+        tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), idle_timeout_s=idle,
+    ) as srv:
+        raw = connect(srv.port, sockets)
+        tls = client_context(pki).wrap_socket(socket.create_connection(("localhost", srv.port), timeout=5),
+                                              server_hostname="localhost")
+        sockets.append(tls)
+        opened = time.monotonic()
+        # a handshake record header announcing 512 bytes, then its body, one byte a second
+        dripped = {raw: b"\x16\x03\x01\x02\x00" + b"\x01" * 8, tls: b"GET /metrics HTTP/1.1\r\n"}
+        closed_at: dict[socket.socket, float] = {}
+        for i in range(len(dripped[tls])):
+            for s, data in dripped.items():
+                if s in closed_at or i >= len(data):
+                    continue
+                try:
+                    s.sendall(data[i : i + 1])
+                except OSError:
+                    closed_at[s] = time.monotonic()
+            if len(closed_at) == 2 or time.monotonic() - opened > idle + 2:
+                break
+            ready = select.select([s for s in dripped if s not in closed_at], [], [], 1.0)[0]  # the pacing
+            closed_at.update((s, time.monotonic()) for s in ready if _closed_now(s))
+        assert set(closed_at) == {raw, tls}, "a dripping TLS connection is still open"
+        assert max(closed_at.values()) - opened <= idle + 1.0
+        poll(lambda: srv.active_connections == 0, what="the connection threads to end")
+        assert srv.timed_out_connections == 2
+        assert get(srv.url + "/healthz", context=client_context(pki))[0] == 200
 
 
 # ---------------------------------------------------------------------------------------------- TLS
