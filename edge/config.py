@@ -88,11 +88,11 @@ class ZmqConfig:
     """``[zmq]``: the ZeroMQ ingest (ROUTER) and results (PUB) sockets.
 
     ``default_model`` answers requests whose header has no ``model`` (empty:
-    the first served model). ``max_frame_bytes`` bounds one pixels frame
-    (larger is ``payload_size``); ``max_pixels`` bounds ``H*W`` of a declared
-    shape (larger is ``bad_shape``); it is also the socket's
-    ``ZMQ_MAXMSGSIZE``, so a larger frame never reaches memory (the peer is
-    disconnected). ``hwm`` is the ROUTER's high-water mark, in messages.
+    the first served model). ``max_frame_bytes`` bounds one pixels frame:
+    it is the ROUTER's ``ZMQ_MAXMSGSIZE`` (at least 64 KiB, the header
+    bound), so a larger frame never reaches memory (ZeroMQ disconnects the
+    peer). ``max_pixels`` bounds ``H*W`` of a declared shape (larger is
+    ``bad_shape``). ``hwm`` is the ROUTER's high-water mark, in messages.
     ``publish_hwm`` is the PUB socket's high-water mark per subscriber, in
     messages: a subscriber that stops reading makes the daemon hold at most
     this many of its messages (about ``publish_hwm`` x one reply with its

@@ -25,11 +25,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "STAGES", "LATENCY_BUCKETS_S", "BATCH_BUCKETS", "NvmlCollector"]
+__all__ = ["Metrics", "STAGES", "LATENCY_BUCKETS_S", "BATCH_BUCKETS", "REPLY_LOST_REASONS", "NvmlCollector"]
 
 _log = logging.getLogger(__name__)
 
 STAGES = ("queue", "preprocess", "infer", "postprocess", "egress")
+
+#: why a reply was not sent (``medge_replies_lost_total{reason}``):
+#: ``encode``: it could not be encoded (an ``internal`` error reply went instead);
+#: ``hwm``: the client's send high-water mark was reached (it is not reading);
+#: ``disconnected``: the client had gone before its reply was ready;
+#: ``closed``: the daemon's sockets had closed (shutdown, or a failed I/O loop);
+#: ``internal``: an unexpected exception on the reply path (counted in
+#: ``medge_internal_errors_total`` as well).
+REPLY_LOST_REASONS = ("encode", "hwm", "disconnected", "closed", "internal")
 
 #: seconds; fine below 1 ms (ZeroMQ hops, pre/post-processing), coarse up to 10 s (DICOM series)
 LATENCY_BUCKETS_S = (
@@ -100,6 +109,12 @@ class Metrics:
     outbox_sent, outbox_failures, outbox_dead_letters : Counter
         ``medge_outbox_sent_total``, ``medge_outbox_failures_total``,
         ``medge_outbox_dead_letter_total``, by ``destination``.
+    replies_lost : Counter
+        ``medge_replies_lost_total{reason}``: replies the daemon owed a
+        client and did not send (reasons: :data:`REPLY_LOST_REASONS`, all
+        present at 0 from the start). A lost reply is counted here *as well
+        as* by its outcome: every accepted frame is counted once as ok
+        (``medge_end_to_end_seconds_count``), dropped or failed.
     """
 
     def __init__(self, registry: CollectorRegistry, *, process: bool = True, gpu: bool = True) -> None:
@@ -160,6 +175,14 @@ class Metrics:
             ["destination"],
             registry=r,
         )
+        self.replies_lost = Counter(
+            "medge_replies_lost",
+            "Replies owed to a client that were not sent, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REPLY_LOST_REASONS:
+            self.replies_lost.labels(reason=reason)
         if process:
             from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 

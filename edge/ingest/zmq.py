@@ -22,8 +22,26 @@ missed notification would delay a request by at most that).
 Clients: DEALER (``[header, pixels]``, may pipeline) and REQ (whose empty
 delimiter frame is kept in the reply envelope). Every malformed message is
 answered with an ``error`` reply and counted in
-``medge_requests_failed_total{source="zmq", code}``; the daemon keeps
-serving. See ``docs/protocol.md`` for the wire format.
+``medge_requests_failed_total{source="zmq", code}``, never logged above
+debug level; the daemon keeps serving. See ``docs/protocol.md`` for the
+wire format.
+
+Hostile input is refused before it can cost much: libzmq disconnects a
+peer whose frame is over ``max(max_frame_bytes, MAX_HEADER_BYTES)``
+(``ZMQ_MAXMSGSIZE``) before reading it; :func:`parse_header` refuses, as
+``bad_header``, nesting deeper than :data:`MAX_HEADER_DEPTH` (a linear
+pre-scan, run only when the header has that many brackets, so the recursive
+JSON parser never sees it), integers over 20 digits, non-finite numbers and
+lone UTF-16 surrogates (checked only when the raw header has a
+``\\udXXX`` escape: valid UTF-8 cannot produce one otherwise). On a typical
+header these checks cost about a microsecond. A parsed header therefore
+holds only values every reply can echo; the reply encoder
+(:mod:`edge.egress.zmq`) still never emits invalid JSON.
+
+Error boundaries (:class:`edge.boundary.ErrorBoundary`): per message, around
+the I/O loop itself, and on the reply path the workers run; see
+:class:`ZmqServer`. Replies that cannot be sent are counted in
+``medge_replies_lost_total{reason}``.
 
 Examples
 --------
@@ -35,34 +53,42 @@ Examples
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import functools
 import json
 import logging
 import math
 import os
+import re
 import select
 import threading
 import time
-import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import zmq
 
+from edge.boundary import ErrorBoundary
 from edge.config import ZmqConfig
 from edge.egress.zmq import PROTOCOL_VERSION, Publisher, encode_error, encode_result
 from edge.errors import ConfigError, ProtocolError
-from edge.metrics import Metrics
+from edge.metrics import REPLY_LOST_REASONS, Metrics
 from edge.preprocess import SUPPORTED_DTYPES
 from edge.types import InferenceResult, InferenceService
 
-__all__ = ["Request", "parse_header", "parse_request", "ZmqServer", "SOURCE", "MAX_HEADER_BYTES"]
+__all__ = ["Request", "parse_header", "parse_request", "ZmqServer", "SOURCE", "MAX_HEADER_BYTES", "MAX_HEADER_DEPTH"]
 
 _log = logging.getLogger(__name__)
 
 SOURCE = "zmq"
 MAX_HEADER_BYTES = 65536
+MAX_HEADER_DEPTH = 32  # nesting of arrays and objects in a header
+_MAX_DEPTH = MAX_HEADER_DEPTH
+_MAX_INT_DIGITS = 20  # 2**64 has 20 digits; nanosecond timestamps have 19
+_LOOP_FAILURES_MAX = 50  # consecutive I/O loop failures before it gives up (and healthy() is False)
+_SOCKET_LINGER_MS = 500
 _MAX_STREAM_CHARS = 128
 _ZERO_COPY_BYTES = 128 * 1024
 _BATCH_RECV = 256  # messages drained per wake-up before workers get the socket lock
@@ -90,47 +116,129 @@ class Request:
 def parse_header(frame: bytes | memoryview) -> dict[str, Any]:
     """Decode and check the JSON header frame.
 
+    Parameters
+    ----------
+    frame : bytes or memoryview
+        The first frame of a request.
+
+    Returns
+    -------
+    dict
+        The header; every string in it is valid Unicode, every number finite
+        and every integer at most 20 digits long.
+
     Raises
     ------
     ProtocolError
-        ``bad_header``: not UTF-8 JSON, not an object, or ``v`` is not 1.
+        ``bad_header``: over 64 KiB; not UTF-8 JSON; nested deeper than 32;
+        an integer of more than 20 digits, ``NaN``/``Infinity`` or a float
+        that overflows; a string (key or value) with a lone UTF-16
+        surrogate; not an object; or ``v`` is not the integer 1.
+
+    Examples
+    --------
+    >>> parse_header(b'{"v": 1, "dtype": "uint8", "shape": [2, 2]}')["shape"]
+    [2, 2]
+    >>> parse_header(b'{"v": 1.0}')
+    Traceback (most recent call last):
+    ...
+    edge.errors.ProtocolError: Header field v is 1.0; this daemon speaks protocol v1 ("v": 1).
     """
     hdr = _decode_header(frame)
     _check_version(hdr)
     return hdr
 
 
+def _reject_constant(name: str) -> Any:
+    raise ProtocolError("bad_header", f"The header holds {name}; JSON numbers must be finite.")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProtocolError("bad_header", "The header holds a number too large for a 64-bit float.")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > _MAX_INT_DIGITS and len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ProtocolError("bad_header", f"The header holds an integer of more than {_MAX_INT_DIGITS} digits.")
+    return int(text)
+
+
+# json's C scanner calls these hooks only for floats, integers and NaN/Infinity: a header of a few
+# integers pays under a microsecond for the integer bound
+_DECODER = json.JSONDecoder(parse_float=_finite_float, parse_int=_bounded_int, parse_constant=_reject_constant)
+# [ and { count +1, ] and } -1, every other byte 0 (read as int8)
+_DEPTH_STEPS = bytes(1 if b in b"[{" else 255 if b in b"]}" else 0 for b in range(256))
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_depth(raw: bytes) -> None:
+    """Reject JSON nested deeper than ``_MAX_DEPTH``, in linear time, before the recursive parser runs."""
+    # Drop escaped backslashes, then escaped quotes: the quotes left delimit strings, and the
+    # even pieces between them are outside every string (UTF-8 never encodes '"' or '\\' in a
+    # multi-byte character, so bytes are safe to scan).
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside = b"".join(unescaped.split(b'"')[0::2])
+    steps = np.frombuffer(outside.translate(_DEPTH_STEPS), dtype=np.int8)
+    if steps.size and int(np.cumsum(steps, dtype=np.int32).max()) > _MAX_DEPTH:
+        raise ProtocolError("bad_header", f"The header is nested deeper than {_MAX_DEPTH} levels.")
+
+
 def _decode_header(frame: bytes | memoryview) -> dict[str, Any]:
     raw = frame if isinstance(frame, bytes) else bytes(frame)
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError("bad_header", f"The header frame is larger than {MAX_HEADER_BYTES} bytes.")
+    if raw.count(b"[") + raw.count(b"{") > _MAX_DEPTH:  # only then can it be nested too deep
+        _check_depth(raw)
     try:
-        hdr = json.loads(raw.decode("utf-8"))
+        hdr = _DECODER.decode(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError("bad_header", f"The header frame is not UTF-8 JSON ({exc.__class__.__name__}).") from exc
+    except (RecursionError, ValueError) as exc:  # not expected after the checks above; still bad input
+        raise ProtocolError("bad_header", f"The header frame cannot be read ({exc.__class__.__name__}).") from exc
     if not isinstance(hdr, dict):
         raise ProtocolError("bad_header", "The header is not a JSON object.")
+    # Valid UTF-8 can only yield a lone surrogate through a \\ud800-style escape: check the
+    # decoded strings only when the raw text has such an escape (a valid pair passes).
+    if b"\\u" in raw and _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(hdr, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ProtocolError(
+                "bad_header", "The header holds a lone UTF-16 surrogate escape; strings must be valid Unicode."
+            ) from exc
     return hdr
 
 
 def _check_version(hdr: dict[str, Any]) -> None:
     v = hdr.get("v")
-    if v != PROTOCOL_VERSION or isinstance(v, bool):
-        raise ProtocolError("bad_header", f"Header field v is {str(v)[:16]!r}; this daemon speaks protocol v1 (\"v\": 1).")
+    if type(v) is not int or v != PROTOCOL_VERSION:  # 1.0 and true are not the integer 1
+        raise ProtocolError("bad_header", f"Header field v is {_short(v)}; this daemon speaks protocol v1 (\"v\": 1).")
+
+
+def _short(value: Any, limit: int = 32) -> str:
+    """A bounded JSON rendering of a header value, for error messages."""
+    try:
+        text = json.dumps(value)  # ASCII: a message never carries an unencodable character
+    except (TypeError, ValueError, RecursionError):
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _dims(shape: Any, max_pixels: int) -> tuple[int, ...]:
     if not isinstance(shape, list) or len(shape) not in (2, 3):
-        raise ProtocolError("bad_shape", f"shape {shape!r} is not [H, W] or [H, W, C].")
+        raise ProtocolError("bad_shape", f"shape {_short(shape)} is not [H, W] or [H, W, C].")
     if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise ProtocolError("bad_shape", f"shape {shape!r} has a non-integer dimension.")
+        raise ProtocolError("bad_shape", f"shape {_short(shape)} has a non-integer dimension.")
     if min(shape) < 1:
-        raise ProtocolError("bad_shape", f"shape {shape!r} has a dimension below 1.")
+        raise ProtocolError("bad_shape", f"shape {_short(shape)} has a dimension below 1.")
     if len(shape) == 3 and shape[2] not in (1, 3):
-        raise ProtocolError("bad_shape", f"shape {shape!r}: C must be 1 or 3, not {shape[2]}.")
+        raise ProtocolError("bad_shape", f"shape {_short(shape)}: C must be 1 or 3, not {shape[2]}.")
     if shape[0] * shape[1] > max_pixels:
         raise ProtocolError(
-            "bad_shape", f"shape {shape!r} has {shape[0] * shape[1]} pixels; the limit is {max_pixels}."
+            "bad_shape", f"shape {_short(shape)} has {shape[0] * shape[1]} pixels; the limit is {max_pixels}."
         )
     return tuple(shape)
 
@@ -222,12 +330,33 @@ class ZmqServer:
         The scheduler (``submit`` must not block for live frames).
     metrics : Metrics, optional
     context : zmq.Context, optional
-        Shared context (default: a private one, terminated on close).
+        Shared context (default: a private one, terminated on close, with a
+        bounded wait).
 
     Raises
     ------
     ConfigError
         From :meth:`start`, when an endpoint cannot be bound (naming the key).
+
+    Notes
+    -----
+    Bounds, all set before anything is allocated: the ROUTER's
+    ``ZMQ_MAXMSGSIZE`` is ``max(max_frame_bytes, MAX_HEADER_BYTES)``, so
+    libzmq disconnects a peer whose frame announces more, before it reads the
+    frame; its send and receive high-water marks are ``hwm`` messages. The
+    PUB socket's high-water mark is ``publish_hwm`` messages per subscriber
+    (see :class:`~edge.egress.zmq.Publisher`). ``ZMQ_ROUTER_MANDATORY`` is on,
+    so a reply that cannot be queued (the client is not reading, or has
+    gone) is seen and counted in ``medge_replies_lost_total`` rather than
+    silently discarded.
+
+    Error boundaries: one per message (an unexpected exception answers that
+    message ``internal``), one around the I/O loop itself (it logs, counts
+    ``medge_internal_errors_total{component="zmq_io"}`` and keeps serving; only
+    after many failures in a row does it stop, and then :meth:`healthy` is
+    False) and one on the reply path, run by the scheduler's workers
+    (``component="zmq_reply"``). The count of replies in flight is always
+    decremented, whatever happens to the reply.
     """
 
     def __init__(
@@ -246,13 +375,21 @@ class ZmqServer:
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        registry = metrics.registry if metrics is not None else None
+        self._io_boundary = ErrorBoundary("zmq_io", _log, registry)
+        self._reply_boundary = ErrorBoundary("zmq_reply", _log, registry)
+        self._lost: dict[str, Any] = {}
+        if metrics is not None:
+            self._lost = {r: metrics.replies_lost.labels(reason=r) for r in REPLY_LOST_REASONS}
         self._accepting = True
         self._closing = threading.Event()
+        self._failed = False
         self._thread: threading.Thread | None = None
         self._router: zmq.Socket | None = None
         self._router_fd = -1
         self._pub: Publisher | None = None
         self._sockets_open = False
+        self._sockets_closed = False
         self._inflight = 0
         self._close_timeout_s = 2.0
         self.ingest_endpoint = ""
@@ -266,14 +403,16 @@ class ZmqServer:
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.RCVHWM, self._cfg.hwm)
         router.setsockopt(zmq.SNDHWM, self._cfg.hwm)
-        router.setsockopt(zmq.LINGER, 500)
+        router.setsockopt(zmq.MAXMSGSIZE, max(self._cfg.max_frame_bytes, MAX_HEADER_BYTES))
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.LINGER, _SOCKET_LINGER_MS)
         try:
             router.bind(self._cfg.ingest)
         except zmq.ZMQError as exc:
             router.close(linger=0)
             raise ConfigError(f"Config key zmq.ingest: cannot bind {self._cfg.ingest}: {exc}.") from exc
         try:
-            self._pub = Publisher(self._ctx, self._cfg.publish, hwm=self._cfg.hwm)
+            self._pub = Publisher(self._ctx, self._cfg.publish, hwm=self._cfg.publish_hwm)
         except zmq.ZMQError as exc:
             router.close(linger=0)
             raise ConfigError(f"Config key zmq.publish: cannot bind {self._cfg.publish}: {exc}.") from exc
@@ -287,12 +426,22 @@ class ZmqServer:
         _log.info("ZeroMQ ingest (ROUTER) on %s, results (PUB) on %s.", self.ingest_endpoint, self.publish_endpoint)
         return self
 
+    def healthy(self) -> bool:
+        """Whether the I/O thread is running and has not given up (for ``/readyz``)."""
+        t = self._thread
+        return t is not None and t.is_alive() and not self._failed
+
     def stop_accepting(self) -> None:
         """Answer new requests ``overloaded`` (shutting down); in-flight ones still get replies."""
         self._accepting = False
 
     def close(self, timeout_s: float = 2.0) -> None:
-        """Send the replies still owed (up to ``timeout_s``), close the sockets, stop the thread."""
+        """Send the replies still owed (up to ``timeout_s``), close the sockets, stop the thread.
+
+        Returns within about ``timeout_s`` + 1.5 s whatever state the I/O
+        thread is in: the sockets close with a linger and the private context
+        is terminated with a bounded wait.
+        """
         self._accepting = False
         self._close_timeout_s = timeout_s
         self._closing.set()
@@ -301,22 +450,25 @@ class ZmqServer:
         if self._thread is not None:
             self._thread.join(timeout=timeout_s + 0.5)
             stuck = self._thread.is_alive()
-        if stuck:
-            _log.error("The ZeroMQ I/O thread did not stop; closing its sockets forcibly.")
-            self._ctx.destroy(linger=0)
-        elif self._own_ctx:
-            self._ctx.term()
         locked = self._lock.acquire(timeout=1.0)  # a stuck I/O thread may hold it; close anyway
         try:
             self._sockets_open = False
+            if not self._sockets_closed:
+                if stuck:
+                    _log.error("The ZeroMQ I/O thread did not stop; closing its sockets forcibly.")
+                self._close_sockets(0 if stuck else _SOCKET_LINGER_MS)
             for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+                if fd >= 0:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            self._wake_r = self._wake_w = -1  # closed once: the numbers may be reused
         finally:
             if locked:
                 self._lock.release()
+        if self._own_ctx:
+            _term_context(self._ctx, timeout_s=_SOCKET_LINGER_MS / 1000 + 0.5)
         _log.info("ZeroMQ server closed: %d frames accepted, %d replies sent.", self.accepted, self.replied)
 
     def __enter__(self) -> "ZmqServer":
@@ -325,8 +477,21 @@ class ZmqServer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _close_sockets(self, linger_ms: int) -> None:
+        """Close both sockets once (caller holds the lock or owns them)."""
+        self._sockets_open = False
+        if self._sockets_closed:
+            return
+        self._sockets_closed = True
+        if self._router is not None:
+            self._router.close(linger=linger_ms)
+        if self._pub is not None:
+            self._pub.close(linger_ms=min(linger_ms, 200))
+
     # ----------------------------------------------------------------- worker side
     def _wake(self) -> None:
+        if self._wake_w < 0:
+            return
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
@@ -334,39 +499,85 @@ class ZmqServer:
         except OSError:
             pass  # closed during shutdown
 
+    def _count_lost(self, reason: str) -> None:
+        counter = self._lost.get(reason)
+        if counter is not None:
+            counter.inc()
+
+    def _send_reply(self, frames: list[Any], copy: bool = True) -> bool:
+        """Send one reply on the ROUTER (lock held); count it lost when it cannot be queued."""
+        router = self._router
+        assert router is not None
+        try:
+            router.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+        except zmq.Again:
+            self._count_lost("hwm")
+            _log.debug("A reply was not sent: the client's high-water mark is reached (it is not reading).")
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                raise
+            self._count_lost("disconnected")
+            _log.debug("A reply was not sent: the client has disconnected.")
+            return False
+        return True
+
     def _on_result(self, pending: _Pending, result: InferenceResult) -> None:
-        """Called from the thread that produced the result (a worker): encode, send, publish."""
+        """Called from the thread that produced the result (a worker): encode, send, publish.
+
+        Never raises: the reply path's error boundary. The in-flight count is
+        decremented exactly once, whatever happens.
+        """
         ready = time.perf_counter_ns()
         req = pending.request
-        header, mask = encode_result(
-            req.id,
-            result,
-            stream=req.stream,
-            want_mask=req.want_mask,
-            want_boxes=req.want_boxes,
-            sent_ns=req.sent_ns,
-        )
-        frames: list[Any] = [*pending.envelope, header]
-        if mask is not None:
-            frames.append(mask)
-        copy = mask is None or mask.nbytes <= _ZERO_COPY_BYTES  # a memcpy beats zero-copy bookkeeping
-        with self._lock:
-            if not self._sockets_open:
-                _log.warning("A reply was ready after the ZeroMQ sockets closed; it is lost.")
-                return
-            router = self._router
-            assert router is not None and self._pub is not None
-            try:
-                router.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
-            except zmq.Again:
-                _log.warning("Reply to a client dropped: its send high-water mark is reached.")
-            self._pub.publish(req.stream, header, mask)
-            self._inflight -= 1
-            self.replied += 1
-            # the send may have consumed the edge-triggered notification of new input
-            if _input_waiting(router) or (self._closing.is_set() and self._inflight <= 0):
-                self._wake()
-        if self._metrics is not None and result.status == "ok":
+        decremented = sent = False
+        observe_ok = False
+        try:
+            reply = encode_result(
+                req.id,
+                result,
+                stream=req.stream,
+                want_mask=req.want_mask,
+                want_boxes=req.want_boxes,
+                sent_ns=req.sent_ns,
+            )
+            if reply.substituted:  # the intended reply is lost; an internal error goes instead
+                self._count_lost("encode")
+                if self._metrics is not None and result.status == "ok":
+                    self._metrics.requests_failed.labels(source=SOURCE, code="internal").inc()
+            observe_ok = result.status == "ok" and not reply.substituted
+            frames: list[Any] = [*pending.envelope, reply.header]
+            if reply.mask is not None:
+                frames.append(reply.mask)
+            copy = reply.mask is None or reply.mask.nbytes <= _ZERO_COPY_BYTES  # a memcpy beats zero-copy bookkeeping
+            with self._lock:
+                self._inflight -= 1
+                decremented = True
+                if not self._sockets_open:
+                    self._count_lost("closed")
+                    _log.debug("A reply was ready after the ZeroMQ sockets closed; it is lost.")
+                    return
+                router = self._router
+                assert router is not None and self._pub is not None
+                sent = self._send_reply(frames, copy=copy)
+                if sent:
+                    self.replied += 1
+                self._pub.publish(req.stream, reply.header, reply.mask)
+                # the send may have consumed the edge-triggered notification of new input
+                if _input_waiting(router) or (self._closing.is_set() and self._inflight <= 0):
+                    self._wake()
+        except Exception as exc:  # error boundary of the reply path: count, log (rate-limited), go on
+            self._reply_boundary.report(exc, "sending a ZeroMQ reply")
+            if not sent:
+                self._count_lost("internal")
+            observe_ok = False
+        finally:
+            if not decremented:
+                with self._lock:
+                    self._inflight -= 1
+                    if self._sockets_open and self._closing.is_set() and self._inflight <= 0:
+                        self._wake()  # only while open: a closed pipe's fd number may be reused
+        if observe_ok and self._metrics is not None:
             done = time.perf_counter_ns()
             self._metrics.child(self._metrics.stage_seconds, result.model, "egress").observe((done - ready) / 1e9)
             self._metrics.child(self._metrics.end_to_end_seconds, SOURCE, result.model).observe(
@@ -375,60 +586,69 @@ class ZmqServer:
 
     # ----------------------------------------------------------------- I/O thread
     def _loop(self) -> None:
-        router = self._router
-        assert router is not None and self._pub is not None
-        waiter = select.poll()
-        waiter.register(self._router_fd, select.POLLIN)
-        waiter.register(self._wake_r, select.POLLIN)
-        deadline: float | None = None
-        while True:
-            if self._closing.is_set():
-                if deadline is None:
-                    deadline = time.monotonic() + self._close_timeout_s
-                if self._inflight <= 0:
-                    break
-                if time.monotonic() > deadline:
-                    _log.warning("Closing with %d replies unsent.", self._inflight)
-                    break
+        """The I/O thread: receive, validate, submit; its own error boundary around each pass."""
+        failures = 0
+        try:
+            router = self._router
+            assert router is not None and self._pub is not None
+            waiter = select.poll()
+            waiter.register(self._router_fd, select.POLLIN)
+            waiter.register(self._wake_r, select.POLLIN)
+            deadline: float | None = None
+            while True:
+                try:
+                    if self._closing.is_set():
+                        if deadline is None:
+                            deadline = time.monotonic() + self._close_timeout_s
+                        if self._inflight <= 0:
+                            break
+                        if time.monotonic() > deadline:
+                            _log.warning("Closing with %d replies unsent.", self._inflight)
+                            break
+                    with self._lock:
+                        for _ in range(_BATCH_RECV):
+                            try:
+                                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                            except zmq.Again:
+                                break
+                            self._handle(frames)
+                        more = _input_waiting(router)
+                    failures = 0
+                    if more:
+                        continue  # a burst: keep draining, _BATCH_RECV messages per hold of the lock
+                    for fd, _ in waiter.poll(50):
+                        if fd == self._wake_r:
+                            try:
+                                os.read(self._wake_r, 65536)
+                            except BlockingIOError:
+                                pass
+                except Exception as exc:  # error boundary of the loop: log (rate-limited), count, keep serving
+                    failures += 1
+                    self._io_boundary.report(exc, "the ZeroMQ I/O loop")
+                    if failures >= _LOOP_FAILURES_MAX or isinstance(exc, zmq.ContextTerminated):
+                        self._failed = True
+                        _log.error(
+                            "The ZeroMQ I/O loop failed %d times in a row; it stops (readiness reports it).", failures
+                        )
+                        return
+                    self._closing.wait(min(0.1, 0.001 * 2**failures))  # back off a failing loop
+        finally:
             with self._lock:
-                for _ in range(_BATCH_RECV):
-                    try:
-                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._handle(frames)
-                more = _input_waiting(router)
-            if more:
-                continue  # a burst: keep draining, _BATCH_RECV messages per hold of the lock
-            for fd, _ in waiter.poll(50):
-                if fd == self._wake_r:
-                    try:
-                        os.read(self._wake_r, 65536)
-                    except BlockingIOError:
-                        pass
-        with self._lock:
-            self._sockets_open = False
-            router.close(linger=500)
-            self._pub.close()
+                self._close_sockets(_SOCKET_LINGER_MS)
 
     def _reply_error(
         self, envelope: list[bytes], request_id: Any, code: str, message: str, stream: str, model: str | None, sent_ns: Any
     ) -> None:
-        router = self._router
-        assert router is not None and self._pub is not None
-        header = encode_error(
-            request_id, code, message, stream=stream, model=model, sent_ns=sent_ns if isinstance(sent_ns, int) else None
-        )
+        assert self._pub is not None
+        ok_sent_ns = sent_ns if isinstance(sent_ns, int) and not isinstance(sent_ns, bool) else None
+        header = encode_error(request_id, code, message, stream=stream, model=model, sent_ns=ok_sent_ns)
         if self._metrics is not None:  # counted before the reply leaves, so a client never sees it uncounted
             self._metrics.requests_failed.labels(source=SOURCE, code=code).inc()
-        try:
-            router.send_multipart([*envelope, header], flags=zmq.NOBLOCK)
-        except zmq.Again:
-            _log.warning("Error reply dropped: the client's send high-water mark is reached.")
+        self._send_reply([*envelope, header])
         self._pub.publish(stream, header, None)
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
-        """One ROUTER message: validate, submit, or answer with an error. The error boundary."""
+        """One ROUTER message: validate, submit, or answer with an error. The per-message error boundary."""
         received = time.perf_counter_ns()
         envelope = [frames[0].bytes]
         body = frames[1:]
@@ -443,6 +663,7 @@ class ZmqServer:
             if not body:
                 raise ProtocolError("bad_header", "The message has no header frame.")
             header = _decode_header(body[0].bytes)
+            # a decoded header holds only encodable values: safe to echo in the error reply
             rid = header.get("id")
             sent_ns = header.get("sent_ns")
             if isinstance(header.get("stream"), str) and 0 < len(header["stream"]) <= _MAX_STREAM_CHARS:
@@ -461,19 +682,33 @@ class ZmqServer:
             if not self._accepting:
                 raise ProtocolError("overloaded", "The daemon is shutting down; the frame was not accepted.")
             pending = _Pending(envelope, req, received_ns=received)
-            self._service.submit(
-                req.image,
-                model=req.model,
-                source=SOURCE,
-                stream=req.stream,
-                callback=functools.partial(self._on_result, pending),
-                received_ns=received,
-                track_e2e=False,
-            )
-            self._inflight += 1
+            self._inflight += 1  # before submit: a shed or fast result may come back at once
+            try:
+                self._service.submit(
+                    req.image,
+                    model=req.model,
+                    source=SOURCE,
+                    stream=req.stream,
+                    callback=functools.partial(self._on_result, pending),
+                    received_ns=received,
+                    track_e2e=False,
+                )
+            except BaseException:
+                self._inflight -= 1  # not accepted: no callback will come
+                raise
             self.accepted += 1
-        except ProtocolError as exc:
+        except ProtocolError as exc:  # bad input is the peer's problem: answered and counted, never a traceback
+            _log.debug("A ZeroMQ request was refused: %s.", exc.code)
             self._reply_error(envelope, rid, exc.code, exc.message, stream, model, sent_ns)
-        except Exception as exc:  # error boundary of the receiver: log, count, answer, keep serving
-            _log.exception("Unexpected failure handling a ZeroMQ request.")
+        except Exception as exc:  # error boundary of the receiver: log (rate-limited), count, answer, keep serving
+            self._io_boundary.report(exc, "handling a ZeroMQ request")
             self._reply_error(envelope, rid, "internal", f"Internal error ({type(exc).__name__}).", stream, model, sent_ns)
+
+
+def _term_context(ctx: zmq.Context, timeout_s: float) -> None:
+    """Terminate ``ctx``, waiting at most ``timeout_s`` (a socket left open would block ``term`` forever)."""
+    t = threading.Thread(target=ctx.term, name="medge-zmq-term", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        _log.warning("The ZeroMQ context did not terminate within %.1f s; leaving it to process exit.", timeout_s)

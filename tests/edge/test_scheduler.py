@@ -32,8 +32,10 @@ class SlowBackend:
         self.fail = fail
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()  # set when a batch reaches the backend
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        self.entered.set()
         self.gate.wait(10)
         self.batches.append(batch.shape[0])
         time.sleep(self.delay_s)
@@ -220,3 +222,180 @@ def test_real_model_through_the_scheduler(fixture_engines: Path) -> None:
         assert set(res.timing_us) >= {"queue", "preprocess", "infer", "postprocess", "total"}
     assert _metric(reg, "medge_end_to_end_seconds_count", source="dicom", model="tiny-seg") == 1
     assert _metric(reg, "medge_stage_seconds_count", model="tiny-seg", stage="infer") == 1
+
+
+# ------------------------------------------------------------------ hardening: bounds, fairness, boundaries
+def _wait_until(cond, timeout_s: float = 10.0) -> None:
+    """Poll ``cond`` with a deadline (no fixed sleeps)."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        time.sleep(0.002)
+
+
+class Order:
+    """Records the order in which callbacks are called, by label."""
+
+    def __init__(self) -> None:
+        self.labels: list[str] = []
+        self.results: dict[str, InferenceResult] = {}
+        self.lock = threading.Lock()
+
+    def cb(self, label: str):
+        def _cb(res: InferenceResult) -> None:
+            with self.lock:
+                self.labels.append(label)
+                self.results[label] = res
+
+        return _cb
+
+
+def _occupy(sched: Scheduler, backend: SlowBackend, order: Order) -> None:
+    """Hold the (gated) worker inside the backend with one live frame labelled ``busy``."""
+    backend.gate.clear()
+    sched.submit(IMG, model=None, source="zmq", stream="busy", callback=order.cb("busy"))
+    assert backend.entered.wait(10)
+
+
+def test_queue_is_bounded_in_bytes(fixture_engines: Path) -> None:
+    """queue_max_mb: a live frame that does not fit sheds its own stream's oldest frame or is
+    refused ``overloaded`` (never another stream's frame); an oversized frame fits an empty queue."""
+    backend = SlowBackend(0.0, max_batch=1)
+    reg = CollectorRegistry()
+    order = Order()
+    quarter = np.zeros((512, 512), np.uint8)  # 256 KiB: four fill the 1 MiB bound
+    cfg = SchedulerConfig(queue_size=64, queue_max_mb=1, max_batch=1, stream_backlog=10)
+    with Scheduler(_registry(fixture_engines, backend), cfg, Metrics(reg, process=False)) as sched:
+        _occupy(sched, backend, order)
+        for i in range(4):
+            sched.submit(quarter, model=None, source="zmq", stream="a", callback=order.cb(f"a{i}"))
+        with pytest.raises(ProtocolError) as info:  # stream b has nothing to shed
+            sched.submit(quarter, model=None, source="zmq", stream="b", callback=order.cb("b0"))
+        assert info.value.code == "overloaded" and "1 MiB" in info.value.message
+        sched.submit(quarter, model=None, source="zmq", stream="a", callback=order.cb("a4"))  # sheds a0
+        assert order.labels == ["a0"] and order.results["a0"].status == "dropped"
+        with pytest.raises(ProtocolError):  # larger than the bound, into a non-empty queue
+            sched.submit(np.zeros((2048, 1024), np.uint8), model=None, source="zmq", stream="c", callback=order.cb("c0"))
+        backend.gate.set()
+        _wait_until(lambda: sched.pending() == 0)
+        assert [order.results[k].status for k in ("busy", "a1", "a2", "a3", "a4")] == ["ok"] * 5
+        assert "b0" not in order.results and "c0" not in order.results
+        # a single frame larger than the whole bound is still accepted into an empty queue
+        big = sched.infer(np.zeros((2048, 1024), np.uint8), model="tiny-seg", source="dicom")
+        assert big.status == "ok"
+    assert _metric(reg, "medge_frames_dropped_total", model="tiny-seg", reason="stream_backlog") == 1
+    assert _metric(reg, "medge_frames_received_total", source="zmq", model="tiny-seg") == 6
+
+
+def test_nonlive_waits_for_byte_room(fixture_engines: Path) -> None:
+    """A DICOM frame is never refused or shed for bytes: it waits until the queue has room."""
+    backend = SlowBackend(0.0, max_batch=1)
+    order = Order()
+    quarter = np.zeros((512, 512), np.uint8)
+    cfg = SchedulerConfig(queue_size=64, queue_max_mb=1, max_batch=1, stream_backlog=10)
+    got: list[InferenceResult] = []
+    with Scheduler(_registry(fixture_engines, backend), cfg) as sched:
+        _occupy(sched, backend, order)
+        for i in range(4):
+            sched.submit(quarter, model=None, source="zmq", stream=f"s{i}", callback=order.cb(f"s{i}"))
+        t = threading.Thread(target=lambda: got.append(sched.infer(quarter, model="tiny-seg", source="dicom")))
+        t.start()
+        t.join(0.3)  # a negative check: it must still be waiting for room
+        assert t.is_alive() and sched.pending() == 5
+        backend.gate.set()
+        t.join(10)
+    assert not t.is_alive() and got[0].status == "ok"
+    assert all(r.status == "ok" for r in order.results.values())
+
+
+def test_live_frames_are_never_queued_behind_dicom(fixture_engines: Path) -> None:
+    """Two queues per model, live first: frames of live streams run before DICOM frames that were
+    queued earlier for the same model."""
+    backend = SlowBackend(0.0, max_batch=1)
+    order = Order()
+    cfg = SchedulerConfig(queue_size=64, max_batch=1, stream_backlog=4)
+    with Scheduler(_registry(fixture_engines, backend), cfg) as sched:
+        _occupy(sched, backend, order)
+        for i in range(6):  # a DICOM cine, queued first
+            sched.submit(IMG, model=None, source="dicom", stream="dicom", callback=order.cb(f"N{i}"), live=False)
+        for i in range(3):
+            sched.submit(IMG, model=None, source="zmq", stream=f"probe-{i}", callback=order.cb(f"L{i}"))
+        backend.gate.set()
+        _wait_until(lambda: sched.pending() == 0)
+    assert order.labels == ["busy", "L0", "L1", "L2", "N0", "N1", "N2", "N3", "N4", "N5"]
+    assert all(r.status == "ok" for r in order.results.values())
+
+
+def test_dicom_is_not_starved_by_live_streams(fixture_engines: Path) -> None:
+    """Anti-starvation: at most NONLIVE_EVERY live batches run ahead of a waiting DICOM frame."""
+    from edge.scheduler import NONLIVE_EVERY
+
+    backend = SlowBackend(0.0, max_batch=1)
+    order = Order()
+    cfg = SchedulerConfig(queue_size=64, max_batch=1, stream_backlog=4)
+    n_live = NONLIVE_EVERY + 2
+    with Scheduler(_registry(fixture_engines, backend), cfg) as sched:
+        _occupy(sched, backend, order)
+        sched.submit(IMG, model=None, source="dicom", stream="dicom", callback=order.cb("N0"), live=False)
+        for i in range(n_live):
+            sched.submit(IMG, model=None, source="zmq", stream=f"probe-{i}", callback=order.cb(f"L{i}"))
+        backend.gate.set()
+        _wait_until(lambda: sched.pending() == 0)
+    live = [f"L{i}" for i in range(n_live)]
+    assert order.labels == ["busy", *live[:NONLIVE_EVERY], "N0", *live[NONLIVE_EVERY:]]
+
+
+def test_worker_survives_an_unexpected_exception(fixture_engines: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's error boundary: a failure outside the backend (here a malformed result) answers
+    the batch ``internal``, is counted once in medge_internal_errors_total, and the worker serves on."""
+    backend = SlowBackend(0.0, max_batch=1)
+    registry = _registry(fixture_engines, backend)
+    model = registry.get("tiny-seg")
+    real_run = model.run
+    calls: list[int] = []
+
+    def broken_once(images):
+        calls.append(len(images))
+        return [None] * len(images) if len(calls) == 1 else real_run(images)
+
+    monkeypatch.setattr(model, "run", broken_once)
+    reg = CollectorRegistry()
+    sink = Collector()
+    with Scheduler(registry, SchedulerConfig(max_batch=1), Metrics(reg, process=False)) as sched:
+        assert sched.healthy()
+        sched.submit(IMG, model=None, source="zmq", stream="a", callback=sink.cb(0))
+        sink.wait(1)
+        sched.submit(IMG, model=None, source="zmq", stream="a", callback=sink.cb(1))
+        sink.wait(2)
+        assert sched.healthy()
+    assert sink.results[0].status == "error" and sink.results[0].error_code == "internal"
+    assert sink.results[1].status == "ok"
+    assert _metric(reg, "medge_internal_errors_total", component="scheduler") == 1
+    assert _metric(reg, "medge_requests_failed_total", source="zmq", code="internal") == 1
+    assert sched.accepted == sched.answered == 2
+
+
+def test_raising_callback_is_counted_and_the_worker_serves_on(fixture_engines: Path) -> None:
+    backend = SlowBackend(0.0, max_batch=1)
+    reg = CollectorRegistry()
+    sink = Collector()
+
+    def broken(res: InferenceResult) -> None:
+        raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+
+    with Scheduler(_registry(fixture_engines, backend), SchedulerConfig(max_batch=1), Metrics(reg, process=False)) as sched:
+        sched.submit(IMG, model=None, source="zmq", stream="a", callback=broken)
+        sched.submit(IMG, model=None, source="zmq", stream="a", callback=sink.cb(1))
+        sink.wait(1)
+        assert sched.pending() == 0 and sched.healthy()
+    assert _metric(reg, "medge_replies_lost_total", reason="internal") == 1
+    assert _metric(reg, "medge_internal_errors_total", component="result_callback") == 1
+
+
+def test_healthy_reflects_the_workers(fixture_engines: Path) -> None:
+    sched = Scheduler(_registry(fixture_engines, SlowBackend(0.0)), SchedulerConfig())
+    assert not sched.healthy()  # not started
+    sched.start()
+    assert sched.healthy()
+    sched.close(timeout_s=1.0)
+    assert not sched.healthy()

@@ -19,6 +19,7 @@ import zmq
 from edge.config import load_config
 from edge.manifest import default_engines_dir
 from edge.serve import Daemon
+from edge.types import InferenceResult
 
 
 @pytest.fixture(scope="module")
@@ -344,3 +345,204 @@ def test_concurrent_pipelining_clients_lose_no_reply(daemon: Daemon, ctx: zmq.Co
     assert not errors
     for c in range(n_clients):
         assert sorted(got[c], key=lambda s: int(s.split("-")[1])) == [f"{c}-{i}" for i in range(per_client)]
+
+
+# ------------------------------------------------------------------ hardening: strict headers, boundaries, bounds
+def _strict(data: bytes) -> dict[str, Any]:
+    """Strict UTF-8 JSON (no NaN/Infinity) or the test fails."""
+
+    def no_constant(name: str) -> Any:
+        raise AssertionError(f"the reply holds the non-JSON constant {name}")
+
+    return json.loads(data.decode("utf-8"), parse_constant=no_constant)
+
+
+def _valid(**fields: Any) -> dict[str, Any]:
+    return {"v": 1, "dtype": "uint8", "shape": [4, 4], **fields}
+
+
+HOSTILE = [
+    ("lone surrogate stream, v 2", b'{"v":2,"stream":"\\ud800"}', None),
+    ("lone surrogate id of a valid frame", json.dumps(_valid(id="\ud800")).encode(), b"\0" * 16),
+    ("lone surrogate stream of a valid frame", json.dumps(_valid(stream="\udc00")).encode(), b"\0" * 16),
+    ("lone surrogate key", json.dumps(_valid(**{"\udfff": 1})).encode(), b"\0" * 16),
+    ("NaN id", b'{"v":1,"id":NaN,"dtype":"uint8","shape":[4,4]}', b"\0" * 16),
+    ("Infinity sent_ns", b'{"v":1,"sent_ns":Infinity,"dtype":"uint8","shape":[4,4]}', b"\0" * 16),
+    ("float overflow", b'{"v":1,"id":1e999,"dtype":"uint8","shape":[4,4]}', b"\0" * 16),
+    ("5000-digit integer", b'{"v":1,"id":' + b"7" * 5000 + b',"dtype":"uint8","shape":[4,4]}', b"\0" * 16),
+    ("21-digit integer", b'{"v":1,"id":' + b"7" * 21 + b',"dtype":"uint8","shape":[4,4]}', b"\0" * 16),
+    ("nested 2000 deep", b'{"v":1,"id":' + b"[" * 2000 + b"]" * 2000 + b',"dtype":"uint8","shape":[4,4]}', b"\0" * 16),
+    ("v 1.0", b'{"v":1.0,"id":"f","dtype":"uint8","shape":[4,4]}', b"\0" * 16),
+    ("v true", b'{"v":true,"id":"t","dtype":"uint8","shape":[4,4]}', b"\0" * 16),
+]
+
+
+@pytest.mark.parametrize(("what", "header", "pixels"), HOSTILE, ids=[h[0].replace(" ", "-") for h in HOSTILE])
+def test_hostile_header_is_bad_header(
+    daemon: Daemon, ctx: zmq.Context, what: str, header: bytes, pixels: bytes | None
+) -> None:
+    """Rejected at parse time with a valid JSON reply (id null when it could not be read), counted,
+    and the daemon keeps serving."""
+    before = _failed(daemon, "bad_header")
+    sock = _dealer(ctx, daemon)
+    sock.send_multipart([header] if pixels is None else [header, pixels])
+    reply = _strict(sock.recv_multipart()[0])
+    assert reply["status"] == "error" and reply["error"]["code"] == "bad_header", reply
+    if what.startswith("v "):
+        assert reply["id"] in ("f", "t") and "v" in reply["error"]["message"]
+    else:
+        assert reply["id"] is None
+    assert _failed(daemon, "bad_header") == before + 1
+    sock.send_multipart(_request("after", np.zeros((8, 8), np.uint8)))
+    assert json.loads(sock.recv_multipart()[0])["status"] == "ok"
+
+
+class _Immediate:
+    """A fake InferenceService answering every frame at once from its own thread."""
+
+    def __init__(self, result: InferenceResult) -> None:
+        import queue
+        import threading
+
+        self.result = result
+        self.jobs: "queue.Queue[Any]" = queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def models(self) -> tuple[str, ...]:
+        return ("m",)
+
+    def submit(self, image: np.ndarray, *, callback: Any, **_: Any) -> None:
+        self.jobs.put(callback)
+
+    def _run(self) -> None:
+        while True:
+            cb = self.jobs.get()
+            if cb is None:
+                return
+            cb(self.result)
+
+    def close(self) -> None:
+        self.jobs.put(None)
+
+
+def _server(service: Any, registry: Any = None, **zmq_fields: Any) -> Any:
+    from prometheus_client import CollectorRegistry
+
+    from edge.config import ZmqConfig
+    from edge.ingest.zmq import ZmqServer
+    from edge.metrics import Metrics
+
+    metrics = Metrics(registry or CollectorRegistry(), process=False)
+    cfg = ZmqConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", **zmq_fields)
+    return ZmqServer(cfg, service, metrics)
+
+
+def _wait_for(cond: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        time.sleep(0.005)
+
+
+def test_unencodable_result_gets_an_internal_reply_and_is_counted(ctx: zmq.Context) -> None:
+    """A result whose reply cannot be encoded (a NaN score) is answered ``internal`` instead; it is
+    counted as lost (reason encode) and failed, and the in-flight count returns to 0."""
+    from prometheus_client import CollectorRegistry
+
+    from edge.postprocess import Box
+
+    reg = CollectorRegistry()
+    bad = InferenceResult(status="ok", model="m", boxes=[Box("lesion", float("nan"), 0.0, 0.0, 1.0, 1.0)])
+    service = _Immediate(bad)
+    srv = _server(service, reg).start()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        sock.connect(srv.ingest_endpoint)
+        sock.send_multipart(_request("nan-score", np.zeros((4, 4), np.uint8)))
+        reply = _strict(sock.recv_multipart()[0])
+        assert reply["status"] == "error" and reply["error"]["code"] == "internal" and reply["id"] == "nan-score"
+        _wait_for(lambda: srv._inflight == 0)
+        assert reg.get_sample_value("medge_replies_lost_total", {"reason": "encode"}) == 1
+        assert reg.get_sample_value("medge_requests_failed_total", {"source": "zmq", "code": "internal"}) == 1
+        assert srv.healthy()
+    finally:
+        srv.close(timeout_s=1.0)
+        service.close()
+
+
+def test_io_loop_survives_an_unexpected_exception(ctx: zmq.Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The I/O loop's own error boundary: an exception outside message handling is logged once,
+    counted in medge_internal_errors_total{component="zmq_io"}, and the loop keeps serving."""
+    import threading
+
+    import edge.ingest.zmq as ingest
+    from prometheus_client import CollectorRegistry
+
+    real = ingest._input_waiting
+    raised: list[bool] = []
+
+    def flaky(sock: zmq.Socket) -> bool:
+        if threading.current_thread().name == "medge-zmq-io" and not raised:
+            raised.append(True)
+            raise RuntimeError("simulated I/O loop failure")
+        return real(sock)
+
+    monkeypatch.setattr(ingest, "_input_waiting", flaky)
+    reg = CollectorRegistry()
+    service = _Immediate(InferenceResult(status="ok", model="m"))
+    srv = _server(service, reg).start()
+    try:
+        _wait_for(lambda: reg.get_sample_value("medge_internal_errors_total", {"component": "zmq_io"}) == 1)
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        sock.connect(srv.ingest_endpoint)
+        sock.send_multipart(_request("after-failure", np.zeros((4, 4), np.uint8)))
+        assert json.loads(sock.recv_multipart()[0])["status"] == "ok"
+        assert srv.healthy()
+    finally:
+        srv.close(timeout_s=1.0)
+        service.close()
+
+
+def test_failed_io_loop_is_unhealthy_and_close_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the loop gives up, healthy() says so and close() still returns promptly (no unbounded
+    context termination)."""
+    import threading
+
+    import edge.ingest.zmq as ingest
+
+    real = ingest._input_waiting
+
+    def dead(sock: zmq.Socket) -> bool:
+        if threading.current_thread().name == "medge-zmq-io":
+            raise zmq.ContextTerminated()
+        return real(sock)
+
+    monkeypatch.setattr(ingest, "_input_waiting", dead)
+    service = _Immediate(InferenceResult(status="ok", model="m"))
+    srv = _server(service).start()
+    _wait_for(lambda: not srv.healthy())
+    t0 = time.monotonic()
+    srv.close(timeout_s=1.0)
+    assert time.monotonic() - t0 < 2.5
+    service.close()
+
+
+def test_sockets_are_bounded_before_anything_is_allocated() -> None:
+    """ROUTER: MAXMSGSIZE from max_frame_bytes, hwm both ways; PUB: publish_hwm and a fixed SNDBUF."""
+    from edge.egress.zmq import PUBLISH_SNDBUF_BYTES
+    from edge.ingest.zmq import MAX_HEADER_BYTES
+
+    service = _Immediate(InferenceResult(status="ok", model="m"))
+    srv = _server(service, max_frame_bytes=1024, hwm=77, publish_hwm=5).start()
+    try:
+        with srv._lock:
+            assert srv._router.getsockopt(zmq.MAXMSGSIZE) == MAX_HEADER_BYTES  # the header bound is larger
+            assert srv._router.getsockopt(zmq.SNDHWM) == srv._router.getsockopt(zmq.RCVHWM) == 77
+            assert srv._pub.socket.getsockopt(zmq.SNDHWM) == 5
+            assert srv._pub.socket.getsockopt(zmq.SNDBUF) == PUBLISH_SNDBUF_BYTES
+    finally:
+        srv.close(timeout_s=1.0)
+        service.close()
