@@ -284,6 +284,9 @@ class DicomConfig:
     bounds connections that have not associated yet. ``max_attempts``:
     a spooled instance whose processing was started this many times
     without finishing (a crash, an OOM kill) is quarantined.
+    ``device_serial_number``: this appliance's serial, written as
+    DeviceSerialNumber into every result and used for the SR observer
+    device UID (empty: 16 hex digits derived from a hash of the machine id).
     """
 
     enabled: bool = True
@@ -309,6 +312,7 @@ class DicomConfig:
     max_associations_per_peer: int = 2
     max_pending_connections: int = 16
     max_attempts: int = 3
+    device_serial_number: str = ""
     routes: tuple[DicomRoute, ...] = ()
     destinations: tuple[DicomDestination, ...] = ()
 
@@ -644,6 +648,12 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
     _check(d.max_associations_per_peer >= 1, "dicom.max_associations_per_peer", "must be >= 1.")
     _check(d.max_pending_connections >= 1, "dicom.max_pending_connections", "must be >= 1.")
     _check(d.max_attempts >= 1, "dicom.max_attempts", "must be >= 1.")
+    _check(
+        len(d.device_serial_number) <= 64
+        and not any(c == "\\" or ord(c) < 32 or ord(c) == 127 for c in d.device_serial_number),
+        "dicom.device_serial_number",
+        "must be at most 64 characters, without backslashes or control characters.",
+    )
     if bool(d.tls.cert) != bool(d.tls.key):
         raise ConfigError("Config key dicom.tls: cert and key must be set together.")
     for name in ("cert", "key", "ca"):

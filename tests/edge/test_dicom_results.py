@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import io
-import warnings as pywarnings
+import re
 import shutil
+import warnings as pywarnings
 import subprocess
 from pathlib import Path
 
@@ -17,8 +18,16 @@ from pydicom.filewriter import dcmwrite
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
-from edge.egress.dicom_results import ModelInfo, SourceResult, build_results, make_overlay, series_description
+from edge.egress.dicom_results import (
+    ModelInfo,
+    SourceResult,
+    build_results,
+    default_device_serial,
+    make_overlay,
+    series_description,
+)
 from tests.edge import dicom_factory as f
+from tests.edge import test_dicom_results_vendors as V
 
 DCIODVFY = "/usr/bin/dciodvfy"
 
@@ -223,7 +232,7 @@ def test_cine_overlay_without_anatomy_has_only_the_unknown_laterality_warning(tm
     src = roundtrip(f.make_us_multiframe(frames))
     masks = np.stack([disc(40, 56, 20, 20, 6)] * 2)
     sc = make_overlay(src, frames[2].astype(np.float32), SourceResult(src, [1, 3], masks), 1, SEG)
-    assert sc.InstanceNumber == 3
+    assert sc.InstanceNumber == 10003  # 10000 x the source's Instance Number (1) + frame 3
     # See test_us_overlay_laterality_follows_the_source: no body part, no side -> empty, one warning.
     assert only_unknown_laterality(dciodvfy(sc, tmp_path, "us_cine_overlay_sc"))
 
@@ -239,3 +248,295 @@ def test_tools_present() -> None:
     # The real peers this suite relies on (installed by .ci/run).
     for tool in ("/usr/bin/storescu", "/usr/bin/storescp", "/usr/bin/echoscu", DCIODVFY):
         assert shutil.which(tool), f"{tool} is missing: apt-get install dcmtk dicom3tools"
+
+
+# --------------------------------------------------------------------------- "DICOM you can trust"
+# dciodvfy warnings a result may keep, each with its reason (docs/dicom.md, "Validation"):
+ALLOWED_WARNINGS = (
+    # SC overlay of a source naming neither a body part nor its side: Laterality (Type 2C) empty
+    # = unknown; leaving it out is a dciodvfy *error*, a value would be invented.
+    ("<Laterality>", "empty when actually unknown"),
+    # A source without Study Date / Time / ID (Type 2, empty in the source): the result copies
+    # the study's values, and inventing them would split the study in the PACS.
+    ("needed to build DICOMDIR", ""),
+)
+
+
+def allowed(warnings: list[str]) -> bool:
+    return all(any(a in w and b in w for a, b in ALLOWED_WARNINGS) for w in warnings)
+
+
+def _content_items(ds: Dataset):
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _content_items(item)
+
+
+def _sr_texts(sr: Dataset) -> list[str]:
+    return [str(i.TextValue) for i in _content_items(sr) if i.get("ValueType") == "TEXT"]
+
+
+def _observer_uid(sr: Dataset) -> str:
+    (uid,) = [str(i.UID) for i in _content_items(sr) if i.ConceptNameCodeSequence[0].CodeValue == "121012"]
+    return uid
+
+
+def _frame_pixels(full: Dataset, frame: int) -> np.ndarray:
+    px = full.pixel_array
+    return (px[frame - 1] if int(full.get("NumberOfFrames", 1) or 1) > 1 else px).astype(np.float32)
+
+
+@pytest.mark.parametrize("variant", V.VARIANTS, ids=lambda v: v.name)
+def test_every_modality_gives_results_that_pass_dciodvfy_and_read_back(variant: V.Variant, tmp_path: Path) -> None:
+    full = variant.make()
+    src = V.received(full)
+    rows, cols = int(src.Rows), int(src.Columns)
+    multi = int(src.get("NumberOfFrames", 1) or 1) > 1
+    frames = [1, 3] if multi else [1]
+    masks = np.stack([disc(rows, cols, cols / 2 + 4 * i, rows / 2, min(rows, cols) / 4) for i in range(len(frames))])
+    boxes = [[{"label": "nodule", "score": 0.8, "x0": 4, "y0": 5, "x1": 20, "y1": 25}] for _ in frames]
+    (seg_result,) = build_results([SourceResult(src, frames, masks)], SEG, device_serial_number="EDGE-7")
+    assert seg_result.Modality == variant.seg_kind
+    (det_result,) = build_results([SourceResult(src, frames, None, boxes)], DET, device_serial_number="EDGE-7")
+    overlays = [
+        make_overlay(
+            src, _frame_pixels(full, fr), SourceResult(src, frames, masks, boxes), i, SEG, device_serial_number="EDGE-7"
+        )
+        for i, fr in enumerate(frames)
+    ]
+    study, series, sop = str(src.StudyInstanceUID), str(src.SeriesInstanceUID), str(src.SOPInstanceUID)
+    for n, obj in enumerate([seg_result, det_result, *overlays]):
+        name = f"{variant.name}_{n}_{obj.Modality}"
+        warnings = dciodvfy(obj, tmp_path, name)
+        assert allowed(warnings), warnings
+        assert obj.Modality == "OT" or not warnings  # SEG and SR: no warning at all
+        path = tmp_path / f"{name}.dcm"
+        assert obj.StudyInstanceUID == study and obj.SeriesInstanceUID != series
+        assert obj.DeviceSerialNumber == "EDGE-7"
+        if obj.Modality == "SEG":
+            back = hd.seg.segread(path)
+            assert back.get_source_image_uids() == [(study, series, sop)]
+            px = back.get_pixels_by_source_instance([sop], segment_numbers=[1])
+            assert np.array_equal(px[0, ..., 0], masks[0])
+            assert ("FrameOfReferenceUID" in back) == variant.seg_in_frame_of_reference
+            if not variant.seg_in_frame_of_reference:
+                # Aligned pixel for pixel with the source: no pixel measures it cannot complete.
+                assert "PixelMeasuresSequence" not in back.SharedFunctionalGroupsSequence[0]
+                assert "PatientOrientation" in back  # General Image, Type 2C
+        elif obj.Modality == "SR":
+            doc = hd.sr.srread(path)
+            evidence = doc.CurrentRequestedProcedureEvidenceSequence[0]
+            assert evidence.StudyInstanceUID == study
+            assert evidence.ReferencedSeriesSequence[0].SeriesInstanceUID == series
+            assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sop
+            rois = _rois(doc)
+            assert rois and {uid for uid, *_ in rois} == {sop}
+            assert sorted({fr[0] for _, fr, *_ in rois}) == frames if multi else all(fr is None for _, fr, *_ in rois)
+        else:
+            back = hd.imread(path)
+            assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+            ref = back.SourceImageSequence[0]
+            assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (src.SOPClassUID, sop)
+            assert ref.get("ReferencedFrameNumber") == (frames[n - 2] if multi else None)
+
+
+@pytest.mark.parametrize("make", [V.us_demo, V.us_spacing, V.us_frame_of_reference, V.us_regions])
+def test_defect1_ultrasound_seg_without_image_plane_is_valid_and_reads_back(make, tmp_path: Path) -> None:
+    # An ultrasound image with a Frame of Reference UID and/or Pixel Spacing but no Image
+    # Position/Orientation (medge's own demo data among them) used to give a SEG with a Frame of
+    # Reference and a Pixel Measures Sequence without Slice Thickness: dciodvfy errors (Patient
+    # Orientation Type 2C, Slice Thickness Type 1C) and highdicom could not read it back.
+    src = V.received(make())
+    mask = disc(int(src.Rows), int(src.Columns), 30, 20, 9)
+    (seg,) = build_results([SourceResult(src, [1], mask[None])], SEG)
+    assert dciodvfy(seg, tmp_path, "us_seg_no_plane") == []
+    back = hd.seg.segread(tmp_path / "us_seg_no_plane.dcm")
+    assert "FrameOfReferenceUID" not in back and back.PatientOrientation == ""
+    assert "PixelMeasuresSequence" not in back.SharedFunctionalGroupsSequence[0]
+    px = back.get_pixels_by_source_instance([str(src.SOPInstanceUID)], segment_numbers=[1])
+    assert np.array_equal(px[0, ..., 0], mask)
+
+
+def test_defect6_results_are_traceable_and_ordered(tmp_path: Path) -> None:
+    serial = "EDGE-0042"
+    # CT series: overlays reference their source and are numbered like their sources.
+    ct = [V.received(d) for d in f.make_ct_series(3, 32)]
+    fulls = f.make_ct_series(3, 32)
+    masks = [disc(32, 32, 16, 16, 5)[None] for _ in ct]
+    sources = [SourceResult(d, [1], m) for d, m in zip(ct, masks)]
+    overlays = [
+        make_overlay(d, fulls[i].pixel_array.astype(np.float32), s, 0, SEG, device_serial_number=serial, series=sources)
+        for i, (d, s) in enumerate(zip(ct, sources))
+    ]
+    numbers = [int(o.InstanceNumber) for o in overlays]
+    assert numbers == sorted(numbers) and len(set(numbers)) == 3
+    for o, d in zip(overlays, ct):
+        ref = o.SourceImageSequence[0]
+        assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (d.SOPClassUID, d.SOPInstanceUID)
+        assert ref.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
+        assert o.DeviceSerialNumber == serial
+    assert allowed(dciodvfy(overlays[0], tmp_path, "ct_overlay"))
+    (seg,) = build_results(sources, SEG, device_serial_number=serial)
+    assert seg.DeviceSerialNumber == serial
+    # Per-instance SEGs of ultrasound images: distinct Instance Numbers, in the sources' order,
+    # also when the modality numbered every image 1 (then by rank).
+    for instance_numbers in ([3, 1, 2], [1, 1, 1]):
+        us = []
+        for n in instance_numbers:
+            d = V.us_plain()
+            d.InstanceNumber = n
+            us.append(V.received(d))
+        us_sources = [SourceResult(d, [1], disc(48, 64, 30, 20, 9)[None]) for d in us]
+        segs = build_results(us_sources, SEG, device_serial_number=serial)
+        got = sorted(int(s.InstanceNumber) for s in segs)
+        assert got == ([1, 2, 3])
+        if instance_numbers == [3, 1, 2]:
+            refs = [s.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0] for s in segs]
+            by_source = {r.ReferencedSOPInstanceUID: int(s.InstanceNumber) for r, s in zip(refs, segs)}
+            assert [by_source[d.SOPInstanceUID] for d in us] == instance_numbers
+        ovl = [
+            make_overlay(d, np.zeros((48, 64), np.float32), s, 0, SEG, series=us_sources)
+            for d, s in zip(us, us_sources)
+        ]
+        assert len({int(o.InstanceNumber) for o in ovl}) == 3
+    # Cine overlays: one per processed frame, distinct.
+    cine = V.received(V.us_cine())
+    cine_res = SourceResult(cine, [1, 3], np.stack([disc(40, 56, 20, 20, 6)] * 2))
+    cine_numbers = [make_overlay(cine, np.zeros((40, 56), np.float32), cine_res, i, SEG).InstanceNumber for i in (0, 1)]
+    assert [int(n) for n in cine_numbers] == [10001, 10003]
+    # SR observer device: its UID follows the appliance and the model; the serial is in the SR.
+    dx = V.received(V.dx())
+    det = SourceResult(dx, [1], None, [[{"label": "nodule", "score": 0.9, "x0": 1, "y0": 1, "x1": 9, "y1": 9}]])
+    (a,) = build_results([det], DET, device_serial_number="EDGE-A")
+    (b,) = build_results([det], DET, device_serial_number="EDGE-B")
+    (c,) = build_results([det], ModelInfo("other-det", "1.0", "detection", ("nodule",)), device_serial_number="EDGE-A")
+    assert a.DeviceSerialNumber == "EDGE-A" and b.DeviceSerialNumber == "EDGE-B"
+    assert len({_observer_uid(a), _observer_uid(b), _observer_uid(c)}) == 3
+    assert "EDGE-A" in [str(i.get("TextValue", "")) for i in _content_items(a)]  # Device Observer Serial Number
+    # Default: stable per machine, derived (hashed) from the machine id, never "0" or the raw id.
+    (d1,) = build_results([det], DET)
+    (d2,) = build_results([det], DET)
+    assert d1.DeviceSerialNumber == d2.DeviceSerialNumber == default_device_serial()
+    assert re.fullmatch(r"[0-9A-F]{16}", d1.DeviceSerialNumber)
+    machine_id = Path("/etc/machine-id")
+    if machine_id.exists() and machine_id.read_text().strip():
+        assert machine_id.read_text().strip().upper()[:16] != d1.DeviceSerialNumber
+    assert _observer_uid(d1) == _observer_uid(d2)
+
+
+@pytest.mark.parametrize("research_only", [True, False])
+def test_defect7_research_statement_in_seg_content_description_sr_text_and_sc_comments(
+    research_only: bool, tmp_path: Path
+) -> None:
+    seg_model = ModelInfo("us-lesion-seg", "1.0", "segmentation", ("lesion",), research_only)
+    det_model = ModelInfo("us-lesion-det", "1.0", "detection", ("lesion",), research_only)
+    src = V.received(V.us_regions())
+    mask = disc(48, 64, 30, 20, 9)
+    (seg,) = build_results([SourceResult(src, [1], mask[None])], seg_model)
+    box = {"label": "lesion", "score": 0.7, "x0": 2, "y0": 2, "x1": 9, "y1": 9}
+    (sr,) = build_results([SourceResult(src, [1], None, [[box]])], det_model)
+    sc = make_overlay(src, np.zeros((48, 64), np.float32), SourceResult(src, [1], mask[None]), 0, seg_model)
+    for obj, name in ((seg, "seg"), (sr, "sr"), (sc, "sc")):
+        assert dciodvfy(obj, tmp_path, f"research_{name}") == []
+    texts = _sr_texts(hd.sr.srread(tmp_path / "research_sr.dcm"))
+    assert _rois(hd.sr.srread(tmp_path / "research_sr.dcm"))  # the TID 1500 content still reads
+    flagged = [
+        "NOT FOR CLINICAL USE" in str(seg.get("ContentDescription", "")),
+        any("NOT FOR CLINICAL USE" in t for t in texts),
+        "NOT FOR CLINICAL USE" in str(sc.get("ImageComments", "")),
+        all("NOT FOR CLINICAL USE" in str(o.SeriesDescription) for o in (seg, sr, sc)),
+    ]
+    assert flagged == [research_only] * 4
+
+
+def _malformed_us(case: str) -> Dataset:
+    d = V.us_plain()
+    d.BodyPartExamined = "ABDOMEN"  # an unpaired body part: no Laterality warning on the SC
+    if case == "birth_date":
+        V.put_raw(d, "PatientBirthDate", b"1941-11-11x")
+    elif case == "impossible_date":
+        V.put_raw(d, "PatientBirthDate", b"19410231")
+    elif case == "study_date":
+        V.put_raw(d, "StudyDate", b"1941-11-11x")
+    elif case == "study_time":
+        V.put_raw(d, "StudyTime", b"25:99x")
+    elif case == "uid_in_study_module":
+        item = Dataset()
+        item.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+        V.put_raw(item, "ReferencedSOPInstanceUID", b"1.2.abc.3")
+        d.ReferencedStudySequence = [item]
+    elif case == "one_component_name":
+        V.put_raw(d, "PatientName", b"DOE")
+    elif case == "patient_sex":
+        V.put_raw(d, "PatientSex", b"male")
+    elif case == "long_decimal":
+        V.put_raw(d, "PatientWeight", b"70.1234567890123456789", "DS")
+    elif case == "charset":
+        V.put_raw(d, "SpecificCharacterSet", b"ISO_IR 999")
+    return V.received(d)
+
+
+MALFORMED = {
+    # case: (marker that must not reach a warning or log record, attribute, value in the results)
+    "birth_date": ("1941-11-11x", "PatientBirthDate", ""),
+    "impossible_date": ("19410231", "PatientBirthDate", ""),
+    "study_date": ("1941-11-11x", "StudyDate", ""),
+    "study_time": ("25:99x", "StudyTime", ""),
+    "uid_in_study_module": ("1.2.abc.3", "ReferencedStudySequence", None),
+    "one_component_name": ("DOE", "PatientName", "DOE^"),
+    "patient_sex": ("male", "PatientSex", ""),
+    "long_decimal": ("70.1234567890123456789", "PatientWeight", "70.1234567890124"),
+    "charset": ("ISO_IR 999", "SpecificCharacterSet", "ISO_IR 192"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_defect10_malformed_source_values_are_repaired_and_do_not_leak(
+    case: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker, keyword, expected = MALFORMED[case]
+    src = _malformed_us(case)
+    mask = disc(48, 64, 30, 20, 9)
+    box = [[{"label": "lesion", "score": 0.7, "x0": 2, "y0": 2, "x1": 9, "y1": 9}]]
+    caplog.set_level("DEBUG")
+    caplog.clear()  # what writing the malformed source said is not ours
+    with pywarnings.catch_warnings(record=True) as caught:  # a test may; the module must not
+        pywarnings.simplefilter("always")
+        (seg,) = build_results([SourceResult(src, [1], mask[None])], SEG)
+        (sr,) = build_results([SourceResult(src, [1], None, box)], DET)
+        sc = make_overlay(src, np.zeros((48, 64), np.float32), SourceResult(src, [1], mask[None]), 0, SEG)
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [s for s in said if marker in s], said
+    for obj, name in ((seg, "seg"), (sr, "sr"), (sc, "sc")):
+        warnings = dciodvfy(obj, tmp_path, f"{case}_{name}")
+        assert allowed(warnings) and all("DICOMDIR" in w for w in warnings), warnings  # study date/time: empty
+        back = roundtrip(obj)
+        value = back.get(keyword)
+        if not (obj.Modality == "OT" and keyword == "PatientWeight"):  # highdicom's SC copies no Patient Study
+            assert (None if value is None else str(value)) == expected
+        # The result still references its source by its UIDs.
+        assert back.StudyInstanceUID == src.StudyInstanceUID
+    assert hd.seg.segread(tmp_path / f"{case}_seg.dcm").get_source_image_uids()[0][2] == src.SOPInstanceUID
+    assert _rois(hd.sr.srread(tmp_path / f"{case}_sr.dcm"))[0][0] == src.SOPInstanceUID
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+
+
+def test_defect10_missing_type2_source_attributes_still_give_valid_results(tmp_path: Path) -> None:
+    d = V.us_plain()
+    d.BodyPartExamined = "ABDOMEN"
+    missing = (
+        "PatientSex", "StudyID", "ReferringPhysicianName", "AccessionNumber", "StudyDate", "StudyTime", "PatientBirthDate"
+    )
+    for keyword in missing:
+        delattr(d, keyword)
+    src = V.received(d)
+    mask = disc(48, 64, 30, 20, 9)
+    (seg,) = build_results([SourceResult(src, [1], mask[None])], SEG)
+    (sr,) = build_results([SourceResult(src, [1], None, [[]])], DET)
+    sc = make_overlay(src, np.zeros((48, 64), np.float32), SourceResult(src, [1], mask[None]), 0, SEG)
+    for obj, name in ((seg, "seg"), (sr, "sr"), (sc, "sc")):
+        warnings = dciodvfy(obj, tmp_path, f"type2_{name}")
+        assert allowed(warnings) and all("DICOMDIR" in w for w in warnings), warnings
+        back = roundtrip(obj)
+        for keyword in missing:
+            assert keyword in back and back[keyword].value in ("", None), keyword  # Type 2: present, empty

@@ -11,6 +11,7 @@ log, and the log must still say that something was withheld.
 
 from __future__ import annotations
 
+import logging
 import time
 import urllib.request
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from pynetdicom import AE
 
+from edge.cli import _WarningsToLog, _WithholdDicomLibraryText
 from tests.edge import dicom_factory as f
 from tests.edge._daemon import running_daemon
 
@@ -75,4 +77,26 @@ def test_library_warnings_and_errors_do_not_leak_patient_data(fixture_engines: P
     log = d.proc.log_path.read_text(encoding="utf-8", errors="replace")
     for attr, value in MARKERS.items():
         assert value.split()[0] not in log, f"{attr} leaked into the daemon's log:\n{log[-3000:]}"
-    assert "withheld" in log  # the warnings were there, and were logged without their text
+
+
+def test_warning_routing_withholds_third_party_text(caplog) -> None:  # type: ignore[no-untyped-def]
+    """What ``medge`` does with a library's warning or log record that quotes a value."""
+    show = _WarningsToLog()
+    with caplog.at_level(logging.DEBUG):
+        for _ in range(2):
+            show('The string "ZQXNAME WITHOUTCARET" is unlikely to represent the intended person name',
+                 UserWarning, "/x/lib/python3.11/site-packages/highdicom/base.py", 199)
+        show("our own text", UserWarning, "/work/edge/scheduler.py", 10)
+    assert "ZQXNAME" not in caplog.text
+    first, second, ours = caplog.records[-3:]
+    assert "withheld" in first.getMessage() and "highdicom/base.py:199" in first.getMessage()
+    assert first.levelno == logging.WARNING and second.levelno == logging.DEBUG  # once per place
+    assert "our own text" in ours.getMessage()
+
+    record = logging.LogRecord("pydicom", logging.WARNING, "valuerep.py", 440,
+                               "Invalid value for VR DA: %r", ("ZQXDOB-1970",), None)
+    assert _WithholdDicomLibraryText().filter(record)
+    assert "ZQXDOB" not in record.getMessage() and "withheld" in record.getMessage()
+    mine = logging.LogRecord("edge.scheduler", logging.WARNING, "scheduler.py", 1, "kept %s", ("text",), None)
+    _WithholdDicomLibraryText().filter(mine)
+    assert mine.getMessage() == "kept text"
