@@ -2,12 +2,14 @@
 
 Three pieces:
 
-- :func:`scan_encoded` walks an encoded data set's top-level elements
-  without decoding values (no pydicom on the network thread), checks that
-  the encoding is structurally whole (no truncated element, item or pixel
-  data), enforces the input bounds of :class:`ScanLimits` (inflated size,
-  frames, pixels per frame) and picks out the few attributes routing
-  needs. Deflated data sets are inflated in a stream by
+- :func:`scan_encoded` walks an encoded data set's elements (into every
+  sequence item) without decoding values (no pydicom on the network
+  thread), checks that the encoding is structurally whole (no truncated
+  element, item or pixel data), enforces the input bounds of
+  :class:`ScanLimits` (inflated size, frames, pixels per frame), checks
+  that an image is one medge can decode (Image Pixel attributes, and the
+  codestream header of every compressed frame against Rows x Columns:
+  :mod:`edge.pixels`) and picks out the few attributes routing needs. Deflated data sets are inflated in a stream by
   :func:`inflate_bounded` and refused as soon as they pass their bound,
   so a deflate bomb never reaches memory; :func:`split_part10` finds the
   data set in a spooled file so that the same checks run before any
@@ -32,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
+from array import array
 import threading
 import time
 import zlib
@@ -40,6 +43,14 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from edge.errors import DataError
+from edge.pixels import (
+    CODESTREAM_KINDS,
+    CodestreamError,
+    Geometry,
+    IncompleteHeader,
+    check_codestream,
+    looks_like_frame_start,
+)
 
 __all__ = [
     "Route",
@@ -73,6 +84,11 @@ _SEQ_END = 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 # Image Pixel attributes (US) needed to check that native pixel data is complete.
 _IMAGE_US = {0x00280002: "samples", 0x00280010: "rows", 0x00280011: "columns", 0x00280100: "bits"}
+# Top-level elements kept as (value offset, length): the Extended Offset Table and its lengths.
+_TOP_RAW = {0x7FE00001: "eot", 0x7FE00002: "eot_lengths"}
+#: Bits Allocated and Samples per Pixel of the images medge decodes.
+_BITS_ALLOCATED = (1, 8, 16, 32)
+_SAMPLES_PER_PIXEL = (1, 3)
 
 # tag -> InstanceInfo field
 _WANTED = {
@@ -162,6 +178,9 @@ MAX_NESTING = 32
 OTHER_ELEMENTS_BYTES = 32 << 20
 #: Bytes inflated per step (zlib ``max_length``): a bound is overshot by at most this much.
 INFLATE_CHUNK_BYTES = 256 << 10
+#: Bytes of a frame's first fragments read at most to find its codestream header (JPEG marker
+#: segments before the frame header, a JP2 box structure): real headers take a few hundred.
+CODESTREAM_HEAD_BYTES = 1 << 20
 _MAX_COMMENT = 64  # Error Comment (0000,0902) is LO: at most 64 characters
 
 
@@ -232,6 +251,12 @@ class _Reader:
         self.end = "<" if little else ">"
         self.found: dict[str, str] = {}
         self.image: dict[str, int] = {}
+        self.raw: dict[str, tuple[int, int]] = {}
+        # Top-level encapsulated Pixel Data: its Basic Offset Table and fragments (value offset, length).
+        self.encapsulated = False
+        self.bot: tuple[int, int] = (0, 0)
+        self.frag_pos = array("Q")
+        self.frag_len = array("Q")
 
     def _header(self, pos: int) -> tuple[int, bytes, int, int]:
         """(tag, vr, value length, value offset) of the element at ``pos``."""
@@ -256,7 +281,9 @@ class _Reader:
 
     def record(self, tag: int, length: int, vpos: int) -> None:
         """Keep a top-level attribute that routing or the input bounds need."""
-        if tag in _WANTED:
+        if tag in _TOP_RAW:
+            self.raw[_TOP_RAW[tag]] = (vpos, length)
+        elif tag in _WANTED:
             raw = bytes(self.data[vpos : vpos + length])
             self.found[_WANTED[tag]] = raw.decode("ascii", "replace").strip(" \x00")
         elif tag in _IMAGE_US:
@@ -279,20 +306,27 @@ class _Reader:
                 raise DataError(f"Elements out of order at byte {pos}; the data set is corrupt.")
             last_tag = tag
             if length == _UNDEFINED:
-                if vr not in (b"SQ", b"OB", b"OW", b"UN", b""):
+                if tag == _PIXEL_DATA or vr in (b"OB", b"OW"):
+                    # Encapsulated pixel data (also an icon's): fragments, not nested data sets.
+                    pos = self._fragments(vpos, stop, record=top and tag == _PIXEL_DATA)
+                elif vr in (b"SQ", b"UN", b""):
+                    # A UN of undefined length is a sequence encoded in Implicit VR Little Endian (PS3.5 6.2.2).
+                    pos = self._items(vpos, stop, depth=depth + 1, implicit=True if vr == b"UN" else None)
+                else:
                     raise DataError(f"Undefined length on a VR {vr.decode()} element at byte {pos}.")
-                pos = self._items(vpos, stop, depth=depth + 1)
                 continue
             if vpos + length > stop:
                 raise DataError(
                     f"Element ({tag >> 16:04X},{tag & 0xFFFF:04X}) of {length} bytes runs past "
                     f"the end of the data set; it is truncated."
                 )
-            if top and (tag in _WANTED or tag in _IMAGE_US):
+            if top and (tag in _WANTED or tag in _IMAGE_US or tag in _TOP_RAW):
                 self.record(tag, length, vpos)
             elif top and tag == _PIXEL_DATA:
                 self.image["pixel_bytes"] = length
-            elif vr == b"SQ" or (self.implicit and length >= 8 and tag & 0xFFFF != 0 and self._looks_like_item(vpos)):
+            elif vr == b"SQ" or (
+                self.implicit and tag != _PIXEL_DATA and length >= 8 and tag & 0xFFFF != 0 and self._looks_like_item(vpos)
+            ):
                 self._items(vpos, vpos + length, defined=True, depth=depth + 1)
             pos = vpos + length
         if until_item_end:
@@ -303,26 +337,68 @@ class _Reader:
         (tag_g, tag_e) = struct.unpack_from(self.end + "HH", self.data, pos)
         return tag_g == 0xFFFE and tag_e == 0xE000
 
-    def _items(self, pos: int, stop: int, defined: bool = False, depth: int = 1) -> int:
-        """Walk sequence items (or encapsulated fragments) from ``pos``."""
+    def _items(self, pos: int, stop: int, defined: bool = False, depth: int = 1, implicit: bool | None = None) -> int:
+        """Walk sequence items from ``pos``, into each item's data set (defined length or not).
+
+        ``depth`` counts sequence levels, whatever their length encoding: a
+        sequence nested deeper than :data:`MAX_NESTING` is refused.
+        ``implicit`` switches the items' encoding (a UN sequence).
+        """
         if depth > MAX_NESTING:
             raise DataError(f"Sequences are nested deeper than {MAX_NESTING} levels at byte {pos}.")
+        saved = self.implicit
+        if implicit is not None:
+            self.implicit = implicit
+        try:
+            limit = min(stop, len(self.data))
+            while pos < limit:
+                tag, _vr, length, vpos = self._header(pos)
+                if tag == _SEQ_END:
+                    return vpos
+                if tag != _ITEM:
+                    raise DataError(f"Expected an item at byte {pos}; the sequence is corrupt.")
+                if length == _UNDEFINED:
+                    pos = self.walk(vpos, limit, until_item_end=True, top=False, depth=depth)
+                else:
+                    if vpos + length > limit:
+                        raise DataError(f"Item of {length} bytes at byte {pos} is truncated.")
+                    self.walk(vpos, vpos + length, until_item_end=False, top=False, depth=depth)
+                    pos = vpos + length
+            if defined:
+                return pos
+            raise DataError("Data set ended inside a sequence without its delimiter.")
+        finally:
+            self.implicit = saved
+
+    def _fragments(self, pos: int, stop: int, record: bool) -> int:
+        """Walk the items of encapsulated pixel data (Basic Offset Table, then fragments) from ``pos``.
+
+        With ``record`` (the top-level Pixel Data) the Basic Offset Table and
+        each fragment's value offset and length are kept for the codestream checks.
+        """
         limit = min(stop, len(self.data))
+        first = True
+        if record:
+            self.encapsulated = True
         while pos < limit:
             tag, _vr, length, vpos = self._header(pos)
             if tag == _SEQ_END:
                 return vpos
             if tag != _ITEM:
-                raise DataError(f"Expected an item at byte {pos}; the sequence is corrupt.")
+                raise DataError(f"Expected a fragment at byte {pos}; the encapsulated pixel data is corrupt.")
             if length == _UNDEFINED:
-                pos = self.walk(vpos, limit, until_item_end=True, top=False, depth=depth)
-            else:
-                if vpos + length > limit:
-                    raise DataError(f"Item of {length} bytes at byte {pos} is truncated.")
-                pos = vpos + length
-        if defined:
-            return pos
-        raise DataError("Data set ended inside a sequence or encapsulated pixel data without its delimiter.")
+                raise DataError(f"Fragment of undefined length at byte {pos}; the encapsulated pixel data is corrupt.")
+            if vpos + length > limit:
+                raise DataError(f"Fragment of {length} bytes at byte {pos} is truncated.")
+            if record:
+                if first:
+                    self.bot = (vpos, length)
+                else:
+                    self.frag_pos.append(vpos)
+                    self.frag_len.append(length)
+            first = False
+            pos = vpos + length
+        raise DataError("Data set ended inside encapsulated pixel data without its delimiter.")
 
 
 def _number_of_frames(raw: str) -> int:
@@ -358,6 +434,84 @@ def _check_image(image: dict[str, int], frames: int, limits: ScanLimits) -> None
             "max_pixels",
             "Rows x Columns over the limit ([dicom] max_pixels)",
         )
+
+
+def _check_pixel_module(image: dict[str, int]) -> Geometry:
+    """The image of a data set with Pixel Data, or DataError when medge could never decode it.
+
+    Rows and Columns at least 1, Bits Allocated 1, 8, 16 or 32, Samples per
+    Pixel 1 or 3, all present. Messages name the attribute, never its value.
+    """
+    names = (("rows", "Rows"), ("columns", "Columns"), ("bits", "Bits Allocated"), ("samples", "Samples per Pixel"))
+    for key, name in names:
+        if key not in image:
+            raise DataError(f"Image has Pixel Data but no {name}.")
+    if image["rows"] == 0 or image["columns"] == 0:
+        raise DataError("Image has Pixel Data but Rows or Columns is 0.")
+    if image["bits"] not in _BITS_ALLOCATED:
+        raise DataError("Image has Bits Allocated other than 1, 8, 16 or 32.")
+    if image["samples"] not in _SAMPLES_PER_PIXEL:
+        raise DataError("Image has Samples per Pixel other than 1 or 3.")
+    return Geometry(image["rows"], image["columns"], image["samples"], image["bits"])
+
+
+def _match_offsets(offsets: Iterable[int], reader: "_Reader", table: str) -> None:
+    """Every offset of ``table`` must be the start of a fragment's item (ascending), as pydicom cuts frames there."""
+    starts, base = reader.frag_pos, reader.frag_pos[0] - 8  # offsets count from the first fragment's item tag
+    j, n = 0, len(starts)
+    for off in offsets:
+        while j < n and starts[j] - 8 - base < off:
+            j += 1
+        if j == n or starts[j] - 8 - base != off:
+            raise DataError(f"The {table} points between fragments; the encapsulated pixel data is corrupt.")
+
+
+def _check_encapsulated(reader: "_Reader", kind: str, image: Geometry) -> None:
+    """Check the offset tables and the codestream header of every fragment that starts a frame.
+
+    pydicom hands a decoder a frame that starts at a fragment (the offset
+    tables are checked to point at fragment starts), and every decoder
+    needs its start marker at byte 0: so a fragment that does not start
+    with one is never decoded as a frame start, and every one that does is
+    checked here (for RLE, every fragment is a frame). When a header runs
+    past its fragment, the next fragments are joined, up to
+    :data:`CODESTREAM_HEAD_BYTES`.
+    """
+    d, starts, lengths = reader.data, reader.frag_pos, reader.frag_len
+    if not starts:
+        raise DataError("Encapsulated Pixel Data has no fragments.")
+    bot_pos, bot_len = reader.bot
+    if bot_len:
+        if bot_len % 4:
+            raise DataError("The Basic Offset Table is not a whole number of offsets.")
+        table = d[bot_pos : bot_pos + bot_len]
+        _match_offsets((o for (o,) in struct.iter_unpack("<I", table)), reader, "Basic Offset Table")
+    if "eot" in reader.raw:
+        eot_pos, eot_len = reader.raw["eot"]
+        if eot_len % 8:
+            raise DataError("The Extended Offset Table is not a whole number of offsets.")
+        table = d[eot_pos : eot_pos + eot_len]
+        _match_offsets((o for (o,) in struct.iter_unpack("<Q", table)), reader, "Extended Offset Table")
+    n, frame = len(starts), 0
+    for i in range(n):
+        start, length = starts[i], lengths[i]
+        if i and kind != "rle" and (
+            length < 2 or d[start] not in (0xFF, 0x00) or not looks_like_frame_start(kind, d[start : start + 12])
+        ):
+            continue  # a continuation fragment: never the start of what a decoder gets (JP2 starts with 0x00)
+        frame += 1
+        head: bytes | memoryview = d[start : start + length]
+        j = i
+        while True:
+            try:
+                check_codestream(kind, head, image, length, frame=frame)
+                break
+            except IncompleteHeader as exc:
+                if kind == "rle" or j + 1 >= n or len(head) >= CODESTREAM_HEAD_BYTES:
+                    raise CodestreamError(f"Frame {frame}: {exc}", exc.comment) from None
+                j += 1
+                more = min(lengths[j], CODESTREAM_HEAD_BYTES - len(head))
+                head = bytes(head) + bytes(d[starts[j] : starts[j] + more])
 
 
 def _image_bytes(image: dict[str, int], frames: int) -> int | None:
@@ -524,6 +678,15 @@ def scan_and_inflate(
     frames = _number_of_frames(f.get("number_of_frames", ""))
     img = reader.image
     _check_image(img, frames, limits)
+    kind = CODESTREAM_KINDS.get(transfer_syntax_uid)
+    if "pixel_bytes" in img or reader.encapsulated:
+        geometry = _check_pixel_module(img)
+        if reader.encapsulated:
+            if kind is None:
+                raise DataError("Pixel Data is encapsulated but the transfer syntax is not a compressed one.")
+            _check_encapsulated(reader, kind, geometry)
+        elif kind is not None:
+            raise DataError("Pixel Data is not encapsulated but the transfer syntax is a compressed one.")
     needed = _image_bytes(img, frames)
     if "pixel_bytes" in img and needed is not None and img["pixel_bytes"] < needed:
         # Native (defined-length) pixel data must hold every pixel the header declares.
@@ -558,13 +721,25 @@ def scan_encoded(
     limits : ScanLimits, optional
         Input bounds (default: the defaults of ``[dicom]``).
 
+    With Pixel Data, the Image Pixel attributes must describe an image
+    medge can decode (Rows, Columns >= 1; Bits Allocated 1, 8, 16, 32;
+    Samples per Pixel 1, 3). Encapsulated pixel data must be in a
+    compressed transfer syntax (and native pixel data in a native one); its
+    offset tables must point at fragment starts, and the codestream header
+    of every fragment that starts a frame must declare no more than the
+    data set's image (:func:`edge.pixels.check_codestream`).
+
     Raises
     ------
     SizeLimitError
         Over a bound: inflated size, Number of Frames, or Rows x Columns.
+    edge.pixels.FrameGeometryError
+        A compressed frame's codestream declares more than the data set's image.
     DataError
         If the encoding is truncated or structurally broken, nested deeper
-        than :data:`MAX_NESTING`, or has no SOP Class/Instance UID.
+        than :data:`MAX_NESTING` (sequences of defined or undefined length),
+        has no SOP Class/Instance UID, is an image medge cannot decode, or
+        a codestream header cannot be read (:class:`edge.pixels.CodestreamError`).
     """
     return scan_and_inflate(data, transfer_syntax_uid, limits)[0]
 

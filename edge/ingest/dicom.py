@@ -6,7 +6,11 @@ What happens on the network (association) thread, and nothing more:
    (tag and length only; no pydicom decode) to check it is structurally
    whole and within the input bounds, and to read Modality, SOP class,
    BodyPartExamined and the UIDs. A truncated or corrupt data set (or
-   deflate stream) is answered ``0xC210`` (cannot understand); one over a
+   deflate stream), an image medge could never decode (Rows or Columns 0,
+   Bits Allocated not 1/8/16/32, Samples per Pixel not 1/3), or a
+   compressed frame whose codestream header declares more than Rows x
+   Columns (or cannot be read) is answered ``0xC210`` (cannot
+   understand); one over a
    bound — inflated size (``[dicom] max_inflated_mb``, checked while
    inflating, so a deflate bomb is refused before it is in memory),
    Number of Frames (``max_frames``) or Rows x Columns (``max_pixels``) —
@@ -32,16 +36,20 @@ network timeout the SCP releases the association rather than aborting it
 **Admission** (before pynetdicom sees a connection; :class:`AdmittingServer`):
 the accept thread only accepts and counts. It closes at once a connection
 over ``max_associations_per_peer`` (connections from one IP address,
-associated or not) or over ``max_pending_connections`` (connections not yet
-associated). Each admitted connection gets its own thread, which does the
+associated or not); when ``max_pending_connections`` connections are not
+yet associated, a new one evicts the oldest of them (so idle sockets from
+many addresses cannot lock a modality out). Each admitted connection gets its own thread, which does the
 TLS handshake (never the accept thread) and reads the whole
 A-ASSOCIATE-RQ PDU, both within ``connect_timeout_s`` in all; a
 connection that is idle, slow, sends only part of a PDU or something other
 than an A-ASSOCIATE-RQ is closed and counted in
 ``medge_dicom_connections_refused_total{reason}``. Only then is the
 pynetdicom association created, so a connection that has not associated
-holds none of the ``max_associations`` slots. This relies on pynetdicom
-3.0.4 internals, named where they are used.
+holds none of the ``max_associations`` slots. After that, every PDU must
+arrive whole within ``network_timeout_s`` and declare at most
+:data:`PDU_LIMIT_BYTES` (the SCP advertises :data:`MAX_PDU_BYTES`), or the
+association ends (``medge_dicom_associations_aborted_total{reason}``).
+This relies on pynetdicom 3.0.4 internals, named where they are used.
 
 Examples
 --------
@@ -102,6 +110,9 @@ __all__ = [
     "STATUS_CANNOT_UNDERSTAND",
     "STATUS_SOP_CLASS_NOT_SUPPORTED",
     "CONNECTION_REFUSAL_REASONS",
+    "ASSOCIATION_ABORT_REASONS",
+    "MAX_PDU_BYTES",
+    "PDU_LIMIT_BYTES",
     "Admission",
     "AdmittingServer",
     "DicomIngest",
@@ -179,8 +190,17 @@ def _ssl_context(tls: Any) -> ssl.SSLContext | None:
 _A_ASSOCIATE_RQ = 0x01
 #: Largest A-ASSOCIATE-RQ PDU admitted (128 presentation contexts of many transfer syntaxes fit).
 MAX_ASSOCIATE_RQ_BYTES = 1 << 20
+#: Maximum PDU length the SCP advertises (A-ASSOCIATE-AC): peers send P-DATA PDUs of at most this.
+MAX_PDU_BYTES = 4 << 20
+#: Longest PDU the SCP reads at all; a header declaring more ends the association before a byte of
+#: it is read (A-ABORT). Above MAX_PDU_BYTES so that a peer a little over our maximum is still served.
+PDU_LIMIT_BYTES = 16 << 20
 #: Values of ``medge_dicom_connections_refused_total{reason}``.
-CONNECTION_REFUSAL_REASONS = ("peer_limit", "pending_limit", "timeout", "tls", "protocol", "closed")
+CONNECTION_REFUSAL_REASONS = ("peer_limit", "evicted", "timeout", "tls", "protocol", "closed")
+#: Values of ``medge_dicom_associations_aborted_total{reason}``.
+ASSOCIATION_ABORT_REASONS = ("pdu_timeout", "pdu_too_large")
+#: A-ABORT PDU: source service-provider (2), reason invalid-PDU-parameter-value (6) (PS3.8 9.3.8).
+_A_ABORT_INVALID_PDU = struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 2, 6)
 #: How often the accept loop looks for pending connections past their deadline.
 _POLL_S = 0.25
 
@@ -199,6 +219,10 @@ class Admission:
 
     ``on_refused(ip, reason, message)`` is called (any thread) for every
     connection closed by admission; ``boundary`` counts unexpected errors.
+    After admission, a PDU must arrive whole within ``pdu_timeout_s`` of its
+    first byte (``None``: no limit) and be at most ``max_pdu_bytes`` long;
+    otherwise the association ends and ``on_aborted(ip, reason, message)``
+    is called (``reason`` in :data:`ASSOCIATION_ABORT_REASONS`).
     """
 
     connect_timeout_s: float
@@ -207,29 +231,61 @@ class Admission:
     tls: ssl.SSLContext | None
     on_refused: Any
     boundary: ErrorBoundary
+    pdu_timeout_s: float | None = None
+    max_pdu_bytes: int = PDU_LIMIT_BYTES
+    on_aborted: Any = None
 
 
 class _Pending:
-    """A connection admitted but not yet associated."""
+    """A connection admitted but not yet associated.
 
-    __slots__ = ("sock", "ip", "deadline", "reaped")
+    ``reaped``: shut down at its deadline; ``evicted``: shut down to make
+    room for a newer connection; ``associated``: its A-ASSOCIATE-RQ is in,
+    the association owns the socket now (never reaped or evicted).
+    """
+
+    __slots__ = ("sock", "ip", "deadline", "reaped", "evicted", "associated")
 
     def __init__(self, sock: socket.socket, ip: str, deadline: float) -> None:
         self.sock = sock
         self.ip = ip
         self.deadline = deadline
         self.reaped = False
+        self.evicted = False
+        self.associated = False
+
+    @property
+    def live(self) -> bool:
+        """Still waiting for its handshake or A-ASSOCIATE-RQ (neither shut down nor associated)."""
+        return not (self.reaped or self.evicted or self.associated)
 
 
 class _PrefixedAssociationSocket(AssociationSocket):
-    """An AssociationSocket that first hands out the bytes admission already read (the A-ASSOCIATE-RQ).
+    """The socket of an admitted association: admitted bytes first, then bounded PDU reads.
 
     pynetdicom's DUL reads a PDU when :attr:`ready` and then ``recv(6)`` and
     ``recv(length)``; both public members of
     :class:`pynetdicom.transport.AssociationSocket` in pynetdicom 3.0.4.
+    This class:
+
+    - first hands out the bytes admission already read (the A-ASSOCIATE-RQ);
+    - reads each PDU within ``_pdu_timeout_s`` of the call, however slowly
+      its bytes trickle in (pynetdicom's own ``recv`` blocks for as long as
+      the peer keeps the connection open, so a peer that sends half a PDU
+      and stops held the association, and its slot, forever);
+    - refuses a PDU longer than ``_pdu_limit`` bytes before reading it (a
+      ``recv`` of more than that can only be the body of such a PDU:
+      headers are 6 bytes), sending an A-ABORT.
+
+    In both cases ``recv`` returns fewer bytes than asked, which the DUL
+    takes for a closed connection (event 17): it shuts the socket down and
+    ends the association, whose thread exits and frees its slot.
     """
 
     _prefix: bytearray
+    _pdu_timeout_s: float | None = None
+    _pdu_limit: int = PDU_LIMIT_BYTES
+    _on_aborted: Any = None
 
     @property
     def ready(self) -> bool:
@@ -238,14 +294,59 @@ class _PrefixedAssociationSocket(AssociationSocket):
             return True
         return bool(super().ready)
 
+    def _aborted(self, reason: str, message: str) -> None:
+        if self._on_aborted is not None:
+            try:
+                ip = str(self.assoc.requestor.address)
+            except Exception:  # noqa: BLE001 - only for the log line  # pragma: no cover
+                ip = "?"
+            self._on_aborted(ip, reason, message)
+
     def recv(self, nr_bytes: int) -> bytearray:
-        """``nr_bytes`` from the admitted bytes first, then from the socket."""
+        """``nr_bytes`` from the admitted bytes first, then from the socket, within the PDU deadline."""
         out = bytearray()
         if self._prefix:
             out += self._prefix[:nr_bytes]
             del self._prefix[:nr_bytes]
-        if len(out) < nr_bytes:
-            out += super().recv(nr_bytes - len(out))
+        if len(out) >= nr_bytes:
+            return out
+        sock = self.socket
+        if sock is None:  # pragma: no cover - pynetdicom reads only while connected
+            return out
+        if nr_bytes > self._pdu_limit:
+            try:
+                sock.sendall(_A_ABORT_INVALID_PDU)
+            except OSError:
+                pass
+            self._aborted("pdu_too_large", f"a PDU of {nr_bytes} bytes is over the limit of {self._pdu_limit}")
+            return out  # short: the DUL ends the association without reading (or allocating) it
+        timeout = self._pdu_timeout_s
+        deadline = time.monotonic() + timeout if timeout else None
+        try:
+            while len(out) < nr_bytes:
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    sock.settimeout(remaining)
+                chunk = sock.recv(min(nr_bytes - len(out), 1 << 16))
+                if not chunk:
+                    return out  # the peer closed the connection: short, as pynetdicom's recv
+                out += chunk
+        except TimeoutError:
+            self._aborted(
+                "pdu_timeout",
+                f"{len(out)} of {nr_bytes} bytes of a PDU arrived within [dicom] network_timeout_s = {timeout:g}",
+            )
+            return out
+        except OSError:
+            return out  # reset or TLS error: a closed connection to the DUL
+        finally:
+            if deadline is not None:
+                try:
+                    sock.settimeout(timeout)  # sends keep a bound too
+                except OSError:
+                    pass
         return out
 
 
@@ -306,7 +407,15 @@ class _AdmittingRequestHandler(RequestHandler):
             except _Refused as exc:
                 _close(entry.sock)
                 server.release(entry)  # before it is counted: whoever sees the count sees the slot free
-                server.admission.on_refused(entry.ip, exc.reason, str(exc))
+                if entry.evicted:
+                    server.admission.on_refused(
+                        entry.ip,
+                        "evicted",
+                        "the oldest connection not yet associated was closed to admit a newer one "
+                        f"([dicom] max_pending_connections = {server.admission.max_pending})",
+                    )
+                else:
+                    server.admission.on_refused(entry.ip, exc.reason, str(exc))
                 return
             super().handle()  # creates the Association (with our socket class) and starts its thread
         except Exception as exc:  # noqa: BLE001 - the admission's one error boundary: count, close, keep serving
@@ -325,6 +434,10 @@ class _AdmittingRequestHandler(RequestHandler):
             raise MedgeError("pynetdicom's acceptor has no AssociationSocket; admission needs pynetdicom 3.0.")
         sock.__class__ = _PrefixedAssociationSocket
         sock._prefix = bytearray(self._prefix)
+        admission = self.server.admission
+        sock._pdu_timeout_s = admission.pdu_timeout_s
+        sock._pdu_limit = admission.max_pdu_bytes
+        sock._on_aborted = admission.on_aborted
         return assoc
 
 
@@ -336,8 +449,9 @@ class AdmittingServer(ThreadedAssociationServer):
     keyword arguments to the server class) and run by the caller's thread
     (``serve_forever``), because ``AE.start_server(block=False)`` always
     makes a plain ``ThreadedAssociationServer``. The accept thread only
-    accepts, checks the per-peer and pending limits (``verify_request``)
-    and, every :data:`_POLL_S`, shuts down pending connections past their
+    accepts, checks the per-peer limit and evicts the oldest pending
+    connection when the pending set is full (``verify_request``) and,
+    every :data:`_POLL_S`, shuts down pending connections past their
     deadline (``service_actions``); the TLS handshake and the read of the
     A-ASSOCIATE-RQ run on the connection's own thread
     (:class:`_AdmittingRequestHandler`). ``ssl_context`` must be ``None``:
@@ -359,24 +473,41 @@ class AdmittingServer(ThreadedAssociationServer):
 
     # ---- accept thread
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        """Admit within the pending and per-peer limits; False closes the connection at once."""
+        """Admit within the per-peer limit, evicting the oldest pending connection when the pending set is full.
+
+        False closes the new connection at once: over ``max_per_peer``.
+        """
         ip = str(client_address[0])
         a = self.admission
+        evicted: socket.socket | None = None
         with self._lock:
-            if len(self._pending) >= a.max_pending:
-                reason = "pending_limit"
-                message = f"{len(self._pending)} connections have not associated yet ([dicom] max_pending_connections = {a.max_pending})"
-            else:
-                from_peer = sum(1 for e in self._pending.values() if e.ip == ip) + sum(
-                    1 for assoc in self.active_associations if assoc.requestor.address == ip
-                )
-                if from_peer >= a.max_per_peer:
-                    reason = "peer_limit"
-                    message = f"{from_peer} connections from this address already ([dicom] max_associations_per_peer = {a.max_per_peer})"
-                else:
-                    self._pending[id(request)] = _Pending(request, ip, time.monotonic() + a.connect_timeout_s)
-                    return True
-        a.on_refused(ip, reason, message)
+            # An entry that just associated may be counted twice for a moment (here and as an
+            # association): on the safe side. Entries shut down are on their way out: not counted.
+            from_peer = sum(1 for e in self._pending.values() if e.ip == ip and not (e.reaped or e.evicted)) + sum(
+                1 for assoc in self.active_associations if assoc.requestor.address == ip
+            )
+            admitted = from_peer < a.max_per_peer
+            if admitted:
+                live = [e for e in self._pending.values() if e.live]  # insertion order: oldest first
+                if live and len(live) >= a.max_pending:
+                    # Full: the oldest waiter goes (it has had the longest to send its A-ASSOCIATE-RQ; a
+                    # modality sends it within milliseconds), so idle sockets cannot lock a modality out.
+                    live[0].evicted = True
+                    evicted = live[0].sock  # under the lock: the TLS handshake may swap it
+                self._pending[id(request)] = _Pending(request, ip, time.monotonic() + a.connect_timeout_s)
+        if evicted is not None:
+            # Wakes the evicted connection's thread wherever it waits; that thread closes it and counts it.
+            try:
+                socket.socket.shutdown(evicted, socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if admitted:
+            return True
+        a.on_refused(
+            ip,
+            "peer_limit",
+            f"{from_peer} connections from this address already ([dicom] max_associations_per_peer = {a.max_per_peer})",
+        )
         return False
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -392,7 +523,7 @@ class AdmittingServer(ThreadedAssociationServer):
         super().service_actions()
         now = time.monotonic()
         with self._lock:
-            late = [e for e in self._pending.values() if e.deadline <= now and not e.reaped]
+            late = [e for e in self._pending.values() if e.deadline <= now and e.live]
             for e in late:
                 e.reaped = True
         for e in late:
@@ -415,6 +546,12 @@ class AdmittingServer(ThreadedAssociationServer):
                 socket.socket.shutdown(e.sock, socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    @property
+    def pending_count(self) -> int:
+        """Connections admitted and still waiting for their handshake or A-ASSOCIATE-RQ."""
+        with self._lock:
+            return sum(1 for e in self._pending.values() if e.live)
 
     # ---- connection threads
     def pending_entry(self, request: Any) -> _Pending | None:
@@ -464,7 +601,13 @@ class AdmittingServer(ThreadedAssociationServer):
         if length > MAX_ASSOCIATE_RQ_BYTES:
             raise _Refused("protocol", f"its A-ASSOCIATE-RQ of {length} bytes is over {MAX_ASSOCIATE_RQ_BYTES}")
         body = _recv_exact(sock, length, deadline)
-        sock.settimeout(None)  # blocking, as pynetdicom expects of an accepted socket
+        with self._lock:
+            if entry.evicted or entry.reaped:  # shut down meanwhile: the socket is no use any more
+                raise _Refused("timeout" if entry.reaped else "closed", "closed while its A-ASSOCIATE-RQ arrived")
+            entry.associated = True  # from here the association owns the socket: never reaped or evicted
+        # pynetdicom reads only when the socket is readable; every read and send is bounded
+        # (_PrefixedAssociationSocket sets a deadline per PDU; this bounds sends).
+        sock.settimeout(self.admission.pdu_timeout_s)
         return sock, header + body
 
 
@@ -558,6 +701,15 @@ class DicomIngest:
         )
         for reason in CONNECTION_REFUSAL_REASONS:
             self._connections_refused.labels(reason=reason).inc(0)
+        self._associations_aborted = get_or_create_metric(
+            registry,
+            Counter,
+            "medge_dicom_associations_aborted_total",
+            "DICOM associations the SCP ended because of a PDU (not whole within the network timeout, or too long), by reason.",
+            ["reason"],
+        )
+        for reason in ASSOCIATION_ABORT_REASONS:
+            self._associations_aborted.labels(reason=reason).inc(0)
         self._received = get_or_create_metric(
             registry,
             Counter,
@@ -620,7 +772,9 @@ class DicomIngest:
         ae.acse_timeout = d.acse_timeout_s
         ae.dimse_timeout = d.dimse_timeout_s
         ae.network_timeout = d.network_timeout_s
-        ae.maximum_pdu_size = 0  # unlimited: fewer, larger P-DATA PDUs from the sender
+        # Large but finite: fewer, larger P-DATA PDUs from the sender, and a bound on what one PDU holds
+        # (a PDU over PDU_LIMIT_BYTES ends the association before it is read).
+        ae.maximum_pdu_size = MAX_PDU_BYTES
         ae.require_called_aet = True  # a peer calling another AE title is misconfigured: reject, don't guess
         if self.allowed:
             ae.require_calling_aet = list(self.allowed)
@@ -649,6 +803,9 @@ class DicomIngest:
                 tls=_ssl_context(d.tls),
                 on_refused=self._connection_refused,
                 boundary=self._boundary,
+                pdu_timeout_s=float(d.network_timeout_s) if d.network_timeout_s else None,
+                max_pdu_bytes=PDU_LIMIT_BYTES,
+                on_aborted=self._association_aborted,
             )
             # AE.make_server is pynetdicom's public way to use another server class (extra keyword
             # arguments go to its constructor); the accept loop runs on our own thread.
@@ -677,6 +834,12 @@ class DicomIngest:
             "TLS" if self.settings.tls.enabled else "no TLS",
         )
         return self
+
+    @property
+    def pending_connections(self) -> int:
+        """Connections accepted that have not associated yet (0 when not running)."""
+        server = self._server
+        return server.pending_count if server is not None else 0
 
     @property
     def port(self) -> int:
@@ -723,6 +886,10 @@ class DicomIngest:
             f"conn:{reason}", "DICOM connection from %s closed before it associated (%s): %s.", ip, reason, message
         )
 
+    def _association_aborted(self, ip: str, reason: str, message: str) -> None:
+        self._associations_aborted.labels(reason=reason).inc()
+        self._throttle.warning(f"abort:{reason}", "DICOM association from %s ended (%s): %s.", ip, reason, message)
+
     def _on_rejected(self, event: Any) -> None:
         _log.warning(
             "Association from %s rejected (calling AE not allowed or too many associations).",
@@ -753,7 +920,7 @@ class DicomIngest:
         except DataError as exc:
             self._throttle.warning("cannot_understand", "C-STORE data set refused: %s", exc)
             self._refused.labels(status=f"0x{STATUS_CANNOT_UNDERSTAND:04X}").inc()
-            return _status(STATUS_CANNOT_UNDERSTAND, str(exc))
+            return _status(STATUS_CANNOT_UNDERSTAND, getattr(exc, "comment", "") or str(exc))
         model = self.router.match(info)
         if model is None:
             # Label by the negotiated SOP class (one of ours, so a bounded set), not the peer's data;

@@ -14,9 +14,14 @@ deletes the source instances.
 **Bounded before decoded.** Every read of a spooled file (worker, recovery,
 finaliser, overlays) first runs the same bounded scan as the SCP on the
 file's bytes (:func:`edge.routing.scan_and_inflate`: inflated size, frames,
-pixels per frame); a deflated instance is inflated by that scan, under its
-cap, and pydicom is handed the inflated bytes, so pydicom's own unbounded
-inflation never sees a deflate bomb.
+pixels per frame, the Image Pixel attributes, and the codestream header of
+every compressed frame against Rows x Columns); a deflated instance is
+inflated by that scan, under its cap, and pydicom is handed the inflated
+bytes, so pydicom's own unbounded inflation never sees a deflate bomb.
+:func:`edge.pixels.decode_frame` checks each compressed frame's header
+once more on the exact bytes the decoder gets. An instance over a bound, or
+with a frame whose codestream declares more than the data set's image, is
+quarantined with reason ``limits``.
 
 **Fair sharing.** The work queue is round-robin over *sources* (the peer's
 IP address; ``recovery`` for instances recovered at start-up), not one
@@ -72,7 +77,7 @@ from edge.boundary import ErrorBoundary
 from edge.egress.dicom_results import ModelInfo, SourceResult, build_results, make_overlay
 from edge.egress.outbox import Outbox, get_or_create_metric
 from edge.errors import DataError, MedgeError, ProtocolError
-from edge.pixels import decode_frame, frame_to_array, number_of_frames
+from edge.pixels import FrameGeometryError, decode_frame, frame_to_array, number_of_frames
 from edge.routing import (
     InstanceInfo,
     PendingSeries,
@@ -132,8 +137,10 @@ def read_spooled(path: Path, limits: ScanLimits | None = None, stop_before_pixel
     ------
     SizeLimitError
         The instance is over an input bound.
+    edge.pixels.FrameGeometryError
+        A compressed frame's codestream declares more than the data set's image.
     DataError
-        The file is not a whole DICOM file.
+        The file is not a whole DICOM file (or a codestream header cannot be read).
     OSError
         The file cannot be read.
     """
@@ -437,7 +444,7 @@ class DicomPipeline:
                 continue
             try:
                 info = instance_info_from_file(path, self.limits)
-            except SizeLimitError as exc:
+            except (SizeLimitError, FrameGeometryError) as exc:
                 self._fail(path, "limits", str(exc))
                 continue
             except (DataError, OSError) as exc:
@@ -555,6 +562,8 @@ class DicomPipeline:
             i = job.indices[job.done]
             try:
                 image = frame_to_array(ds, decode_frame(ds, i))
+            except FrameGeometryError as exc:  # checked before decoding: nothing was allocated
+                raise _ProcessingError("limits", str(exc)) from exc
             except (DataError, ValueError, KeyError, AttributeError, IndexError) as exc:
                 raise _ProcessingError("decode", f"frame {i + 1} cannot be decoded: {_kind(exc)}") from exc
             r = self._infer_frame(image, item.model)
@@ -586,7 +595,7 @@ class DicomPipeline:
         """Read the job's instance (bounded) and choose its frames."""
         try:
             ds = read_spooled(job.item.path, self.limits)
-        except SizeLimitError as exc:
+        except (SizeLimitError, FrameGeometryError) as exc:
             raise _ProcessingError("limits", str(exc)) from exc
         except (InvalidDicomError, DataError, OSError, ValueError, AttributeError, KeyError) as exc:
             raise _ProcessingError("decode", f"instance cannot be read: {_kind(exc)}") from exc

@@ -28,6 +28,9 @@ __all__ = [
     "encode_dataset",
     "write_part10",
     "write_deflate_bomb",
+    "make_compressed_us",
+    "patch_codestream",
+    "make_codestream_bomb",
     "FakeService",
     "free_port",
     "dicom_config",
@@ -271,6 +274,81 @@ def write_deflate_bomb(
         yield tail
 
     return write_part10(path, US, str(ds.SOPInstanceUID), DeflatedExplicitVRLittleEndian, chunks())
+
+
+def _jpeg_baseline(image: np.ndarray) -> bytes:
+    """A JPEG baseline (SOF0) codestream of a uint8 grayscale image (Pillow)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_compressed_us(transfer_syntax_uid: str, rows: int = 64, columns: int = 64, frames: int = 1) -> Dataset:
+    """A US image (cine when ``frames`` > 1) of a uint8 ramp, compressed in ``transfer_syntax_uid``.
+
+    JPEG baseline is encoded by Pillow; JPEG 2000, JPEG-LS and RLE by
+    pydicom's encoders. No Basic Offset Table; one fragment per frame.
+    """
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    stack = (np.add.outer(np.arange(rows), np.arange(columns)) % 251).astype(np.uint8)
+    stack = np.stack([np.roll(stack, i, axis=1) for i in range(frames)])
+    ds = make_us_multiframe(stack) if frames > 1 else make_us_single(stack[0])
+    if transfer_syntax_uid == JPEGBaseline8Bit:
+        ds.PixelData = encapsulate([_jpeg_baseline(f) for f in stack])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.LossyImageCompression = "01"
+    else:
+        ds.compress(transfer_syntax_uid, **({"j2k_cr": [20]} if transfer_syntax_uid == "1.2.840.10008.1.2.4.91" else {}))
+    ds["PixelData"].is_undefined_length = True  # encapsulated, whichever syntax encodes it
+    return ds
+
+
+def patch_codestream(frame: bytes, rows: int, columns: int, samples: int | None = None) -> bytes:
+    """``frame`` (a JPEG, JPEG-LS or JPEG 2000 codestream) with its header declaring ``rows`` x ``columns``.
+
+    The frame header is rewritten in place (SOF0/SOF55 height and width, or
+    JPEG 2000 SIZ image and tile size); nothing else changes, so the stream
+    stays as small as it was.
+    """
+    import struct
+
+    cs = bytearray(frame)
+    if cs[:4] == b"\xff\x4f\xff\x51":  # JPEG 2000: SOC, SIZ
+        struct.pack_into(">IIIIII", cs, 8, columns, rows, 0, 0, columns, rows)
+        if samples is not None:
+            struct.pack_into(">H", cs, 40, samples)
+        return bytes(cs)
+    for marker in (b"\xff\xc0", b"\xff\xc1", b"\xff\xc3", b"\xff\xf7"):
+        i = cs.find(marker)
+        if i >= 0:
+            struct.pack_into(">HH", cs, i + 5, rows, columns)
+            if samples is not None:
+                cs[i + 9] = samples
+            return bytes(cs)
+    raise ValueError("no frame header found")
+
+
+def make_codestream_bomb(transfer_syntax_uid: str, declared: int = 60000, rows: int = 64, columns: int = 64) -> Dataset:
+    """A ``rows`` x ``columns`` US image whose one compressed frame declares ``declared`` x ``declared`` pixels.
+
+    About 2 KB on the wire; a decoder that trusts the codestream allocates
+    ``declared``\u00b2 bytes (60000: 3.6 GB) before it finds the data short.
+    """
+    from pydicom.encaps import encapsulate, generate_fragments
+
+    ds = make_compressed_us(transfer_syntax_uid, rows, columns)
+    _bot, frame = list(generate_fragments(ds.PixelData))
+    ds.PixelData = encapsulate([patch_codestream(frame, declared, declared)])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    return ds
 
 
 # --------------------------------------------------------------------------- test doubles

@@ -2,10 +2,14 @@
 
 For any bytes — random, or a valid data set in one of the four native
 transfer syntaxes (implicit VR LE, explicit VR LE, explicit VR BE,
-deflated) with bytes flipped, cut, inserted or repeated — :func:`scan_encoded`
-either returns an :class:`InstanceInfo` or raises :class:`DataError` (of
-which :class:`SizeLimitError` is one), never anything else, and never
-allocates much more than its inflation bound.
+deflated) or in a compressed one (JPEG, JPEG-LS, JPEG 2000, RLE), with
+bytes flipped, cut, inserted or repeated — :func:`scan_encoded` either
+returns an :class:`InstanceInfo` or raises :class:`DataError` (of which
+:class:`SizeLimitError` and the codestream errors are kinds), never
+anything else, and never allocates much more than its inflation bound.
+The codestream header readers of :mod:`edge.pixels` (JPEG/JPEG-LS SOF,
+JPEG 2000 SIZ and JP2 boxes, RLE segment table) give a geometry or a
+:class:`CodestreamError` for any bytes.
 
 Profiles: ``MEDGE_HYPOTHESIS_PROFILE=ci`` (default, about 200 examples a
 test) or ``release`` (about 20,000); e.g.
@@ -26,6 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from edge.errors import DataError
+from edge.pixels import CodestreamError, Geometry, check_codestream, j2k_header, jpeg_header, rle_header
 from edge.routing import INFLATE_CHUNK_BYTES, InstanceInfo, ScanLimits, SizeLimitError, inflate_bounded, scan_encoded
 from tests.edge import dicom_factory as f
 
@@ -180,3 +185,75 @@ def test_valid_data_sets_scan_in_every_syntax() -> None:
         for ds in DATASETS:
             info = scan_encoded(f.encode_dataset(ds, ts), ts, LIMITS)
             assert (info.sop_instance_uid, info.series_instance_uid) == (ds.SOPInstanceUID, ds.SeriesInstanceUID)
+
+
+# --------------------------------------------------------------------------- codestream headers
+COMPRESSED = {
+    "1.2.840.10008.1.2.4.50": "jpeg",
+    "1.2.840.10008.1.2.4.80": "jpeg-ls",
+    "1.2.840.10008.1.2.4.90": "j2k",
+    "1.2.840.10008.1.2.5": "rle",
+}
+
+
+def _compressed() -> dict[str, tuple[bytes, bytes]]:
+    """Per syntax: (the encoded data set of a 2-frame 32 x 48 cine, its first frame's codestream)."""
+    from pydicom.encaps import generate_fragments
+
+    out = {}
+    for ts in COMPRESSED:
+        ds = f.make_compressed_us(ts, rows=32, columns=48, frames=2)
+        out[ts] = (f.encode_dataset(ds, EXPLICIT_LE), list(generate_fragments(ds.PixelData))[1])
+    return out
+
+
+ENCODED = _compressed()
+IMAGE = Geometry(32, 48, 1, 8)
+PREFIXES = [b"", b"\xff\xd8", b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\x01\x00\x00\x00\x40\x00\x00\x00"]
+
+
+def _headers(data: bytes) -> None:
+    """Every reader on ``data``: a result of the right kind, or CodestreamError."""
+    for read in (jpeg_header, lambda b: jpeg_header(b, jpeg_ls=True), j2k_header):
+        try:
+            g = read(data)
+        except CodestreamError:
+            continue
+        assert isinstance(g, Geometry) and min(g.rows, g.columns, g.samples, g.bits) >= 1
+    try:
+        offsets = rle_header(data)
+    except CodestreamError:
+        pass
+    else:
+        assert 1 <= len(offsets) <= 15 and offsets[0] == 64
+    for kind in set(COMPRESSED.values()):
+        try:
+            check_codestream(kind, data, IMAGE, len(data))
+        except CodestreamError as exc:
+            assert 0 < len(exc.comment) <= 64
+
+
+@PROFILE
+@given(prefix=st.sampled_from(PREFIXES), data=st.binary(max_size=2048))
+def test_codestream_readers_on_arbitrary_bytes_give_a_geometry_or_codestream_error(prefix: bytes, data: bytes) -> None:
+    _headers(prefix + data)
+
+
+@PROFILE
+@given(ts=st.sampled_from(sorted(COMPRESSED)), d=st.data())
+def test_codestream_readers_on_mutated_codestreams_give_a_geometry_or_codestream_error(ts: str, d: st.DataObject) -> None:
+    _headers(d.draw(mutated(ENCODED[ts][1])))
+
+
+@PROFILE
+@given(ts=st.sampled_from(sorted(COMPRESSED)), d=st.data())
+def test_mutated_compressed_data_sets_give_instance_info_or_data_error(ts: str, d: st.DataObject) -> None:
+    _scan(d.draw(mutated(ENCODED[ts][0])), ts)
+
+
+def test_valid_compressed_data_sets_scan_and_their_codestreams_read() -> None:
+    """The seeds of the properties above are valid."""
+    for ts, kind in COMPRESSED.items():
+        data, frame = ENCODED[ts]
+        assert scan_encoded(data, ts, LIMITS).number_of_frames == 2
+        check_codestream(kind, frame, IMAGE, len(frame))

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -156,6 +157,65 @@ def close_all(socks: list[socket.socket]) -> None:
         s.close()
 
 
+def wait_for(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout_s`` passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _pdu_item(kind: int, body: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(body)) + body
+
+
+def associate_raw(port: int, source: str, calling: bytes = b"PYSCU") -> socket.socket:
+    """A Verification association from ``source``, by hand: the socket once the A-ASSOCIATE-AC is in."""
+    context = _pdu_item(0x20, b"\x01\x00\x00\x00" + _pdu_item(0x30, b"1.2.840.10008.1.1") + _pdu_item(0x40, b"1.2.840.10008.1.2"))
+    user = _pdu_item(0x50, _pdu_item(0x51, struct.pack(">I", 16384)) + _pdu_item(0x52, b"1.2.826.0.1.3680043.9.1"))
+    body = (struct.pack(">HH", 1, 0) + b"MEDGE".ljust(16) + calling.ljust(16) + bytes(32)
+            + _pdu_item(0x10, b"1.2.840.10008.3.1.1.1") + context + user)
+    s = socket.socket()
+    s.bind((source, 0))
+    s.settimeout(5.0)
+    s.connect(("127.0.0.1", port))
+    s.sendall(struct.pack(">BBI", 1, 0, len(body)) + body)
+    kind, _, length = struct.unpack(">BBI", s.recv(6, socket.MSG_WAITALL))
+    assert kind == 0x02, f"association not accepted (PDU type 0x{kind:02X})"
+    s.recv(length, socket.MSG_WAITALL)
+    return s
+
+
+def read_until_closed(s: socket.socket, timeout_s: float) -> tuple[bytes, float | None]:
+    """Everything the server sends until it closes ``s`` and the seconds that took (None: still open)."""
+    t0 = time.monotonic()
+    got = b""
+    while True:
+        left = timeout_s - (time.monotonic() - t0)
+        if left <= 0:
+            return got, None
+        s.settimeout(left)
+        try:
+            chunk = s.recv(4096)
+        except TimeoutError:
+            return got, None
+        except OSError:
+            return got, time.monotonic() - t0
+        if not chunk:
+            return got, time.monotonic() - t0
+        got += chunk
+
+
+def vm_kib(pid: int, key: str) -> int:
+    """A ``/proc/<pid>/status`` memory figure (``VmRSS``, ``VmSize``, ``VmHWM``) in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {key} in /proc status")
+
+
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     openssl = shutil.which("openssl")
@@ -272,6 +332,82 @@ def test_a_bomb_already_in_the_spool_is_quarantined_at_recovery_without_inflatin
     assert metric(reg, "medge_dicom_processing_failures_total", reason="limits") == 1
 
 
+# --------------------------------------------------------------------------- codestream bombs, undecodable images
+BOMB_SYNTAXES = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80")  # JPEG, J2K, JPEG-LS
+
+
+def test_codestream_bombs_are_refused_at_the_scp_and_an_honest_frame_still_runs(start_scp, tmp_path: Path) -> None:
+    ing, svc, reg = start_scp()
+    bombs = [f.save(f.make_codestream_bomb(ts, declared=60000), tmp_path / f"bomb{i}.dcm")
+             for i, ts in enumerate(BOMB_SYNTAXES)]
+    assert all(p.stat().st_size < 4096 for p in bombs)  # 64 x 64 data sets; the codestreams say 60000 x 60000
+    honest = f.save(f.make_compressed_us("1.2.840.10008.1.2.4.50"), tmp_path / "honest.dcm")
+    rsp = store(ing.port, bombs + [honest])
+    assert [int(r.Status) for r in rsp] == [0xC210, 0xC210, 0xC210, 0]
+    assert {r.ErrorComment for r in rsp[:3]} == {"Frame codestream is larger than the data set's image"}
+    assert ing.pipeline.wait_idle(20)
+    assert [c[1] for c in svc.calls] == [(64, 64)]  # only the honest one reached a decoder and the model
+    assert list(ing.spool.failed_dir.glob("*.dcm")) == []
+    assert metric(reg, "medge_dicom_store_failures_total", status="0xC210") == 3
+
+
+def test_a_codestream_bomb_already_in_the_spool_is_quarantined_as_limits_without_decoding(tmp_path: Path) -> None:
+    from edge.spool import Spool
+
+    cfg = f.dicom_config(tmp_path)
+    bomb = f.make_codestream_bomb("1.2.840.10008.1.2.4.90", declared=60000)
+    path = Spool(cfg.spool_dir / "dicom").store_instance(
+        str(bomb.SOPInstanceUID), [f.save(bomb, tmp_path / "bomb.dcm").read_bytes()]
+    )
+    svc, reg = f.FakeService(), CollectorRegistry()
+    tracemalloc.start()
+    try:
+        with DicomIngest(cfg, svc, reg, cfg.spool_dir, model_info=INFOS.__getitem__).start() as ing:
+            assert ing.pipeline.idle()
+            peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print(f"recovery of a spooled 60000 x 60000 JPEG 2000 bomb: peak traced allocation {peak / 2**20:.1f} MiB")
+    assert peak < 64 << 20 and svc.calls == []
+    failed = cfg.spool_dir / "dicom" / "failed"
+    assert [p.name for p in failed.glob("*.dcm")] == [path.name]
+    reason = (failed / f"{path.stem}.reason.txt").read_text()
+    assert reason.startswith("limits:") and "JPEG 2000 header declares 60000 x 60000" in reason
+    assert not any(p in reason for p in PATIENT)
+    assert metric(reg, "medge_dicom_processing_failures_total", reason="limits") == 1
+
+
+def test_images_medge_could_never_decode_and_deep_nesting_are_refused_at_the_scp(start_scp, tmp_path: Path) -> None:
+    ing, svc, _reg = start_scp()
+    bad = []
+    for i, (attribute, value) in enumerate(
+        [("Rows", 0), ("Columns", 0), ("BitsAllocated", 0), ("BitsAllocated", 64), ("SamplesPerPixel", 0), ("SamplesPerPixel", 7)]
+    ):
+        ds = f.make_us_single(np.zeros((16, 16), np.uint8))
+        setattr(ds, attribute, value)
+        bad.append(f.save(ds, tmp_path / f"bad{i}.dcm"))
+    # 10,000 sequences of defined length, nested.
+    nested = b""
+    for _ in range(10_000):
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(nested)) + nested
+        nested = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, len(item)) + item
+    uid = "1.2.826.0.1.3680043.9.7.1"
+    head = f.encode_dataset(f.make_us_single(np.zeros((4, 4), np.uint8)), "1.2.840.10008.1.2.1")
+    start = head.index(b"\x08\x00\x18\x00")  # SOP Instance UID: keep what precedes, then ours and the nesting
+    ours = struct.pack("<HH2sH", 0x0008, 0x0018, b"UI", len(uid) + 1) + uid.encode() + b"\x00"
+    bad.append(f.write_part10(tmp_path / "nested.dcm", f.US, uid, "1.2.840.10008.1.2.1", [head[:start], ours, nested]))
+    ok = f.save(f.make_us_single(np.ones((16, 16), np.uint8)), tmp_path / "ok.dcm")
+    rsp = store(ing.port, bad + [ok])
+    assert [int(r.Status) for r in rsp] == [0xC210] * 7 + [0]
+    comments = [str(r.ErrorComment) for r in rsp[:7]]
+    assert comments[:2] == ["Image has Pixel Data but Rows or Columns is 0."] * 2
+    assert comments[2:4] == ["Image has Bits Allocated other than 1, 8, 16 or 32."] * 2
+    assert comments[4:6] == ["Image has Samples per Pixel other than 1 or 3."] * 2
+    assert comments[6].startswith("Sequences are nested deeper than 32 levels")
+    assert ing.pipeline.wait_idle(20) and [c[1] for c in svc.calls] == [(16, 16)]
+    assert list(ing.spool.failed_dir.glob("*.dcm")) == []
+
+
 # --------------------------------------------------------------------------- issue 6: frame floods, fairness
 def test_cine_over_max_frames_and_frames_over_max_pixels_are_refused_at_the_scp(start_scp, tmp_path: Path) -> None:
     ing, svc, reg = start_scp()
@@ -348,15 +484,17 @@ def test_partial_pdus_hold_no_association_slot_and_are_closed_at_connect_timeout
         close_all(socks)
 
 
-def test_pending_limit_and_protocol_errors_close_connections_at_once(start_scp) -> None:
+def test_a_full_pending_set_evicts_its_oldest_and_protocol_errors_close_connections_at_once(start_scp) -> None:
     ing, _svc, reg = start_scp(connect_timeout_s=1.0, max_pending_connections=2, max_associations_per_peer=8)
     held = idle(ing.port, 2)
     try:
-        time.sleep(0.2)
-        (third,) = idle(ing.port, 1)
-        assert closed_within(third, 0.5) is not None
-        assert wait_metric(reg, "medge_dicom_connections_refused_total", 1, reason="pending_limit") == 1
-        assert all(closed_within(s, 3.0) is not None for s in held)  # then the deadline frees them
+        assert wait_for(lambda: ing.pending_connections == 2, 2.0)
+        held += idle(ing.port, 1)  # the set is full: the oldest goes, the newcomer waits its turn
+        third = held[2]
+        assert closed_within(held[0], 0.5) is not None
+        assert wait_metric(reg, "medge_dicom_connections_refused_total", 1, reason="evicted") == 1
+        assert closed_within(third, 0.1) is None
+        assert all(closed_within(s, 3.0) is not None for s in (held[1], third))  # then the deadline frees them
         assert wait_metric(reg, "medge_dicom_connections_refused_total", 2, reason="timeout") == 2
         (pdata,) = idle(ing.port, 1, send=b"\x04\x00\x00\x00\x00\x10" + bytes(16))  # P-DATA before associating
         assert closed_within(pdata, 0.5) is not None
@@ -364,6 +502,73 @@ def test_pending_limit_and_protocol_errors_close_connections_at_once(start_scp) 
         assert echo(ing.port)[0]
     finally:
         close_all(held)
+
+
+def test_idle_connections_from_many_addresses_are_evicted_oldest_first_for_a_modality(start_scp) -> None:
+    ing, _svc, reg = start_scp(connect_timeout_s=5.0)  # 16 pending at most, 2 per peer
+    socks = [idle(ing.port, 1, source=f"127.0.0.{10 + i}")[0] for i in range(16)]  # one per address: all admitted
+    try:
+        assert wait_for(lambda: ing.pending_connections == 16, 2.0)
+        ok, took = echo(ing.port)
+        assert ok and took < 2.0
+        socks += idle(ing.port, 1, source="127.0.0.26")  # the set is full again
+        assert wait_for(lambda: ing.pending_connections == 16, 2.0)
+        rc, took_dcmtk = echoscu(ing.port)
+        print(f"16 idle connections from 16 addresses: C-ECHO took {took * 1000:.0f} ms (pynetdicom), "
+              f"{took_dcmtk * 1000:.0f} ms (echoscu)")
+        assert rc == 0 and took_dcmtk < 2.0
+        # Each newcomer evicted the oldest idle connection, counted; the others still wait.
+        assert wait_metric(reg, "medge_dicom_connections_refused_total", 2, reason="evicted") == 2
+        assert [closed_within(s, 0.5) is not None for s in socks[:2]] == [True, True]
+        assert closed_within(socks[2], 0.05) is None
+        assert metric(reg, "medge_dicom_connections_refused_total", reason="peer_limit") == 0
+    finally:
+        close_all(socks)
+
+
+def test_stalled_pdus_end_their_associations_within_the_network_timeout(start_scp) -> None:
+    ing, _svc, reg = start_scp(network_timeout_s=1.0)  # max_associations 4
+    t0 = time.monotonic()
+    stalled = []
+    try:
+        for i in range(4):  # every association slot: a P-DATA-TF that declares 1000 bytes and sends 10
+            s = associate_raw(ing.port, f"127.0.0.{3 + i}")
+            s.sendall(struct.pack(">BBI", 4, 0, 1000) + bytes(10))
+            stalled.append(s)
+        ok = False
+        while not ok and time.monotonic() - t0 < 6.0:
+            ok = echo(ing.port, timeout_s=1.0)[0]
+            if not ok:
+                time.sleep(0.05)
+        took = time.monotonic() - t0
+        print(f"4 stalled PDUs (network_timeout_s = 1): a C-ECHO succeeded {took:.2f} s after they started")
+        assert ok and took < 2.0 + 1.0
+        assert all(closed_within(s, 1.0) is not None for s in stalled)
+        assert wait_metric(reg, "medge_dicom_associations_aborted_total", 4, reason="pdu_timeout") == 4
+    finally:
+        close_all(stalled)
+
+
+def test_a_pdu_declaring_4_gib_is_refused_before_it_is_read(start_scp) -> None:
+    ing, _svc, reg = start_scp()
+    s = associate_raw(ing.port, "127.0.0.3")
+    rss, size = vm_kib(os.getpid(), "VmRSS"), vm_kib(os.getpid(), "VmSize")
+    tracemalloc.start()
+    try:
+        s.sendall(struct.pack(">BBI", 4, 0, 0xFFFFFFF0) + bytes(100))
+        got, closed = read_until_closed(s, 3.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        s.close()
+    grew_rss, grew_size = vm_kib(os.getpid(), "VmRSS") - rss, vm_kib(os.getpid(), "VmSize") - size
+    print(f"4 GiB PDU header: closed after {closed} s; traced peak {peak / 2**20:.1f} MiB, "
+          f"VmRSS {grew_rss / 1024:+.1f} MiB, VmSize {grew_size / 1024:+.1f} MiB")
+    assert closed is not None and closed < 1.0
+    assert got == b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"  # A-ABORT: provider, invalid PDU parameter value
+    assert peak < 16 << 20 and grew_rss < 64 << 10
+    assert wait_metric(reg, "medge_dicom_associations_aborted_total", 1, reason="pdu_too_large") == 1
+    assert echo(ing.port)[0]
 
 
 def test_idle_tls_connections_do_not_block_the_listener(start_scp, certificate) -> None:

@@ -387,3 +387,247 @@ def test_series_assembler_restore_makes_a_series_due_again_later() -> None:
     now[0] = 22.0
     (again,) = a.due()
     assert again.paths == [Path("1.dcm")]
+
+
+# --------------------------------------------------------------------------- nesting, image attributes, codestreams
+def _nested_defined(depth: int) -> bytes:
+    """``depth`` sequences of defined length, each in the one item of the one above."""
+    s = b""
+    for _ in range(depth):
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(s)) + s
+        s = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, len(item)) + item
+    return s
+
+
+def test_nesting_limit_applies_to_sequences_of_defined_length_too() -> None:
+    from edge.routing import MAX_NESTING
+
+    ts = "1.2.840.10008.1.2.1"
+    assert scan_encoded(_explicit_le(*_UIDS) + _nested_defined(MAX_NESTING), ts).sop_instance_uid == "1.2.3.4"
+    for depth in (MAX_NESTING + 1, 10_000):  # 10,000 was accepted: defined-length items were skipped whole
+        with pytest.raises(DataError, match="nested deeper"):
+            scan_encoded(_explicit_le(*_UIDS) + _nested_defined(depth), ts)
+    # The items of a defined-length sequence are walked now: a truncated element inside one is found.
+    inner = struct.pack("<HH2sH", 0x0008, 0x0100, b"SH", 40) + b"x" * 8
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(inner)) + inner
+    sq = struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, len(item)) + item
+    with pytest.raises(DataError, match="runs past"):
+        scan_encoded(_explicit_le(*_UIDS) + sq, ts)
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value", "match"),
+    [
+        ("Rows", 0, "Rows or Columns is 0"),
+        ("Columns", 0, "Rows or Columns is 0"),
+        ("BitsAllocated", 0, "Bits Allocated"),
+        ("BitsAllocated", 64, "Bits Allocated"),
+        ("BitsAllocated", 12, "Bits Allocated"),
+        ("SamplesPerPixel", 0, "Samples per Pixel"),
+        ("SamplesPerPixel", 4, "Samples per Pixel"),
+        ("SamplesPerPixel", None, "no Samples per Pixel"),
+        ("Rows", None, "no Rows"),
+    ],
+)
+def test_images_that_could_never_be_decoded_are_refused_by_the_scan(attribute: str, value, match: str) -> None:
+    from tests.edge import dicom_factory as f
+
+    ds = f.make_us_single(np.zeros((16, 16), np.uint8))
+    if value is None:
+        delattr(ds, attribute)
+    else:
+        setattr(ds, attribute, value)
+    with pytest.raises(DataError, match=match) as info:
+        scan_encoded(f.encode_dataset(ds, "1.2.840.10008.1.2.1"), "1.2.840.10008.1.2.1")
+    assert len(str(info.value)) <= 64  # it is the Error Comment, whole
+    # Without Pixel Data (not an image medge would decode) the same attributes are not checked.
+    del ds.PixelData
+    assert scan_encoded(f.encode_dataset(ds, "1.2.840.10008.1.2.1"), "1.2.840.10008.1.2.1").modality == "US"
+
+
+_CODECS = [
+    "1.2.840.10008.1.2.4.50",  # JPEG baseline (Pillow)
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+]
+
+
+@pytest.mark.parametrize("ts", _CODECS)
+def test_codestream_declaring_more_than_rows_x_columns_is_refused_before_decoding(ts: str) -> None:
+    import tracemalloc
+
+    from edge.pixels import FrameGeometryError, decode_frame
+    from tests.edge import dicom_factory as f
+
+    good = f.make_compressed_us(ts, frames=3)
+    assert scan_encoded(f.encode_dataset(good, "1.2.840.10008.1.2.1"), ts).number_of_frames == 3
+    assert decode_frame(good, 2).shape == (64, 64)
+    bomb = f.make_codestream_bomb(ts, declared=60000)  # 64 x 64 data set, 60000 x 60000 codestream
+    data = f.encode_dataset(bomb, "1.2.840.10008.1.2.1")
+    assert len(data) < 4096
+    with pytest.raises(FrameGeometryError) as info:
+        scan_encoded(data, ts)
+    assert info.value.comment == "Frame codestream is larger than the data set's image"
+    # The worker's own check, on the exact bytes the decoder would get: nothing is allocated.
+    tracemalloc.start()
+    try:
+        with pytest.raises(FrameGeometryError):
+            decode_frame(bomb, 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20  # 3.6 GB if the decoder had run
+    # One pixel too wide or too high: refused too; three components declared in a one-component
+    # header does not even parse (its length says one).
+    from pydicom.encaps import encapsulate, generate_fragments
+
+    from edge.pixels import CodestreamError
+
+    for rows, columns, samples, error in ((64, 65, None, FrameGeometryError), (65, 64, None, FrameGeometryError),
+                                          (64, 64, 3, CodestreamError)):
+        odd = f.make_compressed_us(ts)
+        frame = list(generate_fragments(odd.PixelData))[1]
+        odd.PixelData = encapsulate([f.patch_codestream(frame, rows, columns, samples)])
+        odd["PixelData"].is_undefined_length = True
+        with pytest.raises(error):
+            scan_encoded(f.encode_dataset(odd, "1.2.840.10008.1.2.1"), ts)
+
+
+def _encapsulated_value(fragments: list[bytes], bot: list[int]) -> bytes:
+    """The value of encapsulated Pixel Data: Basic Offset Table item, fragment items, delimiter."""
+    table = b"".join(struct.pack("<I", o) for o in bot)
+    out = struct.pack("<HHI", 0xFFFE, 0xE000, len(table)) + table
+    for frag in fragments:
+        out += struct.pack("<HHI", 0xFFFE, 0xE000, len(frag)) + frag
+    return out + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+
+
+def _encapsulated(fragments: list[bytes], bot: list[int]) -> bytes:
+    """Encapsulated Pixel Data (explicit VR LE element) with these fragments and Basic Offset Table."""
+    return struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF) + _encapsulated_value(fragments, bot)
+
+
+def test_offset_tables_cannot_smuggle_a_codestream_past_the_fragment_checks() -> None:
+    """A Basic Offset Table pointing inside a fragment makes pydicom decode bytes that start no fragment."""
+    from pydicom.encaps import generate_fragments
+    from pydicom.uid import JPEGBaseline8Bit
+
+    from edge.pixels import FrameGeometryError, decode_frame
+    from tests.edge import dicom_factory as f
+
+    ts = JPEGBaseline8Bit
+    good = f.make_compressed_us(ts)
+    frame = list(generate_fragments(good.PixelData))[1]
+    bomb = f.patch_codestream(frame, 60000, 60000)
+    # Fragment 1 is the honest frame followed by junk that holds a whole fake item with the bomb.
+    fake_item = struct.pack("<HHI", 0xFFFE, 0xE000, len(bomb)) + bomb
+    first = frame + b"\x00\x00" + fake_item
+    hidden_at = 8 + len(frame) + 2  # offset of the fake item from the first fragment's item tag
+    head = f.encode_dataset(good, "1.2.840.10008.1.2.1")
+    head = head[: head.index(b"\xe0\x7f\x10\x00")]  # everything before Pixel Data
+    for bot, ok in (([0], True), ([hidden_at], False), ([3], False)):
+        data = head + _encapsulated([first], bot)
+        if ok:
+            assert scan_encoded(data, ts).number_of_frames == 1
+        else:
+            with pytest.raises(DataError, match="Basic Offset Table points between fragments"):
+                scan_encoded(data, ts)
+    # The worker checks the frame pydicom actually extracts, whatever the scan saw.
+    smuggled = f.make_compressed_us(ts)
+    smuggled.PixelData = _encapsulated_value([first], [hidden_at])
+    with pytest.raises(FrameGeometryError):
+        decode_frame(smuggled, 0)
+
+
+def test_rle_segment_table_must_match_the_image_and_use_no_spare_offsets() -> None:
+    import tracemalloc
+
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    from edge.pixels import CodestreamError, FrameGeometryError, decode_frame
+    from tests.edge import dicom_factory as f
+
+    ds = f.make_compressed_us(RLELossless, frames=2)
+    assert scan_encoded(f.encode_dataset(ds, "1.2.840.10008.1.2.1"), RLELossless).number_of_frames == 2
+    segment = b"\x81\x00" * (1 << 19)  # 1 MiB that a PackBits decoder expands to 64 MiB
+    cases = [
+        (struct.pack("<16I", 2, 64, 100, *[0] * 13) + segment, FrameGeometryError),  # 2 segments, 8-bit mono
+        (struct.pack("<16I", 1, 64, 1 << 30, *[0] * 13) + segment, CodestreamError),  # a spare offset
+        (struct.pack("<16I", 1, 32, *[0] * 14) + segment, CodestreamError),  # first segment not at 64
+        (b"\x01\x00", CodestreamError),  # shorter than the header
+    ]
+    for frame, error in cases:
+        bad = f.make_compressed_us(RLELossless)
+        bad.PixelData = encapsulate([frame])
+        bad["PixelData"].is_undefined_length = True
+        with pytest.raises(error):
+            scan_encoded(f.encode_dataset(bad, "1.2.840.10008.1.2.1"), RLELossless)
+        tracemalloc.start()
+        try:
+            with pytest.raises(DataError):
+                decode_frame(bad, 0)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 16 << 20, peak  # pydicom's fallback decoder expanded the spare-offset case to 64 MiB
+
+
+def _sof(marker: int, rows: int) -> bytes:
+    """A one-component 8-bit frame header of ``rows`` x 64."""
+    return struct.pack(">BBHBHHBBBB", 0xFF, marker, 11, 8, rows, 64, 1, 1, 0x11, 0)
+
+
+def test_unparseable_codestreams_and_encapsulation_in_the_wrong_syntax_are_refused() -> None:
+    from pydicom.encaps import encapsulate
+
+    from edge.pixels import CodestreamError
+    from tests.edge import dicom_factory as f
+
+    for ts, frame in (
+        ("1.2.840.10008.1.2.4.50", b"\x00\x01garbage" * 10),  # no SOI
+        ("1.2.840.10008.1.2.4.50", b"\xff\xd8\xff\xda\x00\x02"),  # scan before frame header
+        ("1.2.840.10008.1.2.4.50", b"\xff\xd8" + _sof(0xC5, 64)),  # hierarchical
+        ("1.2.840.10008.1.2.4.50", b"\xff\xd8" + _sof(0xC0, 0) + b"\xff\xda\x00\x02"),  # height 0: set later by DNL
+        ("1.2.840.10008.1.2.4.80", b"\xff\xd8" + _sof(0xC0, 64) + b"\xff\xda\x00\x02"),  # JPEG in JPEG-LS
+        ("1.2.840.10008.1.2.4.90", b"\xff\x4f\xff\x51\x00\x05"),  # SIZ cut short
+        ("1.2.840.10008.1.2.4.90", b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00" * 20),  # JP2 with no boxes
+    ):
+        ds = f.make_compressed_us("1.2.840.10008.1.2.4.50")
+        ds.PixelData = encapsulate([frame])
+        ds["PixelData"].is_undefined_length = True
+        with pytest.raises(CodestreamError) as info:
+            scan_encoded(f.encode_dataset(ds, "1.2.840.10008.1.2.1"), ts)
+        assert 0 < len(info.value.comment) <= 64
+    # Encapsulated pixel data in a native syntax, native in a compressed one: both refused.
+    enc = f.make_compressed_us("1.2.840.10008.1.2.4.50")
+    with pytest.raises(DataError, match="not a compressed one"):
+        scan_encoded(f.encode_dataset(enc, "1.2.840.10008.1.2.1"), "1.2.840.10008.1.2.1")
+    native = f.make_us_single(np.zeros((8, 8), np.uint8))
+    with pytest.raises(DataError, match="is a compressed one"):
+        scan_encoded(f.encode_dataset(native, "1.2.840.10008.1.2.1"), "1.2.840.10008.1.2.4.50")
+
+
+def test_jp2_wrapped_codestreams_are_read_through_their_boxes() -> None:
+    from edge.pixels import FrameGeometryError, Geometry, check_codestream, j2k_header
+    from tests.edge import dicom_factory as f
+    from pydicom.encaps import generate_fragments
+
+    raw = list(generate_fragments(f.make_compressed_us("1.2.840.10008.1.2.4.90").PixelData))[1]
+
+    def box(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I4s", 8 + len(body), kind) + body
+
+    def jp2(codestream: bytes, height: int = 64, width: int = 64) -> bytes:
+        ihdr = box(b"ihdr", struct.pack(">IIHBBBB", height, width, 1, 7, 7, 0, 0))
+        signature = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+        return signature + box(b"ftyp", b"jp2 \x00\x00\x00\x00jp2 ") + box(b"jp2h", ihdr) + box(b"jp2c", codestream)
+
+    image = Geometry(64, 64, 1, 8)
+    assert j2k_header(jp2(raw)) == Geometry(64, 64, 1, 8)
+    check_codestream("j2k", jp2(raw), image, len(raw))
+    with pytest.raises(FrameGeometryError):  # the codestream inside declares more
+        check_codestream("j2k", jp2(f.patch_codestream(raw, 60000, 60000)), image, len(raw))
+    with pytest.raises(FrameGeometryError):  # the image header box declares more
+        check_codestream("j2k", jp2(raw, 60000, 60000), image, len(raw))
