@@ -756,6 +756,7 @@ class DicomIngest:
                 workers=workers,
                 limits=self.limits,
                 max_attempts=int(dcfg.max_attempts),
+                device_serial_number=str(getattr(dcfg, "device_serial_number", "") or ""),
             )
         self.ae = self._make_ae()
         self._server: AdmittingServer | None = None

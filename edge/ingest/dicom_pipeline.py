@@ -340,6 +340,9 @@ class DicomPipeline:
     max_attempts : int
         An instance whose processing started this many times without
         finishing is quarantined at start-up (``[dicom] max_attempts``).
+    device_serial_number : str, optional
+        Written into every result (``[dicom] device_serial_number``; empty:
+        derived from the machine id by :mod:`edge.egress.dicom_results`).
     """
 
     def __init__(
@@ -357,8 +360,10 @@ class DicomPipeline:
         infer_timeout_s: float = 60.0,
         limits: ScanLimits | None = None,
         max_attempts: int = 3,
+        device_serial_number: str | None = None,
     ) -> None:
         self.spool = spool
+        self.device_serial_number = device_serial_number or None
         self.service = service
         self.router = router
         self.outbox = outbox
@@ -680,7 +685,7 @@ class DicomPipeline:
             kept.append(p)
         if not sources:
             return
-        objects = build_results(sources, info)
+        objects = build_results(sources, info, device_serial_number=self.device_serial_number)
         if self.overlay:
             objects.extend(self._overlays(kept, sources, info))
         for obj in objects:
@@ -698,5 +703,6 @@ class DicomPipeline:
             full = read_spooled(p, self.limits)  # one instance's pixels in memory at a time
             for idx, number in enumerate(src.frames[:_OVERLAY_MAX_FRAMES]):
                 pixels = frame_to_array(full, decode_frame(full, number - 1))
-                out.append(make_overlay(src.dataset, pixels, src, idx, info))
+                out.append(make_overlay(src.dataset, pixels, src, idx, info,
+                                        device_serial_number=self.device_serial_number, series=sources))
         return out

@@ -540,3 +540,22 @@ def test_defect10_missing_type2_source_attributes_still_give_valid_results(tmp_p
         back = roundtrip(obj)
         for keyword in missing:
             assert keyword in back and back[keyword].value in ("", None), keyword  # Type 2: present, empty
+
+
+def test_configured_device_serial_number_reaches_results_through_the_pipeline(tmp_path: Path) -> None:
+    """``[dicom] device_serial_number`` from the config is what the pipeline writes into its results."""
+    from edge.config import load_config
+    from edge.ingest.dicom import DicomIngest
+    from prometheus_client import CollectorRegistry
+
+    cfg = load_config(None, env={"MEDGE_DICOM__DEVICE_SERIAL_NUMBER": "MEDGE-SN-0042"}, check_models=False)
+
+    class _Svc:
+        def models(self):  # type: ignore[no-untyped-def]
+            return ("us-lesion-seg",)
+
+    ingest = DicomIngest(cfg, _Svc(), CollectorRegistry(), tmp_path)  # type: ignore[arg-type]
+    try:
+        assert ingest.pipeline is not None and ingest.pipeline.device_serial_number == "MEDGE-SN-0042"
+    finally:
+        ingest.close()
