@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from edge.errors import MedgeError
 
-__all__ = ["ErrorBoundary", "internal_errors_counter", "safe_traceback"]
+__all__ = ["ErrorBoundary", "LogThrottle", "internal_errors_counter", "safe_traceback"]
 
 _METRIC = "medge_internal_errors_total"
 
@@ -61,6 +61,55 @@ def internal_errors_counter(registry: CollectorRegistry | None) -> Any:
         ["component"],
         registry=registry,
     )
+
+
+class LogThrottle:
+    """At most one log record per key per ``interval_s``; counts what it held back.
+
+    For conditions a peer can repeat at will (refused connections, an
+    overloaded service, failed logins): each is logged, but cannot flood
+    the journal.
+
+    Examples
+    --------
+    >>> log = logging.getLogger("example.throttle")
+    >>> log.addHandler(logging.NullHandler())
+    >>> t = LogThrottle(log, interval_s=60.0)
+    >>> t.warning("k", "Said once.")
+    True
+    >>> t.warning("k", "Said once.")
+    False
+    >>> t.due("k") is None
+    True
+    """
+
+    def __init__(self, logger: logging.Logger | None = None, interval_s: float = 30.0) -> None:
+        self._log = logger
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def due(self, key: str) -> int | None:
+        """``None`` to stay quiet, else how many records were held back since the last one."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self._interval_s:
+                self._held[key] = self._held.get(key, 0) + 1
+                return None
+            self._last[key] = now
+            return self._held.pop(key, 0)
+
+    def warning(self, key: str, msg: str, *args: object) -> bool:
+        """Log ``msg % args`` at WARNING unless ``key`` was logged within the interval; True if logged."""
+        held = self.due(key)
+        if held is None:
+            return False
+        if self._log is not None:
+            self._log.warning(msg + (f" ({held} more like it since the last report)" if held else ""), *args,
+                              stacklevel=2)
+        return True
 
 
 class ErrorBoundary:
@@ -82,10 +131,8 @@ class ErrorBoundary:
     ) -> None:
         self.component = component
         self._log = logger
-        self._interval_s = interval_s
+        self._throttle = LogThrottle(None, interval_s)
         self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
         self.count = 0
         counter = internal_errors_counter(registry)
         self._counter = counter.labels(component=component) if counter is not None else None
@@ -95,22 +142,14 @@ class ErrorBoundary:
     def report(self, exc: BaseException, what: str = "") -> None:
         """Count ``exc`` and log it (with traceback) unless its type was logged within the interval."""
         name = type(exc).__name__
-        now = time.monotonic()
         with self._lock:
             self.count += 1
-            last = self._last.get(name)
-            if last is not None and now - last < self._interval_s:
-                self._suppressed[name] = self._suppressed.get(name, 0) + 1
-                log_it = False
-                suppressed = 0
-            else:
-                self._last[name] = now
-                suppressed = self._suppressed.pop(name, 0)
-                log_it = True
+        suppressed = self._throttle.due(name)
+        log_it = suppressed is not None
         if self._counter is not None:
             self._counter.inc()
         if log_it:
-            more = f" ({suppressed} more since the last report)" if suppressed else ""
+            more = f" ({suppressed} more since the last report)" if suppressed else ""  # not None here
             self._log.error(
                 "Unexpected %s in %s%s; it kept serving%s.\n%s",
                 name,

@@ -66,7 +66,7 @@ from typing import Any, Callable
 import bcrypt
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from edge.boundary import ErrorBoundary
+from edge.boundary import ErrorBoundary, LogThrottle
 from edge.errors import ConfigError
 
 __all__ = ["HealthServer", "HtpasswdAuth"]
@@ -83,26 +83,6 @@ _MAX_DISCARDED_BODY = 64 * 1024  # a GET's body read and thrown away; larger one
 # Connection states (see _Conn). A connection waiting for its request (or handshake) may be evicted.
 _HANDSHAKE, _WAITING, _BUSY, _WRITING = "handshake", "waiting", "busy", "writing"
 
-
-class _Throttle:
-    """At most one log record per key per ``interval_s``; counts what it held back."""
-
-    def __init__(self, interval_s: float = 60.0) -> None:
-        self._interval_s = interval_s
-        self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def due(self, key: str) -> int | None:
-        """``None`` to stay quiet, else how many records were held back since the last one."""
-        now = time.monotonic()
-        with self._lock:
-            last = self._last.get(key)
-            if last is not None and now - last < self._interval_s:
-                self._held[key] = self._held.get(key, 0) + 1
-                return None
-            self._last[key] = now
-            return self._held.pop(key, 0)
 
 
 def _more(held: int) -> str:
@@ -376,7 +356,7 @@ class _Server(ThreadingHTTPServer):
         self.idle_timeout_s = idle_timeout_s
         self.max_connections = max_connections
         self.boundary = ErrorBoundary("http", _log, registry)
-        self.throttle = _Throttle()
+        self.throttle = LogThrottle(None, 60.0)
         self.refused = 0
         self.evicted = 0
         self.timed_out = 0

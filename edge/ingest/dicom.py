@@ -94,11 +94,11 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from edge.boundary import ErrorBoundary
+from edge.boundary import ErrorBoundary, LogThrottle
 from edge.egress.dicom_results import ModelInfo
 from edge.egress.outbox import Outbox, get_or_create_metric
 from edge.errors import DataError, MedgeError
-from edge.ingest.dicom_pipeline import DicomPipeline, LogThrottle, WorkItem, encode_file_meta
+from edge.ingest.dicom_pipeline import DicomPipeline, WorkItem, encode_file_meta
 from edge.routing import Router, ScanLimits, SizeLimitError, scan_encoded
 from edge.spool import Spool, SpoolError, SpoolFullError
 from edge.types import InferenceService

@@ -73,7 +73,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from edge.boundary import ErrorBoundary
+from edge.boundary import ErrorBoundary, LogThrottle
 from edge.egress.dicom_results import ModelInfo, SourceResult, build_results, make_overlay
 from edge.egress.outbox import Outbox, get_or_create_metric
 from edge.errors import DataError, MedgeError, ProtocolError
@@ -95,7 +95,6 @@ from edge.types import InferenceService
 __all__ = [
     "DicomPipeline",
     "WorkItem",
-    "LogThrottle",
     "FRAMES_PER_TURN",
     "FAILURE_REASONS",
     "encode_file_meta",
@@ -207,45 +206,6 @@ class _ProcessingError(MedgeError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-class LogThrottle:
-    """At most one log record per key per ``interval_s``; the next one says how many were held back.
-
-    For conditions a peer can repeat at will (refused connections, an
-    overloaded service): each is logged, but cannot flood the journal.
-
-    Examples
-    --------
-    >>> import logging
-    >>> log = logging.getLogger("example.throttle")
-    >>> log.addHandler(logging.NullHandler())
-    >>> t = LogThrottle(log, interval_s=60.0)
-    >>> t.warning("k", "Said once.")
-    True
-    >>> t.warning("k", "Said once.")
-    False
-    """
-
-    def __init__(self, logger: logging.Logger, interval_s: float = 30.0) -> None:
-        self._log = logger
-        self._interval_s = interval_s
-        self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def warning(self, key: str, msg: str, *args: object) -> bool:
-        """Log ``msg % args`` at WARNING unless ``key`` was logged within the interval; True if logged."""
-        now = time.monotonic()
-        with self._lock:
-            last = self._last.get(key)
-            if last is not None and now - last < self._interval_s:
-                self._held[key] = self._held.get(key, 0) + 1
-                return False
-            self._last[key] = now
-            held = self._held.pop(key, 0)
-        self._log.warning(msg + (f" ({held} more like it since the last report)" if held else ""), *args, stacklevel=2)
-        return True
 
 
 class _FairQueue:
