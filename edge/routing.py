@@ -89,6 +89,8 @@ _TOP_RAW = {0x7FE00001: "eot", 0x7FE00002: "eot_lengths"}
 #: Bits Allocated and Samples per Pixel of the images medge decodes.
 _BITS_ALLOCATED = (1, 8, 16, 32)
 _SAMPLES_PER_PIXEL = (1, 3)
+#: Photometric interpretations whose native encoding subsamples chroma horizontally (2 samples per pixel).
+_SUBSAMPLED_422 = ("YBR_FULL_422", "YBR_PARTIAL_422")
 
 # tag -> InstanceInfo field
 _WANTED = {
@@ -99,6 +101,7 @@ _WANTED = {
     0x0020000D: "study_instance_uid",
     0x0020000E: "series_instance_uid",
     0x00280008: "number_of_frames",
+    0x00280004: "photometric",  # not routing: 4:2:2 YBR holds 2 samples per pixel, not 3 (PS3.5 8.2.1)
 }
 
 
@@ -688,6 +691,9 @@ def scan_and_inflate(
         elif kind is not None:
             raise DataError("Pixel Data is not encapsulated but the transfer syntax is a compressed one.")
     needed = _image_bytes(img, frames)
+    if needed is not None and f.get("photometric", "").upper() in _SUBSAMPLED_422 and img.get("samples") == 3:
+        # Y Y Cb Cr for every two pixels: two thirds of the full-colour size (odd widths are not allowed).
+        needed = (img["rows"] * img["columns"] * 2 * img["bits"] * frames + 7) // 8
     if "pixel_bytes" in img and needed is not None and img["pixel_bytes"] < needed:
         # Native (defined-length) pixel data must hold every pixel the header declares.
         raise DataError(f"Pixel data holds {img['pixel_bytes']} bytes but the image needs {needed}; it is truncated.")

@@ -631,3 +631,42 @@ def test_jp2_wrapped_codestreams_are_read_through_their_boxes() -> None:
         check_codestream("j2k", jp2(f.patch_codestream(raw, 60000, 60000)), image, len(raw))
     with pytest.raises(FrameGeometryError):  # the image header box declares more
         check_codestream("j2k", jp2(raw, 60000, 60000), image, len(raw))
+
+
+def test_ybr_full_422_uncompressed_is_whole_and_decodes() -> None:
+    """pydicom's SC_ybr_full_422_uncompressed.dcm holds 2 bytes a pixel (Y Y Cb Cr per pair), not 3 (issue 10 item 5)."""
+    from pathlib import Path as _Path
+
+    from pydicom.data import get_testdata_file
+
+    from edge.ingest.dicom_pipeline import read_spooled
+    from edge.pixels import decode_frames, frame_to_array
+    from edge.routing import scan_encoded as _scan, split_part10 as _split
+
+    path = _Path(get_testdata_file("SC_ybr_full_422_uncompressed.dcm"))
+    raw = path.read_bytes()
+    ts, offset = _split(raw)
+    info = _scan(raw[offset:], ts)
+    assert info.sop_instance_uid
+    ds = read_spooled(path)
+    assert ds.PhotometricInterpretation == "YBR_FULL_422"
+    frames = decode_frames(ds)
+    img = frame_to_array(ds, frames[0])
+    assert img.shape[:2] == (ds.Rows, ds.Columns)
+    # One byte short is still truncated.
+    with pytest.raises(DataError, match="truncated"):
+        _scan(_shorten_pixel_data(raw[offset:], ts), ts)
+
+
+def _shorten_pixel_data(data: bytes, ts: str) -> bytes:
+    """The data set with its (last, native) Pixel Data element one byte shorter, length fixed up."""
+    import struct as _struct
+
+    i = data.rfind(b"\xe0\x7f\x10\x00")
+    explicit = ts != "1.2.840.10008.1.2"
+    if explicit:
+        (length,) = _struct.unpack_from("<I", data, i + 8)
+        head = data[: i + 8] + _struct.pack("<I", length - 2)
+        return head + data[i + 12 : i + 12 + length - 2]
+    (length,) = _struct.unpack_from("<I", data, i + 4)
+    return data[: i + 4] + _struct.pack("<I", length - 2) + data[i + 8 : i + 8 + length - 2]
