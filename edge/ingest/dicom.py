@@ -105,6 +105,8 @@ from edge.types import InferenceService
 
 __all__ = [
     "STORAGE_SOP_CLASSES",
+    "RETIRED_STORAGE_SOP_CLASSES",
+    "accepted_sop_classes",
     "TRANSFER_SYNTAXES",
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_CANNOT_UNDERSTAND",
@@ -135,6 +137,50 @@ STORAGE_SOP_CLASSES: dict[str, str] = {
     "MultiFrameGrayscaleWordSecondaryCaptureImageStorage": "1.2.840.10008.5.1.4.1.1.7.3",
     "MultiFrameTrueColorSecondaryCaptureImageStorage": "1.2.840.10008.5.1.4.1.1.7.4",
 }
+
+#: Retired storage classes old ultrasound equipment and archives still send (not in pynetdicom's list).
+RETIRED_STORAGE_SOP_CLASSES: dict[str, str] = {
+    "UltrasoundImageStorageRetired": "1.2.840.10008.5.1.4.1.1.6",
+    "UltrasoundMultiFrameImageStorageRetired": "1.2.840.10008.5.1.4.1.1.3",
+    "NuclearMedicineImageStorageRetired": "1.2.840.10008.5.1.4.1.1.5",
+}
+
+
+def _register_retired_classes() -> None:
+    """Make pynetdicom's Storage service handle the retired classes (it refuses unknown UIDs otherwise)."""
+    import pynetdicom.sop_class as sop_class
+    from pynetdicom.service_class import StorageServiceClass
+
+    for keyword, uid in RETIRED_STORAGE_SOP_CLASSES.items():
+        if not hasattr(sop_class, keyword):
+            sop_class.register_uid(uid, keyword, StorageServiceClass)
+
+
+def accepted_sop_classes(unrouted: str) -> list[str]:
+    """The storage SOP classes that get a presentation context.
+
+    With ``unrouted = "accept"``, every storage class pynetdicom knows plus
+    the retired ones above: forwarding a whole study (with SEG, SR, KOS or
+    medge's own results in it) must not fail for want of a context; what no
+    route matches is answered success and dropped (counted in
+    ``medge_dicom_unrouted_total{sop_class_uid, action="accept"}``, a label
+    bounded by this list). With ``"reject"``, the image classes of
+    :data:`STORAGE_SOP_CLASSES` only (others are refused at association).
+    """
+    uids = list(STORAGE_SOP_CLASSES.values())
+    _register_retired_classes()
+    if unrouted == "accept":
+        from pynetdicom import AllStoragePresentationContexts
+
+        known = set(uids)
+        for uid in [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts] + list(
+            RETIRED_STORAGE_SOP_CLASSES.values()
+        ):
+            if uid not in known:
+                known.add(uid)
+                uids.append(uid)
+    return uids
+
 
 #: Transfer syntaxes accepted for every storage SOP class, in order of preference.
 TRANSFER_SYNTAXES: tuple[str, ...] = (
@@ -780,7 +826,7 @@ class DicomIngest:
         if self.allowed:
             ae.require_calling_aet = list(self.allowed)
         ae.add_supported_context(VERIFICATION_SOP_CLASS)
-        for uid in STORAGE_SOP_CLASSES.values():
+        for uid in accepted_sop_classes(self.settings.unrouted):
             ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
         return ae
 

@@ -361,3 +361,36 @@ def test_monochrome1_and_rescale_reach_the_model_in_display_order(start_scp, tmp
     modality = raw.astype(np.float32) * 2 - 100
     # Inverted so that higher always means brighter, in modality units.
     assert np.allclose(seen, modality.max() + modality.min() - modality)
+
+
+def test_unrouted_accept_takes_every_storage_class_a_study_may_hold(start_scp, tmp_path: Path) -> None:
+    """Forwarding a whole study: SR, SEG, medge's own results and retired US classes get a context (issue 10 item 4)."""
+    from edge.ingest.dicom import RETIRED_STORAGE_SOP_CLASSES, accepted_sop_classes
+
+    sr = Path(shutil.copy(TEST_FILES / "test-SR.dcm", tmp_path / "sr.dcm"))
+    retired = f.make_us_single(np.zeros((32, 32), np.uint8))
+    retired.SOPClassUID = RETIRED_STORAGE_SOP_CLASSES["UltrasoundImageStorageRetired"]
+    retired.file_meta.MediaStorageSOPClassUID = retired.SOPClassUID
+    old_us = f.save(retired, tmp_path / "retired-us.dcm")
+    seg = f.make_us_single(np.zeros((32, 32), np.uint8))  # any data set under the SEG class: it is not routed
+    seg.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    seg.file_meta.MediaStorageSOPClassUID = seg.SOPClassUID
+    seg.Modality = "SEG"
+    seg_path = f.save(seg, tmp_path / "seg.dcm")
+    ing, svc, reg = start_scp(unrouted="accept")
+    assert pyscu_store(ing.port, [sr, seg_path]) == [0x0000, 0x0000]
+    assert svc.calls == [] and ing.spool.pending_instances() == []
+    assert metric(reg, "medge_dicom_unrouted_total", sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4", action="accept") == 1
+    # The retired US class is routed like US (Modality US) and processed.
+    assert pyscu_store(ing.port, [old_us]) == [0x0000]
+    assert len(accepted_sop_classes("accept")) > 150
+    # With "reject", only the image classes medge can route get a context: the SR is refused at association.
+    ing2, _svc2, _reg2 = start_scp(unrouted="reject")
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.88.11")
+    assoc = ae.associate("127.0.0.1", ing2.port, ae_title="MEDGE")
+    try:
+        assert not assoc.is_established or not assoc.accepted_contexts
+    finally:
+        if assoc.is_established:
+            assoc.release()
