@@ -41,6 +41,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from edge.errors import MedgeError
+from edge.metrics import get_or_create_metric
 
 __all__ = ["ErrorBoundary", "LogThrottle", "internal_errors_counter", "safe_traceback"]
 
@@ -51,15 +52,12 @@ def internal_errors_counter(registry: CollectorRegistry | None) -> Any:
     """``medge_internal_errors_total{component}`` on ``registry`` (created once per registry)."""
     if registry is None:
         return None
-    names = getattr(registry, "_names_to_collectors", {})
-    found = names.get(_METRIC) or names.get(_METRIC.removesuffix("_total"))
-    if found is not None:
-        return found
-    return Counter(
-        _METRIC.removesuffix("_total"),
+    return get_or_create_metric(
+        registry,
+        Counter,
+        _METRIC,
         "Unexpected exceptions caught by a loop's error boundary (the loop kept serving), by component.",
         ["component"],
-        registry=registry,
     )
 
 

@@ -19,13 +19,13 @@ True
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "STAGES", "LATENCY_BUCKETS_S", "BATCH_BUCKETS", "REPLY_LOST_REASONS", "NvmlCollector"]
+__all__ = ["get_or_create_metric", "Metrics", "STAGES", "LATENCY_BUCKETS_S", "BATCH_BUCKETS", "REPLY_LOST_REASONS", "NvmlCollector"]
 
 _log = logging.getLogger(__name__)
 
@@ -68,6 +68,34 @@ LATENCY_BUCKETS_S = (
     10.0,
 )
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+def get_or_create_metric(
+    registry: CollectorRegistry,
+    kind: type,
+    name: str,
+    doc: str,
+    labels: Sequence[str] = (),
+    *,
+    zero: Iterable[str] = (),
+) -> Any:
+    """Register a metric on ``registry`` or return the one already there under that name.
+
+    Lets components (the DICOM side, the error boundaries) and this module
+    share a metric without either owning the other. ``zero``: values of a
+    one-label counter to create at 0 now, so the first increment is visible
+    to ``rate()``/``increase()``.
+    """
+    try:
+        metric = kind(name, doc, labelnames=tuple(labels), registry=registry)
+    except ValueError:
+        key = name[: -len("_total")] if kind is Counter and name.endswith("_total") else name
+        metric = registry._names_to_collectors.get(key) or registry._names_to_collectors.get(name)  # noqa: SLF001
+        if metric is None:
+            raise
+    for value in zero:
+        metric.labels(value).inc(0)
+    return metric
 
 
 class Metrics:

@@ -86,31 +86,15 @@ from pynetdicom.presentation import build_context
 
 from edge.boundary import ErrorBoundary
 from edge.errors import ConfigError
+from edge.metrics import get_or_create_metric
 from edge.spool import atomic_write, safe_name
 
-__all__ = ["Destination", "RetryPolicy", "Outbox", "classify_status", "get_or_create_metric"]
+__all__ = ["Destination", "RetryPolicy", "Outbox", "classify_status"]
 
 _log = logging.getLogger(__name__)
 
 #: while a destination keeps failing for the same reason, at most one log line per this many seconds
 _FAILURE_LOG_INTERVAL_S = 60.0
-
-
-def get_or_create_metric(registry: CollectorRegistry, kind: type, name: str, doc: str, labels: Sequence[str] = ()) -> Any:
-    """Register a metric on ``registry`` or return the one already there under that name.
-
-    Lets the DICOM components and the daemon's metrics module share a
-    metric (``medge_dicom_instances_received_total``) without either
-    owning the other.
-    """
-    try:
-        return kind(name, doc, labelnames=tuple(labels), registry=registry)
-    except ValueError:
-        key = name[: -len("_total")] if kind is Counter and name.endswith("_total") else name
-        existing = registry._names_to_collectors.get(key) or registry._names_to_collectors.get(name)  # noqa: SLF001
-        if existing is None:
-            raise
-        return existing
 
 
 @dataclass(frozen=True)

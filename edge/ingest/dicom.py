@@ -96,7 +96,8 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from edge.boundary import ErrorBoundary, LogThrottle
 from edge.egress.dicom_results import ModelInfo
-from edge.egress.outbox import Outbox, get_or_create_metric
+from edge.egress.outbox import Outbox
+from edge.metrics import get_or_create_metric
 from edge.errors import DataError, MedgeError
 from edge.ingest.dicom_pipeline import DicomPipeline, WorkItem, encode_file_meta
 from edge.routing import Router, ScanLimits, SizeLimitError, scan_encoded
@@ -744,18 +745,16 @@ class DicomIngest:
             "medge_dicom_connections_refused_total",
             "DICOM connections closed before they associated (admission limits, timeouts, TLS), by reason.",
             ["reason"],
+            zero=CONNECTION_REFUSAL_REASONS,
         )
-        for reason in CONNECTION_REFUSAL_REASONS:
-            self._connections_refused.labels(reason=reason).inc(0)
         self._associations_aborted = get_or_create_metric(
             registry,
             Counter,
             "medge_dicom_associations_aborted_total",
             "DICOM associations the SCP ended because of a PDU (not whole within the network timeout, or too long), by reason.",
             ["reason"],
+            zero=ASSOCIATION_ABORT_REASONS,
         )
-        for reason in ASSOCIATION_ABORT_REASONS:
-            self._associations_aborted.labels(reason=reason).inc(0)
         self._received = get_or_create_metric(
             registry,
             Counter,

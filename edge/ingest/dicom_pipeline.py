@@ -75,7 +75,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from edge.boundary import ErrorBoundary, LogThrottle
 from edge.egress.dicom_results import ModelInfo, SourceResult, build_results, make_overlay
-from edge.egress.outbox import Outbox, get_or_create_metric
+from edge.egress.outbox import Outbox
+from edge.metrics import get_or_create_metric
 from edge.errors import DataError, MedgeError, ProtocolError
 from edge.pixels import FrameGeometryError, decode_frame, frame_to_array, number_of_frames
 from edge.routing import (
@@ -344,9 +345,8 @@ class DicomPipeline:
             "medge_dicom_processing_failures_total",
             "Accepted DICOM instances that could not be processed (moved to the spool's failed/ folder).",
             ["reason"],
+            zero=FAILURE_REASONS,
         )
-        for reason in FAILURE_REASONS:
-            self._failures.labels(reason=reason).inc(0)
         self._results = get_or_create_metric(
             registry, Counter, "medge_dicom_results_total", "DICOM result objects written to the outbox.", ["kind"]
         )
