@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "engines": ("edge.engines_cmd", "list bundled/installed engines, verify their sha256"),
     "doctor": ("edge.doctor", "check GPU, TensorRT, ports, engines, spool permissions"),
     "keys": ("edge.keys", "write a ZeroMQ CURVE key pair (daemon or client)"),
+    "outbox": ("edge.outbox_cmd", "results waiting for the PACS: status, re-queue unsent and dead letters"),
     "train": (None, "train a model (needs the trainer extra)"),
     "evaluate": (None, "evaluate a checkpoint or ONNX model on a held-out set (trainer extra)"),
     "export": (None, "export a checkpoint to ONNX + manifest (trainer extra)"),
@@ -135,6 +136,21 @@ class _WithholdDicomLibraryText(logging.Filter):
         return True
 
 
+def _quiet_dicom_identifiers() -> None:
+    """Keep pynetdicom from logging whole query data sets (patient data) line by line.
+
+    With its logger at INFO (only at ``--log-level DEBUG``, see :func:`main`)
+    pynetdicom prints every C-FIND/C-GET/C-MOVE request and response
+    identifier element by element, values included. Its C-STORE and
+    association records (SOP class and instance UIDs, AE titles, contexts)
+    stay. Only done at debug level: importing pynetdicom takes a while.
+    """
+    from pynetdicom import _config  # pynetdicom's documented place for these switches
+
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+
+
 def _route_warnings() -> None:
     """Send Python warnings to the log (never to bare stderr) and guard the log against DICOM values."""
     import warnings
@@ -171,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Both log every association / every object they build at INFO; too chatty for a daemon.
         for noisy in ("pynetdicom", "highdicom"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    else:
+        _quiet_dicom_identifiers()
     _route_warnings()
     try:
         return int(_load(args.command).run(args) or 0)

@@ -14,13 +14,35 @@ Layout under ``<spool_dir>/outbox``:
     Objects that failed permanently (the peer rejected them: ``0xA9xx``,
     ``0xCxxx``, ``0x01xx``; the peer accepts no presentation context for the
     SOP class) or were refused transiently ``max_attempts`` times within
-    ``attempt_window_s``. Kept, counted, never retried automatically.
+    ``attempt_window_s``. Kept, counted, never retried automatically;
+    ``medge outbox requeue --dead-letter`` puts them back in ``pending/``.
 ``unsent/``
-    Results when no destination is configured (logged once).
+    Results when no destination is configured (logged once). When the
+    outbox starts with at least one destination, everything here is
+    re-queued for every destination (:func:`requeue_unsent`), so results
+    written before a PACS was configured are sent once it is.
+
+Re-queueing (:func:`requeue_unsent`, :func:`requeue_dead_letters`, used at
+start and by ``medge outbox requeue``) only links and renames files inside
+the outbox, so it works while the daemon runs: a sender lists its
+``pending/<destination>/`` folder on every turn of its loop (at least once
+a second when idle, every few seconds while it backs off), so files that
+appear there are picked up without a restart. Each moved object's
+modification time is set to the time of the re-queue: the oldest-age metric
+counts from when an object was queued for its destination.
+
+Metrics per destination: ``medge_outbox_pending`` (objects waiting) and
+``medge_outbox_oldest_age_seconds`` (age of the oldest, 0 when none) follow
+each object as it is written, sent or dead-lettered, not each batch, and
+the folder is listed again on every turn of the sender loop to take in
+files moved by someone else.
 
 Disk use: :meth:`Outbox.stored_bytes` is what the result files
 (``pending``, ``dead-letter``, ``unsent``) hold, kept up to date as files are
 written, sent and moved; the SCP counts it against ``[dicom] spool_max_mb``.
+Copies that ``medge outbox requeue`` links in while the daemon runs (one per
+extra destination) are counted at the next recount, which the SCP does
+before it refuses a C-STORE for the cap.
 
 Retry policy: a destination that cannot be reached (connection refused,
 association rejected or aborted, timeout) is retried after
@@ -89,12 +111,24 @@ from edge.errors import ConfigError
 from edge.metrics import get_or_create_metric
 from edge.spool import atomic_write, safe_name
 
-__all__ = ["Destination", "RetryPolicy", "Outbox", "classify_status"]
+__all__ = [
+    "Destination",
+    "RetryPolicy",
+    "Outbox",
+    "classify_status",
+    "DestinationBacklog",
+    "OutboxStatus",
+    "outbox_status",
+    "requeue_unsent",
+    "requeue_dead_letters",
+]
 
 _log = logging.getLogger(__name__)
 
 #: while a destination keeps failing for the same reason, at most one log line per this many seconds
 _FAILURE_LOG_INTERVAL_S = 60.0
+#: while a destination backs off, its folder is listed again this often (files re-queued meanwhile, metrics)
+_BACKOFF_RESCAN_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -240,6 +274,226 @@ class _ClientTls:
         return ctx
 
 
+class _Backlog:
+    """What waits for one destination: how many objects and the oldest one's write time.
+
+    Exact between two listings of the folder: the listing gives the objects
+    oldest first; objects written since (:meth:`added`) and sent or
+    dead-lettered since (:meth:`removed`) are applied one by one. The caller
+    holds the outbox's lock.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._listing: list[tuple[float, str]] = []  # (mtime, wall-clock s; file name), oldest first
+        self._next = 0  # index of the oldest listed object not removed since
+        self._gone: set[str] = set()
+        self._added_first: float | None = None  # write time of the first object added since the listing
+
+    def relist(self, listing: list[tuple[float, str]]) -> None:
+        self._listing, self._next, self._gone, self._added_first = listing, 0, set(), None
+        self.count = len(listing)
+
+    def added(self, when: float) -> None:
+        self.count += 1
+        if self._added_first is None:
+            self._added_first = when
+
+    def removed(self, name: str) -> None:
+        self.count = max(0, self.count - 1)
+        self._gone.add(name)
+        while self._next < len(self._listing) and self._listing[self._next][1] in self._gone:
+            self._next += 1
+
+    def oldest(self) -> float | None:
+        """Write time (wall clock, s) of the oldest object waiting; None when none is."""
+        if self.count == 0:
+            return None
+        times = [self._listing[self._next][0]] if self._next < len(self._listing) else []
+        if self._added_first is not None:
+            times.append(self._added_first)
+        return min(times) if times else None
+
+
+@dataclass(frozen=True)
+class DestinationBacklog:
+    """One destination's folders as :func:`outbox_status` found them.
+
+    ``configured`` is False for a folder left from a destination that is no
+    longer in the configuration (its objects are not sent).
+    """
+
+    destination: str
+    configured: bool
+    pending: int
+    oldest_age_s: float
+    dead_letters: int
+
+
+@dataclass(frozen=True)
+class OutboxStatus:
+    """What the outbox folder holds: per destination, and ``unsent`` (results with nowhere to go)."""
+
+    destinations: tuple[DestinationBacklog, ...]
+    unsent: int
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames and links in folder ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _dated(folder: Path) -> list[tuple[int, str, Path]]:
+    """``(mtime_ns, name, path)`` of the ``*.dcm`` files in ``folder``, oldest first."""
+    dated: list[tuple[int, str, Path]] = []
+    for p in folder.glob("*.dcm") if folder.is_dir() else ():
+        try:
+            dated.append((p.stat().st_mtime_ns, p.name, p))
+        except FileNotFoundError:
+            continue  # sent (and removed) by a sender thread since the listing
+    dated.sort(key=lambda t: (t[0], t[1]))
+    return dated
+
+
+def outbox_status(root: Path | str, destinations: Sequence[str]) -> OutboxStatus:
+    """Count what waits in the outbox folder ``root``, without touching it.
+
+    Parameters
+    ----------
+    root : path-like
+        The outbox folder (``<spool_dir>/outbox``).
+    destinations : sequence of str
+        The configured destination names; folders of other names found on
+        disk are listed too, with ``configured=False``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> st = outbox_status(tempfile.mkdtemp(), ["pacs"])
+    >>> [(d.destination, d.pending, d.oldest_age_s, d.dead_letters) for d in st.destinations], st.unsent
+    ([('pacs', 0, 0.0, 0)], 0)
+    """
+    root = Path(root)
+    names = list(dict.fromkeys(destinations))
+    for sub in ("pending", "dead-letter"):
+        if (root / sub).is_dir():
+            names += sorted(p.name for p in (root / sub).iterdir() if p.is_dir() and p.name not in names)
+    now = time.time()
+    rows = []
+    for name in names:
+        dated = _dated(root / "pending" / name)
+        age = max(0.0, now - dated[0][0] / 1e9) if dated else 0.0
+        dead = len(list((root / "dead-letter" / name).glob("*.dcm")))
+        rows.append(DestinationBacklog(name, name in destinations, len(dated), age, dead))
+    unsent = len(list((root / "unsent").glob("*.dcm")))
+    return OutboxStatus(tuple(rows), unsent)
+
+
+def requeue_unsent(root: Path | str, destinations: Sequence[str]) -> int:
+    """Move every result in ``<root>/unsent/`` into ``pending/<name>/`` for each of ``destinations``.
+
+    Crash-safe and durable: each object is first hard-linked (copied where
+    the file system cannot link) into every destination but the last, those
+    folders are fsync'ed, and only then is it renamed into the last one and
+    the folders fsync'ed again. A crash half-way leaves it in ``unsent/``
+    and in some ``pending/`` folders; the next call completes the move (an
+    object already pending for a destination is left as it is), so nothing
+    is lost, and at worst one object is sent twice with the same SOP
+    Instance UID, which a PACS treats as a resend. The objects' modification
+    times are set to now (see the module docstring). Safe while the daemon
+    runs.
+
+    Returns
+    -------
+    int
+        How many objects were moved.
+
+    Raises
+    ------
+    ValueError
+        If ``destinations`` is empty.
+    """
+    if not destinations:
+        raise ValueError("requeue_unsent needs at least one destination.")
+    root = Path(root)
+    targets = [root / "pending" / name for name in dict.fromkeys(destinations)]
+    for t in targets:
+        t.mkdir(parents=True, exist_ok=True)
+    unsent_dir = root / "unsent"
+    files = [p for _, _, p in _dated(unsent_dir)]
+    if not files:
+        return 0
+    tmp_dir = root / "tmp"
+    tmp_dir.mkdir(exist_ok=True)
+    moved: list[Path] = []
+    for src in files:
+        try:
+            os.utime(src)
+        except FileNotFoundError:
+            continue  # re-queued by someone else meanwhile
+        for t in targets[:-1]:
+            target = t / src.name
+            try:
+                os.link(src, target)
+            except FileExistsError:
+                pass  # already pending there (an earlier re-queue that was cut short)
+            except OSError:  # a file system without hard links: a durable copy
+                atomic_write(target, [src.read_bytes()], tmp_dir=tmp_dir, sync_dir=False)
+        moved.append(src)
+    for t in targets[:-1]:
+        _fsync_dir(t)
+    done = 0
+    for src in moved:
+        try:
+            os.replace(src, targets[-1] / src.name)
+            done += 1
+        except FileNotFoundError:
+            continue
+    _fsync_dir(targets[-1])
+    _fsync_dir(unsent_dir)
+    return done
+
+
+def requeue_dead_letters(root: Path | str, destination: str) -> int:
+    """Move ``destination``'s dead letters back to its pending folder, with a fresh attempt count.
+
+    Each object is renamed into ``pending/<destination>/`` (any attempts
+    record there is removed first, so it gets ``max_attempts`` again), the
+    folders are fsync'ed, then its ``.reason.txt`` is removed. Safe while
+    the daemon runs; its sender picks the objects up on its next turn.
+
+    Returns
+    -------
+    int
+        How many objects were moved.
+    """
+    root = Path(root)
+    dead_dir = root / "dead-letter" / destination
+    pend = root / "pending" / destination
+    pend.mkdir(parents=True, exist_ok=True)
+    moved: list[Path] = []
+    for p in sorted(dead_dir.glob("*.dcm")) if dead_dir.is_dir() else ():
+        (pend / f"{p.stem}.attempts.json").unlink(missing_ok=True)
+        try:
+            os.utime(p)
+            os.replace(p, pend / p.name)
+        except FileNotFoundError:
+            continue
+        moved.append(p)
+    if moved:
+        _fsync_dir(pend)
+        _fsync_dir(dead_dir)
+    # Reasons of the moved objects, and any left without their object by an earlier cut-short call.
+    for reason in dead_dir.glob("*.reason.txt") if dead_dir.is_dir() else ():
+        if not reason.with_name(reason.name[: -len(".reason.txt")] + ".dcm").exists():
+            reason.unlink(missing_ok=True)
+    return len(moved)
+
+
 class _DestinationState:
     def __init__(self) -> None:
         self.failures = 0
@@ -320,14 +574,26 @@ class Outbox:
         for dest in self.destinations:
             (self.pending_root / dest.name).mkdir(exist_ok=True)
             (self.dead_root / dest.name).mkdir(exist_ok=True)
-        # Bytes of the result files held here; changed together with the files, under this lock.
+        if self.destinations:
+            self._requeue_unsent_at_start()
+        # Bytes of the result files held here and each destination's backlog; changed together
+        # with the files, under this lock.
         self._bytes_lock = threading.Lock()
         self._stored_bytes = self._scan_bytes()
+        self._backlog = {d.name: _Backlog() for d in self.destinations}
+        names = [d.name for d in self.destinations]  # label values that exist (at 0) from the start
         self._pending = get_or_create_metric(
             registry, Gauge, "medge_outbox_pending", "Result objects waiting to be sent, per destination.", ["destination"]
         )
+        self._oldest_age = get_or_create_metric(
+            registry,
+            Gauge,
+            "medge_outbox_oldest_age_seconds",
+            "Age of the oldest result object waiting for a destination (since it was queued for it); 0 when none is.",
+            ["destination"],
+        )
         self._sent = get_or_create_metric(
-            registry, Counter, "medge_outbox_sent_total", "Result objects a destination accepted.", ["destination"]
+            registry, Counter, "medge_outbox_sent_total", "Result objects a destination accepted.", ["destination"], zero=names
         )
         self._failures = get_or_create_metric(
             registry,
@@ -335,6 +601,7 @@ class Outbox:
             "medge_outbox_failures_total",
             "Failed send attempts (unreachable peer, refused association, failure status).",
             ["destination"],
+            zero=names,
         )
         self._dead = get_or_create_metric(
             registry,
@@ -342,15 +609,18 @@ class Outbox:
             "medge_outbox_dead_letter_total",
             "Result objects moved to the dead-letter folder.",
             ["destination"],
+            zero=names,
         )
         self._boundary = ErrorBoundary("outbox", _log, registry)
         self._stop = threading.Event()
         self._wake = {d.name: threading.Event() for d in self.destinations}
         self._state = {d.name: _DestinationState() for d in self.destinations}
         self._threads: list[threading.Thread] = []
+        self._busy: dict[str, float] = {}  # heartbeat for healthy(): a sender's last progress inside a send
         self._warned_no_destination = False
         for dest in self.destinations:
-            self._update_gauge(dest)
+            self._oldest_age.labels(destination=dest.name).set_function(self._age_reader(dest.name))
+            self._relist(dest)
         if start:
             self.start()
 
@@ -372,6 +642,24 @@ class Outbox:
         for t in self._threads:
             t.join(timeout_s)
         self._threads.clear()
+
+    def healthy(self, stall_s: float = 60.0) -> bool:
+        """Whether every sender thread runs and none is stuck inside a send (for ``/readyz``).
+
+        A sender waiting for results or in its retry backoff is healthy,
+        whatever the destination does (an unreachable PACS shows in
+        ``medge_outbox_pending`` and the failure counters, not in readiness).
+        One inside a send must get somewhere (an association, a C-STORE
+        response) within ``stall_s`` plus the network and DIMSE timeouts.
+        False after :meth:`close`; True with no destinations.
+        """
+        if self._stop.is_set() or len(self._threads) != len(self.destinations):
+            return False
+        if not all(t.is_alive() for t in self._threads):
+            return False
+        limit = stall_s + self.network_timeout_s + self.dimse_timeout_s
+        now = time.monotonic()
+        return all(now - t0 <= limit for t0 in list(self._busy.values()))
 
     def __enter__(self) -> "Outbox":
         return self
@@ -395,24 +683,15 @@ class Outbox:
             return [path]
         for dest in self.destinations:
             path = self.pending_root / dest.name / name
-            self._write(path, data)
+            self._write(path, data, dest)
             written.append(path)
         for dest in self.destinations:
-            self._update_gauge(dest)
             self._wake[dest.name].set()
         return written
 
     def pending(self, destination: str) -> list[Path]:
         """Objects waiting for ``destination``, oldest first."""
-        d = self.pending_root / destination
-        dated: list[tuple[int, str, Path]] = []
-        for p in d.glob("*.dcm") if d.is_dir() else ():
-            try:
-                dated.append((p.stat().st_mtime_ns, p.name, p))
-            except FileNotFoundError:
-                continue  # sent (and removed) by the sender thread since the listing
-        dated.sort(key=lambda t: (t[0], t[1]))
-        return [p for _, _, p in dated]
+        return [p for _, _, p in _dated(self.pending_root / destination)]
 
     def pending_count(self) -> int:
         """Objects waiting, over all destinations."""
@@ -461,42 +740,85 @@ class Outbox:
         except FileNotFoundError:
             return 0
 
-    def _write(self, path: Path, data: bytes) -> None:
+    def _requeue_unsent_at_start(self) -> None:
+        names = [d.name for d in self.destinations]
+        try:
+            n = requeue_unsent(self.root, names)
+        except OSError as exc:  # they stay in unsent/ (or are pending already); the next start tries again
+            _log.error("Could not re-queue the results in %s for %s: %s.", self.unsent_dir, ", ".join(names), exc)
+            return
+        if n:
+            _log.info(
+                "Re-queued %d result object(s) written while no destination was configured (%s) for: %s.",
+                n, self.unsent_dir, ", ".join(names),
+            )
+
+    def _write(self, path: Path, data: bytes, dest: Destination | None = None) -> None:
         with self._bytes_lock:
             old = self._size(path)
             atomic_write(path, [data], tmp_dir=self.tmp_dir)
             self._stored_bytes += len(data) - old
+            if dest is not None and not old:  # a new object for dest (else the same one, rewritten)
+                backlog = self._backlog[dest.name]
+                backlog.added(time.time())
+                self._pending.labels(destination=dest.name).set(backlog.count)
 
-    def _remove_sent(self, path: Path) -> None:
+    def _remove_sent(self, dest: Destination, path: Path) -> None:
         with self._bytes_lock:
             size = self._size(path)
             path.unlink()
             self._stored_bytes -= size
+            self._forget(dest, path)
 
-    def _update_gauge(self, dest: Destination) -> None:
-        self._pending.labels(destination=dest.name).set(len(self.pending(dest.name)))
+    def _forget(self, dest: Destination, path: Path) -> None:
+        """``path`` left ``dest``'s pending folder (sent or dead-lettered); the caller holds the lock."""
+        backlog = self._backlog[dest.name]
+        backlog.removed(path.name)
+        self._pending.labels(destination=dest.name).set(backlog.count)
+
+    def _relist(self, dest: Destination) -> list[Path]:
+        """List ``dest``'s pending folder (oldest first) and set its backlog and gauges from it."""
+        with self._bytes_lock:
+            dated = _dated(self.pending_root / dest.name)
+            backlog = self._backlog[dest.name]
+            backlog.relist([(ns / 1e9, name) for ns, name, _ in dated])
+            self._pending.labels(destination=dest.name).set(backlog.count)
+        return [p for _, _, p in dated]
+
+    def _age_reader(self, name: str) -> Any:
+        """A callable for the oldest-age gauge of destination ``name``, evaluated at scrape time."""
+
+        def age() -> float:
+            with self._bytes_lock:
+                oldest = self._backlog[name].oldest()
+            return 0.0 if oldest is None else max(0.0, time.time() - oldest)
+
+        return age
 
     def _sender(self, dest: Destination) -> None:
         state = self._state[dest.name]
         wake = self._wake[dest.name]
         while not self._stop.is_set():
-            now = time.monotonic()
-            if now < state.next_try:
-                wake.wait(state.next_try - now)
-                wake.clear()
-                continue
-            paths = self.pending(dest.name)
-            if not paths:
-                wake.wait(1.0)
-                wake.clear()
-                continue
             try:
+                # Listed on every turn: objects re-queued by `medge outbox requeue` are seen without a wake.
+                paths = self._relist(dest)
+                now = time.monotonic()
+                if now < state.next_try:
+                    wake.wait(min(state.next_try - now, _BACKOFF_RESCAN_S))
+                    wake.clear()
+                    continue
+                if not paths:
+                    wake.wait(1.0)
+                    wake.clear()
+                    continue
+                self._busy[dest.name] = time.monotonic()
                 self._send_batch(dest, state, paths)
             except Exception as exc:  # noqa: BLE001 - the sender's one error boundary: count, back off, go on
                 self._boundary.report(exc, f"sending to {dest.name}")
                 self._failures.labels(destination=dest.name).inc()
                 self._backoff(dest, state, f"internal error ({type(exc).__name__})")
-            self._update_gauge(dest)
+            finally:
+                self._busy.pop(dest.name, None)
 
     def _backoff(self, dest: Destination, state: _DestinationState, why: str) -> None:
         state.failures += 1
@@ -585,6 +907,7 @@ class Outbox:
                     self._dead_letter(dest, path, f"destination accepts no presentation context for SOP class {ds.SOPClassUID}")
                     continue
                 rsp = assoc.send_c_store(ds)
+                self._busy[dest.name] = time.monotonic()
                 status = int(getattr(rsp, "Status", -1)) if rsp else -1
                 if status < 0:
                     trouble = "no response (timeout or aborted association)"
@@ -592,7 +915,7 @@ class Outbox:
                     break
                 verdict = classify_status(status)
                 if verdict == "success":
-                    self._remove_sent(path)
+                    self._remove_sent(dest, path)
                     self._attempts_path(path).unlink(missing_ok=True)
                     self._sent.labels(destination=dest.name).inc()
                     self._recovered(dest, state)
@@ -643,6 +966,7 @@ class Outbox:
             replaced = self._size(target)  # an earlier dead letter of the same object
             shutil.move(str(path), target)
             self._stored_bytes -= replaced
+            self._forget(dest, path)
         self._attempts_path(path).unlink(missing_ok=True)
         self._dead.labels(destination=dest.name).inc()
         _log.error("Result %s for destination %s moved to the dead-letter folder: %s.", path.name, dest.name, reason)
