@@ -15,7 +15,9 @@
   Orientation, which such a source cannot give; the spacing stays with the
   referenced source). A CT/MR slice whose geometry is incomplete (its IOD
   requires a Frame of Reference, so no SEG without one is possible) gets
-  its outlines in a TID 1500 SR instead, like a cine.
+  its outlines in a TID 1500 SR instead, like a cine. So does a slice whose
+  Frame of Reference UID repeats its Study, Series or SOP Instance UID (seen
+  in real MR files): a SEG in that frame of reference would repeat the clash.
 - Detection models -> a **Comprehensive SR** following TID 1500 (Measurement
   Report): each box is a planar ROI (TID 1410) whose region is a closed
   ``POLYLINE`` SCOORD on the source image (and frame), with the score as a
@@ -75,6 +77,9 @@ stops the result nor appears in a library warning:
 - a DS value longer than 16 characters (``-16.799999999999997``) is
   written again as the same number in at most 16; an IS value written as a
   decimal integer (``3.0``) as that integer;
+- Patient Identity Removed ``YES`` without a De-identification Method or
+  its Code Sequence (Type 1C) is dropped: the result cannot invent the
+  method, and makes no claim rather than an invalid one;
 - any other attribute with an invalid value (DA, TM, DT, UI, AS, CS, DS,
   IS, AE, UR by their PS3.5 rules, text by its maximum length, PN by its
   components) is dropped, and a sequence with such a value anywhere inside
@@ -509,6 +514,14 @@ def reference_dataset(ds: Dataset, *, keep_geometry: bool = True) -> Dataset:
     for keyword, vr in _TYPE2.items():
         if keyword not in out:
             out.add_new(keyword, vr, "")
+    if (
+        str(out.get("PatientIdentityRemoved", "")).strip().upper() == "YES"
+        and "DeidentificationMethod" not in out
+        and "DeidentificationMethodCodeSequence" not in out
+    ):
+        # "YES" requires a De-identification Method (Type 1C) the source did not give; the
+        # result cannot invent one, so it makes no claim either way (the attribute is Type 3).
+        del out["PatientIdentityRemoved"]
     if not keep_geometry:
         for keyword in (
             "FrameOfReferenceUID",
@@ -555,6 +568,10 @@ def _has_patient_geometry(ds: Dataset) -> bool:
     """
     uid = _strings(ds, "FrameOfReferenceUID")
     if not uid or len(uid) != 1 or not uid[0] or not _valid_value("UI", uid[0]):
+        return False
+    if uid[0] in {str(ds.get(k, "")) for k in _KEY_UIDS}:
+        # One UID for two things (seen: Frame of Reference UID = Study Instance UID). A SEG in
+        # that frame of reference repeats the clash (a dciodvfy error), so it is not used.
         return False
     spacing = _floats(ds, "PixelSpacing", 2)
     thickness = _floats(ds, "SliceThickness", 1)
