@@ -122,6 +122,14 @@ class _WithholdDicomLibraryText(logging.Filter):
 
     pydicom logs the same value-quoting message it warns with (``Invalid
     value for VR DA: '<birth date>'``); the place and level are kept.
+
+    Any other record that carries an exception (``log.exception(...)``,
+    ``exc_info=``) gets its traceback rendered by
+    :func:`edge.boundary.safe_traceback` (frames kept, third-party messages
+    withheld), and one whose message *is* a third-party exception (pynetdicom
+    logs ``LOGGER.exception(exc)`` when pydicom cannot encode a data set or an
+    event handler raises) is logged by type only: pydicom's messages quote
+    element values.
     """
 
     _PREFIXES = ("pydicom", "highdicom")
@@ -133,6 +141,16 @@ class _WithholdDicomLibraryText(logging.Filter):
             record.exc_info = None
             record.exc_text = None
             record.stack_info = None
+            return True
+        if isinstance(record.msg, BaseException) and not isinstance(record.msg, MedgeError):
+            kind = type(record.msg)
+            record.msg = "%s.%s (message withheld: it may quote data from the peer)"
+            record.args = (kind.__module__, kind.__qualname__)
+        if record.exc_info and record.exc_info[1] is not None:
+            from edge.boundary import safe_traceback  # only when there is one: keeps ``medge --help`` light
+
+            record.exc_text = safe_traceback(record.exc_info[1])
+            record.exc_info = None
         return True
 
 

@@ -1,12 +1,16 @@
-"""No patient identifiers in the daemon's log, including what pydicom and highdicom warn about.
+"""No patient identifiers in the daemon's log, including what pydicom, highdicom and pynetdicom log.
 
 A real ``medge serve`` process receives US instances whose patient data
-provokes the libraries' value-quoting warnings and errors: a PatientName
-without a caret (highdicom: ``The string "<name>" is unlikely to represent
-...``), an invalid PatientBirthDate (pydicom: ``Invalid value for VR DA:
-'<date>'``, and later a ValueError quoting it in the result builder). After
-the daemon has processed them, none of the marker values may appear in its
-log, and the log must still say that something was withheld.
+used to provoke the libraries' value-quoting warnings and errors: a
+PatientName without a caret (highdicom: ``The string "<name>" is unlikely
+to represent ...``), an invalid PatientBirthDate (pydicom: ``Invalid value
+for VR DA: '<date>'``, and a ValueError quoting it in the result builder).
+After the daemon has processed them, none of the marker values may appear
+in its log. The units below pin down the log guards of ``edge.cli``: third-
+party warnings and pydicom/highdicom records keep their place but lose their
+text, logged exceptions lose third-party messages, and at debug level
+pynetdicom does not dump query data sets. ``test_phi_canary`` runs the whole
+daemon at debug level with a canary in every text element.
 """
 
 from __future__ import annotations
@@ -15,11 +19,15 @@ import logging
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-from pynetdicom import AE
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
 
-from edge.cli import _WarningsToLog, _WithholdDicomLibraryText
+from edge.cli import _quiet_dicom_identifiers, _WarningsToLog, _WithholdDicomLibraryText
 from tests.edge import dicom_factory as f
 from tests.edge._daemon import running_daemon
 
@@ -100,3 +108,79 @@ def test_warning_routing_withholds_third_party_text(caplog) -> None:  # type: ig
     mine = logging.LogRecord("edge.scheduler", logging.WARNING, "scheduler.py", 1, "kept %s", ("text",), None)
     _WithholdDicomLibraryText().filter(mine)
     assert mine.getMessage() == "kept text"
+
+
+def test_debug_level_keeps_pynetdicom_from_dumping_query_identifiers(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At ``--log-level DEBUG`` pynetdicom's INFO records reach the log; its C-FIND data set dumps must not."""
+    for switch in ("LOG_REQUEST_IDENTIFIERS", "LOG_RESPONSE_IDENTIFIERS"):
+        monkeypatch.setattr(_config, switch, getattr(_config, switch))  # restored after the test
+    find = PatientRootQueryRetrieveInformationModelFind
+
+    def answer(event):  # type: ignore[no-untyped-def]
+        match = Dataset()
+        match.QueryRetrieveLevel = "PATIENT"
+        match.PatientName = "ZQXFOUND^NAME"
+        yield 0xFF00, match
+
+    scp = AE(ae_title="FINDSCP")
+    scp.add_supported_context(find)
+    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_FIND, answer)])
+
+    def query() -> list[int]:
+        scu = AE(ae_title="FINDSCU")
+        scu.add_requested_context(find)
+        assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="FINDSCP")
+        assert assoc.is_established
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "PATIENT"
+        identifier.PatientName = "ZQXQUERY*"
+        statuses = [int(status.Status) for status, _ in assoc.send_c_find(identifier, find)]
+        assoc.release()
+        return statuses
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger="pynetdicom"):
+            assert query() == [0xFF00, 0x0000]
+            # pynetdicom's default: both identifiers, values included (why medge turns it off).
+            assert "ZQXQUERY" in caplog.text and "ZQXFOUND" in caplog.text
+            caplog.clear()
+            _quiet_dicom_identifiers()
+            assert query() == [0xFF00, 0x0000]
+    finally:
+        server.shutdown()
+    assert "Find" in caplog.text  # the exchange itself is still logged
+    assert "ZQXQUERY" not in caplog.text and "ZQXFOUND" not in caplog.text
+
+
+def test_logged_exceptions_keep_their_frames_and_lose_third_party_messages() -> None:
+    """pynetdicom's ``LOGGER.exception(exc)`` (pydicom could not encode a data set) and any ``exc_info`` record."""
+    from edge.errors import DataError
+
+    def formatted(logger: str, log: Callable[[logging.Logger, BaseException], None], exc: BaseException) -> str:
+        try:
+            raise exc
+        except BaseException as caught:  # noqa: BLE001 - the exception under test
+            record_of: list[logging.LogRecord] = []
+            handler = logging.Handler()
+            handler.emit = record_of.append  # type: ignore[method-assign]
+            handler.addFilter(_WithholdDicomLibraryText())
+            lg = logging.getLogger(logger)
+            lg.addHandler(handler)
+            try:
+                log(lg, caught)
+            finally:
+                lg.removeHandler(handler)
+        assert len(record_of) == 1
+        return logging.Formatter("%(name)s: %(message)s").format(record_of[0])
+
+    leaky = ValueError("Unable to convert 'ZQXDOB-1970' to 'DA' object")
+    text = formatted("pynetdicom.dsutils", lambda lg, e: lg.exception(e), leaky)
+    assert "ZQXDOB" not in text and "builtins.ValueError (message withheld" in text
+    assert "Traceback (most recent call last)" in text and "in formatted" in text  # where it happened is kept
+    text = formatted("edge.serve", lambda lg, e: lg.error("Closing the DICOM side failed.", exc_info=e), leaky)
+    assert "ZQXDOB" not in text and text.startswith("edge.serve: Closing the DICOM side failed.\nTraceback")
+    ours = DataError("Data set is truncated: unpack requires a buffer of 4 bytes.")
+    text = formatted("pynetdicom.events", lambda lg, e: lg.exception(e), ours)
+    assert text.count("Data set is truncated") == 2  # medge's own messages carry no patient data: kept
