@@ -2,9 +2,11 @@
 
 * ``/metrics``: the Prometheus text exposition of the registry passed in.
 * ``/healthz``: 200 while the process serves HTTP at all (liveness).
-* ``/readyz``: 200 once every model is loaded and warmed up and the
-  ingest sockets are bound; 503 before that and while shutting down
-  (readiness: a load balancer or systemd watchdog should wait for it).
+* ``/readyz``: 200 (body ``ready``) once every model is loaded and warmed
+  up and the ingest sockets are bound, while every serving loop is alive
+  and making progress; 503 before that, while shutting down and whenever a
+  loop has died or is wedged, with the reason in the body (``not ready:``
+  then one ``component: reason`` line each; never request data).
 
 Hardening, in the style of the Prometheus exporters' web configuration
 (``exporter-toolkit``):
@@ -314,7 +316,10 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/healthz":
             return 200, b"ok\n", _TEXT, {}
         if path == "/readyz":
-            return (200, b"ready\n", _TEXT, {}) if self.server.ready() else (503, b"not ready\n", _TEXT, {})
+            if self.server.ready():
+                return 200, b"ready\n", _TEXT, {}
+            why = self.server.reason() if self.server.reason is not None else ""
+            return 503, (f"not ready: {why}\n" if why else "not ready\n").encode("utf-8"), _TEXT, {}
         return 404, b"not found: try /metrics, /healthz or /readyz\n", _TEXT, {}
 
     def _send(self, code: int, body: bytes, ctype: str, headers: dict[str, str]) -> None:
@@ -347,10 +352,12 @@ class _Server(ThreadingHTTPServer):
         auth: HtpasswdAuth | None,
         idle_timeout_s: float,
         max_connections: int,
+        reason: Callable[[], str] | None = None,
     ) -> None:
         super().__init__(addr, _Handler)
         self.registry = registry
         self.ready = ready
+        self.reason = reason
         self.ssl_context = ssl_context
         self.auth = auth
         self.idle_timeout_s = idle_timeout_s
@@ -553,6 +560,8 @@ class HealthServer:
         What ``/metrics`` exposes; ``medge_internal_errors_total`` is added to it.
     ready : callable
         Returns whether ``/readyz`` answers 200.
+    reason : callable, optional
+        Returns why not, for the 503 body (component and cause; never request data).
     tls_cert, tls_key : str, optional
         PEM certificate (chain) and unencrypted key: serve HTTPS (TLS 1.2+).
     tls_client_ca : str, optional
@@ -592,6 +601,7 @@ class HealthServer:
         basic_auth_file: str = "",
         idle_timeout_s: float = 10.0,
         max_connections: int = 32,
+        reason: Callable[[], str] | None = None,
     ) -> None:
         if tls_client_ca and not tls_cert:
             raise ConfigError("Config key metrics.tls_client_ca: needs metrics.tls_cert and tls_key.")
@@ -609,6 +619,7 @@ class HealthServer:
             auth=auth,
             idle_timeout_s=float(idle_timeout_s),
             max_connections=int(max_connections),
+            reason=reason,
         )
         self.host = host
         self.port = int(self._server.server_address[1])
@@ -634,7 +645,13 @@ class HealthServer:
             )
 
     @classmethod
-    def from_config(cls, config: Any, registry: CollectorRegistry, ready: Callable[[], bool]) -> "HealthServer":
+    def from_config(
+        cls,
+        config: Any,
+        registry: CollectorRegistry,
+        ready: Callable[[], bool],
+        reason: Callable[[], str] | None = None,
+    ) -> "HealthServer":
         """Start a server as ``[metrics]`` (an :class:`edge.config.MetricsConfig`) says."""
         return cls(
             config.host,
@@ -647,6 +664,7 @@ class HealthServer:
             basic_auth_file=config.basic_auth_file,
             idle_timeout_s=config.idle_timeout_s,
             max_connections=config.max_connections,
+            reason=reason,
         )
 
     @property

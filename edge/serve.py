@@ -7,7 +7,25 @@ model; start the scheduler; bind the ZeroMQ sockets; start the DICOM SCP
 (``[dicom] enabled``); then ``/readyz`` answers 200.
 
 Under systemd (``Type=notify``) it sends ``READY=1`` once ready and
-``STOPPING=1`` when it starts shutting down.
+``STOPPING=1`` when it starts shutting down. With ``WatchdogSec=`` in the
+unit (``$WATCHDOG_USEC``), a :class:`Watchdog` thread sends ``WATCHDOG=1``
+every half of that period, but only while every serving loop makes progress
+(:meth:`Daemon.problems`); a dead or wedged loop stops the pings and systemd
+restarts the daemon.
+
+Readiness tells the truth: ``/readyz`` answers 503, with the component and
+the reason in the body, and the ``medge_ready`` gauge is 0 whenever a model
+worker, the ZeroMQ I/O loop, the DICOM SCP, the DICOM pipeline (workers,
+finaliser) or an outbox sender has died, or has had work and made no
+progress for ``stall_s`` (default :data:`STALL_S`). A loop that is idle
+with nothing to do is healthy.
+
+Fault injection (tests only, inert by default): the environment variable
+``MEDGE_FAULT_INJECT``, read once at start by :func:`run`, arms one fault
+(:func:`inject_fault`): ``worker-exit:MODEL`` makes the worker thread that
+takes MODEL's next batch exit (as a crashing thread would), and
+``worker-hang:MODEL`` makes that batch never return (a wedged backend). The
+daemon logs a warning when one is armed. Never set it in production.
 
 Shutdown on SIGTERM or SIGINT, within ``shutdown_timeout_s`` plus about a
 second: stop accepting (new ZeroMQ requests are answered ``overloaded``),
@@ -40,17 +58,57 @@ from typing import Any
 import zmq
 from prometheus_client import CollectorRegistry
 
+from prometheus_client import Gauge
+
 from edge.config import MedgeConfig, load_config
+from edge.errors import ConfigError
 from edge.health import HealthServer
 from edge.ingest.zmq import ZmqServer
-from edge.metrics import Metrics
+from edge.metrics import Metrics, get_or_create_metric
 from edge.models import ModelRegistry
 from edge.scheduler import Scheduler
 from edge.zmq_auth import CurveServer
 
-__all__ = ["Daemon", "configure_parser", "run", "sd_notify"]
+__all__ = [
+    "FAULT_INJECT_ENV",
+    "STALL_S",
+    "Daemon",
+    "Watchdog",
+    "configure_parser",
+    "inject_fault",
+    "run",
+    "sd_notify",
+]
 
 _log = logging.getLogger(__name__)
+
+#: A serving loop that has work and has made no progress for this long is wedged (readiness, watchdog).
+STALL_S = 60.0
+
+#: Test-only fault injection, read once at start by :func:`run` (see the module notes); unset in production.
+FAULT_INJECT_ENV = "MEDGE_FAULT_INJECT"
+
+
+class _Progress:
+    """Whether a count of finished work moves while work waits: progress seen from outside a loop.
+
+    ``stalled_s(done, waiting)`` is how long ``done`` has not changed while
+    ``waiting`` stayed above 0 (0.0 when it moved or nothing waits). Correct
+    however rarely it is called: ``waiting`` can only fall to 0 through
+    ``done`` moving.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done: dict[str, float] = {}
+        self._since: dict[str, float] = {}
+
+    def stalled_s(self, key: str, done: float, waiting: float, now: float) -> float:
+        with self._lock:
+            if waiting <= 0 or self._done.get(key) != done:
+                self._done[key], self._since[key] = done, now
+                return 0.0
+            return now - self._since[key]
 
 
 class Daemon:
@@ -73,12 +131,25 @@ class Daemon:
         What ``edge.ingest.dicom.start_dicom`` returned.
     ready_s : float
         Seconds from :meth:`start` to ready.
+    stall_s : float
+        A loop with work and no progress for this long is wedged (default :data:`STALL_S`).
     """
 
-    def __init__(self, config: MedgeConfig, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, config: MedgeConfig, registry: CollectorRegistry | None = None, *, stall_s: float = STALL_S
+    ) -> None:
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        self.stall_s = float(stall_s)
+        self._progress = _Progress()
+        ready_gauge = get_or_create_metric(
+            self.registry,
+            Gauge,
+            "medge_ready",
+            "1 while /readyz answers 200: models warm, sockets bound, every serving loop alive and making progress.",
+        )
+        ready_gauge.set_function(lambda: 1.0 if self.ready else 0.0)
         self.health: HealthServer | None = None
         self.models = ModelRegistry()
         self.scheduler: Scheduler | None = None
@@ -92,28 +163,96 @@ class Daemon:
 
     @property
     def ready(self) -> bool:
-        """Models loaded and warm, sockets bound, every serving loop alive, not shutting down."""
-        return self._ready and not self.unhealthy()
+        """Models loaded and warm, sockets bound, every serving loop alive and making progress, not shutting down."""
+        return self._ready and not self.problems()
 
     def unhealthy(self) -> list[str]:
-        """Names of the components whose serving threads have died (empty when all serve).
+        """Names of the components that have died or are wedged (empty when all serve); see :meth:`problems`."""
+        return [name for name, _ in self.problems()]
+
+    def problems(self) -> list[tuple[str, str]]:
+        """``(component, reason)`` for each serving loop that has died or is wedged (empty when all serve).
+
+        Components: ``scheduler`` (the model workers), ``zmq`` (the I/O
+        loop), ``dicom_scp`` (the accept loop), ``dicom_pipeline`` (its
+        workers and finaliser) and ``outbox`` (the sender threads). Wedged
+        means: work waits and nothing got done for :attr:`stall_s`. The
+        scheduler is watched from outside: frames accepted but unanswered
+        while the answered count stands still (all models), and a model
+        whose queue holds frames while its batch count stands still (one
+        model wedged while others serve). Reasons name components and
+        models, never anything from a request.
 
         A component that lost its loop answers nothing (or only
         ``overloaded``); ``/readyz`` then says 503 so a load balancer or an
         operator sees it, instead of a daemon that looks ready and is not.
         """
-        bad = []
-        for name, part in (("scheduler", self.scheduler), ("zmq", self.zmq), ("dicom", self.dicom)):
-            check = getattr(part, "healthy", None)
-            if part is not None and callable(check):
-                try:
-                    ok = bool(check())
-                except Exception:  # noqa: BLE001 - a probe must answer, whatever the component does
-                    _log.exception("Health check of %s failed.", name)
-                    ok = False
-                if not ok:
-                    bad.append(name)
+        bad: list[tuple[str, str]] = []
+        stall = self.stall_s
+        sched = self.scheduler
+        if sched is not None:
+            why = self._probe(sched.healthy, "scheduler", "a model worker thread has died")
+            if not why:
+                why = self._scheduler_stall(sched)
+            if why:
+                bad.append(("scheduler", why))
+        if self.zmq is not None:
+            why = self._probe(self.zmq.healthy, "zmq", "the ZeroMQ I/O loop has stopped")
+            if why:
+                bad.append(("zmq", why))
+        dicom = self.dicom
+        if dicom is not None:
+            parts = (
+                ("dicom_scp", dicom, "the DICOM SCP's accept loop has stopped or is stuck"),
+                ("dicom_pipeline", getattr(dicom, "pipeline", None),
+                 "a DICOM pipeline thread (worker or finaliser) has died or is stuck"),
+                ("outbox", getattr(dicom, "outbox", None), "an outbox sender thread has died or is stuck"),
+            )
+            for name, part, problem in parts:
+                check = getattr(part, "healthy", None)
+                if part is not None and callable(check):
+                    why = self._probe(lambda c=check: c(stall), name, problem)
+                    if why:
+                        bad.append((name, why))
         return bad
+
+    @staticmethod
+    def _probe(check: Any, name: str, problem: str) -> str:
+        """``problem`` if ``check()`` is false or raises, else ''."""
+        try:
+            ok = bool(check())
+        except Exception:  # noqa: BLE001 - a probe must answer, whatever the component does
+            _log.exception("Health check of %s failed.", name)
+            ok = False
+        return "" if ok else problem
+
+    def _scheduler_stall(self, sched: Scheduler) -> str:
+        """Why the scheduler counts as wedged ('' if it makes progress), from its counters and metrics."""
+        now = time.monotonic()
+        waiting = sched.pending()
+        stalled = self._progress.stalled_s("answered", sched.answered, waiting, now)
+        if stalled >= self.stall_s:
+            return f"no frame answered for {stalled:.0f} s while {waiting} wait"
+        # Only these two metrics are collected (never the whole registry: medge_ready itself calls this).
+        depths = _by_model(self.metrics.queue_depth, "medge_queue_depth")
+        batches = _by_model(self.metrics.batch_size, "medge_batch_size_count")
+        for m in self.models:
+            depth = depths.get(m.name, 0.0)
+            stalled = self._progress.stalled_s(f"model:{m.name}", batches.get(m.name, 0.0), depth, now)
+            if stalled >= self.stall_s:
+                return f"model {m.name}: no batch finished for {stalled:.0f} s while {depth:.0f} frames wait"
+        return ""
+
+    def not_ready_reason(self) -> str:
+        """Why ``/readyz`` says 503, one ``component: reason`` per line ('' when ready)."""
+        bad = self.problems()
+        if bad:
+            return "\n".join(f"{name}: {why}" for name, why in bad)
+        if self._stopped:
+            return "shutting down"
+        if not self._ready:
+            return "starting: loading and warming up the models, binding the sockets"
+        return ""
 
     def start(self) -> "Daemon":
         """Bring everything up; on failure, close what was started and re-raise."""
@@ -122,7 +261,9 @@ class Daemon:
         try:
             if cfg.metrics.enabled:
                 try:
-                    self.health = HealthServer.from_config(cfg.metrics, self.registry, lambda: self.ready)
+                    self.health = HealthServer.from_config(
+                        cfg.metrics, self.registry, lambda: self.ready, reason=self.not_ready_reason
+                    )
                 except OSError as exc:
                     from edge.errors import ConfigError
 
@@ -230,6 +371,143 @@ def sd_notify(message: str) -> bool:
     return True
 
 
+def _by_model(metric: Any, sample: str) -> dict[str, float]:
+    """The values of one metric's ``sample`` by its ``model`` label."""
+    return {
+        str(s.labels.get("model", "")): float(s.value)
+        for family in metric.collect()
+        for s in family.samples
+        if s.name == sample
+    }
+
+
+class Watchdog:
+    """Sends ``WATCHDOG=1`` to systemd every ``interval_s``, but only while ``check()`` is true.
+
+    Parameters
+    ----------
+    check : callable
+        True while every serving loop makes progress (``lambda: daemon.ready``).
+    interval_s : float
+        Half of the unit's ``WatchdogSec=`` (:meth:`interval_from_env`).
+    notify : callable
+        Sends one notification (default :func:`sd_notify`).
+
+    Notes
+    -----
+    systemd arms the watchdog once the unit is started (after ``READY=1``);
+    if no ``WATCHDOG=1`` arrives within ``WatchdogSec=`` it kills the daemon
+    (SIGABRT) and ``Restart=on-failure`` starts it again. A daemon whose
+    loop died or is wedged therefore stops pinging and is restarted, while
+    ``/readyz`` already says why. The check runs on this thread, so a check
+    that hangs also stops the pings.
+
+    Examples
+    --------
+    >>> Watchdog.interval_from_env({"WATCHDOG_USEC": "30000000"})
+    15.0
+    >>> Watchdog.interval_from_env({}) is None
+    True
+    """
+
+    def __init__(self, check: Any, interval_s: float, notify: Any = None) -> None:
+        self._check = check
+        self.interval_s = float(interval_s)
+        self._notify = notify if notify is not None else sd_notify
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.pings = 0
+
+    @staticmethod
+    def interval_from_env(env: Any = None) -> float | None:
+        """Half of ``$WATCHDOG_USEC`` in seconds, or None when systemd asks for no watchdog (or not of us)."""
+        env = os.environ if env is None else env
+        usec = env.get("WATCHDOG_USEC", "")
+        pid = env.get("WATCHDOG_PID", "")
+        if not usec:
+            return None
+        if pid and pid.strip() != str(os.getpid()):
+            return None  # meant for another process (sd_watchdog_enabled's rule)
+        try:
+            value = int(usec)
+        except ValueError:
+            _log.warning("Ignoring WATCHDOG_USEC=%r: not an integer.", usec)
+            return None
+        return value / 2e6 if value > 0 else None
+
+    def start(self) -> "Watchdog":
+        """Ping once now (if healthy), then every ``interval_s`` on a daemon thread."""
+        self._thread = threading.Thread(target=self._run, name="medge-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop pinging (at shutdown; the daemon then sends ``STOPPING=1``)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+
+    def _run(self) -> None:
+        healthy_before = True
+        while True:
+            try:
+                healthy = bool(self._check())
+            except Exception:  # noqa: BLE001 - the watchdog's one error boundary: no ping, try again
+                _log.exception("The watchdog's health check failed.")
+                healthy = False
+            if healthy:
+                if self._notify("WATCHDOG=1"):
+                    self.pings += 1
+                if not healthy_before:
+                    _log.warning("Every serving loop makes progress again; the systemd watchdog is pinged again.")
+            elif healthy_before:
+                _log.error("A serving loop died or is wedged (see /readyz); the systemd watchdog is no longer pinged.")
+            healthy_before = healthy
+            if self._stop.wait(self.interval_s):
+                return
+
+
+class _InjectedFault(BaseException):
+    """Raised by an injected ``worker-exit`` fault: a BaseException, so no error boundary swallows it."""
+
+
+def inject_fault(daemon: Daemon, spec: str) -> threading.Event:
+    """Arm one test-only fault in a started daemon (``MEDGE_FAULT_INJECT``; see the module notes).
+
+    ``spec`` is ``worker-exit:MODEL`` or ``worker-hang:MODEL``. Returns an
+    event: set it to let a hung batch return (tests). The fault fires once,
+    on MODEL's next batch.
+
+    Raises
+    ------
+    ConfigError
+        If ``spec`` is not one of those, or MODEL is not served.
+    """
+    kind, _, name = spec.partition(":")
+    if kind not in ("worker-exit", "worker-hang") or not name:
+        raise ConfigError(
+            f"Environment variable {FAULT_INJECT_ENV}={spec!r}: expected worker-exit:MODEL or worker-hang:MODEL."
+        )
+    model = next((m for m in daemon.models if m.name == name), None)
+    if model is None:
+        raise ConfigError(f"Environment variable {FAULT_INJECT_ENV}: model {name!r} is not served.")
+    release = threading.Event()
+    real_run = model.run
+
+    def _faulty_run(images: Any) -> Any:
+        model.run = real_run  # type: ignore[method-assign]  # once only
+        if kind == "worker-exit":
+            _log.error("Injected fault (%s): this model worker thread exits now.", FAULT_INJECT_ENV)
+            raise _InjectedFault(spec)
+        _log.error("Injected fault (%s): this batch hangs until shutdown.", FAULT_INJECT_ENV)
+        release.wait()
+        return real_run(images)
+
+    model.run = _faulty_run  # type: ignore[method-assign]
+    _log.warning("Test-only fault injection armed (%s=%s); never set it in production.", FAULT_INJECT_ENV, spec)
+    return release
+
+
 def _start_dicom(cfg: MedgeConfig, service: Scheduler, registry: CollectorRegistry) -> Any:
     """Start the DICOM side through ``edge.ingest.dicom.start_dicom`` where it is installed."""
     if importlib.util.find_spec("edge.ingest.dicom") is None:
@@ -275,12 +553,22 @@ def run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _on_signal)
-    with Daemon(config):
+    fault = os.environ.get(FAULT_INJECT_ENV, "")  # test-only; read once, here
+    interval_s = Watchdog.interval_from_env()
+    with Daemon(config) as daemon:
+        release = inject_fault(daemon, fault) if fault else None
         sd_notify("READY=1")
+        watchdog = Watchdog(lambda: daemon.ready, interval_s).start() if interval_s else None
+        if watchdog is not None:
+            _log.info("systemd watchdog: WATCHDOG=1 every %.1f s while every serving loop makes progress.", interval_s)
         while not stop.wait(0.5):
             pass
         _log.info("%s received; shutting down.", received[0] if received else "stop")
+        if watchdog is not None:
+            watchdog.stop()
         sd_notify("STOPPING=1")
+        if release is not None:
+            release.set()  # a batch hung by fault injection returns, so shutdown stays bounded
         _exit_after(config.shutdown_timeout_s + 0.9)
     return 0
 

@@ -849,7 +849,7 @@ class Outbox:
             try:
                 items.append((p, dcmread(p)))
             except (InvalidDicomError, OSError, ValueError) as exc:
-                self._dead_letter(dest, p, f"unreadable outbox file: {exc}")
+                self._dead_letter(dest, p, f"unreadable outbox file: {type(exc).__name__}")
         if not items:
             return
         ae = AE(ae_title=self.calling_ae)

@@ -514,6 +514,7 @@ class AdmittingServer(ThreadedAssociationServer):
         self.admission = admission
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
+        self.last_turn = time.monotonic()  # heartbeat of the accept loop (service_actions), for healthy()
         super().__init__(*args, **kwargs)
         if self.ssl_context is not None:
             raise MedgeError("AdmittingServer does TLS itself: pass it as admission.tls, not ssl_context.")
@@ -568,6 +569,7 @@ class AdmittingServer(ThreadedAssociationServer):
     def service_actions(self) -> None:
         """pynetdicom's housekeeping, then shut down pending connections past their deadline."""
         super().service_actions()
+        self.last_turn = time.monotonic()
         now = time.monotonic()
         with self._lock:
             late = [e for e in self._pending.values() if e.deadline <= now and e.live]
@@ -880,6 +882,19 @@ class DicomIngest:
             "TLS" if self.settings.tls.enabled else "no TLS",
         )
         return self
+
+    def healthy(self, stall_s: float = 60.0) -> bool:
+        """Whether the SCP's accept loop runs and has turned within ``stall_s`` (for ``/readyz``).
+
+        The loop turns every few tenths of a second even when no scanner
+        connects, so an older turn means it is stuck. Only the SCP: the
+        pipeline and the outbox answer for themselves
+        (``self.pipeline.healthy``, ``self.outbox.healthy``).
+        """
+        thread, server = self._accept_thread, self._server
+        if thread is None or server is None:
+            return False
+        return thread.is_alive() and time.monotonic() - server.last_turn <= stall_s
 
     @property
     def pending_connections(self) -> int:
