@@ -136,6 +136,8 @@ class InstanceInfo:
     study_instance_uid: str = ""
     series_instance_uid: str = ""
     number_of_frames: int = 1
+    #: The data set holds Pixel Data (native or encapsulated); an image instance without it cannot be run.
+    has_pixels: bool = True
 
 
 class Router:
@@ -705,6 +707,7 @@ def scan_and_inflate(
         study_instance_uid=f.get("study_instance_uid", ""),
         series_instance_uid=f.get("series_instance_uid", ""),
         number_of_frames=frames,
+        has_pixels="pixel_bytes" in img or reader.encapsulated,
     )
     return info, data
 

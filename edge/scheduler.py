@@ -211,6 +211,8 @@ class Scheduler:
             m.name: _ModelQueue(m, ModelPolicy.of(config, mcs.get(m.name), m.max_batch)) for m in registry
         }
         reg = metrics.registry if metrics is not None else None
+        if metrics is not None:
+            metrics.declare_models(self._queues)  # drops, stages, batch sizes at 0 from the start
         self._boundary = ErrorBoundary("scheduler", _log, reg)
         self._callback_boundary = ErrorBoundary("result_callback", _log, reg)
         self._accepting = False

@@ -64,7 +64,7 @@ from edge.config import MedgeConfig, load_config
 from edge.errors import ConfigError
 from edge.health import HealthServer
 from edge.ingest.zmq import ZmqServer
-from edge.metrics import Metrics, get_or_create_metric
+from edge.metrics import MODEL_FAILURE_CODES, Metrics, get_or_create_metric
 from edge.models import ModelRegistry
 from edge.scheduler import Scheduler
 from edge.zmq_auth import CurveServer
@@ -293,6 +293,7 @@ class Daemon:
                 self.zmq = ZmqServer(cfg.zmq, self.scheduler, self.metrics, context=self._zmq_ctx).start()
             if cfg.dicom.enabled:
                 self.dicom = _start_dicom(cfg, self.scheduler, self.registry)
+                self.metrics.declare_source("dicom", self.scheduler.models(), MODEL_FAILURE_CODES)
         except BaseException:
             self.close()
             raise

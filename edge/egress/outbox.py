@@ -108,7 +108,7 @@ from pynetdicom.presentation import build_context
 
 from edge.boundary import ErrorBoundary
 from edge.errors import ConfigError
-from edge.metrics import get_or_create_metric
+from edge.metrics import dicom_store_to_result_histogram, get_or_create_metric
 from edge.spool import atomic_write, safe_name
 
 __all__ = [
@@ -611,6 +611,10 @@ class Outbox:
             ["destination"],
             zero=names,
         )
+        self._store_to_result = dicom_store_to_result_histogram(registry, names)
+        # (destination, file name) -> when its earliest source was stored (time.time()); in memory only:
+        # results still pending at a restart are delivered but not timed.
+        self._stored_at: dict[tuple[str, str], float] = {}
         self._boundary = ErrorBoundary("outbox", _log, registry)
         self._stop = threading.Event()
         self._wake = {d.name: threading.Event() for d in self.destinations}
@@ -667,8 +671,12 @@ class Outbox:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def put(self, ds: Dataset) -> list[Path]:
-        """Write ``ds`` durably for every destination; returns the written paths."""
+    def put(self, ds: Dataset, stored_at: float | None = None) -> list[Path]:
+        """Write ``ds`` durably for every destination; returns the written paths.
+
+        ``stored_at`` (``time.time()`` of its earliest source's arrival) times the
+        delivery in ``medge_dicom_store_to_result_seconds``.
+        """
         buf = io.BytesIO()
         dcmwrite(buf, ds, enforce_file_format=True)
         data = buf.getvalue()
@@ -685,6 +693,8 @@ class Outbox:
             path = self.pending_root / dest.name / name
             self._write(path, data, dest)
             written.append(path)
+            if stored_at is not None:
+                self._stored_at[(dest.name, name)] = stored_at
         for dest in self.destinations:
             self._wake[dest.name].set()
         return written
@@ -918,6 +928,9 @@ class Outbox:
                     self._remove_sent(dest, path)
                     self._attempts_path(path).unlink(missing_ok=True)
                     self._sent.labels(destination=dest.name).inc()
+                    stored_at = self._stored_at.pop((dest.name, path.name), None)
+                    if stored_at is not None:
+                        self._store_to_result.labels(destination=dest.name).observe(max(0.0, time.time() - stored_at))
                     self._recovered(dest, state)
                     continue
                 self._failures.labels(destination=dest.name).inc()
@@ -969,4 +982,5 @@ class Outbox:
             self._forget(dest, path)
         self._attempts_path(path).unlink(missing_ok=True)
         self._dead.labels(destination=dest.name).inc()
+        self._stored_at.pop((dest.name, path.name), None)
         _log.error("Result %s for destination %s moved to the dead-letter folder: %s.", path.name, dest.name, reason)

@@ -18,7 +18,8 @@ What happens on the network (association) thread, and nothing more:
    naming the reason (no patient data), and nothing is written.
 2. Routing: an instance no rule routes to a served model is accepted and
    logged by SOP class (``unrouted = "accept"``, not stored) or refused with
-   ``0x0122`` (``unrouted = "reject"``).
+   ``0x0122`` (``unrouted = "reject"``). A routed instance without Pixel
+   Data (nothing a model could run) is answered ``0xC210``.
 3. The encoded bytes (file meta + data set, exactly as received) are written
    to the spool: temp file, fsync, rename, fsync of the folder. Only then is
    success (``0x0000``) returned. A full spool (``[dicom] spool_max_mb``
@@ -763,6 +764,7 @@ class DicomIngest:
             "medge_dicom_instances_received_total",
             "DICOM instances stored durably and answered success, by calling AE title (allow-listed names, else other).",
             ["calling_ae"],
+            zero=(*self.allowed, "other"),
         )
         self._refused = get_or_create_metric(
             registry,
@@ -997,6 +999,12 @@ class DicomIngest:
             self._unrouted.labels(sop_class_uid=sop, action="accept").inc()
             self._received.labels(calling_ae=self._calling_label(event.assoc.requestor.ae_title)).inc()
             return STATUS_SUCCESS
+        if not info.has_pixels:
+            # A routed image without Pixel Data can never be run: refuse it now (the sender learns
+            # why) rather than answer success and quarantine it later.
+            self._throttle.warning("no_pixels", "C-STORE refused: a routed instance holds no Pixel Data.")
+            self._refused.labels(status=f"0x{STATUS_CANNOT_UNDERSTAND:04X}").inc()
+            return _status(STATUS_CANNOT_UNDERSTAND, "Routed instance holds no Pixel Data")
         try:
             path = self.spool.store_instance(info.sop_instance_uid, [_PREAMBLE, encode_file_meta(event.file_meta), data])
         except SpoolFullError as exc:

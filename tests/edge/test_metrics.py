@@ -1,20 +1,41 @@
-"""Metrics and health: contract names, sub-millisecond buckets, promtool, probes."""
+"""Metrics and health: contract names, buckets, build info, series at 0 from the start, promtool, probes."""
 
 from __future__ import annotations
 
 import re
-import shutil
+import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
+from edge import __version__
+from edge.demo import free_port
+from edge.egress.zmq import ERROR_CODES
 from edge.health import HealthServer
-from edge.metrics import LATENCY_BUCKETS_S, Metrics
+from edge.metrics import (
+    DICOM_BUCKETS_S,
+    DROP_REASONS,
+    LATENCY_BUCKETS_S,
+    MODEL_FAILURE_CODES,
+    REPLY_LOST_REASONS,
+    STAGES,
+    Metrics,
+    dicom_store_to_result_histogram,
+    get_or_create_metric,
+)
+from edge.dicom_send import send_paths
+from tests.conftest import peer_path, wait_until
+from tests.edge import dicom_factory as f
+from tests.edge._daemon import running_daemon
 
-PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+PROMTOOL = peer_path("promtool") or "promtool"
 
 
 def _get(url: str) -> tuple[int, bytes, str]:
@@ -76,6 +97,157 @@ def test_histograms_resolve_sub_millisecond_stages() -> None:
     assert reg.get_sample_value("medge_stage_seconds_bucket", {"model": "m", "stage": "queue", "le": "5e-05"}) == 0
 
 
+def test_latency_buckets_resolve_1_to_100_ms() -> None:
+    for bounds in (LATENCY_BUCKETS_S, DICOM_BUCKETS_S):
+        assert list(bounds) == sorted(set(bounds))
+    assert 0.001 in LATENCY_BUCKETS_S and 0.1 in LATENCY_BUCKETS_S
+    window = [b for b in LATENCY_BUCKETS_S if 0.001 <= b <= 0.1]
+    steps = [hi / lo for lo, hi in zip(window, window[1:])]
+    assert len(window) >= 15 and max(steps) <= 1.5, steps
+    # a DICOM result waits series_idle_s (10 s by default) and possibly a PACS that is down
+    assert DICOM_BUCKETS_S[0] <= 0.5 and 10.0 in DICOM_BUCKETS_S and DICOM_BUCKETS_S[-1] >= 3600
+
+
+def test_build_info_is_one_series_of_software_versions() -> None:
+    reg = CollectorRegistry()
+    Metrics(reg, process=False, gpu=False)
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(reg).decode())}
+    (sample,) = fams["medge_build_info"].samples
+    assert sample.value == 1
+    assert sample.labels["version"] == __version__
+    assert re.fullmatch(r"3\.\d+\.\d+", sample.labels["python"])
+    assert re.fullmatch(r"\d+\.\d+.*", sample.labels["onnxruntime"])
+    assert set(sample.labels) == {"version", "python", "onnxruntime", "tensorrt", "pyzmq", "pydicom", "pynetdicom"}
+    host = socket.gethostname()
+    assert all(host not in v for v in sample.labels.values())
+
+
+def test_store_to_result_histogram_is_shared_and_created_at_zero_per_destination() -> None:
+    reg = CollectorRegistry()
+    m = Metrics(reg, process=False, gpu=False)
+    h = dicom_store_to_result_histogram(reg, ["pacs", "archive"])
+    assert h is m.dicom_store_to_result
+    for dest in ("pacs", "archive"):
+        assert reg.get_sample_value("medge_dicom_store_to_result_seconds_count", {"destination": dest}) == 0
+    h.labels(destination="pacs").observe(11.0)  # a series wait of 10 s plus delivery
+    le = {"destination": "pacs", "le": "10.0"}
+    assert reg.get_sample_value("medge_dicom_store_to_result_seconds_bucket", le) == 0
+    assert reg.get_sample_value("medge_dicom_store_to_result_seconds_bucket", {**le, "le": "12.5"}) == 1
+
+
+def test_get_or_create_metric_creates_zero_values_once() -> None:
+    reg = CollectorRegistry()
+    a = get_or_create_metric(reg, Counter, "medge_things_total", "Things.", ["reason"], zero=["x", "y"])
+    a.labels(reason="x").inc(2)
+    b = get_or_create_metric(reg, Counter, "medge_things_total", "Things.", ["reason"], zero=["x", "y", "z"])
+    assert b is a
+    got = {r: reg.get_sample_value("medge_things_total", {"reason": r}) for r in ("x", "y", "z")}
+    assert got == {"x": 2, "y": 0, "z": 0}
+
+
+def _zero_series(metrics_text: str) -> dict[str, dict[frozenset, float]]:
+    """``{sample name: {frozenset(labels.items()): value}}`` of a scrape."""
+    out: dict[str, dict[frozenset, float]] = {}
+    for fam in text_string_to_metric_families(metrics_text):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[frozenset(s.labels.items())] = s.value
+    return out
+
+
+def _value(series: dict[str, dict[frozenset, float]], name: str, **labels: str) -> float | None:
+    return series.get(name, {}).get(frozenset(labels.items()))
+
+
+@pytest.fixture(scope="module")
+def fresh_scrape(fixture_engines: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[frozenset, float]]:
+    """One scrape of a daemon that has seen no traffic: two models, ZeroMQ, DICOM with one destination."""
+    with running_daemon(fixture_engines, tmp_path_factory.mktemp("fresh"), ["tiny-seg", "tiny-det"], dicom=True,
+                        routes={"US": "tiny-seg"}, results_port=free_port()) as d:
+        with urllib.request.urlopen(d.metrics_url, timeout=5) as resp:
+            return _zero_series(resp.read().decode())
+
+
+MODELS = ("tiny-seg", "tiny-det")
+
+
+def test_a_fresh_daemon_exposes_every_zmq_and_model_series_at_zero(fresh_scrape) -> None:
+    s = fresh_scrape
+    expected: list[tuple[str, dict[str, str]]] = []
+    for model in MODELS:
+        expected.append(("medge_frames_received_total", {"source": "zmq", "model": model}))
+        expected.append(("medge_end_to_end_seconds_count", {"source": "zmq", "model": model}))
+        expected.append(("medge_end_to_end_seconds_bucket", {"source": "zmq", "model": model, "le": "0.01"}))
+        expected += [("medge_frames_dropped_total", {"model": model, "reason": r}) for r in DROP_REASONS]
+        expected += [("medge_stage_seconds_count", {"model": model, "stage": st}) for st in STAGES]
+        expected.append(("medge_batch_size_count", {"model": model}))
+        expected.append(("medge_queue_depth", {"model": model}))
+    expected += [("medge_requests_failed_total", {"source": "zmq", "code": c}) for c in ERROR_CODES]
+    expected += [("medge_replies_lost_total", {"reason": r}) for r in REPLY_LOST_REASONS]
+    missing = [(n, lab) for n, lab in expected if _value(s, n, **lab) is None]
+    assert missing == []
+    assert {(n, str(lab)): _value(s, n, **lab) for n, lab in expected} == {(n, str(lab)): 0.0 for n, lab in expected}
+    components = {dict(k)["component"] for k in s["medge_internal_errors_total"]}
+    assert components >= {"scheduler", "zmq_io", "zmq_reply", "dicom_scp", "dicom_pipeline", "outbox", "http"}
+    assert set(s["medge_internal_errors_total"].values()) == {0.0}
+    (build,) = s["medge_build_info"].items()
+    assert build[1] == 1 and dict(build[0])["version"] == __version__
+
+
+def test_a_fresh_daemon_exposes_every_dicom_series_at_zero(fresh_scrape) -> None:
+    s = fresh_scrape
+    expected: list[tuple[str, dict[str, str]]] = []
+    for model in MODELS:
+        expected.append(("medge_frames_received_total", {"source": "dicom", "model": model}))
+        expected.append(("medge_end_to_end_seconds_count", {"source": "dicom", "model": model}))
+    expected += [("medge_requests_failed_total", {"source": "dicom", "code": c}) for c in MODEL_FAILURE_CODES]
+    for name in ("medge_outbox_sent_total", "medge_outbox_failures_total", "medge_outbox_dead_letter_total",
+                 "medge_dicom_store_to_result_seconds_count"):
+        expected.append((name, {"destination": "demo-pacs"}))
+    expected.append(("medge_dicom_instances_received_total", {"calling_ae": "other"}))
+    missing = [(n, lab) for n, lab in expected if _value(s, n, **lab) is None]
+    assert missing == []
+    assert {(n, str(lab)): _value(s, n, **lab) for n, lab in expected} == {(n, str(lab)): 0.0 for n, lab in expected}
+    assert set(s["medge_dicom_processing_failures_total"].values()) == {0.0}
+    assert len(s["medge_dicom_processing_failures_total"]) >= 5
+
+
+@pytest.mark.peer("storescp")
+def test_store_to_result_covers_the_series_wait_and_the_delivery_to_the_pacs(fixture_engines: Path, tmp_path: Path) -> None:
+    port, received = free_port(), tmp_path / "pacs"
+    received.mkdir()
+    pacs = subprocess.Popen([peer_path("storescp") or "storescp", "-od", str(received), "-aet", "MEDGEPACS", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, what="storescp to listen")
+        image = np.zeros((64, 64), np.uint8)
+        image[16:40, 20:44] = 200
+        src = f.save(f.make_us_single(image), tmp_path / "in" / "us.dcm")
+        with running_daemon(fixture_engines, tmp_path / "d", ["tiny-seg"], dicom=True, routes={"US": "tiny-seg"},
+                            results_port=port) as d:
+
+            def scrape() -> dict[str, dict[frozenset, float]]:
+                with urllib.request.urlopen(d.metrics_url, timeout=5) as resp:
+                    return _zero_series(resp.read().decode())
+
+            t0 = time.time()
+            assert send_paths([src], port=d.dicom_port).sent == 1
+            wait_until(lambda: _value(scrape(), "medge_outbox_sent_total", destination="demo-pacs") == 1,
+                       timeout_s=60, what="the result to reach the PACS")
+            elapsed = time.time() - t0
+            s = scrape()
+    finally:
+        pacs.terminate()
+        pacs.wait(10)
+    assert _value(s, "medge_dicom_store_to_result_seconds_count", destination="demo-pacs") == 1  # observed when sent
+    total = _value(s, "medge_dicom_store_to_result_seconds_sum", destination="demo-pacs")
+    frame = _value(s, "medge_end_to_end_seconds_sum", source="dicom", model="tiny-seg")
+    assert total is not None and frame is not None
+    # the demo config's series_idle_s is 1 s: the series wait is inside, and so is the frame's inference
+    assert 1.0 <= total <= elapsed
+    assert frame < total - 1.0
+    assert any(received.iterdir())
+
+
 def test_each_metrics_instance_is_isolated() -> None:
     a, b = CollectorRegistry(), CollectorRegistry()
     Metrics(a, process=False).frames_received.labels(source="zmq", model="m").inc()
@@ -83,7 +255,7 @@ def test_each_metrics_instance_is_isolated() -> None:
     assert b.get_sample_value("medge_frames_received_total", {"source": "zmq", "model": "m"}) is None
 
 
-@pytest.mark.skipif(shutil.which(PROMTOOL) is None, reason="promtool not installed (Debian package prometheus)")
+@pytest.mark.peer("promtool")
 def test_promtool_accepts_the_exposition_over_http() -> None:
     ready = {"v": False}
     with HealthServer("127.0.0.1", 0, _populated(), ready=lambda: ready["v"]) as srv:
