@@ -2,17 +2,16 @@
 
 The server certificate names ``localhost`` and ``127.0.0.1`` (subjectAltName),
 so Go (Prometheus), DCMTK and Python all accept it for a loopback peer. Keys
-are P-256 (fast to make). ``pytest.skip`` when ``openssl`` is not on PATH.
+are P-256 (fast to make). Without ``openssl`` the test skips (fails under ``CI=true``): :func:`tests.conftest.require_peer`.
 """
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from tests.conftest import require_peer
 
 __all__ = ["Pki", "make_pki"]
 
@@ -32,9 +31,7 @@ class Pki:
 
 
 def _openssl(*args: str) -> None:
-    exe = shutil.which("openssl")
-    if exe is None:
-        pytest.skip("openssl is not installed (needed to make test certificates)")
+    exe = require_peer("openssl")  # to make test certificates
     subprocess.run([exe, *args], check=True, capture_output=True, timeout=60)
 
 

@@ -9,7 +9,6 @@ processed.
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -24,12 +23,13 @@ from edge.egress.dicom_results import mask_outlines
 from edge.ingest.dicom import DicomIngest
 from edge.manifest import default_engines_dir
 from edge.pixels import iter_frames
+from tests.conftest import peer_path, wait_until
 from tests.edge import dicom_factory as f
 from tests.edge.test_dicom_outbox import wait_port
 from tests.edge.test_dicom_results import _rois, dciodvfy
 from tests.edge.test_dicom_units import _inside
 
-STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
+STORESCU, STORESCP = peer_path("storescu") or "storescu", peer_path("storescp") or "storescp"
 BUNDLED = ("us-lesion-seg", "xray-nodule-det")
 
 pytestmark = [
@@ -37,7 +37,7 @@ pytestmark = [
         not all((default_engines_dir() / n / "manifest.json").is_file() for n in BUNDLED),
         reason="the bundled engines are not built yet (trainer)",
     ),
-    pytest.mark.skipif(not Path(STORESCP).exists(), reason="DCMTK is not installed (apt-get install dcmtk)"),
+    pytest.mark.peer("storescu", "storescp", "dciodvfy"),
 ]
 
 
@@ -81,15 +81,14 @@ def storescu(port: int, files: list[Path]) -> None:
     assert r.returncode == 0, r.stderr
 
 
-def wait_files(folder: Path, n: int, timeout_s: float = 60.0) -> list[Path]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        files = sorted(p for p in folder.iterdir() if p.is_file())
-        if len(files) >= n:
-            time.sleep(0.2)
-            return sorted(p for p in folder.iterdir() if p.is_file())
-        time.sleep(0.1)
-    raise AssertionError(f"PACS holds {len(list(folder.iterdir()))} of {n} expected objects")
+def pacs_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file())
+
+
+def wait_files(folder: Path, n: int, timeout_s: float = 60.0) -> None:
+    """Wait until the PACS folder holds ``n`` objects. Read them only once the outbox is idle: storescp
+    answers a C-STORE after writing its file, so then every file is complete and any extra one is there."""
+    wait_until(lambda: len(pacs_files(folder)) >= n, timeout_s, what=f"{n} objects in the PACS folder")
 
 
 def make_sources(folder: Path) -> dict[str, list[Path]]:
@@ -140,8 +139,9 @@ def test_storescu_to_pacs_with_bundled_models(service, zmq_endpoint, pacs, tmp_p
     with DicomIngest(cfg, service, CollectorRegistry(), cfg.spool_dir).start() as ing:
         storescu(ing.port, [p for paths in src.values() for p in paths])
         # SEG (CT series), SR (cine), SR (CR), SR (DX) + SC overlays: 3 CT + 2 cine frames + CR + DX
-        received = wait_files(pacs_dir, 4 + 3 + 2 + 2)
+        wait_files(pacs_dir, 4 + 3 + 2 + 2)
         assert ing.pipeline.wait_idle(30) and ing.outbox.wait_idle(30)
+        received = pacs_files(pacs_dir)
         assert ing.spool.pending_instances() == []
     by_kind: dict[str, list] = {}
     for p in received:
@@ -209,7 +209,8 @@ def test_restart_processes_instances_spooled_before_a_crash(service, pacs, tmp_p
     assert list(pacs_dir.iterdir()) == []
     reg = CollectorRegistry()
     with DicomIngest(cfg, service, reg, cfg.spool_dir).start() as second:
-        received = wait_files(pacs_dir, 2)  # SR for the CR, SEG for the CT series
+        wait_files(pacs_dir, 2)  # SR for the CR, SEG for the CT series
         assert second.pipeline.wait_idle(30) and second.outbox.wait_idle(30)
+        received = pacs_files(pacs_dir)
         assert second.spool.pending_instances() == []
     assert sorted(dcmread(p).Modality for p in received) == ["SEG", "SR"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
+import select
 import signal
 import socket
 import ssl
@@ -38,9 +38,10 @@ from edge.egress.dicom_results import ModelInfo
 from edge.errors import ProtocolError
 from edge.ingest.dicom import DicomIngest
 from edge.ingest.dicom_pipeline import FRAMES_PER_TURN
+from tests.conftest import peer_path, require_peer, wait_until
 from tests.edge import dicom_factory as f
 
-ECHOSCU = shutil.which("echoscu") or "/usr/bin/echoscu"
+ECHOSCU = peer_path("echoscu") or "echoscu"
 REPO = Path(__file__).resolve().parents[2]
 INFOS = {
     "us-lesion-seg": ModelInfo("us-lesion-seg", "1", "segmentation", ("lesion",)),
@@ -48,7 +49,7 @@ INFOS = {
 }
 PATIENT = ("MEDGE^TEST", "MEDGE-TEST-1")  # the factory's made-up identifiers: must never show up anywhere
 
-pytestmark = pytest.mark.skipif(not Path(ECHOSCU).exists(), reason="DCMTK is not installed (apt-get install dcmtk)")
+pytestmark = pytest.mark.peer("echoscu")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -218,9 +219,7 @@ def vm_kib(pid: int, key: str) -> int:
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed")
+    openssl = require_peer("openssl")
     d = tmp_path_factory.mktemp("tls")
     cert, key = d / "cert.pem", d / "key.pem"
     subprocess.run(
@@ -454,7 +453,9 @@ def test_idle_connections_from_one_peer_do_not_keep_a_modality_out(start_scp) ->
     ing, _svc, reg = start_scp(connect_timeout_s=5.0)  # max_associations 4, 2 per peer, 16 pending
     socks = idle(ing.port, 16)
     try:
-        time.sleep(0.2)
+        wait_until(lambda: ing.pending_connections == 2
+                   and metric(reg, "medge_dicom_connections_refused_total", reason="peer_limit") == 14,
+                   what="the listener to hold 2 of the 16 idle connections and refuse 14")
         ok, took = echo(ing.port)
         rc, took_dcmtk = echoscu(ing.port)
         print(f"16 idle connections from 127.0.0.2: C-ECHO took {took * 1000:.0f} ms (pynetdicom), "
@@ -473,7 +474,7 @@ def test_partial_pdus_hold_no_association_slot_and_are_closed_at_connect_timeout
     # Four peers, each sends the 6-byte header of an A-ASSOCIATE-RQ and nothing more.
     socks = [idle(ing.port, 1, source=f"127.0.0.{3 + i}", send=b"\x01\x00\x00\x00\x01\x00")[0] for i in range(4)]
     try:
-        time.sleep(0.2)
+        wait_until(lambda: ing.pending_connections == 4, what="the 4 partial A-ASSOCIATE-RQs to be pending")
         ok, took = echo(ing.port)
         print(f"4 partial A-ASSOCIATE-RQs: C-ECHO took {took * 1000:.0f} ms")
         assert ok and took < 2.0
@@ -577,7 +578,9 @@ def test_idle_tls_connections_do_not_block_the_listener(start_scp, certificate) 
     socks = idle(ing.port, 16)  # TCP connected, never start the TLS handshake
     trickle = idle(ing.port, 1, source="127.0.0.3", send=b"\x16\x03\x01")  # a handshake that never finishes
     try:
-        time.sleep(0.2)
+        wait_until(lambda: ing.pending_connections == 3
+                   and metric(reg, "medge_dicom_connections_refused_total", reason="peer_limit") == 14,
+                   what="the listener to hold 2 idle connections and the trickle, and refuse 14")
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
         ctx.check_hostname = False
         ok, took = echo(ing.port, tls=ctx)
@@ -599,7 +602,9 @@ def test_real_scp_process_serves_a_modality_past_idle_connections_and_refuses_a_
     _proc, port, spool = scp_process
     socks = idle(port, 16)
     try:
-        time.sleep(0.2)
+        # The child refuses all but 2 per peer at once (EOF: readable): then all 16 have reached its listener.
+        wait_until(lambda: len(select.select(socks, [], [], 0)[0]) >= 14,
+                   what="the child to refuse 14 of the 16 idle connections")
         rc, took = echoscu(port)
         print(f"real process, 16 idle connections: echoscu took {took * 1000:.0f} ms")
         assert rc == 0 and took < 2.0
@@ -707,9 +712,7 @@ def test_transient_errors_are_retried_and_never_quarantine(start_scp, tmp_path: 
     # Shutting down while the service stays overloaded: the instance waits in the spool, its attempt taken back.
     ing2, svc2, reg2 = start_scp(Overloaded(-1))
     assert [int(r.Status) for r in store(ing2.port, [p])] == [0]
-    deadline = time.monotonic() + 10
-    while svc2.tries < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: svc2.tries >= 2, what="a retried attempt on the overloaded service")
     ing2.close()
     (left,) = ing2.spool.pending_instances()
     assert ing2.spool.attempts(left) == 0 and list(ing2.spool.failed_dir.iterdir()) == []

@@ -20,9 +20,10 @@ from pynetdicom.sop_class import ComprehensiveSRStorage, SegmentationStorage
 
 from edge.egress.dicom_results import ModelInfo, SourceResult, build_results
 from edge.egress.outbox import Destination, Outbox, RetryPolicy
+from tests.conftest import peer_path
 from tests.edge import dicom_factory as f
 
-STORESCP = "/usr/bin/storescp"
+STORESCP = peer_path("storescp") or "storescp"
 FAST = RetryPolicy(retry_base_s=0.05, retry_max_s=0.3, max_attempts=50, attempt_window_s=3600)
 DET = ModelInfo("xray-nodule-det", "1", "detection", ("nodule",))
 
@@ -96,7 +97,7 @@ def metric(reg: CollectorRegistry, name: str, **labels: str) -> float:
     return reg.get_sample_value(name, labels) or 0.0
 
 
-@pytest.mark.skipif(not Path(STORESCP).exists(), reason="DCMTK is not installed (apt-get install dcmtk)")
+@pytest.mark.peer("storescp")
 def test_destination_down_then_up_gets_everything_exactly_once(tmp_path: Path) -> None:
     port = f.free_port()
     reg = CollectorRegistry()

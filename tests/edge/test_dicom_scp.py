@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import ssl
 import subprocess
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,18 +22,17 @@ from edge.config import DicomRoute, DicomTlsConfig
 from edge.dicom_send import send_paths
 from edge.egress.dicom_results import ModelInfo
 from edge.ingest.dicom import DicomIngest
+from tests.conftest import peer_path, require_peer, wait_until
 from tests.edge import dicom_factory as f
 
-ECHOSCU, STORESCU = "/usr/bin/echoscu", "/usr/bin/storescu"
+ECHOSCU, STORESCU = peer_path("echoscu") or "echoscu", peer_path("storescu") or "storescu"
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 INFOS = {
     "us-lesion-seg": ModelInfo("us-lesion-seg", "1", "segmentation", ("lesion",)),
     "xray-nodule-det": ModelInfo("xray-nodule-det", "1", "detection", ("nodule",)),
 }
 
-pytestmark = pytest.mark.skipif(
-    not (Path(ECHOSCU).exists() and Path(STORESCU).exists()), reason="DCMTK is not installed (apt-get install dcmtk)"
-)
+pytestmark = pytest.mark.peer("echoscu", "storescu")
 
 
 @pytest.fixture
@@ -248,9 +246,7 @@ def test_medge_send_dicom_sends_a_folder(start_scp, tmp_path: Path) -> None:
 
 
 def test_tls_association(start_scp, tmp_path: Path) -> None:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed")
+    openssl = require_peer("openssl")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
@@ -277,9 +273,7 @@ def test_association_limit_and_release_on_network_timeout(start_scp) -> None:
     assert held.is_established
     assert echoscu(ing.port, "MODALITY").returncode != 0  # over the limit: rejected
     # Idle past the network timeout: the SCP releases (A-RELEASE), it does not abort.
-    deadline = time.monotonic() + 5
-    while held.is_established and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not held.is_established, timeout_s=5, what="the SCP to end the idle association")
     assert held.is_released and not held.is_aborted
     assert echoscu(ing.port, "MODALITY").returncode == 0  # the slot is free again
 
@@ -313,9 +307,8 @@ def test_restart_after_inference_reuses_saved_results(tmp_path: Path) -> None:
     first = DicomIngest(cfg, svc, CollectorRegistry(), cfg.spool_dir, model_info=INFOS.__getitem__).start()
     try:
         assert storescu(first.port, files).returncode == 0
-        deadline = time.monotonic() + 20
-        while len(list(first.spool.results_dir.glob("*.npz"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: len(list(first.spool.results_dir.glob("*.npz"))) == 2, timeout_s=20,
+                   what="both saved inference results")
     finally:
         first.close()
     assert len(svc.calls) == 2 and len(first.spool.pending_instances()) == 2

@@ -9,7 +9,6 @@ import http.client
 import json
 import logging
 import select
-import shutil
 import socket
 import ssl
 import subprocess
@@ -29,10 +28,11 @@ from prometheus_client.registry import Collector
 from edge.config import MetricsConfig
 from edge.errors import ConfigError
 from edge.health import HealthServer, HtpasswdAuth
+from tests.conftest import peer_path
 from tests.edge import dicom_factory as f
 from tests.edge._pki import Pki, make_pki
 
-PROMETHEUS = shutil.which("prometheus")
+PROMETHEUS = peer_path("prometheus") or "prometheus"
 USER, PASSWORD = "prom", "correct horse battery"
 
 
@@ -502,7 +502,7 @@ def _api(port: int, path: str) -> dict:
         return json.loads(resp.read())
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not on PATH (Debian package prometheus)")
+@pytest.mark.peer("prometheus", "promtool")
 def test_real_prometheus_scrapes_over_https_with_basic_auth(pki: Pki, tmp_path: Path) -> None:
     reg = CollectorRegistry()
     Counter("medge_test_events", "A test counter.", registry=reg).inc(7)
@@ -513,7 +513,7 @@ def test_real_prometheus_scrapes_over_https_with_basic_auth(pki: Pki, tmp_path: 
     ) as mutual:
         config = tmp_path / "prometheus.yml"
         _prometheus_config(config, pki, guarded.port, mutual.port)
-        check = subprocess.run([shutil.which("promtool") or "promtool", "check", "config", str(config)],
+        check = subprocess.run([peer_path("promtool") or "promtool", "check", "config", str(config)],
                                capture_output=True, text=True, timeout=30)
         assert check.returncode == 0, check.stdout + check.stderr
         port = f.free_port()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import types
 
@@ -10,6 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from edge.metrics import NvmlCollector
+from tests.conftest import require_peer
 
 
 class _FakeNvmlError(Exception):
@@ -39,9 +39,7 @@ def test_nvml_gauges_in_base_units_and_promtool_clean(tmp_path):
     assert 'medge_gpu_utilization_ratio{gpu="1"} 0.5' in text
     assert 'medge_gpu_memory_used_bytes{gpu="1"} 2.147483648e+09' in text
     assert 'medge_gpu_temperature_celsius{gpu="0"} 50.0' in text
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (Debian package prometheus)")
+    promtool = require_peer("promtool")
     out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stdout + out.stderr
 

@@ -40,13 +40,10 @@ from edge.demo import DaemonProcess, free_port, write_demo_config
 from edge.dicom_send import send_paths
 from edge.egress.dicom_results import ModelInfo, SourceResult, make_segmentation
 from tests.edge import dicom_factory as f
-from tests.edge._orthanc import OrthancServer, orthanc_binary
+from tests.edge._orthanc import OrthancServer
 from tests.edge.test_dicom_results import dciodvfy
 
-pytestmark = pytest.mark.skipif(
-    orthanc_binary() is None,
-    reason="Orthanc is not installed (Debian package 'orthanc': /usr/sbin/Orthanc, or Orthanc on PATH)",
-)
+pytestmark = pytest.mark.peer("Orthanc")
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"

@@ -27,7 +27,7 @@ from tests.edge.test_dicom_outbox import STORESCP, ScriptedSCP, metric, results,
 
 FAST = RetryPolicy(retry_base_s=0.05, retry_max_s=0.3, max_attempts=50, attempt_window_s=3600)
 
-needs_storescp = pytest.mark.skipif(not Path(STORESCP).exists(), reason="DCMTK is not installed (apt-get install dcmtk)")
+needs_storescp = pytest.mark.peer("storescp")
 
 
 @contextmanager

@@ -21,11 +21,12 @@ from pydicom import dcmread
 
 from edge.egress.outbox import Destination, Outbox
 from edge.errors import ConfigError
+from tests.conftest import peer_missing, peer_path
 from tests.edge import dicom_factory as f
 from tests.edge._pki import Pki, make_pki
 from tests.edge.test_dicom_outbox import FAST, ScriptedSCP, metric, poll, results, wait_port
 
-STORESCP = shutil.which("storescp")
+STORESCP = peer_path("storescp")
 
 
 def _storescp_has_tls() -> bool:
@@ -35,9 +36,7 @@ def _storescp_has_tls() -> bool:
     return "--enable-tls" in out.stdout + out.stderr
 
 
-needs_dcmtk_tls = pytest.mark.skipif(
-    not _storescp_has_tls(), reason="DCMTK storescp with TLS support is not installed (apt-get install dcmtk)"
-)
+needs_dcmtk_tls = pytest.mark.peer("storescp")  # and built with TLS: checked by the storescp fixture
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +74,8 @@ class StoreSCP:
 
 @pytest.fixture
 def storescp(pki: Pki, tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
+    if not _storescp_has_tls():
+        peer_missing(f"{STORESCP} has no TLS support (Debian package dcmtk has it)")
     started: list[StoreSCP] = []
 
     def start(require_client_cert: bool = False) -> StoreSCP:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import re
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -62,9 +61,10 @@ from pynetdicom.sop_class import (
 
 from edge.demo import free_port
 from edge.zmqclient import encode_request
+from tests.conftest import peer_path
 from tests.edge import dicom_factory as f
 
-STORESCP = shutil.which("storescp")
+STORESCP = peer_path("storescp")  # DCMTK's, never pynetdicom's same-named script in .venv/bin
 
 CANARY = "CANARYzq9"
 UID_PATTERN = "4242424242"
@@ -337,7 +337,7 @@ def _zmq_traffic(ingest: str, publish: str, timeout_s: float = 20.0) -> list[byt
     return frames
 
 
-@pytest.mark.skipif(STORESCP is None, reason="DCMTK storescp is not installed (apt-get install dcmtk)")
+@pytest.mark.peer("storescp")
 # Sending the malformed instances from this process makes pydicom warn here too (not the daemon's concern).
 @pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning", "ignore:Unknown encoding:UserWarning")
 def test_no_patient_data_leaves_the_daemon_outside_result_objects(fixture_engines: Path, tmp_path: Path) -> None:

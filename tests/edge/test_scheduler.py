@@ -17,6 +17,7 @@ from edge.metrics import Metrics
 from edge.models import LoadedModel, ModelRegistry
 from edge.scheduler import Scheduler
 from edge.types import InferenceResult
+from tests.conftest import wait_until
 
 
 class SlowBackend:
@@ -93,7 +94,7 @@ def test_live_stream_backlog_sheds_oldest_and_counts_it(fixture_engines: Path) -
     cfg = SchedulerConfig(queue_size=64, max_batch=1, stream_backlog=3)
     with Scheduler(_registry(fixture_engines, backend), cfg, Metrics(reg, process=False)) as sched:
         sched.submit(IMG, model=None, source="zmq", stream="probe", callback=sink.cb(0))
-        time.sleep(0.05)  # frame 0 is now inside the (blocked) backend
+        assert backend.entered.wait(10)  # frame 0 is now inside the (blocked) backend
         for i in range(1, 11):
             sched.submit(IMG, model="tiny-seg", source="zmq", stream="probe", callback=sink.cb(i))
         # frames 1..7 were shed oldest-first as 4..10 arrived; 8, 9, 10 wait
@@ -115,7 +116,7 @@ def test_streams_are_shed_independently_and_batched_together(fixture_engines: Pa
     cfg = SchedulerConfig(queue_size=64, max_batch=4, stream_backlog=2)
     with Scheduler(_registry(fixture_engines, backend), cfg, Metrics(reg, process=False)) as sched:
         sched.submit(IMG, model=None, source="zmq", stream="warm", callback=sink.cb(-1))
-        time.sleep(0.05)
+        assert backend.entered.wait(10)  # the warm frame holds the (blocked) backend
         for i in range(6):
             for s in range(3):
                 sched.submit(IMG, model=None, source="zmq", stream=f"s{s}", callback=sink.cb(i * 3 + s))
@@ -135,7 +136,7 @@ def test_max_delay_gathers_a_batch(fixture_engines: Path) -> None:
     with Scheduler(_registry(fixture_engines, backend), cfg) as sched:
         for i in range(3):
             sched.submit(IMG, model=None, source="zmq", stream=f"s{i}", callback=sink.cb(i))
-            time.sleep(0.01)
+            time.sleep(0.01)  # frames arrive spread over time: what max_delay_us must gather
         sink.wait(3)
     assert backend.batches == [3]
     assert all(r.timing_us["queue"] >= 150_000 for r in sink.results.values() if r is not sink.results[2])
@@ -148,7 +149,7 @@ def test_full_queue_answers_overloaded_and_unknown_model(fixture_engines: Path) 
     cfg = SchedulerConfig(queue_size=2, max_batch=1, stream_backlog=10)
     with Scheduler(_registry(fixture_engines, backend), cfg) as sched:
         sched.submit(IMG, model=None, source="zmq", stream="a", callback=sink.cb(0))
-        time.sleep(0.05)
+        assert backend.entered.wait(10)  # frame 0 holds the (blocked) backend, out of the queue
         sched.submit(IMG, model=None, source="zmq", stream="b", callback=sink.cb(1))
         sched.submit(IMG, model=None, source="zmq", stream="c", callback=sink.cb(2))
         with pytest.raises(ProtocolError) as info:
@@ -227,10 +228,7 @@ def test_real_model_through_the_scheduler(fixture_engines: Path) -> None:
 # ------------------------------------------------------------------ hardening: bounds, fairness, boundaries
 def _wait_until(cond, timeout_s: float = 10.0) -> None:
     """Poll ``cond`` with a deadline (no fixed sleeps)."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        time.sleep(0.002)
+    wait_until(cond, timeout_s, interval_s=0.002)
 
 
 class Order:

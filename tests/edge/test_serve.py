@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,9 +20,10 @@ import pytest
 import zmq
 
 from edge.manifest import default_engines_dir
+from tests.conftest import peer_path
 
 BUNDLED = ("us-lesion-seg", "xray-nodule-det")
-PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+PROMTOOL = peer_path("promtool") or "promtool"
 
 
 def _free_ports(n: int) -> list[int]:
@@ -186,7 +186,7 @@ def test_sigterm_during_a_60fps_stream(served_any: Served) -> None:
     assert accepted == sum(1 for h in replies.values() if h["status"] in ("ok", "dropped"))
 
 
-@pytest.mark.skipif(shutil.which(PROMTOOL) is None, reason="promtool not installed (Debian package prometheus)")
+@pytest.mark.peer("promtool")
 def test_promtool_on_a_live_daemon(served: Served) -> None:
     served.wait_ready()
     ctx = zmq.Context()

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from edge.config import load_config
+from tests.conftest import peer_path
 
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
-ANALYZE = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed (Debian package systemd)")
+ANALYZE = peer_path("systemd-analyze") or "systemd-analyze"
+needs_analyze = pytest.mark.peer("systemd-analyze")
 MAX_EXPOSURE = 2.5
 
 

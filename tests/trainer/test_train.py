@@ -14,8 +14,8 @@ torch = pytest.importorskip("torch")
 
 from tests.trainer.conftest import tiny_config  # noqa: E402
 from trainer.data import synthetic_segmentation_set  # noqa: E402
-from trainer.evaluate import evaluate_segmentation, torch_runner  # noqa: E402
-from trainer.train import load_checkpoint, model_from_checkpoint, train  # noqa: E402
+from trainer.evaluate import torch_runner  # noqa: E402
+from trainer.train import load_checkpoint, model_from_checkpoint, segmentation_loss, train  # noqa: E402
 
 from edge.errors import ConfigError  # noqa: E402
 from edge.manifest import InputSpec  # noqa: E402
@@ -43,8 +43,10 @@ def test_same_seed_same_weights(tmp_path: Path, cache_dir: str) -> None:
 
 
 def test_early_stopping(tmp_path: Path, cache_dir: str) -> None:
-    # lr 0: the validation score cannot improve after epoch 1, so patience 1 stops at epoch 2.
-    r = train(tiny_config("segmentation", tmp_path, cache_dir, epochs=6, lr=0.0, patience=1))
+    # min_delta 1: a score in [0, 1] can never improve by that much after epoch 1, on any CPU
+    # (with only lr 0, BatchNorm statistics still move and could nudge the score up), so
+    # patience 1 stops at epoch 2.
+    r = train(tiny_config("segmentation", tmp_path, cache_dir, epochs=6, lr=0.0, patience=1, min_delta=1.0))
     assert r.stopped_early and r.epochs_run == 2 and r.best_epoch == 1
 
 
@@ -54,7 +56,13 @@ def test_heldout_seed_is_refused(tmp_path: Path, cache_dir: str) -> None:
 
 
 def test_finetuning_beats_scratch_on_a_small_set(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> None:
-    """A checkpoint pretrained on plenty of data, fine-tuned on 4 frames, beats 4 frames from scratch."""
+    """A checkpoint pretrained on plenty of data, fine-tuned on 4 frames, beats 4 frames from scratch.
+
+    Every comparison is against the seed-matched baseline (same seed, same 4 frames, same 12
+    steps, no checkpoint), on the held-out set's mean training loss (BCE + soft Dice: continuous,
+    unlike thresholded Dice), and relative: no absolute score, since seeded runs are reproducible
+    per CPU but not across CPU kernels (an absolute Dice threshold failed on AMD EPYC).
+    """
     size = (64, 64)
     common = dict(input_size=size, base=8, batch_size=8, amp="off", n_val=16)
     pre = train(tiny_config("segmentation", tmp_path_factory.mktemp("pre"), cache_dir, n_train=64,
@@ -66,14 +74,20 @@ def test_finetuning_beats_scratch_on_a_small_set(tmp_path_factory: pytest.TempPa
     scratch = train(tiny_config("segmentation", tmp_path_factory.mktemp("sc"), cache_dir, **small))
     test = synthetic_segmentation_set(24, 77, InputSpec(size=size), cache_dir=cache_dir)
 
-    def dice(ckpt: Path) -> float:
-        m = model_from_checkpoint(load_checkpoint(ckpt))
-        return evaluate_segmentation(torch_runner(m, "segmentation"), test)["dice"]
+    def loss(ckpt: Path) -> float:
+        logits = torch_runner(model_from_checkpoint(load_checkpoint(ckpt)), "segmentation")(test.inputs)["logits"]
+        return float(segmentation_loss(torch.from_numpy(logits), torch.from_numpy(test.targets)))
 
-    d_pre, d_ft, d_fz, d_sc = dice(pre.best_checkpoint), dice(ft.last_checkpoint), dice(frozen.last_checkpoint), dice(scratch.last_checkpoint)
-    assert d_pre > 0.4, d_pre
-    assert d_ft > d_sc + 0.15, (d_ft, d_sc)
-    assert d_fz > d_sc + 0.15, (d_fz, d_sc)
+    l_pre, l_ft, l_fz, l_sc = (loss(c) for c in (pre.best_checkpoint, ft.last_checkpoint, frozen.last_checkpoint,
+                                                 scratch.last_checkpoint))
+    print(f"held-out loss: pretrained {l_pre:.4f}, fine-tuned {l_ft:.4f}, frozen encoder {l_fz:.4f}, scratch {l_sc:.4f}")
+    # Pretraining learned something the 4-frame baseline did not (5 seeds here: 0.55-0.74 of its loss).
+    assert l_pre < 0.95 * l_sc, (l_pre, l_sc)
+    # Fine-tuning keeps at least half of that lead (5 seeds here: 84-100 %); ignoring the
+    # checkpoint would keep none of it.
+    lead = l_sc - l_pre
+    assert l_sc - l_ft > 0.5 * lead, (l_ft, l_sc, lead)
+    assert l_sc - l_fz > 0.5 * lead, (l_fz, l_sc, lead)
     # Frozen encoder: identical encoder weights, changed decoder.
     a, b = load_checkpoint(pre.best_checkpoint)["state_dict"], load_checkpoint(frozen.last_checkpoint)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("encoder."))
