@@ -297,12 +297,15 @@ def render_markdown(r: dict[str, Any]) -> str:
         oi, op = o.get("vs_raw_infer", {}), o.get("vs_raw_pipeline", {})
         pr = s.get("paired_overhead_ms") or {}
         met = (oi.get("p50") is not None and oi["p50"] <= 0.5 and oi["p99"] <= 2.0)
+        # A negative or within-noise overhead says nothing about the target (edge.benchstats.overhead_verdict).
+        verdicts = (s.get("overhead_verdict") or {}).get("vs_raw_infer", {})
+        unjudged = sorted({v for v in verdicts.values() if v != "above noise"})
         st = s["server_stages_ms"]
         stages = "/".join(_f(st.get(k, {}).get("median_ms")) for k in ("queue", "preprocess", "infer", "postprocess"))
         lines.append(f"| {z['model']} | {z['precision']} | {z['frame']} {z['dtype']} | {s['ok']} | "
                      f"{_f(lat.get('median_ms'))} | {_f(lat.get('p99_ms'))} | {_f(raw.get('median_ms'))} | "
                      f"{_f(raw.get('p99_ms'))} | **{_f(oi.get('p50'), 3)}** | **{_f(oi.get('p99'), 3)}** | "
-                     f"{'yes' if met else 'no'} | {_f(op.get('p50'), 3)} | {_f(op.get('p99'), 3)} | {stages} | "
+                     f"{('n/a: ' + ', '.join(unjudged)) if unjudged else ('yes' if met else 'no')} | {_f(op.get('p50'), 3)} | {_f(op.get('p99'), 3)} | {stages} | "
                      f"{_f(pr.get('p50'), 3)} / {_f(pr.get('p99'), 3)} |")
     for key, title in (("stream_sweep", "## 4. Stream-count sweep: K probes at 30 fps each (open loop)"),
                        ("concurrency_sweep", "## 5. Concurrency sweep: N requests outstanding (closed loop)")):

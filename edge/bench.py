@@ -9,10 +9,16 @@
   stage breakdown (``timing_us``); ``--sweep`` runs one row per step;
   ``--compare-raw`` also times the raw backend on the same input in this
   process (interleaved blocks, so both see the same machine) and prints the
-  daemon's overhead at p50 and p99.
+  daemon's overhead at p50 and p99, each with its window-to-window noise and
+  labelled when negative or within that noise; ``--stability-percentage``
+  repeats measurement windows until the last few agree (perf_analyzer's rule).
 - ``dicom``: C-STORE throughput into the daemon's SCP and, with
   ``--results-port``, store-to-result latency per instance (a local storage
-  SCP receives the daemon's SEG/SR).
+  SCP receives the daemon's SEG/SR), with the same statistics and CV warning.
+
+Every mode takes ``--config FILE`` and the daemon's ``MEDGE_*`` variables
+for its endpoints (flag > ``MEDGE_*`` > file > default; see
+:mod:`edge.benchio`) and prints the endpoint it uses first.
 
 Every mode writes a human table to stdout and optionally ``--json`` (raw
 samples and summary), ``--csv`` and ``--plot`` (latency histogram + CDF,
@@ -29,38 +35,51 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from edge.benchstats import format_table, machine_info, summarize_ms, write_csv, write_json
+from edge.benchio import (
+    EXIT_FAILURES,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    Setting,
+    add_config_argument,
+    parse_frame,
+    resolve_client_endpoints,
+    write_outputs,
+)
+from edge.benchstats import (
+    NEGATIVE_OVERHEAD,
+    NOISE_UNKNOWN,
+    WITHIN_NOISE,
+    cv_warning,
+    describe_overhead,
+    format_table,
+    machine_info,
+    overhead_verdict,
+    stats_row,
+    summarize_ms,
+    within_percentage,
+)
 from edge.errors import MedgeError
 from edge.zmq_auth import add_curve_arguments, curve_from_args
 
-__all__ = ["configure_parser", "run", "EXIT_OK", "EXIT_FAILURES", "EXIT_UNREACHABLE",
+__all__ = ["configure_parser", "run", "EXIT_OK", "EXIT_FAILURES", "EXIT_USAGE", "EXIT_UNREACHABLE",
            "parse_frame", "parse_sweep", "bench_engine_samples", "scrape_metrics"]
 
 _log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILURES = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
+# What the daemon may add around the model at batch 1 on loopback (docs/benchmarking.md).
+_OVERHEAD_TARGETS_MS = {"p50": 0.5, "p99": 2.0}
+# Table marks beside an overhead that is not a measured overhead.
+_OVERHEAD_MARKS = {NEGATIVE_OVERHEAD: " (neg)", WITHIN_NOISE: " (noise)", NOISE_UNKNOWN: " (?)"}
 
 
 # ---------------------------------------------------------------------------- parsing helpers
-def parse_frame(text: str) -> tuple[int, int]:
-    """``"480x640"`` -> ``(480, 640)`` (height x width)."""
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"frame size {text!r} is not HxW, e.g. 480x640") from exc
-    if h < 16 or w < 16 or h * w > 8192 * 8192:
-        raise argparse.ArgumentTypeError(f"frame size {text!r} is out of range (16..8192 per side)")
-    return h, w
-
-
 def parse_sweep(text: str) -> tuple[str, list[float]]:
     """``"concurrency=1,2,4,8"`` -> ``("concurrency", [1, 2, 4, 8])``; also ``rate=`` and ``streams=``."""
     try:
@@ -89,6 +108,20 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _percentage(text: str) -> float:
+    v = float(text)
+    if not 0 < v <= 1000:
+        raise argparse.ArgumentTypeError(f"{text} is not a percentage in (0, 1000]")
+    return v
+
+
+def _at_least_two(text: str) -> int:
+    v = int(text)
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"{text} is not >= 2")
+    return v
+
+
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--json", type=Path, metavar="FILE", help="write raw samples + summary as JSON")
@@ -102,7 +135,9 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_argument_group("model (engine mode, and the raw side of --compare-raw)")
     g.add_argument("--model", required=required, help="model name under the engines folder (e.g. us-lesion-seg)")
-    g.add_argument("--engines-dir", type=Path, default=None, help="engines folder (default: the bundled engines/)")
+    g.add_argument("--engines-dir", type=Path, default=None,
+                   help="engines folder (default: MEDGE_ENGINES_DIR, else engines_dir of --config, else the "
+                        "bundled engines/)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16", "auto"])
     g.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "auto"])
     g.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
@@ -121,6 +156,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     pe = sub.add_parser("engine", help="raw backend latency/throughput (trtexec style)",
                         description="Time only backend.infer on a preprocessed input, like trtexec.")
     _add_model_args(pe, required=True)
+    add_config_argument(pe)
     pe.add_argument("--batch", type=_positive_int, default=1)
     pe.add_argument("--frame", type=parse_frame, default=(480, 640), metavar="HxW",
                     help="size of the synthetic source frame that is preprocessed once (default 480x640)")
@@ -132,7 +168,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
     pz = sub.add_parser("zmq", help="end-to-end through a running daemon (perf_analyzer style)",
                         description="Stream synthetic frames to a running daemon and measure latency.")
-    pz.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
+    pz.add_argument("--endpoint", default=None,
+                    help="daemon ingest (default: MEDGE_ZMQ__INGEST, else [zmq] ingest of --config, "
+                         "else tcp://127.0.0.1:5555)")
+    add_config_argument(pz)
     add_curve_arguments(pz)
     g = pz.add_mutually_exclusive_group()
     g.add_argument("--rate", type=_positive_float, default=None, metavar="FPS",
@@ -146,12 +185,24 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     pz.add_argument("--dtype", default="uint8", choices=["uint8", "uint16", "int16", "float32"])
     pz.add_argument("--source", default="auto", choices=["auto", "ultrasound", "xray"],
                     help="synthetic frames (auto: by the model's task, else ultrasound)")
-    pz.add_argument("--duration-s", type=_positive_float, default=10.0, help="per step (default 10)")
+    pz.add_argument("--duration-s", type=_positive_float, default=10.0,
+                    help="per step (default 10; not used with --stability-percentage)")
     pz.add_argument("--warmup-s", type=float, default=1.0, help="unrecorded warm-up before each step")
     pz.add_argument("--sweep", type=parse_sweep, default=None, metavar="KEY=V1,V2",
                     help="concurrency=1,2,4,8 | rate=10,30,60 | streams=1,2,4,8: one row per step")
     pz.add_argument("--compare-raw", action="store_true",
                     help="also time the raw backend on the same input in this process; print the overhead")
+    st = pz.add_argument_group("stability (perf_analyzer's --stability-percentage)")
+    st.add_argument("--stability-percentage", type=_percentage, default=None, metavar="P",
+                    help="measure each step in windows of --measurement-interval-s until the last "
+                         "--stability-windows windows' p50 latency and throughput are each within P %% of "
+                         "their mean (or --max-windows is reached); the step reports those last windows")
+    st.add_argument("--measurement-interval-s", type=_positive_float, default=2.0, metavar="S",
+                    help="length of one measurement window (default %(default)s)")
+    st.add_argument("--stability-windows", type=_at_least_two, default=3, metavar="N",
+                    help="how many of the last windows must agree (default %(default)s)")
+    st.add_argument("--max-windows", type=_positive_int, default=10, metavar="N",
+                    help="give up after this many windows per step and report 'not stable' (default %(default)s)")
     pz.add_argument("--metrics-url", default=None,
                     help="daemon /metrics URL: adds the mean batch size per step (e.g. http://127.0.0.1:9108/metrics)")
     pz.add_argument("--reply-timeout-s", type=_positive_float, default=5.0)
@@ -165,6 +216,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     from edge import benchdicom
 
     benchdicom.configure_parser(pd)
+    add_config_argument(pd)
     _add_output_args(pd)
 
 
@@ -198,33 +250,11 @@ class _Progress:
 
 
 # ---------------------------------------------------------------------------- outputs
-def _write_outputs(args: argparse.Namespace, doc: dict[str, Any], rows: list[dict[str, Any]],
-                   columns: Sequence[str], series: dict[str, np.ndarray], title: str) -> None:
-    if args.json:
-        write_json(args.json, doc)
-        print(f"wrote {args.json}")
-    if args.csv:
-        write_csv(args.csv, rows, columns)
-        print(f"wrote {args.csv}")
-    if args.plot:
-        from edge.drawing import latency_figure, save_png
-
-        save_png(latency_figure(series, title=title), args.plot)
-        print(f"wrote {args.plot}")
-
-
-def _stats_row(name: str, s: dict[str, Any]) -> dict[str, Any]:
-    return {"": name, "n": s.get("count", 0), "min": s.get("min_ms"), "mean": s.get("mean_ms"),
-            "median": s.get("median_ms"), "p90": s.get("p90_ms"), "p95": s.get("p95_ms"),
-            "p99": s.get("p99_ms"), "max": s.get("max_ms"), "cv": s.get("cv")}
-
-
-def _cv_warning(name: str, s: dict[str, Any], limit: float) -> str | None:
-    cv = s.get("cv")
-    if cv is not None and cv > limit:
-        return (f"WARNING: {name} latency is unstable: coefficient of variation {cv * 100:.1f}% "
-                f"> {limit * 100:.0f}% (shared or busy machine? longer run? pinned clocks?)")
-    return None
+def _write_files(args: argparse.Namespace, doc: dict[str, Any], rows: list[dict[str, Any]],
+                 columns: Sequence[str], series: dict[str, np.ndarray], title: str) -> None:
+    for path in write_outputs(doc, rows, columns, series, title, json_path=args.json, csv_path=args.csv,
+                              plot_path=args.plot):
+        print(f"wrote {path}")
 
 
 # ---------------------------------------------------------------------------- engine mode
@@ -287,6 +317,9 @@ def bench_engine_samples(infer: Callable[[np.ndarray], Any], batch: np.ndarray, 
 
 def _run_engine(args: argparse.Namespace) -> int:
     duration_s = args.duration_s if (args.duration_s or args.iterations) else 5.0
+    engines = resolve_client_endpoints(args.config, engines_dir=args.engines_dir).engines_dir
+    args.engines_dir = engines.value
+    print(f"engines folder: {engines.value} (from {engines.origin})")
     model = _load(args, max_batch=args.batch)
     with model:
         frame = _input_frame(model.task, args.frame)
@@ -316,9 +349,9 @@ def _run_engine(args: argparse.Namespace) -> int:
           + (f", spin {info['spin_us']} us" if info.get("spin_us") is not None else ""))
     print(f"warm-up {args.warmup_s:g} s, timed {len(lat)} iterations in {wall:.2f} s (only backend.infer is timed)")
     print()
-    rows = [_stats_row("latency (ms)", s)]
+    rows = [stats_row("latency (ms)", s)]
     for k, v in stage_summary.items():
-        rows.append(_stats_row(f"  {k} (ms)", v))
+        rows.append(stats_row(f"  {k} (ms)", v))
     print(format_table(rows))
     print()
     print(f"throughput: {thr['inferences_per_s']:.1f} inferences/s ({thr['batches_per_s']:.1f} batches/s)")
@@ -327,7 +360,7 @@ def _run_engine(args: argparse.Namespace) -> int:
     else:
         print("H2D / compute / D2H: not available (the backend exposes no CUDA-event timings; "
               "only the TensorRT backend does).")
-    warn = _cv_warning("engine", s, args.cv_warn)
+    warn = cv_warning("engine", s, args.cv_warn)
     if warn:
         print(warn)
     doc = {"tool": "medge bench engine", "machine": machine_info(), "config": info,
@@ -335,7 +368,7 @@ def _run_engine(args: argparse.Namespace) -> int:
            "samples_ms": [round(float(v), 4) for v in lat],
            "stage_samples_ms": stages}
     rows_csv = [{"iteration": i, "latency_ms": round(float(v), 4)} for i, v in enumerate(lat)]
-    _write_outputs(args, doc, rows_csv, ["iteration", "latency_ms"],
+    _write_files(args, doc, rows_csv, ["iteration", "latency_ms"],
                    {f"{info['model']} {info['precision']} b{args.batch}": lat},
                    f"medge bench engine: {info['model']} ({info['backend']} {info['precision']}, batch {args.batch})")
     return EXIT_OK
@@ -400,10 +433,225 @@ def _specs(step: dict[str, Any], source, model: str | None, window: int, want) -
             for k in range(int(step["streams"]))]
 
 
-def _run_zmq(args: argparse.Namespace) -> int:
-    from edge.loadgen import ArraySource, LoadResult, run_load
+@dataclass
+class _Window:
+    """One measurement window: the daemon run and, with ``--compare-raw``, the raw runs just before it."""
 
-    want = [w.strip() for w in args.want.split(",")] if args.want else None
+    load: Any  # edge.loadgen.LoadResult
+    raw_ms: np.ndarray | None = None
+    pipeline_ms: np.ndarray | None = None
+
+    @property
+    def p50_ms(self) -> float | None:
+        lat = self.load.latencies_ms()
+        return float(np.percentile(lat, 50)) if lat.size else None
+
+    @property
+    def fps(self) -> float:
+        ok = int(self.load.latencies_ms().size)
+        return ok / self.load.wall_s if self.load.wall_s > 0 else 0.0
+
+
+@dataclass
+class _RawSide:
+    """The model loaded in this process for ``--compare-raw`` and its input."""
+
+    model: Any
+    frame: np.ndarray
+    x: np.ndarray
+
+
+def _measure_window(args: argparse.Namespace, endpoint: str, specs: list, raw: _RawSide | None,
+                    window_s: float, prog: _Progress) -> _Window:
+    from edge.loadgen import run_load
+
+    raw_ms = pipe_ms = None
+    if raw is not None:  # raw first, then the daemon: both see the same machine state
+        raw_ms, _, _ = bench_engine_samples(raw.model.backend.infer, raw.x, warmup_s=0.05,
+                                            duration_s=window_s / 2, iterations=None)
+        pipe_ms = _time_pipeline(raw.model, raw.frame, window_s / 2)
+        prog.update()
+    load = run_load(endpoint, specs, duration_s=window_s, reply_timeout_s=args.reply_timeout_s,
+                    connect_timeout_s=args.connect_timeout_s, keep_last=False, curve=curve_from_args(args),
+                    on_tick=lambda t: prog.update(f"sent {t.sent} ok {t.ok}"))
+    return _Window(load, raw_ms, pipe_ms)
+
+
+def _measure_step(args: argparse.Namespace, endpoint: str, specs: list, raw: _RawSide | None,
+                  prog: _Progress) -> tuple[list[_Window], dict[str, Any] | None]:
+    """The windows one step reports, and the stability record (``None`` without ``--stability-percentage``).
+
+    Fixed mode: ``--duration-s`` in one window, or in ~1 s windows with
+    ``--compare-raw`` (interleaved raw and daemon blocks). Stability mode:
+    windows of ``--measurement-interval-s`` until the last
+    ``--stability-windows`` agree within P % on p50 and throughput, or
+    ``--max-windows``; those last windows are reported.
+    """
+    pct = args.stability_percentage
+    if pct is None:
+        n = max(4, int(args.duration_s)) if raw is not None else 1
+        window_s, max_n, need = args.duration_s / n, n, n
+    else:
+        window_s, max_n, need = args.measurement_interval_s, args.max_windows, args.stability_windows
+    windows: list[_Window] = []
+    stable = False
+    while len(windows) < max_n:
+        windows.append(_measure_window(args, endpoint, specs, raw, window_s, prog))
+        if windows[-1].load.aborted:
+            break
+        if pct is not None and len(windows) >= need:
+            last = windows[-need:]
+            stable = within_percentage([w.p50_ms for w in last], pct) and within_percentage(
+                [w.fps for w in last], pct)
+            if stable:
+                break
+    used = windows[-need:]
+    if pct is None:
+        return used, None
+    first_used = len(windows) - len(used)
+    return used, {
+        "percentage": pct, "stable": stable, "windows": len(windows), "stability_windows": need,
+        "max_windows": max_n, "window_s": window_s,
+        "per_window": [{"p50_ms": None if w.p50_ms is None else round(w.p50_ms, 4), "fps": round(w.fps, 2),
+                        "reported": i >= first_used} for i, w in enumerate(windows)],
+    }
+
+
+def _overhead_noise_ms(windows: list[_Window]) -> dict[str, Any]:
+    """Window-to-window standard deviation of each overhead (the run-to-run noise of that difference).
+
+    Also ``windows``: how many windows had replies and raw samples to compare.
+    """
+    diffs: dict[str, dict[str, list[float]]] = {"vs_raw_infer": {"p50": [], "p99": []},
+                                                 "vs_raw_pipeline": {"p50": [], "p99": []}}
+    for w in windows:
+        lat = w.load.latencies_ms()
+        if not lat.size or w.raw_ms is None or not w.raw_ms.size or w.pipeline_ms is None:
+            continue
+        e2e = np.percentile(lat, [50, 99])
+        for key, ref in (("vs_raw_infer", w.raw_ms), ("vs_raw_pipeline", w.pipeline_ms)):
+            r = np.percentile(ref, [50, 99])
+            diffs[key]["p50"].append(float(e2e[0] - r[0]))
+            diffs[key]["p99"].append(float(e2e[1] - r[1]))
+    out: dict[str, Any] = {k: {q: round(float(np.std(v, ddof=1)), 4) if len(v) >= 2 else None
+                               for q, v in d.items()} for k, d in diffs.items()}
+    out["windows"] = len(diffs["vs_raw_infer"]["p50"])
+    return out
+
+
+def _compare_raw(summ: dict[str, Any], row: dict[str, Any], windows: list[_Window]) -> None:
+    """Add the raw side, the overheads, their noise and their verdicts to a step's summary and row."""
+    raw = np.concatenate([w.raw_ms for w in windows if w.raw_ms is not None])
+    pipe = np.concatenate([w.pipeline_ms for w in windows if w.pipeline_ms is not None])
+    rs, ps = summarize_ms(raw), summarize_ms(pipe)
+    summ["raw_infer_ms"], summ["raw_pipeline_ms"] = rs, ps
+    lat = summ["latency_ms"]
+    if not (lat.get("count") and rs.get("count")):
+        return
+    overhead = {
+        "vs_raw_infer": {"p50": round(lat["median_ms"] - rs["median_ms"], 4),
+                         "p99": round(lat["p99_ms"] - rs["p99_ms"], 4)},
+        "vs_raw_pipeline": {"p50": round(lat["median_ms"] - ps["median_ms"], 4),
+                            "p99": round(lat["p99_ms"] - ps["p99_ms"], 4)},
+    }
+    noise = _overhead_noise_ms(windows)
+    summ["overhead_ms"] = overhead
+    summ["overhead_noise_ms"] = noise
+    summ["overhead_verdict"] = {k: {q: overhead_verdict(v, noise[k][q]) for q, v in d.items()}
+                                for k, d in overhead.items()}
+    row["raw_p50"], row["raw_p99"] = rs["median_ms"], rs["p99_ms"]
+    for q in ("p50", "p99"):
+        v = overhead["vs_raw_infer"][q]
+        verdict = summ["overhead_verdict"]["vs_raw_infer"][q]
+        row[f"ovh_{q}"] = f"{v:+.3f}{_OVERHEAD_MARKS.get(verdict, '')}"
+
+
+def _step_result(args: argparse.Namespace, step: dict[str, Any], windows: list[_Window],
+                 stability: dict[str, Any] | None, before: dict[str, float], after: dict[str, float],
+                 raw: _RawSide | None) -> dict[str, Any]:
+    merged = _merge([w.load for w in windows])
+    summ = merged.summary()
+    row = _zmq_row(step, summ)
+    row["mean_batch"] = _mean_batch(before, after, args.model) if args.metrics_url else None
+    summ["mean_batch"] = row["mean_batch"]
+    paired = _paired_overhead_ms(merged)
+    if paired is not None:
+        summ["paired_overhead_ms"] = paired
+    if raw is not None:
+        _compare_raw(summ, row, windows)
+    if stability is not None:
+        summ["stability"] = stability
+        row["windows"] = stability["windows"]
+        row["stable"] = "yes" if stability["stable"] else "NO"
+    raw_ms = [w.raw_ms for w in windows if w.raw_ms is not None]
+    pipe_ms = [w.pipeline_ms for w in windows if w.pipeline_ms is not None]
+    return {"step": step, "summary": summ, "row": row, "merged": merged,
+            "raw_ms": np.concatenate(raw_ms) if raw_ms else None,
+            "pipeline_ms": np.concatenate(pipe_ms) if pipe_ms else None}
+
+
+def _print_compare_raw(r: dict[str, Any]) -> None:
+    s = r["summary"]
+    o, noise, verdict = s["overhead_ms"], s["overhead_noise_ms"], s["overhead_verdict"]
+    lat, rs, ps = s["latency_ms"], s["raw_infer_ms"], s["raw_pipeline_ms"]
+    print()
+    print(f"[{_step_label(r['step'])}] zmq end-to-end p50 {lat['median_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms")
+    print(f"  raw backend.infer (same input, this process): p50 {rs['median_ms']:.3f} ms, p99 {rs['p99_ms']:.3f} ms")
+    print(f"  raw pre+infer+post in-process:                 p50 {ps['median_ms']:.3f} ms, p99 {ps['p99_ms']:.3f} ms")
+    for key, title, targets in (("vs_raw_infer", "OVERHEAD (zmq - raw infer)", _OVERHEAD_TARGETS_MS),
+                                ("vs_raw_pipeline", "transport+queue (zmq - raw pipeline)", {})):
+        print(f"  {title}, {noise['windows']} windows:")
+        for q in ("p50", "p99"):
+            print(f"    {q} " + describe_overhead(o[key][q], noise[key][q], targets.get(q), verdict[key][q]))
+    pr = s.get("paired_overhead_ms")
+    if pr:
+        print(f"  paired, per request (latency - daemon's infer time): p50 {pr['p50']:+.3f} ms, "
+              f"p99 {pr['p99']:+.3f} ms (robust to load drift)")
+
+
+def _print_stability(r: dict[str, Any]) -> None:
+    st = r["summary"]["stability"]
+    p50s = ", ".join("-" if w["p50_ms"] is None else f"{w['p50_ms']:.3f}" for w in st["per_window"])
+    fps = ", ".join(f"{w['fps']:.1f}" for w in st["per_window"])
+    head = f"[{_step_label(r['step'])}] "
+    if st["stable"]:
+        print(f"{head}stable: the last {st['stability_windows']} of {st['windows']} windows of "
+              f"{st['window_s']:g} s agree within {st['percentage']:g}% (p50 ms: {p50s}; fps: {fps})")
+    else:
+        print(f"WARNING: {head}NOT stable within {st['percentage']:g}% after {st['windows']} windows of "
+              f"{st['window_s']:g} s (p50 ms: {p50s}; fps: {fps}); the figures are from the last "
+              f"{st['stability_windows']} windows (longer --measurement-interval-s? quieter machine?)")
+
+
+def _print_zmq_report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
+    rows = [r["row"] for r in results]
+    if rows:
+        cols = ["step", "streams", "rate", "conc", "sent", "ok", "dropped", "errors", "timeouts", "skipped",
+                "fps", "p50", "p90", "p99", "max", "q_p50", "pre_p50", "inf_p50", "post_p50", "mean_batch"]
+        if args.stability_percentage is not None:
+            cols += ["windows", "stable"]
+        if args.compare_raw:
+            cols += ["raw_p50", "raw_p99", "ovh_p50", "ovh_p99"]
+        print()
+        print("client latency (ms) and daemon stages (p50, ms, from the replies' timing_us):")
+        print(format_table(rows, cols))
+        if args.compare_raw:
+            print("ovh: zmq - raw infer; (noise): within the window-to-window noise; "
+                  "(neg): negative, measurement noise, not a speed-up; (?): noise not estimated")
+    for r in results:
+        if "overhead_ms" in r["summary"]:
+            _print_compare_raw(r)
+    for r in results:
+        if "stability" in r["summary"]:
+            _print_stability(r)
+    for r in results:
+        warn = cv_warning(_step_label(r["step"]), r["summary"]["latency_ms"], args.cv_warn)
+        if warn:
+            print(warn)
+
+
+def _zmq_raw_side(args: argparse.Namespace) -> tuple[_RawSide | None, np.ndarray]:
+    """The in-process model for ``--compare-raw`` (or ``None``) and the frame to send (by the model's task)."""
     model_obj = None
     task = None
     if args.compare_raw:
@@ -419,137 +667,103 @@ def _run_zmq(args: argparse.Namespace) -> int:
         except MedgeError:
             task = None
     frame = _input_frame(task or "segmentation", args.frame, args.dtype, args.source)
+    if model_obj is None:
+        return None, frame
+    done = False
+    try:
+        x = np.ascontiguousarray(model_obj.preprocess(frame)[0][None], dtype=np.float32)
+        done = True
+    finally:
+        if not done:
+            model_obj.close()
+    return _RawSide(model_obj, frame, x), frame
+
+
+def _run_zmq(args: argparse.Namespace) -> int:
+    from edge.loadgen import ArraySource, run_load
+
+    if args.stability_percentage is not None and args.max_windows < args.stability_windows:
+        raise MedgeError(f"--max-windows {args.max_windows} is below --stability-windows "
+                         f"{args.stability_windows}: stability could never be judged.")
+    eps = resolve_client_endpoints(args.config, endpoint=args.endpoint, engines_dir=args.engines_dir)
+    endpoint = eps.zmq_ingest.value
+    print(f"endpoint: {eps.zmq_line()}")
+    args.engines_dir = eps.engines_dir.value
+    want = [w.strip() for w in args.want.split(",")] if args.want else None
+    raw, frame = _zmq_raw_side(args)
     source = ArraySource([frame])
     steps = _zmq_steps(args)
     results: list[dict[str, Any]] = []
-    all_samples: list[dict[str, Any]] = []
-    series: dict[str, np.ndarray] = {}
     aborted: str | None = None
-    raw_lat: list[np.ndarray] = []
-    pipe_lat: list[np.ndarray] = []
-    total_s = len(steps) * (args.duration_s + args.warmup_s) * (2 if args.compare_raw else 1)
+    per_step_s = (args.duration_s if args.stability_percentage is None
+                  else args.max_windows * args.measurement_interval_s)
+    total_s = len(steps) * (per_step_s + args.warmup_s) * (2 if raw is not None else 1)
     prog = _Progress(total_s, not args.no_progress, "zmq ")
-    print(f"medge bench zmq: {args.endpoint}, model {args.model or '(daemon default)'}, frame "
-          f"{args.frame[0]}x{args.frame[1]} {args.dtype}, {len(steps)} step(s) of {args.duration_s:g} s"
-          + (", with --compare-raw" if args.compare_raw else ""))
+    if eps.zmq_curve and curve_from_args(args) is None:
+        print("note: the daemon's settings require CURVE ([zmq] curve_server_key): "
+              "pass --curve-server-key and --curve-client-key")
+    how = (f"{len(steps)} step(s) of {args.duration_s:g} s" if args.stability_percentage is None else
+           f"{len(steps)} step(s), windows of {args.measurement_interval_s:g} s until the last "
+           f"{args.stability_windows} agree within {args.stability_percentage:g}% (at most {args.max_windows})")
+    print(f"medge bench zmq: model {args.model or '(daemon default)'}, frame "
+          f"{args.frame[0]}x{args.frame[1]} {args.dtype}, {how}" + (", with --compare-raw" if raw else ""))
     try:
-        x_raw = None
-        if model_obj is not None:
-            x_raw = np.ascontiguousarray(model_obj.preprocess(frame)[0][None], dtype=np.float32)
-        for si, step in enumerate(steps):
+        for step in steps:
             specs = _specs(step, source, args.model, args.window, want)
             if args.warmup_s > 0:
-                warm = run_load(args.endpoint, specs, duration_s=args.warmup_s, reply_timeout_s=args.reply_timeout_s,
+                warm = run_load(endpoint, specs, duration_s=args.warmup_s, reply_timeout_s=args.reply_timeout_s,
                                 connect_timeout_s=args.connect_timeout_s, keep_last=False,
                                 curve=curve_from_args(args))
                 if warm.aborted:
                     aborted = warm.aborted
                     break
             before = scrape_metrics(args.metrics_url) if args.metrics_url else {}
-            # Interleave raw and zmq blocks so both see the same machine state.
-            blocks = max(4, int(args.duration_s)) if model_obj is not None else 1  # ~1 s blocks
-            parts: list[LoadResult] = []
-            step_raw: list[np.ndarray] = []
-            step_pipe: list[np.ndarray] = []
-            for b in range(blocks):
-                if model_obj is not None:
-                    r, _, _ = bench_engine_samples(model_obj.backend.infer, x_raw, warmup_s=0.05,
-                                                duration_s=args.duration_s / blocks / 2, iterations=None)
-                    step_raw.append(r)
-                    step_pipe.append(_time_pipeline(model_obj, frame, args.duration_s / blocks / 2))
-                    prog.update()
-                res = run_load(args.endpoint, specs, duration_s=args.duration_s / blocks,
-                               reply_timeout_s=args.reply_timeout_s, connect_timeout_s=args.connect_timeout_s,
-                               on_tick=lambda t: prog.update(f"sent {t.sent} ok {t.ok}"), keep_last=False,
-                               curve=curve_from_args(args))
-                parts.append(res)
-                if res.aborted:
-                    aborted = res.aborted
-                    break
+            windows, stability = _measure_step(args, endpoint, specs, raw, prog)
             after = scrape_metrics(args.metrics_url) if args.metrics_url else {}
-            merged = _merge(parts)
-            summ = merged.summary()
-            row = _zmq_row(step, summ)
-            row["mean_batch"] = _mean_batch(before, after, args.model) if args.metrics_url else None
-            summ["mean_batch"] = row["mean_batch"]
-            paired = _paired_overhead_ms(merged)
-            if paired is not None:
-                summ["paired_overhead_ms"] = paired
-            if step_raw:
-                raw = np.concatenate(step_raw)
-                pipe = np.concatenate(step_pipe)
-                raw_lat.append(raw)
-                pipe_lat.append(pipe)
-                rs, ps = summarize_ms(raw), summarize_ms(pipe)
-                summ["raw_infer_ms"], summ["raw_pipeline_ms"] = rs, ps
-                lat = summ["latency_ms"]
-                if lat.get("count") and rs.get("count"):
-                    summ["overhead_ms"] = {
-                        "vs_raw_infer": {"p50": round(lat["median_ms"] - rs["median_ms"], 4),
-                                         "p99": round(lat["p99_ms"] - rs["p99_ms"], 4)},
-                        "vs_raw_pipeline": {"p50": round(lat["median_ms"] - ps["median_ms"], 4),
-                                            "p99": round(lat["p99_ms"] - ps["p99_ms"], 4)},
-                    }
-                    row["raw_p50"], row["raw_p99"] = rs["median_ms"], rs["p99_ms"]
-                    row["ovh_p50"] = summ["overhead_ms"]["vs_raw_infer"]["p50"]
-                    row["ovh_p99"] = summ["overhead_ms"]["vs_raw_infer"]["p99"]
-            results.append({"step": step, "summary": summ, "row": row})
-            label = _step_label(step)
-            series[label] = merged.latencies_ms()
-            for smp in merged.samples:
-                d = smp.to_dict()
-                d["step"] = si
-                all_samples.append(d)
+            results.append(_step_result(args, step, windows, stability, before, after, raw))
+            aborted = results[-1]["merged"].aborted
             if aborted:
                 break
     finally:
         prog.done()
-        if model_obj is not None:
-            model_obj.close()
-    rows = [r["row"] for r in results]
-    if rows:
-        cols = ["step", "streams", "rate", "conc", "sent", "ok", "dropped", "errors", "timeouts", "skipped",
-                "fps", "p50", "p90", "p99", "max", "q_p50", "pre_p50", "inf_p50", "post_p50", "mean_batch"]
-        if args.compare_raw:
-            cols += ["raw_p50", "raw_p99", "ovh_p50", "ovh_p99"]
-        print()
-        print("client latency (ms) and daemon stages (p50, ms, from the replies' timing_us):")
-        print(format_table(rows, cols))
-    if args.compare_raw and results and "overhead_ms" in results[-1]["summary"]:
-        for r in results:
-            o = r["summary"].get("overhead_ms")
-            if not o:
-                continue
-            lat, rs, ps = r["summary"]["latency_ms"], r["summary"]["raw_infer_ms"], r["summary"]["raw_pipeline_ms"]
-            print()
-            print(f"[{_step_label(r['step'])}] zmq end-to-end p50 {lat['median_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms")
-            print(f"  raw backend.infer (same input, this process): p50 {rs['median_ms']:.3f} ms, p99 {rs['p99_ms']:.3f} ms")
-            print(f"  raw pre+infer+post in-process:                 p50 {ps['median_ms']:.3f} ms, p99 {ps['p99_ms']:.3f} ms")
-            print(f"  OVERHEAD (zmq - raw infer):    p50 {o['vs_raw_infer']['p50']:+.3f} ms, "
-                  f"p99 {o['vs_raw_infer']['p99']:+.3f} ms   (targets <= 0.5 / <= 2 ms)")
-            print(f"  transport+queue (zmq - raw pipeline): p50 {o['vs_raw_pipeline']['p50']:+.3f} ms, "
-                  f"p99 {o['vs_raw_pipeline']['p99']:+.3f} ms")
-            pr = r["summary"].get("paired_overhead_ms")
-            if pr:
-                print(f"  paired, per request (latency - daemon's infer time): p50 {pr['p50']:+.3f} ms, "
-                      f"p99 {pr['p99']:+.3f} ms (robust to load drift)")
-    for r in results:
-        warn = _cv_warning(_step_label(r["step"]), r["summary"]["latency_ms"], args.cv_warn)
-        if warn:
-            print(warn)
-    if raw_lat:
-        series["raw infer"] = np.concatenate(raw_lat)
+        if raw is not None:
+            raw.model.close()
+    _print_zmq_report(args, results)
+    _write_zmq_files(args, eps.zmq_ingest, results, aborted)
+    if aborted:
+        print(f"medge bench zmq: error: {aborted}; partial results kept"
+              + (f" in {args.json}" if args.json else ""), file=sys.stderr)
+        return EXIT_UNREACHABLE
+    failed = sum(r["summary"]["errors"] + r["summary"]["timeouts"] for r in results)
+    return EXIT_FAILURES if failed else EXIT_OK
+
+
+def _write_zmq_files(args: argparse.Namespace, endpoint: Setting, results: list[dict[str, Any]],
+                     aborted: str | None) -> None:
+    series: dict[str, np.ndarray] = {}
+    all_samples: list[dict[str, Any]] = []
+    for si, r in enumerate(results):
+        series[_step_label(r["step"])] = r["merged"].latencies_ms()
+        for smp in r["merged"].samples:
+            all_samples.append(dict(smp.to_dict(), step=si))
+    raw = [r["raw_ms"] for r in results if r["raw_ms"] is not None]
+    pipe = [r["pipeline_ms"] for r in results if r["pipeline_ms"] is not None]
+    if raw:
+        series["raw infer"] = np.concatenate(raw)
     doc = {"tool": "medge bench zmq", "machine": machine_info(),
-           "config": {"endpoint": args.endpoint, "model": args.model, "frame": list(args.frame),
+           "config": {"endpoint": endpoint.value, "endpoint_from": endpoint.origin, "model": args.model, "frame": list(args.frame),
                       "dtype": args.dtype, "duration_s": args.duration_s, "warmup_s": args.warmup_s,
                       "window": args.window, "sweep": list(args.sweep) if args.sweep else None,
-                      "compare_raw": args.compare_raw, "precision": args.precision, "backend": args.backend},
+                      "compare_raw": args.compare_raw, "precision": args.precision, "backend": args.backend,
+                      "stability_percentage": args.stability_percentage,
+                      "measurement_interval_s": args.measurement_interval_s,
+                      "stability_windows": args.stability_windows, "max_windows": args.max_windows},
            "steps": [{"step": r["step"], "summary": r["summary"]} for r in results],
            "aborted": aborted,
            "samples": all_samples}
-    if args.compare_raw and raw_lat:
-        doc["raw_samples_ms"] = [round(float(v), 4) for v in np.concatenate(raw_lat)]
-        doc["raw_pipeline_samples_ms"] = [round(float(v), 4) for v in np.concatenate(pipe_lat)]
+    if args.compare_raw and raw:
+        doc["raw_samples_ms"] = [round(float(v), 4) for v in np.concatenate(raw)]
+        doc["raw_pipeline_samples_ms"] = [round(float(v), 4) for v in np.concatenate(pipe)]
     cols_csv = ["step", "stream", "seq", "t_send_s", "latency_ms", "status", "code",
                 "queue_us", "preprocess_us", "infer_us", "postprocess_us", "total_us"]
     csv_rows = []
@@ -558,13 +772,7 @@ def _run_zmq(args: argparse.Namespace) -> int:
         for st in ("queue", "preprocess", "infer", "postprocess", "total"):
             row[f"{st}_us"] = d["timing_us"].get(st)
         csv_rows.append(row)
-    _write_outputs(args, doc, csv_rows, cols_csv, series, f"medge bench zmq: {args.model or 'default model'}")
-    if aborted:
-        print(f"medge bench zmq: error: {aborted}; partial results kept"
-              + (f" in {args.json}" if args.json else ""), file=sys.stderr)
-        return EXIT_UNREACHABLE
-    failed = sum(r["summary"]["errors"] + r["summary"]["timeouts"] for r in results)
-    return EXIT_FAILURES if failed else EXIT_OK
+    _write_files(args, doc, csv_rows, cols_csv, series, f"medge bench zmq: {args.model or 'default model'}")
 
 
 def _paired_overhead_ms(res) -> dict[str, float] | None:

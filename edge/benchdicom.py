@@ -362,9 +362,14 @@ def store_instances(host: str, port: int, called_aet: str, calling_aet: str,
 # ---------------------------------------------------------------------------- CLI
 def configure_parser(p: argparse.ArgumentParser) -> None:
     """Options of ``medge bench dicom``."""
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=11112)
-    p.add_argument("--aet", default="MEDGE", help="called AE title (the daemon's, default %(default)s)")
+    p.add_argument("--host", default=None,
+                   help="the daemon's SCP host (default: MEDGE_DICOM__HOST, else [dicom] host of --config, "
+                        "else 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None,
+                   help="its port (default: MEDGE_DICOM__PORT, else [dicom] port of --config, else 11112)")
+    p.add_argument("--aet", default=None,
+                   help="called AE title (default: MEDGE_DICOM__AE_TITLE, else [dicom] ae_title of --config, "
+                        "else MEDGE)")
     p.add_argument("--calling-aet", default="MEDGEBENCH", help="our AE title (must be allowed by the daemon)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--files", type=Path, metavar="DIR", help="send every DICOM file under DIR")
@@ -382,9 +387,20 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``medge bench dicom``; exit 0 / 1 (failed stores or missing results) / 3 (unreachable)."""
-    from edge.bench import EXIT_FAILURES, EXIT_OK, EXIT_UNREACHABLE, _write_outputs, parse_frame
-    from edge.benchstats import format_table, machine_info, summarize_ms
+    from edge.benchio import (
+        EXIT_FAILURES,
+        EXIT_OK,
+        EXIT_UNREACHABLE,
+        parse_frame,
+        resolve_client_endpoints,
+        write_outputs,
+    )
+    from edge.benchstats import cv_warning, format_table, machine_info, stats_row, summarize_ms
 
+    eps = resolve_client_endpoints(getattr(args, "config", None), host=args.host, port=args.port,
+                                   ae_title=args.aet)
+    host, port, aet = eps.dicom_host.value, eps.dicom_port.value, eps.dicom_ae_title.value
+    print(f"endpoint: {eps.dicom_line()}")
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one line per C-STORE otherwise
     frame = parse_frame(args.frame) if args.frame else None
@@ -396,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
         items = list(synthetic_instances(args.synthetic, args.modality, frame))
         what = f"{len(items)} synthetic {args.modality} instance(s)"
     catcher = ResultCatcher(args.results_port, args.results_aet) if args.results_port is not None else None
-    print(f"medge bench dicom: {what} -> {args.aet}@{args.host}:{args.port}"
+    print(f"medge bench dicom: {what}"
           + (f"; results expected at {args.results_aet}@127.0.0.1:{catcher.port}" if catcher else ""))
     done = [0]
     tty = sys.stderr.isatty()
@@ -407,7 +423,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"\rC-STORE {done[0]}/{len(items)}", end="", file=sys.stderr, flush=True)
 
     try:
-        res = store_instances(args.host, args.port, args.aet, args.calling_aet, items,
+        res = store_instances(host, port, aet, args.calling_aet, items,
                               timeout_s=args.timeout_s, on_each=progress)
         if tty:
             print(file=sys.stderr)
@@ -439,26 +455,32 @@ def run(args: argparse.Namespace) -> int:
         summary["instances_with_result"] = len(result_ms)
         summary["instances_without_result"] = len(missing)
         summary["store_to_result_ms"] = summarize_ms(list(result_ms.values()))
-    rows = [{"": "C-STORE (ms)", **_stats(summary["store_ms"])}]
+    rows = [stats_row("C-STORE (ms)", summary["store_ms"])]
     if catcher is not None:
-        rows.append({"": "store-to-result (ms)", **_stats(summary["store_to_result_ms"])})
+        rows.append(stats_row("store-to-result (ms)", summary["store_to_result_ms"]))
     print(format_table(rows))
     print(f"stored {summary['stored']}/{summary['instances']} in {summary['wall_s']:.2f} s: "
           f"{summary['instances_per_s']:.1f} instances/s, {summary['pixel_mb_per_s']:.1f} MB/s of pixel data")
     if catcher is not None:
         print(f"results: {summary['results_received']} received; {summary['instances_with_result']} instance(s) "
               f"with a result, {summary['instances_without_result']} without after {args.results_timeout_s:g} s")
+    for name, key in (("C-STORE", "store_ms"), ("store-to-result", "store_to_result_ms")):
+        warn = cv_warning(name, summary.get(key, {}), args.cv_warn)
+        if warn:
+            print(warn)
     samples = [{"sop_instance_uid": r.sop_instance_uid, "store_ms": r.store_ms, "status": r.status,
                 "result_ms": round(result_ms[r.sop_instance_uid], 3) if r.sop_instance_uid in result_ms else None}
                for r in res.records]
     doc = {"tool": "medge bench dicom", "machine": machine_info(),
-           "config": {"host": args.host, "port": args.port, "aet": args.aet, "source": what},
+           "config": {"host": host, "port": port, "aet": aet, "source": what},
            "summary": summary, "samples": samples}
     series = {"C-STORE": store_lat}
     if result_ms:
         series["store-to-result"] = np.array(list(result_ms.values()))
-    _write_outputs(args, doc, [dict(s, index=i) for i, s in enumerate(samples)],
-                   ["index", "sop_instance_uid", "store_ms", "status", "result_ms"], series, "medge bench dicom")
+    for path in write_outputs(doc, [dict(s, index=i) for i, s in enumerate(samples)],
+                              ["index", "sop_instance_uid", "store_ms", "status", "result_ms"], series,
+                              "medge bench dicom", json_path=args.json, csv_path=args.csv, plot_path=args.plot):
+        print(f"wrote {path}")
     if res.aborted:
         print(f"medge bench dicom: error: {res.aborted}; partial results kept"
               + (f" in {args.json}" if args.json else ""), file=sys.stderr)
@@ -466,8 +488,3 @@ def run(args: argparse.Namespace) -> int:
     if summary["failed"] or (catcher is not None and missing):
         return EXIT_FAILURES
     return EXIT_OK
-
-
-def _stats(s: dict[str, Any]) -> dict[str, Any]:
-    return {"n": s.get("count", 0), "min": s.get("min_ms"), "median": s.get("median_ms"),
-            "p90": s.get("p90_ms"), "p99": s.get("p99_ms"), "max": s.get("max_ms")}

@@ -4,11 +4,27 @@ Pure numpy; no printing. Percentiles use linear interpolation
 (``numpy.percentile`` default), the same definition trtexec and
 perf_analyzer use for their summaries closely enough for comparison.
 
+Judgements printed beside the numbers:
+
+- **noise**: the coefficient of variation (CV = standard deviation / mean)
+  of the samples; above ``--cv-warn`` a run is noise-dominated and
+  :func:`cv_warning` says so, as ``trtexec`` does;
+- **stability** (``bench zmq --stability-percentage``, after perf_analyzer):
+  :func:`within_percentage` holds when each of the last windows' values lies
+  within P % of their mean;
+- **overheads** (``--compare-raw``): :func:`overhead_verdict` labels a
+  difference that is negative, or smaller than the window-to-window noise,
+  instead of letting it pass for a measured overhead.
+
 Examples
 --------
 >>> s = summarize_ms([1.0, 2.0, 3.0, 4.0])
 >>> s["count"], s["median_ms"], s["max_ms"]
 (4, 2.5, 4.0)
+>>> within_percentage([10.0, 10.5, 9.8], 10.0), within_percentage([10.0, 14.0, 9.0], 10.0)
+(True, False)
+>>> overhead_verdict(-0.2, 0.1), overhead_verdict(0.05, 0.1), overhead_verdict(0.4, 0.1)
+('negative: measurement noise, not a speed-up', 'within noise', 'above noise')
 """
 
 from __future__ import annotations
@@ -30,6 +46,15 @@ __all__ = [
     "PERCENTILES",
     "summarize_ms",
     "coefficient_of_variation",
+    "stats_row",
+    "cv_warning",
+    "within_percentage",
+    "NEGATIVE_OVERHEAD",
+    "WITHIN_NOISE",
+    "ABOVE_NOISE",
+    "NOISE_UNKNOWN",
+    "overhead_verdict",
+    "describe_overhead",
     "format_table",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -72,6 +97,77 @@ def summarize_ms(values_ms: Sequence[float] | np.ndarray) -> dict[str, float | i
         "std_ms": round(float(a.std(ddof=1)) if a.size > 1 else 0.0, 4),
         "cv": round(coefficient_of_variation(a), 4),
     }
+
+
+def stats_row(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
+    """One table row of a :func:`summarize_ms` summary (n, min, mean, median, p90, p95, p99, max, cv)."""
+    return {"": name, "n": s.get("count", 0), "min": s.get("min_ms"), "mean": s.get("mean_ms"),
+            "median": s.get("median_ms"), "p90": s.get("p90_ms"), "p95": s.get("p95_ms"),
+            "p99": s.get("p99_ms"), "max": s.get("max_ms"), "cv": s.get("cv")}
+
+
+def cv_warning(name: str, s: Mapping[str, Any], limit: float) -> str | None:
+    """The warning for a noise-dominated run (CV above ``limit``), or ``None``."""
+    cv = s.get("cv")
+    if cv is not None and cv > limit:
+        return (f"WARNING: {name} latency is unstable: coefficient of variation {cv * 100:.1f}% "
+                f"> {limit * 100:.0f}% (shared or busy machine? longer run? pinned clocks?)")
+    return None
+
+
+def within_percentage(values: Sequence[float | None], percentage: float) -> bool:
+    """Whether every value lies within ``percentage`` % of the values' mean (a missing value: no).
+
+    perf_analyzer's stability rule, applied to the last few measurement
+    windows' p50 latency and throughput.
+    """
+    if not values or any(v is None or not np.isfinite(v) for v in values):
+        return False
+    a = np.asarray(values, dtype=np.float64)
+    m = float(a.mean())
+    if m <= 0:
+        return False
+    return bool(np.all(np.abs(a - m) <= percentage / 100.0 * m))
+
+
+NEGATIVE_OVERHEAD = "negative: measurement noise, not a speed-up"
+WITHIN_NOISE = "within noise"
+ABOVE_NOISE = "above noise"
+NOISE_UNKNOWN = "noise not estimated"
+
+
+def overhead_verdict(overhead_ms: float, noise_ms: float | None) -> str:
+    """How to read an overhead (end to end minus raw): one of the four labels above.
+
+    Negative: the daemon cannot be faster than the model alone, so the
+    figure is noise. Smaller than ``noise_ms`` (the window-to-window standard
+    deviation of the same difference): within noise. ``noise_ms`` ``None``:
+    not enough windows to tell.
+    """
+    if overhead_ms < 0:
+        return NEGATIVE_OVERHEAD
+    if noise_ms is None or not np.isfinite(noise_ms):
+        return NOISE_UNKNOWN
+    return WITHIN_NOISE if overhead_ms <= noise_ms else ABOVE_NOISE
+
+
+def describe_overhead(value_ms: float, noise_ms: float | None, target_ms: float | None = None,
+                      verdict: str | None = None) -> str:
+    """An overhead as an operator should read it: the figure, its label, and the target only where it means something.
+
+    >>> describe_overhead(-0.3, 0.2, 2.0)
+    '-0.300 ms: negative: measurement noise, not a speed-up (±0.200 ms between windows)'
+    >>> describe_overhead(0.3, 0.05, 0.5)
+    '+0.300 ms (±0.050 ms between windows); target <= 0.5 ms: met'
+    """
+    verdict = verdict or overhead_verdict(value_ms, noise_ms)
+    spread = f"±{noise_ms:.3f} ms between windows" if noise_ms is not None else NOISE_UNKNOWN
+    if verdict in (NEGATIVE_OVERHEAD, WITHIN_NOISE):
+        return f"{value_ms:+.3f} ms: {verdict} ({spread})"
+    text = f"{value_ms:+.3f} ms ({spread})"
+    if verdict == ABOVE_NOISE and target_ms is not None:
+        text += f"; target <= {target_ms:g} ms: " + ("met" if value_ms <= target_ms else "NOT met")
+    return text
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:

@@ -143,9 +143,9 @@ def send_paths(
 def configure_parser(p: argparse.ArgumentParser) -> None:
     """Options of ``medge send dicom``."""
     p.add_argument("paths", nargs="+", help="DICOM files or folders (folders are searched recursively)")
-    p.add_argument("--host", default="127.0.0.1", help="SCP host (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=11112, help="SCP port (default 11112)")
-    p.add_argument("--aet", "--called-ae", dest="called_ae", default="MEDGE", help="called AE title (default MEDGE)")
+    p.add_argument("--host", default="127.0.0.1", help="SCP host (default: $MEDGE_DICOM__HOST, else [dicom] of --config, else 127.0.0.1)")
+    p.add_argument("--port", type=int, default=11112, help="SCP port (default: $MEDGE_DICOM__PORT, else [dicom] port of --config, else 11112)")
+    p.add_argument("--aet", "--called-ae", dest="called_ae", default="MEDGE", help="called AE title (default: $MEDGE_DICOM__AE_TITLE, else [dicom] ae_title of --config, else MEDGE)")
     p.add_argument("--calling-ae", default="MEDGE-SEND", help="our AE title (default MEDGE-SEND)")
     p.add_argument("--no-recursive", action="store_true", help="do not descend into sub-folders")
     p.add_argument("--timeout", type=float, default=30.0, help="ACSE/DIMSE/network timeout in seconds")

@@ -11,6 +11,13 @@ as JSON lines.
 
 ``medge send dicom`` is provided by :mod:`edge.dicom_send` (C-STORE SCU).
 
+Both find the daemon as :mod:`edge.benchio` describes: a flag
+(``--endpoint``; ``--host``, ``--port``, ``--aet``), else the daemon's
+``MEDGE_*`` variables (``MEDGE_ZMQ__INGEST``; ``MEDGE_DICOM__HOST``,
+``MEDGE_DICOM__PORT``, ``MEDGE_DICOM__AE_TITLE``), else the daemon's config
+file given with ``--config``, else the defaults. The endpoint used and where
+it came from is printed first (on stderr with ``--json``).
+
 Exit status: 0 every frame answered ``ok`` or ``dropped``; 1 some frames got
 errors or no reply; 3 no daemon reachable, or it stopped mid-run.
 
@@ -21,6 +28,7 @@ Examples
     medge send zmq --fps 30 --duration-s 10
     medge send zmq --model xray-nodule-det --source xray --frame 512x512 --dtype uint16 --fps 5 --frames 20
     medge send zmq --source cine.dcm --fps 25 --json
+    medge send zmq --config /etc/medge/scanner-2.toml --frames 30
 """
 
 from __future__ import annotations
@@ -33,18 +41,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edge.benchio import add_config_argument, parse_frame, resolve_client_endpoints
 from edge.errors import MedgeError
 from edge.zmq_auth import add_curve_arguments, curve_from_args
 
 __all__ = ["configure_parser", "run"]
 
 _log = logging.getLogger(__name__)
-
-
-def _frame(text: str) -> tuple[int, int]:
-    from edge.bench import parse_frame
-
-    return parse_frame(text)
 
 
 def _positive(text: str) -> float:
@@ -67,7 +70,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="transport", metavar="TRANSPORT", required=True)
     pz = sub.add_parser("zmq", help="stream frames over ZeroMQ protocol v1 (pipelined DEALER)",
                         description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    pz.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="daemon ingest (default %(default)s)")
+    pz.add_argument("--endpoint", default=None,
+                    help="daemon ingest (default: MEDGE_ZMQ__INGEST, else [zmq] ingest of --config, "
+                         "else tcp://127.0.0.1:5555)")
+    add_config_argument(pz)
     pz.add_argument("--model", default=None, help="model name (default: the daemon's default model)")
     pz.add_argument("--stream", default="probe-1", help="stream name (default %(default)s)")
     pz.add_argument("--fps", type=_positive, default=30.0, help="frames per second (default %(default)s)")
@@ -76,7 +82,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--frames", type=int, default=None, help="send this many frames")
     pz.add_argument("--source", default="synthetic",
                     help="synthetic (ultrasound probe), xray, a folder of PNG/DICOM images, or a DICOM (cine) file")
-    pz.add_argument("--frame", type=_frame, default=None, metavar="HxW",
+    pz.add_argument("--frame", type=parse_frame, default=None, metavar="HxW",
                     help="synthetic frame size (default 480x640; xray 512x512)")
     pz.add_argument("--dtype", default=None, choices=["uint8", "uint16", "int16", "float32"],
                     help="synthetic pixel type (default uint8; xray uint16)")
@@ -94,6 +100,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         pd = sub.add_parser("dicom", help="send DICOM instances by C-STORE (edge.dicom_send)",
                             description=(mod.__doc__ or "").strip().split("\n\n")[0] or None)
         mod.configure_parser(pd)
+        add_config_argument(pd)
+        # None marks "not given", so MEDGE_* and --config can fill them in (see _resolve_dicom).
+        pd.set_defaults(host=None, port=None, called_ae=None)
     else:
         sub.add_parser("dicom", help="send DICOM instances by C-STORE (not available in this build)")
 
@@ -117,9 +126,20 @@ def _source(args: argparse.Namespace):
     return src, f"{p} ({n} frame(s), first {list(f0.shape)} {f0.dtype})"
 
 
+def _say(args: argparse.Namespace, line: str) -> None:
+    """A line for the operator: stdout, or stderr when stdout carries JSON."""
+    print(line, file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
+
+
 def _run_zmq(args: argparse.Namespace) -> int:
     from edge.loadgen import StreamSpec, Tick, describe, run_load
 
+    eps = resolve_client_endpoints(args.config, endpoint=args.endpoint)
+    endpoint = eps.zmq_ingest.value
+    _say(args, f"endpoint: {eps.zmq_line()}")
+    if eps.zmq_curve and curve_from_args(args) is None:
+        _say(args, "note: the daemon's settings require CURVE ([zmq] curve_server_key): "
+                   "pass --curve-server-key and --curve-client-key")
     if args.window < 1:
         raise MedgeError(f"--window {args.window} is not >= 1.")
     if args.frames is not None and args.frames < 1:
@@ -130,7 +150,7 @@ def _run_zmq(args: argparse.Namespace) -> int:
     spec = StreamSpec(name=args.stream, source=source, model=args.model, rate_fps=args.fps,
                       window=args.window, frames=args.frames, want=want)
     if not args.json:
-        print(f"medge send zmq: {what} -> {args.endpoint} as stream {args.stream!r}, model "
+        print(f"medge send zmq: {what} as stream {args.stream!r}, model "
               f"{args.model or '(daemon default)'}, {args.fps:g} fps, window {args.window}")
         print(f"{'t_s':>5} {'sent':>5} {'ok':>5} {'dropped':>7} {'errors':>6} {'timeouts':>8} {'skipped':>7} "
               f"{'p50_ms':>8} {'p99_ms':>8}")
@@ -144,9 +164,10 @@ def _run_zmq(args: argparse.Namespace) -> int:
         print(f"{t.t_s:5.0f} {t.sent:5d} {t.ok:5d} {t.dropped:7d} {t.errors:6d} {t.timeouts:8d} {t.skipped:7d} "
               f"{p50} {p99}", flush=True)
 
-    res = run_load(args.endpoint, [spec], duration_s=duration, reply_timeout_s=args.reply_timeout_s,
+    res = run_load(endpoint, [spec], duration_s=duration, reply_timeout_s=args.reply_timeout_s,
                    connect_timeout_s=args.connect_timeout_s, on_tick=tick, curve=curve_from_args(args))
     summary: dict[str, Any] = res.summary()
+    summary["endpoint"], summary["endpoint_from"] = endpoint, eps.zmq_ingest.origin
     if args.json:
         print(json.dumps({"type": "summary", **summary}), flush=True)
     else:
@@ -166,4 +187,12 @@ def run(args: argparse.Namespace) -> int:
     mod = _dicom_module()
     if mod is None or not hasattr(mod, "run"):
         raise MedgeError("'medge send dicom' is not available in this build (edge.dicom_send is missing).")
+    _resolve_dicom(args)
     return int(mod.run(args) or 0)
+
+
+def _resolve_dicom(args: argparse.Namespace) -> None:
+    """Fill in the SCP's host, port and AE title: flag > MEDGE_DICOM__* > --config > default."""
+    eps = resolve_client_endpoints(args.config, host=args.host, port=args.port, ae_title=args.called_ae)
+    args.host, args.port, args.called_ae = eps.dicom_host.value, eps.dicom_port.value, eps.dicom_ae_title.value
+    _say(args, f"endpoint: {eps.dicom_line()}")

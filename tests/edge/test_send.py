@@ -1,4 +1,10 @@
-"""``medge send zmq``: a real daemon on loopback, folder/cine sources, a daemon that is down or dies."""
+"""``medge send zmq``: a real daemon on loopback, folder/cine sources, a daemon that is down or dies.
+
+Also how ``medge send`` finds the daemon: ``--endpoint``/``--port`` over the
+daemon's ``MEDGE_*`` variables over ``--config FILE`` over the defaults, each
+case proven by reaching the daemon while the sources it overrides point at
+ports where nothing listens.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,9 @@ from ._fake_router import FakeRouter
 
 @pytest.fixture(scope="module")
 def daemon(fixture_engines: Path, tmp_path_factory: pytest.TempPathFactory):
-    with running_daemon(fixture_engines, tmp_path_factory.mktemp("daemon"), ["tiny-seg", "tiny-det"]) as d:
+    workdir = tmp_path_factory.mktemp("daemon")
+    with running_daemon(fixture_engines, workdir, ["tiny-seg", "tiny-det"]) as d:
+        d.config = workdir / "medge.toml"  # running_daemon writes the daemon's config there
         yield d
 
 
@@ -137,3 +145,95 @@ def test_send_dicom_is_dispatched_to_the_scu(tmp_path: Path, capsys) -> None:
     rc = main(["send", "dicom", str(path), "--port", str(free_port()), "--timeout", "2"])
     assert rc != 0
     assert "127.0.0.1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ which daemon: flag > MEDGE_* > --config > default
+def _nobody_config(tmp_path: Path) -> Path:
+    """A daemon config whose ZeroMQ and DICOM ports have nobody listening."""
+    from edge.demo import free_port
+
+    cfg = tmp_path / "nobody.toml"
+    cfg.write_text(f'[zmq]\ningest = "tcp://127.0.0.1:{free_port()}"\n[dicom]\nport = {free_port()}\n')
+    return cfg
+
+
+def test_send_zmq_finds_the_daemon_by_config_env_and_flag(daemon, tmp_path: Path, capsys, monkeypatch) -> None:
+    from edge.demo import free_port
+
+    monkeypatch.delenv("MEDGE_ZMQ__INGEST", raising=False)
+    nobody = _nobody_config(tmp_path)
+    port = daemon.endpoint.rsplit(":", 1)[1]
+
+    def send(*extra: str) -> tuple[int, dict, str]:
+        rc = main(["send", "zmq", "--model", "tiny-seg", "--frames", "3", "--fps", "50", "--frame", "64x64",
+                   "--connect-timeout-s", "0.5", "--json", *extra])
+        out = capsys.readouterr()
+        return rc, _json_lines(out.out)[-1], out.err
+
+    # The daemon's own config file, on a non-default port.
+    rc, summary, err = send("--config", str(daemon.config))
+    assert rc == 0 and summary["ok"] == 3
+    assert summary["endpoint"] == daemon.endpoint and summary["endpoint_from"] == f"--config {daemon.config}"
+    assert f"endpoint: {daemon.endpoint} (from --config {daemon.config})" in err  # stdout stays JSON
+    # The daemon's variable wins over the file (a wildcard bind address is reached on loopback).
+    monkeypatch.setenv("MEDGE_ZMQ__INGEST", f"tcp://0.0.0.0:{port}")
+    rc, summary, _ = send("--config", str(nobody))
+    assert rc == 0 and summary["ok"] == 3
+    assert (summary["endpoint"], summary["endpoint_from"]) == (daemon.endpoint, "MEDGE_ZMQ__INGEST")
+    # The flag wins over both.
+    monkeypatch.setenv("MEDGE_ZMQ__INGEST", f"tcp://127.0.0.1:{free_port()}")
+    rc, summary, _ = send("--config", str(nobody), "--endpoint", daemon.endpoint)
+    assert rc == 0 and summary["ok"] == 3 and summary["endpoint_from"] == "--endpoint"
+    # And the overridden sources really point nowhere.
+    rc, summary, err = send("--config", str(daemon.config))
+    assert rc == 3 and summary["endpoint_from"] == "MEDGE_ZMQ__INGEST"
+    assert "no daemon is accepting connections" in err
+
+
+def test_send_dicom_finds_the_scp_by_config_env_and_flag(tmp_path: Path, capsys, monkeypatch) -> None:
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import UltrasoundImageStorage
+
+    from edge.benchdicom import synthetic_instances
+    from edge.demo import free_port
+
+    monkeypatch.delenv("MEDGE_DICOM__PORT", raising=False)
+    path = tmp_path / "us.dcm"
+    synthetic_instances(1, "US", frame=(32, 32))[0].save_as(path, enforce_file_format=True)
+    stored: list[str] = []
+
+    def on_store(event) -> int:
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    ae = AE(ae_title="SCANNER2")
+    ae.add_supported_context(UltrasoundImageStorage)
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    scp_port = server.server_address[1]
+    cfg = tmp_path / "scanner2.toml"
+    cfg.write_text(f'[dicom]\nport = {scp_port}\nae_title = "SCANNER2"\n')
+    nobody = _nobody_config(tmp_path)
+    try:
+        assert main(["send", "dicom", str(path), "--config", str(cfg), "--timeout", "5"]) == 0
+        assert f"endpoint: SCANNER2@127.0.0.1:{scp_port} (host from default; port from --config {cfg}; " \
+               f"AE title from --config {cfg})" in capsys.readouterr().out
+        monkeypatch.setenv("MEDGE_DICOM__PORT", str(scp_port))
+        monkeypatch.setenv("MEDGE_DICOM__AE_TITLE", "SCANNER2")
+        assert main(["send", "dicom", str(path), "--config", str(nobody), "--timeout", "5"]) == 0
+        assert "(host from default; port from MEDGE_DICOM__PORT; AE title from MEDGE_DICOM__AE_TITLE)" \
+            in capsys.readouterr().out
+        monkeypatch.setenv("MEDGE_DICOM__PORT", str(free_port()))
+        assert main(["send", "dicom", str(path), "--config", str(nobody), "--port", str(scp_port),
+                     "--timeout", "5"]) == 0
+        assert "port from --port" in capsys.readouterr().out
+        assert main(["send", "dicom", str(path), "--config", str(cfg), "--timeout", "2"]) != 0  # env wins: nobody
+        assert "port from MEDGE_DICOM__PORT" in capsys.readouterr().out
+    finally:
+        server.shutdown()
+    assert len(stored) == 3
+
+
+def test_send_with_a_missing_config_file_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    rc = main(["send", "zmq", "--config", str(tmp_path / "nope.toml"), "--frames", "1"])
+    assert rc == 1
+    assert f"Config file {tmp_path / 'nope.toml'} does not exist" in capsys.readouterr().err
