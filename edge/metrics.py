@@ -63,6 +63,9 @@ STAGES = ("queue", "preprocess", "infer", "postprocess", "egress")
 #: ``medge_internal_errors_total`` as well).
 REPLY_LOST_REASONS = ("encode", "hwm", "disconnected", "closed", "internal")
 
+#: why a reply was not handed to the PUB socket (``medge_publish_dropped_total{reason}``).
+PUBLISH_DROPPED_REASONS = ("error", "closed")
+
 #: why a frame was shed without inference (``medge_frames_dropped_total{reason}``):
 #: ``stream_backlog``: a newer frame of the same live stream replaced it (newest wins);
 #: ``shutdown``: still queued when the shutdown budget ran out.
@@ -318,6 +321,21 @@ class Metrics:
         )
         for reason in REPLY_LOST_REASONS:
             self.replies_lost.labels(reason=reason)
+        self.published = Counter(
+            "medge_published",
+            "Replies handed to the PUB socket (a subscriber that keeps up receives each once).",
+            registry=r,
+        )
+        self.publish_dropped = Counter(
+            "medge_publish_dropped",
+            "Replies the daemon could not hand to the PUB socket, by reason (error: the socket refused or "
+            "failed; closed: shutting down). Drops at one slow subscriber's publish_hwm happen inside "
+            "libzmq and are not counted here: compare medge_published_total with what the subscriber received.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in PUBLISH_DROPPED_REASONS:
+            self.publish_dropped.labels(reason=reason)
         self.dicom_store_to_result = dicom_store_to_result_histogram(r)
         self.build_info = Gauge(
             "medge_build_info",

@@ -290,7 +290,7 @@ class Daemon:
                         self._zmq_ctx, cfg.zmq.curve_server_key, cfg.zmq.curve_client_keys_dir
                     ).start()
                     self._curve.secure_context()  # the ROUTER and PUB sockets created next are CURVE servers
-                self.zmq = ZmqServer(cfg.zmq, self.scheduler, self.metrics, context=self._zmq_ctx).start()
+                self.zmq = ZmqServer(cfg.zmq, self.scheduler, self.metrics, context=self._zmq_ctx, catalog=self.models).start()
             if cfg.dicom.enabled:
                 self.dicom = _start_dicom(cfg, self.scheduler, self.registry)
                 self.metrics.declare_source("dicom", self.scheduler.models(), MODEL_FAILURE_CODES)
@@ -300,12 +300,13 @@ class Daemon:
         self.ready_s = time.perf_counter() - t0
         self._ready = True
         _log.info(
-            "medge ready in %.2f s: models %s; zmq %s; dicom %s; metrics %s.",
+            "medge ready in %.2f s: models %s; zmq %s; dicom %s; metrics %s; spool %s.",
             self.ready_s,
             ", ".join(f"{m.name} ({m.backend_label}, {m.precision})" for m in self.models),
             self.zmq.ingest_endpoint if self.zmq else "off",
             f"{cfg.dicom.host}:{cfg.dicom.port}" if self.dicom is not None else "off",
             self.health.url if self.health else "off",
+            cfg.spool_dir,
         )
         return self
 

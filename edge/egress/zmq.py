@@ -1,8 +1,13 @@
 """ZeroMQ egress: protocol v1 reply encoding and the results PUB socket.
 
 A reply is ``[header]`` or ``[header, mask]`` (see ``docs/protocol.md``);
-every reply is also published as ``[stream, header(, mask)]``. These
-functions only encode; the socket work happens in :mod:`edge.ingest.zmq`.
+every reply to a frame request whose stream is known is also published as
+``[topic, header(, mask)]``, the topic being the stream name followed by
+one NUL byte (:func:`topic`), so that a subscription to ``probe-1\\0``
+cannot match ``probe-10``. The answer to ``{"v": 1, "op": "models"}``
+(:func:`encode_models`, entries from :func:`describe_model`) is a reply
+only. These functions only encode; the socket work happens in
+:mod:`edge.ingest.zmq`.
 
 The encoders never raise and never emit invalid JSON: they encode with
 ``allow_nan=False`` into strict UTF-8, and a reply that cannot be encoded
@@ -24,17 +29,22 @@ Examples
 >>> r = encode_result("\\ud800", InferenceResult(status="ok", model="m"), stream="s")
 >>> hdr = json.loads(r.header); hdr["id"], hdr["error"]["code"], r.substituted
 (None, 'internal', True)
+>>> topic("probe-1")
+b'probe-1\\x00'
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any, NamedTuple
+import math
+from typing import Any, Iterable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import zmq
 
+from edge.manifest import Manifest
+from edge.preprocess import SUPPORTED_DTYPES
 from edge.types import InferenceResult
 
 __all__ = [
@@ -44,6 +54,11 @@ __all__ = [
     "EncodedReply",
     "encode_result",
     "encode_error",
+    "encode_models",
+    "describe_model",
+    "describe_models",
+    "DescribedModel",
+    "TOPIC_TERMINATOR",
     "topic",
     "Publisher",
 ]
@@ -52,6 +67,8 @@ _log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 ERROR_CODES = ("bad_header", "bad_shape", "bad_dtype", "payload_size", "unknown_model", "overloaded", "internal")
+#: ends every PUB topic frame; a stream name cannot hold it (control characters are refused)
+TOPIC_TERMINATOR = b"\x00"
 
 #: the PUB socket's kernel send buffer (SO_SNDBUF) per subscriber connection; fixed, so Linux
 #: does not auto-grow it to several MiB for a subscriber that stopped reading
@@ -127,7 +144,7 @@ def encode_result(
     stream: str,
     want_mask: bool = True,
     want_boxes: bool = True,
-    sent_ns: int | None = None,
+    sent_ns: int | str | None = None,
 ) -> EncodedReply:
     """Reply header (UTF-8 JSON) and optional mask for one result; never raises.
 
@@ -141,8 +158,10 @@ def encode_result(
         The request's stream (echoed; also the PUB topic).
     want_mask, want_boxes : bool
         From the request's ``want``; leave out what was not asked for.
-    sent_ns : int, optional
-        Echoed when the request carried it (clients measure latency with it).
+    sent_ns : int or str, optional
+        Echoed exactly as the request carried it (an integer, or a decimal
+        string for clients whose JSON numbers are doubles); clients measure
+        latency with it.
 
     Returns
     -------
@@ -184,12 +203,20 @@ def encode_result(
 
 
 def encode_error(
-    request_id: Any, code: str, message: str, *, stream: str, model: str | None = None, sent_ns: int | None = None
+    request_id: Any,
+    code: str,
+    message: str,
+    *,
+    stream: str | None,
+    model: str | None = None,
+    sent_ns: int | str | None = None,
 ) -> bytes:
     """Header of an ``error`` reply (no mask); never raises.
 
-    When the reply cannot be encoded, an ``internal`` error reply is
-    returned instead (see the module docstring).
+    ``stream`` is ``None`` when the request's stream is unknown or invalid
+    (the reply then says ``"stream": null``). When the reply cannot be
+    encoded, an ``internal`` error reply is returned instead (see the
+    module docstring).
     """
     hdr: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
@@ -208,16 +235,208 @@ def encode_error(
     return header
 
 
-def topic(stream: str) -> bytes:
-    """The PUB topic of ``stream``: its UTF-8 bytes (never raises)."""
+def encode_models(
+    request_id: Any,
+    models: Sequence[dict[str, Any]],
+    *,
+    default_model: str | None,
+    sent_ns: int | str | None = None,
+) -> bytes:
+    """The reply to ``{"v": 1, "op": "models"}``; never raises.
+
+    Parameters
+    ----------
+    request_id
+        The request's ``id``, echoed.
+    models : sequence of dict
+        One entry per served model, from :func:`describe_model`.
+    default_model : str or None
+        The model a frame request without ``model`` runs on.
+    sent_ns : int or str, optional
+        Echoed as given.
+
+    Examples
+    --------
+    >>> hdr = json.loads(encode_models(3, [{"name": "m"}], default_model="m"))
+    >>> hdr["op"], hdr["status"], hdr["default_model"], [m["name"] for m in hdr["models"]]
+    ('models', 'ok', 'm', ['m'])
+    """
+    hdr: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "id": request_id,
+        "status": "ok",
+        "op": "models",
+        "default_model": default_model,
+        "models": list(models),
+    }
+    if sent_ns is not None:
+        hdr["sent_ns"] = sent_ns
+    return _encode(hdr) or _internal_error(request_id, None, None)
+
+
+class DescribedModel(Protocol):
+    """What :func:`describe_model` reads: a served model (:class:`edge.models.LoadedModel`)."""
+
+    manifest: Manifest
+    precision: str
+    backend_label: str
+
+    @property
+    def threshold(self) -> float: ...
+
+
+def _num(value: float) -> float | int:
+    """``value`` as an int when it is integral (``255`` rather than ``255.0`` in sentences and JSON)."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _bits(pre: Any) -> int | None:
+    """The bit depth a fixed ``(x - 0) / (2**b - 1)`` normalisation implies, else ``None``."""
+    if pre.normalize != "fixed" or pre.window is not None or pre.mean != 0:
+        return None
+    b = math.log2(pre.std + 1.0) if pre.std > 0 else 0.5
+    return int(b) if b.is_integer() and 1 <= b <= 16 else None
+
+
+def _input_semantics(manifest: Manifest) -> dict[str, Any]:
+    """How raw pixel values become the model's input, as data and as sentences."""
+    spec, pre = manifest.input, manifest.preprocessing
+    h, w = spec.size
+    parts: list[str] = []
+    full_scale: list[float | int] | None = None
+    if pre.window is not None:
+        c, ww = pre.window
+        lo, hi = c - ww / 2.0, c + ww / 2.0
+        parts.append(
+            f"Values are first clipped to the window [{_num(lo)}, {_num(hi)}] (centre {_num(c)}, width {_num(ww)}, "
+            "in the modality's units, e.g. HU) and mapped linearly to [0, 1]."
+        )
+        if pre.normalize == "fixed" and pre.mean == 0 and pre.std == 1:
+            full_scale = [_num(lo), _num(hi)]
+    if pre.normalize == "fixed":
+        if pre.window is None:
+            full_scale = [_num(pre.mean), _num(pre.mean + pre.std)]
+            parts.append(
+                f"Values are mapped by (x - {_num(pre.mean)}) / {_num(pre.std)} whatever the dtype, without "
+                f"clipping or per-frame rescaling: {_num(pre.mean)} is black and {_num(pre.mean + pre.std)} "
+                "full white. A frame on another scale is not rescaled and gives wrong results (for example "
+                "16-bit values read as far brighter than white, float32 in [0, 1] as nearly black): scale it "
+                f"to [{_num(pre.mean)}, {_num(pre.mean + pre.std)}] first."
+            )
+        else:
+            parts.append(f"Then (x - {_num(pre.mean)}) / {_num(pre.std)}.")
+    elif pre.normalize == "minmax":
+        parts.append(
+            ("Then each" if pre.window is not None else "Each")
+            + " frame is rescaled on its own from its minimum (0) to its maximum (1): any dtype and bit "
+            "depth work and absolute brightness does not matter; a constant frame becomes all 0, and a few "
+            "extreme pixels (a burned-in annotation, a dead pixel) compress the contrast of the rest."
+        )
+    else:  # zscore
+        parts.append(
+            ("Then each" if pre.window is not None else "Each")
+            + " frame is standardised on its own (mean 0, standard deviation 1): any dtype and bit depth work."
+        )
+    if pre.resize == "letterbox":
+        parts.append(f"The frame is resized to {h}x{w} keeping its aspect ratio, centred and zero-padded.")
+    else:
+        parts.append(f"The frame is resized (stretched) to {h}x{w}.")
+    if spec.channels == 1:
+        parts.append("RGB frames become luma (0.299 R + 0.587 G + 0.114 B).")
+    else:
+        parts.append("Grayscale frames are repeated into 3 channels.")
+    parts.append("float32 pixels must be finite (a NaN or an infinity makes the result meaningless).")
+    bits = _bits(pre)
+    per_frame = pre.normalize in ("minmax", "zscore")
+    if per_frame:
+        expected = list(SUPPORTED_DTYPES)
+    elif bits is not None:
+        expected = [d for d, b in (("uint8", 8), ("uint16", 16)) if bits <= b][:1]
+    else:
+        expected = []
+    return {
+        "size": [h, w],
+        "channels": spec.channels,
+        "color": pre.color,
+        "resize": pre.resize,
+        "expected_dtypes": expected,
+        "bits": bits,
+        "full_scale": full_scale,
+        "per_frame": per_frame,
+        "normalize": pre.normalize,
+        "mean": _num(pre.mean),
+        "std": _num(pre.std),
+        "window": None if pre.window is None else [_num(v) for v in pre.window],
+        "semantics": " ".join(parts),
+    }
+
+
+def describe_model(model: DescribedModel | Manifest) -> dict[str, Any]:
+    """One entry of the ``op: models`` reply: name, version, task, labels, input semantics, output.
+
+    Parameters
+    ----------
+    model : LoadedModel or Manifest
+        A served model (its threshold, precision and backend are then those
+        in use) or a bare manifest (the manifest's threshold; precision and
+        backend ``null``).
+
+    Examples
+    --------
+    >>> from edge.manifest import Artifact, InputSpec, Manifest, Postprocessing, Preprocessing
+    >>> m = Manifest(name="m", version="2", task="segmentation", labels=("lesion",), input=InputSpec(),
+    ...              outputs=("logits",), preprocessing=Preprocessing(normalize="fixed", std=255.0),
+    ...              postprocessing=Postprocessing(), artifacts={"fp32": Artifact("m.onnx", "0")})
+    >>> d = describe_model(m)
+    >>> d["input"]["full_scale"], d["input"]["bits"], d["input"]["expected_dtypes"], d["output"]["mask"]
+    ([0, 255], 8, ['uint8'], True)
+    """
+    bare = isinstance(model, Manifest)
+    manifest = model if isinstance(model, Manifest) else model.manifest
+    threshold = manifest.postprocessing.threshold if isinstance(model, Manifest) else model.threshold
+    segmentation = manifest.task == "segmentation"
+    return {
+        "name": manifest.name,
+        "version": manifest.version,
+        "task": manifest.task,
+        "labels": list(manifest.labels),
+        "input": _input_semantics(manifest),
+        "output": {
+            "mask": segmentation,
+            "boxes": not segmentation,
+            "threshold": float(threshold),
+            "max_detections": None if segmentation else int(manifest.postprocessing.max_detections),
+            "nms_iou": None if segmentation else float(manifest.postprocessing.nms_iou),
+        },
+        "precision": None if bare else str(model.precision),  # type: ignore[union-attr]
+        "backend": None if bare else str(model.backend_label),  # type: ignore[union-attr]
+        "research_only": bool(manifest.research_only),
+    }
+
+
+def describe_models(models: Iterable[DescribedModel | Manifest]) -> list[dict[str, Any]]:
+    """:func:`describe_model` of each model, in order."""
+    return [describe_model(m) for m in models]
+
+
+def topic(stream: str, terminated: bool = True) -> bytes:
+    """The PUB topic of ``stream``: its UTF-8 bytes and :data:`TOPIC_TERMINATOR` (never raises).
+
+    The terminator makes a subscription to ``topic("probe-1")`` exact: it
+    cannot match ``probe-10``, whose topic is ``b"probe-10\\x00"``. A
+    subscription to the bare name (a prefix) or to ``b""`` still matches.
+    ``terminated=False`` gives the bare name (``[zmq] publish_topic = "bare"``,
+    the framing before the terminator was added).
+    """
+    end = TOPIC_TERMINATOR if terminated else b""
     try:
-        return stream.encode("utf-8")
+        return stream.encode("utf-8") + end
     except (UnicodeEncodeError, AttributeError):
-        return str(stream).encode("utf-8", "replace")
+        return str(stream).encode("utf-8", "replace") + end
 
 
 class Publisher:
-    """The results PUB socket: every reply as ``[stream, header(, mask)]``.
+    """The results PUB socket: every reply as ``[topic(stream), header(, mask)]``.
 
     Never blocks and never slows the daemon: a subscriber that cannot keep
     up loses messages beyond ``hwm`` (ZeroMQ PUB semantics). The daemon holds
@@ -236,11 +455,27 @@ class Publisher:
         Send high-water mark per subscriber, in messages (``[zmq] publish_hwm``).
     sndbuf_bytes : int
         SO_SNDBUF of each subscriber connection.
+    terminated : bool
+        Topic frame = stream name + NUL (exact subscriptions; the default), or
+        the bare name (``[zmq] publish_topic = "bare"``).
+    published, dropped : prometheus counters, optional
+        ``medge_published_total`` and ``medge_publish_dropped_total{reason}``.
     """
 
     def __init__(
-        self, ctx: zmq.Context, endpoint: str, *, hwm: int = 32, sndbuf_bytes: int = PUBLISH_SNDBUF_BYTES
+        self,
+        ctx: zmq.Context,
+        endpoint: str,
+        *,
+        hwm: int = 32,
+        sndbuf_bytes: int = PUBLISH_SNDBUF_BYTES,
+        terminated: bool = True,
+        published: Any = None,
+        dropped: Any = None,
     ) -> None:
+        self.terminated = terminated
+        self._published = published
+        self._dropped = dropped
         self.socket = ctx.socket(zmq.PUB)
         self.socket.setsockopt(zmq.SNDHWM, hwm)
         self.socket.setsockopt(zmq.SNDBUF, sndbuf_bytes)
@@ -254,13 +489,19 @@ class Publisher:
 
     def publish(self, stream: str, header: bytes, mask: np.ndarray | None) -> None:
         """Publish one reply (the caller serialises access to the socket)."""
-        frames: list[Any] = [topic(stream), header]
+        frames: list[Any] = [topic(stream, self.terminated), header]
         if mask is not None:
             frames.append(mask)
         try:
             self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=mask is None or mask.nbytes <= 128 * 1024)
-        except zmq.Again:  # a PUB socket drops instead; kept for safety
-            _log.debug("PUB high-water mark reached; a result was not published.")
+        except zmq.ZMQError as exc:  # a PUB socket drops at the hwm itself; this is the socket failing
+            reason = "closed" if exc.errno in (zmq.ETERM, zmq.ENOTSOCK) else "error"
+            _log.debug("A result was not published (%s).", zmq.strerror(exc.errno))
+            if self._dropped is not None:
+                self._dropped.labels(reason=reason).inc()
+            return
+        if self._published is not None:
+            self._published.inc()
 
     def close(self, linger_ms: int = 200) -> None:
         """Close the socket (short linger)."""

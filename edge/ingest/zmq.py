@@ -20,7 +20,10 @@ input is waiting (and the I/O thread's wait also ends every 50 ms, so even a
 missed notification would delay a request by at most that).
 
 Clients: DEALER (``[header, pixels]``, may pipeline) and REQ (whose empty
-delimiter frame is kept in the reply envelope). Every malformed message is
+delimiter frame is kept in the reply envelope). A header with ``"op":
+"models"`` (and no pixels frame) is answered at once by the I/O thread with
+the served models and their input semantics (:func:`request_op`,
+:func:`edge.egress.zmq.encode_models`); it is not published. Every malformed message is
 answered with an ``error`` reply and counted in
 ``medge_requests_failed_total{source="zmq", code}``, never logged above
 debug level; the daemon keeps serving. See ``docs/protocol.md`` for the
@@ -65,20 +68,41 @@ import select
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import zmq
 
 from edge.boundary import ErrorBoundary
 from edge.config import ZmqConfig
-from edge.egress.zmq import PROTOCOL_VERSION, Publisher, encode_error, encode_result
+from edge.egress.zmq import (
+    ERROR_CODES,
+    PROTOCOL_VERSION,
+    Publisher,
+    describe_models,
+    encode_error,
+    encode_models,
+    encode_result,
+)
 from edge.errors import ConfigError, ProtocolError
 from edge.metrics import REPLY_LOST_REASONS, Metrics
 from edge.preprocess import SUPPORTED_DTYPES
 from edge.types import InferenceResult, InferenceService
 
-__all__ = ["Request", "parse_header", "parse_request", "ZmqServer", "SOURCE", "MAX_HEADER_BYTES", "MAX_HEADER_DEPTH"]
+__all__ = [
+    "Request",
+    "parse_header",
+    "parse_request",
+    "request_op",
+    "valid_stream",
+    "ZmqServer",
+    "SOURCE",
+    "MAX_HEADER_BYTES",
+    "MAX_HEADER_DEPTH",
+    "MAX_STREAM_CHARS",
+    "OPS",
+    "WANT_VALUES",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -89,7 +113,16 @@ _MAX_DEPTH = MAX_HEADER_DEPTH
 _MAX_INT_DIGITS = 20  # 2**64 has 20 digits; nanosecond timestamps have 19
 _LOOP_FAILURES_MAX = 50  # consecutive I/O loop failures before it gives up (and healthy() is False)
 _SOCKET_LINGER_MS = 500
-_MAX_STREAM_CHARS = 128
+MAX_STREAM_CHARS = 128
+_MAX_STREAM_CHARS = MAX_STREAM_CHARS
+#: the request operations besides a frame request (a header without ``op``)
+OPS = ("models",)
+#: what a frame request's ``want`` may list; ``[]`` asks for status and timing only
+WANT_VALUES = ("mask", "boxes")
+# control characters cannot be in a stream name: NUL terminates the PUB topic (edge.egress.zmq.topic)
+_STREAM_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# sent_ns as a decimal string: what an integer of at most 20 digits prints as, and nothing else
+_SENT_NS_TEXT = re.compile(r"-?[0-9]{1,20}")
 _ZERO_COPY_BYTES = 128 * 1024
 _BATCH_RECV = 256  # messages drained per wake-up before workers get the socket lock
 _WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in SUPPORTED_DTYPES}
@@ -110,7 +143,7 @@ class Request:
     image: np.ndarray
     want_mask: bool
     want_boxes: bool
-    sent_ns: int | None
+    sent_ns: int | str | None  # echoed exactly as given (a decimal string stays a string)
 
 
 def parse_header(frame: bytes | memoryview) -> dict[str, Any]:
@@ -243,6 +276,63 @@ def _dims(shape: Any, max_pixels: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def valid_stream(value: Any) -> bool:
+    """Whether ``value`` is a valid stream name: 1 to 128 characters, none of them a control character.
+
+    Examples
+    --------
+    >>> valid_stream("probe-1"), valid_stream(""), valid_stream("a\\x00b"), valid_stream(7)
+    (True, False, False, False)
+    """
+    return (
+        isinstance(value, str) and 0 < len(value) <= _MAX_STREAM_CHARS and _STREAM_CONTROL.search(value) is None
+    )
+
+
+def request_op(header: dict[str, Any]) -> str | None:
+    """The header's ``op`` (one of :data:`OPS`), or ``None`` for a frame request (``op`` absent or null).
+
+    Raises
+    ------
+    ProtocolError
+        ``bad_header`` for any other ``op``.
+
+    Examples
+    --------
+    >>> request_op({"v": 1, "op": "models"}), request_op({"v": 1})
+    ('models', None)
+    """
+    op = header.get("op")
+    if op is None or (isinstance(op, str) and op in OPS):
+        return op
+    raise ProtocolError(
+        "bad_header",
+        f"Header field op is {_short(op)}; known operations: {', '.join(map(json.dumps, OPS))} "
+        "(leave op out for a frame request).",
+    )
+
+
+def _sent_ns(value: Any) -> int | str | None:
+    """``sent_ns`` as it will be echoed, or ``ProtocolError`` ``bad_header``."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value  # parse_header already bounds integers to 20 digits
+    if isinstance(value, str) and _SENT_NS_TEXT.fullmatch(value):
+        return value
+    raise ProtocolError(
+        "bad_header",
+        f"Header field sent_ns is {_short(value)}; it must be an integer, or a string of 1 to 20 decimal "
+        "digits with an optional leading '-'.",
+    )
+
+
+def _echo_sent_ns(value: Any) -> int | str | None:
+    """``sent_ns`` to echo in an error reply: the value when valid, else ``None``."""
+    try:
+        return _sent_ns(value)
+    except ProtocolError:
+        return None
+
+
 def parse_request(
     header: dict[str, Any],
     frames: Sequence[Any],
@@ -269,14 +359,23 @@ def parse_request(
     if model is not None and model not in models:
         raise ProtocolError("unknown_model", f"Model {model[:64]!r} is not served (served: {', '.join(models)}).")
     stream = header.get("stream", default_stream)
-    if not isinstance(stream, str) or not stream or len(stream) > _MAX_STREAM_CHARS:
-        raise ProtocolError("bad_header", f"Header field stream must be a non-empty string of at most {_MAX_STREAM_CHARS} characters.")
-    want = header.get("want", ["mask", "boxes"])
+    if not valid_stream(stream):
+        raise ProtocolError(
+            "bad_header",
+            f"Header field stream is {_short(stream)}; it must be a string of 1 to {_MAX_STREAM_CHARS} "
+            "characters without control characters (U+0000 to U+001F, U+007F).",
+        )
+    want = header.get("want", list(WANT_VALUES))
     if not isinstance(want, list) or not all(isinstance(w, str) for w in want):
-        raise ProtocolError("bad_header", "Header field want is not a list of strings.")
-    sent_ns = header.get("sent_ns")
-    if sent_ns is not None and (not isinstance(sent_ns, int) or isinstance(sent_ns, bool)):
-        raise ProtocolError("bad_header", "Header field sent_ns is not an integer.")
+        raise ProtocolError("bad_header", f"Header field want is {_short(want)}; it must be a list of strings.")
+    unknown = [w for w in want if w not in WANT_VALUES]
+    if unknown:
+        raise ProtocolError(
+            "bad_header",
+            f"Header field want has {_short(unknown[0])}; it may list {', '.join(map(json.dumps, WANT_VALUES))} "
+            "([] for status and timing only).",
+        )
+    sent_ns = _sent_ns(header.get("sent_ns"))
     if "dtype" not in header:
         raise ProtocolError("bad_header", "Header field dtype is missing.")
     dtype = header["dtype"]
@@ -332,6 +431,10 @@ class ZmqServer:
     context : zmq.Context, optional
         Shared context (default: a private one, terminated on close, with a
         bounded wait).
+    catalog : iterable of LoadedModel (or Manifest), optional
+        The served models, described in the reply to ``{"v": 1, "op":
+        "models"}`` (:func:`edge.egress.zmq.describe_model`). Without it
+        that reply lists each served model by ``name`` only.
 
     Raises
     ------
@@ -365,10 +468,17 @@ class ZmqServer:
         service: InferenceService,
         metrics: Metrics | None = None,
         context: zmq.Context | None = None,
+        catalog: Iterable[Any] | None = None,
     ) -> None:
         self._cfg = config
         self._service = service
         self._metrics = metrics
+        # described once: the models served do not change while the daemon runs
+        self._catalog = (
+            describe_models(catalog) if catalog is not None else [{"name": n} for n in service.models()]
+        )
+        default = getattr(service, "default_model", None)
+        self._default_model = default if isinstance(default, str) and default else None
         self._own_ctx = context is None
         self._ctx = context or zmq.Context(io_threads=1)
         self._lock = threading.RLock()  # guards both sockets and the counters below
@@ -381,6 +491,7 @@ class ZmqServer:
         self._lost: dict[str, Any] = {}
         if metrics is not None:
             self._lost = {r: metrics.replies_lost.labels(reason=r) for r in REPLY_LOST_REASONS}
+            metrics.declare_source(SOURCE, service.models(), ERROR_CODES)  # every series at 0 from the start
         self._accepting = True
         self._closing = threading.Event()
         self._failed = False
@@ -412,7 +523,15 @@ class ZmqServer:
             router.close(linger=0)
             raise ConfigError(f"Config key zmq.ingest: cannot bind {self._cfg.ingest}: {exc}.") from exc
         try:
-            self._pub = Publisher(self._ctx, self._cfg.publish, hwm=self._cfg.publish_hwm)
+            m = self._metrics
+            self._pub = Publisher(
+                self._ctx,
+                self._cfg.publish,
+                hwm=self._cfg.publish_hwm,
+                terminated=getattr(self._cfg, "publish_topic", "exact") != "bare",
+                published=m.published if m is not None else None,
+                dropped=m.publish_dropped if m is not None else None,
+            )
         except zmq.ZMQError as exc:
             router.close(linger=0)
             raise ConfigError(f"Config key zmq.publish: cannot bind {self._cfg.publish}: {exc}.") from exc
@@ -637,15 +756,30 @@ class ZmqServer:
                 self._close_sockets(_SOCKET_LINGER_MS)
 
     def _reply_error(
-        self, envelope: list[bytes], request_id: Any, code: str, message: str, stream: str, model: str | None, sent_ns: Any
+        self,
+        envelope: list[bytes],
+        request_id: Any,
+        code: str,
+        message: str,
+        stream: str | None,
+        model: str | None,
+        sent_ns: Any,
     ) -> None:
+        """Answer one request with an error; publish it when its stream is known (``stream`` not None)."""
         assert self._pub is not None
-        ok_sent_ns = sent_ns if isinstance(sent_ns, int) and not isinstance(sent_ns, bool) else None
-        header = encode_error(request_id, code, message, stream=stream, model=model, sent_ns=ok_sent_ns)
+        header = encode_error(request_id, code, message, stream=stream, model=model, sent_ns=_echo_sent_ns(sent_ns))
         if self._metrics is not None:  # counted before the reply leaves, so a client never sees it uncounted
             self._metrics.requests_failed.labels(source=SOURCE, code=code).inc()
         self._send_reply([*envelope, header])
-        self._pub.publish(stream, header, None)
+        if stream is not None:  # an unknown or invalid stream has no topic: never published as "default"
+            self._pub.publish(stream, header, None)
+
+    def _reply_models(self, envelope: list[bytes], request_id: Any, sent_ns: Any) -> None:
+        """Answer ``op: models`` (not published: it is no stream's result)."""
+        header = encode_models(
+            request_id, self._catalog, default_model=self._default_model, sent_ns=_echo_sent_ns(sent_ns)
+        )
+        self._send_reply([*envelope, header])
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         """One ROUTER message: validate, submit, or answer with an error. The per-message error boundary."""
@@ -656,7 +790,7 @@ class ZmqServer:
             envelope.append(b"")
             body = body[1:]
         rid: Any = None
-        stream = self._cfg.default_stream
+        stream: str | None = None  # unknown until the header is read; an invalid one stays unknown
         model: str | None = None
         sent_ns: Any = None
         try:
@@ -666,11 +800,19 @@ class ZmqServer:
             # a decoded header holds only encodable values: safe to echo in the error reply
             rid = header.get("id")
             sent_ns = header.get("sent_ns")
-            if isinstance(header.get("stream"), str) and 0 < len(header["stream"]) <= _MAX_STREAM_CHARS:
-                stream = header["stream"]
+            requested_stream = header.get("stream", self._cfg.default_stream)
+            if valid_stream(requested_stream):
+                stream = requested_stream
             if isinstance(header.get("model"), str):
                 model = header["model"][:64]
             _check_version(header)
+            if request_op(header) == "models":
+                if len(body) > 1:
+                    raise ProtocolError(
+                        "payload_size", f"The message has {len(body)} frames; op \"models\" takes the header only."
+                    )
+                self._reply_models(envelope, rid, sent_ns)
+                return
             req = parse_request(
                 header,
                 body,

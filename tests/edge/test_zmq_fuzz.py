@@ -8,10 +8,14 @@ Properties (hypothesis):
   integer ``v == 1``, or raises :class:`ProtocolError` ``bad_header``;
   nothing else.
 * ``parse_request`` of any parsed header and frames returns a consistent
-  :class:`Request` or raises :class:`ProtocolError` with a protocol code.
+  :class:`Request` (a valid stream name, ``want`` within ``mask``/``boxes``,
+  ``sent_ns`` exactly as sent: an integer, or a string of at most 20
+  digits) or raises :class:`ProtocolError` with a protocol code;
+  ``request_op`` of any header is ``None``, ``"models"`` or ``bad_header``.
 * Every reply the daemon can produce for a parsed header (``ok`` with mask
-  and boxes, ``dropped``, ``error``), and every error reply, encodes to
-  strict UTF-8 JSON, even for values no parser would let through.
+  and boxes, ``dropped``, ``error``, the ``op: models`` reply), and every
+  error reply, encodes to strict UTF-8 JSON, even for values no parser
+  would let through.
 
 Examples are bounded for CI by a hypothesis settings profile chosen with
 ``MEDGE_HYPOTHESIS_PROFILE``: ``ci`` (default, 200 examples per property)
@@ -19,9 +23,10 @@ or ``release`` (20,000). The release run::
 
     MEDGE_HYPOTHESIS_PROFILE=release .venv/bin/python -m pytest -q tests/edge/test_zmq_fuzz.py
 
-The last test sends a few hundred seeded random messages to an in-process
-daemon through a DEALER: every one is answered exactly once, the counters
-add up, and a valid frame still gets ``ok``.
+The last test sends a few hundred seeded random messages (models requests
+and string ``sent_ns`` among them) to an in-process daemon through a
+DEALER: every one is answered exactly once, the counters add up, and a
+valid frame still gets ``ok``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,9 +46,18 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.egress.zmq import ERROR_CODES, encode_error, encode_result
+from edge.egress.zmq import ERROR_CODES, TOPIC_TERMINATOR, encode_error, encode_models, encode_result, topic
 from edge.errors import ProtocolError
-from edge.ingest.zmq import MAX_HEADER_DEPTH, Request, parse_header, parse_request
+from edge.ingest.zmq import (
+    MAX_HEADER_DEPTH,
+    OPS,
+    WANT_VALUES,
+    Request,
+    parse_header,
+    parse_request,
+    request_op,
+    valid_stream,
+)
 from edge.postprocess import Box
 from edge.types import InferenceResult
 
@@ -58,6 +73,7 @@ settings.register_profile(
 PROFILE = settings.get_profile(os.environ.get("MEDGE_HYPOTHESIS_PROFILE", "ci"))
 
 MODELS = ("tiny-seg", "tiny-det")
+SENT_NS_TEXT = re.compile(r"-?[0-9]{1,20}")  # docs/protocol.md: the string form of sent_ns
 
 
 def _no_constant(name: str) -> Any:
@@ -86,10 +102,12 @@ _json = st.recursive(
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_text, inner, max_size=4)),
     max_leaves=20,
 )
+_ascii_text = st.text(st.characters(max_codepoint=0x7F), max_size=6)  # control characters included
 _field_values = {
     "v": st.one_of(st.just(1), st.just(1.0), st.just(True), st.just("1"), _json),
+    "op": st.one_of(st.just("models"), st.none(), st.sampled_from(["Models", "models ", "frame", ""]), _json),
     "id": _json,
-    "stream": st.one_of(st.just("probe-1"), _text, _json),
+    "stream": st.one_of(st.just("probe-1"), _text, _ascii_text, st.just("x" * 129), _json),
     "model": st.one_of(st.sampled_from(MODELS), _text, _json),
     "dtype": st.one_of(st.sampled_from(["uint8", "uint16", "int16", "float32", "complex64"]), _json),
     "shape": st.one_of(
@@ -97,8 +115,18 @@ _field_values = {
         st.just([100_000, 100_000]),
         _json,
     ),
-    "sent_ns": st.one_of(st.integers(min_value=0, max_value=2**63), _json),
-    "want": st.one_of(st.just(["mask", "boxes"]), st.lists(_text, max_size=3), _json),
+    "sent_ns": st.one_of(
+        st.integers(min_value=0, max_value=2**63),
+        st.from_regex(SENT_NS_TEXT, fullmatch=True),
+        st.text(st.sampled_from("0123456789-+ .e\u0661"), max_size=22),
+        _json,
+    ),
+    "want": st.one_of(
+        st.just(["mask", "boxes"]),
+        st.lists(st.sampled_from(["mask", "boxes", "foo", "heatmap", "Mask"]), max_size=3),
+        st.lists(_text, max_size=3),
+        _json,
+    ),
 }
 _headers = st.fixed_dictionaries(
     {}, optional={**_field_values, "extra": _json}
@@ -212,6 +240,29 @@ def test_parse_request_of_any_header(header: dict[str, Any], n_frames: int, payl
     assert isinstance(req, Request)
     assert req.image.nbytes == payload and req.image.shape == tuple(hdr["shape"])
     assert req.model in (None, *MODELS) and isinstance(req.stream, str) and req.stream
+    assert valid_stream(req.stream) and not re.search(r"[\x00-\x1f\x7f]", req.stream) and len(req.stream) <= 128
+    assert topic(req.stream).endswith(TOPIC_TERMINATOR) and topic(req.stream).count(TOPIC_TERMINATOR) == 1
+    want = hdr.get("want", list(WANT_VALUES))
+    assert set(want) <= set(WANT_VALUES)
+    assert (req.want_mask, req.want_boxes) == ("mask" in want, "boxes" in want)
+    sent = hdr.get("sent_ns")
+    assert req.sent_ns == sent and type(req.sent_ns) is type(sent)  # echoed exactly as sent
+    assert sent is None or type(sent) is int or SENT_NS_TEXT.fullmatch(sent)
+
+
+@PROFILE
+@given(_headers)
+def test_request_op_of_any_header(header: dict[str, Any]) -> None:
+    hdr = _check_header(_to_text(header).encode("utf-8"))
+    if hdr is None:
+        return
+    try:
+        op = request_op(hdr)
+    except ProtocolError as exc:
+        assert exc.code == "bad_header" and "op" in exc.message
+        assert hdr.get("op") is not None and hdr.get("op") not in OPS
+        return
+    assert op == hdr.get("op") and op in (None, *OPS)
 
 
 # ------------------------------------------------------------------ reply encoders
@@ -250,14 +301,27 @@ def test_every_reply_for_a_parsed_header_encodes(header: dict[str, Any], result:
     hdr = _check_header(_to_text(header).encode("utf-8"))
     if hdr is None:
         return
-    stream = hdr["stream"] if isinstance(hdr.get("stream"), str) and hdr["stream"] else "default"
-    sent_ns = hdr.get("sent_ns") if type(hdr.get("sent_ns")) is int else None
-    reply = encode_result(hdr.get("id"), result, stream=stream, sent_ns=sent_ns)
+    stream = hdr["stream"] if valid_stream(hdr.get("stream")) else None
+    sent = hdr.get("sent_ns")
+    sent_ns = sent if type(sent) is int or (isinstance(sent, str) and SENT_NS_TEXT.fullmatch(sent)) else None
+    reply = encode_result(hdr.get("id"), result, stream=stream or "default", sent_ns=sent_ns)
     out = strict_json(reply.header)
     assert not reply.substituted, "a parsed header always yields its intended reply"
     assert out["status"] == result.status and out["id"] == hdr.get("id")
+    assert out.get("sent_ns") == sent_ns and type(out.get("sent_ns")) is type(sent_ns)
     err = strict_json(encode_error(hdr.get("id"), "bad_shape", "A sentence.", stream=stream, sent_ns=sent_ns))
-    assert err["error"]["code"] == "bad_shape"
+    assert err["error"]["code"] == "bad_shape" and err["stream"] == stream
+    models = strict_json(encode_models(hdr.get("id"), [{"name": m} for m in MODELS], default_model=MODELS[0],
+                                       sent_ns=sent_ns))
+    assert models["op"] == "models" and models["id"] == hdr.get("id") and models.get("sent_ns") == sent_ns
+
+
+@PROFILE
+@given(_json, _json)
+def test_models_reply_never_raises_and_never_emits_invalid_json(request_id: Any, sent_ns: Any) -> None:
+    """Even for an id or sent_ns no parser would let through: valid JSON (an internal error at worst)."""
+    out = strict_json(encode_models(request_id, [{"name": "m"}], default_model="m", sent_ns=sent_ns))
+    assert out["status"] in ("ok", "error") and (out["status"] == "ok") == ("op" in out)
 
 
 @PROFILE
@@ -297,8 +361,9 @@ def daemon(fixture_engines: Path) -> Iterator[Any]:
 
 
 def _random_message(rng: random.Random) -> list[bytes]:
-    """One fuzzed message: random bytes, a mutated valid request, a hostile header, or a valid request."""
-    kind = rng.randrange(6)
+    """One fuzzed message: random bytes, a mutated valid request, a hostile header, a models request,
+    a frame with a string ``sent_ns`` (its ``id`` holds it, to check the echo), or a valid request."""
+    kind = rng.randrange(8)
     img = np.full((rng.randint(1, 12), rng.randint(1, 12)), rng.randrange(256), np.uint8)
     hdr: dict[str, Any] = {"v": 1, "id": rng.randrange(10**6), "stream": f"s{rng.randrange(3)}",
                            "dtype": "uint8", "shape": list(img.shape)}
@@ -306,8 +371,9 @@ def _random_message(rng: random.Random) -> list[bytes]:
         return [rng.randbytes(rng.randrange(0, 64)) for _ in range(rng.randint(1, 3))]
     if kind == 1:  # one field replaced by a hostile value
         hostile = [float("nan"), float("inf"), 10**30, "\ud800", [[[[[]]]]], {"\udfff": 1}, 1.0, True, None, "",
-                   -1, "x" * 200, [1, 2, 3, 4], ["mask", 5], "complex64", "no-such-model"]
-        hdr[rng.choice(["v", "id", "stream", "model", "dtype", "shape", "sent_ns", "want"])] = rng.choice(hostile)
+                   -1, "x" * 200, [1, 2, 3, 4], ["mask", 5], "complex64", "no-such-model", "a\x00b", ["foo"], [],
+                   "12a", "1" * 21, "models"]
+        hdr[rng.choice(["v", "id", "stream", "model", "dtype", "shape", "sent_ns", "want", "op"])] = rng.choice(hostile)
         return [_to_text(hdr).encode(), img.tobytes()]
     if kind == 2:  # raw hostile text
         return [rng.choice([
@@ -326,6 +392,14 @@ def _random_message(rng: random.Random) -> list[bytes]:
         return [bytes(raw), img.tobytes()]
     if kind == 4:  # REQ-style delimiter, then a request or garbage
         return [b"", _to_text(hdr).encode(), img.tobytes()][: rng.randint(1, 3)]
+    if kind == 5:  # a models request: plain, with a sent_ns, with a pixels frame, or an unknown op
+        models = {"v": 1, "id": hdr["id"], "op": rng.choice(["models", "models", "Models", "list"])}
+        if rng.random() < 0.5:
+            models["sent_ns"] = str(rng.randrange(10**19))
+        return [_to_text(models).encode()] + ([img.tobytes()] if rng.random() < 0.2 else [])
+    if kind == 6:  # a frame whose sent_ns is a decimal string, above 2**53 or not
+        ns = rng.choice([str(2**53 + rng.randrange(10**6)), str(rng.randrange(10**19)), "-" + str(rng.randrange(99))])
+        hdr.update(id={"ns": ns}, sent_ns=ns)
     return [_to_text(hdr).encode(), img.tobytes()]
 
 
@@ -346,7 +420,7 @@ def test_running_server_answers_every_fuzzed_message(daemon: Any) -> None:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.RCVTIMEO, 10_000)
         sock.connect(daemon.zmq.ingest_endpoint)
-        sent = received = 0
+        sent = received = models_ok = 0
         while received < n:
             while sent < n and sent - received < window:
                 sock.send_multipart(_random_message(rng))
@@ -357,6 +431,11 @@ def test_running_server_answers_every_fuzzed_message(daemon: Any) -> None:
             assert out["v"] == 1 and out["status"] in ("ok", "dropped", "error")
             if out["status"] == "error":
                 assert out["error"]["code"] in ERROR_CODES and out["error"]["code"] != "internal"
+            if out.get("op") == "models":
+                assert out["status"] == "ok" and {m["name"] for m in out["models"]} == set(MODELS)
+                models_ok += 1
+            elif isinstance(out["id"], dict) and "ns" in out["id"] and out["status"] != "error":
+                assert out["sent_ns"] == out["id"]["ns"]  # the string came back as that string
             received += 1
         sock.setsockopt(zmq.RCVTIMEO, 300)
         with pytest.raises(zmq.Again):  # exactly one reply each: nothing more arrives
@@ -378,6 +457,6 @@ def test_running_server_answers_every_fuzzed_message(daemon: Any) -> None:
             break
         time.sleep(0.01)
     assert frames == ok + dropped, (frames, ok, dropped)
-    assert frames + failed == n + 1
+    assert models_ok > 0 and frames + failed + models_ok == n + 1  # a models request is no frame
     assert _total(reg, "medge_replies_lost_total") == 0
     assert _total(reg, "medge_internal_errors_total") == 0

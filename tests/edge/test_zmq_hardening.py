@@ -386,3 +386,54 @@ def test_hostile_json_is_bad_header_without_a_traceback(tmp_path: Path, fixture_
         assert _total(s, "medge_requests_failed_total", source="zmq", code="bad_header") == 3 * len(HOSTILE)
         assert _total(s, "medge_internal_errors_total") == 0
     _assert_no_traceback(d.log)
+
+
+# ------------------------------------------------------------------ (g) the Python client's protocol v1 additions
+def test_python_client_lists_models_subscribes_exactly_and_reconnects(tmp_path: Path, fixture_engines: Path) -> None:
+    """``edge.zmqclient`` against a ``medge serve`` child: ``models()`` lists both served models with
+    their input semantics; a ``ZmqSubscriber`` of ``probe-1`` never gets ``probe-10``'s results (PUB
+    keeps order per subscriber, and probe-10's frame is always published first); a string
+    ``sent_ns`` above 2**53 comes back as that string; after ``reconnect()`` a reply owed to the old
+    socket never reaches the new one."""
+    from edge.zmqclient import ZmqClient, ZmqSubscriber
+
+    big_ns = str(2**53 + 1)
+    img = np.zeros((32, 32), np.uint8)
+    img[8:24, 8:24] = 200
+    with _daemon(tmp_path, fixture_engines) as d:
+        with ZmqClient(d.endpoint) as client, ZmqSubscriber(d.publish, streams=["probe-1"]) as sub:
+            catalog = client.models(timeout_s=10).header
+            assert catalog["op"] == "models" and catalog["default_model"] in ("tiny-seg", "tiny-det")
+            by_name = {m["name"]: m for m in catalog["models"]}
+            assert sorted(by_name) == ["tiny-det", "tiny-seg"]
+            assert by_name["tiny-seg"]["task"] == "segmentation" and by_name["tiny-det"]["labels"] == ["nodule"]
+            assert all(m["input"]["size"] == [64, 64] and m["input"]["per_frame"] for m in by_name.values())
+
+            deadline, i = time.monotonic() + 10, 0
+            while True:  # the slow joiner: stream until the subscriber has seen a result
+                for stream in ("probe-10", "probe-1"):
+                    assert client.request(img, req_id=f"{stream}/{i}", stream=stream).status == "ok"
+                i += 1
+                if sub.socket.poll(20):
+                    break
+                assert time.monotonic() < deadline, "the subscription never took effect"
+            got = []
+            while f"probe-1/{i - 1}" not in got:
+                msg = sub.recv(timeout_s=10)
+                assert msg is not None, f"the subscriber lost probe-1 results: {got}"
+                assert msg.stream == "probe-1" and msg.reply.header["stream"] == "probe-1"
+                assert msg.reply.mask is not None and msg.reply.mask.shape == img.shape
+                got.append(msg.reply.id)
+
+            client.send(img, req_id="ns", stream="probe-1", sent_ns=big_ns)
+            reply = client.recv(timeout_s=10)
+            assert reply is not None and reply.id == "ns" and reply.header["sent_ns"] == big_ns
+
+            client.send(img, req_id="owed-to-the-old-socket")
+            assert client.socket.poll(10_000), "no reply to the frame before the reconnect"
+            client.reconnect()  # the waiting reply goes with the old socket
+            assert client.wait_connected(10)
+            client.send(img, req_id="after-reconnect")
+            reply = client.recv(timeout_s=10)
+            assert reply is not None and reply.id == "after-reconnect" and reply.status == "ok"
+    _assert_no_traceback(d.log)

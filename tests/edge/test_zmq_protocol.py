@@ -8,6 +8,7 @@ much as the daemon.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,6 +21,7 @@ from edge.config import load_config
 from edge.manifest import default_engines_dir
 from edge.serve import Daemon
 from edge.types import InferenceResult
+from tests.conftest import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -145,21 +147,68 @@ def test_detection_boxes_and_want(daemon: Daemon, ctx: zmq.Context) -> None:
     assert len(frames) == 1 and hdr["status"] == "ok" and "mask" not in hdr and hdr["boxes"] == []
 
 
-def test_every_reply_is_published(daemon: Daemon, ctx: zmq.Context) -> None:
+def _subscriber(ctx: zmq.Context, daemon: Daemon, *topics: bytes) -> zmq.Socket:
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVTIMEO, 10_000)
-    sub.setsockopt(zmq.SUBSCRIBE, b"cam-7")
+    for t in topics:
+        sub.setsockopt(zmq.SUBSCRIBE, t)
     sub.connect(daemon.zmq.publish_endpoint)
-    time.sleep(0.3)  # let the subscription reach the publisher (slow-joiner)
+    return sub
+
+
+def _joined(sock: zmq.Socket, stream: str, *subs: zmq.Socket, timeout_s: float = 10.0) -> None:
+    """Beat the slow joiner without sleeping: send frames on ``stream`` until every SUB has received
+    one, then read each SUB up to the last of them (each is left with nothing of ``stream`` queued)."""
+    img = np.zeros((8, 8), np.uint8)
+    seen = [False] * len(subs)
+    deadline = time.monotonic() + timeout_s
+    sent = 0
+    while not all(seen):
+        assert time.monotonic() < deadline, "a subscription never took effect"
+        sock.send_multipart(_request(f"join-{sent}", img, stream=stream))
+        sent += 1
+        assert json.loads(sock.recv_multipart()[0])["status"] == "ok"
+        for i, sub in enumerate(subs):
+            seen[i] = seen[i] or bool(sub.poll(20))
+    last = f"join-{sent - 1}"
+    for sub in subs:
+        while json.loads(sub.recv_multipart()[1])["id"] != last:
+            pass
+
+
+def test_every_reply_is_published(daemon: Daemon, ctx: zmq.Context) -> None:
+    sub = _subscriber(ctx, daemon, b"cam-7\0")
     sock = _dealer(ctx, daemon)
+    _joined(sock, "cam-7", sub)
     img = np.full((32, 32), 9, np.uint8)
     sock.send_multipart(_request("p1", img, stream="cam-7"))
     reply = sock.recv_multipart()
     sock.send_multipart([json.dumps({"v": 1, "id": "p2", "stream": "cam-7"}).encode()])
     err = sock.recv_multipart()
     got = [sub.recv_multipart(), sub.recv_multipart()]
-    assert got[0][0] == b"cam-7" and got[0][1:] == reply
-    assert got[1][0] == b"cam-7" and got[1][1:] == err
+    assert got[0][0] == b"cam-7\0" and got[0][1:] == reply and len(reply) == 2
+    assert got[1][0] == b"cam-7\0" and got[1][1:] == err
+
+
+def test_exact_topic_does_not_match_a_longer_stream_and_prefixes_still_do(daemon: Daemon, ctx: zmq.Context) -> None:
+    """``probe-1\\0`` is exact; an old subscription to the bare name (a prefix) and to ``""`` still get
+    everything they got before. PUB keeps order per subscriber, so when the exact subscriber's first
+    message is probe-1's, probe-10's (published before it) was not delivered to it."""
+    exact = _subscriber(ctx, daemon, b"probe-1\0")
+    bare = _subscriber(ctx, daemon, b"probe-1")
+    every = _subscriber(ctx, daemon, b"")
+    sock = _dealer(ctx, daemon)
+    _joined(sock, "probe-1", exact, bare, every)
+    img = np.full((16, 16), 40, np.uint8)
+    for rid, stream in (("ten", "probe-10"), ("one", "probe-1")):
+        sock.send_multipart(_request(rid, img, stream=stream))
+        assert json.loads(sock.recv_multipart()[0])["status"] == "ok"
+    first = exact.recv_multipart()
+    assert first[0] == b"probe-1\0" and json.loads(first[1])["id"] == "one"
+    for sub in (bare, every):
+        got = [sub.recv_multipart() for _ in range(2)]
+        assert [(m[0], json.loads(m[1])["id"]) for m in got] == [(b"probe-10\0", "ten"), (b"probe-1\0", "one")]
+        assert all(json.loads(m[1])["stream"] == m[0][:-1].decode() for m in got)
 
 
 MALFORMED = [
@@ -177,6 +226,10 @@ MALFORMED = [
     ("negative shape", [json.dumps({"v": 1, "id": "ng", "dtype": "uint8", "shape": [-4, 4]}).encode(), b""], "bad_shape"),
     ("1-D shape", [json.dumps({"v": 1, "id": "1d", "dtype": "uint8", "shape": [16]}).encode(), b"\0" * 16], "bad_shape"),
     ("string stream", _request("st", np.zeros((4, 4), np.uint8), stream=5), "bad_header"),
+    ("unknown want", _request("wf", np.zeros((4, 4), np.uint8), want=["foo"]), "bad_header"),
+    ("want heatmap (not served)", _request("wh", np.zeros((4, 4), np.uint8), want=["mask", "heatmap"]), "bad_header"),
+    ("unknown op", [json.dumps({"v": 1, "id": "op", "op": "list"}).encode()], "bad_header"),
+    ("models op with pixels", [json.dumps({"v": 1, "id": "mo", "op": "models"}).encode(), b"\0" * 16], "payload_size"),
     ("oversized header", [json.dumps({"v": 1, "pad": "x" * 70000}).encode(), b""], "bad_header"),
 ]
 
@@ -202,6 +255,197 @@ def test_malformed_message_gets_its_error_code(
     # the daemon keeps serving
     sock.send_multipart(_request("after", np.zeros((8, 8), np.uint8)))
     assert json.loads(sock.recv_multipart()[0])["status"] == "ok"
+
+
+# ------------------------------------------------------------------ protocol v1 additions
+def test_models_request_lists_the_served_models(daemon: Daemon, ctx: zmq.Context) -> None:
+    """``op: models`` (header only) lists every served model with its task, labels, version, input
+    size and input semantics, from the daemon's own loaded models."""
+    sock = _dealer(ctx, daemon)
+    sock.send_multipart([json.dumps({"v": 1, "id": "cat", "op": "models", "sent_ns": "12"}).encode()])
+    reply = sock.recv_multipart()
+    hdr = json.loads(reply[0])
+    assert len(reply) == 1 and hdr["status"] == "ok" and hdr["op"] == "models" and hdr["id"] == "cat"
+    assert hdr["sent_ns"] == "12" and hdr["default_model"] == "tiny-seg"
+    by_name = {m["name"]: m for m in hdr["models"]}
+    assert sorted(by_name) == ["tiny-det", "tiny-seg"] and len(hdr["models"]) == 2
+    seg, det = by_name["tiny-seg"], by_name["tiny-det"]
+    assert (seg["task"], seg["labels"], seg["version"]) == ("segmentation", ["lesion"], "1")
+    assert (det["task"], det["labels"]) == ("detection", ["nodule"])
+    for m in (seg, det):
+        assert m["input"]["size"] == [64, 64] and m["input"]["channels"] == 1
+        assert m["input"]["normalize"] == "minmax" and m["input"]["per_frame"] is True
+        assert m["input"]["full_scale"] is None and "minimum" in m["input"]["semantics"]
+        assert m["precision"] == "fp32" and m["backend"] == "onnxruntime"
+    assert seg["output"] == {"mask": True, "boxes": False, "threshold": 0.5, "max_detections": None, "nms_iou": None}
+    assert det["output"]["boxes"] is True and det["output"]["max_detections"] >= 1
+
+
+def test_models_request_is_a_reply_only_and_works_through_req(daemon: Daemon, ctx: zmq.Context) -> None:
+    """Not published: the next thing a catch-all subscriber sees is the following frame's result."""
+    every = _subscriber(ctx, daemon, b"")
+    sock = _dealer(ctx, daemon)
+    _joined(sock, "models-pub", every)
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.RCVTIMEO, 10_000)
+    req.connect(daemon.zmq.ingest_endpoint)
+    req.send(json.dumps({"v": 1, "op": "models"}).encode())
+    via_req = req.recv_multipart()
+    assert len(via_req) == 1 and json.loads(via_req[0])["id"] is None and json.loads(via_req[0])["op"] == "models"
+    sock.send_multipart(_request("after-models", np.zeros((8, 8), np.uint8), stream="models-pub"))
+    assert json.loads(sock.recv_multipart()[0])["status"] == "ok"
+    assert json.loads(every.recv_multipart()[1])["id"] == "after-models"
+
+
+def test_models_request_in_process_with_bundled_manifests(fixture_engines: Path, ctx: zmq.Context) -> None:
+    """The ZmqServer describes the catalog it is given (here the bundled manifests, without loading
+    them): us-lesion-seg reads values on a fixed 0..255 scale, xray-nodule-det per frame."""
+    from edge.manifest import Manifest
+
+    names = [n for n in BUNDLED if (default_engines_dir() / n / "manifest.json").is_file()]
+    manifests = [Manifest.load(default_engines_dir() / n) for n in names] or [Manifest.load(fixture_engines / "tiny-seg")]
+    service = _Immediate(InferenceResult(status="ok", model="m"))
+    srv = _server(service, catalog=manifests).start()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        sock.connect(srv.ingest_endpoint)
+        sock.send_multipart([json.dumps({"v": 1, "id": 5, "op": "models"}).encode()])
+        hdr = _strict(sock.recv_multipart()[0])
+    finally:
+        srv.close(timeout_s=1.0)
+        service.close()
+    assert [m["name"] for m in hdr["models"]] == [m.name for m in manifests] and hdr["id"] == 5
+    assert hdr["default_model"] is None  # the fake service names no default
+    by_name = {m["name"]: m for m in hdr["models"]}
+    if "us-lesion-seg" in by_name:
+        us = by_name["us-lesion-seg"]["input"]
+        assert us["full_scale"] == [0, 255] and us["bits"] == 8 and us["expected_dtypes"] == ["uint8"]
+        assert us["per_frame"] is False and "(x - 0) / 255" in us["semantics"]
+    if "xray-nodule-det" in by_name:
+        xr = by_name["xray-nodule-det"]
+        assert xr["input"]["per_frame"] is True and xr["input"]["full_scale"] is None
+        assert xr["input"]["expected_dtypes"] == ["uint8", "uint16", "int16", "float32"]
+        assert xr["output"]["threshold"] == 0.275 and xr["output"]["nms_iou"] == 0.3
+
+
+BIG_NS = "9007199254740993"  # 2**53 + 1: a JavaScript number cannot hold it
+
+
+@pytest.mark.parametrize("sent_ns", [BIG_NS, "0", "-5", "00042", "1" * 20, 1732350000000000123, 0, -1])
+def test_sent_ns_is_echoed_exactly_as_given(daemon: Daemon, ctx: zmq.Context, sent_ns: Any) -> None:
+    sock = _dealer(ctx, daemon)
+    sock.send_multipart(_request("ns", np.zeros((8, 8), np.uint8), sent_ns=sent_ns))
+    hdr = json.loads(sock.recv_multipart()[0])
+    assert hdr["status"] == "ok" and hdr["sent_ns"] == sent_ns and type(hdr["sent_ns"]) is type(sent_ns)
+    # an error reply echoes it too
+    sock.send_multipart([json.dumps({"v": 1, "id": "ns-err", "sent_ns": sent_ns}).encode()])
+    err = json.loads(sock.recv_multipart()[0])
+    assert err["status"] == "error" and err["sent_ns"] == sent_ns and type(err["sent_ns"]) is type(sent_ns)
+
+
+@pytest.mark.parametrize(
+    "sent_ns", ["", "12a", "+5", " 5", "5 ", "1.5", "1e9", "1" * 21, "--1", "\u0661\u0662", 1.5, True, [1]]
+)
+def test_bad_sent_ns_is_bad_header_and_not_echoed(daemon: Daemon, ctx: zmq.Context, sent_ns: Any) -> None:
+    before = _failed(daemon, "bad_header")
+    sock = _dealer(ctx, daemon)
+    sock.send_multipart(_request("bad-ns", np.zeros((4, 4), np.uint8), sent_ns=sent_ns))
+    hdr = json.loads(sock.recv_multipart()[0])
+    assert hdr["error"]["code"] == "bad_header" and "sent_ns" in hdr["error"]["message"]
+    assert "sent_ns" not in hdr and hdr["id"] == "bad-ns"
+    assert _failed(daemon, "bad_header") == before + 1
+
+
+def test_want_empty_is_status_and_timing_only(daemon: Daemon, ctx: zmq.Context) -> None:
+    sock = _dealer(ctx, daemon)
+    img = np.zeros((32, 32), np.uint8)
+    img[8:24, 8:24] = 200
+    for model in ("tiny-seg", "tiny-det"):
+        sock.send_multipart(_request("w0", img, model=model, want=[]))
+        reply = sock.recv_multipart()
+        hdr = json.loads(reply[0])
+        assert len(reply) == 1 and hdr["status"] == "ok" and "mask" not in hdr and "boxes" not in hdr
+        assert set(hdr["timing_us"]) == {"queue", "preprocess", "infer", "postprocess", "total"}
+    sock.send_multipart(_request("w2", img, want=["mask", "mask"]))
+    reply = sock.recv_multipart()
+    assert json.loads(reply[0])["status"] == "ok" and len(reply) == 2
+
+
+@pytest.mark.parametrize("stream", ["", "a\x00b", "tab\there", "del\x7f", "x" * 129, 5, None, ["probe-1"]])
+def test_invalid_stream_is_bad_header_echoed_null_and_not_published(
+    daemon: Daemon, ctx: zmq.Context, stream: Any
+) -> None:
+    """Never turned into the default stream: the reply says ``"stream": null`` and nothing is
+    published (the catch-all subscriber's next message is the following valid frame's)."""
+    every = _subscriber(ctx, daemon, b"")
+    sock = _dealer(ctx, daemon)
+    _joined(sock, "after-bad-stream", every)
+    sock.send_multipart(_request("bad-stream", np.zeros((4, 4), np.uint8), stream=stream))
+    hdr = json.loads(sock.recv_multipart()[0])
+    assert hdr["error"]["code"] == "bad_header" and "stream" in hdr["error"]["message"], hdr
+    assert hdr["stream"] is None and hdr["id"] == "bad-stream"
+    sock.send_multipart(_request("good-stream", np.zeros((4, 4), np.uint8), stream="after-bad-stream"))
+    assert json.loads(sock.recv_multipart()[0])["status"] == "ok"
+    assert json.loads(every.recv_multipart()[1])["id"] == "good-stream"
+
+
+def test_unicode_stream_topic_is_utf8_and_terminated(daemon: Daemon, ctx: zmq.Context) -> None:
+    stream = "Sonde-\u00e9\u03b1-1"
+    sub = _subscriber(ctx, daemon, stream.encode("utf-8") + b"\0")
+    sock = _dealer(ctx, daemon)
+    _joined(sock, stream, sub)
+    sock.send_multipart(_request("uni", np.zeros((4, 4), np.uint8), stream=stream))
+    assert json.loads(sock.recv_multipart()[0])["stream"] == stream
+    topic, hdr, *_ = sub.recv_multipart()
+    assert topic == stream.encode("utf-8") + b"\0" and json.loads(hdr)["id"] == "uni"
+
+
+def test_a_client_written_from_the_protocol_page(daemon: Daemon, ctx: zmq.Context) -> None:
+    """What docs/protocol.md promises, with raw pyzmq and nothing of the daemon's: list the models,
+    pick one and its dtype from the reply, send frames with a string sent_ns above 2**53, and watch
+    exactly one stream on PUB while a prefix-colliding stream is published too."""
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(daemon.zmq.ingest_endpoint)
+    dealer.send(json.dumps({"v": 1, "id": "m", "op": "models"}).encode())
+    assert dealer.poll(10_000), "no reply to the models request"
+    catalog = json.loads(dealer.recv_multipart()[0])
+    seg = next(m for m in catalog["models"] if m["task"] == "segmentation")
+    dtype = seg["input"]["expected_dtypes"][0]
+    assert dtype in ("uint8", "uint16", "int16", "float32") and seg["labels"]
+
+    viewer = ctx.socket(zmq.SUB)
+    viewer.setsockopt(zmq.SUBSCRIBE, b"us-1\0")  # the exact topic: name + NUL
+    viewer.connect(daemon.zmq.publish_endpoint)
+
+    img = np.zeros((40, 60), dtype)
+    img[10:30, 20:50] = 200
+    sent = 0
+    while True:  # the slow joiner: keep sending until the viewer has seen one of our frames
+        for stream in ("us-10", "us-1"):  # us-10 first: it must never reach the viewer
+            hdr = {"v": 1, "id": f"{stream}/{sent}", "stream": stream, "model": seg["name"],
+                   "dtype": dtype, "shape": list(img.shape), "sent_ns": BIG_NS}
+            dealer.send_multipart([json.dumps(hdr).encode(), img.tobytes()])
+            assert dealer.poll(10_000), "no reply within the deadline (see Timeouts)"
+            frames = dealer.recv_multipart()
+            reply = json.loads(frames[0])
+            assert reply["status"] == "ok" and reply["sent_ns"] == BIG_NS and reply["stream"] == stream
+            mask = np.frombuffer(frames[1], np.uint8).reshape(reply["mask"]["shape"])
+            assert mask.shape == img.shape and set(np.unique(mask).tolist()) <= set(range(len(seg["labels"]) + 1))
+        sent += 1
+        if viewer.poll(20):
+            break
+        assert sent < 500, "the PUB subscription never took effect"
+    ids = []
+    while f"us-1/{sent - 1}" not in ids:
+        assert viewer.poll(10_000), f"the viewer did not get every us-1 result after the first: {ids}"
+        topic, header, *rest = viewer.recv_multipart()
+        assert topic == b"us-1\0" and json.loads(header)["stream"] == "us-1"
+        assert len(rest) == 1  # the mask; no REQ delimiter on PUB
+        ids.append(json.loads(header)["id"])
+    first = int(ids[0].split("/")[1])
+    assert ids == [f"us-1/{i}" for i in range(first, sent)]
 
 
 def test_empty_message_from_a_dealer(daemon: Daemon, ctx: zmq.Context) -> None:
@@ -271,11 +515,14 @@ def test_ingest_never_waits_on_inference(fixture_engines: Path, ctx: zmq.Context
     from edge.models import LoadedModel, ModelRegistry
     from edge.scheduler import Scheduler
 
+    entered = threading.Event()
+
     class Slow:
         name, precision, max_batch = "slow", "fp32", 1
 
         def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-            time.sleep(0.5)  # releases the GIL, like ONNX Runtime
+            entered.set()
+            time.sleep(0.5)  # the slow model under test; releases the GIL, like ONNX Runtime
             return {"logits": np.zeros((batch.shape[0], 1, 64, 64), np.float32)}
 
         def close(self) -> None:
@@ -292,7 +539,7 @@ def test_ingest_never_waits_on_inference(fixture_engines: Path, ctx: zmq.Context
             img = np.zeros((64, 64), np.uint8)
             t0 = time.perf_counter()
             sock.send_multipart(_request("slow-1", img))  # occupies the worker for 0.5 s
-            time.sleep(0.05)
+            assert entered.wait(10)
             sock.send_multipart(_request("slow-2", img))  # waits
             sock.send_multipart(_request("slow-3", img))  # sheds slow-2 (backlog 1)
             sock.send_multipart([b"not json"])
@@ -426,7 +673,7 @@ class _Immediate:
         self.jobs.put(None)
 
 
-def _server(service: Any, registry: Any = None, **zmq_fields: Any) -> Any:
+def _server(service: Any, registry: Any = None, catalog: Any = None, **zmq_fields: Any) -> Any:
     from prometheus_client import CollectorRegistry
 
     from edge.config import ZmqConfig
@@ -435,14 +682,11 @@ def _server(service: Any, registry: Any = None, **zmq_fields: Any) -> Any:
 
     metrics = Metrics(registry or CollectorRegistry(), process=False)
     cfg = ZmqConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", **zmq_fields)
-    return ZmqServer(cfg, service, metrics)
+    return ZmqServer(cfg, service, metrics, catalog=catalog)
 
 
 def _wait_for(cond: Any, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        time.sleep(0.005)
+    wait_until(cond, timeout_s, interval_s=0.005)
 
 
 def test_unencodable_result_gets_an_internal_reply_and_is_counted(ctx: zmq.Context) -> None:
