@@ -9,7 +9,9 @@ Sources, later ones winning:
    in a section (``MEDGE_ZMQ__INGEST=tcp://0.0.0.0:5555``,
    ``MEDGE_METRICS__PORT=9200``, ``MEDGE_DICOM__TLS__CERT=/etc/medge/tls.pem``)
    and ``MEDGE_<KEY>`` for a top-level key (``MEDGE_SPOOL_DIR``,
-   ``MEDGE_ENGINES_DIR``). Values are parsed as TOML values when they parse
+   ``MEDGE_ENGINES_DIR``). For ``spool_dir`` only, when neither the file
+   nor ``MEDGE_SPOOL_DIR`` sets it, systemd's ``$STATE_DIRECTORY`` is used
+   (before the ``.medge`` default), and where the spool came from is logged. Values are parsed as TOML values when they parse
    (``9200``, ``true``, ``["A", "B"]``) and taken as strings otherwise;
    lists may also be written comma-separated (``MEDGE_DICOM__ALLOWED_CALLING_AES=A,B``).
    Arrays of tables (``[[models]]``, ``[[dicom.routes]]``,
@@ -20,6 +22,11 @@ the wrong type or out of range raises :class:`~edge.errors.ConfigError`
 whose message names the key (``zmq.ingest``, ``models[1].precision``,
 ``MEDGE_METRICS__PORT``) and the problem. Nothing is silently replaced by a
 default.
+
+Relative paths written in the file (``engines_dir``, ``spool_dir``,
+``[[models]] path``, TLS and key files) are relative to the file's folder,
+not the working directory (:func:`_resolve_file_paths`); paths from
+``MEDGE_*`` variables are relative to the working directory.
 
 With no file and no environment, the daemon serves every model found in
 the engines folder (the bundled ``engines/``) on the contract's defaults.
@@ -96,7 +103,11 @@ class ZmqConfig:
     ``publish_hwm`` is the PUB socket's high-water mark per subscriber, in
     messages: a subscriber that stops reading makes the daemon hold at most
     this many of its messages (about ``publish_hwm`` x one reply with its
-    mask, plus the kernel's socket buffer); newer ones are dropped for it. ``curve_server_key``: a ZeroMQ certificate file holding the
+    mask, plus the kernel's socket buffer); newer ones are dropped for it.
+    ``publish_topic``: ``"exact"`` (the PUB topic frame is the stream name
+    and a NUL byte, so a subscription can match one stream exactly) or
+    ``"bare"`` (the name alone, as before; for subscribers that compare the
+    topic frame to the name). ``curve_server_key``: a ZeroMQ certificate file holding the
     server's CURVE key pair (``medge keys``); when set, both sockets require
     CURVE and only the client public keys in the certificate files of
     ``curve_client_keys_dir`` may connect (ZAP).
@@ -111,6 +122,7 @@ class ZmqConfig:
     max_pixels: int = 4096 * 4096
     hwm: int = 1000
     publish_hwm: int = 32
+    publish_topic: str = "exact"
     curve_server_key: str = ""
     curve_client_keys_dir: str = ""
 
@@ -531,6 +543,116 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
                 table, cls = sub, tp
 
 
+def _settle_spool_dir(data: dict[str, Any], file_spool: Any, env: Mapping[str, str], path: Any) -> None:
+    """Choose ``spool_dir`` and say where it came from (the spool must never move silently).
+
+    Precedence: ``MEDGE_SPOOL_DIR`` (explicit; already merged by
+    :func:`_apply_env`), then ``spool_dir`` in the file, then
+    ``$STATE_DIRECTORY`` (set by systemd's ``StateDirectory=``: the unit's own
+    ``/var/lib/medge`` or ``/var/lib/medge/<instance>``), then ``.medge``.
+    An environment value that overrides a different file value is logged as
+    a warning; the source is logged at info level otherwise.
+    """
+    where = f"the config file {path}" if path is not None else "the config file"
+    env_spool = env.get(ENV_PREFIX + "SPOOL_DIR")
+    if env_spool is not None:
+        if file_spool is not None and str(file_spool) != str(data.get("spool_dir")):
+            _log.warning(
+                "Spool folder %s from environment variable %sSPOOL_DIR overrides spool_dir = %s in %s.",
+                data.get("spool_dir"), ENV_PREFIX, file_spool, where,
+            )
+        else:
+            _log.debug("Spool folder %s (from environment variable %sSPOOL_DIR).", data.get("spool_dir"), ENV_PREFIX)
+    elif file_spool is not None:
+        _log.debug("Spool folder %s (from spool_dir in %s).", file_spool, where)
+    elif env.get("STATE_DIRECTORY"):
+        # systemd sets it (colon-separated when the unit lists several); the first is the spool.
+        data["spool_dir"] = env["STATE_DIRECTORY"].split(":")[0]
+        _log.debug("Spool folder %s (from $STATE_DIRECTORY, systemd's StateDirectory=).", data["spool_dir"])
+
+
+# --------------------------------------------------------------------------- file-relative paths
+#: Keys that name a file or folder: (table path, key). ``*`` marks an array of tables.
+_PATH_KEYS: tuple[tuple[tuple[str, ...], str], ...] = (
+    ((), "engines_dir"),
+    ((), "spool_dir"),
+    ((), "cache_dir"),
+    (("zmq",), "curve_server_key"),
+    (("zmq",), "curve_client_keys_dir"),
+    (("metrics",), "tls_cert"),
+    (("metrics",), "tls_key"),
+    (("metrics",), "tls_client_ca"),
+    (("metrics",), "basic_auth_file"),
+    (("models", "*"), "path"),
+    (("dicom", "tls"), "cert"),
+    (("dicom", "tls"), "key"),
+    (("dicom", "tls"), "ca"),
+    (("dicom", "destinations", "*"), "tls_ca"),
+    (("dicom", "destinations", "*"), "tls_cert"),
+    (("dicom", "destinations", "*"), "tls_key"),
+)
+
+
+def _path_slots(data: Mapping[str, Any]) -> list[tuple[dict[str, Any], str, str]]:
+    """``(table, key, dotted name)`` for every path-valued key present in the raw file ``data``."""
+    out: list[tuple[dict[str, Any], str, str]] = []
+    for where, key in _PATH_KEYS:
+        tables: list[tuple[Any, str]] = [(data, "")]
+        for part in where:
+            nxt: list[tuple[Any, str]] = []
+            for t, name in tables:
+                if part == "*":
+                    if isinstance(t, list):
+                        nxt.extend((item, f"{name}[{i}]") for i, item in enumerate(t))
+                elif isinstance(t, dict) and part in t:
+                    nxt.append((t[part], f"{name}.{part}" if name else part))
+            tables = nxt
+        for t, name in tables:
+            if isinstance(t, dict) and key in t:
+                out.append((t, key, f"{name}.{key}" if name else key))
+    return out
+
+
+def _resolve_file_paths(data: dict[str, Any], config_file: Path) -> None:
+    """Make the relative paths written in ``config_file`` relative to its folder (in place).
+
+    A config file is read by a daemon whose working directory is whatever
+    its launcher chose (systemd: ``/``), so a relative path means "next to
+    this file". Absolute paths, empty values ("unset") and values of the
+    wrong type (reported later by the type check) are left alone, and so
+    are paths from ``MEDGE_*`` variables (merged afterwards: they are
+    relative to the working directory, like any path given on a command
+    line). The folder is the file's as named, symlinks not followed.
+
+    Raises
+    ------
+    ConfigError
+        If a relative path names nothing next to the config file but does
+        name something relative to the working directory (the rule before
+        paths became file-relative): rather than silently serving other
+        models or moving the spool, the operator is told to write it out.
+    """
+    base = Path(os.path.abspath(config_file)).parent
+    try:
+        cwd: Path | None = Path.cwd()
+    except OSError:  # the working directory was removed: there is no old meaning to compare with
+        cwd = None
+    for table, key, dotted in _path_slots(data):
+        raw = table[key]
+        if not isinstance(raw, str) or not raw or Path(raw).is_absolute():
+            continue
+        resolved = base / raw
+        old = cwd / raw if cwd is not None else resolved
+        if base != cwd and not resolved.exists() and old.exists():
+            raise ConfigError(
+                f"Config key {dotted}: the relative path {raw!r} resolves against the config file's "
+                f"folder {base}, giving {resolved}, which does not exist; relative to the working "
+                f"directory it names {old} (the rule before relative paths followed the config file). "
+                "Write the path you mean as an absolute path, or move it next to the config file."
+            )
+        table[key] = str(resolved)
+
+
 # --------------------------------------------------------------------------- validation
 def _check(cond: bool, key: str, problem: str) -> None:
     if not cond:
@@ -555,6 +677,12 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
     _check(z.max_frame_bytes <= 2**31 - 1, "zmq.max_frame_bytes", "must be < 2 GiB.")
     _check(z.hwm >= 1, "zmq.hwm", "must be >= 1 (0 would mean no limit).")
     _check(z.publish_hwm >= 1, "zmq.publish_hwm", "must be >= 1 (0 would mean no limit).")
+    _check(z.publish_topic in ("exact", "bare"), "zmq.publish_topic", 'must be "exact" or "bare".')
+    _check(
+        0 < len(z.default_stream) <= 128 and z.default_stream.isprintable(),
+        "zmq.default_stream",
+        "must be 1 to 128 printable characters (a stream name, docs/protocol.md).",
+    )
     _check(not z.curve_client_keys_dir or bool(z.curve_server_key), "zmq.curve_client_keys_dir",
            "is set but zmq.curve_server_key is not (CURVE needs the server's key pair).")
     if z.curve_server_key:
@@ -728,7 +856,11 @@ def load_config(
             raise ConfigError(f"Config file {p} does not exist.") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"Config file {p} is not valid TOML: {exc}.") from exc
-    _apply_env(data, os.environ if env is None else env)
+        _resolve_file_paths(data, p)
+    environ = os.environ if env is None else env
+    file_spool = data.get("spool_dir")
+    _apply_env(data, environ)
+    _settle_spool_dir(data, file_spool, environ, path)
     cfg = _build(MedgeConfig, data, "")
     return _validate(cfg, check_models)
 

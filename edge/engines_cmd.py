@@ -3,7 +3,10 @@
 ``list`` shows every model folder under the engines dir (name, version,
 task, labels, artifacts); ``verify`` recomputes each artifact's sha256 and
 compares it with the manifest (the daemon refuses a mismatch at start-up;
-this finds it first). Exit status: 0 when everything verifies, 1 otherwise.
+this finds it first). Two folders whose manifests carry the same model name
+are an error naming both folders (``medge serve`` refuses them too: one
+would silently shadow the other). Exit status: 0 when everything verifies,
+1 otherwise (a broken manifest, a duplicate name, a bad artifact).
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edge.errors import ModelError
-from edge.manifest import Manifest, default_engines_dir, sha256_file
+from edge.manifest import Manifest, default_engines_dir, duplicate_message, scan, sha256_file
 
 __all__ = ["configure_parser", "run", "verify_manifest"]
 
@@ -52,24 +54,21 @@ def verify_manifest(manifest: Manifest) -> dict[str, str]:
     return out
 
 
-def _scan(root: Path) -> tuple[list[Manifest], list[tuple[str, str]]]:
-    found: list[Manifest] = []
-    broken: list[tuple[str, str]] = []
+def _scan(root: Path) -> tuple[list[Manifest], list[tuple[str, str]], dict[str, list[Manifest]]]:
+    """Loadable manifests (every folder, duplicates included), broken folders, duplicate names."""
     if not root.is_dir():
-        return found, [(str(root), "engines folder does not exist")]
-    for sub in sorted(root.iterdir()):
-        if (sub / "manifest.json").is_file():
-            try:
-                found.append(Manifest.load(sub))
-            except ModelError as exc:
-                broken.append((sub.name, str(exc)))
-    return found, broken
+        return [], [(str(root), "engines folder does not exist")], {}
+    by_name, broken = scan(root)
+    found = sorted((m for ms in by_name.values() for m in ms), key=lambda m: str(m.directory))
+    dups = {n: ms for n, ms in by_name.items() if len(ms) > 1}
+    return found, [(p.name, why) for p, why in broken], dups
 
 
 def run(args: argparse.Namespace) -> int:
     """List or verify; see the module doc."""
     root = args.engines_dir or default_engines_dir()
-    manifests, broken = _scan(root)
+    manifests, broken, dups = _scan(root)
+    dup_errors = {n: duplicate_message(n, ms) for n, ms in sorted(dups.items())}
     if args.engines_command == "list":
         rows: list[dict[str, Any]] = [
             {
@@ -85,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
             for m in manifests
         ]
         if args.json:
-            print(json.dumps({"engines_dir": str(root), "models": rows, "broken": dict(broken)}, indent=2))
+            print(json.dumps({"engines_dir": str(root), "models": rows, "broken": dict(broken),
+                              "duplicates": {n: [str(m.directory) for m in ms] for n, ms in sorted(dups.items())}},
+                             indent=2))
         else:
             print(f"engines: {root}")
             for r in rows:
@@ -95,21 +96,26 @@ def run(args: argparse.Namespace) -> int:
                 )
             for name, why in broken:
                 print(f"  {name:<20} BROKEN: {why}")
+            for name, why in dup_errors.items():
+                print(f"  {name:<20} DUPLICATE: {why}")
             if not rows and not broken:
                 print("  (no models)")
-        return 1 if broken else 0
+        return 1 if broken or dups else 0
     wanted = set(args.models)
     unknown = wanted - {m.name for m in manifests}
     report: dict[str, Any] = {}
-    bad = bool(broken) or bool(unknown)
+    bad = bool(broken) or bool(unknown) or any(not wanted or n in wanted for n in dups)
     for m in manifests:
         if wanted and m.name not in wanted:
             continue
         res = verify_manifest(m)
-        report[m.name] = res
+        # A duplicated name is reported per folder, so neither copy hides the other.
+        key = m.name if m.name not in dups else f"{m.name} ({m.directory})"
+        report[key] = res
         bad = bad or any(v != "ok" for v in res.values())
     if args.json:
         print(json.dumps({"engines_dir": str(root), "models": report, "broken": dict(broken),
+                          "duplicates": {n: [str(m.directory) for m in ms] for n, ms in sorted(dups.items())},
                           "unknown": sorted(unknown), "ok": not bad}, indent=2))
     else:
         for name, res in report.items():
@@ -117,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{name:<20} {prec:<13} {status}")
         for name, why in broken:
             print(f"{name:<20} BROKEN: {why}")
+        for name, why in dup_errors.items():
+            if not wanted or name in wanted:
+                print(f"{name:<20} DUPLICATE: {why}")
         for name in sorted(unknown):
             print(f"{name:<20} not found in {root}")
         print("all artifacts verified" if not bad else "verification FAILED")

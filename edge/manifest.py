@@ -38,6 +38,8 @@ __all__ = [
     "sha256_file",
     "default_engines_dir",
     "discover",
+    "duplicate_message",
+    "scan",
 ]
 
 _log = logging.getLogger(__name__)
@@ -318,8 +320,49 @@ class Manifest:
             raise bad(f"detection outputs {list(self.outputs)} are not heatmap, size, offset.")
 
 
+def scan(engines_dir: Path | str | None = None) -> tuple[dict[str, list[Manifest]], list[tuple[Path, str]]]:
+    """Every ``<name>/manifest.json`` under ``engines_dir``, grouped by manifest name.
+
+    Returns ``(by_name, broken)``: ``by_name`` maps each manifest name to the
+    manifests carrying it, in folder order (more than one is a duplicate);
+    ``broken`` lists ``(folder, problem)`` for manifests that do not load.
+    A missing ``engines_dir`` gives two empty results.
+    """
+    root = Path(engines_dir) if engines_dir is not None else default_engines_dir()
+    by_name: dict[str, list[Manifest]] = {}
+    broken: list[tuple[Path, str]] = []
+    if not root.is_dir():
+        return by_name, broken
+    for sub in sorted(root.iterdir()):
+        if (sub / "manifest.json").is_file():
+            try:
+                m = Manifest.load(sub)
+            except ModelError as exc:
+                broken.append((sub, str(exc)))
+                continue
+            by_name.setdefault(m.name, []).append(m)
+    return by_name, broken
+
+
+def duplicate_message(name: str, manifests: "list[Manifest]") -> str:
+    """The error sentence for one model name claimed by several folders."""
+    paths = " and ".join(str(m.directory) for m in manifests)
+    return (
+        f"Model name {name!r} is claimed by more than one engine folder: {paths}; "
+        "model names must be unique (rename one in its manifest.json, or remove one folder)."
+    )
+
+
 def discover(engines_dir: Path | str | None = None) -> dict[str, Manifest]:
-    """Load every ``<name>/manifest.json`` under ``engines_dir``, by model name."""
+    """Load every ``<name>/manifest.json`` under ``engines_dir``, by model name.
+
+    Raises
+    ------
+    ModelError
+        If a manifest does not load, or if two folders carry the same model
+        name (the message names both folders: one would silently shadow the
+        other).
+    """
     root = Path(engines_dir) if engines_dir is not None else default_engines_dir()
     found: dict[str, Manifest] = {}
     if not root.is_dir():
@@ -327,5 +370,7 @@ def discover(engines_dir: Path | str | None = None) -> dict[str, Manifest]:
     for sub in sorted(root.iterdir()):
         if (sub / "manifest.json").is_file():
             m = Manifest.load(sub)
+            if m.name in found:
+                raise ModelError(duplicate_message(m.name, [found[m.name], m]))
             found[m.name] = m
     return found

@@ -417,6 +417,12 @@ class ModelRegistry:
         reg = cls()
         try:
             for mc in config.models:
+                if mc.name in reg._models:
+                    # load_config refuses this; a hand-built config must not shadow a model either.
+                    raise ModelError(
+                        f"Model {mc.name!r} is configured twice ({reg._models[mc.name].manifest.directory} "
+                        f"and {config.model_dir(mc)}); model names must be unique."
+                    )
                 reg._models[mc.name] = _load_configured(config, mc, warmup)
         except (ModelError, BackendUnavailableError):
             reg.close()

@@ -1,8 +1,12 @@
 """``medge evaluate``: metrics of an engine, ONNX file or checkpoint on the held-out set.
 
 ONNX models run in ONNX Runtime and are decoded by :mod:`edge.postprocess`
-(what the daemon serves). The default held-out set is synthetic with seed
-1000, which training never uses.
+(what the daemon serves). The default held-out set is the one the
+checkpoint or manifest records (synthetic: seed 1000, which training never
+uses; your data: the held-out folder or split set aside at training);
+``--data`` names another folder and ``--seed`` asks for the synthetic set
+explicitly. A model trained on your data with no recorded held-out set
+needs ``--data``.
 """
 
 from __future__ import annotations
@@ -21,16 +25,27 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     """Add ``medge evaluate`` options to ``p``."""
     p.add_argument("model", help="engine folder (manifest.json), or a checkpoint .pt")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "all"])
-    p.add_argument("--n", type=int, default=200, help="held-out synthetic samples")
-    p.add_argument("--data", default=None, help="held-out folder instead of synthetic data")
-    p.add_argument("--seed", type=int, default=1000, help="held-out synthetic seed")
+    p.add_argument("--n", type=int, default=None, help="held-out synthetic samples (default: the recorded number, else 200)")
+    p.add_argument("--data", default=None, help="held-out folder (default: the recorded held-out set)")
+    p.add_argument("--seed", type=int, default=None, help="evaluate on the synthetic set of this seed instead")
     p.add_argument("--per-case", action="store_true", help="include per-case Dice/IoU and the FROC curve")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _heldout(args: argparse.Namespace, training: dict, task: str, spec: object, pre: object, labels: list[str]) -> object:
+    """The set to evaluate on: ``--seed`` (synthetic, explicit), else the recorded or ``--data`` one."""
+    from trainer.evaluate import heldout_set
+    from trainer.provenance import DEFAULT_SYNTHETIC_HELDOUT_N, plan_heldout
+
+    if args.seed is not None and not args.data:
+        return heldout_set(task, args.n or DEFAULT_SYNTHETIC_HELDOUT_N, args.seed, spec, pre, labels=labels)
+    return plan_heldout(training, task, args.data, args.n, what=f"Model {args.model}").load(task, spec, pre, labels)
+
+
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the metrics."""
-    from trainer.evaluate import evaluate_model, heldout_set, onnx_runner, summarize, torch_runner
+    from trainer.evaluate import evaluate_model, onnx_runner, summarize, torch_runner
+    from trainer.provenance import checkpoint_record
     from trainer.train import load_checkpoint, model_from_checkpoint
 
     path = Path(args.model)
@@ -45,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         if pre_d.get("window") is not None:
             pre_d["window"] = tuple(pre_d["window"])
         pre, post = Preprocessing(**pre_d), Postprocessing(**ck["postprocessing"])
-        ds = heldout_set(task, args.n, args.seed, spec, pre, data=args.data, labels=labels)
+        ds = _heldout(args, checkpoint_record(ck), task, spec, pre, labels)
         results["pytorch"] = evaluate_model(torch_runner(model_from_checkpoint(ck), task), task, ds, post, labels)
     else:
         man = Manifest.load(path)
@@ -53,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         for prec in precs:
             if prec not in man.artifacts:
                 raise ConfigError(f"{path} has no {prec} artifact (it has {', '.join(man.artifacts)}).")
-        ds = heldout_set(man.task, args.n, args.seed, man.input, man.preprocessing, data=args.data, labels=list(man.labels))
+        ds = _heldout(args, dict(man.training), man.task, man.input, man.preprocessing, list(man.labels))
         for prec in precs:
             m = evaluate_model(onnx_runner(man.artifact_path(prec)), man.task, ds, man.postprocessing, list(man.labels))
             results[prec] = m

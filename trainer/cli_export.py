@@ -1,7 +1,11 @@
 """``medge export``: checkpoint -> ONNX (FP32 + FP16) + manifest.json with held-out metrics.
 
 The ONNX output is checked against PyTorch (default tolerance 1e-3 absolute)
-and the export is refused beyond it.
+and the export is refused beyond it. Metrics come from the held-out set
+recorded in the checkpoint (synthetic: the generator's held-out seed; your
+data: the folder or split set aside by ``medge train --heldout-data`` /
+``--heldout-fraction``) or from ``--heldout-data``; a model trained on your
+data with neither is refused (or exported with ``--no-eval``).
 """
 
 from __future__ import annotations
@@ -22,8 +26,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", default="1")
     p.add_argument("--no-fp16", action="store_true", help="skip the FP16 ONNX")
     p.add_argument("--no-eval", action="store_true", help="skip held-out evaluation (manifest without metrics)")
-    p.add_argument("--heldout-n", type=int, default=200)
-    p.add_argument("--heldout-data", default=None, help="held-out folder instead of synthetic data")
+    p.add_argument("--heldout-n", type=int, default=None,
+                   help="synthetic held-out samples (default: the recorded number, else 200); ignored for folders")
+    p.add_argument("--heldout-data", default=None, metavar="DIR",
+                   help="held-out folder (images the model never saw); required for a model trained on your "
+                        "data unless its checkpoint records one")
+    p.add_argument("--intended-use", default=None, metavar="TEXT",
+                   help="the manifest's intended_use (default: the bundled recipe's text for synthetic data; "
+                        "a FILL IN marker for your data)")
     p.add_argument("--atol", type=float, default=PARITY_ATOL, help="ORT vs PyTorch tolerance")
     p.add_argument("--json", action="store_true")
 
@@ -33,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     man = export_checkpoint(
         args.checkpoint, args.out, args.name, version=args.version, fp16=not args.no_fp16,
         evaluate=not args.no_eval, heldout_n=args.heldout_n, heldout_data=args.heldout_data, atol=args.atol,
+        intended_use=args.intended_use,
     )
     if args.json:
         print(json.dumps(man.to_dict(), indent=2))

@@ -3,7 +3,9 @@
 Calibrates on training data (never the held-out set), evaluates INT8 vs FP32
 on the held-out set and refuses (exit status 3, nothing written) when Dice
 drops by more than ``--max-dice-drop`` (segmentation, default 0.01) or mAP@0.5
-by more than ``--max-map-drop`` (detection, default 0.02).
+by more than ``--max-map-drop`` (detection, default 0.02). The held-out set
+is the one the manifest records (as ``medge export`` evaluated it) or
+``--heldout-data``; a model trained on your data with neither is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     """Add ``medge quantize`` options to ``p``."""
     p.add_argument("engine", help="engine folder with manifest.json and model.onnx")
     p.add_argument("--calib-n", type=int, default=64, help="calibration samples from the training data")
-    p.add_argument("--calib-data", default=None, help="calibration folder (models trained on your own data)")
+    p.add_argument("--calib-data", default=None,
+                   help="calibration folder of training images (default: the training data the manifest records)")
     p.add_argument("--max-dice-drop", type=float, default=DEFAULT_MAX_DICE_DROP)
     p.add_argument("--max-map-drop", type=float, default=DEFAULT_MAX_MAP_DROP)
     p.add_argument(
@@ -30,8 +33,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         help="uint8 (asymmetric; fastest on ONNX Runtime CPU) or int8 (symmetric, zero point 0: TensorRT)",
     )
     p.add_argument("--method", default="minmax", choices=["minmax", "percentile"])
-    p.add_argument("--heldout-n", type=int, default=200)
-    p.add_argument("--heldout-data", default=None)
+    p.add_argument("--heldout-n", type=int, default=None,
+                   help="synthetic held-out samples (default: the number the manifest records, else 200)")
+    p.add_argument("--heldout-data", default=None, metavar="DIR",
+                   help="held-out folder (default: the one the manifest records; required for a model trained on "
+                        "your data whose manifest records none)")
     p.add_argument("--json", action="store_true")
 
 

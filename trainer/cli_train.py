@@ -6,7 +6,9 @@ Examples
 ultrasound lesion U-Net on synthetic data; ``--data DIR`` trains on your own
 ``DIR/images`` + ``DIR/masks`` (or ``DIR/annotations.json`` for detection);
 ``--init engines/us-lesion-seg/model.pt --freeze-encoder`` fine-tunes the
-bundled model. Under ``torchrun --nproc_per_node N`` the same command trains
+bundled model. With your own data, set a held-out test set aside now
+(``--heldout-data DIR`` or ``--heldout-fraction 0.2``): the checkpoint
+records it and ``medge export`` / ``medge quantize`` evaluate on it. Under ``torchrun --nproc_per_node N`` the same command trains
 data-parallel.
 """
 
@@ -27,9 +29,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, metrics.jsonl")
     p.add_argument("--data", default="synthetic", help="'synthetic' (default) or a folder with images/ + masks/ or annotations.json")
     p.add_argument("--val-data", default=None, help="validation folder (default: synthetic validation seed)")
+    p.add_argument("--heldout-data", default=None, metavar="DIR",
+                   help="with --data DIR: a separate held-out test folder, recorded in the checkpoint, never trained on")
+    p.add_argument("--heldout-fraction", type=float, default=0.0, metavar="F",
+                   help="with --data DIR: hold out this fraction of DIR (split seeded by --data-seed), recorded in the checkpoint")
     p.add_argument("--n-train", type=int, default=1600, help="synthetic training samples")
     p.add_argument("--n-val", type=int, default=64, help="synthetic validation samples")
-    p.add_argument("--data-seed", type=int, default=1, help="synthetic training data seed")
+    p.add_argument("--data-seed", type=int, default=1, help="synthetic training data seed; with --heldout-fraction, the split's seed")
     p.add_argument("--seed", type=int, default=0, help="model init / order / augmentation seed")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--steps-per-epoch", type=int, default=None)
@@ -57,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
         base=args.base, input_size=tuple(args.input_size), crop=args.crop, augment=not args.no_augment, amp=args.amp, init=args.init,
         freeze_encoder=args.freeze_encoder, max_minutes=args.max_minutes, threads=args.threads,
-        progress=not args.no_progress,
+        progress=not args.no_progress, heldout_data=args.heldout_data, heldout_fraction=args.heldout_fraction,
     )
     r = train(cfg)
     out = {

@@ -20,13 +20,15 @@ geometry), so the trainer sees exactly what the daemon will.
 User data (:func:`load_segmentation_folder`, :func:`load_detection_folder`):
 ``images/`` holding DICOM (``.dcm`` or no suffix, read through
 :mod:`edge.pixels`) or PNG files, and ``masks/<stem>.png`` (segmentation) or
-one COCO JSON file of boxes (detection).
+one COCO JSON file of boxes (detection). A folder's *items* are its image
+file names; :func:`split_items` sets a seeded fraction of them aside as a
+held-out split, and both loaders take ``items`` to load just one side.
 
 Examples
 --------
 >>> from trainer.data import make_ultrasound, make_xray, sample_rng
 >>> img, mask = make_ultrasound(sample_rng(0, 0))
->>> img.shape, img.dtype, mask.max()
+>>> img.shape, img.dtype, int(mask.max())
 ((480, 640), dtype('uint8'), 1)
 >>> img, boxes = make_xray(sample_rng(0, 1))
 >>> img.shape, img.dtype, boxes.shape[1]
@@ -41,7 +43,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 
@@ -67,6 +69,8 @@ __all__ = [
     "load_image",
     "load_segmentation_folder",
     "load_detection_folder",
+    "folder_items",
+    "split_items",
     "default_cache_dir",
 ]
 
@@ -654,19 +658,44 @@ def _find_images(folder: Path) -> list[Path]:
     return files
 
 
+def _check_items(root: Path, wanted: Collection[str] | None, present: Sequence[str]) -> set[str] | None:
+    """``wanted`` as a set, after checking that every one of them is in the folder."""
+    if wanted is None:
+        return None
+    want = set(wanted)
+    missing = sorted(want - set(present))
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise DataError(
+            f"{len(missing)} item(s) recorded for {root} are no longer in it ({shown}); "
+            "the folder changed since the split was made."
+        )
+    return want
+
+
 def load_segmentation_folder(
-    root: Path | str, spec: InputSpec | None = None, pre: Preprocessing = US_PREPROCESSING
+    root: Path | str,
+    spec: InputSpec | None = None,
+    pre: Preprocessing = US_PREPROCESSING,
+    items: Collection[str] | None = None,
 ) -> SegmentationSet:
     """Load ``root/images/*`` with ``root/masks/<stem>.png`` (non-zero = lesion).
+
+    ``items``: load only these image file names (one side of a split).
 
     Raises
     ------
     DataError
-        For a missing or unreadable file, or a mask whose size differs from its image.
+        For a missing or unreadable file, a mask whose size differs from its
+        image, or an item of ``items`` that the folder does not hold.
     """
     root = Path(root)
     images, masks = [], []
-    for img_path in _find_images(root / "images"):
+    files = _find_images(root / "images")
+    want = _check_items(root, items, [f.name for f in files])
+    for img_path in files:
+        if want is not None and img_path.name not in want:
+            continue
         mask_path = root / "masks" / f"{img_path.stem}.png"
         if not mask_path.is_file():
             raise DataError(f"Image {img_path} has no mask {mask_path}.")
@@ -690,39 +719,35 @@ def load_detection_folder(
     pre: Preprocessing = XRAY_PREPROCESSING,
     annotations: str = "annotations.json",
     labels: Sequence[str] | None = None,
+    items: Collection[str] | None = None,
 ) -> tuple[DetectionSet, list[str]]:
     """Load ``root/images/*`` with COCO boxes from ``root/<annotations>``.
 
     Returns the set and the label names (COCO categories by id, or ``labels``).
+    ``items``: load only these image file names (one side of a split).
 
     Raises
     ------
     DataError
         For an empty or malformed COCO file, an image it names that is
-        missing, or a box outside its image.
+        missing, a box outside its image, or an item of ``items`` that the
+        COCO file does not list.
     """
     root = Path(root)
+    coco = _read_coco(root / annotations)
     ann_path = root / annotations
-    if not ann_path.is_file():
-        raise DataError(f"COCO annotation file {ann_path} does not exist.")
-    text = ann_path.read_text(encoding="utf-8").strip()
-    if not text:
-        raise DataError(f"COCO annotation file {ann_path} is empty.")
-    try:
-        coco = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"COCO annotation file {ann_path} is not valid JSON: {exc}.") from exc
-    if not isinstance(coco, dict) or not coco.get("images"):
-        raise DataError(f"COCO annotation file {ann_path} lists no images; it is empty.")
     cats = sorted(coco.get("categories") or [{"id": 1, "name": "nodule"}], key=lambda c: c["id"])
     names = list(labels) if labels else [str(c["name"]) for c in cats]
     cat_index = {c["id"]: i for i, c in enumerate(cats)}
     by_image: dict[int, list[dict]] = {}
     for a in coco.get("annotations") or []:
         by_image.setdefault(a["image_id"], []).append(a)
+    want = _check_items(root, items, [str(e.get("file_name", "")) for e in coco["images"] if isinstance(e, dict)])
     images, boxes, classes = [], [], []
     for entry in coco["images"]:
         try:
+            if want is not None and str(entry["file_name"]) not in want:
+                continue
             img_path = root / "images" / entry["file_name"]
             img = load_image(img_path)
             b, c = [], []
@@ -739,3 +764,63 @@ def load_detection_folder(
         classes.append(np.asarray(c, np.int64))
     ds = detection_set_from_arrays(images, boxes, spec or InputSpec(), pre, classes=classes, source=str(root))
     return ds, names
+
+
+def _read_coco(ann_path: Path) -> dict[str, Any]:
+    """The parsed COCO file, with at least one image listed."""
+    if not ann_path.is_file():
+        raise DataError(f"COCO annotation file {ann_path} does not exist.")
+    text = ann_path.read_text(encoding="utf-8").strip()
+    if not text:
+        raise DataError(f"COCO annotation file {ann_path} is empty.")
+    try:
+        coco = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"COCO annotation file {ann_path} is not valid JSON: {exc}.") from exc
+    if not isinstance(coco, dict) or not coco.get("images"):
+        raise DataError(f"COCO annotation file {ann_path} lists no images; it is empty.")
+    return coco
+
+
+def folder_items(root: Path | str, task: str, annotations: str = "annotations.json") -> list[str]:
+    """The items of a user's data folder, sorted: image file names in ``images/``
+    (segmentation) or listed in the COCO file (detection)."""
+    root = Path(root)
+    if task == "segmentation":
+        return [p.name for p in _find_images(root / "images")]
+    coco = _read_coco(root / annotations)
+    try:
+        return sorted(str(e["file_name"]) for e in coco["images"])
+    except (KeyError, TypeError) as exc:
+        raise DataError(f"COCO annotation file {root / annotations} is malformed: {exc!r}.") from exc
+
+
+def split_items(items: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split item names into ``(train, heldout)``: a seeded ``fraction`` held out (at least one).
+
+    The split depends only on the sorted names, ``fraction`` and ``seed``, so it
+    can be made again from what a checkpoint records.
+
+    Raises
+    ------
+    DataError
+        If ``fraction`` is not in (0, 1) or the split would leave either side empty.
+
+    Examples
+    --------
+    >>> split_items(["a.png", "b.png", "c.png", "d.png"], 0.25, seed=1)
+    (['b.png', 'c.png', 'd.png'], ['a.png'])
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"The held-out fraction {fraction} is not between 0 and 1.")
+    names = sorted(set(items))
+    n_held = max(1, int(round(fraction * len(names))))
+    if n_held >= len(names):
+        raise DataError(
+            f"Holding out {fraction:g} of {len(names)} item(s) leaves nothing to train on; "
+            "give more data or a separate held-out folder."
+        )
+    order = np.random.default_rng(seed).permutation(len(names))
+    held = sorted(names[i] for i in order[:n_held])
+    keep = sorted(names[i] for i in order[n_held:])
+    return keep, held

@@ -36,7 +36,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edge.errors import ModelError
+from edge.errors import DataError, ModelError
 from edge.manifest import Artifact, InputSpec, Manifest, Postprocessing, Preprocessing, sha256_file
 from trainer.models import fold_batchnorm
 
@@ -339,11 +339,12 @@ def export_checkpoint(
     version: str = "1",
     fp16: bool = True,
     evaluate: bool = True,
-    heldout_n: int = 200,
+    heldout_n: int | None = None,
     heldout_data: str | None = None,
     val_n: int = 100,
     atol: float = PARITY_ATOL,
     extra_training: Mapping[str, Any] | None = None,
+    intended_use: str | None = None,
 ) -> Manifest:
     """Checkpoint -> ``out_dir`` with ``model.onnx`` (+ ``model.fp16.onnx``), ``model.pt`` and ``manifest.json``.
 
@@ -352,6 +353,20 @@ def export_checkpoint(
     budget; FP32 (and FP16) metrics come from the held-out set through ONNX
     Runtime and :mod:`edge.postprocess`. An existing INT8 artifact in
     ``out_dir`` is removed, because it no longer matches the new FP32 model.
+
+    The held-out set is the one recorded in the checkpoint
+    (:func:`trainer.provenance.plan_heldout`), or ``heldout_data``;
+    ``heldout_n`` sizes a synthetic one (default: 200). The manifest's
+    training record describes the data the checkpoint was trained on:
+    for a user's folder, its path and real sizes, no synthetic generator,
+    and ``intended_use`` as given or :data:`~trainer.provenance.INTENDED_USE_FILL_IN`.
+
+    Raises
+    ------
+    DataError
+        Before anything is written, when the checkpoint was trained on a
+        user's data, records no held-out set and ``heldout_data`` is not
+        given (unless ``evaluate`` is false).
     """
     import shutil
 
@@ -366,10 +381,30 @@ def export_checkpoint(
         pick_threshold,
         summarize,
     )
+    from trainer.provenance import (
+        GENERATORS,
+        INTENDED_USE_FILL_IN,
+        HeldoutPlan,
+        checkpoint_record,
+        is_user_data,
+        plan_heldout,
+    )
     from trainer.train import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     task = ckpt["task"]
+    cfg = ckpt.get("config", {})
+    base_record = checkpoint_record(ckpt)
+    user = is_user_data(base_record)
+    # Decided before anything is written: a refusal leaves out_dir untouched.
+    plan: HeldoutPlan | None = None
+    if evaluate or heldout_data:
+        plan = plan_heldout(base_record, task, heldout_data, heldout_n, what=f"Checkpoint {checkpoint}")
+    else:
+        try:  # --no-eval: still record the held-out set where one is known, for medge quantize
+            plan = plan_heldout(base_record, task, None, heldout_n)
+        except DataError:
+            plan = None
     model = model_from_checkpoint(ckpt)
     spec = InputSpec(name=ckpt["input"]["name"], channels=int(ckpt["input"]["channels"]), size=tuple(ckpt["input"]["size"]))
     pre_d = dict(ckpt["preprocessing"])
@@ -394,9 +429,9 @@ def export_checkpoint(
         shutil.copyfile(checkpoint, tmp)
         os.replace(tmp, ckpt_dst)
     metrics: dict[str, dict[str, float]] = {}
-    cfg = ckpt.get("config", {})
-    synthetic = cfg.get("data", "synthetic") == "synthetic"
-    if evaluate:
+    synthetic = not user
+    n_heldout: int | None = None
+    if evaluate and plan is not None:  # evaluate always has a plan (or plan_heldout raised)
         if task == "detection" and not synthetic and not cfg.get("val_data"):
             _log.warning("No validation folder recorded; keeping the detector threshold %.3f.", post.threshold)
         elif task == "detection":
@@ -409,15 +444,27 @@ def export_checkpoint(
                                   max_detections=post.max_detections, stride=post.stride)
             _log.info("Detector threshold %.3f chosen on validation data (sensitivity %.3f at %.3f FP/image)",
                       chosen["threshold"], chosen["sensitivity"], chosen["fp_per_image"])
-        test = heldout_set(task, heldout_n, spec=spec, pre=pre, data=heldout_data, labels=labels)
+        test = plan.load(task, spec, pre, labels)
+        n_heldout = len(test)
+        _log.info("Evaluating on the held-out set %s (%d cases).", plan.data, n_heldout)
         for prec, p in paths.items():
             metrics[prec] = summarize(task, evaluate_model(onnx_runner(p), task, test, post, labels))
+    knobs = ("batch_size", "lr", "epochs", "steps_per_epoch", "base", "augment", "seed")
+    if synthetic:
+        base_record["generator"] = GENERATORS[task]
+        run_config = {k: cfg.get(k) for k in ("n_train", "n_val", *knobs, "data_seed", "val_seed")}
+    else:
+        # Nothing of the synthetic recipe describes a user's data: no generator, no data seeds
+        # (a split's seed is kept inside its heldout record), sizes as counted at training.
+        for k in ("generator", "data_seed", "val_seed"):
+            base_record.pop(k, None)
+        run_config = {k: cfg.get(k) for k in knobs}
+        run_config["heldout_fraction"] = cfg.get("heldout_fraction", 0.0)
     training = {
-        **dict(ckpt.get("training", {})),
-        "generator": "trainer.data.make_ultrasound" if task == "segmentation" else "trainer.data.make_xray",
+        **base_record,
         "epochs": int(ckpt.get("epoch", 0)),
-        "config": {k: cfg.get(k) for k in ("n_train", "n_val", "batch_size", "lr", "epochs", "steps_per_epoch", "base", "augment", "seed", "data_seed", "val_seed")},
-        "heldout": {"data": heldout_data or "synthetic", "seed": None if heldout_data else 1000, "n": heldout_n},
+        "config": run_config,
+        "heldout": plan.record(task, n_heldout) if plan is not None else None,
         "code_version": git_describe(),
         "checkpoint": {"path": "model.pt", "sha256": sha256_file(ckpt_dst)},
         "onnx_parity_max_abs_diff": parity,
@@ -425,9 +472,13 @@ def export_checkpoint(
         "opset": OPSET,
         **dict(extra_training or {}),
     }
+    if intended_use is None:
+        intended_use = INTENDED_USE[task] if synthetic else INTENDED_USE_FILL_IN
+        if not synthetic:
+            _log.warning("Manifest %s: intended_use is a FILL IN marker; edit it or pass --intended-use.", out / "manifest.json")
     man = build_manifest(
         out, name, task, labels, spec, pre, post, metrics=metrics, training=training,
-        intended_use=INTENDED_USE[task], version=version,
+        intended_use=intended_use, version=version,
     )
     write_manifest(man, out)
     return Manifest.load(out)

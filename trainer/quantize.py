@@ -235,23 +235,59 @@ def gate_summary(result: GateResult) -> Mapping[str, float]:
     return {"fp32": result.fp32, "int8": result.int8, "drop": result.drop, "max_drop": result.max_drop}
 
 
+def _calibration_folder(manifest: "Manifest", data: str | None) -> tuple[str | None, list[str] | None]:
+    """``(folder, items)`` to calibrate from, or ``(None, None)`` for the synthetic generator.
+
+    ``data`` wins; a model trained on a user's folder otherwise calibrates on
+    that folder (less any held-out split recorded for it). The recorded
+    held-out folder is never a calibration set.
+    """
+    from trainer.data import folder_items
+    from trainer.provenance import is_user_data
+
+    training = manifest.training
+    held = training.get("heldout") if isinstance(training.get("heldout"), Mapping) else None
+    split = held.get("split") if held is not None and isinstance(held.get("split"), Mapping) else None
+    if data:
+        if held is not None and split is None and held.get("data") not in (None, "synthetic") and (
+            Path(str(held["data"])).resolve() == Path(data).resolve()
+        ):
+            raise DataError(f"{data} is model {manifest.name!r}'s held-out folder; calibration must come from training data.")
+        return data, None
+    if not is_user_data(training):
+        return None, None
+    folder = training.get("data")
+    if not isinstance(folder, str) or not Path(folder).is_dir():
+        raise DataError(
+            f"Model {manifest.name!r} was trained on your own data ({folder}), which is not a folder here; "
+            "give --calib-data FOLDER (training images) to calibrate INT8 on."
+        )
+    if split is not None and held is not None and Path(str(held.get("data"))).resolve() == Path(folder).resolve():
+        hidden = set(split.get("items") or ())
+        return folder, [i for i in folder_items(folder, manifest.task) if i not in hidden]
+    return folder, None
+
+
 def calibration_inputs(manifest: "Manifest", n: int, data: str | None = None) -> np.ndarray:
     """``n`` calibration inputs from the model's **training** data.
 
     Synthetic models regenerate the first ``n`` samples of their training
-    seed (recorded in the manifest); models trained on a folder use ``data``.
-    The held-out seed is refused.
+    seed (recorded in the manifest). Models trained on a folder use ``data``
+    or, without it, the training folder recorded in the manifest (less its
+    held-out split); never the synthetic generator. The held-out seed and
+    the recorded held-out folder are refused.
     """
     from trainer.data import load_detection_folder, load_segmentation_folder, synthetic_detection_set, synthetic_segmentation_set, default_cache_dir
     from trainer.evaluate import HELDOUT_SEED, TRAIN_SEED
 
     if n <= 0:
         raise DataError(f"The calibration set has size {n}; INT8 calibration needs at least one training sample.")
-    if data:
+    folder, items = _calibration_folder(manifest, data)
+    if folder is not None:
         if manifest.task == "segmentation":
-            ds = load_segmentation_folder(data, manifest.input, manifest.preprocessing)
+            ds = load_segmentation_folder(folder, manifest.input, manifest.preprocessing, items=items)
         else:
-            ds = load_detection_folder(data, manifest.input, manifest.preprocessing, labels=list(manifest.labels))[0]
+            ds = load_detection_folder(folder, manifest.input, manifest.preprocessing, labels=list(manifest.labels), items=items)[0]
         return ds.inputs[:n]
     seed = int(manifest.training.get("data_seed", TRAIN_SEED))
     if seed == HELDOUT_SEED:
@@ -267,7 +303,7 @@ def quantize_engine(
     max_drop: float | None = None,
     activation_type: str = "uint8",
     method: str = "minmax",
-    heldout_n: int = 200,
+    heldout_n: int | None = None,
     heldout_data: str | None = None,
     calib_override: np.ndarray | None = None,
 ) -> GateResult:
@@ -280,10 +316,22 @@ def quantize_engine(
     (``model.int8-tensorrt.onnx``, recorded under
     ``training.quantization_tensorrt``). On refusal
     (:class:`GateRefused`) nothing in ``engine_dir`` changes.
+
+    The gate's held-out set is the one the manifest records
+    (:func:`trainer.provenance.plan_heldout`), or ``heldout_data``; it is
+    written into the quantization record.
+
+    Raises
+    ------
+    DataError
+        Before anything is written, when the model was trained on a user's
+        data, its manifest records no held-out set and ``heldout_data`` is
+        not given; or when no calibration data can be found for it.
     """
     from edge.manifest import Manifest
-    from trainer.evaluate import evaluate_model, gated_metric, heldout_set, onnx_runner, summarize
+    from trainer.evaluate import evaluate_model, gated_metric, onnx_runner, summarize
     from trainer.export import ARTIFACT_FILES, build_manifest, write_manifest
+    from trainer.provenance import plan_heldout
 
     d = Path(engine_dir)
     man = Manifest.load(d)
@@ -291,8 +339,14 @@ def quantize_engine(
     metric = gated_metric(man.task)
     if max_drop is None:
         max_drop = DEFAULT_MAX_DICE_DROP if man.task == "segmentation" else DEFAULT_MAX_MAP_DROP
+    plan = plan_heldout(man.training, man.task, heldout_data, heldout_n, what=f"Model {man.name!r} ({d})")
     calib = calib_override if calib_override is not None else calibration_inputs(man, calib_n, calib_data)
-    test = heldout_set(man.task, heldout_n, spec=man.input, pre=man.preprocessing, data=heldout_data, labels=list(man.labels))
+    test = plan.load(man.task, man.input, man.preprocessing, list(man.labels))
+    held_record = plan.record(man.task, len(test))
+    recorded = man.training.get("heldout")
+    if isinstance(recorded, Mapping) and recorded.get("data") != held_record["data"]:
+        _log.warning("The INT8 gate of %s runs on %s, not on the held-out set its other metrics came from (%s).",
+                     man.name, held_record["data"], recorded.get("data"))
     full: dict[str, dict] = {}
 
     def score(path: Path) -> float:
@@ -312,12 +366,20 @@ def quantize_engine(
     if "fp32" not in metrics:
         metrics["fp32"] = summarize(man.task, full[str(fp32)])
     training = dict(man.training)
+    if not isinstance(recorded, Mapping):  # exported with --no-eval: the gate's set is now the model's
+        training["heldout"] = held_record
+    if calib_override is not None:
+        calib_source = "given inputs"
+    else:
+        folder, _ = _calibration_folder(man, calib_data)
+        calib_source = folder if folder is not None else f"training data (seed {man.training.get('data_seed', 1)})"
     training[record] = {
         "format": "QDQ",
         "weights": "int8 symmetric per-channel",
         "activations": "int8 symmetric" if activation_type == "int8" else "uint8 asymmetric",
-        "calibration": {"method": method, "n": int(calib.shape[0]), "source": calib_data or f"training data (seed {man.training.get('data_seed', 1)})"},
+        "calibration": {"method": method, "n": int(calib.shape[0]), "source": calib_source},
         "gate": {"metric": metric, **gate_summary(result)},
+        "heldout": held_record,
     }
     new = build_manifest(
         d, man.name, man.task, list(man.labels), man.input, man.preprocessing, man.postprocessing,

@@ -42,15 +42,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge.errors import ConfigError, DataError
-from edge.manifest import InputSpec, Postprocessing, Preprocessing
+from edge.manifest import InputSpec, Postprocessing, Preprocessing, sha256_file
 from trainer.data import (
     US_PREPROCESSING,
     XRAY_PREPROCESSING,
     DetectionSet,
     SegmentationSet,
     default_cache_dir,
+    folder_items,
     load_detection_folder,
     load_segmentation_folder,
+    split_items,
     synthetic_detection_set,
     synthetic_segmentation_set,
 )
@@ -64,6 +66,7 @@ from trainer.evaluate import (
     torch_runner,
 )
 from trainer.models import CenterNet, build_model
+from trainer.provenance import checkpoint_record, data_record
 
 __all__ = [
     "TrainConfig",
@@ -108,7 +111,12 @@ class TrainConfig:
 
     ``data`` is ``"synthetic"`` or a folder (``images/`` + ``masks/`` or a
     COCO ``annotations.json``); ``val_data`` likewise (default: synthetic
-    with :data:`~trainer.evaluate.VALIDATION_SEED`, or a 10 % split of a folder).
+    with :data:`~trainer.evaluate.VALIDATION_SEED`, or the training set for a
+    folder). The held-out test set is recorded in the checkpoint, never
+    trained on: the generator's held-out seed for synthetic data; for a
+    folder, ``heldout_data`` (a separate folder) or ``heldout_fraction`` of
+    ``data`` set aside by a split seeded with ``data_seed``
+    (:func:`trainer.data.split_items`). ``medge export`` evaluates on it.
     """
 
     task: str
@@ -139,6 +147,8 @@ class TrainConfig:
     cache_dir: str | None = None
     progress: bool = True
     labels: list[str] = field(default_factory=list)
+    heldout_data: str | None = None
+    heldout_fraction: float = 0.0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for values that cannot work."""
@@ -157,6 +167,18 @@ class TrainConfig:
             raise ConfigError(f"crop {self.crop} is not a multiple of 16 within the input size.")
         if self.freeze_encoder and not self.init:
             raise ConfigError("freeze_encoder needs init (a checkpoint to take the encoder from).")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"heldout_fraction {self.heldout_fraction} is not in [0, 1).")
+        if self.heldout_fraction and self.data == "synthetic":
+            raise ConfigError("heldout_fraction splits a data folder; synthetic data has its own held-out seed.")
+        if self.heldout_fraction and self.heldout_data:
+            raise ConfigError("Give heldout_data or heldout_fraction, not both.")
+        if self.heldout_data:
+            held = Path(self.heldout_data).resolve()
+            for key in ("data", "val_data"):
+                other = getattr(self, key)
+                if other not in (None, "synthetic") and Path(other).resolve() == held:
+                    raise ConfigError(f"heldout_data {self.heldout_data} is also {key}; held-out data must never touch training.")
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict of the config."""
@@ -443,7 +465,17 @@ def _set_logits(model: nn.Module, on: bool) -> None:
 
 
 # ------------------------------------------------------------------ data
-def _load_sets(cfg: TrainConfig, labels: list[str]) -> tuple[Any, Any, list[str]]:
+def _heldout_split(cfg: TrainConfig) -> tuple[list[str] | None, dict[str, Any] | None]:
+    """``(training items, split record)`` when ``heldout_fraction`` sets part of the folder aside."""
+    if not cfg.heldout_fraction or cfg.data == "synthetic":
+        return None, None
+    keep, held = split_items(folder_items(cfg.data, cfg.task), cfg.heldout_fraction, cfg.data_seed)
+    _log.info("Held out %d of %d items of %s (fraction %g, seed %d).", len(held), len(held) + len(keep),
+              cfg.data, cfg.heldout_fraction, cfg.data_seed)
+    return keep, {"fraction": cfg.heldout_fraction, "seed": cfg.data_seed, "n": len(held), "items": held}
+
+
+def _load_sets(cfg: TrainConfig, labels: list[str], items: list[str] | None = None) -> tuple[Any, Any, list[str]]:
     spec = InputSpec(size=tuple(cfg.input_size))
     pre = default_preprocessing(cfg.task)
     cache = cfg.cache_dir if cfg.cache_dir is not None else str(default_cache_dir() / "data")
@@ -453,9 +485,9 @@ def _load_sets(cfg: TrainConfig, labels: list[str]) -> tuple[Any, Any, list[str]
         else:
             tr = synthetic_detection_set(cfg.n_train, cfg.data_seed, spec, pre, keep_source=False, cache_dir=cache)
     elif cfg.task == "segmentation":
-        tr = load_segmentation_folder(cfg.data, spec, pre)
+        tr = load_segmentation_folder(cfg.data, spec, pre, items=items)
     else:
-        tr, labels = load_detection_folder(cfg.data, spec, pre, labels=labels or None)
+        tr, labels = load_detection_folder(cfg.data, spec, pre, labels=labels or None, items=items)
     if cfg.val_data in (None, "synthetic") and cfg.data == "synthetic":
         if cfg.task == "segmentation":
             va = synthetic_segmentation_set(cfg.n_val, cfg.val_seed, spec, pre, cache_dir=cache)
@@ -588,7 +620,8 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = 
         cfg.base = int(init_ckpt["model"]["base"])
         if not cfg.labels:
             labels = list(init_ckpt["labels"])
-    tr, va, labels = _load_sets(cfg, labels)
+    train_items, split = _heldout_split(cfg)
+    tr, va, labels = _load_sets(cfg, labels, train_items)
     if len(tr) == 0:
         raise DataError("The training set is empty.")
 
@@ -629,17 +662,19 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = 
     epoch = 0
     stream = sys.stderr if (cfg.progress and is_main) else None
     record = {
-        "data": cfg.data if cfg.data != "synthetic" else ("synthetic-us" if cfg.task == "segmentation" else "synthetic-xray"),
-        "data_seed": cfg.data_seed,
-        "n_train": len(tr),
-        "val_seed": cfg.val_seed,
-        "n_val": len(va),
+        **data_record(cfg.task, cfg.data, cfg.val_data, len(tr), len(va), cfg.data_seed, cfg.val_seed,
+                      heldout_data=cfg.heldout_data, split=split),
         "seed": cfg.seed,
         "world_size": world,
         "bf16": bf16,
         "init": str(cfg.init) if cfg.init else None,
         "freeze_encoder": cfg.freeze_encoder,
     }
+    if init_ckpt is not None:
+        # Fine-tuning: what the starting weights were trained on is part of this model's provenance.
+        base_rec = checkpoint_record(init_ckpt)
+        record["init_sha256"] = sha256_file(cfg.init)
+        record["init_data"] = {k: base_rec[k] for k in ("source", "data", "generator", "n_train") if k in base_rec}
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         _set_logits(model, True)

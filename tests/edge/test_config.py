@@ -213,3 +213,107 @@ def test_spin_us_reaches_the_onnxruntime_session(tmp_path: Path, fixture_engines
     with ModelRegistry.from_config(cfg, warmup=False) as models:
         spins = {m.name: m.backend.spin_us for m in models}
     assert spins == {"tiny-seg": 0, "tiny-det": 1000}
+
+
+def _tree_with_relative_files(root: Path, fixture_engines: Path) -> Path:
+    """``root/`` holding a config's relative targets: engines, a model folder, TLS and key files."""
+    import shutil
+
+    shutil.copytree(fixture_engines, root / "engines")
+    shutil.copytree(fixture_engines / "tiny-seg", root / "models" / "seg")
+    for name in ("tls/http.pem", "tls/http.key", "tls/ca.pem", "tls/dicom.pem", "tls/dicom.key",
+                 "tls/pacs-ca.pem", "keys/server.key_secret"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("placeholder\n")
+    (root / "keys" / "clients").mkdir()
+    return root
+
+
+def test_relative_paths_in_a_file_resolve_against_its_folder(
+    tmp_path: Path, fixture_engines: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = _tree_with_relative_files(tmp_path / "etc" / "medge", fixture_engines)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the daemon's working directory is not the config's folder
+    cache = tmp_path / "abs-cache"
+    path = _write(conf, f"""
+engines_dir = "engines"
+spool_dir = "spool"
+cache_dir = "{cache}"
+[zmq]
+curve_server_key = "keys/server.key_secret"
+curve_client_keys_dir = "keys/clients"
+[metrics]
+tls_cert = "tls/http.pem"
+tls_key = "tls/http.key"
+tls_client_ca = "./tls/ca.pem"
+[[models]]
+name = "tiny-seg"
+path = "models/seg"
+[[models]]
+name = "tiny-det"
+[dicom.tls]
+cert = "tls/dicom.pem"
+key = "tls/dicom.key"
+[[dicom.destinations]]
+name = "pacs"
+host = "127.0.0.1"
+port = 11113
+ae_title = "PACS"
+tls = true
+tls_ca = "tls/pacs-ca.pem"
+""")
+    cfg = load_config(path, env={})
+    assert cfg.engines_dir == conf / "engines" and cfg.spool_dir == conf / "spool"
+    assert cfg.cache_dir == cache  # absolute: unchanged
+    assert cfg.model_dir(cfg.model("tiny-seg")) == conf / "models" / "seg"
+    assert cfg.model_dir(cfg.model("tiny-det")) == conf / "engines" / "tiny-det"
+    assert (cfg.zmq.curve_server_key, cfg.zmq.curve_client_keys_dir) == (
+        str(conf / "keys" / "server.key_secret"), str(conf / "keys" / "clients"))
+    assert (cfg.metrics.tls_cert, cfg.metrics.tls_key, cfg.metrics.tls_client_ca) == (
+        str(conf / "tls" / "http.pem"), str(conf / "tls" / "http.key"), str(conf / "tls" / "ca.pem"))
+    assert (cfg.dicom.tls.cert, cfg.dicom.tls.key) == (str(conf / "tls" / "dicom.pem"), str(conf / "tls" / "dicom.key"))
+    assert cfg.dicom.destinations[0].tls_ca == str(conf / "tls" / "pacs-ca.pem")
+    assert cfg.dicom.destinations[0].tls_cert == ""  # unset stays unset
+    # The same file named by a relative path gives the same result.
+    assert load_config(Path("..") / "etc" / "medge" / "medge.toml", env={}) == cfg
+    # Paths from the environment are the launcher's: relative to the working directory, as before.
+    env_cfg = load_config(path, env={"MEDGE_SPOOL_DIR": "spool-from-env"})
+    assert env_cfg.spool_dir == Path("spool-from-env")
+
+
+def test_a_relative_path_found_only_from_the_working_directory_is_an_error(
+    tmp_path: Path, fixture_engines: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An old config that relied on the working directory fails naming both places, never serves silently."""
+    work = _tree_with_relative_files(tmp_path / "work", fixture_engines)
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    monkeypatch.chdir(work)
+    path = _write(conf, f'engines_dir = "{fixture_engines}"\n[[models]]\nname = "tiny-seg"\npath = "models/seg"\n')
+    with pytest.raises(ConfigError, match=r"models\[0\]\.path") as exc:
+        load_config(path, env={})
+    assert str(conf / "models" / "seg") in str(exc.value) and str(work / "models" / "seg") in str(exc.value)
+    path = _write(conf, 'spool_dir = "spool"\n')
+    (work / "spool").mkdir()
+    with pytest.raises(ConfigError, match="spool_dir"):
+        load_config(path, env={}, check_models=False)
+    # Absolute paths never change meaning.
+    path = _write(conf, f'spool_dir = "{work / "spool"}"\n')
+    assert load_config(path, env={}, check_models=False).spool_dir == work / "spool"
+
+
+def test_duplicate_model_names_in_the_engines_dir_stop_serve_naming_both(
+    engines_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    shutil.copytree(engines_copy / "tiny-seg", engines_copy / "tiny-seg-retrained")
+    with pytest.raises(ConfigError, match="tiny-seg") as exc:
+        load_config(None, env={"MEDGE_ENGINES_DIR": str(engines_copy)})
+    assert str(engines_copy / "tiny-seg") in str(exc.value) and str(engines_copy / "tiny-seg-retrained") in str(exc.value)
+    path = _write(tmp_path, f'engines_dir = "{engines_copy}"\n')
+    assert main(["serve", "--config", str(path)]) != 0
+    err = capsys.readouterr().err
+    assert str(engines_copy / "tiny-seg-retrained") in err and "unique" in err

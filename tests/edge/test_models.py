@@ -204,3 +204,45 @@ def test_tensorrt_int8_needs_symmetric_activations():
     assert sym.int8_tensorrt_ready
     assert resolve_precision("auto", sym, "tensorrt", "cpu") == "int8"
     assert resolve_precision("int8", sym, "tensorrt", "cpu") == "int8"
+
+
+def test_duplicate_model_names_are_an_error_naming_both_folders(
+    engines_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two folders whose manifests say the same name: neither silently shadows the other."""
+    import shutil
+
+    from edge.cli import main
+
+    shutil.copytree(engines_copy / "tiny-seg", engines_copy / "zz-seg-copy")
+    first, second = str(engines_copy / "tiny-seg"), str(engines_copy / "zz-seg-copy")
+    with pytest.raises(ModelError, match="'tiny-seg' is claimed by more than one") as exc:
+        discover(engines_copy)
+    assert first in str(exc.value) and second in str(exc.value)
+
+    assert main(["engines", "list", "--engines-dir", str(engines_copy)]) == 1
+    out = capsys.readouterr().out
+    assert "DUPLICATE" in out and first in out and second in out
+    assert main(["engines", "list", "--engines-dir", str(engines_copy), "--json"]) == 1
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["duplicates"] == {"tiny-seg": [first, second]}
+    assert sorted(r["directory"] for r in listed["models"] if r["name"] == "tiny-seg") == [first, second]
+
+    assert main(["engines", "verify", "--engines-dir", str(engines_copy), "--json"]) == 1
+    verified = json.loads(capsys.readouterr().out)
+    assert not verified["ok"] and verified["duplicates"] == {"tiny-seg": [first, second]}
+    assert {f"tiny-seg ({first})", f"tiny-seg ({second})", "tiny-det"} == set(verified["models"])
+    # Verifying only the other model is unaffected by the duplicate.
+    assert main(["engines", "verify", "tiny-det", "--engines-dir", str(engines_copy)]) == 0
+    capsys.readouterr()
+
+
+def test_registry_refuses_a_model_configured_twice(fixture_engines: Path) -> None:
+    from edge.config import MedgeConfig, ModelConfig
+
+    cfg = MedgeConfig(
+        engines_dir=fixture_engines,
+        models=(ModelConfig(name="tiny-seg"), ModelConfig(name="tiny-seg", path=str(fixture_engines / "tiny-seg"))),
+    )
+    with pytest.raises(ModelError, match="configured twice"):
+        ModelRegistry.from_config(cfg, warmup=False)
