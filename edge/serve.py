@@ -197,7 +197,7 @@ class Daemon:
             if why:
                 bad.append(("scheduler", why))
         if self.zmq is not None:
-            why = self._probe(self.zmq.healthy, "zmq", "the ZeroMQ I/O loop has stopped")
+            why = self._probe(lambda: self.zmq.healthy(stall), "zmq", "the ZeroMQ I/O loop has stopped or is stuck")
             if why:
                 bad.append(("zmq", why))
         dicom = self.dicom

@@ -507,6 +507,7 @@ class ZmqServer:
         self.publish_endpoint = ""
         self.accepted = 0
         self.replied = 0
+        self.last_turn = time.monotonic()  # the I/O loop's heartbeat (healthy(stall_s))
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> "ZmqServer":
@@ -545,10 +546,16 @@ class ZmqServer:
         _log.info("ZeroMQ ingest (ROUTER) on %s, results (PUB) on %s.", self.ingest_endpoint, self.publish_endpoint)
         return self
 
-    def healthy(self) -> bool:
-        """Whether the I/O thread is running and has not given up (for ``/readyz``)."""
+    def healthy(self, stall_s: float | None = None) -> bool:
+        """Whether the I/O thread is running, has not given up and (with ``stall_s``) turned recently.
+
+        The loop turns at least every 50 ms even when idle, so one that has
+        not turned for ``stall_s`` is stuck (e.g. inside a send or its lock).
+        """
         t = self._thread
-        return t is not None and t.is_alive() and not self._failed
+        if t is None or not t.is_alive() or self._failed:
+            return False
+        return stall_s is None or time.monotonic() - self.last_turn < stall_s
 
     def stop_accepting(self) -> None:
         """Answer new requests ``overloaded`` (shutting down); in-flight ones still get replies."""
@@ -715,6 +722,7 @@ class ZmqServer:
             waiter.register(self._wake_r, select.POLLIN)
             deadline: float | None = None
             while True:
+                self.last_turn = time.monotonic()
                 try:
                     if self._closing.is_set():
                         if deadline is None:

@@ -790,3 +790,49 @@ def test_sockets_are_bounded_before_anything_is_allocated() -> None:
     finally:
         srv.close(timeout_s=1.0)
         service.close()
+
+
+def test_a_stuck_io_loop_is_not_healthy_and_recovers(daemon: Daemon) -> None:
+    # The I/O loop turns every 50 ms even when idle; held inside its lock it stops turning.
+    srv = daemon.zmq
+    assert srv is not None and srv.healthy(stall_s=5.0)
+    with srv._lock:  # what a send stuck inside the loop looks like from outside
+        wait_until(lambda: time.monotonic() - srv.last_turn > 0.3, 10.0, interval_s=0.01)
+        assert not srv.healthy(stall_s=0.3)
+        assert srv.healthy()  # without a stall bound only a dead thread is unhealthy
+    wait_until(lambda: srv.healthy(stall_s=0.3), 10.0, interval_s=0.01)
+
+
+def test_bare_publish_topic_keeps_the_old_framing_and_counts_what_is_published(
+    fixture_engines: Path, ctx: zmq.Context
+) -> None:
+    cfg = load_config(
+        None,
+        env={
+            "MEDGE_ENGINES_DIR": str(fixture_engines),
+            "MEDGE_ZMQ__INGEST": "tcp://127.0.0.1:*",
+            "MEDGE_ZMQ__PUBLISH": "tcp://127.0.0.1:*",
+            "MEDGE_ZMQ__PUBLISH_TOPIC": "bare",
+            "MEDGE_ZMQ__DEFAULT_MODEL": "tiny-seg",
+            "MEDGE_METRICS__ENABLED": "false",
+            "MEDGE_DICOM__ENABLED": "false",
+        },
+    )
+    with Daemon(cfg).start() as d:
+        assert d.zmq is not None
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVTIMEO, 10_000)
+        sub.setsockopt(zmq.SUBSCRIBE, b"cam-9")
+        sub.connect(d.zmq.publish_endpoint)
+        sock = _dealer(ctx, d)
+        before = d.registry.get_sample_value("medge_published_total") or 0.0
+        _joined(sock, "cam-9", sub)
+        sock.send_multipart(_request("after-join", np.zeros((8, 8), np.uint8), stream="cam-9"))
+        assert json.loads(sock.recv_multipart()[0])["status"] == "ok"
+        frames = sub.recv_multipart()
+        assert frames[0] == b"cam-9"  # the name alone, no NUL
+        assert json.loads(frames[1])["stream"] == "cam-9"
+        assert (d.registry.get_sample_value("medge_published_total") or 0.0) > before
+        assert d.registry.get_sample_value("medge_publish_dropped_total", {"reason": "error"}) == 0.0
+        sub.close(linger=0)
+        sock.close(linger=0)
