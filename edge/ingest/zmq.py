@@ -400,6 +400,8 @@ def parse_request(
             f"The pixels frame has {buf.nbytes} bytes; shape {list(shape)} of {dtype} needs {expected}.",
         )
     image = np.frombuffer(buf, dtype=dt).reshape(shape)
+    if dt.kind == "f" and not np.isfinite(image).all():  # a NaN makes every normalisation meaningless
+        raise ProtocolError("bad_dtype", f"The {dtype} pixels hold NaN or infinity.")
     return Request(
         id=header.get("id"),
         model=model,
