@@ -30,9 +30,16 @@ import numpy as np
 __all__ = ["UltrasoundProbe", "XrayFrames", "make_source"]
 
 
-def _to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
-    """Map [0, 1] floats to uint8 / uint16 (12-bit) / int16 / float32."""
+def _to_dtype(x: np.ndarray, dtype: str, full_scale: float | None = None) -> np.ndarray:
+    """Map [0, 1] floats to uint8 / uint16 (12-bit) / int16 / float32.
+
+    With ``full_scale``, every dtype carries ``x * full_scale`` (an 8-bit
+    B-mode image sent as uint16 or float32 keeps its 0..255 values, which is
+    what a model with a fixed 8-bit mapping expects; docs/protocol.md).
+    """
     x = np.clip(x, 0.0, 1.0)
+    if full_scale is not None and dtype in ("uint8", "uint16", "int16", "float32"):
+        return np.round(x * full_scale).astype(dtype)
     if dtype == "uint8":
         return (x * 255.0 + 0.5).astype(np.uint8)
     if dtype == "uint16":
@@ -53,7 +60,8 @@ class UltrasoundProbe:
     height, width : int
         Frame size in pixels (a probe's B-mode image, e.g. 480 x 640).
     dtype : str
-        ``uint8`` (typical B-mode) or ``uint16``/``int16``/``float32``.
+        ``uint8`` (typical B-mode) or ``uint16``/``int16``/``float32``, each
+        holding the 8-bit values 0..255.
     seed : int
         Seed of all randomness.
     loop : int
@@ -116,7 +124,8 @@ class UltrasoundProbe:
             top = float(np.percentile(db[sector], 99.5))
             img = np.clip((db - (top - 50.0)) / 50.0, 0, 1)
             img = np.where(sector, img, 0.0)
-            self._frames.append(_to_dtype(img, self.dtype))
+            # B-mode is 8-bit: every dtype carries the 0..255 values (what the ultrasound model reads).
+            self._frames.append(_to_dtype(img, self.dtype, full_scale=255.0))
             self._truth.append((lesion & sector).astype(np.uint8))
 
     @staticmethod

@@ -237,3 +237,16 @@ def test_send_with_a_missing_config_file_is_a_clear_error(tmp_path: Path, capsys
     rc = main(["send", "zmq", "--config", str(tmp_path / "nope.toml"), "--frames", "1"])
     assert rc == 1
     assert f"Config file {tmp_path / 'nope.toml'} does not exist" in capsys.readouterr().err
+
+
+def test_simulated_ultrasound_keeps_its_8_bit_values_in_every_dtype() -> None:
+    # The ultrasound model maps pixels with a fixed x/255 (docs/protocol.md, input semantics): a
+    # uint16/int16/float32 B-mode frame must carry the same 0..255 values, not a 12-bit or [0,1] scale.
+    from edge.simulate import UltrasoundProbe
+
+    ref = UltrasoundProbe(48, 64, dtype="uint8", seed=3).frame(1)
+    assert ref.max() == 255
+    for dtype in ("uint16", "int16", "float32"):
+        f = UltrasoundProbe(48, 64, dtype=dtype, seed=3).frame(1)
+        assert f.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(f.astype(np.int64), ref.astype(np.int64))
