@@ -16,7 +16,9 @@ separate database to get out of step with the files:
     again (no poison pill).
 ``<root>/results/<name>.npz``
     The inference result of one instance (masks and/or boxes per processed
-    frame). Present means "inference done, series not yet finalised", so a
+    frame; with overlays on, also the first decoded frames the overlays are
+    drawn on, so the finaliser never decodes a frame a second time).
+    Present means "inference done, series not yet finalised", so a
     restart does not run the model again.
 ``<root>/failed/<name>.dcm`` + ``<name>.reason.txt``
     Instances that were accepted but could not be processed (undecodable
@@ -127,7 +129,12 @@ class InstanceResult:
 
     ``frames`` are 1-based frame numbers; ``masks`` is ``[n, H, W]`` uint8 for
     segmentation models (else ``None``); ``boxes`` holds, per processed frame,
-    a list of box dicts (``label score x0 y0 x1 y1``).
+    a list of box dicts (``label score x0 y0 x1 y1``). ``display`` is
+    ``[k, H, W]`` or ``[k, H, W, 3]``: the first ``k`` processed frames as
+    the worker decoded them (:func:`edge.pixels.frame_to_array`), kept for
+    the overlay images so that no frame is decoded twice (``None``: no
+    overlays). It is saved losslessly and read back only by
+    :meth:`Spool.load_display`, one instance at a time.
     """
 
     model: str
@@ -136,6 +143,23 @@ class InstanceResult:
     frames: list[int]
     masks: np.ndarray | None = None
     boxes: list[list[dict]] = field(default_factory=list)
+    display: np.ndarray | None = None
+
+
+#: Integer types a float32 display frame is stored as when it holds only their values (exact both ways).
+_NARROW_TYPES = (np.uint8, np.int16, np.uint16)
+
+
+def _narrow(a: np.ndarray) -> np.ndarray:
+    """``a`` in the smallest integer type that holds it exactly (float32 frames of integer pixels), else ``a``."""
+    if a.dtype != np.float32 or a.size == 0 or not np.array_equal(a, np.rint(a)):
+        return a
+    lo, hi = float(a.min()), float(a.max())
+    for t in _NARROW_TYPES:
+        info = np.iinfo(t)
+        if info.min <= lo and hi <= info.max:
+            return a.astype(t)
+    return a
 
 
 class Spool:
@@ -340,24 +364,33 @@ class Spool:
         """Persist one instance's inference result atomically."""
         import io
 
-        meta = {
+        meta: dict[str, Any] = {
             "model": result.model,
             "model_version": result.model_version,
             "task": result.task,
             "frames": [int(f) for f in result.frames],
             "boxes": result.boxes,
         }
+        display = None
+        if result.display is not None:
+            meta["display_dtype"] = np.dtype(result.display.dtype).str  # restored exactly on load
+            display = np.ascontiguousarray(_narrow(np.asarray(result.display)))
         buf = io.BytesIO()
         arrays: dict[str, np.ndarray] = {"meta": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)}
         if result.masks is not None:
             arrays["masks"] = np.ascontiguousarray(result.masks, dtype=np.uint8)
+        if display is not None:
+            arrays["display"] = display
         cast(Any, np.savez_compressed)(buf, **arrays)
         out = self.result_path(instance_path)
         atomic_write(out, [buf.getvalue()], tmp_dir=self.tmp_dir)
         return out
 
     def load_result(self, instance_path: Path) -> InstanceResult | None:
-        """The saved result of ``instance_path``, or ``None`` when there is none (or it is unreadable)."""
+        """The saved result of ``instance_path``, or ``None`` when there is none (or it is unreadable).
+
+        Its ``display`` frames are not read (see :meth:`load_display`).
+        """
         p = self.result_path(instance_path)
         if not p.is_file():
             return None
@@ -376,3 +409,25 @@ class Spool:
             masks=masks,
             boxes=meta["boxes"],
         )
+
+    def load_display(self, instance_path: Path) -> np.ndarray | None:
+        """The decoded frames saved with the result of ``instance_path`` for its overlays, or ``None``.
+
+        ``None`` also when the result predates them or cannot be read: the
+        caller decodes the frames instead.
+        """
+        p = self.result_path(instance_path)
+        if not p.is_file():
+            return None
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                if "display" not in z.files:
+                    return None
+                meta = json.loads(bytes(z["meta"]).decode("utf-8"))
+                display = z["display"]
+            return display.astype(np.dtype(meta.get("display_dtype", display.dtype.str)), copy=False)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            _log.warning(
+                "Ignoring unreadable overlay frames in %s (%s); decoding them again.", p.name, type(exc).__name__
+            )
+            return None

@@ -11,6 +11,14 @@ idle for ``series_idle_s``, makes the DICOM results
 (:mod:`edge.egress.dicom_results`), writes them to the outbox and only then
 deletes the source instances.
 
+**Each processed frame is decoded once.** The worker decodes only the
+frames it runs (every ``frame_stride``-th, one at a time); with overlays
+on, the first :data:`OVERLAY_MAX_FRAMES` of them are saved with the
+instance's result (:attr:`edge.spool.InstanceResult.display`) and the
+finaliser draws the overlays on those, one instance at a time, instead of
+decoding the frames again. (A result saved without them, e.g. before
+overlays were switched on, falls back to decoding.)
+
 **Bounded before decoded.** Every read of a spooled file (worker, recovery,
 finaliser, overlays) first runs the same bounded scan as the SCP on the
 file's bytes (:func:`edge.routing.scan_and_inflate`: inflated size, frames,
@@ -37,8 +45,13 @@ that is over an input bound is moved to ``<spool>/failed/`` with the
 reason (never patient data), counted in
 ``medge_dicom_processing_failures_total{reason}``, and the rest goes on.
 *Transient* errors (the service overloaded, shedding, or shutting down; a
-full disk while saving) are retried with a capped backoff and never make an
+full or failing disk while saving a result, counting an attempt or writing
+the series' results to the outbox) are retried with a capped backoff (the
+finaliser tries a series again ``series_idle_s`` later) and never make an
 instance fail; at shutdown they leave it in the spool for the next start.
+An instance whose file is gone when a worker opens it was finalised
+meanwhile (a resend of it arrived while its series was being written):
+its result is in the outbox, so it is done, not failed.
 **Poison pills**: processing an instance (and finalising its series) is
 counted durably in the spool *before* it starts
 (:meth:`edge.spool.Spool.begin_attempt`) and the count is removed when its
@@ -97,7 +110,9 @@ __all__ = [
     "DicomPipeline",
     "WorkItem",
     "FRAMES_PER_TURN",
+    "OVERLAY_MAX_FRAMES",
     "FAILURE_REASONS",
+    "RETRY_STAGES",
     "encode_file_meta",
     "instance_info_from_file",
     "read_spooled",
@@ -105,11 +120,15 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-_OVERLAY_MAX_FRAMES = 16
+#: Overlay images per instance (the first processed frames); their decoded frames are kept with its result.
+OVERLAY_MAX_FRAMES = 16
 #: Frames of one multi-frame instance run in one turn before other sources get theirs.
 FRAMES_PER_TURN = 8
 #: Values of ``medge_dicom_processing_failures_total{reason}``.
 FAILURE_REASONS = ("decode", "model", "result", "unreadable", "unrouted", "internal", "limits", "max_attempts")
+#: Values of ``medge_dicom_transient_retries_total{stage}``: the service overloaded or shedding
+#: (``inference``), a worker's spool write (``spool``), a series' results to the outbox (``results``).
+RETRY_STAGES = ("inference", "spool", "results")
 #: Longest wait between two tries of a transient failure (service overloaded, disk full).
 _MAX_BACKOFF_S = 2.0
 _PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -194,6 +213,7 @@ class _Job:
     numbers: list[int] = field(default_factory=list)
     masks: list[np.ndarray] = field(default_factory=list)
     boxes: list[list[dict]] = field(default_factory=list)
+    display: list[np.ndarray] = field(default_factory=list)  # decoded frames kept for the overlays
     version: str = ""
     task: str = ""
     counted: bool = False  # an attempt was begun for it (undone if it stops for a transient reason)
@@ -201,6 +221,10 @@ class _Job:
 
 class _Transient(MedgeError):
     """Processing stopped for a reason that is not the instance's fault (shutdown)."""
+
+
+class _Gone(MedgeError):
+    """The instance's file is no longer in the spool: its series was finalised meanwhile."""
 
 
 class _ProcessingError(MedgeError):
@@ -348,7 +372,17 @@ class DicomPipeline:
             zero=FAILURE_REASONS,
         )
         self._results = get_or_create_metric(
-            registry, Counter, "medge_dicom_results_total", "DICOM result objects written to the outbox.", ["kind"]
+            registry, Counter, "medge_dicom_results_total", "DICOM result objects written to the outbox.", ["kind"],
+            zero=("SEG", "SR", "OT"),
+        )
+        self._retries = get_or_create_metric(
+            registry,
+            Counter,
+            "medge_dicom_transient_retries_total",
+            "Times DICOM processing met a transient error (service overloaded, full or failing disk) and will "
+            "try again; nothing is failed for these.",
+            ["stage"],
+            zero=RETRY_STAGES,
         )
         self._backlog = get_or_create_metric(
             registry, Gauge, "medge_dicom_spool_instances", "Spooled DICOM instances without a result in the outbox."
@@ -358,6 +392,10 @@ class DicomPipeline:
         self._throttle = LogThrottle(_log)
         self._in_flight = 0
         self._lock = threading.Lock()
+        self._idle_cv = threading.Condition(self._lock)
+        # Heartbeats for healthy(): a busy worker's last progress (by thread id), the finaliser's last turn.
+        self._busy: dict[int, float] = {}
+        self._finaliser_beat = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -366,6 +404,7 @@ class DicomPipeline:
             t = threading.Thread(target=self._worker, name=f"medge-dicom-worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        self._finaliser_beat = time.monotonic()  # recover() may have taken long: count from now
         t = threading.Thread(target=self._finaliser, name="medge-dicom-finaliser", daemon=True)
         t.start()
         self._threads.append(t)
@@ -433,19 +472,40 @@ class DicomPipeline:
             self._backlog.set(self._in_flight)
         self._queue.put(_Job(item), item.source)
 
+    def healthy(self, stall_s: float = 60.0) -> bool:
+        """Whether every worker and the finaliser runs and none is stuck (for ``/readyz``).
+
+        An idle worker (waiting for an instance) is healthy however long it
+        waits. A worker with an instance in hand must make progress (a frame
+        inferred, a turn finished, a transient retry) within ``stall_s`` plus
+        ``infer_timeout_s`` (one frame may legitimately wait that long for the
+        scheduler). The finaliser turns at least every 0.25 s, so a turn older
+        than ``stall_s`` means it is stuck. False before :meth:`start` and
+        after :meth:`close`.
+        """
+        if not self._threads or self._stop.is_set() or not all(t.is_alive() for t in self._threads):
+            return False
+        now = time.monotonic()
+        if now - self._finaliser_beat > stall_s:
+            return False
+        return all(now - t0 <= stall_s + self.infer_timeout_s for t0 in list(self._busy.values()))
+
+    def _beat(self, busy: bool = True) -> None:
+        """Heartbeat of the calling worker: progress now, or (``busy=False``) back to waiting for work."""
+        if busy:
+            self._busy[threading.get_ident()] = time.monotonic()
+        else:
+            self._busy.pop(threading.get_ident(), None)
+
     def idle(self) -> bool:
         """True when no instance is queued, in inference or waiting for its series to complete."""
         with self._lock:
             return self._in_flight == 0
 
     def wait_idle(self, timeout_s: float) -> bool:
-        """Block until :meth:`idle` (True) or ``timeout_s`` passed (False)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.idle():
-                return True
-            time.sleep(0.05)
-        return self.idle()
+        """Block until :meth:`idle` (True) or ``timeout_s`` passed (False); woken when work finishes."""
+        with self._idle_cv:
+            return self._idle_cv.wait_for(lambda: self._in_flight == 0, timeout_s)
 
     # ------------------------------------------------------------------ internals
     @staticmethod
@@ -456,6 +516,8 @@ class DicomPipeline:
         with self._lock:
             self._in_flight = max(0, self._in_flight - n)
             self._backlog.set(self._in_flight)
+            if self._in_flight == 0:
+                self._idle_cv.notify_all()
 
     def _fail(self, path: Path, reason: str, message: str) -> None:
         _log.error("DICOM instance %s not processed (%s): %s", path.name, reason, message)
@@ -474,9 +536,11 @@ class DicomPipeline:
             except (OSError, SpoolError) as exc:
                 _log.warning("Cannot take back the attempt of %s: %s", job.item.path.name, type(exc).__name__)
 
-    def _wait_transient(self, attempt: int, exc: BaseException, what: str) -> None:
+    def _wait_transient(self, attempt: int, exc: BaseException, what: str, stage: str) -> None:
         """Back off after a transient failure; raises _Transient when shutting down."""
         self._throttle.warning(what, "DICOM processing waits and tries again (%s): %s.", what, _kind(exc))
+        self._retries.labels(stage=stage).inc()
+        self._beat()  # waiting on a transient condition (full disk, overload) is not being stuck
         if self._stop.wait(min(_MAX_BACKOFF_S, 0.1 * 2**attempt)):
             raise _Transient(f"shutting down while {what}")
 
@@ -487,7 +551,7 @@ class DicomPipeline:
             try:
                 return fn()
             except (OSError, SpoolError) as exc:
-                self._wait_transient(attempt, exc, what)
+                self._wait_transient(attempt, exc, what, "spool")
                 attempt += 1
 
     def _worker(self) -> None:
@@ -496,10 +560,15 @@ class DicomPipeline:
             if job is None:
                 return
             key = self._key(job.item)
+            self._beat()
             try:
                 self._turn(job)
             except _Transient:
                 self._undo(job)  # stays in the spool; the next start runs it again
+            except _Gone:
+                self._undo(job)
+                self.assembler.forget(key)
+                self._done()
             except _ProcessingError as exc:
                 self.assembler.forget(key)
                 self._fail(job.item.path, exc.reason, str(exc))
@@ -509,6 +578,8 @@ class DicomPipeline:
                 self.assembler.forget(key)
                 self._fail(job.item.path, "internal", f"unexpected {_kind(exc)}")
                 self._done()
+            finally:
+                self._beat(busy=False)
 
     def _turn(self, job: _Job) -> None:
         """Run one turn of ``job``: start it, or continue its frames; queue the rest for a later turn."""
@@ -517,6 +588,8 @@ class DicomPipeline:
             if self.spool.load_result(item.path) is not None:
                 self._added(item)  # processed before a restart: only its series is left to do
                 return
+            if not item.path.exists():
+                raise _Gone(f"{item.path.name} left the spool before it was opened")
             self._durably(lambda: self.spool.begin_attempt(item.path), "counting an attempt")
             job.counted = True
             self._open(job)
@@ -531,6 +604,8 @@ class DicomPipeline:
                 raise _ProcessingError("limits", str(exc)) from exc
             except (DataError, ValueError, KeyError, AttributeError, IndexError) as exc:
                 raise _ProcessingError("decode", f"frame {i + 1} cannot be decoded: {_kind(exc)}") from exc
+            if self.overlay and len(job.display) < OVERLAY_MAX_FRAMES:
+                job.display.append(np.array(image, copy=True))  # the service may keep or change its input
             r = self._infer_frame(image, item.model)
             job.version, job.task = r.model_version, r.task
             job.numbers.append(i + 1)
@@ -538,6 +613,7 @@ class DicomPipeline:
                 job.masks.append(np.asarray(r.mask, dtype=np.uint8))
             job.boxes.append([b.to_dict() for b in r.boxes])
             job.done += 1
+            self._beat()
         if job.done < len(job.indices):
             if not self._queue.put(job, item.source, front=True):  # the rest at this source's next turn
                 raise _Transient("shutting down between two turns")
@@ -549,8 +625,10 @@ class DicomPipeline:
             frames=job.numbers,
             masks=np.stack(job.masks) if job.masks and len(job.masks) == len(job.numbers) else None,
             boxes=job.boxes,
+            display=np.stack(job.display) if job.display else None,
         )
         job.ds = None
+        job.display = []
         self._durably(lambda: self.spool.save_result(item.path, result), "saving a result")
         self._durably(lambda: self.spool.clear_attempts(item.path), "clearing an attempt count")
         job.counted = False
@@ -560,6 +638,8 @@ class DicomPipeline:
         """Read the job's instance (bounded) and choose its frames."""
         try:
             ds = read_spooled(job.item.path, self.limits)
+        except FileNotFoundError as exc:
+            raise _Gone(f"{job.item.path.name} left the spool before it was read") from exc
         except (SizeLimitError, FrameGeometryError) as exc:
             raise _ProcessingError("limits", str(exc)) from exc
         except (InvalidDicomError, DataError, OSError, ValueError, AttributeError, KeyError) as exc:
@@ -581,13 +661,13 @@ class DicomPipeline:
             except ProtocolError as exc:
                 if exc.code != "overloaded":
                     raise _ProcessingError("model", f"model {model} failed: {exc.code}: {exc}") from exc
-                self._wait_transient(attempt, exc, f"model {model} is overloaded")
+                self._wait_transient(attempt, exc, f"model {model} is overloaded", "inference")
                 attempt += 1
                 continue
             if r.status == "ok":
                 return r
             if r.status == "dropped":  # shed under load or at shutdown: DICOM is not live, wait and retry
-                self._wait_transient(attempt, _Transient("frame dropped"), f"model {model} shed a frame")
+                self._wait_transient(attempt, _Transient("frame dropped"), f"model {model} shed a frame", "inference")
                 attempt += 1
                 continue
             raise _ProcessingError(
@@ -597,6 +677,7 @@ class DicomPipeline:
     def _finaliser(self) -> None:
         period = min(0.25, max(0.02, self.assembler.series_idle_s / 4))
         while not self._stop.wait(period):
+            self._finaliser_beat = time.monotonic()
             try:
                 for series in self.assembler.due():
                     self._finalise_series(series)
@@ -622,6 +703,7 @@ class DicomPipeline:
             self._throttle.warning(
                 "finalise", "The results of a series cannot be written yet (%s); trying again later.", _kind(exc)
             )
+            self._retries.labels(stage="results").inc()
             self.assembler.restore(series)
             return
         except Exception as exc:  # noqa: BLE001 - the finaliser's one error boundary
@@ -648,8 +730,9 @@ class DicomPipeline:
         objects = build_results(sources, info, device_serial_number=self.device_serial_number)
         if self.overlay:
             objects.extend(self._overlays(kept, sources, info))
+        stored_at = min(p.stat().st_mtime for p in kept)  # the earliest source's arrival in the spool
         for obj in objects:
-            self.outbox.put(obj)
+            self.outbox.put(obj, stored_at=stored_at)
             self._results.labels(kind=str(obj.Modality)).inc()
         self.spool.remove_instances(kept)
         _log.info(
@@ -660,9 +743,17 @@ class DicomPipeline:
     def _overlays(self, paths: list[Path], sources: list[SourceResult], info: ModelInfo) -> list:
         out = []
         for p, src in zip(paths, sources):
-            full = read_spooled(p, self.limits)  # one instance's pixels in memory at a time
-            for idx, number in enumerate(src.frames[:_OVERLAY_MAX_FRAMES]):
-                pixels = frame_to_array(full, decode_frame(full, number - 1))
+            frames = src.frames[:OVERLAY_MAX_FRAMES]
+            display = self.spool.load_display(p)  # one instance's frames in memory at a time
+            full = None
+            if display is None or len(display) < len(frames):
+                full = read_spooled(p, self.limits)  # saved without its frames (e.g. overlays switched on later)
+            for idx, number in enumerate(frames):
+                if full is None:
+                    assert display is not None
+                    pixels = display[idx]
+                else:
+                    pixels = frame_to_array(full, decode_frame(full, number - 1))
                 out.append(make_overlay(src.dataset, pixels, src, idx, info,
                                         device_serial_number=self.device_serial_number, series=sources))
         return out

@@ -756,11 +756,11 @@ def test_scp_worker_and_finaliser_keep_serving_after_unexpected_errors(
     real_put, real_build = ing.outbox.put, pipeline_module.build_results
     puts = {"n": 0}
 
-    def put_once_full(obj):
+    def put_once_full(obj, **kw):
         puts["n"] += 1
         if puts["n"] == 1:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_put(obj)
+        return real_put(obj, **kw)
 
     monkeypatch.setattr(ing.outbox, "put", put_once_full)
     assert [int(r.Status) for r in store(ing.port, files[2:3])] == [0]
