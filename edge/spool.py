@@ -263,7 +263,7 @@ class Spool:
             with self._lock:
                 self._used_bytes -= size
             if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-                raise SpoolFullError(f"Spool {self.root} is full: {exc.strerror}.") from exc
+                raise SpoolFullError(f"The disk of spool {self.root} is full: {exc.strerror}.") from exc
             raise SpoolError(f"Cannot write to spool {self.root}: {exc.strerror}.") from exc
         if old:
             with self._lock:

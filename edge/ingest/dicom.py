@@ -529,6 +529,10 @@ class AdmittingServer(ThreadedAssociationServer):
         ip = str(client_address[0])
         a = self.admission
         evicted: socket.socket | None = None
+        try:  # pynetdicom never sets it: each small C-STORE response would wait for Nagle (~40 ms)
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         with self._lock:
             # An entry that just associated may be counted twice for a moment (here and as an
             # association): on the safe side. Entries shut down are on their way out: not counted.
@@ -1008,11 +1012,9 @@ class DicomIngest:
         try:
             path = self.spool.store_instance(info.sop_instance_uid, [_PREAMBLE, encode_file_meta(event.file_meta), data])
         except SpoolFullError as exc:
-            _log.error(
-                "Spool full ([dicom] spool_max_mb / spool_min_free_mb), answering out of resources: %s", exc
-            )
+            _log.error("Spool full, answering out of resources: %s", exc)
             self._refused.labels(status=f"0x{STATUS_OUT_OF_RESOURCES:04X}").inc()
-            return _status(STATUS_OUT_OF_RESOURCES, "Spool full ([dicom] spool_max_mb or spool_min_free_mb)")
+            return _status(STATUS_OUT_OF_RESOURCES, "Spool full (disk, spool_max_mb or spool_min_free_mb)")
         except SpoolError as exc:
             _log.error("Spool not writable, answering out of resources: %s", exc)
             self._refused.labels(status=f"0x{STATUS_OUT_OF_RESOURCES:04X}").inc()

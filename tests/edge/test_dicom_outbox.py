@@ -269,3 +269,37 @@ def test_a_failing_destination_is_logged_once_per_reason_then_on_recovery(
         finally:
             scp.close()
     assert any("accepts results again" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.peer("storescp")
+def test_outbox_associations_turn_nagle_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # pynetdicom leaves Nagle on; each small C-STORE then waits ~40 ms for a delayed ACK.
+    import socket
+
+    import edge.egress.outbox as outbox_module
+
+    seen: list[int] = []
+    real = outbox_module._no_delay
+
+    def spy(event):  # the real hook, then what the kernel says about the association's socket
+        ok = real(event)
+        seen.append(event.assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        return ok
+
+    monkeypatch.setattr(outbox_module, "_no_delay", spy)
+    port = f.free_port()
+    pacs_dir = tmp_path / "pacs"
+    pacs_dir.mkdir()
+    pacs = subprocess.Popen([STORESCP, "-od", str(pacs_dir), "-aet", "PACS", str(port)])
+    try:
+        wait_port(port)
+        with Outbox(tmp_path / "outbox", [Destination("pacs", "127.0.0.1", port, "PACS")], CollectorRegistry(),
+                    policy=FAST) as ob:
+            for o in results(2):
+                ob.put(o)
+            assert ob.wait_idle(20)
+    finally:
+        pacs.terminate()
+        pacs.wait(10)
+    assert seen and all(v != 0 for v in seen)
+    assert len(list(pacs_dir.iterdir())) == 2
