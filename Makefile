@@ -47,7 +47,7 @@ peers:
 	still=$$(missing); [ -z "$$still" ] && exit 0; \
 	echo "make peers: missing Debian packages: $$still"; \
 	for pair in $(PEERS); do have "$${pair%%:*}" || echo "  $${pair%%:*} ($${pair##*:}): its tests will skip"; done; \
-	if [ "$${CI:-}" = true ]; then echo "make peers: CI=true needs every peer; install them first"; exit 1; fi
+	case "$$(echo "$${CI:-}" | tr A-Z a-z)" in 1|true|yes)  echo "make peers: CI=true needs every peer; install them first"; exit 1;; esac
 
 # Rebuild the bundled engines from scratch (train, export, quantize); see docs/models/.
 engines: $(STAMP)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import sys
 import types
 import typing
@@ -59,6 +60,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from edge.errors import ConfigError
+from edge.types import valid_stream
 
 __all__ = [
     "PRECISION_CHOICES",
@@ -146,7 +148,9 @@ class MetricsConfig:
     connection is closed (a slow drip does not extend it).
     ``max_connections`` bounds the connections served at once; when all are
     taken, the one that has waited longest for its request is closed to let
-    the newcomer in.
+    the newcomer in. ``stall_s``: a serving loop that has work and makes no
+    progress for this long counts as wedged (``/readyz`` 503, no systemd
+    watchdog ping); raise it for a model whose one batch takes longer.
     """
 
     enabled: bool = True
@@ -158,6 +162,7 @@ class MetricsConfig:
     basic_auth_file: str = ""
     idle_timeout_s: float = 10.0
     max_connections: int = 32
+    stall_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -654,6 +659,10 @@ def _resolve_file_paths(data: dict[str, Any], config_file: Path) -> None:
 
 
 # --------------------------------------------------------------------------- validation
+#: A destination's name: it names folders under the outbox and is a metric label value.
+_DESTINATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 def _check(cond: bool, key: str, problem: str) -> None:
     if not cond:
         raise ConfigError(f"Config key {key}: {problem}")
@@ -679,9 +688,9 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
     _check(z.publish_hwm >= 1, "zmq.publish_hwm", "must be >= 1 (0 would mean no limit).")
     _check(z.publish_topic in ("exact", "bare"), "zmq.publish_topic", 'must be "exact" or "bare".')
     _check(
-        0 < len(z.default_stream) <= 128 and z.default_stream.isprintable(),
+        valid_stream(z.default_stream),
         "zmq.default_stream",
-        "must be 1 to 128 printable characters (a stream name, docs/protocol.md).",
+        "must be a stream name: 1 to 128 characters, no control character or line separator (docs/protocol.md).",
     )
     _check(not z.curve_client_keys_dir or bool(z.curve_server_key), "zmq.curve_client_keys_dir",
            "is set but zmq.curve_server_key is not (CURVE needs the server's key pair).")
@@ -700,6 +709,7 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
         _check(not p or Path(p).is_file(), f"metrics.{name}", f"file {p} does not exist.")
     _check(mc.idle_timeout_s > 0, "metrics.idle_timeout_s", "must be > 0.")
     _check(mc.max_connections >= 1, "metrics.max_connections", "must be >= 1.")
+    _check(mc.stall_s > 0, "metrics.stall_s", "must be > 0 (seconds).")
     s = cfg.scheduler
     _check(s.queue_size >= 1, "scheduler.queue_size", f"{s.queue_size} must be >= 1.")
     _check(s.queue_max_mb >= 0, "scheduler.queue_max_mb", f"{s.queue_max_mb} must be >= 0 (0: no byte bound).")
@@ -799,6 +809,12 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
     for i, dest in enumerate(d.destinations):
         k = f"dicom.destinations[{i}]"
         _check(bool(dest.name) and dest.name not in names, f"{k}.name", f"{dest.name!r} is empty or repeated.")
+        _check(
+            _DESTINATION_NAME.fullmatch(dest.name) is not None,
+            f"{k}.name",
+            f"{dest.name[:80]!r} is not a plain name: letters, digits, '.', '_' and '-', at most 64, starting with a "
+            "letter or digit (it names the destination's outbox folders and its metric label).",
+        )
         names.add(dest.name)
         _check(bool(dest.host), f"{k}.host", "must not be empty.")
         _check(1 <= dest.port <= 65535, f"{k}.port", f"port {dest.port} is not in 1..65535.")

@@ -18,14 +18,25 @@ whether the daemon is running or not (run them as the daemon's user):
     when it starts. The daemon re-queues ``unsent/`` by itself at start
     once a destination is configured.
 
+Which spool: ``--spool-dir``, else ``MEDGE_SPOOL_DIR``, else ``spool_dir``
+of the file, else systemd's ``$STATE_DIRECTORY``; a ``--config`` file that
+names none of them is refused (under systemd the spool comes from the unit's
+``StateDirectory=``, which an operator's shell does not have: pass
+``--spool-dir /var/lib/medge/<instance>``). ``requeue`` refuses to run as
+another user than the outbox folder's owner: files it created as root would
+stop the daemon from deleting what it has sent.
+
 Exit status: 0 on success; 1 with a message when the configuration has no
-such destination, no destination at all, or no outbox folder.
+such destination, no destination at all, no outbox folder, names no spool,
+or the user is not the outbox's owner.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import tomllib
 from pathlib import Path
 
 from edge.config import MedgeConfig, load_config
@@ -49,7 +60,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="queue unsent results (and, with --dead-letter, dead letters) for sending again",
         description="Move the results in unsent/ into each configured destination's pending folder (or only "
         "--destination's); with --dead-letter also move the destinations' dead letters back to pending with a "
-        "fresh attempt count. A running daemon sends them within seconds; a stopped one when it starts.",
+        "fresh attempt count. A running daemon that has these destinations sends them within seconds; a stopped "
+        "one (or one started before a destination was added) when it (re)starts.",
     )
     rq.add_argument("--destination", default=None, metavar="NAME", help="only this [[dicom.destinations]] name")
     rq.add_argument(
@@ -57,18 +69,69 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     for p in (st, rq):
         p.add_argument("--config", type=Path, default=None, metavar="FILE", help="the daemon's TOML configuration")
+        p.add_argument(
+            "--spool-dir",
+            type=Path,
+            default=None,
+            metavar="DIR",
+            help="the daemon's spool folder (needed for a systemd unit whose spool comes from StateDirectory=, "
+            "e.g. /var/lib/medge/<instance>)",
+        )
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _outbox_root(cfg: MedgeConfig, config_path: Path | None) -> Path:
-    root = Path(cfg.spool_dir) / "outbox"
+def _file_names_spool(config_path: Path) -> bool:
+    try:
+        with open(config_path, "rb") as fh:
+            return "spool_dir" in tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError):
+        return True  # load_config has read it already; let it speak for itself
+
+
+def _outbox_root(cfg: MedgeConfig, args: argparse.Namespace) -> Path:
+    config_path: Path | None = args.config
+    if args.spool_dir is not None:
+        spool = Path(args.spool_dir)
+    else:
+        named = (
+            "MEDGE_SPOOL_DIR" in os.environ
+            or bool(os.environ.get("STATE_DIRECTORY"))
+            or config_path is None
+            or _file_names_spool(config_path)
+        )
+        if not named:
+            raise MedgeError(
+                f"{config_path} names no spool_dir, and neither MEDGE_SPOOL_DIR nor $STATE_DIRECTORY is set: the "
+                "daemon's spool then comes from its systemd unit (StateDirectory=). Pass it: --spool-dir "
+                "/var/lib/medge (medge.service) or /var/lib/medge/<instance> (medge@<instance>.service)."
+            )
+        spool = Path(cfg.spool_dir)
+    root = spool / "outbox"
     if not root.is_dir():
         where = str(config_path) if config_path else "the defaults (no --config)"
         raise MedgeError(
-            f"There is no outbox at {root} (spool_dir from {where} and MEDGE_SPOOL_DIR): "
-            "is this the daemon's configuration, and has it run?"
+            f"There is no outbox at {root} (--spool-dir, MEDGE_SPOOL_DIR, spool_dir from {where}, or "
+            "$STATE_DIRECTORY): is this the daemon's spool, and has it run?"
         )
     return root
+
+
+def _check_owner(root: Path) -> None:
+    """Refuse to move files as another user than the outbox's owner (e.g. root via sudo)."""
+    if not hasattr(os, "geteuid"):
+        return
+    owner = root.stat().st_uid
+    if os.geteuid() != owner:
+        try:
+            import pwd
+
+            name = pwd.getpwuid(owner).pw_name
+        except (ImportError, KeyError):
+            name = str(owner)
+        raise MedgeError(
+            f"{root} belongs to {name}, not to this user: folders and files made here would stop the daemon "
+            f"from deleting what it has sent. Run it as the daemon's user: sudo -u {name} medge outbox requeue ..."
+        )
 
 
 def _age(seconds: float) -> str:
@@ -82,7 +145,7 @@ def _age(seconds: float) -> str:
 
 
 def _status(cfg: MedgeConfig, args: argparse.Namespace) -> int:
-    root = _outbox_root(cfg, args.config)
+    root = _outbox_root(cfg, args)
     st = outbox_status(root, [d.name for d in cfg.dicom.destinations])
     if args.json:
         print(
@@ -126,7 +189,8 @@ def _requeue(cfg: MedgeConfig, args: argparse.Namespace) -> int:
             "Add one, then run this again (or restart the daemon, which re-queues unsent results itself)."
         )
     targets = [args.destination] if args.destination is not None else names
-    root = _outbox_root(cfg, args.config)
+    root = _outbox_root(cfg, args)
+    _check_owner(root)
     try:
         unsent = requeue_unsent(root, targets)
         dead = {name: requeue_dead_letters(root, name) for name in targets} if args.dead_letter else {}
@@ -142,8 +206,9 @@ def _requeue(cfg: MedgeConfig, args: argparse.Namespace) -> int:
         print(f"re-queued {n} dead letter(s) of {name}")
     if unsent or any(dead.values()):
         print(
-            "a running daemon sends them within seconds (at its next attempt while a destination is backing off); "
-            "a stopped one when it starts"
+            "a running daemon started with these destinations configured sends them within seconds (at its next "
+            "attempt while a destination is backing off); a stopped one, or one started before a destination "
+            "was added, when it (re)starts"
         )
     return 0
 

@@ -308,7 +308,8 @@ class Scheduler:
                 else:
                     q.nonlive.append(job)
                 q.nbytes += nbytes
-                depth = len(q)
+                if self._metrics is not None:  # set under the queue's lock: never a stale depth
+                    self._metrics.child(self._metrics.queue_depth, name).set(len(q))
                 q.cond.notify()
         if victims is None:
             limit = f"{pol.queue_size} frames" + (f" or {pol.max_bytes // (1024 * 1024)} MiB" if pol.max_bytes else "")
@@ -319,7 +320,6 @@ class Scheduler:
             self._accepted += 1
         if self._metrics is not None:
             self._metrics.child(self._metrics.frames_received, source, name).inc()
-            self._metrics.child(self._metrics.queue_depth, name).set(depth)
 
     def infer(
         self, image: np.ndarray, *, model: str, source: str, timeout_s: float = 30.0, stream: str = ""
@@ -504,11 +504,11 @@ class Scheduler:
             n = min(pol.max_batch, len(source))
             batch = [q.pop(source) for _ in range(n)]
             depth = len(q)
+            if self._metrics is not None:  # under the queue's lock, as in submit
+                self._metrics.child(self._metrics.queue_depth, q.model.name).set(depth)
             q.room.notify_all()  # wake non-live submitters waiting for room
             if depth:
                 q.cond.notify()  # another worker of this model may take the rest
-        if self._metrics is not None:
-            self._metrics.child(self._metrics.queue_depth, q.model.name).set(depth)
         return batch
 
     def _internal_result(self, model: LoadedModel, message: str) -> InferenceResult:

@@ -60,6 +60,7 @@ from prometheus_client import CollectorRegistry
 
 from prometheus_client import Gauge
 
+from edge.boundary import LogThrottle
 from edge.config import MedgeConfig, load_config
 from edge.errors import ConfigError
 from edge.health import HealthServer
@@ -81,6 +82,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+_PROBE_LOG = LogThrottle(_log)  # health-check failures: one traceback per component per 30 s
 
 #: A serving loop that has work and has made no progress for this long is wedged (readiness, watchdog).
 STALL_S = 60.0
@@ -132,16 +134,16 @@ class Daemon:
     ready_s : float
         Seconds from :meth:`start` to ready.
     stall_s : float
-        A loop with work and no progress for this long is wedged (default :data:`STALL_S`).
+        A loop with work and no progress for this long is wedged (default: ``[metrics] stall_s``, 60 s).
     """
 
     def __init__(
-        self, config: MedgeConfig, registry: CollectorRegistry | None = None, *, stall_s: float = STALL_S
+        self, config: MedgeConfig, registry: CollectorRegistry | None = None, *, stall_s: float | None = None
     ) -> None:
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.stall_s = float(stall_s)
+        self.stall_s = float(stall_s if stall_s is not None else config.metrics.stall_s)
         self._progress = _Progress()
         ready_gauge = get_or_create_metric(
             self.registry,
@@ -222,7 +224,9 @@ class Daemon:
         try:
             ok = bool(check())
         except Exception:  # noqa: BLE001 - a probe must answer, whatever the component does
-            _log.exception("Health check of %s failed.", name)
+            # Probes run on every /readyz, scrape and watchdog tick: one traceback per component per 30 s.
+            if _PROBE_LOG.due(f"probe:{name}") is not None:
+                _log.exception("Health check of %s failed.", name)
             ok = False
         return "" if ok else problem
 

@@ -6,14 +6,37 @@ is what ingest sources (ZeroMQ, DICOM) call to get a result for one image.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from edge.postprocess import Box
 
-__all__ = ["Backend", "InferenceResult", "InferenceService", "ResultCallback"]
+__all__ = ["Backend", "InferenceResult", "InferenceService", "ResultCallback", "MAX_STREAM_CHARS", "valid_stream"]
+
+#: Longest stream name (characters).
+MAX_STREAM_CHARS = 128
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators: never in a
+# stream name, so NUL can end a PUB topic and a name prints on one line.
+_STREAM_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def valid_stream(value: Any) -> bool:
+    r"""Whether ``value`` is a valid stream name (wire and ``[zmq] default_stream`` alike).
+
+    1 to 128 characters, none a control character (C0, DEL, C1) or a Unicode
+    line/paragraph separator.
+
+    Examples
+    --------
+    >>> valid_stream("probe-1"), valid_stream("Sonde-\u00e9"), valid_stream(""), valid_stream("a\x00b")
+    (True, True, False, False)
+    >>> valid_stream("a\x85b"), valid_stream("a\u2028b"), valid_stream(7)
+    (False, False, False)
+    """
+    return isinstance(value, str) and 0 < len(value) <= MAX_STREAM_CHARS and _STREAM_FORBIDDEN.search(value) is None
 
 
 @runtime_checkable

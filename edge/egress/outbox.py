@@ -799,11 +799,17 @@ class Outbox:
 
     def _relist(self, dest: Destination) -> list[Path]:
         """List ``dest``'s pending folder (oldest first) and set its backlog and gauges from it."""
+        # Keys that exist before the listing have their file written already (put writes, then adds the key).
+        timed = [k for k in list(self._stored_at) if k[0] == dest.name]
         with self._bytes_lock:
             dated = _dated(self.pending_root / dest.name)
             backlog = self._backlog[dest.name]
             backlog.relist([(ns / 1e9, name) for ns, name, _ in dated])
             self._pending.labels(destination=dest.name).set(backlog.count)
+        listed = {name for _, name, _ in dated}
+        for key in timed:
+            if key[1] not in listed:
+                self._stored_at.pop(key, None)  # removed by hand or moved away: no delivery to time
         return [p for _, _, p in dated]
 
     def _age_reader(self, name: str) -> Any:

@@ -681,6 +681,7 @@ class DicomPipeline:
             try:
                 for series in self.assembler.due():
                     self._finalise_series(series)
+                    self._finaliser_beat = time.monotonic()  # a big study's many series: progress per series
             except Exception as exc:  # noqa: BLE001 - the finaliser's one error boundary
                 self._finaliser_boundary.report(exc, "handing out complete series")
 

@@ -87,7 +87,7 @@ from edge.egress.zmq import (
 from edge.errors import ConfigError, ProtocolError
 from edge.metrics import REPLY_LOST_REASONS, Metrics
 from edge.preprocess import SUPPORTED_DTYPES
-from edge.types import InferenceResult, InferenceService
+from edge.types import MAX_STREAM_CHARS, InferenceResult, InferenceService, valid_stream
 
 __all__ = [
     "Request",
@@ -113,14 +113,11 @@ _MAX_DEPTH = MAX_HEADER_DEPTH
 _MAX_INT_DIGITS = 20  # 2**64 has 20 digits; nanosecond timestamps have 19
 _LOOP_FAILURES_MAX = 50  # consecutive I/O loop failures before it gives up (and healthy() is False)
 _SOCKET_LINGER_MS = 500
-MAX_STREAM_CHARS = 128
 _MAX_STREAM_CHARS = MAX_STREAM_CHARS
 #: the request operations besides a frame request (a header without ``op``)
 OPS = ("models",)
 #: what a frame request's ``want`` may list; ``[]`` asks for status and timing only
 WANT_VALUES = ("mask", "boxes")
-# control characters cannot be in a stream name: NUL terminates the PUB topic (edge.egress.zmq.topic)
-_STREAM_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # sent_ns as a decimal string: what an integer of at most 20 digits prints as, and nothing else
 _SENT_NS_TEXT = re.compile(r"-?[0-9]{1,20}")
 _ZERO_COPY_BYTES = 128 * 1024
@@ -276,19 +273,6 @@ def _dims(shape: Any, max_pixels: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def valid_stream(value: Any) -> bool:
-    """Whether ``value`` is a valid stream name: 1 to 128 characters, none of them a control character.
-
-    Examples
-    --------
-    >>> valid_stream("probe-1"), valid_stream(""), valid_stream("a\\x00b"), valid_stream(7)
-    (True, False, False, False)
-    """
-    return (
-        isinstance(value, str) and 0 < len(value) <= _MAX_STREAM_CHARS and _STREAM_CONTROL.search(value) is None
-    )
-
-
 def request_op(header: dict[str, Any]) -> str | None:
     """The header's ``op`` (one of :data:`OPS`), or ``None`` for a frame request (``op`` absent or null).
 
@@ -363,7 +347,8 @@ def parse_request(
         raise ProtocolError(
             "bad_header",
             f"Header field stream is {_short(stream)}; it must be a string of 1 to {_MAX_STREAM_CHARS} "
-            "characters without control characters (U+0000 to U+001F, U+007F).",
+            "characters without control characters (U+0000 to U+001F, U+007F to U+009F) or line separators "
+            "(U+2028, U+2029).",
         )
     want = header.get("want", list(WANT_VALUES))
     if not isinstance(want, list) or not all(isinstance(w, str) for w in want):
@@ -821,6 +806,7 @@ class ZmqServer:
                     raise ProtocolError(
                         "payload_size", f"The message has {len(body)} frames; op \"models\" takes the header only."
                     )
+                _sent_ns(sent_ns)  # checked as for a frame request: bad_header, never silently dropped
                 self._reply_models(envelope, rid, sent_ns)
                 return
             req = parse_request(

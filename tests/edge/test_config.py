@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import json
+
 import pytest
 
 from edge.cli import main
@@ -317,3 +319,27 @@ def test_duplicate_model_names_in_the_engines_dir_stop_serve_naming_both(
     assert main(["serve", "--config", str(path)]) != 0
     err = capsys.readouterr().err
     assert str(engines_copy / "tiny-seg-retrained") in err and "unique" in err
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "a/b", ".hidden", "", "x" * 65, "pacs 1", "pacs\n"])
+def test_a_destination_name_that_is_not_a_plain_folder_name_is_refused(tmp_path: Path, name: str) -> None:
+    # The name becomes outbox/pending/<name> and outbox/dead-letter/<name>: "../../x" made both the
+    # same folder outside the outbox, so a refused object was dead-lettered into its own queue.
+    cfg = tmp_path / "medge.toml"
+    cfg.write_text(
+        "[[dicom.destinations]]\n"
+        f"name = {json.dumps(name)}\nhost = \"127.0.0.1\"\nport = 11112\nae_title = \"PACS\"\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError, match=r"dicom\.destinations\[0\]\.name"):
+        load_config(cfg, env={}, check_models=False)
+
+
+def test_default_stream_follows_the_wire_rule_for_stream_names(tmp_path: Path) -> None:
+    cfg = tmp_path / "medge.toml"
+    for bad in ("a\x85b", "a\u2028b", "a\x00b", ""):
+        cfg.write_text(f"[zmq]\ndefault_stream = {json.dumps(bad)}\n", encoding="utf-8")  # JSON escapes are TOML's
+        with pytest.raises(ConfigError, match=r"zmq\.default_stream"):
+            load_config(cfg, env={}, check_models=False)
+    cfg.write_text('[zmq]\ndefault_stream = "Sonde-\\u00e9"\n', encoding="utf-8")
+    assert load_config(cfg, env={}, check_models=False).zmq.default_stream == "Sonde-\u00e9"

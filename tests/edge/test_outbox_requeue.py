@@ -226,3 +226,55 @@ def test_gauges_exist_at_zero_for_every_configured_destination(tmp_path: Path) -
             for m in ("medge_outbox_pending", "medge_outbox_oldest_age_seconds", "medge_outbox_sent_total",
                       "medge_outbox_failures_total", "medge_outbox_dead_letter_total"):
                 assert reg.get_sample_value(m, {"destination": name}) == 0.0, (m, name)
+
+
+def test_a_config_without_spool_dir_needs_the_units_spool_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # medge@us1: the spool comes from StateDirectory=, which the operator's shell does not have.
+    spool = tmp_path / "var-lib-medge-us1"
+    with Outbox(spool / "outbox", [], CollectorRegistry(), start=False) as ob:
+        ob.put(results(1)[0])
+    cfg = tmp_path / "us1.toml"
+    cfg.write_text('[[dicom.destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = 11112\nae_title = "PACS"\n')
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".medge" / "outbox").mkdir(parents=True)  # a stray default spool must not be used silently
+    for var in ("MEDGE_SPOOL_DIR", "STATE_DIRECTORY"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["outbox", "status", "--config", str(cfg)]) == 1
+    assert "--spool-dir" in capsys.readouterr().err
+    assert main(["outbox", "status", "--config", str(cfg), "--spool-dir", str(spool), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unsent"] == 1
+    monkeypatch.setenv("STATE_DIRECTORY", str(spool))  # what the unit's own environment holds
+    assert main(["outbox", "status", "--config", str(cfg), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unsent"] == 1
+
+
+def test_requeue_refuses_another_user_than_the_outbox_owner(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "spool" / "outbox"
+    with Outbox(root, [], CollectorRegistry(), start=False) as ob:
+        ob.put(results(1)[0])
+    cfg = write_config(tmp_path / "medge.toml", tmp_path / "spool", {"pacs": f.free_port()})
+    owner = root.stat().st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 1)  # e.g. root through sudo, the daemon being medge
+    assert main(["outbox", "requeue", "--config", str(cfg)]) == 1
+    assert "sudo -u" in capsys.readouterr().err
+    assert len(dcm_files(root / "unsent")) == 1 and not (root / "pending" / "pacs").exists()  # nothing moved
+    monkeypatch.setattr(os, "geteuid", lambda: owner)
+    assert main(["outbox", "requeue", "--config", str(cfg)]) == 0
+    assert len(dcm_files(root / "pending" / "pacs")) == 1
+
+
+def test_receipt_times_of_objects_removed_by_hand_are_forgotten(tmp_path: Path) -> None:
+    # medge_dicom_store_to_result_seconds keeps each pending object's receipt time in memory;
+    # an object an operator deletes must not keep its entry for the life of the process.
+    port = f.free_port()  # nobody listens: nothing is ever sent
+    with Outbox(tmp_path / "outbox", [Destination("pacs", "127.0.0.1", port, "PACS")], CollectorRegistry(),
+                policy=FAST, start=False) as ob:
+        paths = [p for o in results(3) for p in ob.put(o, stored_at=time.time())]
+        assert len(ob._stored_at) == 3
+        paths[0].unlink()
+        ob._relist(ob.destinations[0])
+        assert sorted(k[1] for k in ob._stored_at) == sorted(p.name for p in paths[1:])

@@ -840,3 +840,13 @@ def test_bare_publish_topic_keeps_the_old_framing_and_counts_what_is_published(
         assert d.registry.get_sample_value("medge_publish_dropped_total", {"reason": "error"}) == 0.0
         sub.close(linger=0)
         sock.close(linger=0)
+
+
+def test_models_request_checks_sent_ns_like_a_frame_request(daemon: Daemon, ctx: zmq.Context) -> None:
+    sock = _dealer(ctx, daemon)
+    sock.send_multipart([json.dumps({"v": 1, "op": "models", "id": "m1", "sent_ns": "1" * 21}).encode()])
+    bad = json.loads(sock.recv_multipart()[0])
+    assert bad["status"] == "error" and bad["error"]["code"] == "bad_header" and bad["id"] == "m1"
+    sock.send_multipart([json.dumps({"v": 1, "op": "models", "id": "m2", "sent_ns": "9007199254740993"}).encode()])
+    ok = json.loads(sock.recv_multipart()[0])
+    assert ok["status"] == "ok" and ok["sent_ns"] == "9007199254740993"
