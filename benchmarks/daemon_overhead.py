@@ -8,7 +8,7 @@
    one worker thread running the same backend, pipe wake-up; nothing else):
    what moving the frame and two thread hand-offs cost on this machine.
 3. **Overhead at batch 1** (closed loop, loopback; simulated ultrasound /
-   X-ray frames from :mod:`edge.simulate`): for each bundled model,
+   X-ray frames from :mod:`edge.tools.synthetic`): for each bundled model,
    alternating blocks (``--rounds``) of
    - *raw*: ``InferenceSession.run`` in this process on the same artifact
      and the same preprocessed tensor, with the daemon's session options
@@ -58,10 +58,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from edge.benchstats import machine_info  # noqa: E402
-from edge.manifest import default_engines_dir  # noqa: E402
-from edge.models import load_model  # noqa: E402
-from edge.simulate import make_source  # noqa: E402
+from edge.inference.manifest import default_engines_dir  # noqa: E402
+from edge.inference.model import load_model  # noqa: E402
+from edge.tools.results import machine_info  # noqa: E402
+from edge.tools.synthetic import make_source  # noqa: E402
 
 MODELS = ("us-lesion-seg", "xray-nodule-det")
 SPIN_US = 1000  # [[models]] spin_us of the daemon, and the raw side's: set by --spin-us
@@ -95,7 +95,7 @@ def _status_kb(pid: int, key: str) -> int:
 
 
 def _machine() -> dict[str, Any]:
-    """:func:`edge.benchstats.machine_info` plus host name and load average."""
+    """:func:`edge.tools.results.machine_info` plus host name and load average."""
     return {**machine_info(), "host": platform.node(), "loadavg_start": os.getloadavg()}
 
 

@@ -4,7 +4,7 @@
 Sends the same N CT instances (512 x 512, int16, Explicit VR Little Endian)
 over ONE association with DCMTK ``/usr/bin/storescu`` to:
 
-- ``ours``: :class:`edge.ingest.dicom.DicomIngest` with inference disabled
+- ``ours``: :class:`edge.ingest.dicom.scp.DicomIngest` with inference disabled
   (service ``None``): header scan, routing, durable spool write (temp file,
   fsync, rename, fsync of the folder), success;
 - ``bare``: a pynetdicom SCP whose C-STORE handler only writes the encoded
@@ -46,7 +46,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
-from edge.benchstats import machine_info
+from edge.tools.results import machine_info
 
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
@@ -132,7 +132,7 @@ def run_bare(files: list[Path], out: Path) -> float:
 def run_ours(files: list[Path], out: Path) -> float:
     """Our SCP with inference disabled (service None): scan, route, durable spool."""
     from edge.config import DicomRoute, default_config
-    from edge.ingest.dicom import DicomIngest
+    from edge.ingest.dicom.scp import DicomIngest
 
     cfg = default_config(check_models=False)
     cfg = dataclasses.replace(
@@ -168,7 +168,7 @@ def run_storescp(files: list[Path], out: Path) -> float:
 
 
 def machine() -> dict[str, object]:
-    """:func:`edge.benchstats.machine_info` plus the DCMTK version and the kernel."""
+    """:func:`edge.tools.results.machine_info` plus the DCMTK version and the kernel."""
     dcmtk = subprocess.run([STORESCU, "--version"], capture_output=True, text=True).stdout.splitlines()[0:1]
     return {**machine_info(), "dcmtk": dcmtk[0] if dcmtk else "", "kernel": platform.release()}
 

@@ -75,14 +75,14 @@ def _prepare_input(model: str, precision: str, engines_dir: Path | None, frame: 
                    workdir: Path) -> tuple[Path, Path]:
     """The artifact path and the exact input tensor ``medge bench engine`` times (saved as .npy)."""
     sys.path.insert(0, str(ROOT)) if str(ROOT) not in sys.path else None
-    from edge.bench import _input_frame
-    from edge.manifest import Manifest, default_engines_dir
+    from edge.inference.manifest import Manifest, default_engines_dir
+    from edge.tools.bench import input_frame
 
     m = Manifest.load((engines_dir or default_engines_dir()) / model)
     art = m.artifact_path(precision, verify=True)
-    from edge.preprocess import preprocess
+    from edge.inference.preprocess import preprocess
 
-    x, _ = preprocess(_input_frame(m.task, frame), m.input, m.preprocessing)
+    x, _ = preprocess(input_frame(m.task, frame), m.input, m.preprocessing)
     xp = workdir / f"{model}-{precision}-input.npy"
     np.save(xp, np.ascontiguousarray(x[None], dtype=np.float32))
     return art, xp
@@ -110,7 +110,7 @@ def compare(model: str, precision: str = "fp32", *, engines_dir: Path | None = N
             warmup_s: float = 1.0, rounds: int = 3, frame: tuple[int, int] = (480, 640),
             tolerance: float = 0.05, with_default: bool = True) -> dict[str, Any]:
     """Run the alternating comparison; return medians, ratio and whether it passes."""
-    from edge.benchstats import summarize_ms
+    from edge.tools.results import summarize_ms
 
     with tempfile.TemporaryDirectory(prefix="medge-evr-") as tmp:
         work = Path(tmp)
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
           f"ORT default options: {res['raw_default_session_options_ms']['median_ms']:.3f} ms; "
           f"{time.time() - t0:.0f} s")
     if a.json:
-        from edge.benchstats import write_json
+        from edge.tools.results import write_json
 
         write_json(a.json, res)
     return 0 if res["passes"] else 1

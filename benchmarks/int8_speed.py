@@ -27,9 +27,9 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from edge.manifest import Manifest  # noqa: E402
-from edge.benchstats import machine_info  # noqa: E402
-from edge.preprocess import preprocess  # noqa: E402
+from edge.inference.manifest import Manifest  # noqa: E402
+from edge.inference.preprocess import preprocess  # noqa: E402
+from edge.tools.results import machine_info  # noqa: E402
 
 
 def _frame(task: str) -> np.ndarray:

@@ -39,9 +39,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT)) if str(ROOT) not in sys.path else None
 
-from edge.benchstats import atomic_write_text, machine_info, write_json  # noqa: E402
-from edge.demo import DaemonProcess, free_port, write_demo_config  # noqa: E402
-from edge.manifest import default_engines_dir, discover  # noqa: E402
+from edge.inference.manifest import default_engines_dir, discover  # noqa: E402
+from edge.tools.daemon_process import DaemonProcess, free_port, write_demo_config  # noqa: E402
+from edge.tools.results import atomic_write_text, machine_info, write_json  # noqa: E402
 
 MODELS = ("us-lesion-seg", "xray-nodule-det")
 # Realistic source frames per task: a B-mode probe image and a downsampled radiograph.
@@ -297,7 +297,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         oi, op = o.get("vs_raw_infer", {}), o.get("vs_raw_pipeline", {})
         pr = s.get("paired_overhead_ms") or {}
         met = (oi.get("p50") is not None and oi["p50"] <= 0.5 and oi["p99"] <= 2.0)
-        # A negative or within-noise overhead says nothing about the target (edge.benchstats.overhead_verdict).
+        # A negative or within-noise overhead says nothing about the target (edge.tools.results.overhead_verdict).
         verdicts = (s.get("overhead_verdict") or {}).get("vs_raw_infer", {})
         unjudged = sorted({v for v in verdicts.values() if v != "above noise"})
         st = s["server_stages_ms"]

@@ -26,14 +26,14 @@ __all__ = ["main", "COMMANDS"]
 
 # name -> (module, one-line help). Trainer commands resolve via entry points.
 COMMANDS: dict[str, tuple[str | None, str]] = {
-    "serve": ("edge.serve", "run the daemon (ZeroMQ + DICOM ingest, metrics, health)"),
-    "demo": ("edge.demo", "one-command demo: daemon + simulated probe + DICOM push + report"),
-    "send": ("edge.send", "test client / scanner simulator (zmq | dicom)"),
-    "bench": ("edge.bench", "latency benchmark (engine | zmq | dicom)"),
-    "engines": ("edge.engines_cmd", "list bundled/installed engines, verify their sha256"),
-    "doctor": ("edge.doctor", "check GPU, TensorRT, ports, engines, spool permissions"),
-    "keys": ("edge.keys", "write a ZeroMQ CURVE key pair (daemon or client)"),
-    "outbox": ("edge.outbox_cmd", "results waiting for the PACS: status, re-queue unsent and dead letters"),
+    "serve": ("edge.commands.serve", "run the daemon (ZeroMQ + DICOM ingest, metrics, health)"),
+    "demo": ("edge.commands.demo", "one-command demo: daemon + simulated probe + DICOM push + report"),
+    "send": ("edge.commands.send", "test client / scanner simulator (zmq | dicom)"),
+    "bench": ("edge.commands.bench", "latency benchmark (engine | zmq | dicom)"),
+    "engines": ("edge.commands.engines", "list bundled/installed engines, verify their sha256"),
+    "doctor": ("edge.commands.doctor", "check GPU, TensorRT, ports, engines, spool permissions"),
+    "keys": ("edge.commands.keys", "write a ZeroMQ CURVE key pair (daemon or client)"),
+    "outbox": ("edge.commands.outbox", "results waiting for the PACS: status, re-queue unsent and dead letters"),
     "train": (None, "train a model (needs the trainer extra)"),
     "evaluate": (None, "evaluate a checkpoint or ONNX model on a held-out set (trainer extra)"),
     "export": (None, "export a checkpoint to ONNX + manifest (trainer extra)"),
@@ -125,7 +125,7 @@ class _WithholdDicomLibraryText(logging.Filter):
 
     Any other record that carries an exception (``log.exception(...)``,
     ``exc_info=``) gets its traceback rendered by
-    :func:`edge.boundary.safe_traceback` (frames kept, third-party messages
+    :func:`edge.ops.boundary.safe_traceback` (frames kept, third-party messages
     withheld), and one whose message *is* a third-party exception (pynetdicom
     logs ``LOGGER.exception(exc)`` when pydicom cannot encode a data set or an
     event handler raises) is logged by type only: pydicom's messages quote
@@ -147,7 +147,7 @@ class _WithholdDicomLibraryText(logging.Filter):
             record.msg = "%s.%s (message withheld: it may quote data from the peer)"
             record.args = (kind.__module__, kind.__qualname__)
         if record.exc_info and record.exc_info[1] is not None:
-            from edge.boundary import safe_traceback  # only when there is one: keeps ``medge --help`` light
+            from edge.ops.boundary import safe_traceback  # only when there is one: keeps ``medge --help`` light
 
             record.exc_text = safe_traceback(record.exc_info[1])
             record.exc_info = None

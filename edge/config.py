@@ -343,7 +343,7 @@ class OutboxConfig:
     long as it takes (nothing is lost). A result the destination refuses
     with a transient status ``max_attempts`` times within
     ``attempt_window_s``, or refuses permanently, moves to the dead-letter
-    folder with the reason (see :mod:`edge.egress.outbox`).
+    folder with the reason (see :mod:`edge.egress.dicom.outbox`).
     """
 
     retry_base_s: float = 1.0
@@ -410,7 +410,7 @@ class MedgeConfig:
 
 def _default_engines_dir() -> Path:
     # Imported lazily so that this module stays importable on its own.
-    from edge.manifest import default_engines_dir
+    from edge.inference.manifest import default_engines_dir
 
     return default_engines_dir()
 
@@ -722,7 +722,7 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
     models = cfg.models
     if check_models:
         from edge.errors import ModelError
-        from edge.manifest import discover
+        from edge.inference.manifest import discover
 
         if not models:
             try:

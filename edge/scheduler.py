@@ -5,7 +5,7 @@ sources call :meth:`Scheduler.submit` (never blocks for live sources) or
 :meth:`Scheduler.infer` (blocking, for DICOM). Each model has its own queue
 and worker thread(s); a worker takes whatever is waiting (up to
 ``max_batch``, optionally lingering ``max_delay_us`` for more), runs
-preprocess -> backend -> postprocess (:meth:`edge.models.LoadedModel.run`),
+preprocess -> backend -> postprocess (:meth:`edge.inference.model.LoadedModel.run`),
 and calls each frame's callback exactly once from the worker thread.
 
 Overload policy for live sources: each stream may have at most
@@ -48,11 +48,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from edge.boundary import ErrorBoundary
 from edge.config import ModelConfig, SchedulerConfig
 from edge.errors import ProtocolError
-from edge.metrics import Metrics
-from edge.models import LoadedModel, ModelRegistry
+from edge.inference.model import LoadedModel, ModelRegistry
+from edge.ops.boundary import ErrorBoundary
+from edge.ops.metrics import Metrics
 from edge.types import InferenceResult, ResultCallback
 
 __all__ = ["Scheduler", "ModelPolicy", "NONLIVE_EVERY"]
@@ -155,7 +155,7 @@ class _ModelQueue:
 
 
 class Scheduler:
-    """Per-model queues and workers in front of a :class:`~edge.models.ModelRegistry`.
+    """Per-model queues and workers in front of a :class:`~edge.inference.model.ModelRegistry`.
 
     Parameters
     ----------
@@ -185,7 +185,7 @@ class Scheduler:
 
     **Error boundaries.** A worker survives anything: a failing backend
     answers its batch ``internal``; any other unexpected exception is logged
-    (rate-limited, :class:`~edge.boundary.ErrorBoundary`, counted in
+    (rate-limited, :class:`~edge.ops.boundary.ErrorBoundary`, counted in
     ``medge_internal_errors_total{component="scheduler"}``), every frame of
     the batch not yet answered is answered ``internal``, and the worker
     takes the next batch. A result callback that raises is counted

@@ -1,5 +1,8 @@
 """Small shared types and the seams between daemon stages.
 
+``Box`` is one detection in source-image pixel coordinates (post-processing,
+the ZeroMQ and DICOM results, and the trainer's evaluation share it).
+
 ``Backend`` is what every inference backend implements; ``InferenceService``
 is what ingest sources (ZeroMQ, DICOM) call to get a result for one image.
 """
@@ -7,14 +10,12 @@ is what ingest sources (ZeroMQ, DICOM) call to get a result for one image.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from edge.postprocess import Box
-
-__all__ = ["Backend", "InferenceResult", "InferenceService", "ResultCallback", "MAX_STREAM_CHARS", "valid_stream"]
+__all__ = ["Backend", "Box", "InferenceResult", "InferenceService", "ResultCallback", "MAX_STREAM_CHARS", "valid_stream"]
 
 #: Longest stream name (characters).
 MAX_STREAM_CHARS = 128
@@ -37,6 +38,26 @@ def valid_stream(value: Any) -> bool:
     (False, False, False)
     """
     return isinstance(value, str) and 0 < len(value) <= MAX_STREAM_CHARS and _STREAM_FORBIDDEN.search(value) is None
+
+
+@dataclass(frozen=True)
+class Box:
+    """One detection in source-image pixel coordinates (x right, y down)."""
+
+    label: str
+    score: float
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready dict with rounded coordinates."""
+        d = asdict(self)
+        for k in ("x0", "y0", "x1", "y1"):
+            d[k] = round(float(d[k]), 2)
+        d["score"] = round(float(d["score"]), 4)
+        return d
 
 
 @runtime_checkable

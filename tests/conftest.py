@@ -33,7 +33,7 @@ from typing import Callable, NoReturn
 
 import pytest
 
-from edge.manifest import Artifact, InputSpec, Manifest, Postprocessing, Preprocessing, sha256_file
+from edge.inference.manifest import Artifact, InputSpec, Manifest, Postprocessing, Preprocessing, sha256_file
 
 FIXTURE_SIZE = 64
 

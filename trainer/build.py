@@ -2,7 +2,7 @@
 
 TensorRT plans are specific to the GPU, its compute capability and the
 TensorRT version, so they are built on the target from the manifest's
-sha256-checked ONNX artifact, with :class:`edge.backends.tensorrt.TensorRTBackend`
+sha256-checked ONNX artifact, with :class:`edge.inference.backends.tensorrt.TensorRTBackend`
 (the daemon would build the same plan on first use; this command does it
 ahead of time). INT8 needs an artifact with **symmetric** int8 activations
 (zero point 0): the bundled ``model.int8.onnx`` uses uint8 activations,
@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from edge.errors import EngineBuildError
-from edge.manifest import Manifest, default_engines_dir
+from edge.inference.manifest import Manifest, default_engines_dir
 
 __all__ = ["configure_parser", "run", "build"]
 
@@ -43,7 +43,7 @@ def build(engine: str | Path, precision: str, max_batch: int, cache_dir: str | P
     BackendUnavailableError
         If TensorRT, cuda-python or a GPU is missing.
     """
-    from edge.backends.tensorrt import TensorRTBackend
+    from edge.inference.backends.tensorrt import TensorRTBackend
 
     d = Path(engine)
     if not d.is_dir():

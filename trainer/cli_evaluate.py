@@ -1,6 +1,6 @@
 """``medge evaluate``: metrics of an engine, ONNX file or checkpoint on the held-out set.
 
-ONNX models run in ONNX Runtime and are decoded by :mod:`edge.postprocess`
+ONNX models run in ONNX Runtime and are decoded by :mod:`edge.inference.postprocess`
 (what the daemon serves). The default held-out set is the one the
 checkpoint or manifest records (synthetic: seed 1000, which training never
 uses; your data: the held-out folder or split set aside at training);
@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from edge.errors import ConfigError
-from edge.manifest import Manifest
+from edge.inference.manifest import Manifest
 
 __all__ = ["configure_parser", "run"]
 
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.model)
     results: dict[str, dict] = {}
     if path.suffix == ".pt":
-        from edge.manifest import InputSpec, Postprocessing, Preprocessing
+        from edge.inference.manifest import InputSpec, Postprocessing, Preprocessing
 
         ck = load_checkpoint(path)
         task, labels = ck["task"], list(ck["labels"])

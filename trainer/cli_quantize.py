@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from edge.manifest import Manifest
+from edge.inference.manifest import Manifest
 from trainer.quantize import DEFAULT_MAX_DICE_DROP, DEFAULT_MAX_MAP_DROP, GateRefused, quantize_engine
 
 __all__ = ["configure_parser", "run"]

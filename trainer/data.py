@@ -13,13 +13,13 @@ set size and any seed gives the same pixels on every machine):
   vessel texture, quantum noise and 0-4 nodules of varied size and
   contrast, and their boxes ``[M, 4]`` (x0, y0, x1, y1 in source pixels).
 
-Model inputs are made **only** through :func:`edge.preprocess.preprocess`
-(masks through :func:`edge.preprocess.resize_nearest` with the same
+Model inputs are made **only** through :func:`edge.inference.preprocess.preprocess`
+(masks through :func:`edge.inference.preprocess.resize_nearest` with the same
 geometry), so the trainer sees exactly what the daemon will.
 
 User data (:func:`load_segmentation_folder`, :func:`load_detection_folder`):
 ``images/`` holding DICOM (``.dcm`` or no suffix, read through
-:mod:`edge.pixels`) or PNG files, and ``masks/<stem>.png`` (segmentation) or
+:mod:`edge.ingest.dicom.pixels`) or PNG files, and ``masks/<stem>.png`` (segmentation) or
 one COCO JSON file of boxes (detection). A folder's *items* are its image
 file names; :func:`split_items` sets a seeded fraction of them aside as a
 held-out split, and both loaders take ``items`` to load just one side.
@@ -48,8 +48,8 @@ from typing import Any, Callable, Collection, Sequence
 import numpy as np
 
 from edge.errors import DataError
-from edge.manifest import InputSpec, Preprocessing
-from edge.preprocess import Geometry, preprocess, resize_float, resize_nearest
+from edge.inference.manifest import InputSpec, Preprocessing
+from edge.inference.preprocess import Geometry, preprocess, resize_float, resize_nearest
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -615,7 +615,7 @@ def synthetic_detection_set(
 
 # ------------------------------------------------------------- user data
 def load_image(path: Path | str) -> np.ndarray:
-    """Read one image: DICOM through :mod:`edge.pixels` (first frame) or PNG.
+    """Read one image: DICOM through :mod:`edge.ingest.dicom.pixels` (first frame) or PNG.
 
     Raises
     ------
@@ -639,7 +639,7 @@ def load_image(path: Path | str) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    from edge.pixels import decode_frames, frame_to_array
+    from edge.ingest.dicom.pixels import decode_frames, frame_to_array
 
     try:
         ds = pydicom.dcmread(p)

@@ -3,7 +3,7 @@
 A *runner* maps a batch ``[N, C, H, W]`` float32 to the model's named
 outputs; :func:`onnx_runner` runs an ONNX file in ONNX Runtime (what the
 daemon serves) and :func:`torch_runner` a PyTorch model (validation during
-training). Outputs are decoded with :mod:`edge.postprocess` back to source
+training). Outputs are decoded with :mod:`edge.inference.postprocess` back to source
 pixels and compared with the source-resolution ground truth, so what is
 measured is what is served.
 
@@ -33,8 +33,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from edge.manifest import Postprocessing
-from edge.postprocess import box_iou, decode_detections, segmentation_mask
+from edge.inference.manifest import Postprocessing
+from edge.inference.postprocess import box_iou, decode_detections, segmentation_mask
 from trainer.data import DetectionSet, SegmentationSet
 
 __all__ = [
@@ -303,7 +303,7 @@ def heldout_set(
     cache_dir: str | Path | None = None,
 ) -> DetectionSet | SegmentationSet:
     """The held-out set: synthetic with ``seed`` (default), or a user's folder ``data``."""
-    from edge.manifest import InputSpec
+    from edge.inference.manifest import InputSpec
     from trainer.data import (
         US_PREPROCESSING,
         XRAY_PREPROCESSING,

@@ -9,7 +9,7 @@
 - FP16: weights and activations in float16, inputs and outputs kept float32
   (a Cast at each end), for GPUs (TensorRT / CUDA EP).
 - The manifest lists every artifact with its sha256 (see
-  :mod:`edge.manifest`), the preprocessing and post-processing, labels,
+  :mod:`edge.inference.manifest`), the preprocessing and post-processing, labels,
   metrics per precision and the training record.
 
 Examples
@@ -37,7 +37,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from edge.errors import DataError, ModelError
-from edge.manifest import Artifact, InputSpec, Manifest, Postprocessing, Preprocessing, sha256_file
+from edge.inference.manifest import Artifact, InputSpec, Manifest, Postprocessing, Preprocessing, sha256_file
 from trainer.models import fold_batchnorm
 
 __all__ = [
@@ -258,7 +258,7 @@ def build_manifest(
     version: str = "1",
     research_only: bool = True,
 ) -> Manifest:
-    """A :class:`~edge.manifest.Manifest` for the artifacts present in ``directory``.
+    """A :class:`~edge.inference.manifest.Manifest` for the artifacts present in ``directory``.
 
     Every ``model*.onnx`` artifact present (fp32, fp16, int8) is listed with
     its sha256; metrics are kept only for listed precisions.
@@ -351,7 +351,7 @@ def export_checkpoint(
     The detector's score threshold is chosen on the validation set (never
     the held-out one) as the FROC point of best sensitivity within the FP
     budget; FP32 (and FP16) metrics come from the held-out set through ONNX
-    Runtime and :mod:`edge.postprocess`. An existing INT8 artifact in
+    Runtime and :mod:`edge.inference.postprocess`. An existing INT8 artifact in
     ``out_dir`` is removed, because it no longer matches the new FP32 model.
 
     The held-out set is the one recorded in the checkpoint

@@ -35,7 +35,7 @@ import numpy as np
 from edge.errors import DataError, EngineBuildError
 
 if TYPE_CHECKING:
-    from edge.manifest import Manifest
+    from edge.inference.manifest import Manifest
 
 __all__ = [
     "DEFAULT_MAX_DICE_DROP",
@@ -328,7 +328,7 @@ def quantize_engine(
         data, its manifest records no held-out set and ``heldout_data`` is
         not given; or when no calibration data can be found for it.
     """
-    from edge.manifest import Manifest
+    from edge.inference.manifest import Manifest
     from trainer.evaluate import evaluate_model, gated_metric, onnx_runner, summarize
     from trainer.export import ARTIFACT_FILES, build_manifest, write_manifest
     from trainer.provenance import plan_heldout

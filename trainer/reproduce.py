@@ -73,7 +73,7 @@ QUICK_RECIPES = (
 
 def machine_info() -> dict[str, Any]:
     """Where a measurement was taken: CPU model, cores, OS, library versions, niceness."""
-    from edge.benchstats import cpu_model
+    from edge.tools.results import cpu_model
 
     cpu = cpu_model()
     import numpy
@@ -94,7 +94,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def _build_one(r: Recipe, out: Path, work: Path, cache_dir: str | None, progress: bool) -> dict[str, Any]:
-    from edge.manifest import InputSpec
+    from edge.inference.manifest import InputSpec
     from trainer.data import synthetic_detection_set, synthetic_segmentation_set
     from trainer.evaluate import TRAIN_SEED, VALIDATION_SEED
     from trainer.export import export_checkpoint
@@ -140,7 +140,7 @@ def _build_one(r: Recipe, out: Path, work: Path, cache_dir: str | None, progress
     except GateRefused as exc:
         gate["tensorrt"] = {"passed": False, "message": str(exc)}
     quant_s = time.monotonic() - t3
-    from edge.manifest import Manifest
+    from edge.inference.manifest import Manifest
 
     man = Manifest.load(engine)
     return {

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge.errors import ConfigError, DataError
-from edge.manifest import InputSpec, Postprocessing, Preprocessing, sha256_file
+from edge.inference.manifest import InputSpec, Postprocessing, Preprocessing, sha256_file
 from trainer.data import (
     US_PREPROCESSING,
     XRAY_PREPROCESSING,

@@ -43,8 +43,8 @@ from typing import Any, Iterable, NamedTuple, Protocol, Sequence
 import numpy as np
 import zmq
 
-from edge.manifest import Manifest
-from edge.preprocess import SUPPORTED_DTYPES
+from edge.inference.manifest import Manifest
+from edge.inference.preprocess import SUPPORTED_DTYPES
 from edge.types import InferenceResult
 
 __all__ = [
@@ -275,7 +275,7 @@ def encode_models(
 
 
 class DescribedModel(Protocol):
-    """What :func:`describe_model` reads: a served model (:class:`edge.models.LoadedModel`)."""
+    """What :func:`describe_model` reads: a served model (:class:`edge.inference.model.LoadedModel`)."""
 
     manifest: Manifest
     precision: str
@@ -383,7 +383,7 @@ def describe_model(model: DescribedModel | Manifest) -> dict[str, Any]:
 
     Examples
     --------
-    >>> from edge.manifest import Artifact, InputSpec, Manifest, Postprocessing, Preprocessing
+    >>> from edge.inference.manifest import Artifact, InputSpec, Manifest, Postprocessing, Preprocessing
     >>> m = Manifest(name="m", version="2", task="segmentation", labels=("lesion",), input=InputSpec(),
     ...              outputs=("logits",), preprocessing=Preprocessing(normalize="fixed", std=255.0),
     ...              postprocessing=Postprocessing(), artifacts={"fp32": Artifact("m.onnx", "0")})

@@ -41,7 +41,7 @@ header these checks cost about a microsecond. A parsed header therefore
 holds only values every reply can echo; the reply encoder
 (:mod:`edge.egress.zmq`) still never emits invalid JSON.
 
-Error boundaries (:class:`edge.boundary.ErrorBoundary`): per message, around
+Error boundaries (:class:`edge.ops.boundary.ErrorBoundary`): per message, around
 the I/O loop itself, and on the reply path the workers run; see
 :class:`ZmqServer`. Replies that cannot be sent are counted in
 ``medge_replies_lost_total{reason}``.
@@ -73,7 +73,6 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import zmq
 
-from edge.boundary import ErrorBoundary
 from edge.config import ZmqConfig
 from edge.egress.zmq import (
     ERROR_CODES,
@@ -85,9 +84,10 @@ from edge.egress.zmq import (
     encode_result,
 )
 from edge.errors import ConfigError, ProtocolError
-from edge.metrics import REPLY_LOST_REASONS, Metrics
-from edge.preprocess import SUPPORTED_DTYPES
-from edge.types import MAX_STREAM_CHARS, InferenceResult, InferenceService, valid_stream
+from edge.inference.preprocess import SUPPORTED_DTYPES
+from edge.ops.boundary import ErrorBoundary
+from edge.ops.metrics import Metrics, REPLY_LOST_REASONS
+from edge.types import InferenceResult, InferenceService, MAX_STREAM_CHARS, valid_stream
 
 __all__ = [
     "Request",

@@ -7,7 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
 
-from edge.demo import DaemonProcess, free_port, write_demo_config
+from edge.tools.daemon_process import DaemonProcess, free_port, write_demo_config
 
 
 @contextmanager

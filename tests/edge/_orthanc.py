@@ -40,7 +40,7 @@ from typing import Any
 
 from pydicom.uid import generate_uid
 
-from edge.demo import free_port
+from edge.tools.daemon_process import free_port
 
 __all__ = ["ORTHANC_DEBIAN", "orthanc_binary", "OrthancError", "OrthancServer"]
 

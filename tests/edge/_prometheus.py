@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from edge.demo import free_port
+from edge.tools.daemon_process import free_port
 from tests.conftest import peer_path, wait_until
 
 __all__ = ["PrometheusServer"]

@@ -378,7 +378,7 @@ class FakeService:
     @staticmethod
     def expected(image: np.ndarray, model: str):
         """What :meth:`infer` answers for ``image`` (mask or boxes), for assertions."""
-        from edge.postprocess import Box
+        from edge.types import Box
 
         g = np.asarray(image, dtype=np.float32)
         if g.ndim == 3:

@@ -10,10 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.backends import create_backend, resolve_backend
-from edge.backends.onnxruntime import OnnxRuntimeBackend
-from edge.backends.tensorrt import EngineKey, engine_cache_key, engine_cache_path, tensorrt_available
 from edge.errors import BackendUnavailableError, ModelError
+from edge.inference.backends import create_backend, resolve_backend
+from edge.inference.backends.onnxruntime import OnnxRuntimeBackend
+from edge.inference.backends.tensorrt import (
+    EngineKey,
+    engine_cache_key,
+    engine_cache_path,
+    tensorrt_available,
+)
 from edge.types import Backend
 
 
@@ -89,7 +94,7 @@ def test_engine_cache_path(tmp_path: Path) -> None:
 
 def test_tensorrt_module_imports_without_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes "import tensorrt" fail
-    mod = importlib.reload(importlib.import_module("edge.backends.tensorrt"))
+    mod = importlib.reload(importlib.import_module("edge.inference.backends.tensorrt"))
     ok, why = mod.tensorrt_available()
     assert not ok and "TensorRT is not installed" in why
     with pytest.raises(BackendUnavailableError):
@@ -102,8 +107,8 @@ def test_tensorrt_module_imports_without_tensorrt(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.gpu
 @pytest.mark.skipif(not tensorrt_available()[0], reason=f"TensorRT not usable here: {tensorrt_available()[1]}")
 def test_tensorrt_matches_onnxruntime(fixture_engines: Path, tmp_path: Path) -> None:  # pragma: no cover - GPU only
-    from edge.backends.tensorrt import TensorRTBackend
-    from edge.manifest import Manifest
+    from edge.inference.backends.tensorrt import TensorRTBackend
+    from edge.inference.manifest import Manifest
 
     m = Manifest.load(fixture_engines / "tiny-seg")
     onnx_path = m.artifact_path("fp32")

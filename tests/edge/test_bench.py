@@ -20,9 +20,11 @@ import pytest
 from PIL import Image
 
 import edge
-from edge.bench import parse_frame, parse_sweep
-from edge.benchio import resolve_client_endpoints
-from edge.benchstats import (
+from edge.cli import main
+from edge.commands.bench import parse_sweep
+from edge.tools.daemon_process import free_port
+from edge.tools.endpoints import parse_frame, resolve_client_endpoints
+from edge.tools.results import (
     ABOVE_NOISE,
     NEGATIVE_OVERHEAD,
     NOISE_UNKNOWN,
@@ -33,8 +35,6 @@ from edge.benchstats import (
     summarize_ms,
     within_percentage,
 )
-from edge.cli import main
-from edge.demo import free_port
 
 from ._daemon import running_daemon
 from ._fake_router import FakeRouter
@@ -381,14 +381,20 @@ def test_bench_engine_takes_engines_dir_from_config_and_env(fixture_engines: Pat
 
 
 def test_bench_modules_share_helpers_without_an_import_cycle() -> None:
-    """benchdicom, benchio, benchstats and send never import edge.bench, nor any private name of another module."""
+    """bench_dicom, endpoints, results and send never import edge.commands.bench or edge.tools.bench,
+    nor any private name of another module."""
     root = Path(edge.__file__).parent
-    for name in ("bench", "benchdicom", "benchio", "benchstats", "send", "loadgen"):
+    bench = ("commands/bench", "tools/bench")
+    for name in (*bench, "tools/bench_dicom", "tools/endpoints", "tools/results", "commands/send", "tools/loadgen"):
         tree = ast.parse((root / f"{name}.py").read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("edge"):
-                if name != "bench":
-                    assert node.module != "edge.bench", f"edge/{name}.py imports edge.bench"
-                    assert not (node.module == "edge" and any(a.name == "bench" for a in node.names))
+                if name not in bench:
+                    assert node.module not in ("edge.commands.bench", "edge.tools.bench"), \
+                        f"edge/{name}.py imports {node.module}"
+                    assert not (node.module in ("edge", "edge.commands", "edge.tools")
+                                and any(a.name == "bench" for a in node.names))
+                if name == "tools/bench":
+                    assert node.module != "edge.commands.bench", "edge/tools/bench.py imports edge.commands.bench"
                 private = [a.name for a in node.names if a.name.startswith("_")]
                 assert not private, f"edge/{name}.py imports private {private} from {node.module}"

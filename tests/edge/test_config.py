@@ -207,7 +207,7 @@ def test_every_key_is_documented() -> None:
 
 def test_spin_us_reaches_the_onnxruntime_session(tmp_path: Path, fixture_engines: Path) -> None:
     """[[models]] spin_us is what the served model's ONNX Runtime session spins (0: not at all)."""
-    from edge.models import ModelRegistry
+    from edge.inference.model import ModelRegistry
 
     text = f'engines_dir = "{fixture_engines}"\n[[models]]\nname = "tiny-seg"\nspin_us = 0\n[[models]]\nname = "tiny-det"\n'
     cfg = load_config(_write(tmp_path, text), env={})

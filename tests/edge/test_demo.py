@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from edge.cli import main
-from edge.manifest import default_engines_dir
+from edge.inference.manifest import default_engines_dir
 
 
 def _check_report(report: Path) -> dict:

@@ -16,10 +16,10 @@ Routing as a typical installation: US, CT, MR to a segmentation model, CR, DX to
 detection model, everything else unrouted.
 
 **Routed** files (one test per file): read and decoded as the pipeline does
-(:func:`edge.ingest.dicom_pipeline.read_spooled`, :func:`edge.pixels.decode_frame`,
-:func:`edge.pixels.frame_to_array`), masks/boxes from the deterministic
+(:func:`edge.ingest.dicom.pipeline.read_spooled`, :func:`edge.ingest.dicom.pixels.decode_frame`,
+:func:`edge.ingest.dicom.pixels.frame_to_array`), masks/boxes from the deterministic
 :class:`tests.edge.dicom_factory.FakeService`, results made by
-:func:`edge.egress.dicom_results.build_results` and :func:`make_overlay`; each result
+:func:`edge.egress.dicom.results.build_results` and :func:`make_overlay`; each result
 passes ``dciodvfy`` with no error (warnings only of the kinds in :data:`ALLOWED_WARNINGS`,
 each justified there and in docs/dicom.md), reads back with ``highdicom.seg.segread`` /
 ``highdicom.sr.srread`` / ``highdicom.imread``, and references its source (study, series,
@@ -54,12 +54,13 @@ from pydicom.multival import MultiValue
 from pynetdicom import AE, _config
 
 from edge.config import DicomRoute
-from edge.egress.dicom_results import ModelInfo, SourceResult, build_results, make_overlay, mask_outlines
+from edge.egress.dicom.results import ModelInfo, SourceResult, build_results, make_overlay, mask_outlines
 from edge.errors import DataError
-from edge.ingest.dicom import DicomIngest
-from edge.ingest.dicom_pipeline import read_spooled
-from edge.pixels import decode_frame, frame_to_array, number_of_frames
-from edge.routing import Router, ScanLimits, SizeLimitError, scan_encoded, split_part10
+from edge.ingest.dicom.pipeline import read_spooled
+from edge.ingest.dicom.pixels import decode_frame, frame_to_array, number_of_frames
+from edge.ingest.dicom.routing import Router
+from edge.ingest.dicom.scan import ScanLimits, SizeLimitError, scan_encoded, split_part10
+from edge.ingest.dicom.scp import DicomIngest
 from tests.conftest import require_peer
 from tests.edge import dicom_factory as f
 from tests.edge import test_dicom_results_vendors as V

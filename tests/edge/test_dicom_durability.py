@@ -1,7 +1,7 @@
 """Shutdown, crash and a full disk never lose an accepted DICOM instance (issue 10, items 3, 9, 11).
 
 Real processes, not patched internals: a ``medge serve`` child on the tiny
-fixture models (:func:`edge.demo.write_demo_config`, :class:`edge.demo.DaemonProcess`),
+fixture models (:func:`edge.tools.daemon_process.write_demo_config`, :class:`edge.tools.daemon_process.DaemonProcess`),
 DCMTK ``storescu`` as the modality and DCMTK ``storescp`` as the PACS,
 started and stopped by each test. What "acknowledged" means is read from
 ``storescu -v``: the files whose C-STORE got ``Received Store Response
@@ -39,7 +39,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
-from edge.demo import DaemonProcess, free_port, write_demo_config
+from edge.tools.daemon_process import DaemonProcess, free_port, write_demo_config
 from tests.edge import dicom_factory as f
 from tests.edge.test_dicom_outbox import poll, wait_port
 
@@ -459,13 +459,13 @@ def test_a_full_disk_is_transient_results_wait_and_receipt_answers_out_of_resour
 def test_a_cine_with_stride_2_decodes_each_processed_frame_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overlay: bool
 ) -> None:
-    import edge.ingest.dicom_pipeline as pipeline_module
+    import edge.ingest.dicom.pipeline as pipeline_module
     from edge.config import DicomRoute
-    from edge.egress.dicom_results import SourceResult, make_overlay
-    from edge.egress.outbox import Outbox
-    from edge.pixels import decode_frame, frame_to_array
-    from edge.routing import Router
-    from edge.spool import Spool
+    from edge.egress.dicom.outbox import Outbox
+    from edge.egress.dicom.results import SourceResult, make_overlay
+    from edge.ingest.dicom.pixels import decode_frame, frame_to_array
+    from edge.ingest.dicom.routing import Router
+    from edge.ingest.dicom.spool import Spool
     from tests.edge.test_dicom_scp import INFOS
 
     cine = f.make_us_multiframe(phantom(np.random.default_rng(5), 40))
@@ -520,7 +520,7 @@ def test_a_cine_with_stride_2_decodes_each_processed_frame_once(
 
 
 def test_overlay_frames_are_saved_losslessly_and_read_back_one_instance_at_a_time(tmp_path: Path) -> None:
-    from edge.spool import InstanceResult, Spool
+    from edge.ingest.dicom.spool import InstanceResult, Spool
 
     spool = Spool(tmp_path / "dicom", min_free_bytes=0)
     cases = {
@@ -542,11 +542,11 @@ def test_overlay_frames_are_saved_losslessly_and_read_back_one_instance_at_a_tim
 
 def test_an_instance_finalised_before_its_resend_was_opened_is_done_not_failed(tmp_path: Path) -> None:
     """A resend queued while its series was being written finds its file gone: its result is in the outbox."""
-    import edge.ingest.dicom_pipeline as pipeline_module
+    import edge.ingest.dicom.pipeline as pipeline_module
     from edge.config import DicomRoute
-    from edge.egress.outbox import Outbox
-    from edge.routing import Router
-    from edge.spool import Spool
+    from edge.egress.dicom.outbox import Outbox
+    from edge.ingest.dicom.routing import Router
+    from edge.ingest.dicom.spool import Spool
     from tests.edge.test_dicom_scp import INFOS
 
     reg = CollectorRegistry()

@@ -19,10 +19,10 @@ from prometheus_client import CollectorRegistry
 from pydicom import dcmread
 
 from edge.config import DicomDestination, load_config
-from edge.egress.dicom_results import mask_outlines
-from edge.ingest.dicom import DicomIngest
-from edge.manifest import default_engines_dir
-from edge.pixels import iter_frames
+from edge.egress.dicom.results import mask_outlines
+from edge.inference.manifest import default_engines_dir
+from edge.ingest.dicom.pixels import iter_frames
+from edge.ingest.dicom.scp import DicomIngest
 from tests.conftest import peer_path, wait_until
 from tests.edge import dicom_factory as f
 from tests.edge.test_dicom_outbox import wait_port
@@ -44,7 +44,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def service() -> Iterator[object]:
     """The real scheduler in front of the bundled models (ONNX Runtime, CPU)."""
-    from edge.models import ModelRegistry
+    from edge.inference.model import ModelRegistry
     from edge.scheduler import Scheduler
 
     cfg = load_config(None, env={})
@@ -117,8 +117,8 @@ def zmq_endpoint(service) -> Iterator[str]:
 
 def expected(zmq_endpoint: str, path: Path, model: str, stride: int = 1) -> dict[int, object]:
     """What the ZeroMQ path answers for each processed frame of a source file (same pixel pipeline)."""
-    from edge.postprocess import Box
-    from edge.zmqclient import ZmqClient
+    from edge.tools.zmq_client import ZmqClient
+    from edge.types import Box
 
     out: dict[int, object] = {}
     with ZmqClient(zmq_endpoint) as client:

@@ -7,7 +7,7 @@ bytes flipped, cut, inserted or repeated — :func:`scan_encoded` either
 returns an :class:`InstanceInfo` or raises :class:`DataError` (of which
 :class:`SizeLimitError` and the codestream errors are kinds), never
 anything else, and never allocates much more than its inflation bound.
-The codestream header readers of :mod:`edge.pixels` (JPEG/JPEG-LS SOF,
+The codestream header readers of :mod:`edge.ingest.dicom.pixels` (JPEG/JPEG-LS SOF,
 JPEG 2000 SIZ and JP2 boxes, RLE segment table) give a geometry or a
 :class:`CodestreamError` for any bytes.
 
@@ -30,8 +30,22 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from edge.errors import DataError
-from edge.pixels import CodestreamError, Geometry, check_codestream, j2k_header, jpeg_header, rle_header
-from edge.routing import INFLATE_CHUNK_BYTES, InstanceInfo, ScanLimits, SizeLimitError, inflate_bounded, scan_encoded
+from edge.ingest.dicom.pixels import (
+    CodestreamError,
+    Geometry,
+    check_codestream,
+    j2k_header,
+    jpeg_header,
+    rle_header,
+)
+from edge.ingest.dicom.scan import (
+    INFLATE_CHUNK_BYTES,
+    InstanceInfo,
+    ScanLimits,
+    SizeLimitError,
+    inflate_bounded,
+    scan_encoded,
+)
 from tests.edge import dicom_factory as f
 
 # Registering a profile again under the same name replaces it (the ZeroMQ fuzz module registers these too).

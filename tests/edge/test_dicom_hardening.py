@@ -34,10 +34,10 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
 from edge.config import DicomTlsConfig
-from edge.egress.dicom_results import ModelInfo
+from edge.egress.dicom.results import ModelInfo
 from edge.errors import ProtocolError
-from edge.ingest.dicom import DicomIngest
-from edge.ingest.dicom_pipeline import FRAMES_PER_TURN
+from edge.ingest.dicom.pipeline import FRAMES_PER_TURN
+from edge.ingest.dicom.scp import DicomIngest
 from tests.conftest import peer_path, require_peer, wait_until
 from tests.edge import dicom_factory as f
 
@@ -246,7 +246,7 @@ def child_env() -> dict[str, str]:
 CHILD_SCP = r"""
 import pathlib, sys
 from prometheus_client import CollectorRegistry
-from edge.ingest.dicom import DicomIngest
+from edge.ingest.dicom.scp import DicomIngest
 from tests.edge import dicom_factory as f
 
 cfg = f.dicom_config(pathlib.Path(sys.argv[1]), allowed_calling_aes=("MODALITY", "PYSCU"), connect_timeout_s=2.0)
@@ -308,7 +308,7 @@ def test_a_bomb_already_in_the_spool_is_quarantined_at_recovery_without_inflatin
     """An instance accepted before the bound existed (or by an older version) must not crash-loop the daemon."""
     bomb = f.write_deflate_bomb(tmp_path / "bomb.dcm", 1024 << 20)
     cfg = f.dicom_config(tmp_path)
-    from edge.spool import Spool
+    from edge.ingest.dicom.spool import Spool
 
     uid = str(read_file_meta_info(bomb).MediaStorageSOPInstanceUID)
     Spool(cfg.spool_dir / "dicom").store_instance(uid, [bomb.read_bytes()])
@@ -351,7 +351,7 @@ def test_codestream_bombs_are_refused_at_the_scp_and_an_honest_frame_still_runs(
 
 
 def test_a_codestream_bomb_already_in_the_spool_is_quarantined_as_limits_without_decoding(tmp_path: Path) -> None:
-    from edge.spool import Spool
+    from edge.ingest.dicom.spool import Spool
 
     cfg = f.dicom_config(tmp_path)
     bomb = f.make_codestream_bomb("1.2.840.10008.1.2.4.90", declared=60000)
@@ -620,8 +620,8 @@ def test_real_scp_process_serves_a_modality_past_idle_connections_and_refuses_a_
 CHILD_PIPELINE = r"""
 import os, pathlib, signal, sys
 from prometheus_client import CollectorRegistry
-from edge.egress.dicom_results import ModelInfo
-from edge.ingest.dicom import DicomIngest
+from edge.egress.dicom.results import ModelInfo
+from edge.ingest.dicom.scp import DicomIngest
 from tests.edge import dicom_factory as f
 
 
@@ -641,7 +641,7 @@ print(len(svc.calls), flush=True)
 
 
 def test_an_instance_that_kills_the_daemon_is_quarantined_after_max_attempts(tmp_path: Path) -> None:
-    from edge.spool import Spool
+    from edge.ingest.dicom.spool import Spool
 
     spool = Spool(tmp_path / "spool" / "dicom")
     ds = f.make_us_single(np.arange(32 * 32, dtype=np.uint8).reshape(32, 32))
@@ -669,7 +669,7 @@ def test_an_instance_that_kills_the_daemon_is_quarantined_after_max_attempts(tmp
 
 
 def test_recovery_quarantines_at_max_attempts_and_runs_below_it(tmp_path: Path) -> None:
-    from edge.spool import Spool
+    from edge.ingest.dicom.spool import Spool
 
     cfg = f.dicom_config(tmp_path, max_attempts=2)
     spool = Spool(cfg.spool_dir / "dicom")
@@ -730,7 +730,7 @@ class FailingFirst(f.FakeService):
 def test_scp_worker_and_finaliser_keep_serving_after_unexpected_errors(
     start_scp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import edge.ingest.dicom_pipeline as pipeline_module
+    import edge.ingest.dicom.pipeline as pipeline_module
 
     ing, svc, reg = start_scp(FailingFirst())
     files = [f.save(f.make_us_single(np.full((16, 16), i, np.uint8)), tmp_path / f"{i}.dcm") for i in range(4)]

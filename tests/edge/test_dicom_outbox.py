@@ -18,8 +18,8 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage, SegmentationStorage
 
-from edge.egress.dicom_results import ModelInfo, SourceResult, build_results
-from edge.egress.outbox import Destination, Outbox, RetryPolicy
+from edge.egress.dicom.outbox import Destination, Outbox, RetryPolicy
+from edge.egress.dicom.results import ModelInfo, SourceResult, build_results
 from tests.conftest import peer_path
 from tests.edge import dicom_factory as f
 
@@ -255,13 +255,13 @@ def test_an_unexpected_sender_error_backs_off_and_delivers_later(tmp_path: Path,
 def test_a_failing_destination_is_logged_once_per_reason_then_on_recovery(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="edge.egress.outbox")
+    caplog.set_level(logging.INFO, logger="edge.egress.dicom.outbox")
     port = f.free_port()
     reg = CollectorRegistry()
     with Outbox(tmp_path / "outbox", [Destination("pacs", "127.0.0.1", port, "SCRIPTED")], reg, policy=FAST) as ob:
         ob.put(results(1)[0])
         poll(lambda: metric(reg, "medge_outbox_failures_total", destination="pacs") >= 4, what="failed attempts")
-        warnings = [r for r in caplog.records if r.name == "edge.egress.outbox" and r.levelno == logging.WARNING]
+        warnings = [r for r in caplog.records if r.name == "edge.egress.dicom.outbox" and r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "cannot connect" in warnings[0].getMessage()
         scp = ScriptedSCP([], port=port)
         try:
@@ -276,7 +276,7 @@ def test_outbox_associations_turn_nagle_off(tmp_path: Path, monkeypatch: pytest.
     # pynetdicom leaves Nagle on; each small C-STORE then waits ~40 ms for a delayed ACK.
     import socket
 
-    import edge.egress.outbox as outbox_module
+    import edge.egress.dicom.outbox as outbox_module
 
     seen: list[int] = []
     real = outbox_module._no_delay

@@ -17,7 +17,7 @@ from pydicom.filewriter import dcmwrite
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
-from edge.egress.dicom_results import (
+from edge.egress.dicom.results import (
     ModelInfo,
     SourceResult,
     build_results,
@@ -542,7 +542,7 @@ def test_defect10_missing_type2_source_attributes_still_give_valid_results(tmp_p
 def test_configured_device_serial_number_reaches_results_through_the_pipeline(tmp_path: Path) -> None:
     """``[dicom] device_serial_number`` from the config is what the pipeline writes into its results."""
     from edge.config import load_config
-    from edge.ingest.dicom import DicomIngest
+    from edge.ingest.dicom.scp import DicomIngest
     from prometheus_client import CollectorRegistry
 
     cfg = load_config(None, env={"MEDGE_DICOM__DEVICE_SERIAL_NUMBER": "MEDGE-SN-0042"}, check_models=False)

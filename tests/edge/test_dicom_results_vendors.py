@@ -6,7 +6,7 @@ claims. Built on :mod:`tests.edge.dicom_factory`; identifiers are made up.
 - ultrasound single frames with and without Pixel Spacing, Frame of
   Reference UID and Sequence of Ultrasound Regions, as ultrasound systems
   send them: none of them has an image plane (Image Position/Orientation
-  (Patient)); medge's own demo data (``edge.benchdicom``) has Frame of
+  (Patient)); medge's own demo data (``edge.tools.bench_dicom``) has Frame of
   Reference + Pixel Spacing;
 - ultrasound cine, plain and with a Frame of Reference and regions;
 - CR, DX (with Imager Pixel Spacing, and also with Pixel Spacing);
@@ -95,7 +95,7 @@ def us_frame_of_reference() -> Dataset:
 
 def us_demo() -> Dataset:
     """medge's own synthetic ultrasound (what ``medge demo`` sends): Frame of Reference + Pixel Spacing."""
-    from edge.benchdicom import synthetic_instances
+    from edge.tools.bench_dicom import synthetic_instances
 
     return synthetic_instances(1, "US", frame=(48, 64), seed=3)[0]
 

@@ -19,9 +19,9 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
 from edge.config import DicomRoute, DicomTlsConfig
-from edge.dicom_send import send_paths
-from edge.egress.dicom_results import ModelInfo
-from edge.ingest.dicom import DicomIngest
+from edge.egress.dicom.results import ModelInfo
+from edge.ingest.dicom.scp import DicomIngest
+from edge.tools.dicom_scu import send_paths
 from tests.conftest import peer_path, require_peer, wait_until
 from tests.edge import dicom_factory as f
 
@@ -358,7 +358,7 @@ def test_monochrome1_and_rescale_reach_the_model_in_display_order(start_scp, tmp
 
 def test_unrouted_accept_takes_every_storage_class_a_study_may_hold(start_scp, tmp_path: Path) -> None:
     """Forwarding a whole study: SR, SEG, medge's own results and retired US classes get a context (issue 10 item 4)."""
-    from edge.ingest.dicom import RETIRED_STORAGE_SOP_CLASSES, accepted_sop_classes
+    from edge.ingest.dicom.scp import RETIRED_STORAGE_SOP_CLASSES, accepted_sop_classes
 
     sr = Path(shutil.copy(TEST_FILES / "test-SR.dcm", tmp_path / "sr.dcm"))
     retired = f.make_us_single(np.zeros((32, 32), np.uint8))

@@ -11,11 +11,12 @@ import pydicom
 import pytest
 from pydicom import dcmread
 
-from edge.egress.dicom_results import mask_outlines
-from edge.egress.outbox import RetryPolicy, classify_status
+from edge.egress.dicom.outbox import RetryPolicy, classify_status
+from edge.egress.dicom.results import mask_outlines
 from edge.errors import DataError
-from edge.routing import InstanceInfo, Route, Router, SeriesAssembler, SeriesKey, scan_encoded
-from edge.spool import InstanceResult, Spool, SpoolFullError, safe_name
+from edge.ingest.dicom.routing import Route, Router, SeriesAssembler, SeriesKey
+from edge.ingest.dicom.scan import InstanceInfo, scan_encoded
+from edge.ingest.dicom.spool import InstanceResult, Spool, SpoolFullError, safe_name
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 
@@ -240,7 +241,7 @@ _UIDS = ((0x00080016, b"UI", b"1.2.840.10008.5.1.4.1.1.7\x00"), (0x00080018, b"U
 
 
 def test_inflate_bounded_refuses_past_its_bound_and_tells_corrupt_from_too_big() -> None:
-    from edge.routing import INFLATE_CHUNK_BYTES, ScanLimits, SizeLimitError, inflate_bounded
+    from edge.ingest.dicom.scan import INFLATE_CHUNK_BYTES, ScanLimits, SizeLimitError, inflate_bounded
 
     # 3 MiB of private data, no image: everything counts as "other elements".
     data = _explicit_le(*_UIDS, (0x00091010, b"OB", bytes(3 << 20)))
@@ -262,7 +263,7 @@ def test_inflate_bounded_refuses_past_its_bound_and_tells_corrupt_from_too_big()
 def test_deflate_bomb_is_refused_at_its_pixel_data_header_with_little_memory(tmp_path: Path) -> None:
     import tracemalloc
 
-    from edge.routing import SizeLimitError, split_part10
+    from edge.ingest.dicom.scan import SizeLimitError, split_part10
     from tests.edge import dicom_factory as f
 
     raw = f.write_deflate_bomb(tmp_path / "bomb.dcm", 1024 << 20).read_bytes()
@@ -286,7 +287,7 @@ def test_deflate_bomb_is_refused_at_its_pixel_data_header_with_little_memory(tmp
     "ts", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"]
 )
 def test_scan_encoded_refuses_frames_and_pixels_over_the_limits(ts: str) -> None:
-    from edge.routing import ScanLimits, SizeLimitError
+    from edge.ingest.dicom.scan import ScanLimits, SizeLimitError
     from tests.edge import dicom_factory as f
 
     cine = f.encode_dataset(f.make_us_multiframe(np.zeros((12, 4, 5), np.uint8)), ts)
@@ -300,7 +301,7 @@ def test_scan_encoded_refuses_frames_and_pixels_over_the_limits(ts: str) -> None
 
 
 def test_scan_refuses_image_attributes_not_encoded_as_us_and_deep_nesting() -> None:
-    from edge.routing import MAX_NESTING
+    from edge.ingest.dicom.scan import MAX_NESTING
 
     rows_ul = _explicit_le(*_UIDS, (0x00280010, b"UL", struct.pack("<I", 70000)))
     with pytest.raises(DataError, match="US needs 2"):
@@ -319,8 +320,8 @@ def test_scan_refuses_image_attributes_not_encoded_as_us_and_deep_nesting() -> N
 
 
 def test_read_spooled_inflates_under_the_bound_and_matches_pydicom(tmp_path: Path) -> None:
-    from edge.ingest.dicom_pipeline import instance_info_from_file, read_spooled
-    from edge.routing import split_part10
+    from edge.ingest.dicom.pipeline import instance_info_from_file, read_spooled
+    from edge.ingest.dicom.scan import split_part10
 
     path = TEST_FILES / "image_dfl.dcm"
     ts, offset = split_part10(path.read_bytes())
@@ -354,7 +355,7 @@ def test_spool_counts_attempts_durably_and_forgets_them_with_the_instance(tmp_pa
 
 
 def test_fair_queue_takes_one_turn_per_source() -> None:
-    from edge.ingest.dicom_pipeline import WorkItem, _FairQueue, _Job
+    from edge.ingest.dicom.pipeline import WorkItem, _FairQueue, _Job
 
     q = _FairQueue()
 
@@ -400,7 +401,7 @@ def _nested_defined(depth: int) -> bytes:
 
 
 def test_nesting_limit_applies_to_sequences_of_defined_length_too() -> None:
-    from edge.routing import MAX_NESTING
+    from edge.ingest.dicom.scan import MAX_NESTING
 
     ts = "1.2.840.10008.1.2.1"
     assert scan_encoded(_explicit_le(*_UIDS) + _nested_defined(MAX_NESTING), ts).sop_instance_uid == "1.2.3.4"
@@ -457,7 +458,7 @@ _CODECS = [
 def test_codestream_declaring_more_than_rows_x_columns_is_refused_before_decoding(ts: str) -> None:
     import tracemalloc
 
-    from edge.pixels import FrameGeometryError, decode_frame
+    from edge.ingest.dicom.pixels import FrameGeometryError, decode_frame
     from tests.edge import dicom_factory as f
 
     good = f.make_compressed_us(ts, frames=3)
@@ -482,7 +483,7 @@ def test_codestream_declaring_more_than_rows_x_columns_is_refused_before_decodin
     # header does not even parse (its length says one).
     from pydicom.encaps import encapsulate, generate_fragments
 
-    from edge.pixels import CodestreamError
+    from edge.ingest.dicom.pixels import CodestreamError
 
     for rows, columns, samples, error in ((64, 65, None, FrameGeometryError), (65, 64, None, FrameGeometryError),
                                           (64, 64, 3, CodestreamError)):
@@ -513,7 +514,7 @@ def test_offset_tables_cannot_smuggle_a_codestream_past_the_fragment_checks() ->
     from pydicom.encaps import generate_fragments
     from pydicom.uid import JPEGBaseline8Bit
 
-    from edge.pixels import FrameGeometryError, decode_frame
+    from edge.ingest.dicom.pixels import FrameGeometryError, decode_frame
     from tests.edge import dicom_factory as f
 
     ts = JPEGBaseline8Bit
@@ -546,7 +547,7 @@ def test_rle_segment_table_must_match_the_image_and_use_no_spare_offsets() -> No
     from pydicom.encaps import encapsulate
     from pydicom.uid import RLELossless
 
-    from edge.pixels import CodestreamError, FrameGeometryError, decode_frame
+    from edge.ingest.dicom.pixels import CodestreamError, FrameGeometryError, decode_frame
     from tests.edge import dicom_factory as f
 
     ds = f.make_compressed_us(RLELossless, frames=2)
@@ -582,7 +583,7 @@ def _sof(marker: int, rows: int) -> bytes:
 def test_unparseable_codestreams_and_encapsulation_in_the_wrong_syntax_are_refused() -> None:
     from pydicom.encaps import encapsulate
 
-    from edge.pixels import CodestreamError
+    from edge.ingest.dicom.pixels import CodestreamError
     from tests.edge import dicom_factory as f
 
     for ts, frame in (
@@ -610,7 +611,7 @@ def test_unparseable_codestreams_and_encapsulation_in_the_wrong_syntax_are_refus
 
 
 def test_jp2_wrapped_codestreams_are_read_through_their_boxes() -> None:
-    from edge.pixels import FrameGeometryError, Geometry, check_codestream, j2k_header
+    from edge.ingest.dicom.pixels import FrameGeometryError, Geometry, check_codestream, j2k_header
     from tests.edge import dicom_factory as f
     from pydicom.encaps import generate_fragments
 
@@ -639,9 +640,9 @@ def test_ybr_full_422_uncompressed_is_whole_and_decodes() -> None:
 
     from pydicom.data import get_testdata_file
 
-    from edge.ingest.dicom_pipeline import read_spooled
-    from edge.pixels import decode_frames, frame_to_array
-    from edge.routing import scan_encoded as _scan, split_part10 as _split
+    from edge.ingest.dicom.pipeline import read_spooled
+    from edge.ingest.dicom.pixels import decode_frames, frame_to_array
+    from edge.ingest.dicom.scan import scan_encoded as _scan, split_part10 as _split
 
     path = _Path(get_testdata_file("SC_ybr_full_422_uncompressed.dcm"))
     raw = path.read_bytes()

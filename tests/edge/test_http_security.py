@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from edge.config import MetricsConfig
 from edge.errors import ConfigError
-from edge.health import HealthServer, HtpasswdAuth
+from edge.ops.health import HealthServer, HtpasswdAuth
 from tests.conftest import peer_path
 from tests.edge import dicom_factory as f
 from tests.edge._pki import Pki, make_pki
@@ -385,7 +385,7 @@ def test_unusable_tls_or_htpasswd_files_are_config_errors(pki: Pki, tmp_path: Pa
 
 # ---------------------------------------------------------------------------------------------- basic auth
 def test_basic_auth_guards_every_endpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="edge.health")
+    caplog.set_level(logging.DEBUG, logger="edge.ops.health")
     reg = CollectorRegistry()
     good = basic(USER, PASSWORD)
     with HealthServer("127.0.0.1", 0, reg, lambda: True, basic_auth_file=str(htpasswd(tmp_path / "h"))) as srv:

@@ -16,21 +16,21 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge import __version__
-from edge.demo import free_port
 from edge.egress.zmq import ERROR_CODES
-from edge.health import HealthServer
-from edge.metrics import (
+from edge.ops.health import HealthServer
+from edge.ops.metrics import (
     DICOM_BUCKETS_S,
     DROP_REASONS,
     LATENCY_BUCKETS_S,
     MODEL_FAILURE_CODES,
+    Metrics,
     REPLY_LOST_REASONS,
     STAGES,
-    Metrics,
     dicom_store_to_result_histogram,
     get_or_create_metric,
 )
-from edge.dicom_send import send_paths
+from edge.tools.daemon_process import free_port
+from edge.tools.dicom_scu import send_paths
 from tests.conftest import peer_path, wait_until
 from tests.edge import dicom_factory as f
 from tests.edge._daemon import running_daemon

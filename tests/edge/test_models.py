@@ -10,8 +10,8 @@ import pytest
 
 from edge.config import load_config
 from edge.errors import BackendUnavailableError, ModelError
-from edge.manifest import default_engines_dir, discover
-from edge.models import LoadedModel, ModelRegistry, load_model
+from edge.inference.manifest import default_engines_dir, discover
+from edge.inference.model import LoadedModel, ModelRegistry, load_model
 
 BUNDLED = ("us-lesion-seg", "xray-nodule-det")
 
@@ -99,8 +99,8 @@ def test_precision_selection(engines_copy: Path) -> None:
 
 
 def test_unavailable_backends_are_errors_not_silent_fallbacks(fixture_engines: Path) -> None:
-    from edge.backends.onnxruntime import available_providers
-    from edge.backends.tensorrt import tensorrt_available
+    from edge.inference.backends.onnxruntime import available_providers
+    from edge.inference.backends.tensorrt import tensorrt_available
 
     if tensorrt_available()[0]:
         pytest.skip("TensorRT is usable here; the refusal path cannot be shown")
@@ -156,8 +156,8 @@ def test_bundled_models_load_verify_and_answer() -> None:
 
 
 def test_vectorised_nms_matches_the_greedy_reference() -> None:
-    """edge.postprocess.nms (IoU matrix once) keeps exactly what one-box-at-a-time greedy NMS keeps."""
-    from edge.postprocess import box_iou, nms
+    """edge.inference.postprocess.nms (IoU matrix once) keeps exactly what one-box-at-a-time greedy NMS keeps."""
+    from edge.inference.postprocess import box_iou, nms
 
     def reference(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
         order = np.argsort(-scores, kind="stable")
@@ -184,8 +184,8 @@ def test_tensorrt_int8_needs_symmetric_activations():
     import dataclasses
 
     from edge.errors import BackendUnavailableError
-    from edge.manifest import INT8_TENSORRT, Manifest, default_engines_dir
-    from edge.models import resolve_precision
+    from edge.inference.manifest import INT8_TENSORRT, Manifest, default_engines_dir
+    from edge.inference.model import resolve_precision
 
     bundled = Manifest.load(default_engines_dir() / "us-lesion-seg")
     assert bundled.int8_tensorrt_ready

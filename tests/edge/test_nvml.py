@@ -8,7 +8,7 @@ import types
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from edge.metrics import NvmlCollector
+from edge.ops.nvml import NvmlCollector
 from tests.conftest import require_peer
 
 

@@ -36,9 +36,9 @@ from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from edge.demo import DaemonProcess, free_port, write_demo_config
-from edge.dicom_send import send_paths
-from edge.egress.dicom_results import ModelInfo, SourceResult, make_segmentation
+from edge.egress.dicom.results import ModelInfo, SourceResult, make_segmentation
+from edge.tools.daemon_process import DaemonProcess, free_port, write_demo_config
+from edge.tools.dicom_scu import send_paths
 from tests.edge import dicom_factory as f
 from tests.edge._orthanc import OrthancServer
 from tests.edge.test_dicom_results import dciodvfy

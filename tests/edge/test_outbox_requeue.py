@@ -21,7 +21,7 @@ from pydicom import dcmread
 from pynetdicom.association import Association
 
 from edge.cli import main
-from edge.egress.outbox import Destination, Outbox, RetryPolicy
+from edge.egress.dicom.outbox import Destination, Outbox, RetryPolicy
 from tests.edge import dicom_factory as f
 from tests.edge.test_dicom_outbox import STORESCP, ScriptedSCP, metric, results, wait_port
 
@@ -75,7 +75,7 @@ def test_unsent_results_are_requeued_at_start_and_arrive_once_at_each_destinatio
     # A re-queue cut short by a crash: linked into the first destination, still in unsent/.
     (root / "pending" / "a").mkdir(parents=True)
     os.link(root / "unsent" / names[0], root / "pending" / "a" / names[0])
-    caplog.set_level(logging.INFO, logger="edge.egress.outbox")
+    caplog.set_level(logging.INFO, logger="edge.egress.dicom.outbox")
     reg = CollectorRegistry()
     with storescp(tmp_path / "pacs-a") as port_a, storescp(tmp_path / "pacs-b") as port_b:
         dests = [Destination("a", "127.0.0.1", port_a, "PACS"), Destination("b", "127.0.0.1", port_b, "PACS")]
@@ -90,7 +90,7 @@ def test_unsent_results_are_requeued_at_start_and_arrive_once_at_each_destinatio
     want = sorted(str(o.SOPInstanceUID) for o in objs)
     assert received(tmp_path / "pacs-a") == want and received(tmp_path / "pacs-b") == want  # each exactly once
     assert metric(reg, "medge_outbox_sent_total", destination="a") == metric(reg, "medge_outbox_sent_total", destination="b") == 3
-    log = [r.getMessage() for r in caplog.records if r.name == "edge.egress.outbox"]
+    log = [r.getMessage() for r in caplog.records if r.name == "edge.egress.dicom.outbox"]
     assert any("Re-queued 3 result object(s)" in m for m in log), log
     assert not any("MEDGE^TEST" in m or "MEDGE-TEST-1" in m for m in log)  # counts only, no patient data
 

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydicom import dcmread
 
-from edge.egress.outbox import Destination, Outbox
+from edge.egress.dicom.outbox import Destination, Outbox
 from edge.errors import ConfigError
 from tests.conftest import peer_missing, peer_path
 from tests.edge import dicom_factory as f
@@ -100,7 +100,7 @@ def tls_scp(pki: Pki, require_client_cert: bool = False) -> ScriptedSCP:
 def tls_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage() for r in caplog.records
-        if r.name == "edge.egress.outbox" and r.levelno == logging.WARNING and "TLS failed" in r.getMessage()
+        if r.name == "edge.egress.dicom.outbox" and r.levelno == logging.WARNING and "TLS failed" in r.getMessage()
     ]
 
 
@@ -171,7 +171,7 @@ def _replace_ca(configured: Path, good: Pki) -> None:
 def test_a_bad_server_certificate_keeps_results_pending_until_fixed(
     case: str, pki: Pki, stranger: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="edge.egress.outbox")
+    caplog.set_level(logging.INFO, logger="edge.egress.dicom.outbox")
     scp = tls_scp(pki)
     configured_ca = tmp_path / "pacs-ca.pem"
     shutil.copyfile(stranger.ca, configured_ca)

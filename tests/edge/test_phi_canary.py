@@ -59,8 +59,8 @@ from pynetdicom.sop_class import (
     SegmentationStorage,
 )
 
-from edge.demo import free_port
-from edge.zmqclient import encode_request
+from edge.tools.daemon_process import free_port
+from edge.tools.zmq_client import encode_request
 from tests.conftest import peer_path
 from tests.edge import dicom_factory as f
 

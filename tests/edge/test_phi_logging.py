@@ -179,8 +179,8 @@ def test_logged_exceptions_keep_their_frames_and_lose_third_party_messages() -> 
     text = formatted("pynetdicom.dsutils", lambda lg, e: lg.exception(e), leaky)
     assert "ZQXDOB" not in text and "builtins.ValueError (message withheld" in text
     assert "Traceback (most recent call last)" in text and "in formatted" in text  # where it happened is kept
-    text = formatted("edge.serve", lambda lg, e: lg.error("Closing the DICOM side failed.", exc_info=e), leaky)
-    assert "ZQXDOB" not in text and text.startswith("edge.serve: Closing the DICOM side failed.\nTraceback")
+    text = formatted("edge.daemon", lambda lg, e: lg.error("Closing the DICOM side failed.", exc_info=e), leaky)
+    assert "ZQXDOB" not in text and text.startswith("edge.daemon: Closing the DICOM side failed.\nTraceback")
     ours = DataError("Data set is truncated: unpack requires a buffer of 4 bytes.")
     text = formatted("pynetdicom.events", lambda lg, e: lg.exception(e), ours)
     assert text.count("Data set is truncated") == 2  # medge's own messages carry no patient data: kept

@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from edge.manifest import InputSpec, Preprocessing
-from edge.preprocess import preprocess, to_float_channels
+from edge.inference.manifest import InputSpec, Preprocessing
+from edge.inference.preprocess import preprocess, to_float_channels
 
 SPEC = InputSpec(size=(48, 64))
 
@@ -68,9 +68,9 @@ def test_upsample_threshold_equals_thresholding_the_float_resize(
     shape: tuple[int, int, int, int], kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The edge-only interpolation gives exactly the mask of the full Pillow float resize."""
-    import edge.postprocess
-    from edge.postprocess import upsample_threshold
-    from edge.preprocess import resize_float
+    import edge.inference.postprocess
+    from edge.inference.postprocess import upsample_threshold
+    from edge.inference.preprocess import resize_float
 
     h, w, oh, ow = shape
     rng = np.random.default_rng(sum(shape))
@@ -83,14 +83,14 @@ def test_upsample_threshold_equals_thresholding_the_float_resize(
     cut = np.float32(0.25)
     want = (resize_float(plane, oh, ow) > cut).astype(np.uint8)
     if kind == "blob" and oh >= 100:  # a real lesion edge: the interpolate-the-edge path, not the fall-back
-        monkeypatch.setattr(edge.postprocess, "resize_float", lambda *a: pytest.fail("fell back to the full resize"))
+        monkeypatch.setattr(edge.inference.postprocess, "resize_float", lambda *a: pytest.fail("fell back to the full resize"))
     got = upsample_threshold(plane, oh, ow, cut)
     assert got.dtype == np.uint8 and got.shape == (oh, ow)
     np.testing.assert_array_equal(got, want)
 
 
 def test_upsample_threshold_all_background_and_all_foreground() -> None:
-    from edge.postprocess import upsample_threshold
+    from edge.inference.postprocess import upsample_threshold
 
     assert not upsample_threshold(np.full((8, 8), -5, np.float32), 20, 30, np.float32(0)).any()
     assert upsample_threshold(np.full((8, 8), 5, np.float32), 20, 30, np.float32(0)).all()

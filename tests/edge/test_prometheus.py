@@ -26,9 +26,9 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from edge.demo import free_port
-from edge.metrics import NvmlCollector
-from edge.zmqclient import ZmqClient
+from edge.ops.nvml import NvmlCollector
+from edge.tools.daemon_process import free_port
+from edge.tools.zmq_client import ZmqClient
 from tests.conftest import peer_path
 from tests.edge._daemon import running_daemon
 from tests.edge._prometheus import PrometheusServer

@@ -25,9 +25,9 @@ import pytest
 import zmq
 
 from edge.config import load_config
-from edge.demo import DaemonProcess, free_port, write_demo_config
-from edge.egress.outbox import Outbox
-from edge.serve import FAULT_INJECT_ENV, Daemon, Watchdog, inject_fault
+from edge.daemon import Daemon, FAULT_INJECT_ENV, Watchdog, inject_fault
+from edge.egress.dicom.outbox import Outbox
+from edge.tools.daemon_process import DaemonProcess, free_port, write_demo_config
 from tests.edge.dicom_factory import make_us_single
 
 

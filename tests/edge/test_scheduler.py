@@ -12,9 +12,9 @@ from prometheus_client import CollectorRegistry
 
 from edge.config import SchedulerConfig
 from edge.errors import ProtocolError
-from edge.manifest import Manifest
-from edge.metrics import Metrics
-from edge.models import LoadedModel, ModelRegistry
+from edge.inference.manifest import Manifest
+from edge.inference.model import LoadedModel, ModelRegistry
+from edge.ops.metrics import Metrics
 from edge.scheduler import Scheduler
 from edge.types import InferenceResult
 from tests.conftest import wait_until

@@ -17,7 +17,7 @@ import pytest
 
 from edge.cli import main
 from edge.errors import ProtocolError
-from edge.zmqclient import decode_reply, encode_request
+from edge.tools.zmq_client import decode_reply, encode_request
 
 from ._daemon import running_daemon
 from ._fake_router import FakeRouter
@@ -110,7 +110,7 @@ def test_send_unknown_model_counts_errors(daemon, capsys) -> None:
 
 
 def test_send_daemon_down_is_a_clear_error(capsys) -> None:
-    from edge.demo import free_port
+    from edge.tools.daemon_process import free_port
 
     rc = main(["send", "zmq", "--endpoint", f"tcp://127.0.0.1:{free_port()}", "--frames", "5",
                "--connect-timeout-s", "0.5"])
@@ -137,8 +137,8 @@ def test_send_daemon_dies_mid_run_keeps_partial_counts(capsys) -> None:
 
 
 def test_send_dicom_is_dispatched_to_the_scu(tmp_path: Path, capsys) -> None:
-    from edge.benchdicom import synthetic_instances
-    from edge.demo import free_port
+    from edge.tools.bench_dicom import synthetic_instances
+    from edge.tools.daemon_process import free_port
 
     path = tmp_path / "us.dcm"
     synthetic_instances(1, "US", frame=(32, 32))[0].save_as(path, enforce_file_format=True)
@@ -150,7 +150,7 @@ def test_send_dicom_is_dispatched_to_the_scu(tmp_path: Path, capsys) -> None:
 # ------------------------------------------------------------------ which daemon: flag > MEDGE_* > --config > default
 def _nobody_config(tmp_path: Path) -> Path:
     """A daemon config whose ZeroMQ and DICOM ports have nobody listening."""
-    from edge.demo import free_port
+    from edge.tools.daemon_process import free_port
 
     cfg = tmp_path / "nobody.toml"
     cfg.write_text(f'[zmq]\ningest = "tcp://127.0.0.1:{free_port()}"\n[dicom]\nport = {free_port()}\n')
@@ -158,7 +158,7 @@ def _nobody_config(tmp_path: Path) -> Path:
 
 
 def test_send_zmq_finds_the_daemon_by_config_env_and_flag(daemon, tmp_path: Path, capsys, monkeypatch) -> None:
-    from edge.demo import free_port
+    from edge.tools.daemon_process import free_port
 
     monkeypatch.delenv("MEDGE_ZMQ__INGEST", raising=False)
     nobody = _nobody_config(tmp_path)
@@ -194,8 +194,8 @@ def test_send_dicom_finds_the_scp_by_config_env_and_flag(tmp_path: Path, capsys,
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import UltrasoundImageStorage
 
-    from edge.benchdicom import synthetic_instances
-    from edge.demo import free_port
+    from edge.tools.bench_dicom import synthetic_instances
+    from edge.tools.daemon_process import free_port
 
     monkeypatch.delenv("MEDGE_DICOM__PORT", raising=False)
     path = tmp_path / "us.dcm"
@@ -242,7 +242,7 @@ def test_send_with_a_missing_config_file_is_a_clear_error(tmp_path: Path, capsys
 def test_simulated_ultrasound_keeps_its_8_bit_values_in_every_dtype() -> None:
     # The ultrasound model maps pixels with a fixed x/255 (docs/protocol.md, input semantics): a
     # uint16/int16/float32 B-mode frame must carry the same 0..255 values, not a 12-bit or [0,1] scale.
-    from edge.simulate import UltrasoundProbe
+    from edge.tools.synthetic import UltrasoundProbe
 
     ref = UltrasoundProbe(48, 64, dtype="uint8", seed=3).frame(1)
     assert ref.max() == 255

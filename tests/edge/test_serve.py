@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import zmq
 
-from edge.manifest import default_engines_dir
+from edge.inference.manifest import default_engines_dir
 from tests.conftest import peer_path
 
 BUNDLED = ("us-lesion-seg", "xray-nodule-det")
@@ -277,7 +277,7 @@ def test_serve_check(tmp_path: Path, fixture_engines: Path, capsys: pytest.Captu
 
 
 def test_sd_notify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from edge.serve import sd_notify
+    from edge.daemon import sd_notify
 
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert sd_notify("READY=1") is False

@@ -203,7 +203,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setitem(sys.modules, "cuda", cuda)
     monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", rt)
-    mod = importlib.reload(importlib.import_module("edge.backends.tensorrt"))
+    mod = importlib.reload(importlib.import_module("edge.inference.backends.tensorrt"))
     yield mod, builds, rt
     monkeypatch.undo()
     importlib.reload(mod)
@@ -253,8 +253,8 @@ def test_corrupt_cached_plan_is_an_error(fake_gpu: Any, fixture_engines: Path, t
 
 def test_model_registry_on_the_tensorrt_backend(fake_gpu: Any, fixture_engines: Path, tmp_path: Path) -> None:
     """``backend = "tensorrt"`` through load_model: fp16 is built from the fp32 ONNX file."""
-    from edge import backends
-    from edge.models import load_model
+    from edge.inference import backends
+    from edge.inference.model import load_model
 
     importlib.reload(backends)  # pick up the faked tensorrt module
     with load_model("tiny-seg", engines_dir=fixture_engines, backend="tensorrt", precision="fp16",

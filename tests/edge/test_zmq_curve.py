@@ -20,10 +20,10 @@ import zmq
 import zmq.auth
 
 from edge.config import load_config
+from edge.daemon import Daemon
 from edge.errors import ConfigError
-from edge.serve import Daemon
-from edge.zmq_auth import CurveClientKeys, create_keypair
-from edge.zmqclient import ZmqClient
+from edge.ops.curve import CurveClientKeys, create_keypair
+from edge.tools.zmq_client import ZmqClient
 
 
 @pytest.fixture(scope="module")

@@ -51,15 +51,14 @@ from edge.errors import ProtocolError
 from edge.ingest.zmq import (
     MAX_HEADER_DEPTH,
     OPS,
-    WANT_VALUES,
     Request,
+    WANT_VALUES,
     parse_header,
     parse_request,
     request_op,
     valid_stream,
 )
-from edge.postprocess import Box
-from edge.types import InferenceResult
+from edge.types import Box, InferenceResult
 
 settings.register_profile(
     "ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
@@ -346,7 +345,7 @@ def test_encoder_replaces_a_nan_score_with_an_internal_error() -> None:
 @pytest.fixture
 def daemon(fixture_engines: Path) -> Iterator[Any]:
     from edge.config import load_config
-    from edge.serve import Daemon
+    from edge.daemon import Daemon
 
     env = {
         "MEDGE_ENGINES_DIR": str(fixture_engines),

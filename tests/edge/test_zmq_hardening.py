@@ -30,7 +30,7 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 from zmq.utils.monitor import recv_monitor_message
 
-from edge.demo import DaemonProcess, free_port, write_demo_config
+from edge.tools.daemon_process import DaemonProcess, free_port, write_demo_config
 
 MiB = 1024 * 1024
 SHUTDOWN_TIMEOUT_S = 4.0  # what write_demo_config writes
@@ -390,12 +390,12 @@ def test_hostile_json_is_bad_header_without_a_traceback(tmp_path: Path, fixture_
 
 # ------------------------------------------------------------------ (g) the Python client's protocol v1 additions
 def test_python_client_lists_models_subscribes_exactly_and_reconnects(tmp_path: Path, fixture_engines: Path) -> None:
-    """``edge.zmqclient`` against a ``medge serve`` child: ``models()`` lists both served models with
+    """``edge.tools.zmq_client`` against a ``medge serve`` child: ``models()`` lists both served models with
     their input semantics; a ``ZmqSubscriber`` of ``probe-1`` never gets ``probe-10``'s results (PUB
     keeps order per subscriber, and probe-10's frame is always published first); a string
     ``sent_ns`` above 2**53 comes back as that string; after ``reconnect()`` a reply owed to the old
     socket never reaches the new one."""
-    from edge.zmqclient import ZmqClient, ZmqSubscriber
+    from edge.tools.zmq_client import ZmqClient, ZmqSubscriber
 
     big_ns = str(2**53 + 1)
     img = np.zeros((32, 32), np.uint8)

@@ -18,8 +18,8 @@ import pytest
 import zmq
 
 from edge.config import load_config
-from edge.manifest import default_engines_dir
-from edge.serve import Daemon
+from edge.daemon import Daemon
+from edge.inference.manifest import default_engines_dir
 from edge.types import InferenceResult
 from tests.conftest import wait_until
 
@@ -304,7 +304,7 @@ def test_models_request_is_a_reply_only_and_works_through_req(daemon: Daemon, ct
 def test_models_request_in_process_with_bundled_manifests(fixture_engines: Path, ctx: zmq.Context) -> None:
     """The ZmqServer describes the catalog it is given (here the bundled manifests, without loading
     them): us-lesion-seg reads values on a fixed 0..255 scale, xray-nodule-det per frame."""
-    from edge.manifest import Manifest
+    from edge.inference.manifest import Manifest
 
     names = [n for n in BUNDLED if (default_engines_dir() / n / "manifest.json").is_file()]
     manifests = [Manifest.load(default_engines_dir() / n) for n in names] or [Manifest.load(fixture_engines / "tiny-seg")]
@@ -477,7 +477,7 @@ BUNDLED = ("us-lesion-seg", "xray-nodule-det")
 )
 def test_bundled_models_over_the_wire_match_in_process(ctx: zmq.Context) -> None:
     """Replies from the daemon equal what LoadedModel.run gives for the same pixels."""
-    from edge.models import load_model
+    from edge.inference.model import load_model
 
     env = {
         "MEDGE_ZMQ__INGEST": "tcp://127.0.0.1:*",
@@ -513,10 +513,10 @@ def test_ingest_never_waits_on_inference(fixture_engines: Path, ctx: zmq.Context
     from prometheus_client import CollectorRegistry
 
     from edge.config import SchedulerConfig, ZmqConfig
+    from edge.inference.manifest import Manifest
+    from edge.inference.model import LoadedModel, ModelRegistry
     from edge.ingest.zmq import ZmqServer
-    from edge.manifest import Manifest
-    from edge.metrics import Metrics
-    from edge.models import LoadedModel, ModelRegistry
+    from edge.ops.metrics import Metrics
     from edge.scheduler import Scheduler
 
     entered = threading.Event()
@@ -682,7 +682,7 @@ def _server(service: Any, registry: Any = None, catalog: Any = None, **zmq_field
 
     from edge.config import ZmqConfig
     from edge.ingest.zmq import ZmqServer
-    from edge.metrics import Metrics
+    from edge.ops.metrics import Metrics
 
     metrics = Metrics(registry or CollectorRegistry(), process=False)
     cfg = ZmqConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", **zmq_fields)
@@ -698,7 +698,7 @@ def test_unencodable_result_gets_an_internal_reply_and_is_counted(ctx: zmq.Conte
     counted as lost (reason encode) and failed, and the in-flight count returns to 0."""
     from prometheus_client import CollectorRegistry
 
-    from edge.postprocess import Box
+    from edge.types import Box
 
     reg = CollectorRegistry()
     bad = InferenceResult(status="ok", model="m", boxes=[Box("lesion", float("nan"), 0.0, 0.0, 1.0, 1.0)])

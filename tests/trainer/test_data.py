@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from edge.errors import DataError
-from edge.manifest import InputSpec
-from edge.preprocess import preprocess
+from edge.inference.manifest import InputSpec
+from edge.inference.preprocess import preprocess
 from trainer.data import (
     US_PREPROCESSING,
     XRAY_PREPROCESSING,

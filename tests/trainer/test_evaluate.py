@@ -1,4 +1,4 @@
-"""Metrics, and that training targets decode through edge.postprocess to the ground truth."""
+"""Metrics, and that training targets decode through edge.inference.postprocess to the ground truth."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edge.manifest import InputSpec, Postprocessing  # noqa: E402
+from edge.inference.manifest import InputSpec, Postprocessing  # noqa: E402
 from trainer.data import synthetic_detection_set, synthetic_segmentation_set  # noqa: E402
 from trainer.evaluate import (  # noqa: E402
     average_precision,

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 from edge.errors import ModelError  # noqa: E402
-from edge.manifest import InputSpec, Manifest  # noqa: E402
+from edge.inference.manifest import InputSpec, Manifest  # noqa: E402
 from trainer.evaluate import onnx_runner  # noqa: E402
 from trainer.export import check_parity, convert_fp16, export_checkpoint, export_onnx  # noqa: E402
 from trainer.models import CenterNet  # noqa: E402

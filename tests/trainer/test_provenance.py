@@ -21,7 +21,7 @@ pytest.importorskip("onnx")
 from PIL import Image  # noqa: E402
 
 from edge.errors import ConfigError, DataError  # noqa: E402
-from edge.manifest import Manifest  # noqa: E402
+from edge.inference.manifest import Manifest  # noqa: E402
 from tests.trainer.conftest import tiny_config  # noqa: E402
 from trainer.data import folder_items, load_detection_folder, load_segmentation_folder, split_items  # noqa: E402
 from trainer.export import export_checkpoint  # noqa: E402

@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 
 from edge.cli import main as medge  # noqa: E402
 from edge.errors import DataError  # noqa: E402
-from edge.manifest import Manifest  # noqa: E402
+from edge.inference.manifest import Manifest  # noqa: E402
 from trainer.export import export_checkpoint  # noqa: E402
 from trainer.quantize import GateRefused, quantize_engine, quantize_int8, quantize_with_gate  # noqa: E402
 
@@ -94,7 +94,7 @@ def test_build_refuses_tensorrt_int8_from_uint8_activations(tmp_path) -> None:
     import shutil
 
     from edge.errors import EngineBuildError
-    from edge.manifest import INT8_TENSORRT, Manifest, default_engines_dir
+    from edge.inference.manifest import INT8_TENSORRT, Manifest, default_engines_dir
     from trainer.build import build
 
     eng = tmp_path / "us-lesion-seg"
@@ -111,7 +111,7 @@ def test_bundled_engines_carry_a_tensorrt_int8_artifact() -> None:
     import onnx
     from onnx import numpy_helper
 
-    from edge.manifest import INT8_TENSORRT, Manifest, default_engines_dir
+    from edge.inference.manifest import INT8_TENSORRT, Manifest, default_engines_dir
 
     for name in ("us-lesion-seg", "xray-nodule-det"):
         man = Manifest.load(default_engines_dir() / name)

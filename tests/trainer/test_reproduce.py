@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from edge.manifest import discover  # noqa: E402
+from edge.inference.manifest import discover  # noqa: E402
 from trainer.reproduce import main  # noqa: E402
 
 

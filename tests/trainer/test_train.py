@@ -18,7 +18,7 @@ from trainer.evaluate import torch_runner  # noqa: E402
 from trainer.train import load_checkpoint, model_from_checkpoint, segmentation_loss, train  # noqa: E402
 
 from edge.errors import ConfigError  # noqa: E402
-from edge.manifest import InputSpec  # noqa: E402
+from edge.inference.manifest import InputSpec  # noqa: E402
 
 
 def test_run_writes_checkpoints_log_and_progress(tmp_path: Path, cache_dir: str, capsys: pytest.CaptureFixture[str]) -> None:

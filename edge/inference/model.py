@@ -1,0 +1,502 @@
+"""The model registry: manifests -> verified artifacts -> warmed-up backends.
+
+A :class:`LoadedModel` is one model ready to serve: its manifest, a backend
+(:mod:`edge.inference.backends`) and the manifest-driven pre- and post-processing.
+:meth:`LoadedModel.run` takes a list of images (any size, dtype ``uint8``,
+``uint16``, ``int16`` or ``float32``, ``[H, W]`` or ``[H, W, C]``) and
+returns one :class:`~edge.types.InferenceResult` per image, with a mask at
+the image's resolution (segmentation) or boxes in its pixel coordinates
+(detection) and per-stage timings in microseconds.
+
+:class:`ModelRegistry` holds every served model of a configuration.
+
+The module is usable on its own (clients, benchmarks, notebooks):
+
+Examples
+--------
+>>> import numpy as np
+>>> from edge.inference.model import load_model
+>>> with load_model("us-lesion-seg") as model:  # doctest: +SKIP
+...     [res] = model.run([np.zeros((480, 640), np.uint8)])
+...     res.status, res.mask.shape, sorted(res.timing_us)
+('ok', (480, 640), ['infer', 'postprocess', 'preprocess', 'total'])
+>>> with load_model("us-lesion-seg") as model:  # doctest: +SKIP
+...     x, geom = model.preprocess(np.zeros((480, 640), np.uint8))
+...     outputs = model.backend.infer(x[None])      # the raw backend, e.g. for benchmarks
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from edge.config import MedgeConfig, ModelConfig
+from edge.errors import BackendUnavailableError, DataError, ModelError
+from edge.inference.backends import create_backend, resolve_backend
+from edge.inference.manifest import Manifest, default_engines_dir
+from edge.inference.postprocess import decode_detections, segmentation_mask
+from edge.inference.preprocess import Geometry, preprocess
+from edge.types import Backend, Box, InferenceResult
+
+__all__ = ["LoadedModel", "ModelRegistry", "load_model", "resolve_precision"]
+
+_log = logging.getLogger(__name__)
+
+
+def _us(t0: int, t1: int) -> int:
+    return max(0, (t1 - t0) // 1000)
+
+
+def resolve_precision(requested: str, manifest: Manifest, kind: str, provider: str) -> str:
+    """The precision to serve for a request of ``fp32``/``int8``/``fp16``/``auto``.
+
+    ``auto``: on native TensorRT, int8 when the manifest has a Q/DQ int8
+    artifact with symmetric int8 activations (see
+    :attr:`edge.inference.manifest.Manifest.int8_tensorrt_ready`), else fp16; on ONNX Runtime's GPU providers, fp16 when the
+    manifest has an fp16 artifact, else fp32; on the CPU, int8 when present
+    (the trainer only writes int8 behind an accuracy gate), else fp32.
+
+    Raises
+    ------
+    ModelError
+        An explicitly requested precision has no artifact (and cannot be
+        built from the fp32 one).
+    """
+    arts = manifest.artifacts
+    if requested == "auto":
+        if kind == "tensorrt":
+            return "int8" if manifest.int8_tensorrt_ready else "fp16"
+        if provider in ("cuda", "tensorrt"):
+            return "fp16" if "fp16" in arts else "fp32"
+        return "int8" if "int8" in arts else "fp32"
+    if requested not in ("fp32", "int8", "fp16"):
+        raise ModelError(f"Precision {requested!r} is not fp32, int8, fp16 or auto.")
+    if kind == "tensorrt" and requested == "int8" and "int8" in arts and not manifest.int8_tensorrt_ready:
+        raise BackendUnavailableError(
+            f"Model {manifest.name!r}: its int8 artifact has "
+            f"{manifest.training.get('quantization', {}).get('activations', 'unknown')} activations; "
+            f"TensorRT needs symmetric int8 (zero point 0). Run: medge quantize {manifest.name} --activations int8"
+        )
+    # TensorRT builds an fp16 engine from the fp32 ONNX file; everything else needs its artifact.
+    if requested not in arts and not (kind == "tensorrt" and requested == "fp16"):
+        raise ModelError(
+            f"Model {manifest.name!r} has no {requested!r} artifact "
+            f"(it has: {', '.join(sorted(arts))}); choose another precision."
+        )
+    return requested
+
+
+class LoadedModel:
+    """One model, loaded on a backend, with its manifest's pre/post-processing.
+
+    Use :func:`load_model` or :class:`ModelRegistry` to make one. Thread
+    safety: :meth:`run` may be called from several threads (the scheduler's
+    workers): ONNX Runtime sessions are thread-safe, the TensorRT backend
+    serialises its calls.
+
+    Attributes
+    ----------
+    manifest : Manifest
+    backend : Backend
+    precision : str
+        What actually runs (``auto`` resolved).
+    backend_label : str
+        ``onnxruntime``, ``onnxruntime+cuda``, ``tensorrt``... (for metrics).
+    fallback : str
+        Why ``backend = "auto"`` did not get TensorRT (empty otherwise).
+    threshold : float
+        The score / probability threshold in use.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        backend: Backend,
+        *,
+        backend_label: str = "",
+        fallback: str = "",
+        threshold: float | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.backend = backend
+        self.precision = backend.precision
+        self.backend_label = backend_label or backend.name
+        self.fallback = fallback
+        post = manifest.postprocessing
+        if threshold is not None and threshold >= 0:
+            post = dataclasses.replace(post, threshold=float(threshold))
+        self.postprocessing = post
+        self.warm = False
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def name(self) -> str:
+        """The model's name (from its manifest)."""
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        """The model's version (from its manifest)."""
+        return self.manifest.version
+
+    @property
+    def task(self) -> str:
+        """``segmentation`` or ``detection``."""
+        return self.manifest.task
+
+    @property
+    def max_batch(self) -> int:
+        """Largest batch the backend accepts."""
+        return int(self.backend.max_batch)
+
+    @property
+    def threshold(self) -> float:
+        """Score / probability threshold of the post-processing."""
+        return self.postprocessing.threshold
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one model input."""
+        return (self.manifest.input.channels, *self.manifest.input.size)
+
+    # ----------------------------------------------------------------- stages
+    def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, Geometry]:
+        """One image to a ``[C, H, W]`` float32 input and its geometry."""
+        return preprocess(image, self.manifest.input, self.manifest.preprocessing)
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """The backend on one ``[N, C, H, W]`` batch (N <= ``max_batch``)."""
+        return self.backend.infer(batch)
+
+    def postprocess(
+        self, outputs: Mapping[str, np.ndarray], index: int, geom: Geometry
+    ) -> tuple[np.ndarray | None, list[Box]]:
+        """Item ``index`` of a batch's outputs to ``(mask, boxes)`` at the source size."""
+        post = self.postprocessing
+        if self.task == "segmentation":
+            name = self.manifest.outputs[0]
+            return segmentation_mask(outputs[name][index], geom, post.threshold), []
+        boxes = decode_detections(
+            outputs["heatmap"][index],
+            outputs["size"][index],
+            outputs["offset"][index],
+            geom,
+            post,
+            self.manifest.labels,
+        )
+        return None, boxes
+
+    def run(self, images: Sequence[np.ndarray]) -> list[InferenceResult]:
+        """Preprocess, infer in batches of at most ``max_batch``, postprocess.
+
+        Parameters
+        ----------
+        images : sequence of numpy.ndarray
+            ``[H, W]``, ``[H, W, 1]`` or ``[H, W, 3]``; any supported dtype.
+
+        Returns
+        -------
+        list of InferenceResult
+            One per image, in order. An image that cannot be preprocessed
+            gets ``status="error"`` (code ``bad_shape``) without failing the
+            others. ``timing_us`` holds ``preprocess``, ``infer`` (the
+            batch's), ``postprocess`` and ``total``.
+
+        Raises
+        ------
+        ModelError, RuntimeError
+            If the backend fails (the whole batch fails).
+        """
+        results: list[InferenceResult] = []
+        for start in range(0, len(images), max(1, self.max_batch)):
+            results.extend(self._run_batch(images[start : start + self.max_batch]))
+        return results
+
+    def _run_batch(self, images: Sequence[np.ndarray]) -> list[InferenceResult]:
+        n = len(images)
+        out: list[InferenceResult | None] = [None] * n
+        batch = np.empty((n, *self.input_shape), dtype=np.float32)  # preprocessed in place, no stacking
+        geoms: list[Geometry] = []
+        slots: list[int] = []
+        pre_us: list[int] = []
+        for i, img in enumerate(images):
+            t0 = time.perf_counter_ns()
+            try:
+                _, geom = preprocess(img, self.manifest.input, self.manifest.preprocessing, out=batch[len(slots)])
+            except DataError as exc:
+                out[i] = self._error("bad_shape", str(exc))
+                continue
+            geoms.append(geom)
+            slots.append(i)
+            pre_us.append(_us(t0, time.perf_counter_ns()))
+        if slots:
+            t0 = time.perf_counter_ns()
+            outputs = self.backend.infer(batch[: len(slots)])
+            infer_us = _us(t0, time.perf_counter_ns())
+            for j, (slot, geom) in enumerate(zip(slots, geoms)):
+                t1 = time.perf_counter_ns()
+                mask, boxes = self.postprocess(outputs, j, geom)
+                post_us = _us(t1, time.perf_counter_ns())
+                out[slot] = InferenceResult(
+                    status="ok",
+                    model=self.name,
+                    model_version=self.version,
+                    task=self.task,
+                    mask=mask,
+                    boxes=boxes,
+                    timing_us={
+                        "preprocess": pre_us[j],
+                        "infer": infer_us,
+                        "postprocess": post_us,
+                        "total": pre_us[j] + infer_us + post_us,
+                    },
+                )
+        return [r for r in out if r is not None]
+
+    def _error(self, code: str, message: str) -> InferenceResult:
+        return InferenceResult(
+            status="error",
+            model=self.name,
+            model_version=self.version,
+            task=self.task,
+            error_code=code,
+            error_message=message,
+        )
+
+    def warmup(self, iterations: int = 3) -> None:
+        """Run the whole pipeline on synthetic frames so the first real frame is fast.
+
+        Runs batch 1 ``iterations`` times and one full ``max_batch`` batch
+        (ONNX Runtime and TensorRT allocate per shape on first use).
+        """
+        rng = np.random.default_rng(0)
+        h, w = self.manifest.input.size
+        img = rng.integers(0, 255, size=(h * 2, w * 2), dtype=np.uint8)
+        for _ in range(max(0, iterations)):
+            self.run([img])
+        if iterations and self.max_batch > 1:
+            self.run([img] * self.max_batch)
+        self.warm = True
+
+    def close(self) -> None:
+        """Release the backend."""
+        self.backend.close()
+
+    def __enter__(self) -> "LoadedModel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"LoadedModel({self.name!r}, version={self.version!r}, task={self.task!r}, "
+            f"backend={self.backend_label!r}, precision={self.precision!r})"
+        )
+
+
+def load_model(
+    name_or_dir: str | Path,
+    *,
+    engines_dir: Path | str | None = None,
+    precision: str = "fp32",
+    backend: str = "onnxruntime",
+    provider: str = "cpu",
+    max_batch: int = 8,
+    cache_dir: Path | str = ".medge/engine-cache",
+    device_id: int = 0,
+    intra_op_threads: int = 0,
+    spin_us: int = 1000,
+    threshold: float | None = None,
+    warmup_iterations: int = 0,
+) -> LoadedModel:
+    """Load one model: read its manifest, verify the artifact's sha256, build the backend.
+
+    Parameters
+    ----------
+    name_or_dir : str or path
+        A model name under ``engines_dir`` (default: the bundled engines) or
+        a folder holding ``manifest.json``.
+    precision : str
+        ``fp32``, ``int8``, ``fp16`` or ``auto`` (see :func:`resolve_precision`).
+    backend : str
+        ``onnxruntime``, ``tensorrt`` or ``auto``.
+    provider : str
+        ONNX Runtime execution provider: ``cpu``, ``cuda`` or ``tensorrt``.
+    max_batch : int
+        Largest batch the backend will be given.
+    spin_us : int
+        ONNX Runtime: how long intra-op threads spin for work before they
+        sleep (0: never); ignored by TensorRT.
+    warmup_iterations : int
+        Run :meth:`LoadedModel.warmup` before returning (0: don't).
+
+    Raises
+    ------
+    ModelError
+        No such model, a malformed manifest, a missing artifact or a sha256
+        mismatch (the artifact is refused).
+    BackendUnavailableError
+        The backend, provider or precision cannot run here.
+    """
+    p = Path(name_or_dir)
+    if (p / "manifest.json").is_file():
+        directory = p
+    else:
+        root = Path(engines_dir) if engines_dir is not None else default_engines_dir()
+        directory = root / str(name_or_dir)
+        if not (directory / "manifest.json").is_file():
+            raise ModelError(f"No model {str(name_or_dir)!r}: {directory / 'manifest.json'} does not exist.")
+    manifest = Manifest.load(directory)
+    kind, prov, fallback = resolve_backend(backend, provider)
+    prec = resolve_precision(precision, manifest, kind, prov)
+    art_key = manifest.artifact_key(prec, kind)
+    if art_key not in manifest.artifacts:
+        art_key = "fp32"  # TensorRT fp16 is built from the fp32 ONNX file
+    onnx_path = manifest.artifact_path(art_key, verify=True)
+    be = create_backend(
+        kind,
+        onnx_path=onnx_path,
+        onnx_sha256=manifest.artifacts[art_key].sha256,
+        model_name=manifest.name,
+        precision=prec,
+        input_name=manifest.input.name,
+        input_chw=(manifest.input.channels, *manifest.input.size),
+        max_batch=max_batch,
+        cache_dir=cache_dir,
+        provider=prov or "cpu",
+        device_id=device_id,
+        intra_op_threads=intra_op_threads,
+        spin_us=spin_us,
+    )
+    if kind == "onnxruntime":
+        label = "onnxruntime" if prov == "cpu" else f"onnxruntime+{prov}"
+    else:
+        label = kind
+    model = LoadedModel(manifest, be, backend_label=label, fallback=fallback, threshold=threshold)
+    if fallback:
+        _log.warning("Model %s runs on %s (%s) because: %s.", manifest.name, label, prec, fallback)
+    if warmup_iterations:
+        model.warmup(warmup_iterations)
+    return model
+
+
+class ModelRegistry:
+    """Every served model of one configuration, by name.
+
+    Parameters
+    ----------
+    models : mapping of str to LoadedModel
+        Already loaded models (tests); use :meth:`from_config` in the daemon.
+
+    Examples
+    --------
+    >>> from edge.config import load_config
+    >>> with ModelRegistry.from_config(load_config()) as reg:  # doctest: +SKIP
+    ...     reg.names()
+    ('us-lesion-seg', 'xray-nodule-det')
+    """
+
+    def __init__(self, models: Mapping[str, LoadedModel] | None = None) -> None:
+        self._models: dict[str, LoadedModel] = dict(models or {})
+
+    @classmethod
+    def from_config(cls, config: MedgeConfig, warmup: bool = True) -> "ModelRegistry":
+        """Load (and warm up) every model in ``config.models``; all or nothing.
+
+        Raises
+        ------
+        ModelError, BackendUnavailableError
+            Naming the model at fault; models loaded so far are closed.
+        """
+        reg = cls()
+        try:
+            for mc in config.models:
+                if mc.name in reg._models:
+                    # load_config refuses this; a hand-built config must not shadow a model either.
+                    raise ModelError(
+                        f"Model {mc.name!r} is configured twice ({reg._models[mc.name].manifest.directory} "
+                        f"and {config.model_dir(mc)}); model names must be unique."
+                    )
+                reg._models[mc.name] = _load_configured(config, mc, warmup)
+        except (ModelError, BackendUnavailableError):
+            reg.close()
+            raise
+        return reg
+
+    def get(self, name: str) -> LoadedModel:
+        """The model called ``name``; ``KeyError`` if it is not served."""
+        return self._models[name]
+
+    def __getitem__(self, name: str) -> LoadedModel:
+        return self._models[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._models
+
+    def __iter__(self) -> Iterator[LoadedModel]:
+        return iter(self._models.values())
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def names(self) -> tuple[str, ...]:
+        """Served model names, in configuration order."""
+        return tuple(self._models)
+
+    @property
+    def warm(self) -> bool:
+        """Whether every model is loaded and warmed up."""
+        return bool(self._models) and all(m.warm for m in self._models.values())
+
+    def close(self) -> None:
+        """Close every model."""
+        for m in self._models.values():
+            m.close()
+        self._models.clear()
+
+    def __enter__(self) -> "ModelRegistry":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _load_configured(config: MedgeConfig, mc: ModelConfig, warmup: bool) -> LoadedModel:
+    max_batch = mc.max_batch or config.scheduler.max_batch
+    t0 = time.perf_counter()
+    try:
+        model = load_model(
+            config.model_dir(mc),
+            precision=mc.precision,
+            backend=mc.backend,
+            provider=mc.provider,
+            max_batch=max_batch,
+            cache_dir=config.engine_cache_dir,
+            device_id=mc.device_id,
+            intra_op_threads=mc.intra_op_threads,
+            spin_us=mc.spin_us,
+            threshold=mc.threshold if mc.threshold >= 0 else None,
+        )
+    except (ModelError, BackendUnavailableError) as exc:
+        raise type(exc)(f"Model {mc.name!r}: {exc}") from exc
+    if model.name != mc.name:
+        model.close()
+        raise ModelError(f"Model {mc.name!r}: its manifest is named {model.name!r}.")
+    if warmup:
+        model.warmup(mc.warmup_iterations)
+    _log.info(
+        "Model %s v%s ready: %s, %s, max batch %d (%.2f s).",
+        model.name,
+        model.version,
+        model.backend_label,
+        model.precision,
+        max_batch,
+        time.perf_counter() - t0,
+    )
+    return model

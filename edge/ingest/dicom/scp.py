@@ -1,0 +1,1034 @@
+"""The DICOM C-STORE SCP (pynetdicom): durable receive, then hand-off.
+
+What happens on the network (association) thread, and nothing more:
+
+1. :func:`edge.ingest.dicom.scan.scan_encoded` walks the encoded data set as received
+   (tag and length only; no pydicom decode) to check it is structurally
+   whole and within the input bounds, and to read Modality, SOP class,
+   BodyPartExamined and the UIDs. A truncated or corrupt data set (or
+   deflate stream), an image medge could never decode (Rows or Columns 0,
+   Bits Allocated not 1/8/16/32, Samples per Pixel not 1/3), or a
+   compressed frame whose codestream header declares more than Rows x
+   Columns (or cannot be read) is answered ``0xC210`` (cannot
+   understand); one over a
+   bound — inflated size (``[dicom] max_inflated_mb``, checked while
+   inflating, so a deflate bomb is refused before it is in memory),
+   Number of Frames (``max_frames``) or Rows x Columns (``max_pixels``) —
+   is answered ``0xA700`` (out of resources). Both carry an Error Comment
+   naming the reason (no patient data), and nothing is written.
+2. Routing: an instance no rule routes to a served model is accepted and
+   logged by SOP class (``unrouted = "accept"``, not stored) or refused with
+   ``0x0122`` (``unrouted = "reject"``). A routed instance without Pixel
+   Data (nothing a model could run) is answered ``0xC210``.
+3. The encoded bytes (file meta + data set, exactly as received) are written
+   to the spool: temp file, fsync, rename, fsync of the folder. Only then is
+   success (``0x0000``) returned. A full spool (``[dicom] spool_max_mb``
+   over the received instances plus the outbox, or less free disk than
+   ``spool_min_free_mb`` after the write) or an unwritable one answers
+   ``0xA700`` (out of resources), never success; nothing is left behind.
+4. The spooled instance is queued for :class:`~edge.ingest.dicom.pipeline.DicomPipeline`,
+   whose worker threads decode and call the inference service.
+
+Associations: calling-AE allow-list (others are rejected at A-ASSOCIATE),
+``max_associations``, ACSE/DIMSE/network timeouts, and optional TLS. On a
+network timeout the SCP releases the association rather than aborting it
+(some PACS treat a release as "study sent").
+
+**Admission** (before pynetdicom sees a connection; :class:`AdmittingServer`):
+the accept thread only accepts and counts. It closes at once a connection
+over ``max_associations_per_peer`` (connections from one IP address,
+associated or not); when ``max_pending_connections`` connections are not
+yet associated, a new one evicts the oldest of them (so idle sockets from
+many addresses cannot lock a modality out). Each admitted connection gets its own thread, which does the
+TLS handshake (never the accept thread) and reads the whole
+A-ASSOCIATE-RQ PDU, both within ``connect_timeout_s`` in all; a
+connection that is idle, slow, sends only part of a PDU or something other
+than an A-ASSOCIATE-RQ is closed and counted in
+``medge_dicom_connections_refused_total{reason}``. Only then is the
+pynetdicom association created, so a connection that has not associated
+holds none of the ``max_associations`` slots. After that, every PDU must
+arrive whole within ``network_timeout_s`` and declare at most
+:data:`PDU_LIMIT_BYTES` (the SCP advertises :data:`MAX_PDU_BYTES`), or the
+association ends (``medge_dicom_associations_aborted_total{reason}``).
+This relies on pynetdicom 3.0.4 internals, named where they are used.
+
+Examples
+--------
+>>> from edge.config import default_config
+>>> cfg = default_config(check_models=False)  # doctest: +SKIP
+>>> scp = start_dicom(cfg, service, registry, cfg.spool_dir)  # doctest: +SKIP
+>>> scp.port  # doctest: +SKIP
+11112
+>>> scp.close()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import ssl
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from prometheus_client import CollectorRegistry, Counter
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from edge.egress.dicom.outbox import Outbox
+from edge.egress.dicom.results import ModelInfo
+from edge.errors import DataError, MedgeError
+from edge.ingest.dicom.pipeline import DicomPipeline, WorkItem, encode_file_meta
+from edge.ingest.dicom.routing import Router
+from edge.ingest.dicom.scan import ScanLimits, SizeLimitError, scan_encoded
+from edge.ingest.dicom.spool import Spool, SpoolError, SpoolFullError
+from edge.ops.boundary import ErrorBoundary, LogThrottle
+from edge.ops.metrics import get_or_create_metric
+from edge.types import InferenceService
+
+__all__ = [
+    "STORAGE_SOP_CLASSES",
+    "RETIRED_STORAGE_SOP_CLASSES",
+    "accepted_sop_classes",
+    "TRANSFER_SYNTAXES",
+    "STATUS_OUT_OF_RESOURCES",
+    "STATUS_CANNOT_UNDERSTAND",
+    "STATUS_SOP_CLASS_NOT_SUPPORTED",
+    "CONNECTION_REFUSAL_REASONS",
+    "ASSOCIATION_ABORT_REASONS",
+    "MAX_PDU_BYTES",
+    "PDU_LIMIT_BYTES",
+    "Admission",
+    "AdmittingServer",
+    "DicomIngest",
+    "start_dicom",
+]
+
+_log = logging.getLogger(__name__)
+
+#: Storage SOP classes the SCP accepts (name -> UID).
+STORAGE_SOP_CLASSES: dict[str, str] = {
+    "UltrasoundImageStorage": "1.2.840.10008.5.1.4.1.1.6.1",
+    "UltrasoundMultiFrameImageStorage": "1.2.840.10008.5.1.4.1.1.3.1",
+    "ComputedRadiographyImageStorage": "1.2.840.10008.5.1.4.1.1.1",
+    "DigitalXRayImageStorageForPresentation": "1.2.840.10008.5.1.4.1.1.1.1",
+    "DigitalXRayImageStorageForProcessing": "1.2.840.10008.5.1.4.1.1.1.1.1",
+    "CTImageStorage": "1.2.840.10008.5.1.4.1.1.2",
+    "MRImageStorage": "1.2.840.10008.5.1.4.1.1.4",
+    "SecondaryCaptureImageStorage": "1.2.840.10008.5.1.4.1.1.7",
+    "MultiFrameGrayscaleByteSecondaryCaptureImageStorage": "1.2.840.10008.5.1.4.1.1.7.2",
+    "MultiFrameGrayscaleWordSecondaryCaptureImageStorage": "1.2.840.10008.5.1.4.1.1.7.3",
+    "MultiFrameTrueColorSecondaryCaptureImageStorage": "1.2.840.10008.5.1.4.1.1.7.4",
+}
+
+#: Retired storage classes old ultrasound equipment and archives still send (not in pynetdicom's list).
+RETIRED_STORAGE_SOP_CLASSES: dict[str, str] = {
+    "UltrasoundImageStorageRetired": "1.2.840.10008.5.1.4.1.1.6",
+    "UltrasoundMultiFrameImageStorageRetired": "1.2.840.10008.5.1.4.1.1.3",
+    "NuclearMedicineImageStorageRetired": "1.2.840.10008.5.1.4.1.1.5",
+}
+
+
+def _register_retired_classes() -> None:
+    """Make pynetdicom's Storage service handle the retired classes (it refuses unknown UIDs otherwise)."""
+    import pynetdicom.sop_class as sop_class
+    from pynetdicom.service_class import StorageServiceClass
+
+    for keyword, uid in RETIRED_STORAGE_SOP_CLASSES.items():
+        if not hasattr(sop_class, keyword):
+            sop_class.register_uid(uid, keyword, StorageServiceClass)
+
+
+def accepted_sop_classes(unrouted: str) -> list[str]:
+    """The storage SOP classes that get a presentation context.
+
+    With ``unrouted = "accept"``, every storage class pynetdicom knows plus
+    the retired ones above: forwarding a whole study (with SEG, SR, KOS or
+    medge's own results in it) must not fail for want of a context; what no
+    route matches is answered success and dropped (counted in
+    ``medge_dicom_unrouted_total{sop_class_uid, action="accept"}``, a label
+    bounded by this list). With ``"reject"``, the image classes of
+    :data:`STORAGE_SOP_CLASSES` only (others are refused at association).
+    """
+    uids = list(STORAGE_SOP_CLASSES.values())
+    _register_retired_classes()
+    if unrouted == "accept":
+        from pynetdicom import AllStoragePresentationContexts
+
+        known = set(uids)
+        for uid in [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts] + list(
+            RETIRED_STORAGE_SOP_CLASSES.values()
+        ):
+            if uid not in known:
+                known.add(uid)
+                uids.append(uid)
+    return uids
+
+
+#: Transfer syntaxes accepted for every storage SOP class, in order of preference.
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_INTERNAL = 0xC211
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+_MAX_COMMENT = 64  # Error Comment (0000,0902) is LO
+
+
+def _status(code: int, comment: str) -> Dataset:
+    """A C-STORE response status with an Error Comment (at most 64 characters, no patient data)."""
+    ds = Dataset()
+    ds.Status = code
+    text = comment.encode("ascii", "replace").decode("ascii")
+    ds.ErrorComment = text if len(text) <= _MAX_COMMENT else text[: _MAX_COMMENT - 3] + "..."
+    return ds
+
+
+def _ssl_context(tls: Any) -> ssl.SSLContext | None:
+    if not getattr(tls, "cert", "") or not getattr(tls, "key", ""):
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.cert, tls.key)
+    if getattr(tls, "ca", ""):
+        ctx.load_verify_locations(cafile=tls.ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: the modality must present a certificate
+    return ctx
+
+
+# --------------------------------------------------------------------------- admission
+#: PDU type of an A-ASSOCIATE-RQ (PS3.8 9.3.2).
+_A_ASSOCIATE_RQ = 0x01
+#: Largest A-ASSOCIATE-RQ PDU admitted (128 presentation contexts of many transfer syntaxes fit).
+MAX_ASSOCIATE_RQ_BYTES = 1 << 20
+#: Maximum PDU length the SCP advertises (A-ASSOCIATE-AC): peers send P-DATA PDUs of at most this.
+MAX_PDU_BYTES = 4 << 20
+#: Longest PDU the SCP reads at all; a header declaring more ends the association before a byte of
+#: it is read (A-ABORT). Above MAX_PDU_BYTES so that a peer a little over our maximum is still served.
+PDU_LIMIT_BYTES = 16 << 20
+#: Values of ``medge_dicom_connections_refused_total{reason}``.
+CONNECTION_REFUSAL_REASONS = ("peer_limit", "evicted", "timeout", "tls", "protocol", "closed")
+#: Values of ``medge_dicom_associations_aborted_total{reason}``.
+ASSOCIATION_ABORT_REASONS = ("pdu_timeout", "pdu_too_large")
+#: A-ABORT PDU: source service-provider (2), reason invalid-PDU-parameter-value (6) (PS3.8 9.3.8).
+_A_ABORT_INVALID_PDU = struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 2, 6)
+#: How often the accept loop looks for pending connections past their deadline.
+_POLL_S = 0.25
+
+
+class _Refused(MedgeError):
+    """A connection closed before it associated; ``reason`` is a bounded label value."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What :class:`AdmittingServer` enforces before pynetdicom sees a connection.
+
+    ``on_refused(ip, reason, message)`` is called (any thread) for every
+    connection closed by admission; ``boundary`` counts unexpected errors.
+    After admission, a PDU must arrive whole within ``pdu_timeout_s`` of its
+    first byte (``None``: no limit) and be at most ``max_pdu_bytes`` long;
+    otherwise the association ends and ``on_aborted(ip, reason, message)``
+    is called (``reason`` in :data:`ASSOCIATION_ABORT_REASONS`).
+    """
+
+    connect_timeout_s: float
+    max_per_peer: int
+    max_pending: int
+    tls: ssl.SSLContext | None
+    on_refused: Any
+    boundary: ErrorBoundary
+    pdu_timeout_s: float | None = None
+    max_pdu_bytes: int = PDU_LIMIT_BYTES
+    on_aborted: Any = None
+
+
+class _Pending:
+    """A connection admitted but not yet associated.
+
+    ``reaped``: shut down at its deadline; ``evicted``: shut down to make
+    room for a newer connection; ``associated``: its A-ASSOCIATE-RQ is in,
+    the association owns the socket now (never reaped or evicted).
+    """
+
+    __slots__ = ("sock", "ip", "deadline", "reaped", "evicted", "associated")
+
+    def __init__(self, sock: socket.socket, ip: str, deadline: float) -> None:
+        self.sock = sock
+        self.ip = ip
+        self.deadline = deadline
+        self.reaped = False
+        self.evicted = False
+        self.associated = False
+
+    @property
+    def live(self) -> bool:
+        """Still waiting for its handshake or A-ASSOCIATE-RQ (neither shut down nor associated)."""
+        return not (self.reaped or self.evicted or self.associated)
+
+
+class _PrefixedAssociationSocket(AssociationSocket):
+    """The socket of an admitted association: admitted bytes first, then bounded PDU reads.
+
+    pynetdicom's DUL reads a PDU when :attr:`ready` and then ``recv(6)`` and
+    ``recv(length)``; both public members of
+    :class:`pynetdicom.transport.AssociationSocket` in pynetdicom 3.0.4.
+    This class:
+
+    - first hands out the bytes admission already read (the A-ASSOCIATE-RQ);
+    - reads each PDU within ``_pdu_timeout_s`` of the call, however slowly
+      its bytes trickle in (pynetdicom's own ``recv`` blocks for as long as
+      the peer keeps the connection open, so a peer that sends half a PDU
+      and stops held the association, and its slot, forever);
+    - refuses a PDU longer than ``_pdu_limit`` bytes before reading it (a
+      ``recv`` of more than that can only be the body of such a PDU:
+      headers are 6 bytes), sending an A-ABORT.
+
+    In both cases ``recv`` returns fewer bytes than asked, which the DUL
+    takes for a closed connection (event 17): it shuts the socket down and
+    ends the association, whose thread exits and frees its slot.
+    """
+
+    _prefix: bytearray
+    _pdu_timeout_s: float | None = None
+    _pdu_limit: int = PDU_LIMIT_BYTES
+    _on_aborted: Any = None
+
+    @property
+    def ready(self) -> bool:
+        """True while admitted bytes are left, else as pynetdicom (socket readable or TLS bytes pending)."""
+        if self.socket is not None and self._prefix:
+            return True
+        return bool(super().ready)
+
+    def _aborted(self, reason: str, message: str) -> None:
+        if self._on_aborted is not None:
+            try:
+                ip = str(self.assoc.requestor.address)
+            except Exception:  # noqa: BLE001 - only for the log line  # pragma: no cover
+                ip = "?"
+            self._on_aborted(ip, reason, message)
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """``nr_bytes`` from the admitted bytes first, then from the socket, within the PDU deadline."""
+        out = bytearray()
+        if self._prefix:
+            out += self._prefix[:nr_bytes]
+            del self._prefix[:nr_bytes]
+        if len(out) >= nr_bytes:
+            return out
+        sock = self.socket
+        if sock is None:  # pragma: no cover - pynetdicom reads only while connected
+            return out
+        if nr_bytes > self._pdu_limit:
+            try:
+                sock.sendall(_A_ABORT_INVALID_PDU)
+            except OSError:
+                pass
+            self._aborted("pdu_too_large", f"a PDU of {nr_bytes} bytes is over the limit of {self._pdu_limit}")
+            return out  # short: the DUL ends the association without reading (or allocating) it
+        timeout = self._pdu_timeout_s
+        deadline = time.monotonic() + timeout if timeout else None
+        try:
+            while len(out) < nr_bytes:
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    sock.settimeout(remaining)
+                chunk = sock.recv(min(nr_bytes - len(out), 1 << 16))
+                if not chunk:
+                    return out  # the peer closed the connection: short, as pynetdicom's recv
+                out += chunk
+        except TimeoutError:
+            self._aborted(
+                "pdu_timeout",
+                f"{len(out)} of {nr_bytes} bytes of a PDU arrived within [dicom] network_timeout_s = {timeout:g}",
+            )
+            return out
+        except OSError:
+            return out  # reset or TLS error: a closed connection to the DUL
+        finally:
+            if deadline is not None:
+                try:
+                    sock.settimeout(timeout)  # sends keep a bound too
+                except OSError:
+                    pass
+        return out
+
+
+def _close(sock: socket.socket) -> None:
+    """Close without a TLS close-notify exchange (the peer may be the one stalling)."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    """Exactly ``n`` bytes before ``deadline`` (monotonic), or _Refused."""
+    buf = bytearray()
+    while len(buf) < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Refused("timeout", "no whole A-ASSOCIATE-RQ within [dicom] connect_timeout_s")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(min(n - len(buf), 65536))
+        except TimeoutError:
+            raise _Refused("timeout", "no whole A-ASSOCIATE-RQ within [dicom] connect_timeout_s") from None
+        except ssl.SSLError as exc:
+            raise _Refused("tls", f"TLS error before the A-ASSOCIATE-RQ ({exc.reason or type(exc).__name__})") from None
+        except OSError:
+            if time.monotonic() >= deadline:  # shut down by the accept loop at the deadline
+                raise _Refused("timeout", "no whole A-ASSOCIATE-RQ within [dicom] connect_timeout_s") from None
+            raise _Refused("closed", "the connection failed before its A-ASSOCIATE-RQ") from None
+        if not chunk:
+            if time.monotonic() >= deadline:  # shut down by the accept loop at the deadline
+                raise _Refused("timeout", "no whole A-ASSOCIATE-RQ within [dicom] connect_timeout_s")
+            raise _Refused("closed", "the peer closed the connection before its A-ASSOCIATE-RQ")
+        buf += chunk
+    return bytes(buf)
+
+
+class _AdmittingRequestHandler(RequestHandler):
+    """pynetdicom's request handler, with admission first, on the connection's own thread."""
+
+    server: "AdmittingServer"
+    _prefix: bytes = b""
+
+    def handle(self) -> None:
+        """TLS handshake and the whole A-ASSOCIATE-RQ within the deadline, then pynetdicom's handling."""
+        server = self.server
+        entry = server.pending_entry(self.request)
+        if entry is None:  # pragma: no cover - verify_request registers every admitted connection
+            deadline = time.monotonic() + server.admission.connect_timeout_s
+            entry = _Pending(self.request, str(self.client_address[0]), deadline)
+        try:
+            try:
+                self.request, self._prefix = server.admit(entry)
+            except _Refused as exc:
+                _close(entry.sock)
+                server.release(entry)  # before it is counted: whoever sees the count sees the slot free
+                if entry.evicted:
+                    server.admission.on_refused(
+                        entry.ip,
+                        "evicted",
+                        "the oldest connection not yet associated was closed to admit a newer one "
+                        f"([dicom] max_pending_connections = {server.admission.max_pending})",
+                    )
+                else:
+                    server.admission.on_refused(entry.ip, exc.reason, str(exc))
+                return
+            super().handle()  # creates the Association (with our socket class) and starts its thread
+        except Exception as exc:  # noqa: BLE001 - the admission's one error boundary: count, close, keep serving
+            server.admission.boundary.report(exc, "admitting a DICOM connection")
+            _close(entry.sock)
+        finally:
+            server.release(entry)  # after the association started, so the peer is never counted at 0
+
+    def _create_association(self) -> Any:
+        # pynetdicom 3.0.4: RequestHandler._create_association() builds the acceptor Association and
+        # its AssociationSocket (assoc.dul.socket) around self.request. The socket is swapped for a
+        # subclass (no state beyond _prefix) that serves the A-ASSOCIATE-RQ admission read first.
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        if not isinstance(sock, AssociationSocket):  # pragma: no cover - a pynetdicom upgrade changed this
+            raise MedgeError("pynetdicom's acceptor has no AssociationSocket; admission needs pynetdicom 3.0.")
+        sock.__class__ = _PrefixedAssociationSocket
+        sock._prefix = bytearray(self._prefix)
+        admission = self.server.admission
+        sock._pdu_timeout_s = admission.pdu_timeout_s
+        sock._pdu_limit = admission.max_pdu_bytes
+        sock._on_aborted = admission.on_aborted
+        return assoc
+
+
+class AdmittingServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server with connection admission in front.
+
+    Made through the public ``AE.make_server(..., server_class=AdmittingServer,
+    request_handler=..., admission=...)`` (pynetdicom 3.0.4 passes extra
+    keyword arguments to the server class) and run by the caller's thread
+    (``serve_forever``), because ``AE.start_server(block=False)`` always
+    makes a plain ``ThreadedAssociationServer``. The accept thread only
+    accepts, checks the per-peer limit and evicts the oldest pending
+    connection when the pending set is full (``verify_request``) and,
+    every :data:`_POLL_S`, shuts down pending connections past their
+    deadline (``service_actions``); the TLS handshake and the read of the
+    A-ASSOCIATE-RQ run on the connection's own thread
+    (:class:`_AdmittingRequestHandler`). ``ssl_context`` must be ``None``:
+    TLS is ``admission.tls``, so pynetdicom's ``get_request`` (which would
+    handshake on the accept thread) never wraps a socket.
+    """
+
+    daemon_threads = True  # a stalled handshake must not hold up shutdown
+    block_on_close = False
+    request_queue_size = 64  # listen backlog: bursts wait in the kernel, not refused
+
+    def __init__(self, *args: Any, admission: Admission, **kwargs: Any) -> None:
+        self.admission = admission
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self.last_turn = time.monotonic()  # heartbeat of the accept loop (service_actions), for healthy()
+        super().__init__(*args, **kwargs)
+        if self.ssl_context is not None:
+            raise MedgeError("AdmittingServer does TLS itself: pass it as admission.tls, not ssl_context.")
+
+    # ---- accept thread
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit within the per-peer limit, evicting the oldest pending connection when the pending set is full.
+
+        False closes the new connection at once: over ``max_per_peer``.
+        """
+        ip = str(client_address[0])
+        a = self.admission
+        evicted: socket.socket | None = None
+        try:  # pynetdicom never sets it: each small C-STORE response would wait for Nagle (~40 ms)
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        with self._lock:
+            # An entry that just associated may be counted twice for a moment (here and as an
+            # association): on the safe side. Entries shut down are on their way out: not counted.
+            from_peer = sum(1 for e in self._pending.values() if e.ip == ip and not (e.reaped or e.evicted)) + sum(
+                1 for assoc in self.active_associations if assoc.requestor.address == ip
+            )
+            admitted = from_peer < a.max_per_peer
+            if admitted:
+                live = [e for e in self._pending.values() if e.live]  # insertion order: oldest first
+                if live and len(live) >= a.max_pending:
+                    # Full: the oldest waiter goes (it has had the longest to send its A-ASSOCIATE-RQ; a
+                    # modality sends it within milliseconds), so idle sockets cannot lock a modality out.
+                    live[0].evicted = True
+                    evicted = live[0].sock  # under the lock: the TLS handshake may swap it
+                self._pending[id(request)] = _Pending(request, ip, time.monotonic() + a.connect_timeout_s)
+        if evicted is not None:
+            # Wakes the evicted connection's thread wherever it waits; that thread closes it and counts it.
+            try:
+                socket.socket.shutdown(evicted, socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if admitted:
+            return True
+        a.on_refused(
+            ip,
+            "peer_limit",
+            f"{from_peer} connections from this address already ([dicom] max_associations_per_peer = {a.max_per_peer})",
+        )
+        return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start the connection's thread (ThreadingMixIn); forget it if that fails."""
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.release(self.pending_entry(request))
+            raise
+
+    def service_actions(self) -> None:
+        """pynetdicom's housekeeping, then shut down pending connections past their deadline."""
+        super().service_actions()
+        self.last_turn = time.monotonic()
+        now = time.monotonic()
+        with self._lock:
+            late = [e for e in self._pending.values() if e.deadline <= now and e.live]
+            for e in late:
+                e.reaped = True
+        for e in late:
+            # Wakes the connection's thread wherever it waits (handshake included); it closes and counts.
+            try:
+                socket.socket.shutdown(e.sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def shutdown(self) -> None:
+        """Stop accepting, close the listening socket and every pending connection."""
+        # Not AssociationServer.shutdown: it also removes the server from AE._servers (private),
+        # where only AE.start_server registers it.
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+        with self._lock:
+            pending = list(self._pending.values())
+        for e in pending:
+            try:
+                socket.socket.shutdown(e.sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    @property
+    def pending_count(self) -> int:
+        """Connections admitted and still waiting for their handshake or A-ASSOCIATE-RQ."""
+        with self._lock:
+            return sum(1 for e in self._pending.values() if e.live)
+
+    # ---- connection threads
+    def pending_entry(self, request: Any) -> _Pending | None:
+        """The pending record of ``request`` (the socket as accepted)."""
+        with self._lock:
+            return self._pending.get(id(request))
+
+    def release(self, entry: _Pending | None) -> None:
+        """The connection associated or was closed: it is no longer pending."""
+        if entry is None:
+            return
+        with self._lock:
+            for k, v in list(self._pending.items()):
+                if v is entry:
+                    del self._pending[k]
+
+    def admit(self, entry: _Pending) -> tuple[socket.socket, bytes]:
+        """TLS handshake (if configured) and the whole A-ASSOCIATE-RQ PDU before the entry's deadline.
+
+        Returns the socket to use (the TLS one) and the PDU's bytes; raises _Refused.
+        """
+        sock, deadline = entry.sock, entry.deadline
+        tls = self.admission.tls
+        if tls is not None:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                wrapped = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except (OSError, ValueError) as exc:
+                raise _Refused("closed", f"the connection failed before the TLS handshake ({type(exc).__name__})") from None
+            with self._lock:
+                entry.sock = wrapped  # the accept loop must shut down this one now (the plain one is detached)
+            sock = wrapped
+            try:
+                wrapped.do_handshake()
+            except TimeoutError:
+                raise _Refused("timeout", "no TLS handshake within [dicom] connect_timeout_s") from None
+            except ssl.SSLError as exc:
+                raise _Refused("tls", f"TLS handshake failed ({exc.reason or type(exc).__name__})") from None
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise _Refused("timeout", "no TLS handshake within [dicom] connect_timeout_s") from None
+                raise _Refused("closed", "the peer closed the connection during the TLS handshake") from None
+        header = _recv_exact(sock, 6, deadline)
+        pdu_type, _reserved, length = struct.unpack(">BBL", header)
+        if pdu_type != _A_ASSOCIATE_RQ:
+            raise _Refused("protocol", f"the first PDU is of type 0x{pdu_type:02X}, not an A-ASSOCIATE-RQ")
+        if length > MAX_ASSOCIATE_RQ_BYTES:
+            raise _Refused("protocol", f"its A-ASSOCIATE-RQ of {length} bytes is over {MAX_ASSOCIATE_RQ_BYTES}")
+        body = _recv_exact(sock, length, deadline)
+        with self._lock:
+            if entry.evicted or entry.reaped:  # shut down meanwhile: the socket is no use any more
+                raise _Refused("timeout" if entry.reaped else "closed", "closed while its A-ASSOCIATE-RQ arrived")
+            entry.associated = True  # from here the association owns the socket: never reaped or evicted
+        # pynetdicom reads only when the socket is readable; every read and send is bounded
+        # (_PrefixedAssociationSocket sets a deadline per PDU; this bounds sends).
+        sock.settimeout(self.admission.pdu_timeout_s)
+        return sock, header + body
+
+
+def _model_info_from_config(config: Any) -> Any:
+    """``model_info(name) -> ModelInfo`` backed by the served models' manifests."""
+    from edge.errors import ConfigError, ModelError
+    from edge.inference.manifest import Manifest
+
+    cache: dict[str, ModelInfo] = {}
+    lock = threading.Lock()
+
+    def model_info(name: str) -> ModelInfo:
+        with lock:
+            if name not in cache:
+                try:
+                    m = Manifest.load(config.model_dir(config.model(name)))
+                    cache[name] = ModelInfo(m.name, m.version, m.task, tuple(m.labels), bool(m.research_only))
+                except (ModelError, ConfigError) as exc:
+                    _log.warning("No manifest for model %s (%s); results name it without labels.", name, exc)
+                    cache[name] = ModelInfo(name, "", "segmentation", ("finding",), True)
+            return cache[name]
+
+    return model_info
+
+
+class DicomIngest:
+    """The running DICOM side: SCP server, spool, pipeline and outbox.
+
+    Parameters
+    ----------
+    config : edge.config.MedgeConfig
+        Uses ``config.dicom`` (SCP, routes, destinations), ``config.outbox``
+        and the served models' manifests.
+    service : InferenceService or None
+        ``None`` runs receive-and-spool only (the ingest benchmark).
+    registry : prometheus_client.CollectorRegistry
+    spool_dir : path-like
+        Received instances go to ``<spool_dir>/dicom``, results to ``<spool_dir>/outbox``.
+    spool_max_bytes : int, optional
+        Cap on received-but-unprocessed instances plus the outbox, in bytes
+        (default: ``[dicom] spool_max_mb``; 0 there means no cap).
+    model_info : callable, optional
+        Overrides how result objects learn a model's name, version and labels.
+    workers : int
+        Inference worker threads.
+    min_free_bytes : int, optional
+        Free space the spool's file system must keep after a store
+        (default: ``[dicom] spool_min_free_mb``).
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        service: InferenceService | None,
+        registry: CollectorRegistry,
+        spool_dir: Path | str,
+        spool_max_bytes: int | None = None,
+        model_info: Any = None,
+        workers: int = 1,
+        min_free_bytes: int | None = None,
+    ) -> None:
+        self.config = config
+        dcfg = config.dicom
+        self.settings = dcfg
+        if spool_max_bytes is None:
+            spool_max_bytes = int(getattr(dcfg, "spool_max_mb", 0)) << 20 or None
+        if min_free_bytes is None:
+            min_free_bytes = int(getattr(dcfg, "spool_min_free_mb", 64)) << 20
+        self.spool = Spool(
+            Path(spool_dir) / "dicom",
+            max_bytes=spool_max_bytes,
+            min_free_bytes=min_free_bytes,
+            extra_bytes=self._outbox_bytes,  # the cap covers the results waiting in the outbox too
+        )
+        served = set(service.models()) if service is not None else set()
+        routes = [r for r in dcfg.routes if service is None or r.model in served]
+        for r in dcfg.routes:
+            if service is not None and r.model not in served:
+                _log.warning("DICOM route %s -> %s ignored: the model is not served.", r.modality, r.model)
+        self.router = Router(routes)
+        self.allowed = tuple(dcfg.allowed_calling_aes)
+        self.limits = ScanLimits.from_config(dcfg)
+        self._boundary = ErrorBoundary("dicom_scp", _log, registry)
+        self._throttle = LogThrottle(_log)
+        self._connections_refused = get_or_create_metric(
+            registry,
+            Counter,
+            "medge_dicom_connections_refused_total",
+            "DICOM connections closed before they associated (admission limits, timeouts, TLS), by reason.",
+            ["reason"],
+            zero=CONNECTION_REFUSAL_REASONS,
+        )
+        self._associations_aborted = get_or_create_metric(
+            registry,
+            Counter,
+            "medge_dicom_associations_aborted_total",
+            "DICOM associations the SCP ended because of a PDU (not whole within the network timeout, or too long), by reason.",
+            ["reason"],
+            zero=ASSOCIATION_ABORT_REASONS,
+        )
+        self._received = get_or_create_metric(
+            registry,
+            Counter,
+            "medge_dicom_instances_received_total",
+            "DICOM instances stored durably and answered success, by calling AE title (allow-listed names, else other).",
+            ["calling_ae"],
+            zero=(*self.allowed, "other"),
+        )
+        self._refused = get_or_create_metric(
+            registry,
+            Counter,
+            "medge_dicom_store_failures_total",
+            "C-STORE requests answered with a failure status, by status.",
+            ["status"],
+        )
+        self._unrouted = get_or_create_metric(
+            registry,
+            Counter,
+            "medge_dicom_unrouted_total",
+            "Instances no routing rule matched, by SOP class UID and action.",
+            ["sop_class_uid", "action"],
+        )
+        self.outbox: Outbox | None = None
+        self.pipeline: DicomPipeline | None = None
+        if service is not None:
+            self.outbox = Outbox(
+                Path(spool_dir) / "outbox",
+                dcfg.destinations,
+                registry,
+                policy=config.outbox,
+                calling_ae=dcfg.ae_title,
+                dimse_timeout_s=dcfg.dimse_timeout_s,
+                network_timeout_s=dcfg.network_timeout_s,
+            )
+            self.pipeline = DicomPipeline(
+                self.spool,
+                service,
+                self.router,
+                self.outbox,
+                model_info or _model_info_from_config(config),
+                registry,
+                frame_stride=dcfg.frame_stride,
+                series_idle_s=dcfg.series_idle_s,
+                overlay=bool(getattr(dcfg, "secondary_capture", False)),
+                workers=workers,
+                limits=self.limits,
+                max_attempts=int(dcfg.max_attempts),
+                device_serial_number=str(getattr(dcfg, "device_serial_number", "") or ""),
+            )
+        self.ae = self._make_ae()
+        self._server: AdmittingServer | None = None
+        self._accept_thread: threading.Thread | None = None
+
+    def _outbox_bytes(self, recount: bool) -> int:
+        outbox = getattr(self, "outbox", None)
+        return outbox.stored_bytes(recount) if outbox is not None else 0
+
+    def _make_ae(self) -> AE:
+        d = self.settings
+        ae = AE(ae_title=d.ae_title)
+        ae.maximum_associations = d.max_associations
+        ae.acse_timeout = d.acse_timeout_s
+        ae.dimse_timeout = d.dimse_timeout_s
+        ae.network_timeout = d.network_timeout_s
+        # Large but finite: fewer, larger P-DATA PDUs from the sender, and a bound on what one PDU holds
+        # (a PDU over PDU_LIMIT_BYTES ends the association before it is read).
+        ae.maximum_pdu_size = MAX_PDU_BYTES
+        ae.require_called_aet = True  # a peer calling another AE title is misconfigured: reject, don't guess
+        if self.allowed:
+            ae.require_calling_aet = list(self.allowed)
+        ae.add_supported_context(VERIFICATION_SOP_CLASS)
+        for uid in accepted_sop_classes(self.settings.unrouted):
+            ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+        return ae
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "DicomIngest":
+        """Recover spooled work, then start the pipeline and the SCP server (non-blocking)."""
+        if self.pipeline is not None:
+            self.pipeline.recover()
+            self.pipeline.start()
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        d = self.settings
+        try:
+            admission = Admission(
+                connect_timeout_s=float(d.connect_timeout_s),
+                max_per_peer=int(d.max_associations_per_peer),
+                max_pending=int(d.max_pending_connections),
+                tls=_ssl_context(d.tls),
+                on_refused=self._connection_refused,
+                boundary=self._boundary,
+                pdu_timeout_s=float(d.network_timeout_s) if d.network_timeout_s else None,
+                max_pdu_bytes=PDU_LIMIT_BYTES,
+                on_aborted=self._association_aborted,
+            )
+            # AE.make_server is pynetdicom's public way to use another server class (extra keyword
+            # arguments go to its constructor); the accept loop runs on our own thread.
+            self._server = cast(
+                AdmittingServer,
+                self.ae.make_server(
+                    (d.host, d.port),
+                    evt_handlers=handlers,
+                    server_class=AdmittingServer,
+                    request_handler=_AdmittingRequestHandler,
+                    admission=admission,
+                ),
+            )
+        except (OSError, ssl.SSLError) as exc:
+            self.close()
+            raise MedgeError(
+                f"DICOM SCP cannot listen on {self.settings.host}:{self.settings.port}: {exc}."
+            ) from exc
+        self._accept_thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": _POLL_S}, name="medge-dicom-accept", daemon=True
+        )
+        self._accept_thread.start()
+        _log.info(
+            "DICOM SCP %s listening on %s:%d (%s).",
+            self.settings.ae_title, self.settings.host, self.port,
+            "TLS" if self.settings.tls.enabled else "no TLS",
+        )
+        return self
+
+    def healthy(self, stall_s: float = 60.0) -> bool:
+        """Whether the SCP's accept loop runs and has turned within ``stall_s`` (for ``/readyz``).
+
+        The loop turns every few tenths of a second even when no scanner
+        connects, so an older turn means it is stuck. Only the SCP: the
+        pipeline and the outbox answer for themselves
+        (``self.pipeline.healthy``, ``self.outbox.healthy``).
+        """
+        thread, server = self._accept_thread, self._server
+        if thread is None or server is None:
+            return False
+        return thread.is_alive() and time.monotonic() - server.last_turn <= stall_s
+
+    @property
+    def pending_connections(self) -> int:
+        """Connections accepted that have not associated yet (0 when not running)."""
+        server = self._server
+        return server.pending_count if server is not None else 0
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with port 0)."""
+        if self._server is None:
+            return int(self.settings.port)
+        return int(self._server.server_address[1])
+
+    def close(self, timeout_s: float = 3.0) -> None:
+        """Stop accepting, give open associations ``timeout_s`` to finish, stop the workers and the outbox.
+
+        An association still open after that keeps its thread; whatever it
+        stores still goes to the spool and is processed at the next start.
+        """
+        if self._server is not None:
+            open_assocs = list(self._server.active_associations)
+            self._server.shutdown()
+            self._server = None
+            if self._accept_thread is not None:
+                self._accept_thread.join(timeout_s)
+                self._accept_thread = None
+            deadline = time.monotonic() + timeout_s
+            for assoc in open_assocs:
+                assoc.join(max(0.0, deadline - time.monotonic()))
+        if self.pipeline is not None:
+            self.pipeline.close()
+        if self.outbox is not None:
+            self.outbox.close()
+
+    def __enter__(self) -> "DicomIngest":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ handlers
+    def _on_requested(self, event: Any) -> None:
+        # Release, not abort, when the peer goes quiet: some PACS mark a study complete on release.
+        event.assoc.network_timeout_response = "A-RELEASE"
+
+    def _connection_refused(self, ip: str, reason: str, message: str) -> None:
+        self._connections_refused.labels(reason=reason).inc()
+        self._throttle.warning(
+            f"conn:{reason}", "DICOM connection from %s closed before it associated (%s): %s.", ip, reason, message
+        )
+
+    def _association_aborted(self, ip: str, reason: str, message: str) -> None:
+        self._associations_aborted.labels(reason=reason).inc()
+        self._throttle.warning(f"abort:{reason}", "DICOM association from %s ended (%s): %s.", ip, reason, message)
+
+    def _on_rejected(self, event: Any) -> None:
+        _log.warning(
+            "Association from %s rejected (calling AE not allowed or too many associations).",
+            event.assoc.requestor.address,
+        )
+
+    def _calling_label(self, calling: str) -> str:
+        calling = calling.strip()
+        return calling if calling in self.allowed else "other"
+
+    def _on_store(self, event: Any) -> int | Dataset:
+        try:
+            return self._store(event)
+        except Exception as exc:  # noqa: BLE001 - the SCP's one error boundary: log, count, answer failure, keep serving
+            self._boundary.report(exc, "storing a C-STORE request")
+            self._refused.labels(status=f"0x{STATUS_INTERNAL:04X}").inc()
+            return _status(STATUS_INTERNAL, "Unexpected internal error (logged by the receiver)")
+
+    def _store(self, event: Any) -> int | Dataset:
+        ts = str(event.context.transfer_syntax)
+        data = event.encoded_dataset(include_meta=False)
+        try:
+            info = scan_encoded(data, ts, self.limits)
+        except SizeLimitError as exc:
+            self._throttle.warning(f"limit:{exc.key}", "C-STORE refused (out of resources): %s", exc)
+            self._refused.labels(status=f"0x{STATUS_OUT_OF_RESOURCES:04X}").inc()
+            return _status(STATUS_OUT_OF_RESOURCES, exc.comment)
+        except DataError as exc:
+            self._throttle.warning("cannot_understand", "C-STORE data set refused: %s", exc)
+            self._refused.labels(status=f"0x{STATUS_CANNOT_UNDERSTAND:04X}").inc()
+            return _status(STATUS_CANNOT_UNDERSTAND, getattr(exc, "comment", "") or str(exc))
+        model = self.router.match(info)
+        if model is None:
+            # Label by the negotiated SOP class (one of ours, so a bounded set), not the peer's data;
+            # Modality is logged only when it is a short code.
+            sop = str(event.context.abstract_syntax)
+            modality = info.modality if info.modality.isalnum() and len(info.modality) <= 16 else "?"
+            if self.settings.unrouted == "reject":
+                _log.info("Refused an instance of SOP class %s (modality %s): no route.", sop, modality)
+                self._unrouted.labels(sop_class_uid=sop, action="reject").inc()
+                self._refused.labels(status=f"0x{STATUS_SOP_CLASS_NOT_SUPPORTED:04X}").inc()
+                return STATUS_SOP_CLASS_NOT_SUPPORTED
+            _log.info("Accepted an instance of SOP class %s (modality %s): no route, not stored.", sop, modality)
+            self._unrouted.labels(sop_class_uid=sop, action="accept").inc()
+            self._received.labels(calling_ae=self._calling_label(event.assoc.requestor.ae_title)).inc()
+            return STATUS_SUCCESS
+        if not info.has_pixels:
+            # A routed image without Pixel Data can never be run: refuse it now (the sender learns
+            # why) rather than answer success and quarantine it later.
+            self._throttle.warning("no_pixels", "C-STORE refused: a routed instance holds no Pixel Data.")
+            self._refused.labels(status=f"0x{STATUS_CANNOT_UNDERSTAND:04X}").inc()
+            return _status(STATUS_CANNOT_UNDERSTAND, "Routed instance holds no Pixel Data")
+        try:
+            path = self.spool.store_instance(info.sop_instance_uid, [_PREAMBLE, encode_file_meta(event.file_meta), data])
+        except SpoolFullError as exc:
+            _log.error("Spool full, answering out of resources: %s", exc)
+            self._refused.labels(status=f"0x{STATUS_OUT_OF_RESOURCES:04X}").inc()
+            return _status(STATUS_OUT_OF_RESOURCES, "Spool full (disk, spool_max_mb or spool_min_free_mb)")
+        except SpoolError as exc:
+            _log.error("Spool not writable, answering out of resources: %s", exc)
+            self._refused.labels(status=f"0x{STATUS_OUT_OF_RESOURCES:04X}").inc()
+            return _status(STATUS_OUT_OF_RESOURCES, "Spool not writable")
+        self._received.labels(calling_ae=self._calling_label(event.assoc.requestor.ae_title)).inc()
+        if self.pipeline is not None:
+            self.pipeline.enqueue(WorkItem(path, info, model, source=str(event.assoc.requestor.address)))
+        return STATUS_SUCCESS
+
+
+def start_dicom(config: Any, service: InferenceService, registry: CollectorRegistry, spool_dir: Path | str) -> DicomIngest:
+    """Start the DICOM side of the daemon (called by ``medge serve`` when ``[dicom] enabled``).
+
+    Returns the running :class:`DicomIngest`; call ``close()`` to stop it.
+    """
+    return DicomIngest(config, service, registry, spool_dir).start()

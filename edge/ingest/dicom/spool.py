@@ -1,0 +1,433 @@
+"""The durable spool of received DICOM instances and their per-instance results.
+
+Everything the SCP answered success for lives here until its result sits in
+the outbox. The folder itself is the crash-recovery index; there is no
+separate database to get out of step with the files:
+
+``<root>/instances/<name>.dcm``
+    Received instances exactly as they arrived (file meta + the encoded data
+    set). Present means "accepted, no result in the outbox yet".
+``<root>/instances/<name>.attempts``
+    How many times processing of ``<name>.dcm`` was started without
+    finishing (a decimal number). Written durably *before* processing
+    starts and removed once its result is saved, so a crash or an OOM kill
+    in the middle still counts; an instance started ``[dicom] max_attempts``
+    times is quarantined at the next start instead of crashing the daemon
+    again (no poison pill).
+``<root>/results/<name>.npz``
+    The inference result of one instance (masks and/or boxes per processed
+    frame; with overlays on, also the first decoded frames the overlays are
+    drawn on, so the finaliser never decodes a frame a second time).
+    Present means "inference done, series not yet finalised", so a
+    restart does not run the model again.
+``<root>/failed/<name>.dcm`` + ``<name>.reason.txt``
+    Instances that were accepted but could not be processed (undecodable
+    pixels, a model error, over an input bound, too many unfinished
+    attempts); kept for a person to look at, never deleted silently. The
+    reason never holds patient data.
+``<root>/tmp/``
+    Partially written files; anything here at start-up is garbage from a
+    crash and is removed.
+
+Every write is atomic and durable: temp file in the same file system,
+``fsync``, ``os.replace``, ``fsync`` of the folder.
+
+Examples
+--------
+>>> import tempfile
+>>> spool = Spool(tempfile.mkdtemp())
+>>> p = spool.store_instance("1.2.3", [b"DICM", b"..."])
+>>> [q.name for q in spool.pending_instances()]
+['1.2.3.dcm']
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence, cast
+
+import numpy as np
+
+from edge.errors import MedgeError
+
+__all__ = ["SpoolError", "SpoolFullError", "Spool", "InstanceResult", "atomic_write", "safe_name"]
+
+_log = logging.getLogger(__name__)
+
+_UID_RE = re.compile(r"^[0-9.]{1,64}$")
+
+
+class SpoolError(MedgeError):
+    """The spool cannot take or give back a file (permissions, I/O error)."""
+
+
+class SpoolFullError(SpoolError):
+    """The spool has no room for another instance (quota or free disk space)."""
+
+
+def safe_name(uid: str) -> str:
+    """A file name for a UID: the UID itself when it is one, else a hash of it."""
+    uid = uid.strip().rstrip("\x00")
+    if _UID_RE.match(uid) and not uid.startswith("."):
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "replace")).hexdigest()[:40]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, chunks: Iterable[bytes], tmp_dir: Path | None = None, sync_dir: bool = True) -> int:
+    """Write ``chunks`` to ``path`` atomically and durably; returns the bytes written.
+
+    The data goes to a temp file (in ``tmp_dir`` or beside ``path``; it must be
+    on the same file system), is fsync'ed, renamed over ``path``, and the
+    folder is fsync'ed so the rename itself survives a power cut.
+    """
+    tmp_root = tmp_dir if tmp_dir is not None else path.parent
+    tmp = tmp_root / f".{path.name}.{threading.get_ident()}.tmp"
+    size = 0
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+                size += n
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    if sync_dir:
+        _fsync_dir(path.parent)
+    return size
+
+
+@dataclass
+class InstanceResult:
+    """Inference result of one instance: one entry per processed frame.
+
+    ``frames`` are 1-based frame numbers; ``masks`` is ``[n, H, W]`` uint8 for
+    segmentation models (else ``None``); ``boxes`` holds, per processed frame,
+    a list of box dicts (``label score x0 y0 x1 y1``). ``display`` is
+    ``[k, H, W]`` or ``[k, H, W, 3]``: the first ``k`` processed frames as
+    the worker decoded them (:func:`edge.ingest.dicom.pixels.frame_to_array`), kept for
+    the overlay images so that no frame is decoded twice (``None``: no
+    overlays). It is saved losslessly and read back only by
+    :meth:`Spool.load_display`, one instance at a time.
+    """
+
+    model: str
+    model_version: str
+    task: str
+    frames: list[int]
+    masks: np.ndarray | None = None
+    boxes: list[list[dict]] = field(default_factory=list)
+    display: np.ndarray | None = None
+
+
+#: Integer types a float32 display frame is stored as when it holds only their values (exact both ways).
+_NARROW_TYPES = (np.uint8, np.int16, np.uint16)
+
+
+def _narrow(a: np.ndarray) -> np.ndarray:
+    """``a`` in the smallest integer type that holds it exactly (float32 frames of integer pixels), else ``a``."""
+    if a.dtype != np.float32 or a.size == 0 or not np.array_equal(a, np.rint(a)):
+        return a
+    lo, hi = float(a.min()), float(a.max())
+    for t in _NARROW_TYPES:
+        info = np.iinfo(t)
+        if info.min <= lo and hi <= info.max:
+            return a.astype(t)
+    return a
+
+
+class Spool:
+    """The spool folder; thread-safe.
+
+    Parameters
+    ----------
+    root : path-like
+        The spool folder (created if missing).
+    max_bytes : int, optional
+        Quota for ``instances/`` plus whatever ``extra_bytes`` reports; a
+        store that would exceed it raises :class:`SpoolFullError`. ``None``:
+        no quota.
+    min_free_bytes : int
+        Free space the file system must keep after a store (default 64 MiB;
+        0: no reserve).
+    extra_bytes : callable, optional
+        ``extra_bytes(recount) -> int``: bytes held elsewhere that count
+        against ``max_bytes`` (the outbox). Called with ``False`` on every
+        store (must be cheap) and with ``True`` to count them on disk again
+        before a store is refused (at most once per second).
+    """
+
+    #: Least seconds between two re-counts of ``extra_bytes`` on the refusal path.
+    RECOUNT_INTERVAL_S = 1.0
+
+    def __init__(
+        self,
+        root: Path | str,
+        max_bytes: int | None = None,
+        min_free_bytes: int = 64 << 20,
+        extra_bytes: Callable[[bool], int] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.instances_dir = self.root / "instances"
+        self.results_dir = self.root / "results"
+        self.failed_dir = self.root / "failed"
+        self.tmp_dir = self.root / "tmp"
+        self.max_bytes = max_bytes
+        self.min_free_bytes = min_free_bytes
+        self.extra_bytes = extra_bytes
+        self._last_recount = float("-inf")
+        self._lock = threading.Lock()
+        try:
+            for d in (self.instances_dir, self.results_dir, self.failed_dir, self.tmp_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            for stale in self.tmp_dir.iterdir():
+                stale.unlink()
+        except OSError as exc:
+            raise SpoolError(f"Spool folder {self.root} is not usable: {exc}.") from exc
+        self._used_bytes = sum(p.stat().st_size for p in self.instances_dir.glob("*.dcm"))
+
+    # ------------------------------------------------------------ instances
+    @property
+    def used_bytes(self) -> int:
+        """Bytes held in ``instances/``."""
+        return self._used_bytes
+
+    def _check_room(self, size: int) -> None:
+        if self.max_bytes is not None:
+            extra = self.extra_bytes(False) if self.extra_bytes is not None else 0
+            if self._used_bytes + extra + size > self.max_bytes and self.extra_bytes is not None:
+                now = time.monotonic()
+                if now - self._last_recount >= self.RECOUNT_INTERVAL_S:
+                    # Before refusing, count again: a person may have cleared dead letters.
+                    self._last_recount = now
+                    extra = self.extra_bytes(True)
+            if self._used_bytes + extra + size > self.max_bytes:
+                raise SpoolFullError(
+                    f"Spool quota of {self.max_bytes} bytes would be exceeded ({self._used_bytes} in received "
+                    f"instances, {extra} in the outbox, {size} more)."
+                )
+        if self.min_free_bytes > 0:
+            st = os.statvfs(self.instances_dir)
+            free = st.f_bavail * st.f_frsize
+            if free - size < self.min_free_bytes:
+                raise SpoolFullError(
+                    f"Spool file system at {self.root} has {free} bytes free, "
+                    f"below the reserve of {self.min_free_bytes} after {size} more."
+                )
+
+    def store_instance(self, sop_instance_uid: str, chunks: Sequence[bytes]) -> Path:
+        """Write one received instance durably; returns its path.
+
+        Raises
+        ------
+        SpoolFullError
+            Quota or disk reserve exceeded (also for ``ENOSPC``/``EDQUOT``).
+        SpoolError
+            Any other I/O error.
+        """
+        size = sum(len(c) for c in chunks)
+        path = self.instances_dir / f"{safe_name(sop_instance_uid)}.dcm"
+        with self._lock:
+            self._check_room(size)
+            self._used_bytes += size
+        try:
+            old = path.stat().st_size if path.exists() else 0
+            atomic_write(path, chunks, tmp_dir=self.tmp_dir)
+        except OSError as exc:
+            with self._lock:
+                self._used_bytes -= size
+            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                raise SpoolFullError(f"The disk of spool {self.root} is full: {exc.strerror}.") from exc
+            raise SpoolError(f"Cannot write to spool {self.root}: {exc.strerror}.") from exc
+        if old:
+            with self._lock:
+                self._used_bytes -= old
+        return path
+
+    def pending_instances(self) -> list[Path]:
+        """Instances with no result in the outbox yet, oldest first."""
+        paths = list(self.instances_dir.glob("*.dcm"))
+        paths.sort(key=lambda p: (p.stat().st_mtime_ns, p.name))
+        return paths
+
+    def remove_instances(self, paths: Iterable[Path]) -> None:
+        """Delete instances (and their per-instance results) whose result is in the outbox."""
+        for p in paths:
+            try:
+                size = p.stat().st_size
+                p.unlink()
+            except FileNotFoundError:
+                size = 0
+            with self._lock:
+                self._used_bytes -= size
+            for q in (self.result_path(p), self.attempts_path(p)):
+                try:
+                    q.unlink()
+                except FileNotFoundError:
+                    pass
+        _fsync_dir(self.instances_dir)
+
+    def quarantine(self, path: Path, reason: str) -> Path:
+        """Move an instance that cannot be processed to ``failed/`` with the reason beside it."""
+        dst = self.failed_dir / path.name
+        atomic_write(self.failed_dir / f"{path.stem}.reason.txt", [reason.encode("utf-8") + b"\n"])
+        try:
+            size = path.stat().st_size
+            shutil.move(str(path), dst)
+            _fsync_dir(self.failed_dir)
+            _fsync_dir(self.instances_dir)
+        except FileNotFoundError:
+            size = 0
+        with self._lock:
+            self._used_bytes -= size
+        for q in (self.result_path(path), self.attempts_path(path)):
+            try:
+                q.unlink()
+            except FileNotFoundError:
+                pass
+        return dst
+
+    # ------------------------------------------------------------ processing attempts
+    def attempts_path(self, instance_path: Path) -> Path:
+        """Where the unfinished-attempt count of ``instance_path`` is kept."""
+        return self.instances_dir / f"{instance_path.stem}.attempts"
+
+    def attempts(self, instance_path: Path) -> int:
+        """How many times processing of ``instance_path`` started without finishing (0: none)."""
+        try:
+            text = self.attempts_path(instance_path).read_text("ascii").strip()
+        except FileNotFoundError:
+            return 0
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpoolError(f"Cannot read the attempt count of {instance_path.name}: {exc}.") from exc
+        try:
+            return max(0, int(text))
+        except ValueError:
+            # Written atomically, so this is damage from outside; err on the side of quarantine.
+            _log.warning("Attempt count of %s is unreadable; treating it as very high.", instance_path.name)
+            return 1 << 30
+
+    def begin_attempt(self, instance_path: Path) -> int:
+        """Count one more processing attempt, durably (fsync), before it starts; returns the new count."""
+        n = self.attempts(instance_path) + 1
+        atomic_write(self.attempts_path(instance_path), [str(n).encode("ascii") + b"\n"], tmp_dir=self.tmp_dir)
+        return n
+
+    def undo_attempt(self, instance_path: Path) -> None:
+        """Take back an attempt that stopped for a transient reason (shutdown, overload): it must not count."""
+        n = self.attempts(instance_path) - 1
+        if n <= 0:
+            self.clear_attempts(instance_path)
+        else:
+            atomic_write(self.attempts_path(instance_path), [str(n).encode("ascii") + b"\n"], tmp_dir=self.tmp_dir)
+
+    def clear_attempts(self, instance_path: Path) -> None:
+        """Processing finished (its result is saved): forget the attempts."""
+        try:
+            self.attempts_path(instance_path).unlink()
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.instances_dir)
+
+    # ------------------------------------------------------------ per-instance results
+    def result_path(self, instance_path: Path) -> Path:
+        """Where the result of ``instance_path`` is (or would be) kept."""
+        return self.results_dir / f"{instance_path.stem}.npz"
+
+    def save_result(self, instance_path: Path, result: InstanceResult) -> Path:
+        """Persist one instance's inference result atomically."""
+        import io
+
+        meta: dict[str, Any] = {
+            "model": result.model,
+            "model_version": result.model_version,
+            "task": result.task,
+            "frames": [int(f) for f in result.frames],
+            "boxes": result.boxes,
+        }
+        display = None
+        if result.display is not None:
+            meta["display_dtype"] = np.dtype(result.display.dtype).str  # restored exactly on load
+            display = np.ascontiguousarray(_narrow(np.asarray(result.display)))
+        buf = io.BytesIO()
+        arrays: dict[str, np.ndarray] = {"meta": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)}
+        if result.masks is not None:
+            arrays["masks"] = np.ascontiguousarray(result.masks, dtype=np.uint8)
+        if display is not None:
+            arrays["display"] = display
+        cast(Any, np.savez_compressed)(buf, **arrays)
+        out = self.result_path(instance_path)
+        atomic_write(out, [buf.getvalue()], tmp_dir=self.tmp_dir)
+        return out
+
+    def load_result(self, instance_path: Path) -> InstanceResult | None:
+        """The saved result of ``instance_path``, or ``None`` when there is none (or it is unreadable).
+
+        Its ``display`` frames are not read (see :meth:`load_display`).
+        """
+        p = self.result_path(instance_path)
+        if not p.is_file():
+            return None
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                meta = json.loads(bytes(z["meta"]).decode("utf-8"))
+                masks = z["masks"] if "masks" in z.files else None
+        except (OSError, ValueError, KeyError) as exc:
+            _log.warning("Ignoring unreadable result file %s (%s); the instance will be processed again.", p.name, exc)
+            return None
+        return InstanceResult(
+            model=meta["model"],
+            model_version=meta["model_version"],
+            task=meta["task"],
+            frames=list(meta["frames"]),
+            masks=masks,
+            boxes=meta["boxes"],
+        )
+
+    def load_display(self, instance_path: Path) -> np.ndarray | None:
+        """The decoded frames saved with the result of ``instance_path`` for its overlays, or ``None``.
+
+        ``None`` also when the result predates them or cannot be read: the
+        caller decodes the frames instead.
+        """
+        p = self.result_path(instance_path)
+        if not p.is_file():
+            return None
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                if "display" not in z.files:
+                    return None
+                meta = json.loads(bytes(z["meta"]).decode("utf-8"))
+                display = z["display"]
+            return display.astype(np.dtype(meta.get("display_dtype", display.dtype.str)), copy=False)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            _log.warning(
+                "Ignoring unreadable overlay frames in %s (%s); decoding them again.", p.name, type(exc).__name__
+            )
+            return None

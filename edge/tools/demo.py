@@ -1,0 +1,337 @@
+"""The demo runner behind ``medge demo``: the daemon, a simulated ultrasound probe, a DICOM push, and a report.
+
+What it does, in about ``--duration-s`` plus a few seconds:
+
+1. writes a temporary configuration (free loopback ports for ZeroMQ, the
+   metrics/health server and the DICOM SCP; a local storage SCP as the
+   results destination) and starts ``medge serve --config`` as a child
+   process on the bundled models; waits for ``/readyz``;
+2. streams a simulated ultrasound probe (480x640 uint8, ``--fps``) to the
+   segmentation model and X-ray frames (512x512 uint16, 2 fps) to the
+   detection model, pipelined, printing a live table every second
+   (fps, p50/p99 latency, drops, errors);
+3. unless ``--no-dicom``, C-STOREs a few synthetic US and DX instances to the
+   daemon's SCP and waits for the SEG / SR results at the local SCP (if the
+   DICOM side cannot start, this step is skipped with a message);
+4. stops the daemon with SIGTERM (graceful shutdown) and writes the report
+   folder: ``overlay_segmentation.png``, ``overlay_detection.png``,
+   ``latency.png`` (histogram + CDF), ``summary.json``, ``report.md``,
+   ``medge.toml`` and ``daemon.log``.
+
+Runs on a CPU-only machine. Exit status 0 when every frame got an ``ok``
+or ``dropped`` reply, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.errors import MedgeError
+from edge.tools.daemon_process import DaemonProcess, free_port, write_demo_config
+
+__all__ = ["run_demo"]
+
+_log = logging.getLogger(__name__)
+
+
+def _available_models(engines_dir: Path, names: list[str]) -> list[str]:
+    return [n for n in names if (engines_dir / n / "manifest.json").is_file()]
+
+
+def _dicom_available() -> tuple[bool, str]:
+    for mod in ("edge.ingest.dicom.scp", "edge.egress.dicom.results"):
+        if importlib.util.find_spec(mod) is None:
+            return False, f"{mod} is not part of this build"
+    return True, ""
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run the demo with the options of ``medge demo``; see the module docstring."""
+    from edge.inference.manifest import Manifest, default_engines_dir
+
+    if args.duration_s <= 0 or args.fps <= 0:
+        raise MedgeError("--duration-s and --fps must be > 0.")
+    t_start = time.monotonic()
+    engines_dir = Path(args.engines_dir) if args.engines_dir else default_engines_dir()
+    models = _available_models(engines_dir, [args.seg_model, args.det_model])
+    if not models:
+        raise MedgeError(f"No models {args.seg_model!r} / {args.det_model!r} under {engines_dir}; "
+                         f"build them with 'make engines' or pass --engines-dir.")
+    tasks = {m: Manifest.load(engines_dir / m).task for m in models}
+    seg = next((m for m in models if tasks[m] == "segmentation"), None)
+    det = next((m for m in models if tasks[m] == "detection"), None)
+    report = Path(args.report)
+    report.mkdir(parents=True, exist_ok=True)
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+    want_dicom = not args.no_dicom
+    dicom_note = "skipped (--no-dicom)" if args.no_dicom else ""
+    if want_dicom:
+        ok, why = _dicom_available()
+        if not ok:
+            want_dicom, dicom_note = False, f"skipped: {why}"
+            print(f"DICOM push {dicom_note}")
+    work = Path(tempfile.mkdtemp(prefix="medge-demo-"))
+    catcher = None
+    try:
+        if want_dicom:
+            from edge.tools.bench_dicom import ResultCatcher
+
+            catcher = ResultCatcher(0, "MEDGEPACS", keep_datasets=False)
+        ports = {k: free_port() for k in ("ingest", "publish", "metrics", "dicom")}
+        routes = {}
+        if seg:
+            routes["US"] = seg
+        if det:
+            routes["DX"] = det
+            routes["CR"] = det
+        cfg_path = write_demo_config(report / "medge.toml", engines_dir=engines_dir.resolve(),
+                                     spool_dir=work / "spool", models=models, ports=ports, dicom=want_dicom,
+                                     precision=args.precision, routes=routes,
+                                     results_port=catcher.port if catcher else None)
+        print(f"medge demo: starting the daemon on {', '.join(models)} ({args.precision}); "
+              f"ZeroMQ tcp://127.0.0.1:{ports['ingest']}, metrics http://127.0.0.1:{ports['metrics']}/metrics"
+              + (f", DICOM SCP MEDGE@127.0.0.1:{ports['dicom']}" if want_dicom else ""))
+        daemon = DaemonProcess(cfg_path, ports["metrics"], report / "daemon.log")
+        try:
+            try:
+                ready_s = daemon.wait_ready(90.0)
+            except MedgeError as exc:
+                if not want_dicom:
+                    raise
+                # The DICOM side must not take the demo down: retry without it.
+                daemon.stop()
+                dicom_note = "skipped: the daemon could not start with DICOM enabled (see daemon-dicom-failed.log)"
+                print(f"DICOM push {dicom_note}: {str(exc).splitlines()[0]}")
+                shutil.copyfile(report / "daemon.log", report / "daemon-dicom-failed.log")
+                want_dicom = False
+                write_demo_config(cfg_path, engines_dir=engines_dir.resolve(), spool_dir=work / "spool",
+                                  models=models, ports=ports, dicom=False, precision=args.precision,
+                                  routes=routes, results_port=None)
+                daemon = DaemonProcess(cfg_path, ports["metrics"], report / "daemon.log")
+                ready_s = daemon.wait_ready(90.0)
+            print(f"daemon ready in {ready_s:.1f} s")
+            stream_res, sources = _stream(args, ports["ingest"], seg, det)
+            dicom_summary: dict[str, Any] = {"status": dicom_note or "not run"}
+            if want_dicom and catcher is not None:
+                dicom_summary = _dicom_push(ports["dicom"], catcher, seg, det)
+            metrics_text = _fetch(f"http://127.0.0.1:{ports['metrics']}/metrics")
+        finally:
+            exit_code = daemon.stop()
+        print(f"daemon stopped (exit status {exit_code})")
+    finally:
+        if catcher is not None:
+            catcher.close()
+        shutil.rmtree(work, ignore_errors=True)
+    summary = _write_report(report, args, stream_res, sources, seg, det, dicom_summary, ready_s, exit_code,
+                            metrics_text, time.monotonic() - t_start)
+    print(f"report written to {report}/ (report.md, summary.json, overlay_segmentation.png, "
+          f"overlay_detection.png, latency.png)")
+    return 0 if summary["frames"]["errors"] == 0 and summary["frames"]["timeouts"] == 0 and not summary["aborted"] else 1
+
+
+def _fetch(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as resp:  # noqa: S310 - loopback
+            return resp.read().decode("utf-8")
+    except (urllib.error.URLError, OSError):
+        return ""
+
+
+def _stream(args: argparse.Namespace, ingest_port: int, seg: str | None, det: str | None):
+    from edge.tools.loadgen import StreamSpec, Tick, run_load
+    from edge.tools.synthetic import UltrasoundProbe, XrayFrames
+
+    specs = []
+    sources: dict[str, Any] = {}
+    if seg:
+        probe = UltrasoundProbe(480, 640, "uint8", seed=7, loop=24)
+        sources["probe-1"] = probe
+        specs.append(StreamSpec(name="probe-1", source=probe, model=seg, rate_fps=args.fps, window=8))
+    if det:
+        xr = XrayFrames(512, 512, "uint16", seed=3, loop=4)
+        sources["xray-1"] = xr
+        specs.append(StreamSpec(name="xray-1", source=xr, model=det, rate_fps=args.xray_fps, window=4))
+    print()
+    print(f"streaming {args.duration_s:g} s: " + ", ".join(
+        f"{s.name} -> {s.model} at {s.rate_fps:g} fps" for s in specs))
+    print(f"{'t_s':>4} {'fps':>6} {'sent':>5} {'ok':>5} {'dropped':>7} {'errors':>6} {'p50_ms':>7} {'p99_ms':>7}")
+
+    def tick(t: Tick) -> None:
+        p50 = f"{t.p50_ms:7.2f}" if t.p50_ms is not None else f"{'-':>7}"
+        p99 = f"{t.p99_ms:7.2f}" if t.p99_ms is not None else f"{'-':>7}"
+        print(f"{t.t_s + 1:4.0f} {t.ok:6d} {t.sent:5d} {t.ok:5d} {t.dropped:7d} {t.errors + t.timeouts:6d} {p50} {p99}",
+              flush=True)
+
+    res = run_load(f"tcp://127.0.0.1:{ingest_port}", specs, duration_s=args.duration_s,
+                   reply_timeout_s=5.0, connect_timeout_s=5.0, on_tick=tick)
+    print()
+    return res, sources
+
+
+def _dicom_push(port: int, catcher, seg: str | None, det: str | None) -> dict[str, Any]:
+    from edge.tools.bench_dicom import store_instances, synthetic_instances
+
+    items = []
+    if seg:
+        items += synthetic_instances(3, "US", seed=11)
+    if det:
+        items += synthetic_instances(2, "DX", seed=12)
+    print(f"DICOM: C-STORE of {len(items)} synthetic instance(s) to MEDGE@127.0.0.1:{port} ...")
+    run = store_instances("127.0.0.1", port, "MEDGE", "MEDGEDEMO", items, timeout_s=15.0)
+    stored = [r for r in run.records if r.status == 0]
+    missing = catcher.wait_for([r.sop_instance_uid for r in stored], 20.0) if stored else set()
+    lat = []
+    for r in stored:
+        a = catcher.first_arrival(r.sop_instance_uid)
+        if a is not None:
+            lat.append((a.t_ns - r.t_start_ns) / 1e6)
+    kinds: dict[str, int] = {}
+    for a in catcher.arrivals:
+        kinds[a.modality or a.sop_class_uid] = kinds.get(a.modality or a.sop_class_uid, 0) + 1
+    out = {"status": "ran", "sent": len(items), "stored": len(stored), "aborted": run.aborted,
+           "results_received": len(catcher.arrivals), "results_by_modality": kinds,
+           "instances_with_result": len(lat), "instances_without_result": len(missing),
+           "store_ms_median": round(float(np.median([r.store_ms for r in stored])), 2) if stored else None,
+           "store_to_result_ms_median": round(float(np.median(lat)), 1) if lat else None}
+    print(f"DICOM: stored {len(stored)}/{len(items)}; {len(catcher.arrivals)} result(s) received "
+          f"({', '.join(f'{k}: {v}' for k, v in kinds.items()) or 'none'}); "
+          f"{len(missing)} instance(s) without a result"
+          + (f"; store-to-result median {out['store_to_result_ms_median']} ms" if lat else ""))
+    if run.aborted:
+        print(f"DICOM: {run.aborted}")
+    return out
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
+    s = int(a.sum()) + int(b.sum())
+    return round(2.0 * int((a & b).sum()) / s, 3) if s else None
+
+
+def _write_report(report: Path, args, res, sources, seg, det, dicom_summary, ready_s, exit_code,
+                  metrics_text: str, wall_s: float) -> dict[str, Any]:
+    from edge.tools.plots import latency_figure, overlay_boxes, overlay_mask, save_png
+    from edge.tools.results import atomic_write_text, machine_info, summarize_ms, write_json
+
+    files = {}
+    notes = []
+    seg_rep = res.last_replies.get("probe-1")
+    seg_dice = None
+    if seg_rep is not None and seg_rep.mask is not None:
+        seq = int(seg_rep.id.rsplit(":", 1)[1])
+        frame = sources["probe-1"].frame(seq)
+        truth = sources["probe-1"].truth(seq)
+        img = overlay_mask(frame, seg_rep.mask, caption=f"{seg}: predicted mask (red), frame {seq}")
+        # The simulator's own lesion outline, in green, for comparison.
+        edge = truth.astype(bool) & ~_erode(truth.astype(bool))
+        arr = np.asarray(img).copy()
+        arr[edge] = (40, 220, 40)
+        from PIL import Image
+
+        save_png(Image.fromarray(arr), report / "overlay_segmentation.png")
+        files["overlay_segmentation"] = "overlay_segmentation.png"
+        seg_dice = _dice(seg_rep.mask.astype(bool), truth.astype(bool))
+    elif seg:
+        notes.append("no segmentation reply with a mask was received")
+    det_rep = res.last_replies.get("xray-1")
+    if det_rep is not None:
+        seq = int(det_rep.id.rsplit(":", 1)[1])
+        frame = sources["xray-1"].frame(seq)
+        truth = [{"x0": b[0], "y0": b[1], "x1": b[2], "y1": b[3], "label": "truth", "score": 1.0}
+                 for b in sources["xray-1"].truth(seq)]
+        img = overlay_boxes(frame, truth, color=(60, 140, 255))
+        img = overlay_boxes(np.asarray(img), det_rep.boxes, color=(40, 220, 40),
+                            caption=f"{det}: {len(det_rep.boxes)} box(es) (green), simulator truth (blue)")
+        save_png(img, report / "overlay_detection.png")
+        files["overlay_detection"] = "overlay_detection.png"
+    elif det:
+        notes.append("no detection reply was received")
+    series = {}
+    per_stream = {}
+    for name in sources:
+        lat = res.latencies_ms(stream=name)
+        series[name] = lat
+        per_stream[name] = summarize_ms(lat)
+    save_png(latency_figure(series, title="medge demo: client latency (ZeroMQ round trip)"), report / "latency.png")
+    files["latency"] = "latency.png"
+    s = res.summary()
+    frames = {k: s[k] for k in ("sent", "ok", "dropped", "errors", "timeouts", "skipped", "unanswered")}
+    summary = {
+        "tool": "medge demo", "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "duration_s": args.duration_s, "fps": args.fps, "precision": args.precision,
+        "models": {"segmentation": seg, "detection": det},
+        "daemon": {"ready_s": round(ready_s, 2), "exit_status": exit_code},
+        "frames": frames, "achieved_fps": s["achieved_fps"], "aborted": s["aborted"],
+        "error_codes": s["error_codes"],
+        "latency_ms": s["latency_ms"], "latency_ms_by_stream": per_stream,
+        "server_stages_ms": {k: {"median_ms": v.get("median_ms"), "p99_ms": v.get("p99_ms")}
+                             for k, v in s["server_stages_ms"].items()},
+        "segmentation_dice_vs_simulator": seg_dice,
+        "detections_last_frame": len(det_rep.boxes) if det_rep is not None else None,
+        "dicom": dicom_summary, "files": files, "notes": notes,
+        "wall_s": round(wall_s, 1), "machine": machine_info(),
+    }
+    write_json(report / "summary.json", summary)
+    md = [
+        "# medge demo report", "",
+        f"{summary['date_utc']} on {summary['machine']['cpu_model']} ({summary['machine']['cpu_usable']} usable cores"
+        + (f", GPU {', '.join(summary['machine']['gpus'])}" if summary["machine"]["gpus"] else ", no GPU") + ").",
+        "Research use only: the bundled models are trained on synthetic data; not for clinical use.", "",
+        f"Daemon ready in {ready_s:.1f} s; stopped with SIGTERM, exit status {exit_code}.", "",
+        "## ZeroMQ streams", "",
+        f"Streamed {args.duration_s:g} s: sent {frames['sent']}, ok {frames['ok']}, dropped {frames['dropped']}, "
+        f"errors {frames['errors']}, timeouts {frames['timeouts']}, skipped by the client {frames['skipped']}.", "",
+        "| stream | model | n | p50 ms | p90 ms | p99 ms | max ms |", "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, st in per_stream.items():
+        model = seg if name == "probe-1" else det
+        md.append(f"| {name} | {model} | {st.get('count', 0)} | {st.get('median_ms', '-')} | {st.get('p90_ms', '-')} "
+                  f"| {st.get('p99_ms', '-')} | {st.get('max_ms', '-')} |")
+    md += ["", "Daemon stages (p50 ms, from the replies' `timing_us`): " + ", ".join(
+        f"{k} {v.get('median_ms')}" for k, v in s["server_stages_ms"].items()), ""]
+    md += ["![latency](latency.png)", ""]
+    if "overlay_segmentation" in files:
+        md += ["## Segmentation", "",
+               f"Last reply's mask (red) on its frame; the simulator's lesion outline in green "
+               f"(Dice on this frame: {seg_dice}). The simulator is not the training distribution, so this "
+               f"shows the pipeline works end to end, not the model's accuracy.", "",
+               "![segmentation](overlay_segmentation.png)", ""]
+    if "overlay_detection" in files:
+        md += ["## Detection", "", "Last reply's boxes (green) and the simulator's nodules (blue).", "",
+               "![detection](overlay_detection.png)", ""]
+    md += ["## DICOM", ""]
+    if dicom_summary.get("status") == "ran":
+        md.append(f"C-STORE of {dicom_summary['sent']} synthetic instance(s): {dicom_summary['stored']} stored; "
+                  f"{dicom_summary['results_received']} result(s) received at the local SCP "
+                  f"({dicom_summary['results_by_modality']}); store-to-result median "
+                  f"{dicom_summary['store_to_result_ms_median']} ms.")
+    else:
+        md.append(f"DICOM push {dicom_summary.get('status')}.")
+    if notes:
+        md += ["", "Notes: " + "; ".join(notes) + "."]
+    atomic_write_text(report / "report.md", "\n".join(md) + "\n")
+    if metrics_text:
+        atomic_write_text(report / "metrics.prom", metrics_text)
+        files["metrics"] = "metrics.prom"
+    return summary
+
+
+def _erode(m: np.ndarray) -> np.ndarray:
+    inner = m.copy()
+    inner[1:, :] &= m[:-1, :]
+    inner[:-1, :] &= m[1:, :]
+    inner[:, 1:] &= m[:, :-1]
+    inner[:, :-1] &= m[:, 1:]
+    return inner
