@@ -443,7 +443,9 @@ class _Server(ThreadingHTTPServer):
     def process_request_thread(self, conn: _Conn, client_address: Any) -> None:  # type: ignore[override]
         sock: socket.socket = conn.sock
         try:
-            sock.settimeout(self.idle_timeout_s)  # per read/write; the reaper enforces the deadline
+            # The reaper enforces the deadline (and counts it); the per-read timeout is only a backstop
+            # for a late reaper, so it must not win the race on a busy machine.
+            sock.settimeout(self.idle_timeout_s + 5.0)
             if self.ssl_context is not None:
                 # The handshake happens here, in this connection's thread and under the request's
                 # deadline: a peer that connects and stalls (or trickles) holds one slot until then.

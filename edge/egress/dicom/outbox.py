@@ -729,10 +729,10 @@ class Outbox:
         is cheap. ``recount=True`` sums the files on disk again first, which
         also notices files a person removed (e.g. from ``dead-letter/``).
         """
-        if recount:
-            with self._bytes_lock:
+        with self._bytes_lock:  # a file is removed and its bytes uncounted under this lock, together
+            if recount:
                 self._stored_bytes = self._scan_bytes()
-        return self._stored_bytes
+            return self._stored_bytes
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until nothing is pending (True) or ``timeout_s`` passed (False)."""
@@ -942,12 +942,13 @@ class Outbox:
                     break
                 verdict = classify_status(status)
                 if verdict == "success":
-                    self._remove_sent(dest, path)
-                    self._attempts_path(path).unlink(missing_ok=True)
+                    # Counted before the file goes: whoever sees the outbox empty sees it counted.
                     self._sent.labels(destination=dest.name).inc()
                     stored_at = self._stored_at.pop((dest.name, path.name), None)
                     if stored_at is not None:
                         self._store_to_result.labels(destination=dest.name).observe(max(0.0, time.time() - stored_at))
+                    self._remove_sent(dest, path)
+                    self._attempts_path(path).unlink(missing_ok=True)
                     self._recovered(dest, state)
                     continue
                 self._failures.labels(destination=dest.name).inc()
