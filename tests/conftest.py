@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny engines folder that makes tests independent of training.
 
-``fixture_engines`` (session scope) holds two models built with
-``onnx.helper``, with valid manifests and sha256s:
+``fixture_engines`` (session scope) holds two models with valid manifests
+and sha256s, copied from ``tests/data/fixture-engines/`` (committed, so the
+daemon's tests need no onnx; ``tests/trainer/test_fixture_engines.py`` holds
+their generator and fails if the committed files drift from it):
 
 * ``tiny-seg``: ``logits = 20 * (image - 0.5)``, so the served mask is the
   set of pixels brighter than the middle of the image's (min-max
@@ -33,9 +35,8 @@ from typing import Callable, NoReturn
 
 import pytest
 
-from edge.inference.manifest import Artifact, InputSpec, Manifest, Postprocessing, Preprocessing, sha256_file
-
-FIXTURE_SIZE = 64
+#: The committed fixture models (see the module doc).
+FIXTURE_ENGINES = Path(__file__).resolve().parent / "data" / "fixture-engines"
 
 # ------------------------------------------------------------------ real peers
 #: Every external program the suite drives, and the Debian package that provides it.
@@ -134,97 +135,13 @@ def wait_until(cond: Callable[[], object], timeout_s: float = 10.0, what: str = 
         time.sleep(interval_s)
 
 
-def _save(model, path: Path) -> None:
-    import onnx
-
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-
-
-def _seg_model(size: int):
-    from onnx import TensorProto, helper
-
-    inp = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, size, size])
-    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1, size, size])
-    half = helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])
-    gain = helper.make_tensor("gain", TensorProto.FLOAT, [], [20.0])
-    nodes = [
-        helper.make_node("Sub", ["image", "half"], ["centred"]),
-        helper.make_node("Mul", ["centred", "gain"], ["logits"]),
-    ]
-    graph = helper.make_graph(nodes, "tiny_seg", [inp], [out], initializer=[half, gain])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
-def _det_model(size: int):
-    from onnx import TensorProto, helper
-
-    h = size // 4
-    inp = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, size, size])
-    outs = [
-        helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, ["N", 1, h, h]),
-        helper.make_tensor_value_info("size", TensorProto.FLOAT, ["N", 2, h, h]),
-        helper.make_tensor_value_info("offset", TensorProto.FLOAT, ["N", 2, h, h]),
-    ]
-    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
-    sixteen = helper.make_tensor("sixteen", TensorProto.FLOAT, [], [16.0])
-    nodes = [
-        helper.make_node("AveragePool", ["image"], ["heatmap"], kernel_shape=[4, 4], strides=[4, 4]),
-        helper.make_node("Mul", ["heatmap", "zero"], ["zeros"]),
-        helper.make_node("Add", ["zeros", "sixteen"], ["sixteens"]),
-        helper.make_node("Concat", ["sixteens", "sixteens"], ["size"], axis=1),
-        helper.make_node("Concat", ["zeros", "zeros"], ["offset"], axis=1),
-    ]
-    graph = helper.make_graph(nodes, "tiny_det", [inp], outs, initializer=[zero, sixteen])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
-def make_engines(root: Path, size: int = FIXTURE_SIZE) -> Path:
-    """Write ``tiny-seg`` and ``tiny-det`` model folders under ``root``."""
-    specs = {
-        "tiny-seg": ("segmentation", ("lesion",), ("logits",), _seg_model(size), Postprocessing(threshold=0.5)),
-        "tiny-det": (
-            "detection",
-            ("nodule",),
-            ("heatmap", "size", "offset"),
-            _det_model(size),
-            Postprocessing(threshold=0.5, nms_iou=0.5, max_detections=10, stride=4),
-        ),
-    }
-    for name, (task, labels, outputs, model, post) in specs.items():
-        d = root / name
-        d.mkdir(parents=True, exist_ok=True)
-        _save(model, d / "model.onnx")
-        shutil.copyfile(d / "model.onnx", d / "model.int8.onnx")
-        Manifest(
-            name=name,
-            version="1",
-            task=task,
-            labels=labels,
-            input=InputSpec(size=(size, size)),
-            outputs=outputs,
-            preprocessing=Preprocessing(color="grayscale", resize="letterbox", normalize="minmax"),
-            postprocessing=post,
-            artifacts={
-                "fp32": Artifact("model.onnx", sha256_file(d / "model.onnx")),
-                "int8": Artifact("model.int8.onnx", sha256_file(d / "model.int8.onnx")),
-            },
-            # Recorded as the TensorRT-ready form so the (fake-GPU) TensorRT tests may pick int8.
-            training={"quantization": {"format": "QDQ", "activations": "int8 symmetric"}},
-            intended_use="Test fixture only.",
-        ).save(d)
-    return root
-
-
 @pytest.fixture(scope="session")
 def fixture_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A read-only engines folder with ``tiny-seg`` and ``tiny-det`` (see module doc)."""
-    pytest.importorskip("onnx", reason="building fixture models needs onnx (the trainer extra)")
-    return make_engines(tmp_path_factory.mktemp("engines"))
+    """An engines folder with ``tiny-seg`` and ``tiny-det`` (see module doc): a copy of the shipped one.
+
+    Copied, not used in place, so no test can write into the committed folder.
+    """
+    return Path(shutil.copytree(FIXTURE_ENGINES, tmp_path_factory.mktemp("engines") / "engines"))
 
 
 @pytest.fixture
