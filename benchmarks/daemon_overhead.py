@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,17 +59,12 @@ if str(ROOT) not in sys.path:
 
 from edge.inference.manifest import default_engines_dir  # noqa: E402
 from edge.inference.model import load_model  # noqa: E402
+from edge.tools.daemon_process import free_port  # noqa: E402
 from edge.tools.results import machine_info  # noqa: E402
 from edge.tools.synthetic import make_source  # noqa: E402
 
 MODELS = ("us-lesion-seg", "xray-nodule-det")
 SPIN_US = 1000  # [[models]] spin_us of the daemon, and the raw side's: set by --spin-us
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -103,15 +97,15 @@ class Daemon:
     """``medge serve`` as a child process on free ports."""
 
     def __init__(self, workdir: Path, engines_dir: Path, dicom: bool = True) -> None:
-        self.ingest = f"tcp://127.0.0.1:{_free_port()}"
-        self.publish = f"tcp://127.0.0.1:{_free_port()}"
-        self.http = f"http://127.0.0.1:{_free_port()}"
+        self.ingest = f"tcp://127.0.0.1:{free_port()}"
+        self.publish = f"tcp://127.0.0.1:{free_port()}"
+        self.http = f"http://127.0.0.1:{free_port()}"
         cfg = workdir / "medge.toml"
         cfg.write_text(
             f'engines_dir = "{engines_dir}"\nspool_dir = "{workdir / "spool"}"\n'
             f'[zmq]\ningest = "{self.ingest}"\npublish = "{self.publish}"\n'
             f'[metrics]\nport = {self.http.rsplit(":", 1)[1]}\n'
-            f"[dicom]\nenabled = {'true' if dicom else 'false'}\nport = {_free_port()}\n"
+            f"[dicom]\nenabled = {'true' if dicom else 'false'}\nport = {free_port()}\n"
             + "".join(f'[[models]]\nname = "{m}"\nspin_us = {SPIN_US}\n' for m in MODELS),
             encoding="utf-8",
         )
@@ -321,7 +315,7 @@ def echo_server(endpoint: str, model_name: str, engines_dir: Path) -> None:
 
 def floor(engines_dir: Path, rounds: int, block: int, warmup: int) -> list[dict[str, Any]]:
     """raw vs the one-thread echo server (``echo_server``): the 256x256 frame, then one byte."""
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     name = MODELS[0]
     proc = subprocess.Popen(
         [sys.executable, __file__, "--spin-us", str(SPIN_US), "--echo-server", endpoint, name, str(engines_dir)]

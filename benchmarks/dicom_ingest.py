@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
-import os
 import platform
 import shutil
 import socket
@@ -39,57 +38,22 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from prometheus_client import CollectorRegistry
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
+from edge.fileio import atomic_write
+from edge.tools.daemon_process import free_port
 from edge.tools.results import machine_info
+from edge.tools.synthetic_dicom import make_ct_series, save
 
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 
 
 def make_ct_files(folder: Path, n: int, size: int = 512, seed: int = 0) -> list[Path]:
-    """``n`` CT slices of ``size``x``size`` int16 in one series (seeded noise phantom)."""
-    rng = np.random.default_rng(seed)
-    study, series, for_uid = generate_uid(), generate_uid(), generate_uid()
-    yy, xx = np.mgrid[0:size, 0:size]
-    body = ((xx - size / 2) ** 2 + (yy - size / 2) ** 2) < (0.42 * size) ** 2
-    base = np.where(body, 40, -1000).astype(np.int16)
-    paths = []
-    for i in range(n):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.PatientName, ds.PatientID = "BENCH^CT", "BENCH-1"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, for_uid
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, i + 1
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.PixelSpacing, ds.SliceThickness = [0.7, 0.7], 1.0
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-180.0, -180.0, float(i)]
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows = ds.Columns = size
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.PixelData = (base + rng.integers(-20, 20, base.shape, dtype=np.int16)).tobytes()
-        p = folder / f"ct{i:04d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
-    return paths
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """``n`` CT slices of ``size``x``size`` int16 in one series (:func:`edge.tools.synthetic_dicom.make_ct_series`)."""
+    return [save(ds, folder / f"ct{i:04d}.dcm") for i, ds in enumerate(make_ct_series(n, size, seed))]
 
 
 def send(port: int, files: list[Path], called: str) -> float:
@@ -111,12 +75,7 @@ def run_bare(files: list[Path], out: Path) -> float:
     def on_store(event):  # noqa: ANN001
         data = event.encoded_dataset()
         name = event.request.AffectedSOPInstanceUID
-        t = tmp / f"{name}.part"
-        with open(t, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(t, out / f"{name}.dcm")
+        atomic_write(out / f"{name}.dcm", data, tmp_dir=tmp, sync_dir=False)  # fsync, rename: no folder fsync
         return 0x0000
 
     ae = AE(ae_title="BARE")

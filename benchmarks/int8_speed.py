@@ -27,6 +27,7 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
 
+from edge.fileio import atomic_write_text  # noqa: E402
 from edge.inference.manifest import Manifest  # noqa: E402
 from edge.inference.preprocess import preprocess  # noqa: E402
 from edge.tools.results import machine_info  # noqa: E402
@@ -104,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out)
+        atomic_write_text(out, json.dumps(record, indent=2) + "\n", durable=False)
     return 0
 
 

@@ -676,8 +676,7 @@ def _check_endpoint(ep: str, key: str) -> None:
     _check(ep.startswith(_ZMQ_SCHEMES), key, f"endpoint {ep!r} does not start with one of {_ZMQ_SCHEMES}.")
 
 
-def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
-    z = cfg.zmq
+def _validate_zmq(z: ZmqConfig) -> None:
     _check_endpoint(z.ingest, "zmq.ingest")
     _check_endpoint(z.publish, "zmq.publish")
     _check(z.ingest != z.publish or z.ingest.endswith(":*"), "zmq.publish", "must differ from zmq.ingest.")
@@ -699,7 +698,9 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
         _check(bool(z.curve_client_keys_dir) and Path(z.curve_client_keys_dir).is_dir(), "zmq.curve_client_keys_dir",
                "must name an existing folder of allowed client public keys when zmq.curve_server_key is set.")
     _check(bool(z.default_stream), "zmq.default_stream", "must not be empty.")
-    mc = cfg.metrics
+
+
+def _validate_metrics(mc: MetricsConfig) -> None:
     _check_port(mc.port, "metrics.port")
     if bool(mc.tls_cert) != bool(mc.tls_key):
         raise ConfigError("Config key metrics.tls_cert: tls_cert and tls_key must be set together.")
@@ -710,39 +711,47 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
     _check(mc.idle_timeout_s > 0, "metrics.idle_timeout_s", "must be > 0.")
     _check(mc.max_connections >= 1, "metrics.max_connections", "must be >= 1.")
     _check(mc.stall_s > 0, "metrics.stall_s", "must be > 0 (seconds).")
-    s = cfg.scheduler
+
+
+def _validate_scheduler(s: SchedulerConfig) -> None:
     _check(s.queue_size >= 1, "scheduler.queue_size", f"{s.queue_size} must be >= 1.")
     _check(s.queue_max_mb >= 0, "scheduler.queue_max_mb", f"{s.queue_max_mb} must be >= 0 (0: no byte bound).")
     _check(s.max_batch >= 1, "scheduler.max_batch", f"{s.max_batch} must be >= 1.")
     _check(s.max_delay_us >= 0, "scheduler.max_delay_us", f"{s.max_delay_us} must be >= 0.")
     _check(s.stream_backlog >= 1, "scheduler.stream_backlog", f"{s.stream_backlog} must be >= 1.")
     _check(s.workers >= 1, "scheduler.workers", f"{s.workers} must be >= 1.")
-    _check(cfg.shutdown_timeout_s > 0, "shutdown_timeout_s", "must be > 0.")
+
+
+def _discover_models(cfg: MedgeConfig) -> tuple[ModelConfig, ...]:
+    """The served models: ``[[models]]``, or every model in ``engines_dir``; each must have a manifest."""
+    from edge.errors import ModelError
+    from edge.inference.manifest import discover
 
     models = cfg.models
-    if check_models:
-        from edge.errors import ModelError
-        from edge.inference.manifest import discover
+    if not models:
+        try:
+            found = discover(cfg.engines_dir)
+        except ModelError as exc:
+            raise ConfigError(f"Config key engines_dir: {exc}") from exc
+        _check(
+            bool(found),
+            "engines_dir",
+            f"{cfg.engines_dir} holds no model (no <name>/manifest.json); "
+            "list models under [[models]] or point engines_dir at the engines.",
+        )
+        models = tuple(ModelConfig(name=n) for n in found)
+    for i, m in enumerate(models):
+        mdir = Path(m.path) if m.path else cfg.engines_dir / m.name
+        _check(
+            (mdir / "manifest.json").is_file(),
+            f"models[{i}].name" if not m.path else f"models[{i}].path",
+            f"no manifest.json for model {m.name!r} in {mdir}.",
+        )
+    return models
 
-        if not models:
-            try:
-                found = discover(cfg.engines_dir)
-            except ModelError as exc:
-                raise ConfigError(f"Config key engines_dir: {exc}") from exc
-            _check(
-                bool(found),
-                "engines_dir",
-                f"{cfg.engines_dir} holds no model (no <name>/manifest.json); "
-                "list models under [[models]] or point engines_dir at the engines.",
-            )
-            models = tuple(ModelConfig(name=n) for n in found)
-        for i, m in enumerate(models):
-            mdir = Path(m.path) if m.path else cfg.engines_dir / m.name
-            _check(
-                (mdir / "manifest.json").is_file(),
-                f"models[{i}].name" if not m.path else f"models[{i}].path",
-                f"no manifest.json for model {m.name!r} in {mdir}.",
-            )
+
+def _validate_models(models: tuple[ModelConfig, ...]) -> set[str]:
+    """Check each ``[[models]]`` entry; return the served names."""
     seen: set[str] = set()
     for i, m in enumerate(models):
         k = f"models[{i}]"
@@ -760,14 +769,11 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
         _check(m.queue_size >= 0, f"{k}.queue_size", "must be >= 0 (0: the [scheduler] value).")
         _check(m.max_delay_us >= -1, f"{k}.max_delay_us", "must be >= 0 (or -1: the [scheduler] value).")
         _check(m.threshold <= 1.0, f"{k}.threshold", f"{m.threshold} is above 1.")
-    if check_models and models:
-        _check(
-            not z.default_model or z.default_model in seen,
-            "zmq.default_model",
-            f"{z.default_model!r} is not a served model ({', '.join(sorted(seen))}).",
-        )
+    return seen
 
-    d = cfg.dicom
+
+def _validate_dicom(d: DicomConfig) -> None:
+    """The ``[dicom]`` table's own keys (routes and destinations are checked apart)."""
     _check_port(d.port, "dicom.port")
     _check(1 <= len(d.ae_title) <= 16, "dicom.ae_title", f"{d.ae_title!r} must be 1 to 16 characters.")
     for i, ae in enumerate(d.allowed_calling_aes):
@@ -797,6 +803,10 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
     for name in ("cert", "key", "ca"):
         p = getattr(d.tls, name)
         _check(not p or Path(p).is_file(), f"dicom.tls.{name}", f"file {p} does not exist.")
+
+
+def _dicom_routes(d: DicomConfig, seen: set[str], check_models: bool) -> tuple[DicomRoute, ...]:
+    """The routes: ``[[dicom.routes]]``, or the default ones for the served bundled models."""
     routes = d.routes
     if not routes:
         defaults = (("US", "us-lesion-seg"), ("CR", "xray-nodule-det"), ("DX", "xray-nodule-det"))
@@ -805,8 +815,12 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
         _check(bool(r.modality), f"dicom.routes[{i}].modality", "must not be empty.")
         if check_models:
             _check(r.model in seen, f"dicom.routes[{i}].model", f"{r.model!r} is not a served model.")
+    return routes
+
+
+def _validate_destinations(destinations: tuple[DicomDestination, ...]) -> None:
     names: set[str] = set()
-    for i, dest in enumerate(d.destinations):
+    for i, dest in enumerate(destinations):
         k = f"dicom.destinations[{i}]"
         _check(bool(dest.name) and dest.name not in names, f"{k}.name", f"{dest.name!r} is empty or repeated.")
         _check(
@@ -825,14 +839,36 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
             p = getattr(dest, name)
             _check(not p or Path(p).is_file(), f"{k}.{name}", f"file {p} does not exist.")
             _check(not p or dest.tls, f"{k}.{name}", f"is set but {k}.tls is false.")
-    o = cfg.outbox
+
+
+def _validate_outbox(o: OutboxConfig) -> None:
     _check(o.retry_base_s > 0, "outbox.retry_base_s", "must be > 0.")
     _check(o.retry_max_s >= o.retry_base_s, "outbox.retry_max_s", "must be >= outbox.retry_base_s.")
     _check(o.max_attempts >= 1, "outbox.max_attempts", "must be >= 1.")
     _check(o.attempt_window_s > 0, "outbox.attempt_window_s", "must be > 0.")
+
+
+def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
+    """Check every key (in file order, so the first problem reported is the first in the file's tables)."""
+    z = cfg.zmq
+    _validate_zmq(z)
+    _validate_metrics(cfg.metrics)
+    _validate_scheduler(cfg.scheduler)
+    _check(cfg.shutdown_timeout_s > 0, "shutdown_timeout_s", "must be > 0.")
+    models = _discover_models(cfg) if check_models else cfg.models
+    seen = _validate_models(models)
+    if check_models and models:
+        _check(
+            not z.default_model or z.default_model in seen,
+            "zmq.default_model",
+            f"{z.default_model!r} is not a served model ({', '.join(sorted(seen))}).",
+        )
+    d = cfg.dicom
+    _validate_dicom(d)
+    routes = _dicom_routes(d, seen, check_models)
+    _validate_destinations(d.destinations)
+    _validate_outbox(cfg.outbox)
     return dataclasses.replace(cfg, models=models, dicom=dataclasses.replace(d, routes=routes))
-
-
 # --------------------------------------------------------------------------- public API
 def load_config(
     path: Path | str | None = None,

@@ -56,8 +56,6 @@ from typing import Any
 import zmq
 from prometheus_client import CollectorRegistry
 
-from prometheus_client import Gauge
-
 from edge.config import MedgeConfig
 from edge.errors import ConfigError
 from edge.inference.model import ModelRegistry
@@ -65,7 +63,7 @@ from edge.ingest.zmq import ZmqServer
 from edge.ops.boundary import LogThrottle
 from edge.ops.curve import CurveServer
 from edge.ops.health import HealthServer
-from edge.ops.metrics import MODEL_FAILURE_CODES, Metrics, get_or_create_metric
+from edge.ops.metrics import MODEL_FAILURE_CODES, Metrics, metrics_for
 from edge.scheduler import Scheduler
 
 __all__ = [
@@ -142,13 +140,7 @@ class Daemon:
         self.metrics = Metrics(self.registry)
         self.stall_s = float(stall_s if stall_s is not None else config.metrics.stall_s)
         self._progress = _Progress()
-        ready_gauge = get_or_create_metric(
-            self.registry,
-            Gauge,
-            "medge_ready",
-            "1 while /readyz answers 200: models warm, sockets bound, every serving loop alive and making progress.",
-        )
-        ready_gauge.set_function(lambda: 1.0 if self.ready else 0.0)
+        metrics_for(self.registry).daemon.ready.set_function(lambda: 1.0 if self.ready else 0.0)
         self.health: HealthServer | None = None
         self.models = ModelRegistry()
         self.scheduler: Scheduler | None = None

@@ -290,6 +290,21 @@ class Scheduler:
         nbytes = int(image.nbytes)
         job = _Job(image, stream, source, callback, received_ns or now, now, live, track_e2e, nbytes=nbytes)
         pol = q.policy
+        victims = self._enqueue(q, name, job)
+        if victims is None:
+            limit = f"{pol.queue_size} frames" + (f" or {pol.max_bytes // (1024 * 1024)} MiB" if pol.max_bytes else "")
+            raise ProtocolError("overloaded", f"The queue of model {name!r} is full ({limit}).")
+        for v in victims:
+            self._answer_dropped(q, v)
+        with self._lock:
+            self._accepted += 1
+        if self._metrics is not None:
+            self._metrics.child(self._metrics.frames_received, source, name).inc()
+
+    def _enqueue(self, q: _ModelQueue, name: str, job: _Job) -> list[_Job] | None:
+        """Queue ``job`` under the queue's lock; the live frames shed for it, or ``None`` if there is no room."""
+        stream, nbytes, live = job.stream, job.nbytes, job.live
+        pol = q.policy
         victims: list[_Job] | None = []
         with q.lock:
             if live:
@@ -311,15 +326,7 @@ class Scheduler:
                 if self._metrics is not None:  # set under the queue's lock: never a stale depth
                     self._metrics.child(self._metrics.queue_depth, name).set(len(q))
                 q.cond.notify()
-        if victims is None:
-            limit = f"{pol.queue_size} frames" + (f" or {pol.max_bytes // (1024 * 1024)} MiB" if pol.max_bytes else "")
-            raise ProtocolError("overloaded", f"The queue of model {name!r} is full ({limit}).")
-        for v in victims:
-            self._answer_dropped(q, v)
-        with self._lock:
-            self._accepted += 1
-        if self._metrics is not None:
-            self._metrics.child(self._metrics.frames_received, source, name).inc()
+        return victims
 
     def infer(
         self, image: np.ndarray, *, model: str, source: str, timeout_s: float = 30.0, stream: str = ""

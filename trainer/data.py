@@ -48,6 +48,7 @@ from typing import Any, Callable, Collection, Sequence
 import numpy as np
 
 from edge.errors import DataError
+from edge.fileio import atomic_file
 from edge.inference.manifest import InputSpec, Preprocessing
 from edge.inference.preprocess import Geometry, preprocess, resize_float, resize_nearest
 
@@ -149,26 +150,24 @@ def _irregular_blob(
 
 
 # ------------------------------------------------------------- ultrasound
-def make_ultrasound(rng: np.random.Generator, shape: tuple[int, int] = US_SHAPE) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic B-mode frame and its lesion mask.
+@dataclass
+class _Fan:
+    """The curvilinear probe's sector: apex, half-angle, radii and per-pixel polar coordinates."""
 
-    Parameters
-    ----------
-    rng : numpy.random.Generator
-        Source of randomness (see :func:`sample_rng`).
-    shape : tuple of int
-        Frame ``(height, width)``.
+    apex_x: float
+    apex_y: float
+    half: float
+    r: np.ndarray
+    th: np.ndarray
+    r0: float
+    r_max: float
+    sector: np.ndarray
+    depth: np.ndarray
 
-    Returns
-    -------
-    image : numpy.ndarray
-        ``uint8`` ``[H, W]``; zero outside the sector.
-    mask : numpy.ndarray
-        ``uint8`` ``[H, W]``; 1 inside a lesion, else 0.
-    """
+
+def _us_fan(rng: np.random.Generator, shape: tuple[int, int], yy: np.ndarray, xx: np.ndarray) -> _Fan:
+    """Curvilinear probe: apex above the frame, fan of +-half_angle."""
     h, w = shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    # Curvilinear probe: apex above the frame, fan of +-half_angle.
     apex_x = w / 2 + rng.uniform(-0.02, 0.02) * w
     apex_y = -rng.uniform(0.08, 0.16) * h
     half = np.deg2rad(rng.uniform(30, 40))
@@ -178,21 +177,30 @@ def make_ultrasound(rng: np.random.Generator, shape: tuple[int, int] = US_SHAPE)
     r_max = min(h - 1 - apex_y, r0 + rng.uniform(0.82, 0.95) * h)
     sector = (np.abs(th) <= half) & (r >= r0) & (r <= r_max)
     depth = np.clip((r - r0) / (r_max - r0), 0, 1)
+    return _Fan(apex_x, apex_y, half, r, th, r0, r_max, sector, depth)
 
-    # Tissue echogenicity: smooth texture + layered near field (skin, fat, fascia, muscle).
+
+def _us_tissue(rng: np.random.Generator, shape: tuple[int, int], fan: _Fan) -> np.ndarray:
+    """Tissue echogenicity: smooth texture + layered near field (skin, fat, fascia, muscle)."""
     echo = np.exp(0.25 * _smooth_field(rng, shape, 48) + 0.12 * _smooth_field(rng, shape, 12))
     wobble = 0.015 * _smooth_field(rng, shape, 96)
-    dl = depth + wobble
+    dl = fan.depth + wobble
     skin = rng.uniform(0.02, 0.04)
     fat = skin + rng.uniform(0.05, 0.14)
     echo = echo * np.where(dl < skin, 2.2, 1.0) * np.where((dl >= skin) & (dl < fat), rng.uniform(0.35, 0.6), 1.0)
     for _ in range(int(rng.integers(2, 5))):  # bright fascia lines
         d0 = rng.uniform(fat, 0.95)
         echo = echo * (1 + rng.uniform(0.8, 2.0) * np.exp(-(((dl - d0) / rng.uniform(0.003, 0.008)) ** 2)))
-    striation = 1 + 0.15 * np.sin(2 * np.pi * (dl * rng.uniform(20, 40) + 0.3 * th))
-    echo = echo * np.where(dl >= fat, striation, 1.0)
+    striation = 1 + 0.15 * np.sin(2 * np.pi * (dl * rng.uniform(20, 40) + 0.3 * fan.th))
+    return echo * np.where(dl >= fat, striation, 1.0)
 
-    # Lesions.
+
+def _us_lesions(rng: np.random.Generator, shape: tuple[int, int], yy: np.ndarray, xx: np.ndarray, fan: _Fan,
+                echo: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lesions (cyst, hypo- or hyperechoic) with their posterior effect; returns mask, echo and shadow."""
+    h = shape[0]
+    apex_x, apex_y, half, r, th, r0, r_max, sector = (
+        fan.apex_x, fan.apex_y, fan.half, fan.r, fan.th, fan.r0, fan.r_max, fan.sector)
     mask = np.zeros(shape, dtype=bool)
     shadow = np.ones(shape, dtype=np.float32)
     n_lesions = 1 if rng.random() < 0.8 else 2
@@ -232,8 +240,12 @@ def make_ultrasound(rng: np.random.Generator, shape: tuple[int, int] = US_SHAPE)
             post = rng.uniform(0.85, 1.1)
         effect = _blur(behind.astype(np.float32), 1.0, 4.0)
         shadow *= 1 + (post - 1) * np.clip(effect, 0, 1)
+    return mask, echo, shadow
 
-    # Speckle: low-passed complex Gaussian -> Rayleigh envelope (laterally elongated).
+
+def _us_speckle(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Speckle: low-passed complex Gaussian -> Rayleigh envelope (laterally elongated), mean 1."""
+    h, w = shape
     z = rng.standard_normal(shape).astype(np.float32) + 1j * rng.standard_normal(shape).astype(np.float32)
     spec = np.fft.fft2(z)
     fy = np.fft.fftfreq(h).astype(np.float32)[:, None]
@@ -242,13 +254,19 @@ def make_ultrasound(rng: np.random.Generator, shape: tuple[int, int] = US_SHAPE)
     spec = spec * np.exp(-2 * np.pi**2 * ((fy * sy) ** 2 + (fx * sx) ** 2))
     speckle = np.abs(np.fft.ifft2(spec)).astype(np.float32)
     speckle /= float(speckle.mean())
+    return speckle
 
+
+def _us_display(rng: np.random.Generator, shape: tuple[int, int], fan: _Fan, scatter: np.ndarray) -> np.ndarray:
+    """Attenuation, TGC, log compression to the display range and depth markers (float, 0..255)."""
+    h, w = shape
+    depth, sector = fan.depth, fan.sector
     # Attenuation and TGC: partly compensated, per-image slider curve.
     atten_db = rng.uniform(18, 35) * depth
     sliders = rng.uniform(-4, 4, size=8) + atten_db.max() * rng.uniform(0.55, 0.9) * np.linspace(0, 1, 8)
     tgc_db = np.interp(depth, np.linspace(0, 1, 8), sliders)
     gain_db = rng.uniform(-4, 4) + tgc_db - atten_db
-    env = echo * shadow * speckle * (10 ** (gain_db / 20))
+    env = scatter * (10 ** (gain_db / 20))
     env = env + rng.uniform(0.005, 0.02) * np.abs(rng.standard_normal(shape)).astype(np.float32)
 
     # Log compression to the display range.
@@ -259,38 +277,49 @@ def make_ultrasound(rng: np.random.Generator, shape: tuple[int, int] = US_SHAPE)
     img = np.where(sector, img, 0)
     # Depth markers beside the fan, as scanners draw them.
     for d in np.arange(0.1, 1.0, 0.1):
-        my = int(apex_y + (r0 + d * (r_max - r0)) * np.cos(half))
-        mx = int(min(w - 4, apex_x + (r0 + d * (r_max - r0)) * np.sin(half) + 10))
+        my = int(fan.apex_y + (fan.r0 + d * (fan.r_max - fan.r0)) * np.cos(fan.half))
+        mx = int(min(w - 4, fan.apex_x + (fan.r0 + d * (fan.r_max - fan.r0)) * np.sin(fan.half) + 10))
         if 0 <= my < h - 2:
             img[my : my + 2, mx : mx + 3] = 200
-    return img.astype(np.uint8), mask.astype(np.uint8)
+    return img
 
 
-# ------------------------------------------------------------------ X-ray
-def make_xray(rng: np.random.Generator, shape: tuple[int, int] = XRAY_SHAPE) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic chest radiograph (PA view) and its nodule boxes.
+def make_ultrasound(rng: np.random.Generator, shape: tuple[int, int] = US_SHAPE) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic B-mode frame and its lesion mask.
 
     Parameters
     ----------
     rng : numpy.random.Generator
         Source of randomness (see :func:`sample_rng`).
     shape : tuple of int
-        Image ``(height, width)``.
+        Frame ``(height, width)``.
 
     Returns
     -------
     image : numpy.ndarray
-        ``uint16`` ``[H, W]``, 12 bits stored, brighter = more attenuation
-        (MONOCHROME2).
-    boxes : numpy.ndarray
-        ``float32`` ``[M, 4]`` nodule boxes (x0, y0, x1, y1), ``M`` in 0..4.
+        ``uint8`` ``[H, W]``; zero outside the sector.
+    mask : numpy.ndarray
+        ``uint8`` ``[H, W]``; 1 inside a lesion, else 0.
     """
     h, w = shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    u, v = xx / w, yy / h  # normalised coordinates
-    cxn = 0.5 + rng.uniform(-0.03, 0.03)
+    # Each stage draws from rng in turn: the order of the calls is the order of the draws.
+    fan = _us_fan(rng, shape, yy, xx)
+    echo = _us_tissue(rng, shape, fan)
+    mask, echo, shadow = _us_lesions(rng, shape, yy, xx, fan, echo)
+    speckle = _us_speckle(rng, shape)
+    img = _us_display(rng, shape, fan, echo * shadow * speckle)
+    return img.astype(np.uint8), mask.astype(np.uint8)
 
-    # Attenuation (line integral) map; the display is a monotone transform of it.
+
+# ------------------------------------------------------------------ X-ray
+def _xray_anatomy(rng: np.random.Generator, shape: tuple[int, int], u: np.ndarray,
+                  v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The attenuation (line integral) map of trunk, lungs, heart, spine, ribs and clavicles.
+
+    Returns the map, the lung fields' mask and their thickness (for the vessel texture).
+    """
+    cxn = 0.5 + rng.uniform(-0.03, 0.03)
     # Body: a wide rounded trunk with shoulders; thickness profile across x.
     bw = rng.uniform(0.40, 0.47)
     trunk = np.clip(1 - ((u - cxn) / bw) ** 2, 0, None)
@@ -324,8 +353,13 @@ def make_xray(rng: np.random.Generator, shape: tuple[int, int] = XRAY_SHAPE) -> 
     spine = np.exp(-(((u - cxn) / 0.03) ** 4))
     vert = 0.8 + 0.2 * np.cos(2 * np.pi * v * rng.uniform(11, 14))
     mu = mu + 0.3 * spine * vert
+    mu = mu + _xray_ribs(rng, shape, u, v, cxn, bw) * body
+    return _xray_clavicles(rng, mu, u, v, cxn), lung_mask, lungs
 
-    # Ribs: arcs from the spine outwards and down; cortex brighter than the core.
+
+def _xray_ribs(rng: np.random.Generator, shape: tuple[int, int], u: np.ndarray, v: np.ndarray, cxn: float,
+               bw: float) -> np.ndarray:
+    """Ribs: arcs from the spine outwards and down; cortex brighter than the core (weighted)."""
     rib = np.zeros(shape, dtype=np.float32)
     n_ribs = int(rng.integers(9, 11))
     y_first = rng.uniform(0.13, 0.17)
@@ -340,21 +374,31 @@ def make_xray(rng: np.random.Generator, shape: tuple[int, int] = XRAY_SHAPE) -> 
             lateral = (dxs > 0.02) & (dxs < bw * 0.98)
             band = np.where(lateral & (d < 1), 0.6 + 0.4 * d**4, 0)
             rib += band.astype(np.float32)
-    mu = mu + rng.uniform(0.18, 0.28) * rib * body
+    return rng.uniform(0.18, 0.28) * rib
 
-    # Clavicles.
+
+def _xray_clavicles(rng: np.random.Generator, mu: np.ndarray, u: np.ndarray, v: np.ndarray,
+                    cxn: float) -> np.ndarray:
+    """``mu`` with the two clavicles added."""
     for side in (-1.0, 1.0):
         dxs = side * (u - cxn)
         curve = rng.uniform(0.12, 0.15) - 0.12 * dxs + 0.9 * np.clip(dxs - 0.2, 0, None) ** 2
         d = np.abs(v - curve) / rng.uniform(0.013, 0.017)
         mu = mu + 0.3 * ((d < 1) & (dxs > 0.03) & (dxs < 0.32)) * (0.7 + 0.3 * d**2)
+    return mu
 
-    # Vessel / interstitial texture inside the lungs.
-    vessels = np.abs(_smooth_field(rng, shape, 6)) * np.clip(_smooth_field(rng, shape, 24), 0, None)
-    mu = mu + 0.05 * vessels * lungs
 
-    # Nodules: inside the lung fields, spherical-projection profile, varied size/contrast.
-    boxes = []
+def _xray_vessels(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Vessel / interstitial texture (applied inside the lungs)."""
+    return np.abs(_smooth_field(rng, shape, 6)) * np.clip(_smooth_field(rng, shape, 24), 0, None)
+
+
+def _xray_nodules(rng: np.random.Generator, shape: tuple[int, int], yy: np.ndarray, xx: np.ndarray,
+                  mu: np.ndarray, lung_mask: np.ndarray) -> list[list[float]]:
+    """Nodules inside the lung fields (added to ``mu`` in place): spherical-projection profile,
+    varied size and contrast. Returns their boxes."""
+    h, w = shape
+    boxes: list[list[float]] = []
     n_nod = int(rng.choice([0, 1, 2, 3, 4], p=[0.15, 0.35, 0.25, 0.15, 0.10]))
     ys, xs = np.nonzero(lung_mask)
     for _ in range(n_nod if ys.size else 0):
@@ -383,8 +427,11 @@ def make_xray(rng: np.random.Generator, shape: tuple[int, int] = XRAY_SHAPE) -> 
         boxes.append(
             [x_lo + ix.min(), y_lo + iy.min(), x_lo + ix.max() + 1, y_lo + iy.max() + 1]
         )
+    return boxes
 
-    # Detector: blur (focal spot + scatter), exposure, quantum + electronic noise.
+
+def _xray_detector(rng: np.random.Generator, shape: tuple[int, int], mu: np.ndarray) -> np.ndarray:
+    """Detector: blur (focal spot + scatter), exposure, quantum + electronic noise; 12-bit float image."""
     mu = _blur(np.pad(mu, 16, mode="edge"), 1.2, 1.2)[16:-16, 16:-16]
     mu = mu + 0.08 * _blur(np.pad(mu, 32, mode="edge"), 20, 20)[32:-32, 32:-32]
     exposure = rng.uniform(0.9, 1.2)
@@ -393,7 +440,34 @@ def make_xray(rng: np.random.Generator, shape: tuple[int, int] = XRAY_SHAPE) -> 
     noisy = signal + rng.standard_normal(shape).astype(np.float32) * np.sqrt(np.clip(1 - signal, 1e-3, 1) / photons)
     noisy = _blur(np.pad(noisy, 4, mode="edge"), 0.6, 0.6)[4:-4, 4:-4]
     lo, hi = rng.uniform(0.0, 0.05), rng.uniform(0.92, 1.0)
-    img = np.clip((noisy - lo) / (hi - lo), 0, 1) * 4095
+    return np.clip((noisy - lo) / (hi - lo), 0, 1) * 4095
+
+
+def make_xray(rng: np.random.Generator, shape: tuple[int, int] = XRAY_SHAPE) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic chest radiograph (PA view) and its nodule boxes.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        Source of randomness (see :func:`sample_rng`).
+    shape : tuple of int
+        Image ``(height, width)``.
+
+    Returns
+    -------
+    image : numpy.ndarray
+        ``uint16`` ``[H, W]``, 12 bits stored, brighter = more attenuation
+        (MONOCHROME2).
+    boxes : numpy.ndarray
+        ``float32`` ``[M, 4]`` nodule boxes (x0, y0, x1, y1), ``M`` in 0..4.
+    """
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    # Each stage draws from rng in turn: the order of the calls is the order of the draws.
+    mu, lung_mask, lungs = _xray_anatomy(rng, shape, xx / w, yy / h)
+    mu = mu + 0.05 * _xray_vessels(rng, shape) * lungs
+    boxes = _xray_nodules(rng, shape, yy, xx, mu, lung_mask)
+    img = _xray_detector(rng, shape, mu)
     return img.astype(np.uint16), np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
 
 
@@ -536,12 +610,8 @@ def _cache_path(cache_dir: Path | None, kind: str, n: int, seed: int) -> Path | 
 
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_file(path) as fh:
         np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _generate(fn: Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]], n: int, seed: int):

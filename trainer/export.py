@@ -6,7 +6,8 @@
 - Parity: ONNX Runtime's output is compared with PyTorch's on seeded random
   inputs at batch 1 and 2; the export is refused when the largest absolute
   difference exceeds ``atol`` (default :data:`PARITY_ATOL`).
-- FP16: weights and activations in float16, inputs and outputs kept float32
+- FP16: weights and activations in float16 (onnxconverter-common's
+  converter, clamped to the float16 range), inputs and outputs kept float32
   (a Cast at each end), for GPUs (TensorRT / CUDA EP).
 - The manifest lists every artifact with its sha256 (see
   :mod:`edge.inference.manifest`), the preprocessing and post-processing, labels,
@@ -24,7 +25,6 @@ import contextlib
 import copy
 import io
 import logging
-import os
 import subprocess
 import tempfile
 import warnings
@@ -34,9 +34,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
 
 from edge.errors import DataError, ModelError
+from edge.fileio import atomic_file, atomic_write
 from edge.inference.manifest import Artifact, InputSpec, Manifest, Postprocessing, Preprocessing, sha256_file
 from trainer.models import fold_batchnorm
 
@@ -75,12 +75,7 @@ def output_names(task: str) -> list[str]:
 
 def _atomic_onnx_save(model: onnx.ModelProto, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(model.SerializeToString())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, model.SerializeToString())
 
 
 def export_onnx(
@@ -173,57 +168,41 @@ def check_parity(
 def convert_fp16(src: Path | str, dst: Path | str) -> Path:
     """Write a float16 copy of an FP32 ONNX model, keeping float32 inputs and outputs.
 
-    Float initializers become float16 except those that ops read as
-    parameters rather than tensors (``Resize`` scales/roi); a ``Cast`` to
-    float16 follows every graph input and a ``Cast`` to float32 precedes
-    every graph output.
+    The conversion is onnxconverter-common's
+    :func:`~onnxconverter_common.float16.convert_float_to_float16` with
+    ``keep_io_types=True``: the serving code feeds float32 and reads float32
+    whatever the precision (a ``Cast`` at each end does the rest). It clamps
+    weights to the float16 range (magnitudes above 1e4 to 1e4, nonzero ones
+    below 1e-7 to 1e-7) instead of letting them overflow to infinity or
+    flush to zero, converts subgraphs and keeps ``value_info`` consistent, and
+    leaves the ops it lists as float-only (``Resize``, ``TopK``, ...) in
+    float32 between casts.
+
+    Raises
+    ------
+    ModelError
+        If the model is already float16 or the converted model fails the
+        ONNX checker.
     """
+    from onnxconverter_common import float16
+
     model = onnx.load(str(src))
-    g = model.graph
-    keep_fp32: set[str] = set()
-    for node in g.node:
-        if node.op_type == "Resize":
-            keep_fp32.update(node.input[1:])
-    new_inits = []
-    for init in g.initializer:
-        if init.data_type == TensorProto.FLOAT and init.name not in keep_fp32:
-            arr = numpy_helper.to_array(init).astype(np.float16)
-            new_inits.append(numpy_helper.from_array(arr, init.name))
-        else:
-            new_inits.append(init)
-    del g.initializer[:]
-    g.initializer.extend(new_inits)
-    for node in g.node:  # Constant nodes holding float tensors
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT and node.output[0] not in keep_fp32:
-                    attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
-    casts_in = []
-    for inp in g.input:
-        if inp.type.tensor_type.elem_type != TensorProto.FLOAT:
-            continue
-        half = inp.name + "_fp16"
-        for node in g.node:
-            for i, name in enumerate(node.input):
-                if name == inp.name:
-                    node.input[i] = half
-        casts_in.append(helper.make_node("Cast", [inp.name], [half], to=TensorProto.FLOAT16, name=f"cast_in_{inp.name}"))
-    for out in g.output:
-        if out.type.tensor_type.elem_type != TensorProto.FLOAT:
-            continue
-        half = out.name + "_fp16"
-        for node in g.node:
-            for i, name in enumerate(node.output):
-                if name == out.name:
-                    node.output[i] = half
-        g.node.append(helper.make_node("Cast", [half], [out.name], to=TensorProto.FLOAT, name=f"cast_out_{out.name}"))
-    for i, c in enumerate(casts_in):
-        g.node.insert(i, c)
-    # Intermediate value_info entries would carry stale float32 types.
-    del g.value_info[:]
-    onnx.checker.check_model(model)
+    try:
+        # The converter warns once per clamped tensor; one log line says how many instead.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            half = float16.convert_float_to_float16(model, keep_io_types=True)
+        onnx.checker.check_model(half)
+    except (ValueError, onnx.checker.ValidationError) as exc:
+        raise ModelError(f"Cannot convert {src} to float16: {exc}") from exc
+    clamped = sum("will be truncated to" in str(w.message) for w in caught)
+    for w in caught:
+        if "will be truncated to" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if clamped:
+        _log.info("FP16 export of %s: %d tensor(s) had values clamped to the float16 range.", src, clamped)
     dst = Path(dst)
-    _atomic_onnx_save(model, dst)
+    _atomic_onnx_save(half, dst)
     return dst
 
 
@@ -332,6 +311,132 @@ INTENDED_USE = {
 }
 
 
+def _export_heldout_plan(base_record: Mapping[str, Any], task: str, evaluate: bool, heldout_data: str | None,
+                         heldout_n: int | None, checkpoint: Path | str) -> Any:
+    """The held-out set to evaluate on and record (``None``: none known and none needed)."""
+    from trainer.provenance import plan_heldout
+
+    if evaluate or heldout_data:
+        return plan_heldout(base_record, task, heldout_data, heldout_n, what=f"Checkpoint {checkpoint}")
+    try:  # --no-eval: still record the held-out set where one is known, for medge quantize
+        return plan_heldout(base_record, task, None, heldout_n)
+    except DataError:
+        return None
+
+
+def _checkpoint_io(ckpt: Mapping[str, Any]) -> tuple[InputSpec, Preprocessing, Postprocessing, list[str]]:
+    """The input spec, pre- and post-processing and labels a checkpoint records."""
+    spec = InputSpec(name=ckpt["input"]["name"], channels=int(ckpt["input"]["channels"]), size=tuple(ckpt["input"]["size"]))
+    pre_d = dict(ckpt["preprocessing"])
+    if pre_d.get("window") is not None:
+        pre_d["window"] = tuple(pre_d["window"])
+    pre = Preprocessing(**pre_d)
+    post = Postprocessing(**ckpt["postprocessing"])
+    return spec, pre, post, list(ckpt["labels"])
+
+
+def _write_artifacts(ckpt: Mapping[str, Any], checkpoint: Path | str, out: Path, task: str, spec: InputSpec,
+                     fp16: bool, atol: float) -> tuple[dict[str, Path], float, Path]:
+    """Remove stale artifacts, export (and check) the ONNX files, copy the checkpoint beside them.
+
+    Returns the artifact paths by precision, the FP32 parity and the copied checkpoint.
+    """
+    import shutil
+
+    from trainer.train import model_from_checkpoint
+
+    model = model_from_checkpoint(ckpt)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ARTIFACT_FILES.values():
+        if (out / stale).exists():
+            (out / stale).unlink()
+    fp32 = export_onnx(model, out / ARTIFACT_FILES["fp32"], task, spec)
+    parity = check_parity(model, fp32, spec, atol=atol)
+    paths = {"fp32": fp32}
+    if fp16:
+        paths["fp16"] = convert_fp16(fp32, out / ARTIFACT_FILES["fp16"])
+    ckpt_dst = out / "model.pt"
+    if Path(checkpoint).resolve() != ckpt_dst.resolve():
+        with open(checkpoint, "rb") as src, atomic_file(ckpt_dst, durable=False) as dst:
+            shutil.copyfileobj(src, dst)
+    return paths, parity, ckpt_dst
+
+
+def _evaluate_artifacts(ckpt: Mapping[str, Any], plan: Any, paths: Mapping[str, Path], spec: InputSpec,
+                        pre: Preprocessing, post: Postprocessing, labels: list[str], synthetic: bool,
+                        val_n: int) -> tuple[Postprocessing, dict[str, dict[str, float]], int]:
+    """Choose the detector threshold on validation data, then evaluate each artifact on the held-out set.
+
+    Returns the (possibly re-thresholded) post-processing, the metrics by precision and the held-out size.
+    """
+    from trainer.evaluate import (
+        FP_BUDGET,
+        VALIDATION_SEED,
+        detect_all,
+        evaluate_model,
+        froc,
+        heldout_set,
+        onnx_runner,
+        pick_threshold,
+        summarize,
+    )
+
+    task = ckpt["task"]
+    cfg = ckpt.get("config", {})
+    if task == "detection" and not synthetic and not cfg.get("val_data"):
+        _log.warning("No validation folder recorded; keeping the detector threshold %.3f.", post.threshold)
+    elif task == "detection":
+        val = heldout_set(task, val_n, seed=int(cfg.get("val_seed", VALIDATION_SEED)), spec=spec, pre=pre,
+                          data=None if synthetic else cfg.get("val_data"), labels=labels)
+        pts = froc(detect_all(onnx_runner(paths["fp32"]), val, post, labels), val)
+        # Aim a little under the budget on validation data so the held-out point stays within it.
+        chosen = pick_threshold(pts, FP_BUDGET * 0.8)
+        post = Postprocessing(threshold=float(chosen["threshold"]), nms_iou=post.nms_iou,
+                              max_detections=post.max_detections, stride=post.stride)
+        _log.info("Detector threshold %.3f chosen on validation data (sensitivity %.3f at %.3f FP/image)",
+                  chosen["threshold"], chosen["sensitivity"], chosen["fp_per_image"])
+    test = plan.load(task, spec, pre, labels)
+    n_heldout = len(test)
+    _log.info("Evaluating on the held-out set %s (%d cases).", plan.data, n_heldout)
+    metrics: dict[str, dict[str, float]] = {}
+    for prec, p in paths.items():
+        metrics[prec] = summarize(task, evaluate_model(onnx_runner(p), task, test, post, labels))
+    return post, metrics, n_heldout
+
+
+def _export_training_record(ckpt: Mapping[str, Any], base_record: dict[str, Any], synthetic: bool, plan: Any,
+                            n_heldout: int | None, ckpt_dst: Path, parity: float, atol: float,
+                            extra_training: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The manifest's ``training`` record: the checkpoint's data, run config, held-out set and parity."""
+    from trainer.provenance import GENERATORS
+
+    task = ckpt["task"]
+    cfg = ckpt.get("config", {})
+    knobs = ("batch_size", "lr", "epochs", "steps_per_epoch", "base", "augment", "seed")
+    if synthetic:
+        base_record["generator"] = GENERATORS[task]
+        run_config = {k: cfg.get(k) for k in ("n_train", "n_val", *knobs, "data_seed", "val_seed")}
+    else:
+        # Nothing of the synthetic recipe describes a user's data: no generator, no data seeds
+        # (a split's seed is kept inside its heldout record), sizes as counted at training.
+        for k in ("generator", "data_seed", "val_seed"):
+            base_record.pop(k, None)
+        run_config = {k: cfg.get(k) for k in knobs}
+        run_config["heldout_fraction"] = cfg.get("heldout_fraction", 0.0)
+    return {
+        **base_record,
+        "epochs": int(ckpt.get("epoch", 0)),
+        "config": run_config,
+        "heldout": plan.record(task, n_heldout) if plan is not None else None,
+        "code_version": git_describe(),
+        "checkpoint": {"path": "model.pt", "sha256": sha256_file(ckpt_dst)},
+        "onnx_parity_max_abs_diff": parity,
+        "onnx_parity_tolerance": atol,
+        "opset": OPSET,
+        **dict(extra_training or {}),
+    }
+
+
 def export_checkpoint(
     checkpoint: Path | str,
     out_dir: Path | str,
@@ -368,110 +473,25 @@ def export_checkpoint(
         user's data, records no held-out set and ``heldout_data`` is not
         given (unless ``evaluate`` is false).
     """
-    import shutil
-
-    from trainer.evaluate import (
-        FP_BUDGET,
-        VALIDATION_SEED,
-        detect_all,
-        evaluate_model,
-        froc,
-        heldout_set,
-        onnx_runner,
-        pick_threshold,
-        summarize,
-    )
-    from trainer.provenance import (
-        GENERATORS,
-        INTENDED_USE_FILL_IN,
-        HeldoutPlan,
-        checkpoint_record,
-        is_user_data,
-        plan_heldout,
-    )
-    from trainer.train import load_checkpoint, model_from_checkpoint
+    from trainer.provenance import INTENDED_USE_FILL_IN, checkpoint_record, is_user_data
+    from trainer.train import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     task = ckpt["task"]
-    cfg = ckpt.get("config", {})
     base_record = checkpoint_record(ckpt)
     user = is_user_data(base_record)
     # Decided before anything is written: a refusal leaves out_dir untouched.
-    plan: HeldoutPlan | None = None
-    if evaluate or heldout_data:
-        plan = plan_heldout(base_record, task, heldout_data, heldout_n, what=f"Checkpoint {checkpoint}")
-    else:
-        try:  # --no-eval: still record the held-out set where one is known, for medge quantize
-            plan = plan_heldout(base_record, task, None, heldout_n)
-        except DataError:
-            plan = None
-    model = model_from_checkpoint(ckpt)
-    spec = InputSpec(name=ckpt["input"]["name"], channels=int(ckpt["input"]["channels"]), size=tuple(ckpt["input"]["size"]))
-    pre_d = dict(ckpt["preprocessing"])
-    if pre_d.get("window") is not None:
-        pre_d["window"] = tuple(pre_d["window"])
-    pre = Preprocessing(**pre_d)
-    post = Postprocessing(**ckpt["postprocessing"])
-    labels = list(ckpt["labels"])
+    plan = _export_heldout_plan(base_record, task, evaluate, heldout_data, heldout_n, checkpoint)
+    spec, pre, post, labels = _checkpoint_io(ckpt)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ARTIFACT_FILES.values():
-        if (out / stale).exists():
-            (out / stale).unlink()
-    fp32 = export_onnx(model, out / ARTIFACT_FILES["fp32"], task, spec)
-    parity = check_parity(model, fp32, spec, atol=atol)
-    paths = {"fp32": fp32}
-    if fp16:
-        paths["fp16"] = convert_fp16(fp32, out / ARTIFACT_FILES["fp16"])
-    ckpt_dst = out / "model.pt"
-    if Path(checkpoint).resolve() != ckpt_dst.resolve():
-        tmp = ckpt_dst.with_name("model.pt.tmp")
-        shutil.copyfile(checkpoint, tmp)
-        os.replace(tmp, ckpt_dst)
+    paths, parity, ckpt_dst = _write_artifacts(ckpt, checkpoint, out, task, spec, fp16, atol)
     metrics: dict[str, dict[str, float]] = {}
     synthetic = not user
     n_heldout: int | None = None
     if evaluate and plan is not None:  # evaluate always has a plan (or plan_heldout raised)
-        if task == "detection" and not synthetic and not cfg.get("val_data"):
-            _log.warning("No validation folder recorded; keeping the detector threshold %.3f.", post.threshold)
-        elif task == "detection":
-            val = heldout_set(task, val_n, seed=int(cfg.get("val_seed", VALIDATION_SEED)), spec=spec, pre=pre,
-                              data=None if synthetic else cfg.get("val_data"), labels=labels)
-            pts = froc(detect_all(onnx_runner(fp32), val, post, labels), val)
-            # Aim a little under the budget on validation data so the held-out point stays within it.
-            chosen = pick_threshold(pts, FP_BUDGET * 0.8)
-            post = Postprocessing(threshold=float(chosen["threshold"]), nms_iou=post.nms_iou,
-                                  max_detections=post.max_detections, stride=post.stride)
-            _log.info("Detector threshold %.3f chosen on validation data (sensitivity %.3f at %.3f FP/image)",
-                      chosen["threshold"], chosen["sensitivity"], chosen["fp_per_image"])
-        test = plan.load(task, spec, pre, labels)
-        n_heldout = len(test)
-        _log.info("Evaluating on the held-out set %s (%d cases).", plan.data, n_heldout)
-        for prec, p in paths.items():
-            metrics[prec] = summarize(task, evaluate_model(onnx_runner(p), task, test, post, labels))
-    knobs = ("batch_size", "lr", "epochs", "steps_per_epoch", "base", "augment", "seed")
-    if synthetic:
-        base_record["generator"] = GENERATORS[task]
-        run_config = {k: cfg.get(k) for k in ("n_train", "n_val", *knobs, "data_seed", "val_seed")}
-    else:
-        # Nothing of the synthetic recipe describes a user's data: no generator, no data seeds
-        # (a split's seed is kept inside its heldout record), sizes as counted at training.
-        for k in ("generator", "data_seed", "val_seed"):
-            base_record.pop(k, None)
-        run_config = {k: cfg.get(k) for k in knobs}
-        run_config["heldout_fraction"] = cfg.get("heldout_fraction", 0.0)
-    training = {
-        **base_record,
-        "epochs": int(ckpt.get("epoch", 0)),
-        "config": run_config,
-        "heldout": plan.record(task, n_heldout) if plan is not None else None,
-        "code_version": git_describe(),
-        "checkpoint": {"path": "model.pt", "sha256": sha256_file(ckpt_dst)},
-        "onnx_parity_max_abs_diff": parity,
-        "onnx_parity_tolerance": atol,
-        "opset": OPSET,
-        **dict(extra_training or {}),
-    }
+        post, metrics, n_heldout = _evaluate_artifacts(ckpt, plan, paths, spec, pre, post, labels, synthetic, val_n)
+    training = _export_training_record(ckpt, base_record, synthetic, plan, n_heldout, ckpt_dst, parity, atol,
+                                       extra_training)
     if intended_use is None:
         intended_use = INTENDED_USE[task] if synthetic else INTENDED_USE_FILL_IN
         if not synthetic:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 import numpy as np
 
 from edge.errors import DataError, EngineBuildError
+from edge.fileio import atomic_file
 
 if TYPE_CHECKING:
     from edge.inference.manifest import Manifest
@@ -101,6 +102,20 @@ class _Reader:
         self._it = None
 
 
+def _pre_process(fp32_path: Path | str, pre: Path) -> None:
+    """ONNX Runtime's optional quantization pre-processing into ``pre`` (a plain copy when it fails)."""
+    import onnx
+    import onnx.shape_inference
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+    except (RuntimeError, ValueError, KeyError, onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        # Optional step (shape inference + graph clean-up); quantization works without it.
+        _log.warning("ONNX Runtime quantization pre-processing skipped: %s", exc)
+        shutil.copyfile(fp32_path, pre)
+
+
 def quantize_int8(
     fp32_path: Path | str,
     out_path: Path | str,
@@ -132,7 +147,6 @@ def quantize_int8(
         If ONNX Runtime cannot quantize the model.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     calib = np.asarray(calibration_inputs)
     if calib.ndim != 4 or calib.shape[0] == 0:
@@ -146,19 +160,13 @@ def quantize_int8(
     if method not in methods:
         raise EngineBuildError(f"Calibration method {method!r} is not one of {sorted(methods)}.")
     import onnx
-    import onnx.shape_inference
 
     input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
     out_path = Path(out_path)
     symmetric = activation_type == "int8"
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
-        try:
-            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        except (RuntimeError, ValueError, KeyError, onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-            # Optional step (shape inference + graph clean-up); quantization works without it.
-            _log.warning("ONNX Runtime quantization pre-processing skipped: %s", exc)
-            shutil.copyfile(fp32_path, pre)
+        _pre_process(fp32_path, pre)
         tmp_out = Path(tmp) / "int8.onnx"
         extra = {
             "ActivationSymmetric": symmetric,
@@ -183,11 +191,8 @@ def quantize_int8(
         except (RuntimeError, ValueError, KeyError) as exc:
             raise EngineBuildError(f"ONNX Runtime could not quantize {fp32_path}: {exc}.") from exc
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        staged = out_path.with_name(out_path.name + f".{os.getpid()}.tmp")
-        shutil.copyfile(tmp_out, staged)
-        with open(staged, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(staged, out_path)
+        with open(tmp_out, "rb") as src, atomic_file(out_path) as dst:
+            shutil.copyfileobj(src, dst)
     _log.info("Wrote INT8 Q/DQ model %s (%s activations, %s calibration on %d inputs)", out_path, activation_type, method, calib.shape[0])
     return out_path
 
@@ -296,6 +301,24 @@ def calibration_inputs(manifest: "Manifest", n: int, data: str | None = None) ->
     return make(n, seed, manifest.input, manifest.preprocessing, keep_source=False, cache_dir=default_cache_dir() / "data").inputs
 
 
+def _calibration_source(man: "Manifest", calib_data: str | None) -> str:
+    """Where the calibration inputs came from, as the quantization record names it."""
+    folder, _ = _calibration_folder(man, calib_data)
+    return folder if folder is not None else f"training data (seed {man.training.get('data_seed', 1)})"
+
+
+def _gated_metrics(man: "Manifest", full: Mapping[str, dict], fp32: str, key: str) -> dict[str, dict]:
+    """The manifest's metrics with the INT8 artifact's (and FP32's, if missing) from the gate's runs."""
+    from trainer.evaluate import summarize
+
+    int8_metrics = summarize(man.task, next(v for k, v in full.items() if k != fp32))
+    metrics = {k: dict(v) for k, v in man.metrics.items()}
+    metrics[key] = int8_metrics
+    if "fp32" not in metrics:
+        metrics["fp32"] = summarize(man.task, full[fp32])
+    return metrics
+
+
 def quantize_engine(
     engine_dir: Path | str,
     calib_n: int = 64,
@@ -329,7 +352,7 @@ def quantize_engine(
         not given; or when no calibration data can be found for it.
     """
     from edge.inference.manifest import Manifest
-    from trainer.evaluate import evaluate_model, gated_metric, onnx_runner, summarize
+    from trainer.evaluate import evaluate_model, gated_metric, onnx_runner
     from trainer.export import ARTIFACT_FILES, build_manifest, write_manifest
     from trainer.provenance import plan_heldout
 
@@ -360,19 +383,11 @@ def quantize_engine(
         fp32, d / ARTIFACT_FILES[key], calib, score, metric, max_drop,
         activation_type=activation_type, method=method,
     )
-    int8_metrics = summarize(man.task, next(v for k, v in full.items() if k != str(fp32)))
-    metrics = {k: dict(v) for k, v in man.metrics.items()}
-    metrics[key] = int8_metrics
-    if "fp32" not in metrics:
-        metrics["fp32"] = summarize(man.task, full[str(fp32)])
+    metrics = _gated_metrics(man, full, str(fp32), key)
     training = dict(man.training)
     if not isinstance(recorded, Mapping):  # exported with --no-eval: the gate's set is now the model's
         training["heldout"] = held_record
-    if calib_override is not None:
-        calib_source = "given inputs"
-    else:
-        folder, _ = _calibration_folder(man, calib_data)
-        calib_source = folder if folder is not None else f"training data (seed {man.training.get('data_seed', 1)})"
+    calib_source = "given inputs" if calib_override is not None else _calibration_source(man, calib_data)
     training[record] = {
         "format": "QDQ",
         "weights": "int8 symmetric per-channel",

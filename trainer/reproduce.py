@@ -21,7 +21,6 @@ import datetime as _dt
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -72,22 +71,22 @@ QUICK_RECIPES = (
 
 
 def machine_info() -> dict[str, Any]:
-    """Where a measurement was taken: CPU model, cores, OS, library versions, niceness."""
-    from edge.tools.results import cpu_model
+    """Where a measurement was taken: :func:`edge.tools.results.machine_info` plus niceness and date.
 
-    cpu = cpu_model()
-    import numpy
-    import onnxruntime
-    import torch
+    The flat keys of earlier records (``cpu``, ``python``, ``torch``, ``onnxruntime``,
+    ``numpy``) are kept beside it, so old and new records compare.
+    """
+    from edge.tools.results import machine_info as _machine_info
 
+    info = _machine_info()
+    versions = info["versions"]
     return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": numpy.__version__,
+        **info,
+        "cpu": info["cpu_model"],
+        "python": versions["python"],
+        "torch": versions.get("torch"),
+        "onnxruntime": versions.get("onnxruntime") or versions.get("onnxruntime-gpu"),
+        "numpy": versions.get("numpy"),
         "nice": os.nice(0),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
@@ -198,11 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     text = json.dumps(rec, indent=2)
     if args.results:
+        from edge.fileio import atomic_write_text
+
         path = Path(args.results)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, text + "\n", durable=False)
     print(text)
     failed = [m["name"] for m in rec["models"] if not m["gate"]["passed"]]
     if failed:

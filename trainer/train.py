@@ -42,7 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge.errors import ConfigError, DataError
+from edge.fileio import atomic_file
 from edge.inference.manifest import InputSpec, Postprocessing, Preprocessing, sha256_file
+from edge.tools.progress import Progress, bar
 from trainer.data import (
     US_PREPROCESSING,
     XRAY_PREPROCESSING,
@@ -423,12 +425,8 @@ def save_checkpoint(path: Path, model: nn.Module, cfg: TrainConfig, labels: list
         **dict(extra),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_file(path) as fh:
         torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
     return path
 
 
@@ -537,25 +535,20 @@ class _Progress:
     """A one-line progress bar on a stream (stderr); silent when disabled."""
 
     def __init__(self, total: int, label: str, stream: TextIO | None, width: int = 28) -> None:
-        self.total, self.label, self.stream, self.width = max(1, total), label, stream, width
+        self.total, self.label, self.width = max(1, total), label, width
         self.t0 = time.monotonic()
-        self._last = 0.0
+        self._line = Progress(stream, enabled=stream is not None, interval_s=0.5)
 
     def update(self, done: int, info: str = "") -> None:
-        if self.stream is None:
+        if not self._line.enabled:
             return
-        now = time.monotonic()
-        if done < self.total and now - self._last < 0.5:
-            return
-        self._last = now
         frac = min(1.0, done / self.total)
-        bar = "#" * int(frac * self.width) + "-" * (self.width - int(frac * self.width))
-        el = now - self.t0
+        el = time.monotonic() - self.t0
         eta = el / frac - el if frac > 0 else 0.0
-        self.stream.write(f"\r{self.label} [{bar}] {done}/{self.total} {el:5.0f}s eta {eta:4.0f}s {info}  ")
+        line = f"{self.label} [{bar(frac, self.width, empty='-')}] {done}/{self.total} {el:5.0f}s eta {eta:4.0f}s {info}"
+        self._line.show(line, final=done >= self.total)
         if done >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()
+            self._line.close()
 
 
 def _score(task: str, metrics: Mapping[str, Any]) -> float:
@@ -581,14 +574,8 @@ def _dist_info() -> tuple[int, int, int]:
     return world, rank, local
 
 
-def train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-    """Run one training; returns where the best and last checkpoints are.
-
-    Under ``torchrun`` (``WORLD_SIZE`` > 1) this joins the process group and
-    trains data-parallel; every rank returns the same result.
-    """
-    cfg.validate()
-    world, rank, local = _dist_info()
+def _setup_device(cfg: TrainConfig, world: int, local: int) -> torch.device:
+    """Pick the device, join the process group under ``torchrun`` and set the thread count."""
     distributed = world > 1
     device = torch.device("cpu")
     if distributed:
@@ -605,14 +592,11 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = 
         torch.set_num_threads(cfg.threads)
     elif distributed and device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    is_main = rank == 0
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    t_start = time.monotonic()
+    return device
 
-    labels = list(cfg.labels) or default_labels(cfg.task)
+
+def _init_checkpoint(cfg: TrainConfig, labels: list[str]) -> tuple[dict[str, Any] | None, list[str]]:
+    """The ``init`` checkpoint (or ``None``) and the labels it implies; sets ``cfg.base`` from it."""
     init_ckpt = load_checkpoint(cfg.init) if cfg.init else None
     if init_ckpt is not None:
         if init_ckpt["task"] != cfg.task:
@@ -620,12 +604,13 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = 
         cfg.base = int(init_ckpt["model"]["base"])
         if not cfg.labels:
             labels = list(init_ckpt["labels"])
-    train_items, split = _heldout_split(cfg)
-    tr, va, labels = _load_sets(cfg, labels, train_items)
-    if len(tr) == 0:
-        raise DataError("The training set is empty.")
+    return init_ckpt, labels
 
-    model = build_model(cfg.task, num_classes=len(labels), base=cfg.base)
+
+def _build(cfg: TrainConfig, n_labels: int, init_ckpt: Mapping[str, Any] | None, device: torch.device,
+           distributed: bool, local: int) -> nn.Module:
+    """The model on ``device``: initial weights, frozen encoder, channels-last on CPU, DDP when distributed."""
+    model = build_model(cfg.task, num_classes=n_labels, base=cfg.base)
     if init_ckpt is not None:
         own = model.state_dict()
         compatible = {k: v for k, v in init_ckpt["state_dict"].items() if k in own and own[k].shape == v.shape}
@@ -644,25 +629,14 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = 
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[local] if device.type == "cuda" else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    per_rank_batch = max(1, cfg.batch_size // world)
-    steps = cfg.steps_per_epoch or max(1, len(tr) // (per_rank_batch * world))
-    total = steps * cfg.epochs
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
-    bf16 = _use_bf16(cfg.amp) and device.type == "cpu"
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    log_path = out / "metrics.jsonl"
-    if is_main and log_path.exists() and init_ckpt is None:
-        log_path.unlink()
+    return model
 
-    best_score, best_epoch, best_metrics, bad_epochs = -math.inf, 0, {}, 0
-    stopped_early = False
-    best_path, last_path = out / "best.pt", out / "last.pt"
-    epoch = 0
-    stream = sys.stderr if (cfg.progress and is_main) else None
+
+def _training_record(cfg: TrainConfig, n_train: int, n_val: int, split: dict[str, Any] | None, world: int,
+                     bf16: bool, init_ckpt: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The provenance written into every checkpoint's ``training`` record."""
     record = {
-        **data_record(cfg.task, cfg.data, cfg.val_data, len(tr), len(va), cfg.data_seed, cfg.val_seed,
+        **data_record(cfg.task, cfg.data, cfg.val_data, n_train, n_val, cfg.data_seed, cfg.val_seed,
                       heldout_data=cfg.heldout_data, split=split),
         "seed": cfg.seed,
         "world_size": world,
@@ -675,69 +649,168 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = 
         base_rec = checkpoint_record(init_ckpt)
         record["init_sha256"] = sha256_file(cfg.init)
         record["init_data"] = {k: base_rec[k] for k in ("source", "data", "generator", "n_train") if k in base_rec}
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        _set_logits(model, True)
-        if cfg.freeze_encoder:
-            _unwrap(model).encoder.eval()
-        perm = np.random.default_rng([cfg.seed, epoch]).permutation(len(tr))
-        need = steps * per_rank_batch * world
-        perm = np.resize(perm, need)[rank::world]
-        bar = _Progress(steps, f"epoch {epoch}/{cfg.epochs}", stream)
-        loss_sum = 0.0
-        t_ep = time.monotonic()
-        for s in range(steps):
-            idx = perm[s * per_rank_batch : (s + 1) * per_rank_batch]
-            b = _batch(tr, idx, cfg.task)
-            x = b["x"]
-            if cfg.task == "segmentation":
-                mask = b["mask"]
-                if cfg.augment:
-                    x, mask, _ = augment_batch(x, gen, cfg.task, mask=mask)
-                if cfg.crop:
-                    x, mask, _, _ = crop_batch(x, cfg.crop, gen, mask=mask)
-                x, mask = x.to(device), mask.to(device)
-                if device.type == "cpu":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    logits = model(x)
-                loss = segmentation_loss(logits.float(), mask)
-            else:
-                boxes, valid = b["boxes"], b["valid"]
-                if cfg.augment:
-                    x, _, boxes = augment_batch(x, gen, cfg.task, boxes=boxes)
-                if cfg.crop:
-                    x, _, boxes, valid = crop_batch(x, cfg.crop, gen, boxes=boxes, valid=valid)
-                h, w = x.shape[-2:]
-                t = detection_targets(boxes, b["classes"], valid, len(labels), h // 4, w // 4, 4)
-                t = {k: v.to(device) for k, v in t.items()}
-                x = x.to(device)
-                if device.type == "cpu":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    hm, size, offset = model(x)  # emit_logits is set: heatmap logits
-                loss = detection_loss(hm, size, offset, t)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach())
-            bar.update(s + 1, f"loss {loss_sum / (s + 1):.4f}")
-        train_loss = loss_sum / steps
-        if distributed:
-            import torch.distributed as dist
+    return record
 
-            tl = torch.tensor([train_loss], device=device)
-            dist.all_reduce(tl)
-            train_loss = float(tl) / world
+
+@dataclass
+class _Loop:
+    """What every training step needs (built once by :func:`train`)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    world: int
+    rank: int
+    model: nn.Module
+    params: list[torch.Tensor]
+    opt: torch.optim.Optimizer
+    sched: Any
+    bf16: bool
+    gen: torch.Generator
+    steps: int
+    per_rank_batch: int
+    n_labels: int
+    stream: TextIO | None
+
+
+def _make_loop(cfg: TrainConfig, device: torch.device, world: int, rank: int, model: nn.Module, n_train: int,
+               n_labels: int, stream: TextIO | None) -> _Loop:
+    """Optimiser, one-cycle schedule, steps per epoch, bf16 and the augmentation generator."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_rank_batch = max(1, cfg.batch_size // world)
+    steps = cfg.steps_per_epoch or max(1, n_train // (per_rank_batch * world))
+    total = steps * cfg.epochs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
+    bf16 = _use_bf16(cfg.amp) and device.type == "cpu"
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    return _Loop(cfg, device, world, rank, model, params, opt, sched, bf16, gen, steps, per_rank_batch,
+                 n_labels, stream)
+
+
+def _write_epoch(loop: _Loop, labels: list[str], record: Mapping[str, Any], entry: Mapping[str, Any],
+                 metrics: Mapping[str, Any], improved: bool, log_path: Path, best_path: Path,
+                 last_path: Path) -> None:
+    """Rank 0 after each epoch: ``last.pt``, ``best.pt`` when improved, one ``metrics.jsonl`` line."""
+    epoch, model, cfg = entry["epoch"], loop.model, loop.cfg
+    extra = {"epoch": epoch, "metrics": metrics, "training": {**record, "epochs": epoch}}
+    save_checkpoint(last_path, model, cfg, labels, extra)
+    if improved:
+        save_checkpoint(best_path, model, cfg, labels, {**extra, "training": {**record, "epochs": epoch, "best_epoch": epoch}})
+    with open(log_path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    _log.info("epoch %d: %s", epoch, json.dumps(entry))
+
+
+def _step_loss(loop: _Loop, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Augment, crop, forward one batch and return its loss."""
+    cfg, device, gen, bf16 = loop.cfg, loop.device, loop.gen, loop.bf16
+    x = b["x"]
+    if cfg.task == "segmentation":
+        mask = b["mask"]
+        if cfg.augment:
+            x, mask, _ = augment_batch(x, gen, cfg.task, mask=mask)
+        if cfg.crop:
+            x, mask, _, _ = crop_batch(x, cfg.crop, gen, mask=mask)
+        x, mask = x.to(device), mask.to(device)
+        if device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = loop.model(x)
+        return segmentation_loss(logits.float(), mask)
+    boxes, valid = b["boxes"], b["valid"]
+    if cfg.augment:
+        x, _, boxes = augment_batch(x, gen, cfg.task, boxes=boxes)
+    if cfg.crop:
+        x, _, boxes, valid = crop_batch(x, cfg.crop, gen, boxes=boxes, valid=valid)
+    h, w = x.shape[-2:]
+    t = detection_targets(boxes, b["classes"], valid, loop.n_labels, h // 4, w // 4, 4)
+    t = {k: v.to(device) for k, v in t.items()}
+    x = x.to(device)
+    if device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        hm, size, offset = loop.model(x)  # emit_logits is set: heatmap logits
+    return detection_loss(hm, size, offset, t)
+
+
+def _train_epoch(loop: _Loop, tr: Any, epoch: int) -> float:
+    """One epoch over this rank's shard of the epoch's permutation; the mean loss over every rank."""
+    cfg, model, steps, per_rank_batch = loop.cfg, loop.model, loop.steps, loop.per_rank_batch
+    world, rank = loop.world, loop.rank
+    model.train()
+    _set_logits(model, True)
+    if cfg.freeze_encoder:
+        _unwrap(model).encoder.eval()
+    perm = np.random.default_rng([cfg.seed, epoch]).permutation(len(tr))
+    need = steps * per_rank_batch * world
+    perm = np.resize(perm, need)[rank::world]
+    bar = _Progress(steps, f"epoch {epoch}/{cfg.epochs}", loop.stream)
+    loss_sum = 0.0
+    for s in range(steps):
+        idx = perm[s * per_rank_batch : (s + 1) * per_rank_batch]
+        loss = _step_loss(loop, _batch(tr, idx, cfg.task))
+        loop.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(loop.params, 5.0)
+        loop.opt.step()
+        loop.sched.step()
+        loss_sum += float(loss.detach())
+        bar.update(s + 1, f"loss {loss_sum / (s + 1):.4f}")
+    train_loss = loss_sum / steps
+    if world > 1:
+        import torch.distributed as dist
+
+        tl = torch.tensor([train_loss], device=loop.device)
+        dist.all_reduce(tl)
+        train_loss = float(tl) / world
+    return train_loss
+
+
+def train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Run one training; returns where the best and last checkpoints are.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) this joins the process group and
+    trains data-parallel; every rank returns the same result.
+    """
+    cfg.validate()
+    world, rank, local = _dist_info()
+    distributed = world > 1
+    device = _setup_device(cfg, world, local)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    is_main = rank == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+
+    init_ckpt, labels = _init_checkpoint(cfg, list(cfg.labels) or default_labels(cfg.task))
+    train_items, split = _heldout_split(cfg)
+    tr, va, labels = _load_sets(cfg, labels, train_items)
+    if len(tr) == 0:
+        raise DataError("The training set is empty.")
+
+    model = _build(cfg, len(labels), init_ckpt, device, distributed, local)
+    stream = sys.stderr if (cfg.progress and is_main) else None
+    loop = _make_loop(cfg, device, world, rank, model, len(tr), len(labels), stream)
+    log_path = out / "metrics.jsonl"
+    if is_main and log_path.exists() and init_ckpt is None:
+        log_path.unlink()
+
+    best_score, best_epoch, best_metrics, bad_epochs = -math.inf, 0, {}, 0
+    stopped_early = False
+    best_path, last_path = out / "best.pt", out / "last.pt"
+    epoch = 0
+    record = _training_record(cfg, len(tr), len(va), split, world, loop.bf16, init_ckpt)
+    for epoch in range(1, cfg.epochs + 1):
+        t_ep = time.monotonic()
+        train_loss = _train_epoch(loop, tr, epoch)
         _set_logits(model, False)
         metrics = _validate(model, va, cfg.task, labels)
         score = _score(cfg.task, metrics)
         entry = {
             "epoch": epoch,
             "train_loss": round(train_loss, 6),
-            "lr": sched.get_last_lr()[0],
+            "lr": loop.sched.get_last_lr()[0],
             "seconds": round(time.monotonic() - t_ep, 2),
             "score": round(score, 6),
             **{f"val_{k}": (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
@@ -748,13 +821,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = 
         else:
             bad_epochs += 1
         if is_main:
-            extra = {"epoch": epoch, "metrics": metrics, "training": {**record, "epochs": epoch}}
-            save_checkpoint(last_path, model, cfg, labels, extra)
-            if improved:
-                save_checkpoint(best_path, model, cfg, labels, {**extra, "training": {**record, "epochs": epoch, "best_epoch": epoch}})
-            with open(log_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(entry) + "\n")
-            _log.info("epoch %d: %s", epoch, json.dumps(entry))
+            _write_epoch(loop, labels, record, entry, metrics, improved, log_path, best_path, last_path)
             if stream is not None:
                 stream.write(f"  val score {score:.4f} (best {best_score:.4f} @ {best_epoch})\n")
         if on_epoch is not None:
@@ -780,4 +847,3 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = 
         seconds=time.monotonic() - t_start,
         stopped_early=stopped_early,
     )
-

@@ -1,7 +1,7 @@
 """``medge bench engine|zmq|dicom``: latency benchmarks in the style of trtexec and perf_analyzer.
 
 Argument parsing and dispatch only: the measuring is in :mod:`edge.tools.bench`
-(engine, zmq) and :mod:`edge.tools.bench_dicom` (dicom).
+(engine), :mod:`edge.tools.bench_zmq` (zmq) and :mod:`edge.tools.bench_dicom` (dicom).
 
 - ``engine``: the raw backend on a preprocessed input (only ``backend.infer``
   is inside the timed region), like ``trtexec``: min / mean / median / p90 /
@@ -38,8 +38,9 @@ import argparse
 from pathlib import Path
 
 from edge.ops.curve import add_curve_arguments
-from edge.tools.bench import run_engine, run_zmq
+from edge.tools.bench import run_engine
 from edge.tools.bench_dicom import run_dicom
+from edge.tools.bench_zmq import run_zmq
 from edge.tools.endpoints import add_config_argument, parse_frame
 
 __all__ = ["configure_parser", "run", "parse_sweep"]

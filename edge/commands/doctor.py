@@ -26,13 +26,14 @@ import json
 import os
 import shutil
 import socket
+import secrets
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge.config import MedgeConfig, load_config
 from edge.errors import ConfigError, MedgeError
+from edge.fileio import atomic_write
 
 __all__ = ["Check", "run_checks", "configure_parser", "run"]
 
@@ -168,15 +169,9 @@ def _ports(cfg: MedgeConfig) -> list[Check]:
 def _writable(label: str, folder: Path) -> Check:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".doctor-")
-        try:
-            os.write(fd, b"medge doctor\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        final = Path(tmp).with_name(Path(tmp).name + ".done")
-        os.replace(tmp, final)
-        final.unlink()
+        # The daemon's own write path (edge.fileio): temp file, fsync, rename, folder fsync.
+        probe = atomic_write(folder / f".doctor-{os.getpid()}-{secrets.token_hex(4)}.done", b"medge doctor\n")
+        probe.unlink()
         free = shutil.disk_usage(folder).free
     except OSError as exc:
         return Check(label, "fail", f"{folder}: {exc}")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from edge.errors import ModelError
+from edge.fileio import atomic_write_text
 
 __all__ = [
     "TASKS",
@@ -212,15 +213,7 @@ class Manifest:
 
     def save(self, directory: Path | str) -> Path:
         """Write ``manifest.json`` atomically into ``directory``."""
-        out = Path(directory) / "manifest.json"
-        tmp = out.with_suffix(".json.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2, sort_keys=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-        return out
+        return atomic_write_text(Path(directory) / "manifest.json", json.dumps(self.to_dict(), indent=2) + "\n")
 
     # ------------------------------------------------------------ artifacts
     def artifact_path(self, precision: str, verify: bool = True) -> Path:

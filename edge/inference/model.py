@@ -300,6 +300,18 @@ class LoadedModel:
         )
 
 
+def _model_dir(name_or_dir: str | Path, engines_dir: Path | str | None) -> Path:
+    """The folder holding the model's ``manifest.json``: ``name_or_dir`` itself or a name under the engines."""
+    p = Path(name_or_dir)
+    if (p / "manifest.json").is_file():
+        return p
+    root = Path(engines_dir) if engines_dir is not None else default_engines_dir()
+    directory = root / str(name_or_dir)
+    if not (directory / "manifest.json").is_file():
+        raise ModelError(f"No model {str(name_or_dir)!r}: {directory / 'manifest.json'} does not exist.")
+    return directory
+
+
 def load_model(
     name_or_dir: str | Path,
     *,
@@ -344,15 +356,7 @@ def load_model(
     BackendUnavailableError
         The backend, provider or precision cannot run here.
     """
-    p = Path(name_or_dir)
-    if (p / "manifest.json").is_file():
-        directory = p
-    else:
-        root = Path(engines_dir) if engines_dir is not None else default_engines_dir()
-        directory = root / str(name_or_dir)
-        if not (directory / "manifest.json").is_file():
-            raise ModelError(f"No model {str(name_or_dir)!r}: {directory / 'manifest.json'} does not exist.")
-    manifest = Manifest.load(directory)
+    manifest = Manifest.load(_model_dir(name_or_dir, engines_dir))
     kind, prov, fallback = resolve_backend(backend, provider)
     prec = resolve_precision(precision, manifest, kind, prov)
     art_key = manifest.artifact_key(prec, kind)

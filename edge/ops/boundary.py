@@ -38,27 +38,19 @@ import time
 import traceback
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
 from edge.errors import MedgeError
-from edge.ops.metrics import get_or_create_metric
+from edge.ops.metrics import metrics_for
 
 __all__ = ["ErrorBoundary", "LogThrottle", "internal_errors_counter", "safe_traceback"]
-
-_METRIC = "medge_internal_errors_total"
 
 
 def internal_errors_counter(registry: CollectorRegistry | None) -> Any:
     """``medge_internal_errors_total{component}`` on ``registry`` (created once per registry)."""
     if registry is None:
         return None
-    return get_or_create_metric(
-        registry,
-        Counter,
-        _METRIC,
-        "Unexpected exceptions caught by a loop's error boundary (the loop kept serving), by component.",
-        ["component"],
-    )
+    return metrics_for(registry).boundary.internal_errors
 
 
 class LogThrottle:

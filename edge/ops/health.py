@@ -1,6 +1,10 @@
 """HTTP endpoints for operators: ``/metrics``, ``/healthz`` and ``/readyz``.
 
-* ``/metrics``: the Prometheus text exposition of the registry passed in.
+* ``/metrics``: the registry passed in, through prometheus_client's own
+  exposition: the format the scraper's ``Accept`` header asks for (OpenMetrics
+  for ``application/openmetrics-text``, else the Prometheus text format; see
+  :func:`prometheus_client.exposition.choose_encoder`), gzipped when its
+  ``Accept-Encoding`` allows ``gzip``.
 * ``/healthz``: 200 while the process serves HTTP at all (liveness).
 * ``/readyz``: 200 (body ``ready``) once every model is loaded and warmed
   up and the ingest sockets are bound, while every serving loop is alive
@@ -54,6 +58,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gzip
 import hashlib
 import hmac
 import logging
@@ -66,10 +71,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import bcrypt
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from edge.errors import ConfigError
 from edge.ops.boundary import ErrorBoundary, LogThrottle
+from edge.ops.connections import EVICTED, Connection, ConnectionTable
 
 __all__ = ["HealthServer", "HtpasswdAuth"]
 
@@ -205,25 +212,30 @@ def _server_ssl_context(cert: str, key: str, client_ca: str) -> ssl.SSLContext |
     return ctx
 
 
-class _Conn:
-    """One accepted connection: its socket and where it stands against its deadline.
+class _Conn(Connection):
+    """One accepted connection: its socket, its state and where it stands against its deadline.
 
-    Every field is read and written under the server's ``_lock``. ``deadline`` is the
+    Every field is read and written under the server's table lock. ``deadline`` is the
     :func:`time.monotonic` time by which the connection must have sent its whole request
     (or read its response); ``None`` while the handler computes an answer. ``since`` is
     when it began waiting for the current request (eviction picks the smallest).
     """
 
-    __slots__ = ("sock", "peer", "state", "since", "deadline", "expired", "evicted")
+    __slots__ = ("state",)
 
     def __init__(self, sock: socket.socket, peer: str, state: str, now: float, idle_timeout_s: float) -> None:
-        self.sock = sock
-        self.peer = peer
+        super().__init__(sock, peer, now=now, deadline=now + idle_timeout_s)
         self.state = state
-        self.since = now
-        self.deadline: float | None = now + idle_timeout_s
-        self.expired = False  # shut down by the reaper, by eviction or by close()
-        self.evicted = False  # its slot went to a newcomer: the thread must not give it back
+
+    @property
+    def expired(self) -> bool:
+        """Shut down by the reaper, by eviction or by close()."""
+        return self.ended is not None
+
+    @property
+    def evicted(self) -> bool:
+        """Its slot went to a newcomer: the thread must not give it back."""
+        return self.ended == EVICTED
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -312,7 +324,7 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             return 401, b"unauthorized\n", _TEXT, {"WWW-Authenticate": _REALM}
         if path == "/metrics":
-            return 200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST, {}
+            return self._metrics()
         if path == "/healthz":
             return 200, b"ok\n", _TEXT, {}
         if path == "/readyz":
@@ -321,6 +333,14 @@ class _Handler(BaseHTTPRequestHandler):
             why = self.server.reason() if self.server.reason is not None else ""
             return 503, (f"not ready: {why}\n" if why else "not ready\n").encode("utf-8"), _TEXT, {}
         return 404, b"not found: try /metrics, /healthz or /readyz\n", _TEXT, {}
+
+    def _metrics(self) -> tuple[int, bytes, str, dict[str, str]]:
+        """The registry in the format the ``Accept`` header asks for, gzipped if accepted."""
+        encoder, ctype = choose_encoder(self.headers.get("Accept", ""))
+        body = encoder(self.server.registry)
+        if gzip_accepted(self.headers.get("Accept-Encoding", "")):
+            return 200, gzip.compress(body), ctype, {"Content-Encoding": "gzip"}
+        return 200, body, ctype, {}
 
     def _send(self, code: int, body: bytes, ctype: str, headers: dict[str, str]) -> None:
         self.send_response(code)
@@ -367,18 +387,15 @@ class _Server(ThreadingHTTPServer):
         self.refused = 0
         self.evicted = 0
         self.timed_out = 0
-        # One lock (and condition, for the reaper) guards the connections, their states and counts.
-        self._lock = threading.Condition()
-        self._conns: set[_Conn] = set()
+        # The table's lock (and condition, for the reaper) guards the connections, their states and counts.
+        self._table: ConnectionTable[_Conn] = ConnectionTable()
         self._slots_used = 0  # connections holding a slot (an evicted one's thread gave its slot away)
         self._admitted: _Conn | None = None  # verify_request -> process_request, both in the accept loop
-        self._stopping = False
         self._reaper = threading.Thread(target=self._reap, name="medge-http-reaper", daemon=True)
         self._reaper.start()
 
     def active(self) -> int:
-        with self._lock:
-            return len(self._conns)
+        return len(self._table)
 
     # -------------------------------------------------------------------------------- admission
     def verify_request(self, request: Any, client_address: Any) -> bool:
@@ -387,17 +404,16 @@ class _Server(ThreadingHTTPServer):
         peer = str(client_address[0])
         now = time.monotonic()
         state = _HANDSHAKE if self.ssl_context is not None else _WAITING
-        with self._lock:
+        with self._table.lock:
             victim: _Conn | None = None
             refused = False
             if self._slots_used >= self.max_connections:
-                waiting = [c for c in self._conns if c.state in (_HANDSHAKE, _WAITING) and not c.expired]
                 # An evicted thread ends at once (its socket is shut down); the cap keeps even a
                 # flood of newcomers from running more than twice max_connections threads.
-                if waiting and len(self._conns) < 2 * self.max_connections:
-                    victim = min(waiting, key=lambda c: c.since)
-                    victim.evicted = True  # its slot goes to the newcomer
-                    self._expire(victim)
+                if len(self._table) < 2 * self.max_connections:
+                    # its slot goes to the newcomer
+                    victim = self._table.evict_oldest(lambda c: c.state in (_HANDSHAKE, _WAITING))
+                if victim is not None:
                     self.evicted += 1
                 else:
                     refused = True
@@ -405,10 +421,7 @@ class _Server(ThreadingHTTPServer):
             else:
                 self._slots_used += 1
             if not refused:
-                conn = _Conn(request, peer, state, now, self.idle_timeout_s)
-                self._conns.add(conn)
-                self._admitted = conn
-                self._lock.notify()
+                self._admitted = self._table.add(_Conn(request, peer, state, now, self.idle_timeout_s))
         if refused:
             held = self.throttle.due("full")
             if held is not None:
@@ -471,17 +484,14 @@ class _Server(ThreadingHTTPServer):
             self.shutdown_request(sock)
 
     def _release(self, conn: _Conn) -> None:
-        with self._lock:
-            self._conns.discard(conn)
+        with self._table.lock:
+            self._table.remove(conn)
             if not conn.evicted:
                 self._slots_used -= 1
 
     def _swap(self, conn: _Conn, sock: socket.socket) -> None:
         """The connection's socket is now ``sock`` (TLS-wrapped); the deadline follows it."""
-        with self._lock:
-            conn.sock = sock
-            if conn.expired:  # expired while the raw socket was being handed over
-                self._shut(sock)
+        self._table.swap(conn, sock)  # shut at once if it expired while the raw socket was handed over
 
     # -------------------------------------------------------------------------------- deadlines
     def transition(self, conn: _Conn, state: str, *, deadline: bool) -> bool:
@@ -489,7 +499,7 @@ class _Server(ThreadingHTTPServer):
 
         Entering ``_WAITING`` with a deadline restarts the wait (keep-alive); entering it from the
         TLS handshake keeps the accept's deadline and wait time."""
-        with self._lock:
+        with self._table.lock:
             if conn.expired:
                 return False
             now = time.monotonic()
@@ -498,56 +508,30 @@ class _Server(ThreadingHTTPServer):
             conn.state = state
             if deadline:
                 conn.deadline = now + self.idle_timeout_s
-                self._lock.notify()
+                self._table.lock.notify()
             elif state != _WAITING:
                 conn.deadline = None
             return True
 
     def _reap(self) -> None:
         """Shut down every connection whose deadline has passed; sleep until the next deadline."""
-        with self._lock:
-            while not self._stopping:
+        table = self._table
+        with table.lock:
+            while not table.stopping:
                 now = time.monotonic()
-                nearest: float | None = None
-                for conn in self._conns:
-                    if conn.expired or conn.deadline is None:
-                        continue
-                    if conn.deadline <= now:
-                        self._expire(conn)
-                        self.timed_out += 1
-                        _log.debug(
-                            "HTTP connection from %s closed: no complete %s within %.1f s (metrics.idle_timeout_s).",
-                            conn.peer, "response read" if conn.state == _WRITING else "request",
-                            self.idle_timeout_s,
-                        )
-                    elif nearest is None or conn.deadline < nearest:
-                        nearest = conn.deadline
-                self._lock.wait(None if nearest is None else nearest - now)
-
-    def _expire(self, conn: _Conn) -> None:
-        """Mark ``conn`` expired and shut its socket down (caller holds ``_lock``): its thread's
-        blocked read or write returns at once and the thread ends."""
-        conn.expired = True
-        conn.deadline = None
-        self._shut(conn.sock)
-
-    @staticmethod
-    def _shut(sock: socket.socket) -> None:
-        try:
-            # The plain socket's shutdown, also for an SSLSocket: SSLSocket.shutdown would drop
-            # its SSL object under the feet of the thread reading it.
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except OSError:
-            pass  # not connected any more, or handed over to its TLS wrapper
+                expired, nearest = table.expire_due(now)  # their threads' blocked reads or writes return now
+                for conn in expired:
+                    self.timed_out += 1
+                    _log.debug(
+                        "HTTP connection from %s closed: no complete %s within %.1f s (metrics.idle_timeout_s).",
+                        conn.peer, "response read" if conn.state == _WRITING else "request",
+                        self.idle_timeout_s,
+                    )
+                table.lock.wait(None if nearest is None else nearest - now)
 
     def shutdown_connections(self) -> None:
         """Stop the reaper and shut every open connection down, so that the threads serving them end now."""
-        with self._lock:
-            self._stopping = True
-            self._lock.notify()
-            for conn in self._conns:
-                if not conn.expired:
-                    self._expire(conn)
+        self._table.shutdown_all()
         self._reaper.join(timeout=2.0)
 
 

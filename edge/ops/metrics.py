@@ -8,10 +8,19 @@ values are bounded: model names, stage names, error codes, configured
 destination names and allow-listed AE titles; never a patient, study,
 stream or frame identifier.
 
+Every ``medge_*`` metric is defined here, once; :mod:`edge.ops.nvml`'s
+collector adds the ``medge_gpu_*`` gauges at scrape time. The frame path's
+families (scheduler, ZeroMQ, per-source counts) are :class:`Metrics`, made
+by the daemon and passed down. The other components' families come in
+small groups (:class:`BoundaryMetrics`, :class:`DaemonMetrics`,
+:class:`DicomMetrics`, :class:`OutboxMetrics`) from :func:`metrics_for`,
+which registers each group once per registry: components handed the same
+registry share its families, and each test's fresh registry gets its own.
+
 Every counter whose label values are known at start-up exists at 0 from
 the start (:meth:`Metrics.declare_models`, :meth:`Metrics.declare_source`,
-``zero=`` of :func:`get_or_create_metric`), so ``rate()`` and
-``increase()`` see the very first event: Prometheus cannot compute an
+:meth:`OutboxMetrics.declare_destinations`, :func:`zeroed`), so ``rate()``
+and ``increase()`` see the very first event: Prometheus cannot compute an
 increase for a series whose first sample already holds it.
 
 Examples
@@ -22,6 +31,8 @@ Examples
 >>> m.frames_received.labels(source="zmq", model="us-lesion-seg").inc()
 >>> b"medge_frames_received_total" in generate_latest(reg)
 True
+>>> metrics_for(reg).outbox.sent is metrics_for(reg).outbox.sent
+True
 """
 
 from __future__ import annotations
@@ -29,17 +40,24 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import platform
-from typing import Any, Iterable, Sequence
+import threading
+import weakref
+from typing import Any, Iterable, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edge.ops.nvml import NvmlCollector
 
 __all__ = [
-    "get_or_create_metric",
-    "dicom_store_to_result_histogram",
+    "metrics_for",
+    "zeroed",
     "build_info_labels",
     "Metrics",
+    "ComponentMetrics",
+    "BoundaryMetrics",
+    "DaemonMetrics",
+    "DicomMetrics",
+    "OutboxMetrics",
     "STAGES",
     "DROP_REASONS",
     "MODEL_FAILURE_CODES",
@@ -119,56 +137,263 @@ DICOM_BUCKETS_S = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 12.5, 15.0, 20.0, 3
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
-def get_or_create_metric(
-    registry: CollectorRegistry,
-    kind: type,
-    name: str,
-    doc: str,
-    labels: Sequence[str] = (),
-    *,
-    zero: Iterable[str] = (),
-    **kwargs: Any,
-) -> Any:
-    """Register a metric on ``registry`` or return the one already there under that name.
+def zeroed(metric: Any, values: Iterable[str]) -> Any:
+    """Create the children ``values`` of a one-label ``metric`` (a counter or histogram starts at 0); return it.
 
-    Lets components (the DICOM side, the error boundaries) and this module
-    share a metric without either owning the other. ``zero``: values of a
-    one-label metric to create now (a counter or histogram at 0), so the
-    first increment is visible to ``rate()``/``increase()``. ``kwargs`` go
-    to the metric's constructor (e.g. ``buckets``).
+    For label values known at start-up (reasons, destinations, allow-listed
+    AE titles), so the first increment is visible to ``rate()``/``increase()``.
+    Creating a child that exists already leaves its value alone.
     """
-    try:
-        metric = kind(name, doc, labelnames=tuple(labels), registry=registry, **kwargs)
-    except ValueError:
-        key = name[: -len("_total")] if kind is Counter and name.endswith("_total") else name
-        metric = registry._names_to_collectors.get(key) or registry._names_to_collectors.get(name)  # noqa: SLF001
-        if metric is None:
-            raise
-    for value in zero:
-        metric.labels(value)  # a new child starts at 0
+    for value in values:
+        metric.labels(value)
     return metric
 
 
-def dicom_store_to_result_histogram(registry: CollectorRegistry, destinations: Iterable[str] = ()) -> Histogram:
-    """``medge_dicom_store_to_result_seconds{destination}``, with ``destinations`` created at 0.
+class BoundaryMetrics:
+    """The error boundaries' family (:mod:`edge.ops.boundary`), shared by every component on a registry.
 
-    Observed by the outbox when a destination accepts a result object:
-    seconds from the moment its earliest source instance was stored in the
-    spool (just before the SCP answered the C-STORE with success) to the
-    destination's success status for the result. It includes decoding, the
-    queue, inference, the series wait (``series_idle_s``), making the
-    result, the outbox wait with every retry, and the C-STORE itself.
+    Attributes
+    ----------
+    internal_errors : Counter
+        ``medge_internal_errors_total{component}``.
     """
-    return get_or_create_metric(
-        registry,
-        Histogram,
-        "medge_dicom_store_to_result_seconds",
-        "DICOM: source instance stored in the spool -> result accepted by the destination "
-        "(series wait, inference, outbox wait and retries, C-STORE).",
-        ["destination"],
-        zero=destinations,
-        buckets=DICOM_BUCKETS_S,
-    )
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.internal_errors = Counter(
+            "medge_internal_errors_total",
+            "Unexpected exceptions caught by a loop's error boundary (the loop kept serving), by component.",
+            ["component"],
+            registry=registry,
+        )
+
+
+class DaemonMetrics:
+    """The serve lifecycle's family (:mod:`edge.daemon`).
+
+    Attributes
+    ----------
+    ready : Gauge
+        ``medge_ready``: 1 while ``/readyz`` answers 200 (the daemon sets a function on it).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.ready = Gauge(
+            "medge_ready",
+            "1 while /readyz answers 200: models warm, sockets bound, every serving loop alive and making progress.",
+            registry=registry,
+        )
+
+
+class DicomMetrics:
+    """The DICOM ingest's families: the SCP (:mod:`edge.ingest.dicom.scp`) and its pipeline.
+
+    Label vocabularies stay with the code that counts them
+    (``CONNECTION_REFUSAL_REASONS`` in the SCP, ``FAILURE_REASONS`` in the
+    pipeline, ...), which creates them at 0 with :func:`zeroed`.
+
+    Attributes
+    ----------
+    instances_received : Counter
+        ``medge_dicom_instances_received_total{calling_ae}`` (allow-listed names, else ``other``).
+    connections_refused : Counter
+        ``medge_dicom_connections_refused_total{reason}``.
+    associations_aborted : Counter
+        ``medge_dicom_associations_aborted_total{reason}``.
+    store_failures : Counter
+        ``medge_dicom_store_failures_total{status}``.
+    unrouted : Counter
+        ``medge_dicom_unrouted_total{sop_class_uid, action}``.
+    processing_failures : Counter
+        ``medge_dicom_processing_failures_total{reason}``.
+    results : Counter
+        ``medge_dicom_results_total{kind}``.
+    transient_retries : Counter
+        ``medge_dicom_transient_retries_total{stage}``.
+    spool_instances : Gauge
+        ``medge_dicom_spool_instances``.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.instances_received = Counter(
+            "medge_dicom_instances_received_total",
+            "DICOM instances received (stored to the spool), by calling AE title.",
+            ["calling_ae"],
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "medge_dicom_connections_refused_total",
+            "DICOM connections closed before they associated (admission limits, timeouts, TLS), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.associations_aborted = Counter(
+            "medge_dicom_associations_aborted_total",
+            "DICOM associations the SCP ended because of a PDU (not whole within the network timeout, or too long), "
+            "by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.store_failures = Counter(
+            "medge_dicom_store_failures_total",
+            "C-STORE requests answered with a failure status, by status.",
+            ["status"],
+            registry=r,
+        )
+        self.unrouted = Counter(
+            "medge_dicom_unrouted_total",
+            "Instances no routing rule matched, by SOP class UID and action.",
+            ["sop_class_uid", "action"],
+            registry=r,
+        )
+        self.processing_failures = Counter(
+            "medge_dicom_processing_failures_total",
+            "Accepted DICOM instances that could not be processed (moved to the spool's failed/ folder).",
+            ["reason"],
+            registry=r,
+        )
+        self.results = Counter(
+            "medge_dicom_results_total", "DICOM result objects written to the outbox.", ["kind"], registry=r
+        )
+        self.transient_retries = Counter(
+            "medge_dicom_transient_retries_total",
+            "Times DICOM processing met a transient error (service overloaded, full or failing disk) and will "
+            "try again; nothing is failed for these.",
+            ["stage"],
+            registry=r,
+        )
+        self.spool_instances = Gauge(
+            "medge_dicom_spool_instances", "Spooled DICOM instances without a result in the outbox.", registry=r
+        )
+
+
+class OutboxMetrics:
+    """The outbox's families (:mod:`edge.egress.dicom.outbox`), by ``destination``.
+
+    Attributes
+    ----------
+    pending : Gauge
+        ``medge_outbox_pending{destination}``.
+    oldest_age : Gauge
+        ``medge_outbox_oldest_age_seconds{destination}``.
+    sent, failures, dead_letter : Counter
+        ``medge_outbox_sent_total``, ``medge_outbox_failures_total``,
+        ``medge_outbox_dead_letter_total``.
+    store_to_result : Histogram
+        ``medge_dicom_store_to_result_seconds{destination}``, observed when a
+        destination accepts a result object: seconds from the moment its
+        earliest source instance was stored in the spool (just before the
+        SCP answered the C-STORE with success) to the destination's success
+        status for the result. It includes decoding, the queue, inference,
+        the series wait (``series_idle_s``), making the result, the outbox
+        wait with every retry, and the C-STORE itself.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.pending = Gauge(
+            "medge_outbox_pending", "Results waiting in the outbox, by destination.", ["destination"], registry=r
+        )
+        self.oldest_age = Gauge(
+            "medge_outbox_oldest_age_seconds",
+            "Age of the oldest result object waiting for a destination (since it was queued for it); 0 when none is.",
+            ["destination"],
+            registry=r,
+        )
+        self.sent = Counter(
+            "medge_outbox_sent_total", "Results delivered by C-STORE, by destination.", ["destination"], registry=r
+        )
+        self.failures = Counter(
+            "medge_outbox_failures_total", "Failed delivery attempts, by destination.", ["destination"], registry=r
+        )
+        self.dead_letter = Counter(
+            "medge_outbox_dead_letter_total",
+            "Results moved to the dead-letter folder, by destination.",
+            ["destination"],
+            registry=r,
+        )
+        self.store_to_result = Histogram(
+            "medge_dicom_store_to_result_seconds",
+            "DICOM: source instance stored in the spool -> result accepted by the destination "
+            "(series wait, inference, outbox wait and retries, C-STORE).",
+            ["destination"],
+            buckets=DICOM_BUCKETS_S,
+            registry=r,
+        )
+
+    def declare_destinations(self, names: Iterable[str]) -> None:
+        """Create each destination's counters and store-to-result histogram at 0."""
+        names = tuple(names)
+        for metric in (self.sent, self.failures, self.dead_letter, self.store_to_result):
+            zeroed(metric, names)
+
+
+_G = TypeVar("_G")
+
+
+class ComponentMetrics:
+    """The families of the daemon's components on one registry, each group registered on first use.
+
+    Obtained with :func:`metrics_for`, never constructed elsewhere: two
+    components handed the same registry get the same families (one
+    registration each), and a fresh registry gets fresh ones.
+    """
+
+    def __init__(self, registry: CollectorRegistry, groups: dict[type, Any]) -> None:
+        self._registry = registry
+        self._groups = groups  # shared by every ComponentMetrics of this registry
+
+    def _group(self, kind: type[_G]) -> _G:
+        with _LOCK:
+            group = self._groups.get(kind)
+            if group is None:
+                group = self._groups[kind] = kind(self._registry)
+            return group
+
+    @property
+    def boundary(self) -> BoundaryMetrics:
+        """The error boundaries' family."""
+        return self._group(BoundaryMetrics)
+
+    @property
+    def daemon(self) -> DaemonMetrics:
+        """``medge_ready``."""
+        return self._group(DaemonMetrics)
+
+    @property
+    def dicom(self) -> DicomMetrics:
+        """The DICOM SCP's and pipeline's families."""
+        return self._group(DicomMetrics)
+
+    @property
+    def outbox(self) -> OutboxMetrics:
+        """The outbox's families."""
+        return self._group(OutboxMetrics)
+
+
+# The groups registered on each live registry. prometheus_client offers no public lookup of a
+# registered metric, so we remember what we registered. Keyed weakly (the groups never refer to
+# their registry) so that a test's fresh registry and its families can be collected.
+_GROUPS: "weakref.WeakKeyDictionary[CollectorRegistry, dict[type, Any]]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def metrics_for(registry: CollectorRegistry) -> ComponentMetrics:
+    """The component metric families on ``registry``, registered there once.
+
+    Examples
+    --------
+    >>> reg = CollectorRegistry()
+    >>> metrics_for(reg).outbox is metrics_for(reg).outbox
+    True
+    >>> metrics_for(reg).outbox is metrics_for(CollectorRegistry()).outbox
+    False
+    """
+    with _LOCK:
+        groups = _GROUPS.get(registry)
+        if groups is None:
+            groups = _GROUPS[registry] = {}
+    return ComponentMetrics(registry, groups)
 
 
 def _package_version(name: str) -> str:
@@ -195,7 +420,10 @@ def build_info_labels() -> dict[str, str]:
 
 
 class Metrics:
-    """Every metric of the daemon, registered on ``registry``.
+    """The frame path's metrics (scheduler, ZeroMQ, per-source counts) and build info, registered on ``registry``.
+
+    The DICOM and outbox families are :class:`DicomMetrics` and
+    :class:`OutboxMetrics` (see :func:`metrics_for`).
 
     Parameters
     ----------
@@ -226,10 +454,7 @@ class Metrics:
         read from the socket until its reply was handed to the socket and
         published;
         ``dicom``: one frame handed to the scheduler until its result was
-        ready (no series wait, no delivery: see ``dicom_store_to_result``).
-    dicom_store_to_result : Histogram
-        ``medge_dicom_store_to_result_seconds{destination}``, see
-        :func:`dicom_store_to_result_histogram`.
+        ready (no series wait, no delivery: see :attr:`OutboxMetrics.store_to_result`).
     build_info : Gauge
         ``medge_build_info{version, python, onnxruntime, tensorrt, pyzmq,
         pydicom, pynetdicom}`` = 1 (:func:`build_info_labels`).
@@ -239,13 +464,6 @@ class Metrics:
         ``medge_queue_depth{model}``.
     model_info : Gauge
         ``medge_model_info{model, version, backend, precision}`` = 1.
-    dicom_instances_received : Counter
-        ``medge_dicom_instances_received_total{calling_ae}`` (allow-listed names only).
-    outbox_pending : Gauge
-        ``medge_outbox_pending{destination}``.
-    outbox_sent, outbox_failures, outbox_dead_letters : Counter
-        ``medge_outbox_sent_total``, ``medge_outbox_failures_total``,
-        ``medge_outbox_dead_letter_total``, by ``destination``.
     replies_lost : Counter
         ``medge_replies_lost_total{reason}``: replies the daemon owed a
         client and did not send (reasons: :data:`REPLY_LOST_REASONS`, all
@@ -291,27 +509,6 @@ class Metrics:
             ["model", "version", "backend", "precision"],
             registry=r,
         )
-        self.dicom_instances_received = Counter(
-            "medge_dicom_instances_received",
-            "DICOM instances received (stored to the spool), by calling AE title.",
-            ["calling_ae"],
-            registry=r,
-        )
-        self.outbox_pending = Gauge(
-            "medge_outbox_pending", "Results waiting in the outbox, by destination.", ["destination"], registry=r
-        )
-        self.outbox_sent = Counter(
-            "medge_outbox_sent", "Results delivered by C-STORE, by destination.", ["destination"], registry=r
-        )
-        self.outbox_failures = Counter(
-            "medge_outbox_failures", "Failed delivery attempts, by destination.", ["destination"], registry=r
-        )
-        self.outbox_dead_letters = Counter(
-            "medge_outbox_dead_letter",
-            "Results moved to the dead-letter folder, by destination.",
-            ["destination"],
-            registry=r,
-        )
         self.replies_lost = Counter(
             "medge_replies_lost",
             "Replies owed to a client that were not sent, by reason.",
@@ -335,7 +532,6 @@ class Metrics:
         )
         for reason in PUBLISH_DROPPED_REASONS:
             self.publish_dropped.labels(reason=reason)
-        self.dicom_store_to_result = dicom_store_to_result_histogram(r)
         self.build_info = Gauge(
             "medge_build_info",
             "Software versions of this daemon (value 1).",

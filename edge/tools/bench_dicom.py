@@ -2,9 +2,11 @@
 
 Pieces (also used by ``medge demo``):
 
-- :func:`synthetic_instances`: ultrasound (US) or X-ray (DX) instances made
-  from :mod:`edge.tools.synthetic` frames, with new UIDs and obviously synthetic
-  patient attributes (no real identifiers).
+- :func:`edge.tools.synthetic_dicom.synthetic_instances` (``--synthetic N``):
+  ultrasound (US) or X-ray (DX) instances made from :mod:`edge.tools.synthetic`
+  frames, with new UIDs and obviously synthetic patient attributes (no real
+  identifiers);
+- :func:`load_instances`: DICOM files of a folder (``--files``).
 - :class:`ResultCatcher`: a local storage SCP on a loopback port standing in
   for the PACS; it records when each result (SEG, SR, secondary capture)
   arrives and which source instances it references.
@@ -32,13 +34,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from edge.errors import DataError
+from edge.tools.progress import Progress
+from edge.tools.synthetic_dicom import synthetic_instances
 
 __all__ = [
-    "synthetic_instances",
     "load_instances",
     "ResultCatcher",
     "StoreRecord",
@@ -47,96 +50,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-
-US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
-DX_PRESENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
-
-
-def _base(modality: str, sop_class: str, study: str, series: str, n: int, frame: np.ndarray) -> Dataset:
-    ds = Dataset()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    ds.FrameOfReferenceUID = study + ".1" if len(study) < 60 else generate_uid()
-    ds.PatientName = "SYNTHETIC^PHANTOM"
-    ds.PatientID = "SYNTH-0001"
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = time.strftime("%Y%m%d")
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = time.strftime("%H%M%S")
-    ds.AccessionNumber = ""
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = n + 1
-    ds.Modality = modality
-    ds.Manufacturer = "medge simulator"
-    ds.SeriesDescription = "medge synthetic test data"
-    ds.Rows, ds.Columns = int(frame.shape[0]), int(frame.shape[1])
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelRepresentation = 0
-    ds.PixelSpacing = [0.2, 0.2]
-    ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.PositionReferenceIndicator = ""
-    ds.PatientOrientation = ""
-    return ds
-
-
-def synthetic_instances(n: int, modality: str = "US", frame: tuple[int, int] | None = None,
-                        seed: int = 0) -> list[Dataset]:
-    """``n`` single-frame instances of one new study/series (``US`` or ``DX``)."""
-    from edge.tools.synthetic import UltrasoundProbe, XrayFrames
-
-    if n < 1:
-        raise DataError(f"Number of synthetic instances {n} is not >= 1.")
-    study, series = generate_uid(), generate_uid()
-    out = []
-    if modality == "US":
-        h, w = frame or (480, 640)
-        src = UltrasoundProbe(h, w, "uint8", seed=seed, loop=min(n, 16))
-        for i in range(n):
-            f = src.frame(i)
-            ds = _base("US", US_IMAGE_STORAGE, study, series, i, f)
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-            ds.PixelData = np.ascontiguousarray(f).tobytes()
-            out.append(ds)
-    elif modality in ("DX", "CR"):
-        h, w = frame or (512, 512)
-        src = XrayFrames(h, w, "uint16", seed=seed, loop=min(n, 8))
-        for i in range(n):
-            f = src.frame(i)
-            ds = _base("DX", DX_PRESENTATION_STORAGE, study, series, i, f)
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-            ds.ImagerPixelSpacing = [0.2, 0.2]
-            ds.PresentationIntentType = "FOR PRESENTATION"
-            ds.BodyPartExamined = "CHEST"
-            ds.ViewPosition = "PA"
-            ds.PatientOrientation = ["L", "F"]
-            ds.ImageType = ["DERIVED", "PRIMARY"]
-            ds.PixelIntensityRelationship = "LOG"
-            ds.PixelIntensityRelationshipSign = 1
-            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
-            ds.PresentationLUTShape = "IDENTITY"
-            ds.ImageLaterality = "U"
-            ds.PositionReferenceIndicator = ""
-            ds.LossyImageCompression = "00"
-            ds.BurnedInAnnotation = "NO"
-            ds.WindowCenter, ds.WindowWidth = 2048, 4096
-            ds.DetectorType = "DIRECT"
-            ds.PositionerType = ""
-            ds.AcquisitionContextSequence = []
-            ds.PixelData = np.ascontiguousarray(f).tobytes()
-            out.append(ds)
-    else:
-        raise DataError(f"Synthetic modality {modality!r} is not US or DX.")
-    return out
 
 
 def load_instances(folder: Path | str, limit: int = 100000) -> list[Path]:
@@ -395,18 +308,16 @@ def run_dicom(args: argparse.Namespace) -> int:
     print(f"medge bench dicom: {what}"
           + (f"; results expected at {args.results_aet}@127.0.0.1:{catcher.port}" if catcher else ""))
     done = [0]
-    tty = sys.stderr.isatty()
+    line = Progress(plain_interval_s=None)  # on a terminal only
 
     def progress(rec: StoreRecord) -> None:
         done[0] += 1
-        if tty:
-            print(f"\rC-STORE {done[0]}/{len(items)}", end="", file=sys.stderr, flush=True)
+        line.show(f"C-STORE {done[0]}/{len(items)}")
 
     try:
         res = store_instances(host, port, aet, args.calling_aet, items,
                               timeout_s=args.timeout_s, on_each=progress)
-        if tty:
-            print(file=sys.stderr)
+        line.close()
         stored = [r for r in res.records if r.status == 0]
         missing: set[str] = set()
         result_ms: dict[str, float] = {}

@@ -182,7 +182,8 @@ def _stream(args: argparse.Namespace, ingest_port: int, seg: str | None, det: st
 
 
 def _dicom_push(port: int, catcher, seg: str | None, det: str | None) -> dict[str, Any]:
-    from edge.tools.bench_dicom import store_instances, synthetic_instances
+    from edge.tools.bench_dicom import store_instances
+    from edge.tools.synthetic_dicom import synthetic_instances
 
     items = []
     if seg:
@@ -222,7 +223,8 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def _write_report(report: Path, args, res, sources, seg, det, dicom_summary, ready_s, exit_code,
                   metrics_text: str, wall_s: float) -> dict[str, Any]:
-    from edge.tools.plots import latency_figure, overlay_boxes, overlay_mask, save_png
+    from edge.egress.dicom.outlines import mask_boundary
+    from edge.tools.plots import overlay_boxes, overlay_mask, save_latency_plot, save_png
     from edge.tools.results import atomic_write_text, machine_info, summarize_ms, write_json
 
     files = {}
@@ -235,9 +237,8 @@ def _write_report(report: Path, args, res, sources, seg, det, dicom_summary, rea
         truth = sources["probe-1"].truth(seq)
         img = overlay_mask(frame, seg_rep.mask, caption=f"{seg}: predicted mask (red), frame {seq}")
         # The simulator's own lesion outline, in green, for comparison.
-        edge = truth.astype(bool) & ~_erode(truth.astype(bool))
         arr = np.asarray(img).copy()
-        arr[edge] = (40, 220, 40)
+        arr[mask_boundary(truth.astype(bool))] = (40, 220, 40)
         from PIL import Image
 
         save_png(Image.fromarray(arr), report / "overlay_segmentation.png")
@@ -264,8 +265,8 @@ def _write_report(report: Path, args, res, sources, seg, det, dicom_summary, rea
         lat = res.latencies_ms(stream=name)
         series[name] = lat
         per_stream[name] = summarize_ms(lat)
-    save_png(latency_figure(series, title="medge demo: client latency (ZeroMQ round trip)"), report / "latency.png")
-    files["latency"] = "latency.png"
+    if save_latency_plot(series, report / "latency.png", title="medge demo: client latency (ZeroMQ round trip)"):
+        files["latency"] = "latency.png"  # not without matplotlib (the plots extra)
     s = res.summary()
     frames = {k: s[k] for k in ("sent", "ok", "dropped", "errors", "timeouts", "skipped", "unanswered")}
     summary = {
@@ -301,7 +302,8 @@ def _write_report(report: Path, args, res, sources, seg, det, dicom_summary, rea
                   f"| {st.get('p99_ms', '-')} | {st.get('max_ms', '-')} |")
     md += ["", "Daemon stages (p50 ms, from the replies' `timing_us`): " + ", ".join(
         f"{k} {v.get('median_ms')}" for k, v in s["server_stages_ms"].items()), ""]
-    md += ["![latency](latency.png)", ""]
+    if "latency" in files:
+        md += ["![latency](latency.png)", ""]
     if "overlay_segmentation" in files:
         md += ["## Segmentation", "",
                f"Last reply's mask (red) on its frame; the simulator's lesion outline in green "
@@ -326,12 +328,3 @@ def _write_report(report: Path, args, res, sources, seg, det, dicom_summary, rea
         atomic_write_text(report / "metrics.prom", metrics_text)
         files["metrics"] = "metrics.prom"
     return summary
-
-
-def _erode(m: np.ndarray) -> np.ndarray:
-    inner = m.copy()
-    inner[1:, :] &= m[:-1, :]
-    inner[:-1, :] &= m[1:, :]
-    inner[:, 1:] &= m[:, :-1]
-    inner[:, :-1] &= m[:, 1:]
-    return inner

@@ -300,6 +300,204 @@ class _Stream:
     done: bool = False
 
 
+class _Run:
+    """The bookkeeping of one :func:`run_load` call (one thread, no locks)."""
+
+    def __init__(self, endpoint: str, states: list[_Stream], *, duration_s: float | None,
+                 reply_timeout_s: float, tick_s: float, on_tick: Callable[[Tick], None] | None,
+                 keep_last: bool) -> None:
+        self.endpoint = endpoint
+        self.states = states
+        self.reply_timeout_s = reply_timeout_s
+        self.tick_s = tick_s
+        self.on_tick = on_tick
+        self.keep_last = keep_last
+        self.samples: list[Sample] = []
+        self.ticks: list[Tick] = []
+        self.last: dict[str, Reply] = {}
+        self.sent = self.skipped = 0
+        self.aborted: str | None = None
+        self.t0 = t0 = time.perf_counter_ns()
+        n = len(states)
+        for k, st in enumerate(states):
+            if st.spec.rate_fps:
+                st.interval_ns = int(1e9 / st.spec.rate_fps)
+                st.next_ns = t0 + (st.interval_ns * k) // n  # spread streams over one interval
+        self.stop_send_ns = t0 + int(duration_s * 1e9) if duration_s is not None else None
+        self.timeout_ns = int(reply_timeout_s * 1e9)
+        self.tick_ns = int(tick_s * 1e9)
+        self.next_tick = t0 + self.tick_ns
+        self.tick = Tick(t_s=0.0)
+        self.tick_lat: list[float] = []
+        self.last_progress = t0
+        self.blocked_since: int | None = None  # first failed send since the last one that worked
+        self.sending = True
+
+    def outstanding(self) -> int:
+        """Requests sent and not yet answered or timed out."""
+        return sum(len(st.in_flight) for st in self.states)
+
+    def update_sending(self, now: int) -> None:
+        """Stop sending at the end of the duration or when every stream is done."""
+        if self.sending and self.stop_send_ns is not None and now >= self.stop_send_ns:
+            self.sending = False
+        if self.sending and all(st.done for st in self.states):
+            self.sending = False
+
+    def _skip(self, st: _Stream, n: int) -> None:
+        """Count ``n`` frames of ``st`` as skipped (never sent)."""
+        self.skipped += n
+        self.tick.skipped += n
+        st.seq += n
+
+    def send_due(self, now: int) -> tuple[int, bool]:
+        """Send every frame that is due; return the clock after sending and whether a send was refused."""
+        blocked = False
+        for st in self.states:
+            if not st.done:
+                now, refused = self._send_stream(st, now)
+                blocked = blocked or refused
+        return now, blocked
+
+    def _send_stream(self, st: _Stream, now: int) -> tuple[int, bool]:
+        """Send what is due on one stream (paced or closed loop)."""
+        sp = st.spec
+        while True:
+            if sp.frames is not None and st.seq >= sp.frames:
+                st.done = True
+                return now, False
+            if sp.mode == "rate":
+                if now < st.next_ns:
+                    return now, False
+                if now - st.next_ns > 1_000_000_000:  # stalled > 1 s: resync, count as skipped
+                    missed = (now - st.next_ns) // st.interval_ns
+                    self._skip(st, int(missed))
+                    st.next_ns += missed * st.interval_ns
+                    continue
+                st.next_ns += st.interval_ns
+                if len(st.in_flight) >= sp.window:
+                    self._skip(st, 1)
+                    continue
+            elif len(st.in_flight) >= (sp.concurrency or 1):
+                return now, False
+            rid = f"{sp.name}:{st.seq}"
+            try:
+                t_send = st.client.send(sp.source.frame(st.seq), req_id=rid, model=sp.model,
+                                        stream=sp.name, want=sp.want)
+            except NotConnectedError:
+                if self.blocked_since is None:
+                    self.blocked_since = now
+                if sp.mode == "rate":
+                    self._skip(st, 1)
+                return now, True
+            self.blocked_since = None
+            st.in_flight[rid] = (st.seq, t_send)
+            st.seq += 1
+            self.sent += 1
+            self.tick.sent += 1
+            now = time.perf_counter_ns()
+
+    def wait_ms(self, now: int, blocked: bool) -> int:
+        """How long to poll: until the next tick, the next due frame or a free closed-loop slot."""
+        wait_ns = self.next_tick - now
+        if self.sending:
+            for st in self.states:
+                if st.done:
+                    continue
+                if st.spec.mode == "rate":
+                    wait_ns = min(wait_ns, st.next_ns - now)
+                elif len(st.in_flight) < (st.spec.concurrency or 1):
+                    wait_ns = min(wait_ns, 1_000_000 if blocked else 0)
+        return max(0, int(wait_ns // 1_000_000))
+
+    def receive(self, poller: zmq.Poller, by_sock: dict[zmq.Socket, _Stream], wait_ms: int) -> None:
+        """Wait up to ``wait_ms`` and take every reply that has arrived."""
+        for sock, _ in poller.poll(wait_ms):
+            st = by_sock[sock]
+            while True:
+                try:
+                    rep = st.client.recv_nowait()
+                except ProtocolError as exc:
+                    _log.warning("Undecodable reply ignored: %s", exc)
+                    continue
+                if rep is None:
+                    break
+                self._finish(st, rep)
+
+    def _finish(self, st: _Stream, rep: Reply) -> None:
+        """Record one reply as a sample."""
+        entry = st.in_flight.pop(rep.id, None)
+        self.last_progress = rep.recv_ns
+        if entry is None:
+            _log.debug("Reply with unknown id %r ignored.", rep.id)
+            return
+        seq, t_send = entry
+        lat_us = (rep.recv_ns - t_send) / 1000.0
+        status = rep.status if rep.status in ("ok", "dropped", "error") else "error"
+        code = rep.error_code if status != "ok" else None
+        self.samples.append(Sample(st.spec.name, seq, (t_send - self.t0) / 1e9, lat_us, status, code,
+                                   {k: v for k, v in rep.timing_us.items() if isinstance(v, (int, float))}))
+        if status == "ok":
+            self.tick.ok += 1
+            self.tick_lat.append(lat_us / 1000.0)
+            if self.keep_last:
+                self.last[st.spec.name] = rep
+        elif status == "dropped":
+            self.tick.dropped += 1
+        else:
+            self.tick.errors += 1
+
+    def _timeout_sample(self, st: _Stream, seq: int, t_send: int) -> None:
+        self.samples.append(Sample(st.spec.name, seq, (t_send - self.t0) / 1e9, None, "timeout", "timeout"))
+
+    def expire(self, now: int) -> bool:
+        """Apply the "daemon gone" rule, then per-request timeouts; True when the run is aborted."""
+        outstanding = self.outstanding()
+        if (outstanding or self.blocked_since is not None) and now - self.last_progress > self.timeout_ns:
+            self.aborted = (f"the daemon at {self.endpoint} stopped answering "
+                            f"(no reply for {self.reply_timeout_s:g} s; {outstanding} requests unanswered)")
+            for st in self.states:
+                for seq, t_send in st.in_flight.values():
+                    self._timeout_sample(st, seq, t_send)
+                st.in_flight.clear()
+            return True
+        for st in self.states:
+            for rid, (seq, t_send) in list(st.in_flight.items()):
+                if now - t_send > self.timeout_ns:
+                    del st.in_flight[rid]
+                    self._timeout_sample(st, seq, t_send)
+                    self.tick.timeouts += 1
+        if not outstanding and self.blocked_since is None:
+            self.last_progress = now
+        return False
+
+    def _emit_tick(self) -> None:
+        """Close the current interval: percentiles, keep it, report it."""
+        tick = self.tick
+        if self.tick_lat:
+            p50, p99 = np.percentile(self.tick_lat, [50, 99])
+            tick.p50_ms, tick.p99_ms = round(float(p50), 3), round(float(p99), 3)
+        self.ticks.append(tick)
+        if self.on_tick is not None:
+            self.on_tick(tick)
+
+    def maybe_tick(self, now: int) -> None:
+        """Start a new interval when the current one is over."""
+        if now >= self.next_tick:
+            self._emit_tick()
+            self.next_tick += self.tick_ns
+            self.tick = Tick(t_s=round((self.next_tick - self.t0) / 1e9 - self.tick_s, 3))
+            self.tick_lat = []
+
+    def result(self) -> LoadResult:
+        """Close the last (partial) interval and return what was measured."""
+        wall_s = (time.perf_counter_ns() - self.t0) / 1e9
+        tick = self.tick
+        if tick.sent or tick.ok or tick.errors or tick.dropped or tick.timeouts:
+            self._emit_tick()
+        return LoadResult(self.samples, self.ticks, self.sent, self.skipped, wall_s, self.aborted, self.last)
+
+
 def run_load(
     endpoint: str,
     streams: Sequence[StreamSpec],
@@ -334,11 +532,6 @@ def run_load(
         raise ValueError("Give duration_s or a frame count for every stream.")
     ctx = context or zmq.Context.instance()
     states: list[_Stream] = []
-    samples: list[Sample] = []
-    ticks: list[Tick] = []
-    last: dict[str, Reply] = {}
-    sent = skipped = 0
-    aborted: str | None = None
     try:
         for spec in streams:
             states.append(_Stream(spec, ZmqClient(endpoint, context=ctx, curve=curve)))
@@ -354,162 +547,22 @@ def run_load(
         for st in states:
             poller.register(st.client.socket, zmq.POLLIN)
             by_sock[st.client.socket] = st
-        t0 = time.perf_counter_ns()
-        n = len(states)
-        for k, st in enumerate(states):
-            if st.spec.rate_fps:
-                st.interval_ns = int(1e9 / st.spec.rate_fps)
-                st.next_ns = t0 + (st.interval_ns * k) // n  # spread streams over one interval
-        stop_send_ns = t0 + int(duration_s * 1e9) if duration_s is not None else None
-        timeout_ns = int(reply_timeout_s * 1e9)
-        tick_ns = int(tick_s * 1e9)
-        next_tick = t0 + tick_ns
-        tick = Tick(t_s=0.0)
-        tick_lat: list[float] = []
-        last_progress = t0
-        blocked_since: int | None = None  # first failed send since the last one that worked
-        sending = True
-
-        def finish(st: _Stream, rep: Reply) -> None:
-            nonlocal last_progress
-            entry = st.in_flight.pop(rep.id, None)
-            last_progress = rep.recv_ns
-            if entry is None:
-                _log.debug("Reply with unknown id %r ignored.", rep.id)
-                return
-            seq, t_send = entry
-            lat_us = (rep.recv_ns - t_send) / 1000.0
-            status = rep.status if rep.status in ("ok", "dropped", "error") else "error"
-            code = rep.error_code if status != "ok" else None
-            samples.append(Sample(st.spec.name, seq, (t_send - t0) / 1e9, lat_us, status, code,
-                                  {k: v for k, v in rep.timing_us.items() if isinstance(v, (int, float))}))
-            if status == "ok":
-                tick.ok += 1
-                tick_lat.append(lat_us / 1000.0)
-                if keep_last:
-                    last[st.spec.name] = rep
-            elif status == "dropped":
-                tick.dropped += 1
-            else:
-                tick.errors += 1
-
+        run = _Run(endpoint, states, duration_s=duration_s, reply_timeout_s=reply_timeout_s,
+                   tick_s=tick_s, on_tick=on_tick, keep_last=keep_last)
         while True:
             now = time.perf_counter_ns()
-            if sending and stop_send_ns is not None and now >= stop_send_ns:
-                sending = False
-            if sending and all(st.done for st in states):
-                sending = False
-            # --- send what is due
+            run.update_sending(now)
             blocked = False
-            if sending:
-                for st in states:
-                    if st.done:
-                        continue
-                    sp = st.spec
-                    while True:
-                        if sp.frames is not None and st.seq >= sp.frames:
-                            st.done = True
-                            break
-                        if sp.mode == "rate":
-                            if now < st.next_ns:
-                                break
-                            if now - st.next_ns > 1_000_000_000:  # stalled > 1 s: resync, count as skipped
-                                missed = (now - st.next_ns) // st.interval_ns
-                                skipped += int(missed)
-                                tick.skipped += int(missed)
-                                st.seq += int(missed)
-                                st.next_ns += missed * st.interval_ns
-                                continue
-                            st.next_ns += st.interval_ns
-                            if len(st.in_flight) >= sp.window:
-                                skipped += 1
-                                tick.skipped += 1
-                                st.seq += 1
-                                continue
-                        elif len(st.in_flight) >= (sp.concurrency or 1):
-                            break
-                        rid = f"{sp.name}:{st.seq}"
-                        try:
-                            t_send = st.client.send(sp.source.frame(st.seq), req_id=rid, model=sp.model,
-                                                    stream=sp.name, want=sp.want)
-                        except NotConnectedError:
-                            blocked = True
-                            if blocked_since is None:
-                                blocked_since = now
-                            if sp.mode == "rate":
-                                skipped += 1
-                                tick.skipped += 1
-                                st.seq += 1
-                            break
-                        blocked_since = None
-                        st.in_flight[rid] = (st.seq, t_send)
-                        st.seq += 1
-                        sent += 1
-                        tick.sent += 1
-                        now = time.perf_counter_ns()
-            outstanding = sum(len(st.in_flight) for st in states)
-            if not sending and outstanding == 0:
+            if run.sending:
+                now, blocked = run.send_due(now)
+            if not run.sending and run.outstanding() == 0:
                 break
-            # --- wait for replies or the next due frame
-            wait_ns = next_tick - now
-            if sending:
-                for st in states:
-                    if st.done:
-                        continue
-                    if st.spec.mode == "rate":
-                        wait_ns = min(wait_ns, st.next_ns - now)
-                    elif len(st.in_flight) < (st.spec.concurrency or 1):
-                        wait_ns = min(wait_ns, 1_000_000 if blocked else 0)
-            wait_ms = max(0, int(wait_ns // 1_000_000))
-            for sock, _ in poller.poll(wait_ms):
-                st = by_sock[sock]
-                while True:
-                    try:
-                        rep = st.client.recv_nowait()
-                    except ProtocolError as exc:
-                        _log.warning("Undecodable reply ignored: %s", exc)
-                        continue
-                    if rep is None:
-                        break
-                    finish(st, rep)
+            run.receive(poller, by_sock, run.wait_ms(now, blocked))
             now = time.perf_counter_ns()
-            # --- the "daemon gone" rule, then per-request timeouts (a lost reply)
-            outstanding = sum(len(st.in_flight) for st in states)
-            if (outstanding or blocked_since is not None) and now - last_progress > timeout_ns:
-                aborted = (f"the daemon at {endpoint} stopped answering "
-                           f"(no reply for {reply_timeout_s:g} s; {outstanding} requests unanswered)")
-                for st in states:
-                    for rid, (seq, t_send) in st.in_flight.items():
-                        samples.append(Sample(st.spec.name, seq, (t_send - t0) / 1e9, None, "timeout", "timeout"))
-                    st.in_flight.clear()
+            if run.expire(now):
                 break
-            for st in states:
-                for rid, (seq, t_send) in list(st.in_flight.items()):
-                    if now - t_send > timeout_ns:
-                        del st.in_flight[rid]
-                        samples.append(Sample(st.spec.name, seq, (t_send - t0) / 1e9, None, "timeout", "timeout"))
-                        tick.timeouts += 1
-            if not outstanding and blocked_since is None:
-                last_progress = now
-            if now >= next_tick:
-                if tick_lat:
-                    p50, p99 = np.percentile(tick_lat, [50, 99])
-                    tick.p50_ms, tick.p99_ms = round(float(p50), 3), round(float(p99), 3)
-                ticks.append(tick)
-                if on_tick is not None:
-                    on_tick(tick)
-                next_tick += tick_ns
-                tick = Tick(t_s=round((next_tick - t0) / 1e9 - tick_s, 3))
-                tick_lat = []
-        wall_s = (time.perf_counter_ns() - t0) / 1e9
-        if tick.sent or tick.ok or tick.errors or tick.dropped or tick.timeouts:
-            if tick_lat:
-                p50, p99 = np.percentile(tick_lat, [50, 99])
-                tick.p50_ms, tick.p99_ms = round(float(p50), 3), round(float(p99), 3)
-            ticks.append(tick)
-            if on_tick is not None:
-                on_tick(tick)
-        return LoadResult(samples, ticks, sent, skipped, wall_s, aborted, last)
+            run.maybe_tick(now)
+        return run.result()
     finally:
         for st in states:
             st.client.close()

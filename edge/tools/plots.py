@@ -1,7 +1,11 @@
-"""PNG figures drawn with Pillow: latency plots and result overlays.
+"""PNG figures: latency plots drawn with matplotlib, result overlays drawn with Pillow.
 
-No matplotlib: the daemon side stays light. Every function renders to a
-:class:`PIL.Image.Image`; the ``save_*`` helpers write it atomically.
+Latency plots need the ``plots`` extra (``pip install 'medge[plots]'``);
+matplotlib is imported inside the plotting functions, with its Agg canvas and
+no pyplot state, so nothing else pays for it and the daemon never imports it.
+Where matplotlib is absent, :func:`save_latency_plot` skips the plot with one
+warning naming the extra. Overlays on images stay with Pillow, drawn with the
+daemon's own overlay drawing (:mod:`edge.egress.dicom.outlines`).
 
 Examples
 --------
@@ -14,28 +18,37 @@ Examples
 from __future__ import annotations
 
 import io
-import math
+import logging
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from edge.egress.dicom.outlines import draw_boxes, mask_boundary, tint, to_display_uint8
 from edge.tools.results import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "PALETTE",
+    "PLOTS_EXTRA",
     "to_display_uint8",
+    "latency_png",
     "latency_figure",
+    "save_latency_plot",
     "overlay_mask",
     "overlay_boxes",
     "save_png",
 ]
 
+_log = logging.getLogger(__name__)
+
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-_BG = (255, 255, 255)
-_AXIS = (60, 60, 60)
-_GRID = (225, 225, 225)
+#: What to install for latency plots.
+PLOTS_EXTRA = "pip install 'medge[plots]'"
+_DPI = 100
 
 
 def _font() -> ImageFont.ImageFont:
@@ -49,42 +62,24 @@ def save_png(img: Image.Image, path: Path | str) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def to_display_uint8(image: np.ndarray) -> np.ndarray:
-    """Min-max scale any ``[H, W]`` or ``[H, W, 3]`` array to uint8 for display."""
-    a = np.asarray(image)
-    if a.dtype == np.uint8:
-        return a
-    a = a.astype(np.float32)
-    lo, hi = float(a.min()), float(a.max())
-    if hi - lo < 1e-12:
-        return np.zeros(a.shape, dtype=np.uint8)
-    return ((a - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8)
-
-
-def _rgb(image: np.ndarray) -> Image.Image:
-    a = to_display_uint8(image)
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """``image`` for display as RGB uint8 ``[H, W, 3]`` (uint8 as it is, others min-max scaled)."""
+    a = to_display_uint8(image, stretch_uint8=False)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
-    return Image.fromarray(a).convert("RGB")
+    return np.array(Image.fromarray(a).convert("RGB"))
 
 
 def overlay_mask(image: np.ndarray, mask: np.ndarray, alpha: float = 0.4,
                  color: tuple[int, int, int] = (255, 40, 40), caption: str = "") -> Image.Image:
     """The image in gray with label pixels tinted and their outline drawn."""
-    base = np.asarray(_rgb(image), dtype=np.float32)
+    base = _rgb(image)
     m = np.asarray(mask) > 0
     if m.shape != base.shape[:2]:
         raise ValueError(f"Mask shape {list(m.shape)} does not match image shape {list(base.shape[:2])}.")
-    tint = np.asarray(color, dtype=np.float32)
-    base[m] = base[m] * (1 - alpha) + tint * alpha
-    # Outline: label pixels with at least one 4-neighbour outside the label.
-    inner = m.copy()
-    inner[1:, :] &= m[:-1, :]
-    inner[:-1, :] &= m[1:, :]
-    inner[:, 1:] &= m[:, :-1]
-    inner[:, :-1] &= m[:, 1:]
-    base[m & ~inner] = tint
-    img = Image.fromarray(base.clip(0, 255).astype(np.uint8))
+    tint(base, m, color, alpha)
+    base[mask_boundary(m)] = color
+    img = Image.fromarray(base)
     if caption:
         _caption(img, caption)
     return img
@@ -92,13 +87,13 @@ def overlay_mask(image: np.ndarray, mask: np.ndarray, alpha: float = 0.4,
 
 def overlay_boxes(image: np.ndarray, boxes: Iterable[Mapping[str, object]],
                   color: tuple[int, int, int] = (40, 220, 40), caption: str = "") -> Image.Image:
-    """The image with each box (``x0 y0 x1 y1 label score``, source pixels) drawn."""
-    img = _rgb(image)
+    """The image with each box (``x0 y0 x1 y1 label score``, source pixels) drawn and labelled."""
+    boxes = list(boxes)
+    img = Image.fromarray(draw_boxes(_rgb(image), boxes, color, width=2))  # type: ignore[arg-type]
     d = ImageDraw.Draw(img)
     font = _font()
     for b in boxes:
-        x0, y0, x1, y1 = (float(b[k]) for k in ("x0", "y0", "x1", "y1"))  # type: ignore[arg-type]
-        d.rectangle([x0, y0, x1, y1], outline=color, width=2)
+        x0, y0 = float(b["x0"]), float(b["y0"])  # type: ignore[arg-type]
         d.text((x0 + 2, max(0.0, y0 - 12)), f"{b.get('label', '')} {float(b.get('score', 0)):.2f}",  # type: ignore[arg-type]
                fill=color, font=font)
     if caption:
@@ -113,98 +108,88 @@ def _caption(img: Image.Image, text: str) -> None:
     d.text((4, 1), text, fill=(255, 255, 255), font=_font())
 
 
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=10 * mag)
-    start = math.ceil(lo / step) * step
-    ticks = []
-    t = start
-    while t <= hi + 1e-9:
-        ticks.append(round(t, 10))
-        t += step
-    return ticks
+def _hex(rgb: tuple[int, int, int]) -> str:
+    return "#%02x%02x%02x" % rgb
 
 
-def _panel(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], xlo: float, xhi: float,
-           ylo: float, yhi: float, xlabel: str, ylabel: str, title: str):
-    """Draw axes, grid and tick labels; return a (x, y) -> pixel mapper."""
-    font = _font()
-    left, top, right, bottom = box
-    def fx(x: float) -> float:
-        return left + (x - xlo) / (xhi - xlo) * (right - left)
-    def fy(y: float) -> float:
-        return bottom - (y - ylo) / (yhi - ylo) * (bottom - top)
-    for t in _nice_ticks(xlo, xhi):
-        x = fx(t)
-        d.line([x, top, x, bottom], fill=_GRID)
-        label = f"{t:g}"
-        d.text((x - d.textlength(label, font=font) / 2, bottom + 4), label, fill=_AXIS, font=font)
-    for t in _nice_ticks(ylo, yhi, 4):
-        y = fy(t)
-        d.line([left, y, right, y], fill=_GRID)
-        label = f"{t:g}"
-        d.text((left - 6 - d.textlength(label, font=font), y - 5), label, fill=_AXIS, font=font)
-    d.rectangle([left, top, right, bottom], outline=_AXIS)
-    d.text(((left + right) / 2 - d.textlength(xlabel, font=font) / 2, bottom + 18), xlabel, fill=_AXIS, font=font)
-    d.text((left, top - 28), ylabel, fill=_AXIS, font=font)
-    d.text(((left + right) / 2 - d.textlength(title, font=font) / 2, top - 16), title, fill=(0, 0, 0), font=font)
-    return fx, fy
-
-
-def latency_figure(series: Mapping[str, Sequence[float] | np.ndarray], title: str = "latency",
-                   size: tuple[int, int] = (1000, 420), bins: int = 50) -> Image.Image:
-    """Histogram (left) and CDF (right) of one or more latency series in ms.
+def latency_png(series: Mapping[str, Sequence[float] | np.ndarray], title: str = "latency",
+                size: tuple[int, int] = (1000, 420), bins: int = 50) -> bytes:
+    """Histogram (left) and CDF (right) of one or more latency series in ms, as PNG bytes.
 
     The x range is clipped at the largest series' 99.9th percentile so a few
-    outliers do not squash the plot; the title notes the clip.
+    outliers do not squash the plot; the title notes the clip. The image is
+    ``size`` pixels (width, height).
+
+    Raises
+    ------
+    ImportError
+        If matplotlib (the ``plots`` extra) is not installed.
     """
-    img = Image.new("RGB", size, _BG)
-    d = ImageDraw.Draw(img)
-    font = _font()
-    data = {k: np.asarray(v, dtype=np.float64) for k, v in series.items() if len(v)}
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     w, h = size
-    d.text((10, 6), title, fill=(0, 0, 0), font=font)
+    fig = Figure(figsize=(w / _DPI, h / _DPI), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    data = {k: np.asarray(v, dtype=np.float64) for k, v in series.items() if len(v)}
     if not data:
-        d.text((w / 2 - 40, h / 2), "no samples", fill=_AXIS, font=font)
-        return img
+        fig.suptitle(title)
+        fig.text(0.5, 0.5, "no samples", ha="center", va="center")
+        return _png_bytes(fig)
     allv = np.concatenate(list(data.values()))
     xlo = max(0.0, float(allv.min()) * 0.95)
     xhi = float(np.percentile(allv, 99.9)) * 1.02
     if xhi <= xlo:
         xhi = xlo + 1.0
     clipped = int((allv > xhi).sum())
-    if clipped:
-        d.text((10, 20), f"({clipped} samples beyond {xhi:.2f} ms not shown)", fill=_AXIS, font=font)
+    fig.suptitle(title + (f"\n({clipped} samples beyond {xhi:.2f} ms not shown)" if clipped else ""),
+                 fontsize="medium")
+    colors = [_hex(PALETTE[i % len(PALETTE)]) for i in range(len(data))]
+    hist_ax, cdf_ax = fig.subplots(1, 2)
     edges = np.linspace(xlo, xhi, bins + 1)
-    hists = {k: np.histogram(np.clip(v, xlo, xhi), bins=edges)[0] for k, v in data.items()}
-    ymax = max(int(hh.max()) for hh in hists.values()) * 1.1 or 1
-    mid = w // 2
-    fx, fy = _panel(d, (60, 60, mid - 20, h - 50), xlo, xhi, 0, ymax, "latency (ms)", "count", "histogram")
-    for i, (k, hh) in enumerate(hists.items()):
-        c = PALETTE[i % len(PALETTE)]
-        for j, n in enumerate(hh):
-            if n:
-                x0, x1 = fx(edges[j]), fx(edges[j + 1])
-                if len(hists) > 1:  # side by side
-                    bw = (x1 - x0) / len(hists)
-                    x0, x1 = x0 + i * bw, x0 + (i + 1) * bw
-                d.rectangle([x0, fy(n), max(x0, x1 - 1), fy(0)], fill=c)
-    gx, gy = _panel(d, (mid + 60, 60, w - 20, h - 50), xlo, xhi, 0, 1, "latency (ms)", "fraction <= x", "CDF")
-    for i, (k, v) in enumerate(data.items()):
-        c = PALETTE[i % len(PALETTE)]
+    hist_ax.hist([np.clip(v, xlo, xhi) for v in data.values()], bins=edges, color=colors,
+                 label=list(data))  # several series: side by side in each bin
+    hist_ax.set(title="histogram", xlabel="latency (ms)", ylabel="count", xlim=(xlo, xhi))
+    for (name, v), c in zip(data.items(), colors):
         s = np.sort(v)
-        n = s.size
-        idx = np.unique(np.linspace(0, n - 1, min(n, 800)).astype(int))
-        pts = [(gx(min(s[j], xhi)), gy((j + 1) / n)) for j in idx]
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
+        frac = np.arange(1, s.size + 1) / s.size
         p50, p99 = np.percentile(v, [50, 99])
-        legend = f"{k}: p50 {p50:.2f} ms  p99 {p99:.2f} ms  n={n}"
-        ly = h - 50 - 14 * (len(data) - i) - 6  # bottom right: CDFs rarely go there
-        lx = w - 30 - int(d.textlength(legend, font=font)) - 15
-        d.rectangle([lx, ly + 1, lx + 10, ly + 11], fill=c)
-        d.text((lx + 15, ly), legend, fill=(0, 0, 0), font=font)
-    return img
+        cdf_ax.plot(np.minimum(s, xhi), frac, drawstyle="steps-post", color=c, linewidth=1.5,
+                    label=f"{name}: p50 {p50:.2f} ms  p99 {p99:.2f} ms  n={s.size}")
+    cdf_ax.set(title="CDF", xlabel="latency (ms)", ylabel="fraction <= x", xlim=(xlo, xhi), ylim=(0, 1.02))
+    cdf_ax.legend(loc="lower right", fontsize="small")  # CDFs rarely go there
+    for ax in (hist_ax, cdf_ax):
+        ax.grid(True, color="#e1e1e1")
+        ax.set_axisbelow(True)
+    fig.tight_layout()
+    return _png_bytes(fig)
+
+
+def _png_bytes(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI)
+    return buf.getvalue()
+
+
+def latency_figure(series: Mapping[str, Sequence[float] | np.ndarray], title: str = "latency",
+                   size: tuple[int, int] = (1000, 420), bins: int = 50) -> Image.Image:
+    """:func:`latency_png` decoded as an RGB :class:`PIL.Image.Image`."""
+    with Image.open(io.BytesIO(latency_png(series, title=title, size=size, bins=bins))) as img:
+        return img.convert("RGB")
+
+
+def save_latency_plot(series: Mapping[str, Sequence[float] | np.ndarray], path: Path | str,
+                      title: str = "latency", size: tuple[int, int] = (1000, 420)) -> Path | None:
+    """Write :func:`latency_png` to ``path`` atomically; return the path.
+
+    Without matplotlib, logs one warning naming the extra to install and
+    returns ``None`` (nothing is written).
+    """
+    try:
+        png = latency_png(series, title=title, size=size)
+    except ImportError as exc:
+        if exc.name is None or not exc.name.startswith("matplotlib"):
+            raise
+        _log.warning("Latency plot %s skipped: matplotlib is not installed (%s).", path, PLOTS_EXTRA)
+        return None
+    return atomic_write_bytes(path, png)

@@ -41,6 +41,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from edge.fileio import atomic_write
+
 __all__ = [
     "cpu_model",
     "PERCENTILES",
@@ -190,16 +192,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
-    """Write ``data`` to ``path`` durably: temp file in the same folder, fsync, rename."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out)
-    return out
+    """Write ``data`` to ``path`` (creating its folder) with :func:`edge.fileio.atomic_write`."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, data)
 
 
 def atomic_write_text(path: Path | str, text: str) -> Path:
@@ -310,7 +305,9 @@ def write_outputs(doc: dict[str, Any], rows: Sequence[dict[str, Any]], columns: 
     if csv_path:
         written.append(write_csv(csv_path, rows, columns))
     if plot_path:
-        from edge.tools.plots import latency_figure, save_png
+        from edge.tools.plots import save_latency_plot
 
-        written.append(save_png(latency_figure(series, title=title), plot_path))
+        plotted = save_latency_plot(series, plot_path, title=title)  # None without the plots extra
+        if plotted is not None:
+            written.append(plotted)
     return written

@@ -1,7 +1,10 @@
-"""Synthetic DICOM instances with the right IODs, for the DICOM tests and benchmark.
+"""Synthetic DICOM for the DICOM tests: the shared builders, plus test-only hostile ones and test doubles.
 
-Pixels come from the trainer's seeded generators where they fit
-(ultrasound B-mode, chest radiograph); CT slices are simple seeded phantoms.
+The instances themselves (US, US cine, CT, CR, DX; writing them as files or
+as a C-STORE's bytes) come from :mod:`edge.tools.synthetic_dicom`, the one
+home the demo and the benchmarks use too, and are re-exported here. What
+only tests need stays here: compressed and hostile instances (deflate and
+codestream bombs), a fake inference service, a test configuration.
 Identifiers are made up ("MEDGE^TEST"); nothing here is patient data.
 """
 
@@ -10,8 +13,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.dataset import Dataset
+
+from edge.tools.daemon_process import free_port  # re-exported: f.free_port() in the tests
+from edge.tools.synthetic_dicom import (  # re-exported: f.make_us_single() etc. in the tests
+    CR,
+    CT,
+    DX,
+    US,
+    US_MF,
+    encode_dataset,
+    make_cr,
+    make_ct_series,
+    make_dx,
+    make_us_multiframe,
+    make_us_single,
+    new_dataset,
+    save,
+    set_pixels,
+    write_part10,
+)
 
 __all__ = [
     "US_MF",
@@ -19,6 +40,8 @@ __all__ = [
     "CT",
     "CR",
     "DX",
+    "new_dataset",
+    "set_pixels",
     "make_us_multiframe",
     "make_us_single",
     "make_ct_series",
@@ -35,196 +58,6 @@ __all__ = [
     "free_port",
     "dicom_config",
 ]
-
-US_MF = "1.2.840.10008.5.1.4.1.1.3.1"
-US = "1.2.840.10008.5.1.4.1.1.6.1"
-CT = "1.2.840.10008.5.1.4.1.1.2"
-CR = "1.2.840.10008.5.1.4.1.1.1"
-DX = "1.2.840.10008.5.1.4.1.1.1.1"
-
-
-def _base(sop_class: str, modality: str, study_uid: str | None = None, series_uid: str | None = None) -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.InstanceCreationDate = "20260101"
-    ds.InstanceCreationTime = "120000"
-    # Patient + General Study (made-up values)
-    ds.PatientName = "MEDGE^TEST"
-    ds.PatientID = "MEDGE-TEST-1"
-    ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "O"
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.StudyDate = "20260101"
-    ds.StudyTime = "120000"
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
-    ds.AccessionNumber = "A1"
-    # General Series + Equipment
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.Modality = modality
-    ds.SeriesNumber = 1
-    ds.Manufacturer = "medge-tests"
-    # General Image
-    ds.InstanceNumber = 1
-    ds.ContentDate = "20260101"
-    ds.ContentTime = "120000"
-    return ds
-
-
-def _pixels(ds: Dataset, arr: np.ndarray, bits_stored: int | None = None) -> None:
-    arr = np.ascontiguousarray(arr)
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = int(arr.shape[-2]), int(arr.shape[-1])
-    bits = arr.dtype.itemsize * 8
-    ds.BitsAllocated = bits
-    ds.BitsStored = bits_stored or bits
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 1 if arr.dtype.kind == "i" else 0
-    ds.PixelData = arr.tobytes()
-
-
-def make_us_multiframe(frames: np.ndarray, study_uid: str | None = None) -> Dataset:
-    """US Multi-frame Image (cine) of uint8 ``[F, H, W]`` B-mode frames, no frame of reference."""
-    ds = _base(US_MF, "US", study_uid)
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL", ""]
-    ds.NumberOfFrames = int(frames.shape[0])
-    ds.FrameIncrementPointer = 0x00181063  # FrameTime
-    ds.FrameTime = 33.3
-    ds.LossyImageCompression = "00"
-    _pixels(ds, frames.astype(np.uint8))
-    return ds
-
-
-def make_us_single(image: np.ndarray, study_uid: str | None = None) -> Dataset:
-    """US Image of one uint8 B-mode frame."""
-    ds = _base(US, "US", study_uid)
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL", ""]
-    ds.LossyImageCompression = "00"
-    _pixels(ds, image.astype(np.uint8))
-    return ds
-
-
-def make_ct_series(n: int, size: int = 128, seed: int = 0, study_uid: str | None = None) -> list[Dataset]:
-    """A CT series of ``n`` axial int16 slices (HU via rescale) sharing a frame of reference."""
-    rng = np.random.default_rng(seed)
-    study_uid = study_uid or generate_uid()
-    series_uid = generate_uid()
-    for_uid = generate_uid()
-    yy, xx = np.mgrid[0:size, 0:size]
-    out = []
-    for i in range(n):
-        body = ((xx - size / 2) ** 2 + (yy - size / 2) ** 2) < (0.42 * size) ** 2
-        img = np.where(body, 40, -1000).astype(np.int16)
-        cx, cy, r = size * 0.6, size * 0.45, size * (0.06 + 0.01 * i)
-        img[((xx - cx) ** 2 + (yy - cy) ** 2) < r * r] = 200
-        img = (img + rng.normal(0, 10, img.shape)).astype(np.int16)
-        ds = _base(CT, "CT", study_uid, series_uid)
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.FrameOfReferenceUID = for_uid
-        ds.PositionReferenceIndicator = ""
-        ds.InstanceNumber = i + 1
-        ds.PixelSpacing = [0.7, 0.7]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-size * 0.35, -size * 0.35, 2.5 * i]
-        ds.SliceThickness = 2.5
-        ds.KVP = 120
-        ds.AcquisitionNumber = 1
-        ds.RescaleIntercept = 0
-        ds.RescaleSlope = 1
-        ds.RescaleType = "HU"
-        _pixels(ds, img, bits_stored=16)
-        out.append(ds)
-    return out
-
-
-def make_cr(image: np.ndarray, study_uid: str | None = None) -> Dataset:
-    """CR Image of a uint16 radiograph (12 bits stored)."""
-    ds = _base(CR, "CR", study_uid)
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.PatientOrientation = ["L", "F"]
-    _pixels(ds, image.astype(np.uint16), bits_stored=12)
-    return ds
-
-
-def make_dx(image: np.ndarray, study_uid: str | None = None) -> Dataset:
-    """DX Image (for presentation) of a uint16 radiograph (12 bits stored)."""
-    ds = _base(DX, "DX", study_uid)
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.PresentationIntentType = "FOR PRESENTATION"
-    ds.PatientOrientation = ["L", "F"]
-    ds.ImageLaterality = "U"
-    ds.PixelIntensityRelationship = "LIN"
-    ds.PixelIntensityRelationshipSign = 1
-    ds.RescaleIntercept = 0
-    ds.RescaleSlope = 1
-    ds.RescaleType = "US"
-    ds.PresentationLUTShape = "IDENTITY"
-    ds.LossyImageCompression = "00"
-    ds.BurnedInAnnotation = "NO"
-    ds.ImagerPixelSpacing = [0.2, 0.2]
-    ds.DetectorType = "DIRECT"
-    _pixels(ds, image.astype(np.uint16), bits_stored=12)
-    return ds
-
-
-def save(ds: Dataset, path: Path) -> Path:
-    """Write ``ds`` as a DICOM file (with preamble and file meta)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def encode_dataset(ds: Dataset, transfer_syntax_uid: str) -> bytes:
-    """``ds`` encoded in one of the four native transfer syntaxes (no file meta): the bytes a C-STORE carries."""
-    import zlib
-
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset
-    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
-
-    buf = DicomBytesIO()
-    buf.is_little_endian = transfer_syntax_uid != ExplicitVRBigEndian
-    buf.is_implicit_VR = transfer_syntax_uid == ImplicitVRLittleEndian
-    write_dataset(buf, ds)
-    data = buf.getvalue()
-    if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
-        c = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
-        data = c.compress(data) + c.flush()
-    return data
-
-
-def write_part10(path: Path, sop_class: str, sop_instance: str, transfer_syntax_uid: str, chunks) -> Path:
-    """A Part 10 file: preamble, file meta for ``transfer_syntax_uid``, then ``chunks`` (encoded data set) as given."""
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_file_meta_info
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
-    meta.TransferSyntaxUID = transfer_syntax_uid
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    buf = DicomBytesIO()
-    buf.is_little_endian, buf.is_implicit_VR = True, False
-    write_file_meta_info(buf, meta, enforce_standard=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as fh:
-        fh.write(b"\x00" * 128 + b"DICM" + buf.getvalue())
-        for chunk in chunks:
-            fh.write(chunk)
-    return path
-
 
 def write_deflate_bomb(
     path: Path, inflated_bytes: int, rows: int = 64, columns: int = 64, frames: int = 1, pixel_length: int | None = None
@@ -246,7 +79,7 @@ def write_deflate_bomb(
     block = 1 << 20
     if inflated_bytes % block:
         raise ValueError("inflated_bytes must be a whole number of MiB.")
-    ds = _base(US, "US")
+    ds = new_dataset(US, "US")
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -401,15 +234,6 @@ class FakeService:
         if model == "xray-nodule-det":
             return InferenceResult(status="ok", model=model, model_version="1", task="detection", boxes=out)
         return InferenceResult(status="ok", model=model, model_version="1", task="segmentation", mask=out)
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for peers that cannot bind port 0 themselves)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def dicom_config(tmp_path: Path, base=None, **dicom_overrides):

@@ -54,7 +54,10 @@ from pydicom.multival import MultiValue
 from pynetdicom import AE, _config
 
 from edge.config import DicomRoute
-from edge.egress.dicom.results import ModelInfo, SourceResult, build_results, make_overlay, mask_outlines
+from edge.egress.dicom.common import ModelInfo, SourceResult
+from edge.egress.dicom.outlines import mask_outlines
+from edge.egress.dicom.results import build_results
+from edge.egress.dicom.sc import make_overlay
 from edge.errors import DataError
 from edge.ingest.dicom.pipeline import read_spooled
 from edge.ingest.dicom.pixels import decode_frame, frame_to_array, number_of_frames

@@ -462,7 +462,8 @@ def test_a_cine_with_stride_2_decodes_each_processed_frame_once(
     import edge.ingest.dicom.pipeline as pipeline_module
     from edge.config import DicomRoute
     from edge.egress.dicom.outbox import Outbox
-    from edge.egress.dicom.results import SourceResult, make_overlay
+    from edge.egress.dicom.common import SourceResult
+    from edge.egress.dicom.sc import make_overlay
     from edge.ingest.dicom.pixels import decode_frame, frame_to_array
     from edge.ingest.dicom.routing import Router
     from edge.ingest.dicom.spool import Spool

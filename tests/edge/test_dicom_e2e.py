@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from pydicom import dcmread
 
 from edge.config import DicomDestination, load_config
-from edge.egress.dicom.results import mask_outlines
+from edge.egress.dicom.outlines import mask_outlines
 from edge.inference.manifest import default_engines_dir
 from edge.ingest.dicom.pixels import iter_frames
 from edge.ingest.dicom.scp import DicomIngest

@@ -34,7 +34,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
 from edge.config import DicomTlsConfig
-from edge.egress.dicom.results import ModelInfo
+from edge.egress.dicom.common import ModelInfo
 from edge.errors import ProtocolError
 from edge.ingest.dicom.pipeline import FRAMES_PER_TURN
 from edge.ingest.dicom.scp import DicomIngest
@@ -620,7 +620,7 @@ def test_real_scp_process_serves_a_modality_past_idle_connections_and_refuses_a_
 CHILD_PIPELINE = r"""
 import os, pathlib, signal, sys
 from prometheus_client import CollectorRegistry
-from edge.egress.dicom.results import ModelInfo
+from edge.egress.dicom.common import ModelInfo
 from edge.ingest.dicom.scp import DicomIngest
 from tests.edge import dicom_factory as f
 

@@ -18,9 +18,11 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage, SegmentationStorage
 
+from edge.egress.dicom.common import ModelInfo, SourceResult
 from edge.egress.dicom.outbox import Destination, Outbox, RetryPolicy
-from edge.egress.dicom.results import ModelInfo, SourceResult, build_results
+from edge.egress.dicom.results import build_results
 from tests.conftest import peer_path
+from tests.conftest import wait_until as poll  # the one deadline poll of the suite
 from tests.edge import dicom_factory as f
 
 STORESCP = peer_path("storescp") or "storescp"
@@ -36,16 +38,6 @@ def results(n: int) -> list:
         boxes = [[{"label": "nodule", "score": 0.5 + i / 100, "x0": 1, "y0": 2, "x1": 10, "y1": 12}]]
         out.extend(build_results([SourceResult(src, [1], None, boxes)], DET))
     return out
-
-
-def poll(cond: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
-    """Wait until ``cond()`` holds, or fail naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    assert cond(), f"timed out waiting for {what}"
 
 
 def wait_port(port: int, timeout_s: float = 10.0) -> None:

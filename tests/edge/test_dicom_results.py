@@ -17,14 +17,9 @@ from pydicom.filewriter import dcmwrite
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
-from edge.egress.dicom.results import (
-    ModelInfo,
-    SourceResult,
-    build_results,
-    default_device_serial,
-    make_overlay,
-    series_description,
-)
+from edge.egress.dicom.common import ModelInfo, SourceResult, default_device_serial, series_description
+from edge.egress.dicom.results import build_results
+from edge.egress.dicom.sc import make_overlay
 from tests.conftest import PEERS, require_peer
 from tests.edge import dicom_factory as f
 from tests.edge import test_dicom_results_vendors as V

@@ -6,7 +6,7 @@ claims. Built on :mod:`tests.edge.dicom_factory`; identifiers are made up.
 - ultrasound single frames with and without Pixel Spacing, Frame of
   Reference UID and Sequence of Ultrasound Regions, as ultrasound systems
   send them: none of them has an image plane (Image Position/Orientation
-  (Patient)); medge's own demo data (``edge.tools.bench_dicom``) has Frame of
+  (Patient)); medge's own demo data (``edge.tools.synthetic_dicom``) has Frame of
   Reference + Pixel Spacing;
 - ultrasound cine, plain and with a Frame of Reference and regions;
 - CR, DX (with Imager Pixel Spacing, and also with Pixel Spacing);
@@ -95,7 +95,7 @@ def us_frame_of_reference() -> Dataset:
 
 def us_demo() -> Dataset:
     """medge's own synthetic ultrasound (what ``medge demo`` sends): Frame of Reference + Pixel Spacing."""
-    from edge.tools.bench_dicom import synthetic_instances
+    from edge.tools.synthetic_dicom import synthetic_instances
 
     return synthetic_instances(1, "US", frame=(48, 64), seed=3)[0]
 
@@ -148,7 +148,7 @@ def make_mr_series(n: int, size: int = 48) -> list[Dataset]:
     study, series, for_uid = generate_uid(), generate_uid(), generate_uid()
     out = []
     for i in range(n):
-        ds = f._base(MR, "MR", study, series)
+        ds = f.new_dataset(MR, "MR", study, series)
         ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
         ds.InstanceNumber = i + 1
         ds.FrameOfReferenceUID = for_uid
@@ -165,7 +165,7 @@ def make_mr_series(n: int, size: int = 48) -> list[Dataset]:
         ds.EchoTime = 15
         ds.EchoTrainLength = 1
         ds.MagneticFieldStrength = 1.5
-        f._pixels(ds, _image(size, size, np.uint16), bits_stored=12)
+        f.set_pixels(ds, _image(size, size, np.uint16), bits_stored=12)
         out.append(ds)
     return out
 

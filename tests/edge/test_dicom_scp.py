@@ -19,7 +19,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
 from edge.config import DicomRoute, DicomTlsConfig
-from edge.egress.dicom.results import ModelInfo
+from edge.egress.dicom.common import ModelInfo
 from edge.ingest.dicom.scp import DicomIngest
 from edge.tools.dicom_scu import send_paths
 from tests.conftest import peer_path, require_peer, wait_until

@@ -12,7 +12,7 @@ import pytest
 from pydicom import dcmread
 
 from edge.egress.dicom.outbox import RetryPolicy, classify_status
-from edge.egress.dicom.results import mask_outlines
+from edge.egress.dicom.outlines import mask_outlines
 from edge.errors import DataError
 from edge.ingest.dicom.routing import Route, Router, SeriesAssembler, SeriesKey
 from edge.ingest.dicom.scan import InstanceInfo, scan_encoded

@@ -29,21 +29,12 @@ from edge.config import MetricsConfig
 from edge.errors import ConfigError
 from edge.ops.health import HealthServer, HtpasswdAuth
 from tests.conftest import peer_path
+from tests.conftest import wait_until as poll  # the one deadline poll of the suite
 from tests.edge import dicom_factory as f
 from tests.edge._pki import Pki, make_pki
 
 PROMETHEUS = peer_path("prometheus") or "prometheus"
 USER, PASSWORD = "prom", "correct horse battery"
-
-
-def poll(cond: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
-    """Wait until ``cond()`` holds, or fail naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    assert cond(), f"timed out waiting for {what}"
 
 
 def basic(user: str, password: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import logging
 import re
 import socket
 import subprocess
@@ -15,8 +17,10 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+import edge
 from edge import __version__
 from edge.egress.zmq import ERROR_CODES
+from edge.ops.boundary import ErrorBoundary
 from edge.ops.health import HealthServer
 from edge.ops.metrics import (
     DICOM_BUCKETS_S,
@@ -26,8 +30,8 @@ from edge.ops.metrics import (
     Metrics,
     REPLY_LOST_REASONS,
     STAGES,
-    dicom_store_to_result_histogram,
-    get_or_create_metric,
+    metrics_for,
+    zeroed,
 )
 from edge.tools.daemon_process import free_port
 from edge.tools.dicom_scu import send_paths
@@ -57,10 +61,11 @@ def _populated() -> CollectorRegistry:
     m.batch_size.labels(model="us-lesion-seg").observe(1)
     m.queue_depth.labels(model="us-lesion-seg").set(0)
     m.model_info.labels(model="us-lesion-seg", version="1", backend="onnxruntime", precision="int8").set(1)
-    m.dicom_instances_received.labels(calling_ae="SCANNER1").inc()
-    m.outbox_pending.labels(destination="pacs").set(2)
-    m.outbox_sent.labels(destination="pacs").inc()
-    m.outbox_failures.labels(destination="pacs").inc()
+    metrics_for(reg).dicom.instances_received.labels(calling_ae="SCANNER1").inc()
+    outbox = metrics_for(reg).outbox
+    outbox.pending.labels(destination="pacs").set(2)
+    outbox.sent.labels(destination="pacs").inc()
+    outbox.failures.labels(destination="pacs").inc()
     return reg
 
 
@@ -124,9 +129,10 @@ def test_build_info_is_one_series_of_software_versions() -> None:
 
 def test_store_to_result_histogram_is_shared_and_created_at_zero_per_destination() -> None:
     reg = CollectorRegistry()
-    m = Metrics(reg, process=False, gpu=False)
-    h = dicom_store_to_result_histogram(reg, ["pacs", "archive"])
-    assert h is m.dicom_store_to_result
+    Metrics(reg, process=False, gpu=False)
+    metrics_for(reg).outbox.declare_destinations(["pacs", "archive"])
+    h = metrics_for(reg).outbox.store_to_result
+    assert h is metrics_for(reg).outbox.store_to_result
     for dest in ("pacs", "archive"):
         assert reg.get_sample_value("medge_dicom_store_to_result_seconds_count", {"destination": dest}) == 0
     h.labels(destination="pacs").observe(11.0)  # a series wait of 10 s plus delivery
@@ -135,14 +141,98 @@ def test_store_to_result_histogram_is_shared_and_created_at_zero_per_destination
     assert reg.get_sample_value("medge_dicom_store_to_result_seconds_bucket", {**le, "le": "12.5"}) == 1
 
 
-def test_get_or_create_metric_creates_zero_values_once() -> None:
+def test_zeroed_creates_zero_values_once() -> None:
     reg = CollectorRegistry()
-    a = get_or_create_metric(reg, Counter, "medge_things_total", "Things.", ["reason"], zero=["x", "y"])
+    a = zeroed(Counter("medge_things_total", "Things.", ["reason"], registry=reg), ["x", "y"])
     a.labels(reason="x").inc(2)
-    b = get_or_create_metric(reg, Counter, "medge_things_total", "Things.", ["reason"], zero=["x", "y", "z"])
+    b = zeroed(a, ["x", "y", "z"])
     assert b is a
     got = {r: reg.get_sample_value("medge_things_total", {"reason": r}) for r in ("x", "y", "z")}
     assert got == {"x": 2, "y": 0, "z": 0}
+
+
+def test_components_on_one_registry_share_its_families_and_fresh_registries_get_their_own() -> None:
+    reg, other = CollectorRegistry(), CollectorRegistry()
+    log = logging.getLogger("tests.metrics")
+    a, b = ErrorBoundary("one", log, reg), ErrorBoundary("two", log, reg)  # registered once, shared
+    ErrorBoundary("one", log, other)
+    a.report(ValueError("x"))
+    b.report(ValueError("x"))
+    b.report(ValueError("x"))
+    assert reg.get_sample_value("medge_internal_errors_total", {"component": "one"}) == 1
+    assert reg.get_sample_value("medge_internal_errors_total", {"component": "two"}) == 2
+    assert other.get_sample_value("medge_internal_errors_total", {"component": "one"}) == 0
+    # a group is registered on first use only: an error boundary alone brings no DICOM families
+    assert reg.get_sample_value("medge_dicom_spool_instances") is None
+    assert metrics_for(reg).dicom is metrics_for(reg).dicom
+    assert reg.get_sample_value("medge_dicom_spool_instances") == 0
+    assert metrics_for(reg).dicom is not metrics_for(other).dicom
+
+
+#: what a CollectorRegistry keeps to itself (``_names_to_collectors``, ``_collector_to_names``, ...)
+_REGISTRY_PRIVATES = frozenset(n for n in dir(CollectorRegistry()) if n.startswith("_") and not n.startswith("__"))
+
+
+def _private_registry_uses(source: str, filename: str) -> list[str]:
+    """``file:line`` of each use of a CollectorRegistry's private attribute (``x._names_to_collectors``, ...).
+
+    ``_lock`` is a common name: it counts only on something named like a
+    registry (``registry._lock``, ``self._registry._lock``).
+    """
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Attribute):
+            name, owner = node.attr, node.value
+        elif (isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("getattr", "setattr", "hasattr")
+              and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)):
+            name, owner = str(node.args[1].value), node.args[0]
+        else:
+            continue
+        if name not in _REGISTRY_PRIVATES:
+            continue
+        owner_name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
+        if name != "_lock" or "registry" in owner_name.lower():
+            found.append(f"{filename}:{node.lineno}: {owner_name}.{name}")
+    return found
+
+
+def test_no_edge_module_reads_private_registry_attributes() -> None:
+    # the checker itself catches what get_or_create_metric used to do, and leaves other objects' privates alone
+    assert "_names_to_collectors" in _REGISTRY_PRIVATES
+    assert _private_registry_uses("m = registry._names_to_collectors.get(k)", "x.py") == [
+        "x.py:1: registry._names_to_collectors"]
+    assert _private_registry_uses("m = getattr(reg, '_collector_to_names')", "x.py") == [
+        "x.py:1: reg._collector_to_names"]
+    assert _private_registry_uses("m = self.registry._lock", "x.py") == ["x.py:1: registry._lock"]
+    assert _private_registry_uses("m = self._lock; n = models._items", "x.py") == []
+    root = Path(edge.__file__).parent
+    found: list[str] = []
+    for path in sorted(root.rglob("*.py")):
+        found += _private_registry_uses(path.read_text(encoding="utf-8"), str(path.relative_to(root.parent)))
+    assert found == []
+
+
+METRICS_HELP = Path(__file__).parent / "data" / "metrics_help.txt"
+
+
+def _help_snapshot(metrics_text: str) -> list[str]:
+    """The ``medge_*`` families of a scrape: HELP and TYPE lines, and each series without its value.
+
+    Histograms by their ``_count`` series (their buckets and ``_sum`` follow
+    it); ``_created`` mirrors ``_total``; ``medge_build_info``'s label values
+    are versions (masked); ``medge_gpu_*`` exists only where NVML does.
+    """
+    lines = {raw for raw in metrics_text.splitlines()
+             if raw.startswith(("# HELP medge_", "# TYPE medge_")) and not raw.split()[2].startswith("medge_gpu_")}
+    for fam in text_string_to_metric_families(metrics_text):
+        if not fam.name.startswith("medge_") or fam.name.startswith("medge_gpu_"):
+            continue
+        for sample in fam.samples:
+            if sample.name.endswith(("_bucket", "_created", "_sum")):
+                continue
+            labels = {k: "*" for k in sample.labels} if fam.name == "medge_build_info" else sample.labels
+            lines.add(sample.name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}")
+    return sorted(lines)
 
 
 def _zero_series(metrics_text: str) -> dict[str, dict[frozenset, float]]:
@@ -159,12 +249,28 @@ def _value(series: dict[str, dict[frozenset, float]], name: str, **labels: str) 
 
 
 @pytest.fixture(scope="module")
-def fresh_scrape(fixture_engines: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[frozenset, float]]:
+def fresh_exposition(fixture_engines: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """One scrape of a daemon that has seen no traffic: two models, ZeroMQ, DICOM with one destination."""
     with running_daemon(fixture_engines, tmp_path_factory.mktemp("fresh"), ["tiny-seg", "tiny-det"], dicom=True,
                         routes={"US": "tiny-seg"}, results_port=free_port()) as d:
         with urllib.request.urlopen(d.metrics_url, timeout=5) as resp:
-            return _zero_series(resp.read().decode())
+            return resp.read().decode()
+
+
+@pytest.fixture(scope="module")
+def fresh_scrape(fresh_exposition: str) -> dict[str, dict[frozenset, float]]:
+    """:func:`fresh_exposition` as ``{sample name: {labels: value}}``."""
+    return _zero_series(fresh_exposition)
+
+
+def test_names_types_help_and_series_at_start_are_the_ones_operators_saw(fresh_exposition: str) -> None:
+    # tests/edge/data/metrics_help.txt was scraped from the daemon before its metrics moved into
+    # edge/ops/metrics.py (commit a20ed96, same config as fresh_exposition): a changed help
+    # string, type, label or series created at 0 shows here as a diff
+    expected = METRICS_HELP.read_text(encoding="utf-8").splitlines()
+    got = _help_snapshot(fresh_exposition)
+    assert [x for x in expected if x not in got] == [] and [x for x in got if x not in expected] == []
+    assert len(expected) > 150 and "# HELP medge_outbox_pending Results waiting in the outbox, by destination." in got
 
 
 MODELS = ("tiny-seg", "tiny-det")

@@ -36,7 +36,8 @@ from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from edge.egress.dicom.results import ModelInfo, SourceResult, make_segmentation
+from edge.egress.dicom.common import ModelInfo, SourceResult
+from edge.egress.dicom.seg import make_segmentation
 from edge.tools.daemon_process import DaemonProcess, free_port, write_demo_config
 from edge.tools.dicom_scu import send_paths
 from tests.edge import dicom_factory as f

@@ -62,6 +62,7 @@ from pynetdicom.sop_class import (
 from edge.tools.daemon_process import free_port
 from edge.tools.zmq_client import encode_request
 from tests.conftest import peer_path
+from tests.conftest import wait_until as _poll  # the one deadline poll of the suite
 from tests.edge import dicom_factory as f
 
 STORESCP = peer_path("storescp")  # DCMTK's, never pynetdicom's same-named script in .venv/bin
@@ -250,15 +251,6 @@ def _get(url: str) -> tuple[int, str]:
             return r.status, r.read().decode("utf-8")
     except (urllib.error.URLError, OSError):
         return 0, ""
-
-
-def _poll(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    assert cond(), f"timed out waiting for {what}"
 
 
 @contextmanager

@@ -137,7 +137,7 @@ def test_send_daemon_dies_mid_run_keeps_partial_counts(capsys) -> None:
 
 
 def test_send_dicom_is_dispatched_to_the_scu(tmp_path: Path, capsys) -> None:
-    from edge.tools.bench_dicom import synthetic_instances
+    from edge.tools.synthetic_dicom import synthetic_instances
     from edge.tools.daemon_process import free_port
 
     path = tmp_path / "us.dcm"
@@ -194,7 +194,7 @@ def test_send_dicom_finds_the_scp_by_config_env_and_flag(tmp_path: Path, capsys,
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import UltrasoundImageStorage
 
-    from edge.tools.bench_dicom import synthetic_instances
+    from edge.tools.synthetic_dicom import synthetic_instances
     from edge.tools.daemon_process import free_port
 
     monkeypatch.delenv("MEDGE_DICOM__PORT", raising=False)

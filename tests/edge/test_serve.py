@@ -20,22 +20,11 @@ import pytest
 import zmq
 
 from edge.inference.manifest import default_engines_dir
+from edge.tools.daemon_process import free_port
 from tests.conftest import peer_path
 
 BUNDLED = ("us-lesion-seg", "xray-nodule-det")
 PROMTOOL = peer_path("promtool") or "promtool"
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _status(url: str) -> int:
@@ -52,7 +41,7 @@ class Served:
     """A ``medge serve`` subprocess with its ports."""
 
     def __init__(self, tmp_path: Path, env_extra: dict[str, str], config: Path | None = None) -> None:
-        zin, zpub, http, dicom = _free_ports(4)
+        zin, zpub, http, dicom = (free_port() for _ in range(4))
         self.ingest = f"tcp://127.0.0.1:{zin}"
         self.publish = f"tcp://127.0.0.1:{zpub}"
         self.http = f"http://127.0.0.1:{http}"

@@ -48,7 +48,7 @@ from hypothesis import strategies as st
 
 from edge.egress.zmq import ERROR_CODES, TOPIC_TERMINATOR, encode_error, encode_models, encode_result, topic
 from edge.errors import ProtocolError
-from edge.ingest.zmq import (
+from edge.ingest.zmq_protocol import (
     MAX_HEADER_DEPTH,
     OPS,
     Request,

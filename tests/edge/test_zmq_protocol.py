@@ -781,7 +781,7 @@ def test_failed_io_loop_is_unhealthy_and_close_is_bounded(monkeypatch: pytest.Mo
 def test_sockets_are_bounded_before_anything_is_allocated() -> None:
     """ROUTER: MAXMSGSIZE from max_frame_bytes, hwm both ways; PUB: publish_hwm and a fixed SNDBUF."""
     from edge.egress.zmq import PUBLISH_SNDBUF_BYTES
-    from edge.ingest.zmq import MAX_HEADER_BYTES
+    from edge.ingest.zmq_protocol import MAX_HEADER_BYTES
 
     service = _Immediate(InferenceResult(status="ok", model="m"))
     srv = _server(service, max_frame_bytes=1024, hwm=77, publish_hwm=5).start()

@@ -45,6 +45,65 @@ def test_fp16_keeps_float32_io_and_tracks_fp32(tmp_path: Path) -> None:
         assert b[k].dtype == np.float32
         np.testing.assert_allclose(a[k], b[k], atol=2e-2)
     assert fp16.stat().st_size < fp32.stat().st_size * 0.7
+    g = onnx.load(str(fp16)).graph
+    # What the backends feed and read: float32 at both ends, the dynamic batch axis kept.
+    assert [i.type.tensor_type.elem_type for i in g.input] == [onnx.TensorProto.FLOAT]
+    assert [o.type.tensor_type.elem_type for o in g.output] == [onnx.TensorProto.FLOAT] * 3
+    assert [o.name for o in g.output] == ["heatmap", "size", "offset"]
+    assert g.input[0].type.tensor_type.shape.dim[0].dim_param
+    assert {i.data_type for i in g.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)} \
+        == {onnx.TensorProto.FLOAT16}
+    assert any(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for v in g.value_info)  # value_info kept
+
+
+def _graph_with_weight(weight: np.ndarray, name: str = "g") -> onnx.GraphProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    return helper.make_graph(
+        [helper.make_node("Mul", ["x", "w"], ["y"])], name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [weight.size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [weight.size])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+
+
+def test_fp16_clamps_weights_to_the_float16_range_and_converts_subgraphs(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.array([1e6, -1e6, 1e-9, 0.0, 1.5], np.float32)  # 1e6 overflows float16 to inf
+    branch = _graph_with_weight(weight, "then")
+    other = _graph_with_weight(np.ones(5, np.float32), "else")
+    main = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)], "main",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5])],
+    )
+    src = tmp_path / "if.onnx"
+    onnx.save(helper.make_model(main, opset_imports=[helper.make_opsetid("", 18)]), str(src))
+    half = onnx.load(str(convert_fp16(src, tmp_path / "if.fp16.onnx")))
+    onnx.checker.check_model(half)
+    (if_node,) = [n for n in half.graph.node if n.op_type == "If"]
+    then = next(a.g for a in if_node.attribute if a.name == "then_branch")
+    (w,) = [i for i in then.initializer if i.name == "w"]
+    assert w.data_type == TensorProto.FLOAT16  # the subgraph's weight is converted too
+    got = numpy_helper.to_array(w)
+    assert np.isfinite(got).all()  # clamped to 1e4, not overflowed to inf
+    assert got[0] == np.float16(1e4) and got[1] == np.float16(-1e4) and got[3] == 0 and got[4] == np.float16(1.5)
+    assert got[2] > 0  # a tiny weight keeps its sign instead of flushing to zero
+    assert [o.type.tensor_type.elem_type for o in half.graph.output] == [TensorProto.FLOAT]
+
+
+def test_fp16_refuses_a_model_that_is_already_float16(tmp_path: Path) -> None:
+    from onnx import helper
+
+    fp32 = tmp_path / "m.onnx"
+    model = helper.make_model(_graph_with_weight(np.full(5, 2.0, np.float32)), opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, str(fp32))
+    fp16 = convert_fp16(fp32, tmp_path / "m.fp16.onnx")
+    with pytest.raises(ModelError, match="to float16"):
+        convert_fp16(fp16, tmp_path / "twice.onnx")
+    assert not (tmp_path / "twice.onnx").exists()
 
 
 def test_export_checkpoint_writes_verified_manifest(tmp_path: Path, seg_checkpoint: Path) -> None:

@@ -1,7 +1,12 @@
 """DICOM results: the objects the daemon writes and the outbox that delivers them.
 
-:mod:`~edge.egress.dicom.results` builds the result objects of a series
-(segmentation, structured report, overlays) with highdicom;
-:mod:`~edge.egress.dicom.outbox` keeps them durably until a destination
-(C-STORE SCU) has acknowledged each one, with retries and dead letters.
+One module per object, like highdicom: :mod:`~edge.egress.dicom.seg`
+(Segmentation), :mod:`~edge.egress.dicom.sr` (Comprehensive SR, TID 1500),
+:mod:`~edge.egress.dicom.sc` (Secondary Capture overlays), on
+:mod:`~edge.egress.dicom.common` (the cleaned source header, UIDs,
+equipment) and :mod:`~edge.egress.dicom.outlines` (mask outlines and overlay
+drawing); :mod:`~edge.egress.dicom.results` decides which objects a series
+gets. :mod:`~edge.egress.dicom.outbox` keeps them durably until a
+destination (C-STORE SCU) has acknowledged each one, with retries and dead
+letters.
 """

@@ -98,7 +98,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -108,9 +108,10 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
 from edge.errors import ConfigError
-from edge.ingest.dicom.spool import atomic_write, safe_name
+from edge.fileio import atomic_write, fsync_dir
+from edge.ingest.dicom.spool import SPOOL_FILE_MODE, safe_name
 from edge.ops.boundary import ErrorBoundary
-from edge.ops.metrics import dicom_store_to_result_histogram, get_or_create_metric
+from edge.ops.metrics import metrics_for
 
 __all__ = [
     "Destination",
@@ -339,15 +340,6 @@ class OutboxStatus:
     unsent: int
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make the renames and links in folder ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _dated(folder: Path) -> list[tuple[int, str, Path]]:
     """``(mtime_ns, name, path)`` of the ``*.dcm`` files in ``folder``, oldest first."""
     dated: list[tuple[int, str, Path]] = []
@@ -443,10 +435,10 @@ def requeue_unsent(root: Path | str, destinations: Sequence[str]) -> int:
             except FileExistsError:
                 pass  # already pending there (an earlier re-queue that was cut short)
             except OSError:  # a file system without hard links: a durable copy
-                atomic_write(target, [src.read_bytes()], tmp_dir=tmp_dir, sync_dir=False)
+                atomic_write(target, [src.read_bytes()], tmp_dir=tmp_dir, sync_dir=False, mode=SPOOL_FILE_MODE)
         moved.append(src)
     for t in targets[:-1]:
-        _fsync_dir(t)
+        fsync_dir(t)
     done = 0
     for src in moved:
         try:
@@ -454,8 +446,8 @@ def requeue_unsent(root: Path | str, destinations: Sequence[str]) -> int:
             done += 1
         except FileNotFoundError:
             continue
-    _fsync_dir(targets[-1])
-    _fsync_dir(unsent_dir)
+    fsync_dir(targets[-1])
+    fsync_dir(unsent_dir)
     return done
 
 
@@ -486,8 +478,8 @@ def requeue_dead_letters(root: Path | str, destination: str) -> int:
             continue
         moved.append(p)
     if moved:
-        _fsync_dir(pend)
-        _fsync_dir(dead_dir)
+        fsync_dir(pend)
+        fsync_dir(dead_dir)
     # Reasons of the moved objects, and any left without their object by an earlier cut-short call.
     for reason in dead_dir.glob("*.reason.txt") if dead_dir.is_dir() else ():
         if not reason.with_name(reason.name[: -len(".reason.txt")] + ".dcm").exists():
@@ -593,36 +585,14 @@ class Outbox:
         self._stored_bytes = self._scan_bytes()
         self._backlog = {d.name: _Backlog() for d in self.destinations}
         names = [d.name for d in self.destinations]  # label values that exist (at 0) from the start
-        self._pending = get_or_create_metric(
-            registry, Gauge, "medge_outbox_pending", "Result objects waiting to be sent, per destination.", ["destination"]
-        )
-        self._oldest_age = get_or_create_metric(
-            registry,
-            Gauge,
-            "medge_outbox_oldest_age_seconds",
-            "Age of the oldest result object waiting for a destination (since it was queued for it); 0 when none is.",
-            ["destination"],
-        )
-        self._sent = get_or_create_metric(
-            registry, Counter, "medge_outbox_sent_total", "Result objects a destination accepted.", ["destination"], zero=names
-        )
-        self._failures = get_or_create_metric(
-            registry,
-            Counter,
-            "medge_outbox_failures_total",
-            "Failed send attempts (unreachable peer, refused association, failure status).",
-            ["destination"],
-            zero=names,
-        )
-        self._dead = get_or_create_metric(
-            registry,
-            Counter,
-            "medge_outbox_dead_letter_total",
-            "Result objects moved to the dead-letter folder.",
-            ["destination"],
-            zero=names,
-        )
-        self._store_to_result = dicom_store_to_result_histogram(registry, names)
+        families = metrics_for(registry).outbox
+        families.declare_destinations(names)
+        self._pending = families.pending
+        self._oldest_age = families.oldest_age
+        self._sent = families.sent
+        self._failures = families.failures
+        self._dead = families.dead_letter
+        self._store_to_result = families.store_to_result
         # (destination, file name) -> when its earliest source was stored (time.time()); in memory only:
         # results still pending at a restart are delivered but not timed.
         self._stored_at: dict[tuple[str, str], float] = {}
@@ -777,7 +747,7 @@ class Outbox:
     def _write(self, path: Path, data: bytes, dest: Destination | None = None) -> None:
         with self._bytes_lock:
             old = self._size(path)
-            atomic_write(path, [data], tmp_dir=self.tmp_dir)
+            atomic_write(path, [data], tmp_dir=self.tmp_dir, mode=SPOOL_FILE_MODE)
             self._stored_bytes += len(data) - old
             if dest is not None and not old:  # a new object for dest (else the same one, rewritten)
                 backlog = self._backlog[dest.name]
@@ -985,13 +955,14 @@ class Outbox:
         except (FileNotFoundError, ValueError):
             times = []
         times = [t for t in times if now - t < self.policy.attempt_window_s] + [now]
-        atomic_write(ap, [json.dumps(times).encode("utf-8")], tmp_dir=self.tmp_dir)
+        atomic_write(ap, [json.dumps(times).encode("utf-8")], tmp_dir=self.tmp_dir, mode=SPOOL_FILE_MODE)
         return len(times) >= self.policy.max_attempts
 
     def _dead_letter(self, dest: Destination, path: Path, reason: str) -> None:
         target_dir = self.dead_root / dest.name
         target_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(target_dir / f"{path.stem}.reason.txt", [f"{reason}\n".encode("utf-8")], tmp_dir=self.tmp_dir)
+        atomic_write(target_dir / f"{path.stem}.reason.txt", [f"{reason}\n".encode("utf-8")],
+                     tmp_dir=self.tmp_dir, mode=SPOOL_FILE_MODE)
         target = target_dir / path.name
         with self._bytes_lock:
             replaced = self._size(target)  # an earlier dead letter of the same object

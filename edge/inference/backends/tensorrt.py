@@ -38,7 +38,6 @@ import ctypes
 import hashlib
 import json
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from edge.errors import BackendUnavailableError, EngineBuildError, ModelError
+from edge.fileio import atomic_write, atomic_write_text
 
 __all__ = [
     "TensorRTBackend",
@@ -162,16 +162,6 @@ def engine_cache_path(cache_dir: Path | str, model_name: str, key: EngineKey) ->
     """Where the plan for ``key`` lives: ``<cache_dir>/<model>-<precision>-sm<cc>-<digest16>.plan``."""
     cc = f"{key.compute_capability[0]}{key.compute_capability[1]}"
     return Path(cache_dir) / f"{model_name}-{key.precision}-sm{cc}-{key.digest()[:16]}.plan"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- build
@@ -393,10 +383,11 @@ class TensorRTBackend:
             max_batch=self.max_batch,
             compute_capability=self.key.compute_capability,
         )
-        _atomic_write(self.plan_path, plan)
-        _atomic_write(
+        self.plan_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.plan_path, plan)
+        atomic_write_text(
             self.plan_path.with_suffix(".json"),
-            json.dumps({**self.key.__dict__, "digest": self.key.digest()}, indent=2).encode("utf-8"),
+            json.dumps({**self.key.__dict__, "digest": self.key.digest()}, indent=2),
         )
         return plan
 

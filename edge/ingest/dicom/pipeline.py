@@ -77,7 +77,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
@@ -86,15 +86,17 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
+from edge.egress.dicom.common import ModelInfo, SourceResult
 from edge.egress.dicom.outbox import Outbox
-from edge.egress.dicom.results import ModelInfo, SourceResult, build_results, make_overlay
+from edge.egress.dicom.results import build_results
+from edge.egress.dicom.sc import make_overlay
 from edge.errors import DataError, MedgeError, ProtocolError
 from edge.ingest.dicom.pixels import FrameGeometryError, decode_frame, frame_to_array, number_of_frames
 from edge.ingest.dicom.routing import PendingSeries, Router, SeriesAssembler, SeriesKey
 from edge.ingest.dicom.scan import InstanceInfo, ScanLimits, SizeLimitError, scan_and_inflate, split_part10
 from edge.ingest.dicom.spool import InstanceResult, Spool, SpoolError
 from edge.ops.boundary import ErrorBoundary, LogThrottle
-from edge.ops.metrics import get_or_create_metric
+from edge.ops.metrics import metrics_for, zeroed
 from edge.types import InferenceService
 
 __all__ = [
@@ -318,7 +320,7 @@ class DicomPipeline:
         finishing is quarantined at start-up (``[dicom] max_attempts``).
     device_serial_number : str, optional
         Written into every result (``[dicom] device_serial_number``; empty:
-        derived from the machine id by :mod:`edge.egress.dicom.results`).
+        derived from the machine id by :func:`edge.egress.dicom.common.default_device_serial`).
     """
 
     def __init__(
@@ -354,30 +356,11 @@ class DicomPipeline:
         self._stop = threading.Event()
         self._n_workers = max(1, workers)
         self._threads: list[threading.Thread] = []
-        self._failures = get_or_create_metric(
-            registry,
-            Counter,
-            "medge_dicom_processing_failures_total",
-            "Accepted DICOM instances that could not be processed (moved to the spool's failed/ folder).",
-            ["reason"],
-            zero=FAILURE_REASONS,
-        )
-        self._results = get_or_create_metric(
-            registry, Counter, "medge_dicom_results_total", "DICOM result objects written to the outbox.", ["kind"],
-            zero=("SEG", "SR", "OT"),
-        )
-        self._retries = get_or_create_metric(
-            registry,
-            Counter,
-            "medge_dicom_transient_retries_total",
-            "Times DICOM processing met a transient error (service overloaded, full or failing disk) and will "
-            "try again; nothing is failed for these.",
-            ["stage"],
-            zero=RETRY_STAGES,
-        )
-        self._backlog = get_or_create_metric(
-            registry, Gauge, "medge_dicom_spool_instances", "Spooled DICOM instances without a result in the outbox."
-        )
+        families = metrics_for(registry).dicom
+        self._failures = zeroed(families.processing_failures, FAILURE_REASONS)
+        self._results = zeroed(families.results, ("SEG", "SR", "OT"))
+        self._retries = zeroed(families.transient_retries, RETRY_STAGES)
+        self._backlog = families.spool_instances
         self._worker_boundary = ErrorBoundary("dicom_pipeline", _log, registry)
         self._finaliser_boundary = ErrorBoundary("dicom_finaliser", _log, registry)
         self._throttle = LogThrottle(_log)

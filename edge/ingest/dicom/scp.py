@@ -75,7 +75,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -96,14 +96,15 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from edge.egress.dicom.outbox import Outbox
-from edge.egress.dicom.results import ModelInfo
+from edge.egress.dicom.common import ModelInfo
 from edge.errors import DataError, MedgeError
 from edge.ingest.dicom.pipeline import DicomPipeline, WorkItem, encode_file_meta
 from edge.ingest.dicom.routing import Router
 from edge.ingest.dicom.scan import ScanLimits, SizeLimitError, scan_encoded
 from edge.ingest.dicom.spool import Spool, SpoolError, SpoolFullError
 from edge.ops.boundary import ErrorBoundary, LogThrottle
-from edge.ops.metrics import get_or_create_metric
+from edge.ops.connections import EVICTED, TIMEOUT, Connection, ConnectionTable, shutdown_socket
+from edge.ops.metrics import metrics_for, zeroed
 from edge.types import InferenceService
 
 __all__ = [
@@ -285,28 +286,39 @@ class Admission:
     on_aborted: Any = None
 
 
-class _Pending:
+class _Pending(Connection):
     """A connection admitted but not yet associated.
 
     ``reaped``: shut down at its deadline; ``evicted``: shut down to make
     room for a newer connection; ``associated``: its A-ASSOCIATE-RQ is in,
-    the association owns the socket now (never reaped or evicted).
+    the association owns the socket now (no deadline: never reaped or evicted).
     """
 
-    __slots__ = ("sock", "ip", "deadline", "reaped", "evicted", "associated")
+    __slots__ = ("associated",)
 
     def __init__(self, sock: socket.socket, ip: str, deadline: float) -> None:
-        self.sock = sock
-        self.ip = ip
-        self.deadline = deadline
-        self.reaped = False
-        self.evicted = False
+        super().__init__(sock, ip, now=time.monotonic(), deadline=deadline)
         self.associated = False
+
+    @property
+    def ip(self) -> str:
+        """The peer's address."""
+        return self.peer
+
+    @property
+    def reaped(self) -> bool:
+        """Shut down at its deadline."""
+        return self.ended == TIMEOUT
+
+    @property
+    def evicted(self) -> bool:
+        """Shut down to make room for a newer connection."""
+        return self.ended == EVICTED
 
     @property
     def live(self) -> bool:
         """Still waiting for its handshake or A-ASSOCIATE-RQ (neither shut down nor associated)."""
-        return not (self.reaped or self.evicted or self.associated)
+        return self.ended is None and not self.associated
 
 
 class _PrefixedAssociationSocket(AssociationSocket):
@@ -401,10 +413,7 @@ class _PrefixedAssociationSocket(AssociationSocket):
 
 def _close(sock: socket.socket) -> None:
     """Close without a TLS close-notify exchange (the peer may be the one stalling)."""
-    try:
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:
-        pass
+    shutdown_socket(sock)
     try:
         sock.close()
     except OSError:
@@ -514,8 +523,7 @@ class AdmittingServer(ThreadedAssociationServer):
 
     def __init__(self, *args: Any, admission: Admission, **kwargs: Any) -> None:
         self.admission = admission
-        self._lock = threading.Lock()
-        self._pending: dict[int, _Pending] = {}
+        self._table: ConnectionTable[_Pending] = ConnectionTable()  # oldest first
         self.last_turn = time.monotonic()  # heartbeat of the accept loop (service_actions), for healthy()
         super().__init__(*args, **kwargs)
         if self.ssl_context is not None:
@@ -529,32 +537,25 @@ class AdmittingServer(ThreadedAssociationServer):
         """
         ip = str(client_address[0])
         a = self.admission
-        evicted: socket.socket | None = None
         try:  # pynetdicom never sets it: each small C-STORE response would wait for Nagle (~40 ms)
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        with self._lock:
+        with self._table.lock:
             # An entry that just associated may be counted twice for a moment (here and as an
             # association): on the safe side. Entries shut down are on their way out: not counted.
-            from_peer = sum(1 for e in self._pending.values() if e.ip == ip and not (e.reaped or e.evicted)) + sum(
+            from_peer = sum(1 for e in self._table if e.ip == ip and not (e.reaped or e.evicted)) + sum(
                 1 for assoc in self.active_associations if assoc.requestor.address == ip
             )
             admitted = from_peer < a.max_per_peer
             if admitted:
-                live = [e for e in self._pending.values() if e.live]  # insertion order: oldest first
-                if live and len(live) >= a.max_pending:
+                if sum(1 for e in self._table if e.live) >= a.max_pending:
                     # Full: the oldest waiter goes (it has had the longest to send its A-ASSOCIATE-RQ; a
                     # modality sends it within milliseconds), so idle sockets cannot lock a modality out.
-                    live[0].evicted = True
-                    evicted = live[0].sock  # under the lock: the TLS handshake may swap it
-                self._pending[id(request)] = _Pending(request, ip, time.monotonic() + a.connect_timeout_s)
-        if evicted is not None:
-            # Wakes the evicted connection's thread wherever it waits; that thread closes it and counts it.
-            try:
-                socket.socket.shutdown(evicted, socket.SHUT_RDWR)
-            except OSError:
-                pass
+                    # Its socket is shut down, which wakes its thread wherever it waits; that thread
+                    # closes it and counts it.
+                    self._table.evict_oldest(lambda e: not e.associated)
+                self._table.add(_Pending(request, ip, time.monotonic() + a.connect_timeout_s))
         if admitted:
             return True
         a.on_refused(
@@ -576,17 +577,8 @@ class AdmittingServer(ThreadedAssociationServer):
         """pynetdicom's housekeeping, then shut down pending connections past their deadline."""
         super().service_actions()
         self.last_turn = time.monotonic()
-        now = time.monotonic()
-        with self._lock:
-            late = [e for e in self._pending.values() if e.deadline <= now and e.live]
-            for e in late:
-                e.reaped = True
-        for e in late:
-            # Wakes the connection's thread wherever it waits (handshake included); it closes and counts.
-            try:
-                socket.socket.shutdown(e.sock, socket.SHUT_RDWR)
-            except OSError:
-                pass
+        # Wakes each late connection's thread wherever it waits (handshake included); it closes and counts.
+        self._table.expire_due(time.monotonic())
 
     def shutdown(self) -> None:
         """Stop accepting, close the listening socket and every pending connection."""
@@ -594,34 +586,22 @@ class AdmittingServer(ThreadedAssociationServer):
         # where only AE.start_server registers it.
         socketserver.BaseServer.shutdown(self)
         self.server_close()
-        with self._lock:
-            pending = list(self._pending.values())
-        for e in pending:
-            try:
-                socket.socket.shutdown(e.sock, socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self._table.shutdown_all()
 
     @property
     def pending_count(self) -> int:
         """Connections admitted and still waiting for their handshake or A-ASSOCIATE-RQ."""
-        with self._lock:
-            return sum(1 for e in self._pending.values() if e.live)
+        return sum(1 for e in self._table if e.live)
 
     # ---- connection threads
     def pending_entry(self, request: Any) -> _Pending | None:
         """The pending record of ``request`` (the socket as accepted)."""
-        with self._lock:
-            return self._pending.get(id(request))
+        return self._table.get(request)
 
     def release(self, entry: _Pending | None) -> None:
         """The connection associated or was closed: it is no longer pending."""
-        if entry is None:
-            return
-        with self._lock:
-            for k, v in list(self._pending.items()):
-                if v is entry:
-                    del self._pending[k]
+        if entry is not None:
+            self._table.remove(entry)
 
     def admit(self, entry: _Pending) -> tuple[socket.socket, bytes]:
         """TLS handshake (if configured) and the whole A-ASSOCIATE-RQ PDU before the entry's deadline.
@@ -636,8 +616,7 @@ class AdmittingServer(ThreadedAssociationServer):
                 wrapped = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             except (OSError, ValueError) as exc:
                 raise _Refused("closed", f"the connection failed before the TLS handshake ({type(exc).__name__})") from None
-            with self._lock:
-                entry.sock = wrapped  # the accept loop must shut down this one now (the plain one is detached)
+            self._table.swap(entry, wrapped)  # the accept loop must shut down this one now (the plain one is detached)
             sock = wrapped
             try:
                 wrapped.do_handshake()
@@ -656,10 +635,11 @@ class AdmittingServer(ThreadedAssociationServer):
         if length > MAX_ASSOCIATE_RQ_BYTES:
             raise _Refused("protocol", f"its A-ASSOCIATE-RQ of {length} bytes is over {MAX_ASSOCIATE_RQ_BYTES}")
         body = _recv_exact(sock, length, deadline)
-        with self._lock:
+        with self._table.lock:
             if entry.evicted or entry.reaped:  # shut down meanwhile: the socket is no use any more
                 raise _Refused("timeout" if entry.reaped else "closed", "closed while its A-ASSOCIATE-RQ arrived")
             entry.associated = True  # from here the association owns the socket: never reaped or evicted
+            entry.deadline = None
         # pynetdicom reads only when the socket is readable; every read and send is bounded
         # (_PrefixedAssociationSocket sets a deadline per PDU; this bounds sends).
         sock.settimeout(self.admission.pdu_timeout_s)
@@ -747,44 +727,12 @@ class DicomIngest:
         self.limits = ScanLimits.from_config(dcfg)
         self._boundary = ErrorBoundary("dicom_scp", _log, registry)
         self._throttle = LogThrottle(_log)
-        self._connections_refused = get_or_create_metric(
-            registry,
-            Counter,
-            "medge_dicom_connections_refused_total",
-            "DICOM connections closed before they associated (admission limits, timeouts, TLS), by reason.",
-            ["reason"],
-            zero=CONNECTION_REFUSAL_REASONS,
-        )
-        self._associations_aborted = get_or_create_metric(
-            registry,
-            Counter,
-            "medge_dicom_associations_aborted_total",
-            "DICOM associations the SCP ended because of a PDU (not whole within the network timeout, or too long), by reason.",
-            ["reason"],
-            zero=ASSOCIATION_ABORT_REASONS,
-        )
-        self._received = get_or_create_metric(
-            registry,
-            Counter,
-            "medge_dicom_instances_received_total",
-            "DICOM instances stored durably and answered success, by calling AE title (allow-listed names, else other).",
-            ["calling_ae"],
-            zero=(*self.allowed, "other"),
-        )
-        self._refused = get_or_create_metric(
-            registry,
-            Counter,
-            "medge_dicom_store_failures_total",
-            "C-STORE requests answered with a failure status, by status.",
-            ["status"],
-        )
-        self._unrouted = get_or_create_metric(
-            registry,
-            Counter,
-            "medge_dicom_unrouted_total",
-            "Instances no routing rule matched, by SOP class UID and action.",
-            ["sop_class_uid", "action"],
-        )
+        families = metrics_for(registry).dicom
+        self._connections_refused = zeroed(families.connections_refused, CONNECTION_REFUSAL_REASONS)
+        self._associations_aborted = zeroed(families.associations_aborted, ASSOCIATION_ABORT_REASONS)
+        self._received = zeroed(families.instances_received, (*self.allowed, "other"))
+        self._refused = families.store_failures
+        self._unrouted = families.unrouted
         self.outbox: Outbox | None = None
         self.pipeline: DicomPipeline | None = None
         if service is not None:

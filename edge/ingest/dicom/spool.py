@@ -29,8 +29,8 @@ separate database to get out of step with the files:
     Partially written files; anything here at start-up is garbage from a
     crash and is removed.
 
-Every write is atomic and durable: temp file in the same file system,
-``fsync``, ``os.replace``, ``fsync`` of the folder.
+Every write is atomic and durable (:mod:`edge.fileio`): temp file in the same
+file system, ``fsync``, ``os.replace``, ``fsync`` of the folder.
 
 Examples
 --------
@@ -58,12 +58,14 @@ from typing import Any, Callable, Iterable, Sequence, cast
 import numpy as np
 
 from edge.errors import MedgeError
+from edge.fileio import atomic_write, fsync_dir
 
-__all__ = ["SpoolError", "SpoolFullError", "Spool", "InstanceResult", "atomic_write", "safe_name"]
+__all__ = ["SpoolError", "SpoolFullError", "Spool", "InstanceResult", "SPOOL_FILE_MODE", "safe_name"]
 
 _log = logging.getLogger(__name__)
 
 _UID_RE = re.compile(r"^[0-9.]{1,64}$")
+SPOOL_FILE_MODE = 0o640  # rw-r----- less the umask, for every file in the spool and its outbox (patient data)
 
 
 class SpoolError(MedgeError):
@@ -80,47 +82,6 @@ def safe_name(uid: str) -> str:
     if _UID_RE.match(uid) and not uid.startswith("."):
         return uid
     return "x" + hashlib.sha256(uid.encode("utf-8", "replace")).hexdigest()[:40]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, chunks: Iterable[bytes], tmp_dir: Path | None = None, sync_dir: bool = True) -> int:
-    """Write ``chunks`` to ``path`` atomically and durably; returns the bytes written.
-
-    The data goes to a temp file (in ``tmp_dir`` or beside ``path``; it must be
-    on the same file system), is fsync'ed, renamed over ``path``, and the
-    folder is fsync'ed so the rename itself survives a power cut.
-    """
-    tmp_root = tmp_dir if tmp_dir is not None else path.parent
-    tmp = tmp_root / f".{path.name}.{threading.get_ident()}.tmp"
-    size = 0
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-                size += n
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    if sync_dir:
-        _fsync_dir(path.parent)
-    return size
 
 
 @dataclass
@@ -258,7 +219,7 @@ class Spool:
             self._used_bytes += size
         try:
             old = path.stat().st_size if path.exists() else 0
-            atomic_write(path, chunks, tmp_dir=self.tmp_dir)
+            atomic_write(path, chunks, tmp_dir=self.tmp_dir, mode=SPOOL_FILE_MODE)
         except OSError as exc:
             with self._lock:
                 self._used_bytes -= size
@@ -291,17 +252,18 @@ class Spool:
                     q.unlink()
                 except FileNotFoundError:
                     pass
-        _fsync_dir(self.instances_dir)
+        fsync_dir(self.instances_dir)
 
     def quarantine(self, path: Path, reason: str) -> Path:
         """Move an instance that cannot be processed to ``failed/`` with the reason beside it."""
         dst = self.failed_dir / path.name
-        atomic_write(self.failed_dir / f"{path.stem}.reason.txt", [reason.encode("utf-8") + b"\n"])
+        atomic_write(self.failed_dir / f"{path.stem}.reason.txt", [reason.encode("utf-8") + b"\n"],
+                     mode=SPOOL_FILE_MODE)
         try:
             size = path.stat().st_size
             shutil.move(str(path), dst)
-            _fsync_dir(self.failed_dir)
-            _fsync_dir(self.instances_dir)
+            fsync_dir(self.failed_dir)
+            fsync_dir(self.instances_dir)
         except FileNotFoundError:
             size = 0
         with self._lock:
@@ -336,7 +298,8 @@ class Spool:
     def begin_attempt(self, instance_path: Path) -> int:
         """Count one more processing attempt, durably (fsync), before it starts; returns the new count."""
         n = self.attempts(instance_path) + 1
-        atomic_write(self.attempts_path(instance_path), [str(n).encode("ascii") + b"\n"], tmp_dir=self.tmp_dir)
+        atomic_write(self.attempts_path(instance_path), [str(n).encode("ascii") + b"\n"],
+                     tmp_dir=self.tmp_dir, mode=SPOOL_FILE_MODE)
         return n
 
     def undo_attempt(self, instance_path: Path) -> None:
@@ -345,7 +308,8 @@ class Spool:
         if n <= 0:
             self.clear_attempts(instance_path)
         else:
-            atomic_write(self.attempts_path(instance_path), [str(n).encode("ascii") + b"\n"], tmp_dir=self.tmp_dir)
+            atomic_write(self.attempts_path(instance_path), [str(n).encode("ascii") + b"\n"],
+                         tmp_dir=self.tmp_dir, mode=SPOOL_FILE_MODE)
 
     def clear_attempts(self, instance_path: Path) -> None:
         """Processing finished (its result is saved): forget the attempts."""
@@ -353,7 +317,7 @@ class Spool:
             self.attempts_path(instance_path).unlink()
         except FileNotFoundError:
             return
-        _fsync_dir(self.instances_dir)
+        fsync_dir(self.instances_dir)
 
     # ------------------------------------------------------------ per-instance results
     def result_path(self, instance_path: Path) -> Path:
@@ -383,7 +347,7 @@ class Spool:
             arrays["display"] = display
         cast(Any, np.savez_compressed)(buf, **arrays)
         out = self.result_path(instance_path)
-        atomic_write(out, [buf.getvalue()], tmp_dir=self.tmp_dir)
+        atomic_write(out, [buf.getvalue()], tmp_dir=self.tmp_dir, mode=SPOOL_FILE_MODE)
         return out
 
     def load_result(self, instance_path: Path) -> InstanceResult | None:
