@@ -75,6 +75,8 @@ __all__ = [
     "DicomDestination",
     "DicomConfig",
     "OutboxConfig",
+    "SPOOL_SOURCES",
+    "load_config_and_spool_source",
     "MedgeConfig",
     "load_config",
     "default_config",
@@ -548,8 +550,12 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
                 table, cls = sub, tp
 
 
-def _settle_spool_dir(data: dict[str, Any], file_spool: Any, env: Mapping[str, str], path: Any) -> None:
-    """Choose ``spool_dir`` and say where it came from (the spool must never move silently).
+#: Where ``spool_dir`` came from (:func:`load_config_and_spool_source`).
+SPOOL_SOURCES = ("env", "file", "state_directory", "default")
+
+
+def _settle_spool_dir(data: dict[str, Any], file_spool: Any, env: Mapping[str, str], path: Any) -> str:
+    """Choose ``spool_dir``, say where it came from (the spool must never move silently), return that source.
 
     Precedence: ``MEDGE_SPOOL_DIR`` (explicit; already merged by
     :func:`_apply_env`), then ``spool_dir`` in the file, then
@@ -568,12 +574,16 @@ def _settle_spool_dir(data: dict[str, Any], file_spool: Any, env: Mapping[str, s
             )
         else:
             _log.debug("Spool folder %s (from environment variable %sSPOOL_DIR).", data.get("spool_dir"), ENV_PREFIX)
-    elif file_spool is not None:
+        return "env"
+    if file_spool is not None:
         _log.debug("Spool folder %s (from spool_dir in %s).", file_spool, where)
-    elif env.get("STATE_DIRECTORY"):
+        return "file"
+    if env.get("STATE_DIRECTORY"):
         # systemd sets it (colon-separated when the unit lists several); the first is the spool.
         data["spool_dir"] = env["STATE_DIRECTORY"].split(":")[0]
         _log.debug("Spool folder %s (from $STATE_DIRECTORY, systemd's StateDirectory=).", data["spool_dir"])
+        return "state_directory"
+    return "default"
 
 
 # --------------------------------------------------------------------------- file-relative paths
@@ -875,7 +885,21 @@ def load_config(
     env: Mapping[str, str] | None = None,
     check_models: bool = True,
 ) -> MedgeConfig:
-    """Read, override and validate the configuration.
+    """Read, override and validate the configuration (see :func:`load_config_and_spool_source`)."""
+    return load_config_and_spool_source(path, env, check_models)[0]
+
+
+def load_config_and_spool_source(
+    path: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    check_models: bool = True,
+) -> tuple[MedgeConfig, str]:
+    """Read, override and validate the configuration; also say where ``spool_dir`` came from.
+
+    The source is one of :data:`SPOOL_SOURCES` (``MEDGE_SPOOL_DIR``, the
+    file, systemd's ``$STATE_DIRECTORY``, or the ``.medge`` default): a tool
+    that works on the daemon's spool from an operator's shell needs to know
+    whether the configuration named it at all.
 
     Parameters
     ----------
@@ -890,8 +914,8 @@ def load_config(
 
     Returns
     -------
-    MedgeConfig
-        Frozen; ``models`` and ``dicom.routes`` filled in.
+    (MedgeConfig, str)
+        Frozen; ``models`` and ``dicom.routes`` filled in. And the spool's source.
 
     Raises
     ------
@@ -912,9 +936,9 @@ def load_config(
     environ = os.environ if env is None else env
     file_spool = data.get("spool_dir")
     _apply_env(data, environ)
-    _settle_spool_dir(data, file_spool, environ, path)
+    source = _settle_spool_dir(data, file_spool, environ, path)
     cfg = _build(MedgeConfig, data, "")
-    return _validate(cfg, check_models)
+    return _validate(cfg, check_models), source
 
 
 def default_config(check_models: bool = True) -> MedgeConfig:

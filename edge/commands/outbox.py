@@ -36,10 +36,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tomllib
 from pathlib import Path
 
-from edge.config import MedgeConfig, load_config
+from edge.config import MedgeConfig, load_config_and_spool_source
 from edge.egress.dicom.outbox import outbox_status, requeue_dead_letters, requeue_unsent
 from edge.errors import ConfigError, MedgeError
 
@@ -80,26 +79,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _file_names_spool(config_path: Path) -> bool:
-    try:
-        with open(config_path, "rb") as fh:
-            return "spool_dir" in tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError):
-        return True  # load_config has read it already; let it speak for itself
-
-
-def _outbox_root(cfg: MedgeConfig, args: argparse.Namespace) -> Path:
+def _outbox_root(cfg: MedgeConfig, spool_source: str, args: argparse.Namespace) -> Path:
     config_path: Path | None = args.config
     if args.spool_dir is not None:
         spool = Path(args.spool_dir)
     else:
-        named = (
-            "MEDGE_SPOOL_DIR" in os.environ
-            or bool(os.environ.get("STATE_DIRECTORY"))
-            or config_path is None
-            or _file_names_spool(config_path)
-        )
-        if not named:
+        if config_path is not None and spool_source == "default":  # the file's unit gives it: StateDirectory=
             raise MedgeError(
                 f"{config_path} names no spool_dir, and neither MEDGE_SPOOL_DIR nor $STATE_DIRECTORY is set: the "
                 "daemon's spool then comes from its systemd unit (StateDirectory=). Pass it: --spool-dir "
@@ -144,8 +129,8 @@ def _age(seconds: float) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
-def _status(cfg: MedgeConfig, args: argparse.Namespace) -> int:
-    root = _outbox_root(cfg, args)
+def _status(cfg: MedgeConfig, spool_source: str, args: argparse.Namespace) -> int:
+    root = _outbox_root(cfg, spool_source, args)
     st = outbox_status(root, [d.name for d in cfg.dicom.destinations])
     if args.json:
         print(
@@ -175,7 +160,7 @@ def _status(cfg: MedgeConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _requeue(cfg: MedgeConfig, args: argparse.Namespace) -> int:
+def _requeue(cfg: MedgeConfig, spool_source: str, args: argparse.Namespace) -> int:
     names = [d.name for d in cfg.dicom.destinations]
     where = str(args.config) if args.config else "the defaults (no --config)"
     if args.destination is not None and args.destination not in names:
@@ -189,7 +174,7 @@ def _requeue(cfg: MedgeConfig, args: argparse.Namespace) -> int:
             "Add one, then run this again (or restart the daemon, which re-queues unsent results itself)."
         )
     targets = [args.destination] if args.destination is not None else names
-    root = _outbox_root(cfg, args)
+    root = _outbox_root(cfg, spool_source, args)
     _check_owner(root)
     try:
         unsent = requeue_unsent(root, targets)
@@ -215,7 +200,7 @@ def _requeue(cfg: MedgeConfig, args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``status`` or ``requeue``; see the module doc."""
-    cfg = load_config(args.config, check_models=False)
+    cfg, spool_source = load_config_and_spool_source(args.config, check_models=False)
     if args.outbox_command == "status":
-        return _status(cfg, args)
-    return _requeue(cfg, args)
+        return _status(cfg, spool_source, args)
+    return _requeue(cfg, spool_source, args)
