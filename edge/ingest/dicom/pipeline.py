@@ -107,6 +107,7 @@ __all__ = [
     "FAILURE_REASONS",
     "RETRY_STAGES",
     "encode_file_meta",
+    "part10_chunks",
     "instance_info_from_file",
     "read_spooled",
 ]
@@ -136,6 +137,11 @@ def encode_file_meta(file_meta: Dataset) -> bytes:
     return buf.getvalue()
 
 
+def part10_chunks(file_meta: Dataset, data: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview]:
+    """A DICOM Part 10 file as chunks: preamble and ``DICM``, the encoded ``file_meta``, the data set's bytes."""
+    return [_PREAMBLE, encode_file_meta(file_meta), data]
+
+
 def read_spooled(path: Path, limits: ScanLimits | None = None, stop_before_pixels: bool = False) -> Dataset:
     """Read a spooled instance with pydicom, only after it passed the bounded scan.
 
@@ -163,7 +169,7 @@ def read_spooled(path: Path, limits: ScanLimits | None = None, stop_before_pixel
         return dcmread(io.BytesIO(raw), stop_before_pixels=stop_before_pixels)
     meta = FileMetaDataset(read_dataset(io.BytesIO(raw[132:offset]), is_implicit_VR=False, is_little_endian=True))
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    encoded = b"".join([_PREAMBLE, encode_file_meta(meta), data])
+    encoded = b"".join(part10_chunks(meta, data))
     del raw, data
     return dcmread(io.BytesIO(encoded), stop_before_pixels=stop_before_pixels)
 

@@ -98,7 +98,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from edge.egress.dicom.outbox import Outbox
 from edge.egress.dicom.common import ModelInfo
 from edge.errors import DataError, MedgeError
-from edge.ingest.dicom.pipeline import DicomPipeline, WorkItem, encode_file_meta
+from edge.ingest.dicom.pipeline import DicomPipeline, WorkItem, part10_chunks
 from edge.ingest.dicom.routing import Router
 from edge.ingest.dicom.scan import ScanLimits, SizeLimitError, scan_encoded
 from edge.ingest.dicom.spool import Spool, SpoolError, SpoolFullError
@@ -210,7 +210,6 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_INTERNAL = 0xC211
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 
-_PREAMBLE = b"\x00" * 128 + b"DICM"
 _MAX_COMMENT = 64  # Error Comment (0000,0902) is LO
 
 
@@ -959,7 +958,7 @@ class DicomIngest:
             self._refused.labels(status=f"0x{STATUS_CANNOT_UNDERSTAND:04X}").inc()
             return _status(STATUS_CANNOT_UNDERSTAND, "Routed instance holds no Pixel Data")
         try:
-            path = self.spool.store_instance(info.sop_instance_uid, [_PREAMBLE, encode_file_meta(event.file_meta), data])
+            path = self.spool.store_instance(info.sop_instance_uid, part10_chunks(event.file_meta, data))
         except SpoolFullError as exc:
             _log.error("Spool full, answering out of resources: %s", exc)
             self._refused.labels(status=f"0x{STATUS_OUT_OF_RESOURCES:04X}").inc()
