@@ -1,7 +1,7 @@
 """Accepted connections with deadlines: the one table both of the daemon's TCP servers keep.
 
 The HTTP server (:mod:`edge.ops.health`) and the DICOM SCP's admission
-(:mod:`edge.ingest.dicom.scp`) each serve a connection on its own thread,
+(:mod:`edge.ingest.dicom.admission`) each serve a connection on its own thread,
 and a peer that connects and then stalls must not hold a thread, a slot or
 a file descriptor past its deadline. Both keep a :class:`ConnectionTable`:
 
