@@ -7,7 +7,10 @@ model; start the scheduler; bind the ZeroMQ sockets; start the DICOM SCP
 (``[dicom] enabled``); then ``/readyz`` answers 200.
 
 Under systemd (``Type=notify``) it sends ``READY=1`` once ready and
-``STOPPING=1`` when it starts shutting down. With ``WatchdogSec=`` in the
+``STOPPING=1`` when it starts shutting down (:mod:`edge.ops.systemd`);
+while a TensorRT engine is built or awaited during start-up, the engine
+cache's heartbeat sends ``EXTEND_TIMEOUT_USEC`` so ``TimeoutStartSec=``
+does not kill a first build (:func:`edge.ops.systemd.build_progress`). With ``WatchdogSec=`` in the
 unit (``$WATCHDOG_USEC``), a :class:`Watchdog` thread sends ``WATCHDOG=1``
 every half of that period, but only while every serving loop makes progress
 (:meth:`Daemon.problems`); a dead or wedged loop stops the pings and systemd
@@ -48,7 +51,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import socket
 import threading
 import time
 from typing import Any
@@ -64,6 +66,7 @@ from edge.ops.boundary import LogThrottle
 from edge.ops.curve import CurveServer
 from edge.ops.health import HealthServer
 from edge.ops.metrics import MODEL_FAILURE_CODES, Metrics, metrics_for
+from edge.ops.systemd import sd_notify  # re-exported: medge serve and the tests import it from here
 from edge.scheduler import Scheduler
 
 __all__ = [
@@ -266,7 +269,8 @@ class Daemon:
             self.models = ModelRegistry.from_config(cfg, warmup=True)
             for m in self.models:
                 self.metrics.model_info.labels(
-                    model=m.name, version=m.version, backend=m.backend_label, precision=m.precision
+                    model=m.name, version=m.version, backend=m.backend_label, precision=m.precision,
+                    fallback=",".join(m.failed_steps),
                 ).set(1)
                 self.metrics.queue_depth.labels(model=m.name).set(0)
             self.scheduler = Scheduler(
@@ -347,23 +351,6 @@ class Daemon:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def sd_notify(message: str) -> bool:
-    """Tell systemd (``Type=notify``) about our state, e.g. ``READY=1``; a no-op elsewhere."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return False
-    if addr.startswith("@"):  # abstract namespace
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(addr)
-            sock.sendall(message.encode("utf-8"))
-    except OSError as exc:
-        _log.warning("sd_notify(%s) failed: %s", message, exc)
-        return False
-    return True
 
 
 def _by_model(metric: Any, sample: str) -> dict[str, float]:

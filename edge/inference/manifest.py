@@ -18,16 +18,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from edge.errors import ModelError
 from edge.fileio import atomic_write_text
 
 __all__ = [
     "TASKS",
+    "CLASSIFICATION_OUTPUTS",
     "PRECISIONS",
     "ARTIFACT_KEYS",
     "INT8_TENSORRT",
@@ -45,7 +47,9 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-TASKS = ("segmentation", "detection")
+TASKS = ("segmentation", "detection", "classification")
+#: The outputs a classification model may have: ``logits`` (required) and ``cam``.
+CLASSIFICATION_OUTPUTS = ("logits", "cam")
 PRECISIONS = ("fp32", "fp16", "int8")
 # Artifact keys: one per precision, plus an INT8 variant with symmetric int8
 # activations (zero point 0) for TensorRT, beside the CPU-fast uint8 one.
@@ -54,6 +58,7 @@ ARTIFACT_KEYS = PRECISIONS + (INT8_TENSORRT,)
 _COLORS = ("grayscale", "rgb")
 _RESIZE = ("letterbox", "stretch")
 _NORMALIZE = ("minmax", "zscore", "fixed")
+_CLASSIFICATION_POST = ("temperature", "target_sensitivity")
 
 
 def sha256_file(path: Path | str, chunk_bytes: int = 1 << 20) -> str:
@@ -108,19 +113,28 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class Postprocessing:
-    """How outputs become a mask or boxes.
+    """How outputs become a mask, boxes or a decision.
 
     Segmentation: ``threshold`` on the sigmoid probability (one output
     channel) or argmax over channels. Detection (CenterNet-style outputs
     ``heatmap`` [N, K, h, w] in probabilities, ``size`` [N, 2, h, w] as
     (width, height) in input-tensor pixels, ``offset`` [N, 2, h, w]):
     ``threshold`` on peak score, ``nms_iou``, ``max_detections``, ``stride``.
+    Classification (``logits`` [N, K], optional ``cam`` [N, K, h, w]): the
+    calibrated probability is ``sigmoid(logits / temperature)`` (one label)
+    or ``softmax(logits / temperature)`` (K >= 2 labels); the decision is
+    positive when the label's probability is ``>= threshold``, chosen on
+    validation data for ``target_sensitivity``. ``temperature`` and
+    ``target_sensitivity`` belong to classification only (``None`` and left
+    out of the JSON for the other tasks).
     """
 
     threshold: float = 0.5
     nms_iou: float = 0.5
     max_detections: int = 20
     stride: int = 4
+    temperature: float | None = None
+    target_sensitivity: float | None = None
 
 
 @dataclass(frozen=True)
@@ -209,6 +223,9 @@ class Manifest:
         d["input"]["size"] = list(self.input.size)
         if self.preprocessing.window is not None:
             d["preprocessing"]["window"] = list(self.preprocessing.window)
+        for key in _CLASSIFICATION_POST:  # classification-only fields stay out of the other tasks' JSON
+            if d["postprocessing"][key] is None:
+                del d["postprocessing"][key]
         return d
 
     def save(self, directory: Path | str) -> Path:
@@ -262,13 +279,24 @@ class Manifest:
         act = quant.get("activations", "") if isinstance(quant, Mapping) else ""
         return str(act).startswith("int8")
 
-    def artifact_key(self, precision: str, backend: str) -> str:
-        """The artifact that serves ``precision`` on ``backend`` (``onnxruntime`` or ``tensorrt``).
+    def artifact_key(self, precision: str, backend: str, provider: str = "") -> str:
+        """The artifact that serves ``precision`` on ``backend`` (and ONNX Runtime ``provider``).
 
-        INT8 on TensorRT prefers ``int8-tensorrt``; everything else is the
-        precision's own key.
+        INT8 on TensorRT, native or ONNX Runtime's TensorRT provider, is the
+        Q/DQ ``int8-tensorrt`` artifact when the manifest has one (else the
+        ``int8`` one, usable there only when :attr:`int8_tensorrt_ready`);
+        everything else is the precision's own key (``fp16`` is
+        ``model.fp16.onnx`` on every runtime). The key need not exist: look
+        it up in :attr:`artifacts`.
+
+        Examples
+        --------
+        >>> m = Manifest.load(default_engines_dir() / "us-lesion-seg")  # doctest: +SKIP
+        >>> m.artifact_key("int8", "onnxruntime", "tensorrt"), m.artifact_key("int8", "onnxruntime", "cpu")
+        ('int8-tensorrt', 'int8')
         """
-        if backend == "tensorrt" and precision == "int8" and INT8_TENSORRT in self.artifacts:
+        on_tensorrt = backend == "tensorrt" or (backend == "onnxruntime" and provider == "tensorrt")
+        if on_tensorrt and precision == "int8" and INT8_TENSORRT in self.artifacts:
             return INT8_TENSORRT
         return precision
 
@@ -311,6 +339,24 @@ class Manifest:
             raise bad("there is no fp32 artifact.")
         if self.task == "detection" and set(self.outputs) != {"heatmap", "size", "offset"}:
             raise bad(f"detection outputs {list(self.outputs)} are not heatmap, size, offset.")
+        self._validate_classification(bad)
+
+    def _validate_classification(self, bad: Callable[[str], ModelError]) -> None:
+        """Classification outputs and calibration; the other tasks carry no calibration fields."""
+        post = self.postprocessing
+        if self.task != "classification":
+            for key in _CLASSIFICATION_POST:
+                if getattr(post, key) is not None:
+                    raise bad(f"postprocessing.{key} is for classification models, not {self.task}.")
+            return
+        if "logits" not in self.outputs or not set(self.outputs) <= set(CLASSIFICATION_OUTPUTS):
+            raise bad(f"classification outputs {list(self.outputs)} are not logits (and cam).")
+        t = post.temperature
+        if t is None or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise bad(f"postprocessing.temperature {t!r} is not a finite number > 0.")
+        ts = post.target_sensitivity
+        if ts is not None and (not isinstance(ts, (int, float)) or not 0.0 < ts <= 1.0):
+            raise bad(f"postprocessing.target_sensitivity {ts!r} is not in (0, 1].")
 
 
 def scan(engines_dir: Path | str | None = None) -> tuple[dict[str, list[Manifest]], list[tuple[Path, str]]]:

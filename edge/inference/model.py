@@ -31,13 +31,14 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from edge.config import MedgeConfig, ModelConfig
 from edge.errors import BackendUnavailableError, DataError, ModelError
-from edge.inference.backends import create_backend, resolve_backend
+from edge.inference.backends import create_backend
+from edge.inference.chain import Step, plan, select
 from edge.inference.manifest import Manifest, default_engines_dir
 from edge.inference.postprocess import decode_detections, segmentation_mask
 from edge.inference.preprocess import Geometry, preprocess
@@ -53,42 +54,26 @@ def _us(t0: int, t1: int) -> int:
 
 
 def resolve_precision(requested: str, manifest: Manifest, kind: str, provider: str) -> str:
-    """The precision to serve for a request of ``fp32``/``int8``/``fp16``/``auto``.
+    """The first precision tried for a request of ``fp32``/``int8``/``fp16``/``auto`` on one runtime.
 
-    ``auto``: on native TensorRT, int8 when the manifest has a Q/DQ int8
-    artifact with symmetric int8 activations (see
-    :attr:`edge.inference.manifest.Manifest.int8_tensorrt_ready`), else fp16; on ONNX Runtime's GPU providers, fp16 when the
-    manifest has an fp16 artifact, else fp32; on the CPU, int8 when present
-    (the trainer only writes int8 behind an accuracy gate), else fp32.
+    ``auto``: on TensorRT (native, or ONNX Runtime's TensorRT provider) int8
+    when the manifest has a Q/DQ int8 artifact with symmetric int8
+    activations (see :attr:`edge.inference.manifest.Manifest.int8_tensorrt_ready`),
+    else fp16 when it has an fp16 artifact, else fp32; on ONNX Runtime's CUDA
+    provider fp16 when present, else fp32; on the CPU int8 when present (the
+    trainer only writes int8 behind an accuracy gate), else fp32. When that
+    precision fails to start, :func:`load_model` steps down
+    (:mod:`edge.inference.chain`).
 
     Raises
     ------
     ModelError
-        An explicitly requested precision has no artifact (and cannot be
-        built from the fp32 one).
+        An explicitly requested precision has no artifact.
+    BackendUnavailableError
+        The runtime cannot run it (int8 on TensorRT without a symmetric int8
+        artifact, fp16 on the CPU, int8 on CUDA).
     """
-    arts = manifest.artifacts
-    if requested == "auto":
-        if kind == "tensorrt":
-            return "int8" if manifest.int8_tensorrt_ready else "fp16"
-        if provider in ("cuda", "tensorrt"):
-            return "fp16" if "fp16" in arts else "fp32"
-        return "int8" if "int8" in arts else "fp32"
-    if requested not in ("fp32", "int8", "fp16"):
-        raise ModelError(f"Precision {requested!r} is not fp32, int8, fp16 or auto.")
-    if kind == "tensorrt" and requested == "int8" and "int8" in arts and not manifest.int8_tensorrt_ready:
-        raise BackendUnavailableError(
-            f"Model {manifest.name!r}: its int8 artifact has "
-            f"{manifest.training.get('quantization', {}).get('activations', 'unknown')} activations; "
-            f"TensorRT needs symmetric int8 (zero point 0). Run: medge quantize {manifest.name} --activations int8"
-        )
-    # TensorRT builds an fp16 engine from the fp32 ONNX file; everything else needs its artifact.
-    if requested not in arts and not (kind == "tensorrt" and requested == "fp16"):
-        raise ModelError(
-            f"Model {manifest.name!r} has no {requested!r} artifact "
-            f"(it has: {', '.join(sorted(arts))}); choose another precision."
-        )
-    return requested
+    return plan(manifest, kind, provider or "cpu", requested)[0].precision
 
 
 class LoadedModel:
@@ -108,7 +93,11 @@ class LoadedModel:
     backend_label : str
         ``onnxruntime``, ``onnxruntime+cuda``, ``tensorrt``... (for metrics).
     fallback : str
-        Why ``backend = "auto"`` did not get TensorRT (empty otherwise).
+        Why the steps before the one that runs did not start, ``"; "``-joined
+        (empty when the first choice runs; see :mod:`edge.inference.chain`).
+    failed_steps : tuple of str
+        Those steps' short labels (``tensorrt/int8``, or ``tensorrt`` for a
+        runtime that cannot start here at all), in order.
     threshold : float
         The score / probability threshold in use.
     """
@@ -120,6 +109,7 @@ class LoadedModel:
         *,
         backend_label: str = "",
         fallback: str = "",
+        failed_steps: Sequence[str] = (),
         threshold: float | None = None,
     ) -> None:
         self.manifest = manifest
@@ -127,6 +117,7 @@ class LoadedModel:
         self.precision = backend.precision
         self.backend_label = backend_label or backend.name
         self.fallback = fallback
+        self.failed_steps = tuple(failed_steps)
         post = manifest.postprocessing
         if threshold is not None and threshold >= 0:
             post = dataclasses.replace(post, threshold=float(threshold))
@@ -312,6 +303,25 @@ def _model_dir(name_or_dir: str | Path, engines_dir: Path | str | None) -> Path:
     return directory
 
 
+def _step_opener(manifest: Manifest, **options: object) -> Callable[[Step, Path], Backend]:
+    """``open_step`` for :func:`edge.inference.chain.select`: one backend per step, sharing ``options``."""
+
+    def open_step(step: Step, onnx_path: Path) -> Backend:
+        return create_backend(
+            step.kind,
+            onnx_path=onnx_path,
+            onnx_sha256=manifest.artifacts[step.artifact].sha256,
+            model_name=manifest.name,
+            precision=step.precision,
+            input_name=manifest.input.name,
+            input_chw=(manifest.input.channels, *manifest.input.size),
+            provider=step.provider or "cpu",
+            **options,  # type: ignore[arg-type]
+        )
+
+    return open_step
+
+
 def load_model(
     name_or_dir: str | Path,
     *,
@@ -337,9 +347,12 @@ def load_model(
     precision : str
         ``fp32``, ``int8``, ``fp16`` or ``auto`` (see :func:`resolve_precision`).
     backend : str
-        ``onnxruntime``, ``tensorrt`` or ``auto``.
+        ``onnxruntime``, ``tensorrt`` or ``auto`` (the fallback chain of
+        :mod:`edge.inference.chain`).
     provider : str
-        ONNX Runtime execution provider: ``cpu``, ``cuda`` or ``tensorrt``.
+        ONNX Runtime execution provider: ``cpu``, ``cuda`` or ``tensorrt``
+        (with ``backend = "auto"``, ``tensorrt`` adds ONNX Runtime's
+        TensorRT provider to the chain; CUDA and CPU are always in it).
     max_batch : int
         Largest batch the backend will be given.
     spin_us : int
@@ -352,39 +365,27 @@ def load_model(
     ------
     ModelError
         No such model, a malformed manifest, a missing artifact or a sha256
-        mismatch (the artifact is refused).
+        mismatch (the artifact is refused, even by ``auto``), or no step of
+        the chain started.
     BackendUnavailableError
         The backend, provider or precision cannot run here.
     """
     manifest = Manifest.load(_model_dir(name_or_dir, engines_dir))
-    kind, prov, fallback = resolve_backend(backend, provider)
-    prec = resolve_precision(precision, manifest, kind, prov)
-    art_key = manifest.artifact_key(prec, kind)
-    if art_key not in manifest.artifacts:
-        art_key = "fp32"  # TensorRT fp16 is built from the fp32 ONNX file
-    onnx_path = manifest.artifact_path(art_key, verify=True)
-    be = create_backend(
-        kind,
-        onnx_path=onnx_path,
-        onnx_sha256=manifest.artifacts[art_key].sha256,
-        model_name=manifest.name,
-        precision=prec,
-        input_name=manifest.input.name,
-        input_chw=(manifest.input.channels, *manifest.input.size),
-        max_batch=max_batch,
-        cache_dir=cache_dir,
-        provider=prov or "cpu",
-        device_id=device_id,
-        intra_op_threads=intra_op_threads,
-        spin_us=spin_us,
+    open_step = _step_opener(
+        manifest, max_batch=max_batch, cache_dir=cache_dir, device_id=device_id,
+        intra_op_threads=intra_op_threads, spin_us=spin_us,
     )
-    if kind == "onnxruntime":
-        label = "onnxruntime" if prov == "cpu" else f"onnxruntime+{prov}"
-    else:
-        label = kind
-    model = LoadedModel(manifest, be, backend_label=label, fallback=fallback, threshold=threshold)
-    if fallback:
-        _log.warning("Model %s runs on %s (%s) because: %s.", manifest.name, label, prec, fallback)
+    chosen = select(manifest, backend=backend, provider=provider, precision=precision, open_step=open_step)
+    label = chosen.step.runtime
+    model = LoadedModel(
+        manifest, chosen.backend, backend_label=label, fallback=chosen.fallback,
+        failed_steps=chosen.failed_steps, threshold=threshold,
+    )
+    if chosen.failures:  # each failure was logged with its reason as it happened
+        _log.warning(
+            "Model %s runs on %s (%s) after %s did not start.",
+            manifest.name, label, chosen.step.precision, ", ".join(chosen.failed_steps),
+        )
     if warmup_iterations:
         model.warmup(warmup_iterations)
     return model

@@ -188,7 +188,7 @@ class DicomMetrics:
     """The DICOM ingest's families: the SCP (:mod:`edge.ingest.dicom.scp`) and its pipeline.
 
     Label vocabularies stay with the code that counts them
-    (``CONNECTION_REFUSAL_REASONS`` in the SCP, ``FAILURE_REASONS`` in the
+    (``CONNECTION_REFUSAL_REASONS`` in :mod:`edge.ingest.dicom.admission`, ``FAILURE_REASONS`` in the
     pipeline, ...), which creates them at 0 with :func:`zeroed`.
 
     Attributes
@@ -463,7 +463,9 @@ class Metrics:
     queue_depth : Gauge
         ``medge_queue_depth{model}``.
     model_info : Gauge
-        ``medge_model_info{model, version, backend, precision}`` = 1.
+        ``medge_model_info{model, version, backend, precision, fallback}`` = 1
+        (``fallback``: the ``auto`` steps that did not start before it, comma-separated; empty when the
+        first choice runs).
     replies_lost : Counter
         ``medge_replies_lost_total{reason}``: replies the daemon owed a
         client and did not send (reasons: :data:`REPLY_LOST_REASONS`, all
@@ -505,8 +507,9 @@ class Metrics:
         self.queue_depth = Gauge("medge_queue_depth", "Frames waiting in a model's queue.", ["model"], registry=r)
         self.model_info = Gauge(
             "medge_model_info",
-            "Served models (value 1): version, backend and precision actually in use.",
-            ["model", "version", "backend", "precision"],
+            "Served models (value 1): version, backend and precision actually in use, and the auto-chain "
+            "steps that did not start before it (empty when the first choice runs).",
+            ["model", "version", "backend", "precision", "fallback"],
             registry=r,
         )
         self.replies_lost = Counter(

@@ -60,7 +60,7 @@ def _populated() -> CollectorRegistry:
     m.end_to_end_seconds.labels(source="zmq", model="us-lesion-seg").observe(0.0105)
     m.batch_size.labels(model="us-lesion-seg").observe(1)
     m.queue_depth.labels(model="us-lesion-seg").set(0)
-    m.model_info.labels(model="us-lesion-seg", version="1", backend="onnxruntime", precision="int8").set(1)
+    m.model_info.labels(model="us-lesion-seg", version="1", backend="onnxruntime", precision="int8", fallback="").set(1)
     metrics_for(reg).dicom.instances_received.labels(calling_ae="SCANNER1").inc()
     outbox = metrics_for(reg).outbox
     outbox.pending.labels(destination="pacs").set(2)

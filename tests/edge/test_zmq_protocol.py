@@ -464,7 +464,7 @@ def test_metrics_reflect_traffic(daemon: Daemon) -> None:
     assert (reg.get_sample_value("medge_frames_received_total", {"source": "zmq", "model": "tiny-seg"}) or 0) >= 1
     assert (reg.get_sample_value("medge_end_to_end_seconds_count", {"source": "zmq", "model": "tiny-seg"}) or 0) >= 1
     assert (reg.get_sample_value("medge_stage_seconds_count", {"model": "tiny-seg", "stage": "egress"}) or 0) >= 1
-    info = {"model": "tiny-seg", "version": "1", "backend": "onnxruntime", "precision": "fp32"}
+    info = {"model": "tiny-seg", "version": "1", "backend": "onnxruntime", "precision": "fp32", "fallback": ""}
     assert reg.get_sample_value("medge_model_info", info) == 1
 
 
