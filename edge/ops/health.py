@@ -33,9 +33,10 @@ Hardening, in the style of the Prometheus exporters' web configuration
 * **TLS** (off by default): ``tls_cert`` + ``tls_key`` serve HTTPS (TLS 1.2
   or newer); ``tls_client_ca`` also requires a client certificate signed by
   that CA.
-* **Basic auth** (off by default): ``basic_auth_file`` is an htpasswd file
-  of bcrypt hashes (``htpasswd -nbB user password``). Every endpoint, the
-  probes included, then answers 401 without valid credentials. A successful
+* **Basic auth** (off by default, :mod:`edge.ops.http_auth`):
+  ``basic_auth_file`` is an htpasswd file of bcrypt hashes (``htpasswd -nbB
+  user password``). Every endpoint, the probes included, then answers 401
+  without valid credentials. A successful
   check is cached in memory as the SHA-256 of the password (compared in
   constant time), so a scrape every 15 s costs one bcrypt per process, not
   one per scrape. The file is read once at start-up. Neither the password
@@ -56,34 +57,28 @@ True
 
 from __future__ import annotations
 
-import base64
-import binascii
 import gzip
-import hashlib
-import hmac
 import logging
 import socket
 import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, Callable
 
-import bcrypt
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from edge.errors import ConfigError
 from edge.ops.boundary import ErrorBoundary, LogThrottle
 from edge.ops.connections import EVICTED, Connection, ConnectionTable
+from edge.ops.http_auth import HtpasswdAuth
 
-__all__ = ["HealthServer", "HtpasswdAuth"]
+__all__ = ["HealthServer"]
 
 _log = logging.getLogger(__name__)
 
 _REALM = 'Basic realm="medge"'
-_BCRYPT_PREFIXES = ("$2y$", "$2b$", "$2a$")
 _TEXT = "text/plain; charset=utf-8"
 _ROUTES = ("/metrics", "/healthz", "/readyz")
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -93,99 +88,8 @@ _MAX_DISCARDED_BODY = 64 * 1024  # a GET's body read and thrown away; larger one
 _HANDSHAKE, _WAITING, _BUSY, _WRITING = "handshake", "waiting", "busy", "writing"
 
 
-
 def _more(held: int) -> str:
     return f" ({held} more since the last report)" if held else ""
-
-
-class HtpasswdAuth:
-    """HTTP basic auth against an htpasswd file of bcrypt hashes.
-
-    Parameters
-    ----------
-    path : path-like
-        Lines ``user:hash`` with hashes from ``htpasswd -nbB user password``
-        (``$2y$``, ``$2b$`` or ``$2a$``); blank lines and ``#`` comments are
-        skipped.
-
-    Raises
-    ------
-    ConfigError
-        If the file cannot be read, holds no user, or holds a line that is
-        not ``user:bcrypt-hash`` (the line number is named, never its text).
-
-    Examples
-    --------
-    >>> import base64, tempfile, bcrypt
-    >>> f = tempfile.NamedTemporaryFile("w", suffix=".htpasswd", delete=False)
-    >>> _ = f.write("prom:" + bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode() + "\\n"); f.close()
-    >>> auth = HtpasswdAuth(f.name)
-    >>> auth.check("Basic " + base64.b64encode(b"prom:s3cret").decode())
-    True
-    >>> auth.check("Basic " + base64.b64encode(b"prom:wrong").decode())
-    False
-    """
-
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"Config key metrics.basic_auth_file: cannot read {self.path}: {exc}.") from exc
-        users: dict[str, bytes] = {}
-        for number, line in enumerate(text.splitlines(), start=1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            user, sep, hashed = line.partition(":")
-            if not sep or not user or not hashed.startswith(_BCRYPT_PREFIXES):
-                raise ConfigError(
-                    f"Config key metrics.basic_auth_file: line {number} of {self.path} is not 'user:bcrypt-hash' "
-                    "(make it with 'htpasswd -nbB user password'; other hash types are not accepted)."
-                )
-            users[user] = hashed.encode("ascii", "replace")
-        if not users:
-            raise ConfigError(f"Config key metrics.basic_auth_file: {self.path} holds no user.")
-        self._users = users
-        # An unknown user costs the same bcrypt as a known one (no user enumeration by timing).
-        self._decoy = next(iter(users.values()))
-        self._lock = threading.Lock()
-        self._verified: dict[str, bytes] = {}
-
-    @property
-    def users(self) -> tuple[str, ...]:
-        """The user names in the file."""
-        return tuple(self._users)
-
-    def check(self, authorization: str | None) -> bool:
-        """Whether an ``Authorization`` header value carries valid credentials."""
-        if not authorization:
-            return False
-        scheme, _, token = authorization.strip().partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            user, sep, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-        if not sep:
-            return False
-        secret = password.encode("utf-8")
-        digest = hashlib.sha256(secret).digest()
-        with self._lock:
-            known = self._verified.get(user)
-        if known is not None and hmac.compare_digest(known, digest):
-            return True
-        hashed = self._users.get(user)
-        try:
-            ok = bcrypt.checkpw(secret, hashed if hashed is not None else self._decoy)
-        except ValueError:  # a password longer than bcrypt's 72 bytes, or a hash bcrypt cannot parse
-            ok = False
-        if ok and hashed is not None:
-            with self._lock:
-                self._verified[user] = digest
-            return True
-        return False
 
 
 def _server_ssl_context(cert: str, key: str, client_ca: str) -> ssl.SSLContext | None:

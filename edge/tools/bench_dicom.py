@@ -273,22 +273,11 @@ def store_instances(host: str, port: int, called_aet: str, calling_aet: str,
 
 # ---------------------------------------------------------------------------- run
 def run_dicom(args: argparse.Namespace) -> int:
-    """Run ``medge bench dicom`` (options: :mod:`edge.commands.bench`); exit 0 / 1 (failed stores or missing results) / 3 (unreachable)."""
-    from edge.tools.endpoints import (
-        EXIT_FAILURES,
-        EXIT_OK,
-        EXIT_UNREACHABLE,
-        parse_frame,
-        resolve_client_endpoints,
-    )
-    from edge.tools.results import (
-        cv_warning,
-        format_table,
-        machine_info,
-        stats_row,
-        summarize_ms,
-        write_outputs,
-    )
+    """Run ``medge bench dicom`` (options: :mod:`edge.commands.bench`).
+
+    Exit status 0, 1 (failed stores or missing results) or 3 (unreachable).
+    """
+    from edge.tools.endpoints import EXIT_FAILURES, EXIT_OK, EXIT_UNREACHABLE, parse_frame, resolve_client_endpoints
 
     eps = resolve_client_endpoints(getattr(args, "config", None), host=args.host, port=args.port,
                                    ae_title=args.aet)
@@ -297,6 +286,33 @@ def run_dicom(args: argparse.Namespace) -> int:
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one line per C-STORE otherwise
     frame = parse_frame(args.frame) if args.frame else None
+    items, what = _bench_items(args, frame)
+    catcher = ResultCatcher(args.results_port, args.results_aet) if args.results_port is not None else None
+    print(f"medge bench dicom: {what}"
+          + (f"; results expected at {args.results_aet}@127.0.0.1:{catcher.port}" if catcher else ""))
+    try:
+        res = _store_with_progress(host, port, aet, args, items)
+        stored = [r for r in res.records if r.status == 0]
+        missing, result_ms = _await_results(catcher, stored, args.results_timeout_s)
+    finally:
+        if catcher is not None:
+            catcher.close()
+    store_lat = np.array([r.store_ms for r in res.records if r.store_ms is not None and r.status == 0])
+    summary = _bench_summary(len(items), res, stored, store_lat, catcher, result_ms, missing)
+    _print_summary(summary, args, with_results=catcher is not None)
+    _write_bench_outputs(args, res, summary, store_lat, result_ms,
+                         config={"host": host, "port": port, "aet": aet, "source": what})
+    if res.aborted:
+        print(f"medge bench dicom: error: {res.aborted}; partial results kept"
+              + (f" in {args.json}" if args.json else ""), file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if summary["failed"] or (catcher is not None and missing):
+        return EXIT_FAILURES
+    return EXIT_OK
+
+
+def _bench_items(args: argparse.Namespace, frame: Any) -> tuple[list[Dataset | Path], str]:
+    """The instances to send (``--files`` or ``--synthetic``) and how to name them."""
     items: list[Dataset | Path]
     if args.files is not None:
         items = list(load_instances(args.files))
@@ -304,9 +320,12 @@ def run_dicom(args: argparse.Namespace) -> int:
     else:
         items = list(synthetic_instances(args.synthetic, args.modality, frame))
         what = f"{len(items)} synthetic {args.modality} instance(s)"
-    catcher = ResultCatcher(args.results_port, args.results_aet) if args.results_port is not None else None
-    print(f"medge bench dicom: {what}"
-          + (f"; results expected at {args.results_aet}@127.0.0.1:{catcher.port}" if catcher else ""))
+    return items, what
+
+
+def _store_with_progress(host: str, port: int, aet: str, args: argparse.Namespace,
+                         items: Sequence[Dataset | Path]) -> StoreRun:
+    """:func:`store_instances` with a progress line (on a terminal only)."""
     done = [0]
     line = Progress(plain_interval_s=None)  # on a terminal only
 
@@ -314,26 +333,34 @@ def run_dicom(args: argparse.Namespace) -> int:
         done[0] += 1
         line.show(f"C-STORE {done[0]}/{len(items)}")
 
-    try:
-        res = store_instances(host, port, aet, args.calling_aet, items,
-                              timeout_s=args.timeout_s, on_each=progress)
-        line.close()
-        stored = [r for r in res.records if r.status == 0]
-        missing: set[str] = set()
-        result_ms: dict[str, float] = {}
-        if catcher is not None and stored:
-            missing = catcher.wait_for([r.sop_instance_uid for r in stored], args.results_timeout_s)
-            for r in stored:
-                a = catcher.first_arrival(r.sop_instance_uid)
-                if a is not None:
-                    result_ms[r.sop_instance_uid] = (a.t_ns - r.t_start_ns) / 1e6
-    finally:
-        if catcher is not None:
-            catcher.close()
-    store_lat = np.array([r.store_ms for r in res.records if r.store_ms is not None and r.status == 0])
+    res = store_instances(host, port, aet, args.calling_aet, items,
+                          timeout_s=args.timeout_s, on_each=progress)
+    line.close()
+    return res
+
+
+def _await_results(catcher: ResultCatcher | None, stored: list[StoreRecord],
+                   timeout_s: float) -> tuple[set[str], dict[str, float]]:
+    """Instances still without a result after ``timeout_s``, and store-to-result ms of the others."""
+    missing: set[str] = set()
+    result_ms: dict[str, float] = {}
+    if catcher is not None and stored:
+        missing = catcher.wait_for([r.sop_instance_uid for r in stored], timeout_s)
+        for r in stored:
+            a = catcher.first_arrival(r.sop_instance_uid)
+            if a is not None:
+                result_ms[r.sop_instance_uid] = (a.t_ns - r.t_start_ns) / 1e6
+    return missing, result_ms
+
+
+def _bench_summary(instances: int, res: StoreRun, stored: list[StoreRecord], store_lat: np.ndarray,
+                   catcher: ResultCatcher | None, result_ms: dict[str, float], missing: set[str]) -> dict[str, Any]:
+    """The ``summary`` of the JSON output: counts, rates and latency statistics."""
+    from edge.tools.results import summarize_ms
+
     total_bytes = sum(r.nbytes for r in stored)
     summary: dict[str, Any] = {
-        "instances": len(items), "attempted": len(res.records), "stored": len(stored),
+        "instances": instances, "attempted": len(res.records), "stored": len(stored),
         "failed": sum(1 for r in res.records if r.status not in (0, None)),
         "wall_s": round(res.wall_s, 3),
         "instances_per_s": round(len(stored) / res.wall_s, 2) if res.wall_s > 0 else 0.0,
@@ -346,24 +373,38 @@ def run_dicom(args: argparse.Namespace) -> int:
         summary["instances_with_result"] = len(result_ms)
         summary["instances_without_result"] = len(missing)
         summary["store_to_result_ms"] = summarize_ms(list(result_ms.values()))
+    return summary
+
+
+def _print_summary(summary: dict[str, Any], args: argparse.Namespace, *, with_results: bool) -> None:
+    """The statistics table, throughput, results and variability warnings."""
+    from edge.tools.results import cv_warning, format_table, stats_row
+
     rows = [stats_row("C-STORE (ms)", summary["store_ms"])]
-    if catcher is not None:
+    if with_results:
         rows.append(stats_row("store-to-result (ms)", summary["store_to_result_ms"]))
     print(format_table(rows))
     print(f"stored {summary['stored']}/{summary['instances']} in {summary['wall_s']:.2f} s: "
           f"{summary['instances_per_s']:.1f} instances/s, {summary['pixel_mb_per_s']:.1f} MB/s of pixel data")
-    if catcher is not None:
+    if with_results:
         print(f"results: {summary['results_received']} received; {summary['instances_with_result']} instance(s) "
               f"with a result, {summary['instances_without_result']} without after {args.results_timeout_s:g} s")
     for name, key in (("C-STORE", "store_ms"), ("store-to-result", "store_to_result_ms")):
         warn = cv_warning(name, summary.get(key, {}), args.cv_warn)
         if warn:
             print(warn)
+
+
+def _write_bench_outputs(args: argparse.Namespace, res: StoreRun, summary: dict[str, Any], store_lat: np.ndarray,
+                         result_ms: dict[str, float], *, config: dict[str, Any]) -> None:
+    """``--json``, ``--csv`` and ``--plot``: one sample per C-STORE; print each path written."""
+    from edge.tools.results import machine_info, write_outputs
+
     samples = [{"sop_instance_uid": r.sop_instance_uid, "store_ms": r.store_ms, "status": r.status,
                 "result_ms": round(result_ms[r.sop_instance_uid], 3) if r.sop_instance_uid in result_ms else None}
                for r in res.records]
     doc = {"tool": "medge bench dicom", "machine": machine_info(),
-           "config": {"host": host, "port": port, "aet": aet, "source": what},
+           "config": config,
            "summary": summary, "samples": samples}
     series = {"C-STORE": store_lat}
     if result_ms:
@@ -372,10 +413,3 @@ def run_dicom(args: argparse.Namespace) -> int:
                               ["index", "sop_instance_uid", "store_ms", "status", "result_ms"], series,
                               "medge bench dicom", json_path=args.json, csv_path=args.csv, plot_path=args.plot):
         print(f"wrote {path}")
-    if res.aborted:
-        print(f"medge bench dicom: error: {res.aborted}; partial results kept"
-              + (f" in {args.json}" if args.json else ""), file=sys.stderr)
-        return EXIT_UNREACHABLE
-    if summary["failed"] or (catcher is not None and missing):
-        return EXIT_FAILURES
-    return EXIT_OK

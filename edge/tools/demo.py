@@ -32,6 +32,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,75 @@ def _dicom_available() -> tuple[bool, str]:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo with the options of ``medge demo``; see the module docstring."""
-    from edge.inference.manifest import Manifest, default_engines_dir
-
     if args.duration_s <= 0 or args.fps <= 0:
         raise MedgeError("--duration-s and --fps must be > 0.")
     t_start = time.monotonic()
+    engines_dir, models, seg, det = _resolve_models(args)
+    report = Path(args.report)
+    report.mkdir(parents=True, exist_ok=True)
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    want_dicom, dicom_note = _dicom_plan(args)
+    work = Path(tempfile.mkdtemp(prefix="medge-demo-"))
+    catcher = None
+    try:
+        if want_dicom:
+            from edge.tools.bench_dicom import ResultCatcher
+
+            catcher = ResultCatcher(0, "MEDGEPACS", keep_datasets=False)
+        plan = _Plan(engines_dir, models, seg, det, report, work, args.precision,
+                     ports={k: free_port() for k in ("ingest", "publish", "metrics", "dicom")},
+                     routes=_routes(seg, det))
+        outcome = _run_daemon(args, plan, catcher, want_dicom, dicom_note)
+    finally:
+        if catcher is not None:
+            catcher.close()
+        shutil.rmtree(work, ignore_errors=True)
+    summary = _write_report(report, args, outcome.stream_res, outcome.sources, seg, det, outcome.dicom_summary,
+                            outcome.ready_s, outcome.exit_code, outcome.metrics_text, time.monotonic() - t_start)
+    print(f"report written to {report}/ (report.md, summary.json, overlay_segmentation.png, "
+          f"overlay_detection.png, latency.png)")
+    frames = summary["frames"]
+    return 0 if frames["errors"] == 0 and frames["timeouts"] == 0 and not summary["aborted"] else 1
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the demo's daemon runs: its models, folders, ports and DICOM routes."""
+
+    engines_dir: Path
+    models: list[str]
+    seg: str | None
+    det: str | None
+    report: Path
+    work: Path
+    precision: str
+    ports: dict[str, int]
+    routes: dict[str, str]
+
+    def write_config(self, *, dicom: bool, results_port: int | None) -> Path:
+        """Write (or rewrite) the report folder's ``medge.toml``; return its path."""
+        return write_demo_config(self.report / "medge.toml", engines_dir=self.engines_dir.resolve(),
+                                 spool_dir=self.work / "spool", models=self.models, ports=self.ports, dicom=dicom,
+                                 precision=self.precision, routes=self.routes, results_port=results_port)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What a demo run measured, for the report."""
+
+    stream_res: Any
+    sources: dict[str, Any]
+    dicom_summary: dict[str, Any]
+    ready_s: float
+    exit_code: int
+    metrics_text: str
+
+
+def _resolve_models(args: argparse.Namespace) -> tuple[Path, list[str], str | None, str | None]:
+    """The engines folder, the requested models found there, and which is segmentation and detection."""
+    from edge.inference.manifest import Manifest, default_engines_dir
+
     engines_dir = Path(args.engines_dir) if args.engines_dir else default_engines_dir()
     models = _available_models(engines_dir, [args.seg_model, args.det_model])
     if not models:
@@ -71,11 +136,11 @@ def run_demo(args: argparse.Namespace) -> int:
     tasks = {m: Manifest.load(engines_dir / m).task for m in models}
     seg = next((m for m in models if tasks[m] == "segmentation"), None)
     det = next((m for m in models if tasks[m] == "detection"), None)
-    report = Path(args.report)
-    report.mkdir(parents=True, exist_ok=True)
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    return engines_dir, models, seg, det
 
+
+def _dicom_plan(args: argparse.Namespace) -> tuple[bool, str]:
+    """Whether to push DICOM, and why not (printed when this build lacks the DICOM side)."""
     want_dicom = not args.no_dicom
     dicom_note = "skipped (--no-dicom)" if args.no_dicom else ""
     if want_dicom:
@@ -83,63 +148,60 @@ def run_demo(args: argparse.Namespace) -> int:
         if not ok:
             want_dicom, dicom_note = False, f"skipped: {why}"
             print(f"DICOM push {dicom_note}")
-    work = Path(tempfile.mkdtemp(prefix="medge-demo-"))
-    catcher = None
-    try:
-        if want_dicom:
-            from edge.tools.bench_dicom import ResultCatcher
+    return want_dicom, dicom_note
 
-            catcher = ResultCatcher(0, "MEDGEPACS", keep_datasets=False)
-        ports = {k: free_port() for k in ("ingest", "publish", "metrics", "dicom")}
-        routes = {}
-        if seg:
-            routes["US"] = seg
-        if det:
-            routes["DX"] = det
-            routes["CR"] = det
-        cfg_path = write_demo_config(report / "medge.toml", engines_dir=engines_dir.resolve(),
-                                     spool_dir=work / "spool", models=models, ports=ports, dicom=want_dicom,
-                                     precision=args.precision, routes=routes,
-                                     results_port=catcher.port if catcher else None)
-        print(f"medge demo: starting the daemon on {', '.join(models)} ({args.precision}); "
-              f"ZeroMQ tcp://127.0.0.1:{ports['ingest']}, metrics http://127.0.0.1:{ports['metrics']}/metrics"
-              + (f", DICOM SCP MEDGE@127.0.0.1:{ports['dicom']}" if want_dicom else ""))
-        daemon = DaemonProcess(cfg_path, ports["metrics"], report / "daemon.log")
+
+def _routes(seg: str | None, det: str | None) -> dict[str, str]:
+    """The daemon's DICOM routes: US to the segmentation model, DX and CR to the detection model."""
+    routes = {}
+    if seg:
+        routes["US"] = seg
+    if det:
+        routes["DX"] = det
+        routes["CR"] = det
+    return routes
+
+
+def _run_daemon(args: argparse.Namespace, plan: _Plan, catcher, want_dicom: bool, dicom_note: str) -> _Outcome:
+    """Start the daemon, stream, push DICOM, scrape its metrics, and stop it (always)."""
+    ports = plan.ports
+    cfg_path = plan.write_config(dicom=want_dicom, results_port=catcher.port if catcher else None)
+    print(f"medge demo: starting the daemon on {', '.join(plan.models)} ({args.precision}); "
+          f"ZeroMQ tcp://127.0.0.1:{ports['ingest']}, metrics http://127.0.0.1:{ports['metrics']}/metrics"
+          + (f", DICOM SCP MEDGE@127.0.0.1:{ports['dicom']}" if want_dicom else ""))
+    daemon = DaemonProcess(cfg_path, ports["metrics"], plan.report / "daemon.log")
+    try:
         try:
-            try:
-                ready_s = daemon.wait_ready(90.0)
-            except MedgeError as exc:
-                if not want_dicom:
-                    raise
-                # The DICOM side must not take the demo down: retry without it.
-                daemon.stop()
-                dicom_note = "skipped: the daemon could not start with DICOM enabled (see daemon-dicom-failed.log)"
-                print(f"DICOM push {dicom_note}: {str(exc).splitlines()[0]}")
-                shutil.copyfile(report / "daemon.log", report / "daemon-dicom-failed.log")
-                want_dicom = False
-                write_demo_config(cfg_path, engines_dir=engines_dir.resolve(), spool_dir=work / "spool",
-                                  models=models, ports=ports, dicom=False, precision=args.precision,
-                                  routes=routes, results_port=None)
-                daemon = DaemonProcess(cfg_path, ports["metrics"], report / "daemon.log")
-                ready_s = daemon.wait_ready(90.0)
-            print(f"daemon ready in {ready_s:.1f} s")
-            stream_res, sources = _stream(args, ports["ingest"], seg, det)
-            dicom_summary: dict[str, Any] = {"status": dicom_note or "not run"}
-            if want_dicom and catcher is not None:
-                dicom_summary = _dicom_push(ports["dicom"], catcher, seg, det)
-            metrics_text = _fetch(f"http://127.0.0.1:{ports['metrics']}/metrics")
-        finally:
-            exit_code = daemon.stop()
-        print(f"daemon stopped (exit status {exit_code})")
+            ready_s = daemon.wait_ready(90.0)
+        except MedgeError as exc:
+            if not want_dicom:
+                raise
+            # The DICOM side must not take the demo down: retry without it.
+            want_dicom, dicom_note = False, _DICOM_FAILED
+            daemon = _restart_without_dicom(daemon, plan, exc)
+            ready_s = daemon.wait_ready(90.0)
+        print(f"daemon ready in {ready_s:.1f} s")
+        stream_res, sources = _stream(args, ports["ingest"], plan.seg, plan.det)
+        dicom_summary: dict[str, Any] = {"status": dicom_note or "not run"}
+        if want_dicom and catcher is not None:
+            dicom_summary = _dicom_push(ports["dicom"], catcher, plan.seg, plan.det)
+        metrics_text = _fetch(f"http://127.0.0.1:{ports['metrics']}/metrics")
     finally:
-        if catcher is not None:
-            catcher.close()
-        shutil.rmtree(work, ignore_errors=True)
-    summary = _write_report(report, args, stream_res, sources, seg, det, dicom_summary, ready_s, exit_code,
-                            metrics_text, time.monotonic() - t_start)
-    print(f"report written to {report}/ (report.md, summary.json, overlay_segmentation.png, "
-          f"overlay_detection.png, latency.png)")
-    return 0 if summary["frames"]["errors"] == 0 and summary["frames"]["timeouts"] == 0 and not summary["aborted"] else 1
+        exit_code = daemon.stop()
+    print(f"daemon stopped (exit status {exit_code})")
+    return _Outcome(stream_res, sources, dicom_summary, ready_s, exit_code, metrics_text)
+
+
+_DICOM_FAILED = "skipped: the daemon could not start with DICOM enabled (see daemon-dicom-failed.log)"
+
+
+def _restart_without_dicom(daemon: DaemonProcess, plan: _Plan, exc: MedgeError) -> DaemonProcess:
+    """Stop a daemon that failed to start with DICOM, keep its log, and start one without DICOM."""
+    daemon.stop()
+    print(f"DICOM push {_DICOM_FAILED}: {str(exc).splitlines()[0]}")
+    shutil.copyfile(plan.report / "daemon.log", plan.report / "daemon-dicom-failed.log")
+    cfg_path = plan.write_config(dicom=False, results_port=None)
+    return DaemonProcess(cfg_path, plan.ports["metrics"], plan.report / "daemon.log")
 
 
 def _fetch(url: str) -> str:
@@ -223,14 +285,35 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def _write_report(report: Path, args, res, sources, seg, det, dicom_summary, ready_s, exit_code,
                   metrics_text: str, wall_s: float) -> dict[str, Any]:
-    from edge.egress.dicom.outlines import mask_boundary
-    from edge.tools.plots import overlay_boxes, overlay_mask, save_latency_plot, save_png
-    from edge.tools.results import atomic_write_text, machine_info, summarize_ms, write_json
+    """Write the overlays, ``latency.png``, ``summary.json``, ``report.md`` and ``metrics.prom``; return the summary."""
+    from edge.tools.results import atomic_write_text, write_json
 
-    files = {}
-    notes = []
+    files: dict[str, str] = {}
+    notes: list[str] = []
+    seg_dice = _segmentation_overlay(report, res, sources, seg, files, notes)
+    det_rep = _detection_overlay(report, res, sources, det, files, notes)
+    per_stream = _latency_plot(report, res, sources, files)
+    s = res.summary()
+    summary = _summary(
+        args, s, seg=seg, det=det, ready_s=ready_s, exit_code=exit_code, per_stream=per_stream, seg_dice=seg_dice,
+        detections=len(det_rep.boxes) if det_rep is not None else None,
+        dicom_summary=dicom_summary, files=files, notes=notes, wall_s=wall_s,
+    )
+    write_json(report / "summary.json", summary)
+    md = _report_markdown(summary, s["server_stages_ms"], args.duration_s, ready_s)
+    atomic_write_text(report / "report.md", "\n".join(md) + "\n")
+    if metrics_text:
+        atomic_write_text(report / "metrics.prom", metrics_text)
+        files["metrics"] = "metrics.prom"  # after summary.json: only the returned summary lists it
+    return summary
+
+
+def _segmentation_overlay(report: Path, res, sources, seg, files: dict[str, str], notes: list[str]) -> float | None:
+    """``overlay_segmentation.png`` of the last mask and the simulator's outline; the Dice on that frame."""
+    from edge.egress.dicom.outlines import mask_boundary
+    from edge.tools.plots import overlay_mask, save_png
+
     seg_rep = res.last_replies.get("probe-1")
-    seg_dice = None
     if seg_rep is not None and seg_rep.mask is not None:
         seq = int(seg_rep.id.rsplit(":", 1)[1])
         frame = sources["probe-1"].frame(seq)
@@ -243,9 +326,16 @@ def _write_report(report: Path, args, res, sources, seg, det, dicom_summary, rea
 
         save_png(Image.fromarray(arr), report / "overlay_segmentation.png")
         files["overlay_segmentation"] = "overlay_segmentation.png"
-        seg_dice = _dice(seg_rep.mask.astype(bool), truth.astype(bool))
-    elif seg:
+        return _dice(seg_rep.mask.astype(bool), truth.astype(bool))
+    if seg:
         notes.append("no segmentation reply with a mask was received")
+    return None
+
+
+def _detection_overlay(report: Path, res, sources, det, files: dict[str, str], notes: list[str]):
+    """``overlay_detection.png`` of the last reply's boxes and the simulator's; that reply (or ``None``)."""
+    from edge.tools.plots import overlay_boxes, save_png
+
     det_rep = res.last_replies.get("xray-1")
     if det_rep is not None:
         seq = int(det_rep.id.rsplit(":", 1)[1])
@@ -259,6 +349,14 @@ def _write_report(report: Path, args, res, sources, seg, det, dicom_summary, rea
         files["overlay_detection"] = "overlay_detection.png"
     elif det:
         notes.append("no detection reply was received")
+    return det_rep
+
+
+def _latency_plot(report: Path, res, sources, files: dict[str, str]) -> dict[str, dict]:
+    """``latency.png`` (where matplotlib is installed) and the latency statistics per stream."""
+    from edge.tools.plots import save_latency_plot
+    from edge.tools.results import summarize_ms
+
     series = {}
     per_stream = {}
     for name in sources:
@@ -267,9 +365,16 @@ def _write_report(report: Path, args, res, sources, seg, det, dicom_summary, rea
         per_stream[name] = summarize_ms(lat)
     if save_latency_plot(series, report / "latency.png", title="medge demo: client latency (ZeroMQ round trip)"):
         files["latency"] = "latency.png"  # not without matplotlib (the plots extra)
-    s = res.summary()
+    return per_stream
+
+
+def _summary(args, s: dict[str, Any], *, seg, det, ready_s, exit_code, per_stream, seg_dice, detections,
+             dicom_summary, files, notes, wall_s: float) -> dict[str, Any]:
+    """``summary.json``: the run's settings, counts, latencies, results and machine."""
+    from edge.tools.results import machine_info
+
     frames = {k: s[k] for k in ("sent", "ok", "dropped", "errors", "timeouts", "skipped", "unanswered")}
-    summary = {
+    return {
         "tool": "medge demo", "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "duration_s": args.duration_s, "fps": args.fps, "precision": args.precision,
         "models": {"segmentation": seg, "detection": det},
@@ -280,35 +385,48 @@ def _write_report(report: Path, args, res, sources, seg, det, dicom_summary, rea
         "server_stages_ms": {k: {"median_ms": v.get("median_ms"), "p99_ms": v.get("p99_ms")}
                              for k, v in s["server_stages_ms"].items()},
         "segmentation_dice_vs_simulator": seg_dice,
-        "detections_last_frame": len(det_rep.boxes) if det_rep is not None else None,
+        "detections_last_frame": detections,
         "dicom": dicom_summary, "files": files, "notes": notes,
         "wall_s": round(wall_s, 1), "machine": machine_info(),
     }
-    write_json(report / "summary.json", summary)
+
+
+def _report_markdown(summary: dict[str, Any], stages: dict[str, dict], duration_s: float, ready_s: float) -> list[str]:
+    """The lines of ``report.md``, from the summary (and the unrounded ready time)."""
+    frames, machine, files = summary["frames"], summary["machine"], summary["files"]
+    seg, det = summary["models"]["segmentation"], summary["models"]["detection"]
     md = [
         "# medge demo report", "",
-        f"{summary['date_utc']} on {summary['machine']['cpu_model']} ({summary['machine']['cpu_usable']} usable cores"
-        + (f", GPU {', '.join(summary['machine']['gpus'])}" if summary["machine"]["gpus"] else ", no GPU") + ").",
+        f"{summary['date_utc']} on {machine['cpu_model']} ({machine['cpu_usable']} usable cores"
+        + (f", GPU {', '.join(machine['gpus'])}" if machine["gpus"] else ", no GPU") + ").",
         "Research use only: the bundled models are trained on synthetic data; not for clinical use.", "",
-        f"Daemon ready in {ready_s:.1f} s; stopped with SIGTERM, exit status {exit_code}.", "",
+        f"Daemon ready in {ready_s:.1f} s; stopped with SIGTERM, exit status {summary['daemon']['exit_status']}.", "",
         "## ZeroMQ streams", "",
-        f"Streamed {args.duration_s:g} s: sent {frames['sent']}, ok {frames['ok']}, dropped {frames['dropped']}, "
+        f"Streamed {duration_s:g} s: sent {frames['sent']}, ok {frames['ok']}, dropped {frames['dropped']}, "
         f"errors {frames['errors']}, timeouts {frames['timeouts']}, skipped by the client {frames['skipped']}.", "",
         "| stream | model | n | p50 ms | p90 ms | p99 ms | max ms |", "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, st in per_stream.items():
+    for name, st in summary["latency_ms_by_stream"].items():
         model = seg if name == "probe-1" else det
         md.append(f"| {name} | {model} | {st.get('count', 0)} | {st.get('median_ms', '-')} | {st.get('p90_ms', '-')} "
                   f"| {st.get('p99_ms', '-')} | {st.get('max_ms', '-')} |")
     md += ["", "Daemon stages (p50 ms, from the replies' `timing_us`): " + ", ".join(
-        f"{k} {v.get('median_ms')}" for k, v in s["server_stages_ms"].items()), ""]
+        f"{k} {v.get('median_ms')}" for k, v in stages.items()), ""]
     if "latency" in files:
         md += ["![latency](latency.png)", ""]
+    md += _markdown_results(summary)
+    return md
+
+
+def _markdown_results(summary: dict[str, Any]) -> list[str]:
+    """The report's Segmentation, Detection and DICOM sections, and its notes."""
+    files, dicom_summary, notes = summary["files"], summary["dicom"], summary["notes"]
+    md: list[str] = []
     if "overlay_segmentation" in files:
         md += ["## Segmentation", "",
                f"Last reply's mask (red) on its frame; the simulator's lesion outline in green "
-               f"(Dice on this frame: {seg_dice}). The simulator is not the training distribution, so this "
-               f"shows the pipeline works end to end, not the model's accuracy.", "",
+               f"(Dice on this frame: {summary['segmentation_dice_vs_simulator']}). The simulator is not the "
+               f"training distribution, so this shows the pipeline works end to end, not the model's accuracy.", "",
                "![segmentation](overlay_segmentation.png)", ""]
     if "overlay_detection" in files:
         md += ["## Detection", "", "Last reply's boxes (green) and the simulator's nodules (blue).", "",
@@ -323,8 +441,4 @@ def _write_report(report: Path, args, res, sources, seg, det, dicom_summary, rea
         md.append(f"DICOM push {dicom_summary.get('status')}.")
     if notes:
         md += ["", "Notes: " + "; ".join(notes) + "."]
-    atomic_write_text(report / "report.md", "\n".join(md) + "\n")
-    if metrics_text:
-        atomic_write_text(report / "metrics.prom", metrics_text)
-        files["metrics"] = "metrics.prom"
-    return summary
+    return md

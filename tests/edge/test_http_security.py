@@ -27,7 +27,8 @@ from prometheus_client.registry import Collector
 
 from edge.config import MetricsConfig
 from edge.errors import ConfigError
-from edge.ops.health import HealthServer, HtpasswdAuth
+from edge.ops.health import HealthServer
+from edge.ops.http_auth import HtpasswdAuth
 from tests.conftest import peer_path
 from tests.conftest import wait_until as poll  # the one deadline poll of the suite
 from tests.edge import dicom_factory as f

@@ -29,12 +29,12 @@ from edge.egress.dicom.common import (
     device_serial,
     equipment,
     patient_orientation,
-    reference_dataset,
     research_statement,
     series_description,
     source_numbers,
 )
 from edge.egress.dicom.outlines import draw_overlay
+from edge.egress.dicom.reference import reference_dataset
 
 __all__ = ["make_overlay"]
 

@@ -38,10 +38,10 @@ from edge.egress.dicom.common import (
     has_patient_geometry,
     label_code,
     patient_orientation,
-    reference_dataset,
     series_description,
     source_numbers,
 )
+from edge.egress.dicom.reference import reference_dataset
 from edge.errors import DataError
 
 __all__ = ["make_segmentation"]

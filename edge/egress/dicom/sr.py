@@ -42,12 +42,12 @@ from edge.egress.dicom.common import (
     device_serial,
     equipment,
     label_code,
-    reference_dataset,
     research_statement,
     series_description,
     source_numbers,
 )
 from edge.egress.dicom.outlines import box_polygon, largest_outlines, mask_outlines
+from edge.egress.dicom.reference import reference_dataset
 from edge.errors import DataError
 
 __all__ = ["make_findings_sr"]

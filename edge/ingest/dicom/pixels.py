@@ -179,19 +179,7 @@ def jpeg_header(data: bytes | bytearray | memoryview, jpeg_ls: bool = False) -> 
         segments += 1
         if segments > _JPEG_MAX_SEGMENTS:
             raise CodestreamError(f"{name} header has more than {_JPEG_MAX_SEGMENTS} marker segments.", bad)
-        if pos >= n:
-            raise IncompleteHeader(f"{name} header ends at byte {n} before its scan header.", bad)
-        if buf[pos] != 0xFF:
-            raise CodestreamError(f"{name} header has no marker at byte {pos}.", bad)
-        fill = pos
-        while pos < n and buf[pos] == 0xFF:
-            pos += 1
-            if pos - fill > 64:  # fill bytes: allowed, never more than a few
-                raise CodestreamError(f"{name} header has a run of fill bytes at byte {fill}.", bad)
-        if pos >= n:
-            raise IncompleteHeader(f"{name} header ends at byte {n} inside a marker.", bad)
-        marker = buf[pos]
-        pos += 1
+        marker, pos = _jpeg_marker(buf, pos, name, bad)
         if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn, TEM: no length
             continue
         if marker in (0xD8, 0xD9, 0x00):
@@ -199,7 +187,6 @@ def jpeg_header(data: bytes | bytearray | memoryview, jpeg_ls: bool = False) -> 
         length = _u16(buf, pos)
         if length < 2:
             raise CodestreamError(f"{name} marker segment at byte {pos} has length {length}.", bad)
-        end = pos + length
         if marker == _JPEG_SOS:
             if found is None:
                 raise CodestreamError(f"{name} scan header comes before any frame header.", bad)
@@ -208,33 +195,62 @@ def jpeg_header(data: bytes | bytearray | memoryview, jpeg_ls: bool = False) -> 
         if is_sof:
             if found is not None:
                 raise CodestreamError(f"{name} codestream has a second frame header.", bad)
-            if end > n:
-                raise IncompleteHeader(f"{name} frame header at byte {pos} ends past byte {n}.", bad)
-            if length < 8:
-                raise CodestreamError(f"{name} frame header at byte {pos} is {length} bytes long.", bad)
-            precision, rows, columns, comps = buf[pos + 2], _u16(buf, pos + 3), _u16(buf, pos + 5), buf[pos + 7]
-            if length != 8 + 3 * comps or comps == 0 or not 2 <= precision <= 16:
-                raise CodestreamError(f"{name} frame header at byte {pos} is malformed.", bad)
-            if rows == 0 or columns == 0:
-                raise CodestreamError(
-                    f"{name} frame header declares a height or width of 0 (set later in the stream); not supported.",
-                    f"Frame {name} header has no height or width",
-                )
-            found = Geometry(rows, columns, comps, precision)
-        elif marker in _OTHER_SOF or (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)):
+            found = _jpeg_frame_header(buf, pos, length, name, bad)
+        else:
+            _jpeg_check_segment(buf, pos, marker, jpeg_ls, name, bad)
+        pos += length
+
+
+def _jpeg_marker(buf: memoryview, pos: int, name: str, bad: str) -> tuple[int, int]:
+    """The marker at ``pos`` (after any fill bytes) and the position just after it."""
+    n = len(buf)
+    if pos >= n:
+        raise IncompleteHeader(f"{name} header ends at byte {n} before its scan header.", bad)
+    if buf[pos] != 0xFF:
+        raise CodestreamError(f"{name} header has no marker at byte {pos}.", bad)
+    fill = pos
+    while pos < n and buf[pos] == 0xFF:
+        pos += 1
+        if pos - fill > 64:  # fill bytes: allowed, never more than a few
+            raise CodestreamError(f"{name} header has a run of fill bytes at byte {fill}.", bad)
+    if pos >= n:
+        raise IncompleteHeader(f"{name} header ends at byte {n} inside a marker.", bad)
+    return buf[pos], pos + 1
+
+
+def _jpeg_frame_header(buf: memoryview, pos: int, length: int, name: str, bad: str) -> Geometry:
+    """The geometry of the frame header (SOF) segment whose length field is at ``pos``."""
+    n = len(buf)
+    if pos + length > n:
+        raise IncompleteHeader(f"{name} frame header at byte {pos} ends past byte {n}.", bad)
+    if length < 8:
+        raise CodestreamError(f"{name} frame header at byte {pos} is {length} bytes long.", bad)
+    precision, rows, columns, comps = buf[pos + 2], _u16(buf, pos + 3), _u16(buf, pos + 5), buf[pos + 7]
+    if length != 8 + 3 * comps or comps == 0 or not 2 <= precision <= 16:
+        raise CodestreamError(f"{name} frame header at byte {pos} is malformed.", bad)
+    if rows == 0 or columns == 0:
+        raise CodestreamError(
+            f"{name} frame header declares a height or width of 0 (set later in the stream); not supported.",
+            f"Frame {name} header has no height or width",
+        )
+    return Geometry(rows, columns, comps, precision)
+
+
+def _jpeg_check_segment(buf: memoryview, pos: int, marker: int, jpeg_ls: bool, name: str, bad: str) -> None:
+    """Refuse a segment other than the frame header that would change how a decoder sizes its output."""
+    if marker in _OTHER_SOF or (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)):
+        raise CodestreamError(
+            f"{name} frame header 0xFF{marker:02X} is of a process this transfer syntax does not allow.",
+            f"Frame is not a {name} process this syntax allows",
+        )
+    if marker == _JPEG_LSE and jpeg_ls:
+        if pos + 3 > len(buf):
+            raise IncompleteHeader(f"{name} LSE segment at byte {pos} ends past byte {len(buf)}.", bad)
+        if buf[pos + 2] == 4:  # oversize image dimension: sizes a decoder would take from here
             raise CodestreamError(
-                f"{name} frame header 0xFF{marker:02X} is of a process this transfer syntax does not allow.",
-                f"Frame is not a {name} process this syntax allows",
+                f"{name} oversize-dimension (LSE) segment is not supported.",
+                f"Frame {name} header has an oversize dimension",
             )
-        elif marker == _JPEG_LSE and jpeg_ls:
-            if pos + 3 > n:
-                raise IncompleteHeader(f"{name} LSE segment at byte {pos} ends past byte {n}.", bad)
-            if buf[pos + 2] == 4:  # oversize image dimension: sizes a decoder would take from here
-                raise CodestreamError(
-                    f"{name} oversize-dimension (LSE) segment is not supported.",
-                    f"Frame {name} header has an oversize dimension",
-                )
-        pos = end
 
 
 def _siz(buf: memoryview, pos: int) -> Geometry:
