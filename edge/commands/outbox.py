@@ -39,7 +39,7 @@ import os
 from pathlib import Path
 
 from edge.config import MedgeConfig, load_config_and_spool_source
-from edge.egress.dicom.outbox import outbox_status, requeue_dead_letters, requeue_unsent
+from edge.egress.dicom.outbox_files import outbox_status, requeue_dead_letters, requeue_unsent
 from edge.errors import ConfigError, MedgeError
 
 __all__ = ["configure_parser", "run"]

@@ -8,5 +8,6 @@ One module per object, like highdicom: :mod:`~edge.egress.dicom.seg`
 drawing); :mod:`~edge.egress.dicom.results` decides which objects a series
 gets. :mod:`~edge.egress.dicom.outbox` keeps them durably until a
 destination (C-STORE SCU) has acknowledged each one, with retries and dead
-letters.
+letters. Its folders are :mod:`~edge.egress.dicom.outbox_files`; DICOM TLS is
+:mod:`~edge.egress.dicom.tls`.
 """

@@ -1,35 +1,19 @@
 """The durable outbox: results wait here until each destination has them.
 
-Layout under ``<spool_dir>/outbox``:
+:class:`Outbox` writes each result once per destination into the outbox
+folder (``<spool_dir>/outbox``; its layout, and re-queueing, are in
+:mod:`edge.egress.dicom.outbox_files`) and runs one sender thread per
+destination. A sender takes up to 100 of its destination's pending objects,
+oldest first, and sends them over one association (C-STORE SCU); each
+object's response status decides its fate (:func:`classify_status`): sent
+objects are removed, rejected ones are moved to the dead-letter folder with
+the reason, and a transient refusal is charged as an attempt and makes the
+destination back off.
 
-``pending/<destination>/<SOPInstanceUID>.dcm``
-    One copy per destination, written atomically (temp, fsync, rename,
-    fsync dir) before the source instances are deleted from the spool.
-    Removed only after that destination answered a success (or warning)
-    status to the C-STORE.
-``pending/<destination>/<SOPInstanceUID>.attempts.json``
-    When the destination refused this object with a transient status: the
-    wall-clock times of those attempts (so the limit survives a restart).
-``dead-letter/<destination>/<SOPInstanceUID>.dcm`` + ``.reason.txt``
-    Objects that failed permanently (the peer rejected them: ``0xA9xx``,
-    ``0xCxxx``, ``0x01xx``; the peer accepts no presentation context for the
-    SOP class) or were refused transiently ``max_attempts`` times within
-    ``attempt_window_s``. Kept, counted, never retried automatically;
-    ``medge outbox requeue --dead-letter`` puts them back in ``pending/``.
-``unsent/``
-    Results when no destination is configured (logged once). When the
-    outbox starts with at least one destination, everything here is
-    re-queued for every destination (:func:`requeue_unsent`), so results
-    written before a PACS was configured are sent once it is.
-
-Re-queueing (:func:`requeue_unsent`, :func:`requeue_dead_letters`, used at
-start and by ``medge outbox requeue``) only links and renames files inside
-the outbox, so it works while the daemon runs: a sender lists its
-``pending/<destination>/`` folder on every turn of its loop (at least once
-a second when idle, every few seconds while it backs off), so files that
-appear there are picked up without a restart. Each moved object's
-modification time is set to the time of the re-queue: the oldest-age metric
-counts from when an object was queued for its destination.
+A sender lists its ``pending/<destination>/`` folder on every turn of its
+loop (at least once a second when idle, every few seconds while it backs
+off), so files that ``medge outbox requeue`` moves there while the daemon
+runs are picked up without a restart.
 
 Metrics per destination: ``medge_outbox_pending`` (objects waiting) and
 ``medge_outbox_oldest_age_seconds`` (age of the oldest, 0 when none) follow
@@ -54,17 +38,13 @@ when a destination starts failing or the reason changes, then at most once
 a minute while it goes on (with how many attempts failed meanwhile), and
 once more when the destination accepts results again.
 
-DICOM TLS (PS3.15 B.1, a destination with ``tls = true``): the association
-runs over TLS 1.2 or newer; the server certificate is verified against
-``tls_ca`` (empty: the system's CA store) and its name against
-``tls_server_name`` (empty: ``host``); ``tls_cert`` + ``tls_key`` are
-presented as a client certificate when the peer asks for one. The files are
-loaded when the outbox starts (an unusable file is a
+DICOM TLS (a destination with ``tls = true``; the client context, its files
+and how they are verified and reloaded are in :mod:`edge.egress.dicom.tls`):
+the files are loaded when the outbox starts (an unusable file is a
 :class:`~edge.errors.ConfigError`) and again whenever one of them changes
-on disk, so a renewed certificate or CA is picked up without a restart. A
-TLS failure (handshake refused, certificate not trusted, name mismatch,
-client certificate refused) is a transient delivery failure like an
-unreachable peer: the results stay pending, are retried with backoff and
+on disk. A TLS failure (handshake refused, certificate not trusted, name
+mismatch, client certificate refused) is a transient delivery failure like
+an unreachable peer: the results stay pending, are retried with backoff and
 are never dead-lettered for it, so a certificate problem delays delivery
 until it is fixed and loses nothing.
 
@@ -86,9 +66,7 @@ Examples
 from __future__ import annotations
 
 import io
-import json
 import logging
-import os
 import shutil
 import socket
 import ssl
@@ -96,7 +74,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry
 from pydicom import dcmread
@@ -107,22 +85,36 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
+from edge.egress.dicom.outbox_files import (
+    DEAD_LETTER_DIR,
+    OBJECT_SUFFIX,
+    PENDING_DIR,
+    TMP_DIR,
+    UNSENT_DIR,
+    attempts_path,
+    charge_attempt,
+    dated_objects,
+    object_name,
+    reason_path,
+    requeue_unsent,
+    result_bytes,
+)
+from edge.egress.dicom.tls import ClientContext, ClientTls
 from edge.errors import ConfigError
-from edge.fileio import atomic_write, fsync_dir
-from edge.ingest.dicom.spool import SPOOL_FILE_MODE, safe_name
+from edge.fileio import atomic_write
+from edge.ingest.dicom.spool import SPOOL_FILE_MODE
 from edge.ops.boundary import ErrorBoundary
 from edge.ops.metrics import metrics_for
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
+    from pynetdicom.presentation import PresentationContext
 
 __all__ = [
     "Destination",
     "RetryPolicy",
     "Outbox",
     "classify_status",
-    "DestinationBacklog",
-    "OutboxStatus",
-    "outbox_status",
-    "requeue_unsent",
-    "requeue_dead_letters",
 ]
 
 _log = logging.getLogger(__name__)
@@ -131,6 +123,10 @@ _log = logging.getLogger(__name__)
 _FAILURE_LOG_INTERVAL_S = 60.0
 #: while a destination backs off, its folder is listed again this often (files re-queued meanwhile, metrics)
 _BACKOFF_RESCAN_S = 5.0
+#: objects sent over one association (oldest first); the rest wait for the next turn
+_BATCH_MAX = 100
+#: presentation contexts one association may propose (PS3.8: odd IDs 1-255)
+_CONTEXTS_MAX = 128
 
 
 @dataclass(frozen=True)
@@ -199,83 +195,6 @@ def classify_status(status: int) -> str:
         return "transient"
     return "permanent"
 
-
-class _RecordingSSLSocket(ssl.SSLSocket):
-    """An SSLSocket that notes its TLS error on its context: pynetdicom logs and swallows it."""
-
-    def connect(self, address: Any) -> None:
-        try:
-            super().connect(address)
-        except ssl.SSLError as exc:
-            _note_tls_error(self.context, exc)
-            raise
-
-    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
-        # TLS 1.3: a client certificate the peer refuses shows up on the first read, not in the handshake.
-        try:
-            return super().recv(buflen, flags)
-        except ssl.SSLError as exc:
-            _note_tls_error(self.context, exc)
-            raise
-
-
-class _ClientContext(ssl.SSLContext):
-    """The TLS client context of one destination; remembers the last TLS error seen on it."""
-
-    sslsocket_class = _RecordingSSLSocket
-    last_error: str = ""
-
-
-def _note_tls_error(ctx: ssl.SSLContext, exc: ssl.SSLError) -> None:
-    if isinstance(ctx, _ClientContext):
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            detail = f"certificate verify failed ({str(exc.verify_message).rstrip('.')})"
-        else:
-            detail = exc.reason or type(exc).__name__  # e.g. TLSV13_ALERT_CERTIFICATE_REQUIRED
-        ctx.last_error = f"TLS failed: {detail}"
-
-
-class _ClientTls:
-    """Builds the TLS context of a destination and rebuilds it when one of its files changes."""
-
-    def __init__(self, dest: Destination) -> None:
-        self.dest = dest
-        self.server_hostname = dest.tls_server_name or dest.host
-        self._files = [p for p in (dest.tls_ca, dest.tls_cert, dest.tls_key) if p]
-        self._stamp: tuple[Any, ...] | None = None
-        self._ctx: _ClientContext | None = None
-
-    def _files_stamp(self) -> tuple[Any, ...]:
-        out: list[Any] = []
-        for p in self._files:
-            try:
-                st = os.stat(p)
-                out.append((p, st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                out.append((p, None))
-        return tuple(out)
-
-    def context(self) -> _ClientContext:
-        """The context for the next association (raises ``ssl.SSLError``/``OSError`` if a file is unusable)."""
-        stamp = self._files_stamp()
-        if self._ctx is None or stamp != self._stamp:
-            self._ctx = self._build()
-            self._stamp = stamp
-        return self._ctx
-
-    def _build(self) -> _ClientContext:
-        d = self.dest
-        ctx = _ClientContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the certificate and the host name
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if d.tls_ca:
-            ctx.load_verify_locations(cafile=d.tls_ca)
-        else:
-            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
-        if d.tls_cert:
-            ctx.load_cert_chain(d.tls_cert, d.tls_key or None, password=b"")  # never prompt for a passphrase
-        return ctx
-
-
 class _Backlog:
     """What waits for one destination: how many objects and the oldest one's write time.
 
@@ -317,174 +236,20 @@ class _Backlog:
         return min(times) if times else None
 
 
-@dataclass(frozen=True)
-class DestinationBacklog:
-    """One destination's folders as :func:`outbox_status` found them.
-
-    ``configured`` is False for a folder left from a destination that is no
-    longer in the configuration (its objects are not sent).
-    """
-
-    destination: str
-    configured: bool
-    pending: int
-    oldest_age_s: float
-    dead_letters: int
-
-
-@dataclass(frozen=True)
-class OutboxStatus:
-    """What the outbox folder holds: per destination, and ``unsent`` (results with nowhere to go)."""
-
-    destinations: tuple[DestinationBacklog, ...]
-    unsent: int
-
-
-def _dated(folder: Path) -> list[tuple[int, str, Path]]:
-    """``(mtime_ns, name, path)`` of the ``*.dcm`` files in ``folder``, oldest first."""
-    dated: list[tuple[int, str, Path]] = []
-    for p in folder.glob("*.dcm") if folder.is_dir() else ():
-        try:
-            dated.append((p.stat().st_mtime_ns, p.name, p))
-        except FileNotFoundError:
-            continue  # sent (and removed) by a sender thread since the listing
-    dated.sort(key=lambda t: (t[0], t[1]))
-    return dated
-
-
-def outbox_status(root: Path | str, destinations: Sequence[str]) -> OutboxStatus:
-    """Count what waits in the outbox folder ``root``, without touching it.
-
-    Parameters
-    ----------
-    root : path-like
-        The outbox folder (``<spool_dir>/outbox``).
-    destinations : sequence of str
-        The configured destination names; folders of other names found on
-        disk are listed too, with ``configured=False``.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> st = outbox_status(tempfile.mkdtemp(), ["pacs"])
-    >>> [(d.destination, d.pending, d.oldest_age_s, d.dead_letters) for d in st.destinations], st.unsent
-    ([('pacs', 0, 0.0, 0)], 0)
-    """
-    root = Path(root)
-    names = list(dict.fromkeys(destinations))
-    for sub in ("pending", "dead-letter"):
-        if (root / sub).is_dir():
-            names += sorted(p.name for p in (root / sub).iterdir() if p.is_dir() and p.name not in names)
-    now = time.time()
-    rows = []
-    for name in names:
-        dated = _dated(root / "pending" / name)
-        age = max(0.0, now - dated[0][0] / 1e9) if dated else 0.0
-        dead = len(list((root / "dead-letter" / name).glob("*.dcm")))
-        rows.append(DestinationBacklog(name, name in destinations, len(dated), age, dead))
-    unsent = len(list((root / "unsent").glob("*.dcm")))
-    return OutboxStatus(tuple(rows), unsent)
-
-
-def requeue_unsent(root: Path | str, destinations: Sequence[str]) -> int:
-    """Move every result in ``<root>/unsent/`` into ``pending/<name>/`` for each of ``destinations``.
-
-    Crash-safe and durable: each object is first hard-linked (copied where
-    the file system cannot link) into every destination but the last, those
-    folders are fsync'ed, and only then is it renamed into the last one and
-    the folders fsync'ed again. A crash half-way leaves it in ``unsent/``
-    and in some ``pending/`` folders; the next call completes the move (an
-    object already pending for a destination is left as it is), so nothing
-    is lost, and at worst one object is sent twice with the same SOP
-    Instance UID, which a PACS treats as a resend. The objects' modification
-    times are set to now (see the module docstring). Safe while the daemon
-    runs.
-
-    Returns
-    -------
-    int
-        How many objects were moved.
-
-    Raises
-    ------
-    ValueError
-        If ``destinations`` is empty.
-    """
-    if not destinations:
-        raise ValueError("requeue_unsent needs at least one destination.")
-    root = Path(root)
-    targets = [root / "pending" / name for name in dict.fromkeys(destinations)]
-    for t in targets:
-        t.mkdir(parents=True, exist_ok=True)
-    unsent_dir = root / "unsent"
-    files = [p for _, _, p in _dated(unsent_dir)]
-    if not files:
-        return 0
-    tmp_dir = root / "tmp"
-    tmp_dir.mkdir(exist_ok=True)
-    moved: list[Path] = []
-    for src in files:
-        try:
-            os.utime(src)
-        except FileNotFoundError:
-            continue  # re-queued by someone else meanwhile
-        for t in targets[:-1]:
-            target = t / src.name
+def _client_tls(destinations: Iterable[Destination]) -> dict[str, ClientTls]:
+    """The TLS of each TLS destination by name, its files loaded once (``ConfigError`` if they cannot be)."""
+    out: dict[str, ClientTls] = {}
+    for dest in destinations:
+        if dest.tls:
+            out[dest.name] = tls = ClientTls(dest)
             try:
-                os.link(src, target)
-            except FileExistsError:
-                pass  # already pending there (an earlier re-queue that was cut short)
-            except OSError:  # a file system without hard links: a durable copy
-                atomic_write(target, [src.read_bytes()], tmp_dir=tmp_dir, sync_dir=False, mode=SPOOL_FILE_MODE)
-        moved.append(src)
-    for t in targets[:-1]:
-        fsync_dir(t)
-    done = 0
-    for src in moved:
-        try:
-            os.replace(src, targets[-1] / src.name)
-            done += 1
-        except FileNotFoundError:
-            continue
-    fsync_dir(targets[-1])
-    fsync_dir(unsent_dir)
-    return done
-
-
-def requeue_dead_letters(root: Path | str, destination: str) -> int:
-    """Move ``destination``'s dead letters back to its pending folder, with a fresh attempt count.
-
-    Each object is renamed into ``pending/<destination>/`` (any attempts
-    record there is removed first, so it gets ``max_attempts`` again), the
-    folders are fsync'ed, then its ``.reason.txt`` is removed. Safe while
-    the daemon runs; its sender picks the objects up on its next turn.
-
-    Returns
-    -------
-    int
-        How many objects were moved.
-    """
-    root = Path(root)
-    dead_dir = root / "dead-letter" / destination
-    pend = root / "pending" / destination
-    pend.mkdir(parents=True, exist_ok=True)
-    moved: list[Path] = []
-    for p in sorted(dead_dir.glob("*.dcm")) if dead_dir.is_dir() else ():
-        (pend / f"{p.stem}.attempts.json").unlink(missing_ok=True)
-        try:
-            os.utime(p)
-            os.replace(p, pend / p.name)
-        except FileNotFoundError:
-            continue
-        moved.append(p)
-    if moved:
-        fsync_dir(pend)
-        fsync_dir(dead_dir)
-    # Reasons of the moved objects, and any left without their object by an earlier cut-short call.
-    for reason in dead_dir.glob("*.reason.txt") if dead_dir.is_dir() else ():
-        if not reason.with_name(reason.name[: -len(".reason.txt")] + ".dcm").exists():
-            reason.unlink(missing_ok=True)
-    return len(moved)
+                tls.context()
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"Config key dicom.destinations ({dest.name}): cannot load its TLS files "
+                    f"(tls_ca {dest.tls_ca or 'system store'}, tls_cert {dest.tls_cert or 'none'}): {exc}."
+                ) from exc
+    return out
 
 
 def _no_delay(event: Any) -> bool:
@@ -498,6 +263,8 @@ def _no_delay(event: Any) -> bool:
 
 
 class _DestinationState:
+    """One sender's failure streak: count, when to try next, what was last logged and how much since."""
+
     def __init__(self) -> None:
         self.failures = 0
         self.next_try = 0.0
@@ -545,17 +312,7 @@ class Outbox:
     ) -> None:
         self.root = Path(root)
         self.destinations = [Destination.of(d) for d in destinations]
-        self._tls: dict[str, _ClientTls] = {}
-        for dest in self.destinations:
-            if dest.tls:
-                self._tls[dest.name] = tls = _ClientTls(dest)
-                try:
-                    tls.context()
-                except (OSError, ssl.SSLError) as exc:
-                    raise ConfigError(
-                        f"Config key dicom.destinations ({dest.name}): cannot load its TLS files "
-                        f"(tls_ca {dest.tls_ca or 'system store'}, tls_cert {dest.tls_cert or 'none'}): {exc}."
-                    ) from exc
+        self._tls = _client_tls(self.destinations)
         p = policy if policy is not None else RetryPolicy()
         self.policy = RetryPolicy(
             retry_base_s=float(getattr(p, "retry_base_s")),
@@ -566,10 +323,10 @@ class Outbox:
         self.calling_ae = calling_ae
         self.dimse_timeout_s = dimse_timeout_s
         self.network_timeout_s = network_timeout_s
-        self.pending_root = self.root / "pending"
-        self.dead_root = self.root / "dead-letter"
-        self.unsent_dir = self.root / "unsent"
-        self.tmp_dir = self.root / "tmp"
+        self.pending_root = self.root / PENDING_DIR
+        self.dead_root = self.root / DEAD_LETTER_DIR
+        self.unsent_dir = self.root / UNSENT_DIR
+        self.tmp_dir = self.root / TMP_DIR
         for d in (self.pending_root, self.dead_root, self.unsent_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
         for stale in self.tmp_dir.iterdir():  # half-written by a crash; the source is still in the spool
@@ -582,7 +339,7 @@ class Outbox:
         # Bytes of the result files held here and each destination's backlog; changed together
         # with the files, under this lock.
         self._bytes_lock = threading.Lock()
-        self._stored_bytes = self._scan_bytes()
+        self._stored_bytes = result_bytes(self.root)
         self._backlog = {d.name: _Backlog() for d in self.destinations}
         names = [d.name for d in self.destinations]  # label values that exist (at 0) from the start
         families = metrics_for(registry).outbox
@@ -661,7 +418,7 @@ class Outbox:
         buf = io.BytesIO()
         dcmwrite(buf, ds, enforce_file_format=True)
         data = buf.getvalue()
-        name = f"{safe_name(str(ds.SOPInstanceUID))}.dcm"
+        name = object_name(str(ds.SOPInstanceUID))
         written: list[Path] = []
         if not self.destinations:
             if not self._warned_no_destination:
@@ -682,7 +439,7 @@ class Outbox:
 
     def pending(self, destination: str) -> list[Path]:
         """Objects waiting for ``destination``, oldest first."""
-        return [p for _, _, p in _dated(self.pending_root / destination)]
+        return [p for _, _, p in dated_objects(self.pending_root / destination)]
 
     def pending_count(self) -> int:
         """Objects waiting, over all destinations."""
@@ -690,7 +447,7 @@ class Outbox:
 
     def dead_letters(self, destination: str) -> list[Path]:
         """Objects in the dead-letter folder of ``destination``."""
-        return sorted((self.dead_root / destination).glob("*.dcm"))
+        return sorted((self.dead_root / destination).glob(f"*{OBJECT_SUFFIX}"))
 
     def stored_bytes(self, recount: bool = False) -> int:
         """Bytes of the result files in the outbox (pending, dead-letter and unsent).
@@ -701,7 +458,7 @@ class Outbox:
         """
         with self._bytes_lock:  # a file is removed and its bytes uncounted under this lock, together
             if recount:
-                self._stored_bytes = self._scan_bytes()
+                self._stored_bytes = result_bytes(self.root)
             return self._stored_bytes
 
     def wait_idle(self, timeout_s: float) -> bool:
@@ -714,16 +471,6 @@ class Outbox:
         return self.pending_count() == 0
 
     # ------------------------------------------------------------------ internals
-    def _scan_bytes(self) -> int:
-        total = 0
-        for pattern in ("pending/*/*.dcm", "dead-letter/*/*.dcm", "unsent/*.dcm"):
-            for p in self.root.glob(pattern):
-                try:
-                    total += p.stat().st_size
-                except FileNotFoundError:  # removed while we looked
-                    pass
-        return total
-
     @staticmethod
     def _size(path: Path) -> int:
         try:
@@ -772,7 +519,7 @@ class Outbox:
         # Keys that exist before the listing have their file written already (put writes, then adds the key).
         timed = [k for k in list(self._stored_at) if k[0] == dest.name]
         with self._bytes_lock:
-            dated = _dated(self.pending_root / dest.name)
+            dated = dated_objects(self.pending_root / dest.name)
             backlog = self._backlog[dest.name]
             backlog.relist([(ns / 1e9, name) for ns, name, _ in dated])
             self._pending.labels(destination=dest.name).set(backlog.count)
@@ -840,41 +587,19 @@ class Outbox:
         state.failures = 0
         state.logged_reason, state.unlogged = "", 0
 
+    # ------------------------------------------------------------------ one batch over one association
     def _send_batch(self, dest: Destination, state: _DestinationState, paths: list[Path]) -> None:
-        items: list[tuple[Path, Dataset]] = []
-        for p in paths[:100]:
-            try:
-                items.append((p, dcmread(p)))
-            except (InvalidDicomError, OSError, ValueError) as exc:
-                self._dead_letter(dest, p, f"unreadable outbox file: {type(exc).__name__}")
+        """Send the oldest of ``paths`` to ``dest`` over one association; back off if it cannot go on."""
+        items = self._read_batch(dest, paths)
         if not items:
             return
-        ae = AE(ae_title=self.calling_ae)
-        ae.dimse_timeout = self.dimse_timeout_s
-        ae.network_timeout = self.network_timeout_s
-        ae.acse_timeout = self.network_timeout_s
-        ae.connection_timeout = min(10.0, self.network_timeout_s)
-        contexts: dict[str, list[str]] = {}
-        for _p, ds in items:
-            sop = str(ds.SOPClassUID)
-            ts = str(ds.file_meta.TransferSyntaxUID)
-            syntaxes = contexts.setdefault(sop, [ts])
-            for extra in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-                if extra not in syntaxes:
-                    syntaxes.append(extra)
-        ae.requested_contexts = [build_context(sop, ts) for sop, ts in list(contexts.items())[:128]]
-        tls_args: tuple[ssl.SSLContext, str] | None = None
-        ctx: _ClientContext | None = None
-        client_tls = self._tls.get(dest.name)
-        if client_tls is not None:
-            try:
-                ctx = client_tls.context()
-            except (OSError, ssl.SSLError) as exc:  # e.g. a certificate file half-way through being replaced
-                self._failures.labels(destination=dest.name).inc()
-                self._backoff(dest, state, f"cannot load its TLS files: {exc}")
-                return
-            ctx.last_error = ""
-            tls_args = (ctx, client_tls.server_hostname)
+        ae = self._application_entity(items)
+        try:
+            tls_args, ctx = self._tls_args(dest)
+        except (OSError, ssl.SSLError) as exc:  # e.g. a certificate file half-way through being replaced
+            self._failures.labels(destination=dest.name).inc()
+            self._backoff(dest, state, f"cannot load its TLS files: {exc}")
+            return
         connected: list[bool] = []
         assoc = ae.associate(
             dest.host,
@@ -884,16 +609,51 @@ class Outbox:
             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(_no_delay(event)))],
         )
         if not assoc.is_established:
-            if ctx is not None and ctx.last_error:
-                why = ctx.last_error
-            elif not connected:  # pynetdicom reports a refused connection as an abort
-                why = "cannot connect (refused, unreachable or timed out)"
-            else:
-                why = "association rejected" if assoc.is_rejected else "association aborted"
             self._failures.labels(destination=dest.name).inc()
-            self._backoff(dest, state, why)
+            self._backoff(dest, state, _association_failure(assoc, ctx, bool(connected)))
             return
-        trouble: str | None = None
+        trouble = self._store_batch(dest, state, assoc, items)
+        # Deleting a sent object needs no fsync: if the deletion is lost in a crash the
+        # object is sent again with the same SOP Instance UID, which a PACS treats as a resend.
+        if trouble is not None:
+            self._backoff(dest, state, trouble)
+
+    def _read_batch(self, dest: Destination, paths: list[Path]) -> list[tuple[Path, Dataset]]:
+        """The first :data:`_BATCH_MAX` of ``paths``, read; an unreadable one is dead-lettered."""
+        items: list[tuple[Path, Dataset]] = []
+        for p in paths[:_BATCH_MAX]:
+            try:
+                items.append((p, dcmread(p)))
+            except (InvalidDicomError, OSError, ValueError) as exc:
+                self._dead_letter(dest, p, f"unreadable outbox file: {type(exc).__name__}")
+        return items
+
+    def _application_entity(self, items: Sequence[tuple[Path, Dataset]]) -> AE:
+        """Our AE for one association: the outbox's timeouts, a context for each SOP class in ``items``."""
+        ae = AE(ae_title=self.calling_ae)
+        ae.dimse_timeout = self.dimse_timeout_s
+        ae.network_timeout = self.network_timeout_s
+        ae.acse_timeout = self.network_timeout_s
+        ae.connection_timeout = min(10.0, self.network_timeout_s)
+        ae.requested_contexts = _presentation_contexts(items)
+        return ae
+
+    def _tls_args(self, dest: Destination) -> tuple[tuple[ssl.SSLContext, str] | None, ClientContext | None]:
+        """pynetdicom's ``tls_args`` for ``dest`` and its context, its last error cleared (None, None: no TLS).
+
+        Raises ``OSError``/``ssl.SSLError`` when one of its TLS files cannot be loaded.
+        """
+        client_tls = self._tls.get(dest.name)
+        if client_tls is None:
+            return None, None
+        ctx = client_tls.context()
+        ctx.last_error = ""
+        return (ctx, client_tls.server_hostname), ctx
+
+    def _store_batch(
+        self, dest: Destination, state: _DestinationState, assoc: Association, items: list[tuple[Path, Dataset]]
+    ) -> str | None:
+        """C-STORE ``items`` in order on ``assoc``, then release it; why to back off, or None."""
         try:
             accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
             for path, ds in items:
@@ -901,75 +661,93 @@ class Outbox:
                     break
                 if str(ds.SOPClassUID) not in accepted:
                     self._failures.labels(destination=dest.name).inc()
-                    self._dead_letter(dest, path, f"destination accepts no presentation context for SOP class {ds.SOPClassUID}")
+                    why = f"destination accepts no presentation context for SOP class {ds.SOPClassUID}"
+                    self._dead_letter(dest, path, why)
                     continue
                 rsp = assoc.send_c_store(ds)
                 self._busy[dest.name] = time.monotonic()
                 status = int(getattr(rsp, "Status", -1)) if rsp else -1
-                if status < 0:
-                    trouble = "no response (timeout or aborted association)"
-                    self._failures.labels(destination=dest.name).inc()
-                    break
-                verdict = classify_status(status)
-                if verdict == "success":
-                    # Counted before the file goes: whoever sees the outbox empty sees it counted.
-                    self._sent.labels(destination=dest.name).inc()
-                    stored_at = self._stored_at.pop((dest.name, path.name), None)
-                    if stored_at is not None:
-                        self._store_to_result.labels(destination=dest.name).observe(max(0.0, time.time() - stored_at))
-                    self._remove_sent(dest, path)
-                    self._attempts_path(path).unlink(missing_ok=True)
-                    self._recovered(dest, state)
-                    continue
-                self._failures.labels(destination=dest.name).inc()
-                if verdict == "permanent":
-                    self._dead_letter(dest, path, f"destination refused it with status 0x{status:04X}")
-                    continue
-                if self._charge_attempt(path):
-                    self._dead_letter(
-                        dest,
-                        path,
-                        f"refused {self.policy.max_attempts} times within {self.policy.attempt_window_s:.0f} s; "
-                        f"last status 0x{status:04X}",
-                    )
-                    continue
-                trouble = f"transient failure status 0x{status:04X}"
-                break
+                trouble = self._settle(dest, state, path, status)
+                if trouble is not None:
+                    return trouble
         finally:
             if assoc.is_established:
                 assoc.release()
-        # Deleting a sent object needs no fsync: if the deletion is lost in a crash the
-        # object is sent again with the same SOP Instance UID, which a PACS treats as a resend.
-        if trouble is not None:
-            self._backoff(dest, state, trouble)
+        return None
 
-    def _attempts_path(self, path: Path) -> Path:
-        return path.with_name(path.stem + ".attempts.json")
+    def _settle(self, dest: Destination, state: _DestinationState, path: Path, status: int) -> str | None:
+        """Act on the C-STORE response ``status`` for ``path`` (-1: none); why to stop the batch, or None."""
+        if status < 0:
+            self._failures.labels(destination=dest.name).inc()
+            return "no response (timeout or aborted association)"
+        verdict = classify_status(status)
+        if verdict == "success":
+            self._delivered(dest, state, path)
+            return None
+        self._failures.labels(destination=dest.name).inc()
+        if verdict == "permanent":
+            self._dead_letter(dest, path, f"destination refused it with status 0x{status:04X}")
+            return None
+        if self._charge_attempt(path):
+            self._dead_letter(
+                dest,
+                path,
+                f"refused {self.policy.max_attempts} times within {self.policy.attempt_window_s:.0f} s; "
+                f"last status 0x{status:04X}",
+            )
+            return None
+        return f"transient failure status 0x{status:04X}"
+
+    def _delivered(self, dest: Destination, state: _DestinationState, path: Path) -> None:
+        """``dest`` has ``path``: count and time it, then remove it and its attempts record."""
+        # Counted before the file goes: whoever sees the outbox empty sees it counted.
+        self._sent.labels(destination=dest.name).inc()
+        stored_at = self._stored_at.pop((dest.name, path.name), None)
+        if stored_at is not None:
+            self._store_to_result.labels(destination=dest.name).observe(max(0.0, time.time() - stored_at))
+        self._remove_sent(dest, path)
+        attempts_path(path).unlink(missing_ok=True)
+        self._recovered(dest, state)
 
     def _charge_attempt(self, path: Path) -> bool:
         """Record one transient refusal of ``path``; True when it has used up its attempts."""
-        ap = self._attempts_path(path)
-        now = time.time()
-        try:
-            times = [float(t) for t in json.loads(ap.read_text(encoding="utf-8"))]
-        except (FileNotFoundError, ValueError):
-            times = []
-        times = [t for t in times if now - t < self.policy.attempt_window_s] + [now]
-        atomic_write(ap, [json.dumps(times).encode("utf-8")], tmp_dir=self.tmp_dir, mode=SPOOL_FILE_MODE)
-        return len(times) >= self.policy.max_attempts
+        return charge_attempt(path, self.policy.attempt_window_s, self.tmp_dir) >= self.policy.max_attempts
 
     def _dead_letter(self, dest: Destination, path: Path, reason: str) -> None:
+        """Move ``path`` to ``dest``'s dead-letter folder, with ``reason`` beside it, and count it."""
         target_dir = self.dead_root / dest.name
         target_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(target_dir / f"{path.stem}.reason.txt", [f"{reason}\n".encode("utf-8")],
-                     tmp_dir=self.tmp_dir, mode=SPOOL_FILE_MODE)
         target = target_dir / path.name
+        atomic_write(reason_path(target), [f"{reason}\n".encode("utf-8")], tmp_dir=self.tmp_dir, mode=SPOOL_FILE_MODE)
         with self._bytes_lock:
             replaced = self._size(target)  # an earlier dead letter of the same object
             shutil.move(str(path), target)
             self._stored_bytes -= replaced
             self._forget(dest, path)
-        self._attempts_path(path).unlink(missing_ok=True)
+        attempts_path(path).unlink(missing_ok=True)
         self._dead.labels(destination=dest.name).inc()
         self._stored_at.pop((dest.name, path.name), None)
         _log.error("Result %s for destination %s moved to the dead-letter folder: %s.", path.name, dest.name, reason)
+
+
+def _presentation_contexts(items: Sequence[tuple[Path, Dataset]]) -> list[PresentationContext]:
+    """One context per SOP class in ``items`` (at most :data:`_CONTEXTS_MAX`): its first object's
+    transfer syntax, then Explicit and Implicit VR Little Endian."""
+    contexts: dict[str, list[str]] = {}
+    for _p, ds in items:
+        sop = str(ds.SOPClassUID)
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        syntaxes = contexts.setdefault(sop, [ts])
+        for extra in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if extra not in syntaxes:
+                syntaxes.append(extra)
+    return [build_context(sop, ts) for sop, ts in list(contexts.items())[:_CONTEXTS_MAX]]
+
+
+def _association_failure(assoc: Association, ctx: ClientContext | None, connected: bool) -> str:
+    """Why ``assoc`` was not established: the TLS error on ``ctx``, no connection, rejected or aborted."""
+    if ctx is not None and ctx.last_error:
+        return ctx.last_error
+    if not connected:  # pynetdicom reports a refused connection as an abort
+        return "cannot connect (refused, unreachable or timed out)"
+    return "association rejected" if assoc.is_rejected else "association aborted"
