@@ -7,6 +7,9 @@ Argument parsing and dispatch only: the measuring is in :mod:`edge.tools.bench`
   is inside the timed region), like ``trtexec``: min / mean / median / p90 /
   p95 / p99 / max, coefficient of variation (warned about when high) and
   throughput; on TensorRT also H2D / compute / D2H from CUDA events.
+  ``--device`` picks the CUDA device, ``--cache-dir`` and ``--max-batch``
+  default to the daemon's (the TensorRT plan the daemon would load is the
+  one measured). Only this mode's modules are imported: no pydicom.
 - ``zmq``: end to end through a running daemon, like ``perf_analyzer``:
   client latency percentiles, achieved rate, drops, errors and the daemon's
   stage breakdown (``timing_us``); ``--sweep`` runs one row per step;
@@ -38,9 +41,6 @@ import argparse
 from pathlib import Path
 
 from edge.ops.curve import add_curve_arguments
-from edge.tools.bench import run_engine
-from edge.tools.bench_dicom import run_dicom
-from edge.tools.bench_zmq import run_zmq
 from edge.tools.endpoints import add_config_argument, parse_frame
 
 __all__ = ["configure_parser", "run", "parse_sweep"]
@@ -72,6 +72,13 @@ def _positive_int(text: str) -> int:
     v = int(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"{text} is not >= 1")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not >= 0")
     return v
 
 
@@ -114,6 +121,11 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--spin-us", type=int, default=1000, metavar="US",
                    help="ONNX Runtime intra-op spin after each parallel section, as the daemon's "
                         "[[models]] spin_us (default 1000; 0: no spinning)")
+    g.add_argument("--device", type=_non_negative_int, default=0, metavar="N",
+                   help="CUDA device ordinal, as the daemon's [[models]] device_id (default 0)")
+    g.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                   help="TensorRT engine cache (default: the daemon's, [cache_dir] or <spool_dir>/engine-cache "
+                        "of --config and MEDGE_*, so a plan built by the daemon or 'medge build' is reused)")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +137,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     _add_model_args(pe, required=True)
     add_config_argument(pe)
     pe.add_argument("--batch", type=_positive_int, default=1)
+    pe.add_argument("--max-batch", type=_positive_int, default=None, metavar="N",
+                    help="largest batch the backend is built for (TensorRT's profile and cache key; default: "
+                         "the daemon's for this model from --config and MEDGE_*, at least --batch)")
     pe.add_argument("--frame", type=parse_frame, default=(480, 640), metavar="HxW",
                     help="size of the synthetic source frame that is preprocessed once (default 480x640)")
     pe.add_argument("--warmup-s", type=float, default=1.0)
@@ -212,9 +227,19 @@ def _add_dicom_args(p: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------- entry
 def run(args: argparse.Namespace) -> int:
-    """Run the chosen mode; see the module docstring for the exit status."""
+    """Run the chosen mode; see the module docstring for the exit status.
+
+    Each mode's module is imported here, when chosen: engine mode never
+    loads pydicom/pynetdicom (DICOM mode's) nor the ZeroMQ client.
+    """
     if args.mode == "engine":
+        from edge.tools.bench import run_engine
+
         return run_engine(args)
     if args.mode == "zmq":
+        from edge.tools.bench_zmq import run_zmq
+
         return run_zmq(args)
+    from edge.tools.bench_dicom import run_dicom
+
     return run_dicom(args)

@@ -5,9 +5,14 @@ Checks, each ``ok``, ``warn`` or ``fail``:
 * the configuration file (and ``MEDGE_*`` overrides) validates;
 * Python packages: onnxruntime (and its execution providers), pyzmq,
   prometheus_client, pynetdicom/highdicom;
-* GPU: NVML / ``nvidia-smi``, TensorRT and cuda-python (``warn`` when
-  absent: the CPU is the fallback; ``fail`` when a configured model asks
-  for them);
+* GPU (:mod:`edge.tools.gpu_probe`): the driver and GPUs (NVML, else
+  ``nvidia-smi``), which GPU gauges ``/metrics`` carries (NVML per gauge,
+  or a Jetson's sysfs), cuda-python and the CUDA runtime, TensorRT, ONNX
+  Runtime's GPU providers (a CUDA session is really created), and the
+  TensorRT plans each model would load from the engine cache. Absent on a
+  CPU-only machine: ``ok``, "not present"; ``warn`` where a model has
+  ``backend = "auto"`` (it falls back); ``fail`` where a model names
+  TensorRT or a GPU provider;
 * engines: every served model's manifest loads and its artifacts' sha256
   match;
 * ports: the ZeroMQ, metrics and DICOM addresses can be bound (``warn``
@@ -27,24 +32,14 @@ import os
 import shutil
 import socket
 import secrets
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 from edge.config import MedgeConfig, load_config
 from edge.errors import ConfigError, MedgeError
 from edge.fileio import atomic_write
+from edge.tools.gpu_probe import Check, gpu_checks
 
 __all__ = ["Check", "run_checks", "configure_parser", "run"]
-
-
-@dataclass(frozen=True)
-class Check:
-    """One doctor finding."""
-
-    name: str
-    status: str  # ok | warn | fail
-    detail: str
 
 
 def _version(dist: str) -> str | None:
@@ -77,32 +72,6 @@ def _packages() -> list[Check]:
         out.append(Check("onnxruntime providers", "ok", ", ".join(available_providers())))
     except ImportError as exc:
         out.append(Check("onnxruntime providers", "fail", str(exc)))
-    return out
-
-
-def _gpu(cfg: MedgeConfig | None) -> list[Check]:
-    out = []
-    wants_gpu = cfg is not None and any(m.backend == "tensorrt" or m.provider != "cpu" for m in cfg.models)
-    miss = "fail" if wants_gpu else "warn"
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            res = subprocess.run(
-                [smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-            gpus = [g.strip() for g in res.stdout.splitlines() if g.strip()]
-            out.append(Check("gpu", "ok" if gpus else miss, "; ".join(gpus) or "nvidia-smi lists no GPU"))
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            out.append(Check("gpu", miss, f"nvidia-smi failed: {exc}"))
-    else:
-        out.append(Check("gpu", miss, "no NVIDIA driver (nvidia-smi not found); inference runs on the CPU"))
-    from edge.inference.backends.tensorrt import tensorrt_available
-
-    ok, why = tensorrt_available()
-    out.append(Check("tensorrt", "ok" if ok else miss, why))
     return out
 
 
@@ -193,7 +162,7 @@ def run_checks(config_path: Path | None) -> list[Check]:
         except ConfigError:
             cfg = None
     checks.extend(_packages())
-    checks.extend(_gpu(cfg))
+    checks.extend(gpu_checks(cfg))
     if cfg is not None:
         checks.extend(_engines(cfg))
         checks.extend(_ports(cfg))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -30,7 +31,8 @@ from edge.tools.results import (
     write_outputs,
 )
 
-__all__ = ["run_engine", "bench_engine_samples", "input_frame", "load_bench_model", "write_files", "BenchProgress"]
+__all__ = ["run_engine", "bench_engine_samples", "input_frame", "load_bench_model", "write_files", "BenchProgress",
+           "daemon_engine_settings"]
 
 _log = logging.getLogger(__name__)
 
@@ -80,13 +82,43 @@ def input_frame(task: str, frame: tuple[int, int], dtype: str = "uint8", kind: s
     return UltrasoundProbe(h, w, dtype, seed=0, loop=1).frame(0)
 
 
+def daemon_engine_settings(args: argparse.Namespace) -> tuple[Path, int, str]:
+    """The engine cache folder and max batch the daemon uses for ``--model``, and where they came from.
+
+    Read with the daemon's own loader (``--config``, then ``MEDGE_*``), so
+    that a TensorRT plan the daemon built (or ``medge build`` built for it)
+    is the one measured, and a plan built here is the one the daemon loads:
+    the cache key holds the max batch. ``--cache-dir`` and ``--max-batch``
+    override them.
+    """
+    from edge.config import load_config
+    from edge.errors import ConfigError
+
+    cfg = load_config(args.config, check_models=False)
+    try:
+        max_batch = cfg.model(args.model).max_batch or cfg.scheduler.max_batch
+    except ConfigError:  # not a served model: the scheduler's default
+        max_batch = cfg.scheduler.max_batch
+    origin = f"--config {args.config}" if args.config else "the daemon's defaults and MEDGE_* variables"
+    return cfg.engine_cache_dir, int(max_batch), origin
+
+
 def load_bench_model(args: argparse.Namespace, max_batch: int):
-    """The model named by ``--model`` with the backend options of ``args`` (no warm-up)."""
+    """The model named by ``--model`` with the backend options of ``args`` (no warm-up).
+
+    ``--cache-dir`` (TensorRT engine cache) and ``--device`` (CUDA ordinal)
+    are passed through when given; otherwise :func:`load_model`'s defaults.
+    """
     from edge.inference.model import load_model
 
+    extra: dict[str, Any] = {}
+    if getattr(args, "cache_dir", None) is not None:
+        extra["cache_dir"] = args.cache_dir
+    if getattr(args, "device", None) is not None:
+        extra["device_id"] = args.device
     return load_model(args.model, engines_dir=args.engines_dir, precision=args.precision,
                       backend=args.backend, provider=args.provider, max_batch=max_batch,
-                      intra_op_threads=args.threads, spin_us=args.spin_us, warmup_iterations=0)
+                      intra_op_threads=args.threads, spin_us=args.spin_us, warmup_iterations=0, **extra)
 
 
 def bench_engine_samples(infer: Callable[[np.ndarray], Any], batch: np.ndarray, *, warmup_s: float,
@@ -133,7 +165,12 @@ def run_engine(args: argparse.Namespace) -> int:
     engines = resolve_client_endpoints(args.config, engines_dir=args.engines_dir).engines_dir
     args.engines_dir = engines.value
     print(f"engines folder: {engines.value} (from {engines.origin})")
-    model = load_bench_model(args, max_batch=args.batch)
+    cache_dir, daemon_max_batch, origin = daemon_engine_settings(args)
+    cache_origin = "--cache-dir" if args.cache_dir is not None else origin
+    args.cache_dir = args.cache_dir if args.cache_dir is not None else cache_dir
+    max_batch = max(args.batch, args.max_batch or daemon_max_batch)
+    print(f"engine cache: {args.cache_dir} (from {cache_origin}), max batch {max_batch}, CUDA device {args.device}")
+    model = load_bench_model(args, max_batch=max_batch)
     with model:
         frame = input_frame(model.task, args.frame)
         x, _ = model.preprocess(frame)
@@ -150,7 +187,8 @@ def run_engine(args: argparse.Namespace) -> int:
         label = getattr(model, "backend_label", be.name)
         info = {"model": model.name, "version": model.version, "task": model.task,
                 "backend": label, "precision": model.precision, "batch": args.batch,
-                "input_shape": list(batch.shape), "source_frame": list(args.frame),
+                "input_shape": list(batch.shape), "source_frame": list(args.frame), "max_batch": max_batch,
+                "device": args.device,
                 "threads": getattr(be, "intra_op_threads", None), "spin_us": getattr(be, "spin_us", None)}
     s = summarize_ms(lat)
     total_ms = float(lat.sum())

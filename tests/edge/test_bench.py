@@ -12,6 +12,8 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -110,6 +112,53 @@ def test_bench_engine_reports_sane_stats(fixture_engines: Path, tmp_path: Path, 
     with open(tmp_path / "e.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 60
     _valid_png(tmp_path / "e.png")
+
+
+def test_bench_engine_imports_no_dicom_stack(fixture_engines: Path) -> None:
+    """Engine mode on a GPU box must not need (or pay for) pydicom/pynetdicom: run it in a fresh interpreter."""
+    code = (
+        "import sys\n"
+        "from edge.cli import main\n"
+        f"rc = main(['bench', 'engine', '--model', 'tiny-seg', '--engines-dir', {str(fixture_engines)!r},\n"
+        "           '--warmup-s', '0', '--iterations', '3', '--no-progress'])\n"
+        "loaded = sorted(m for m in ('pydicom', 'pynetdicom', 'highdicom') if m in sys.modules)\n"
+        "print('RC', rc, 'LOADED', ','.join(loaded) or '-')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(edge.__file__).parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "RC 0 LOADED -" in out.stdout, out.stdout[-2000:]
+
+
+def test_bench_engine_passes_cache_dir_device_and_the_daemons_max_batch(fixture_engines: Path, tmp_path: Path,
+                                                                          capsys, monkeypatch) -> None:
+    import edge.inference.model as model_mod
+
+    seen: list[dict] = []
+    real = model_mod.load_model
+
+    def spy(name, **kwargs):
+        seen.append(kwargs)
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(model_mod, "load_model", spy)
+    monkeypatch.delenv("MEDGE_CACHE_DIR", raising=False)
+    base = ["bench", "engine", "--model", "tiny-seg", "--engines-dir", str(fixture_engines), "--warmup-s", "0",
+            "--iterations", "3", "--no-progress"]
+    assert main([*base, "--cache-dir", str(tmp_path / "plans"), "--device", "1", "--batch", "2"]) == 0
+    assert seen[-1]["cache_dir"] == tmp_path / "plans" and seen[-1]["device_id"] == 1
+    assert seen[-1]["max_batch"] == 4  # the daemon's default [scheduler] max_batch, so its plan is the one timed
+    assert "engine cache: " + str(tmp_path / "plans") + " (from --cache-dir)" in capsys.readouterr().out
+    cfg = tmp_path / "medge.toml"
+    cfg.write_text(f"cache_dir = {json.dumps(str(tmp_path / 'daemon-plans'))}\n[scheduler]\nmax_batch = 6\n")
+    assert main([*base, "--config", str(cfg), "--batch", "8"]) == 0
+    assert seen[-1]["cache_dir"] == tmp_path / "daemon-plans" and seen[-1]["device_id"] == 0
+    assert seen[-1]["max_batch"] == 8  # never below --batch
+    assert main([*base, "--config", str(cfg)]) == 0
+    assert seen[-1]["max_batch"] == 6
+    assert f"(from --config {cfg}), max batch 6, CUDA device 0" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*base, "--device", "-1"])
 
 
 def test_bench_engine_unknown_model_is_a_clear_error(fixture_engines: Path, capsys) -> None:
