@@ -102,6 +102,7 @@ class _Job:
     track_e2e: bool = True
     shed: bool = False
     nbytes: int = 0
+    want: frozenset[str] = frozenset()  # extra outputs asked for (heatmap, probability)
 
 
 @dataclass(eq=False)
@@ -247,6 +248,7 @@ class Scheduler:
         received_ns: int | None = None,
         live: bool = True,
         track_e2e: bool = True,
+        want: frozenset[str] = frozenset(),
     ) -> None:
         """Queue one image; ``callback`` is called exactly once, from a worker thread.
 
@@ -271,6 +273,10 @@ class Scheduler:
         track_e2e : bool
             Observe ``medge_end_to_end_seconds`` when the result is ready;
             sources that observe it after their own egress pass False.
+        want : frozenset of str
+            Extra outputs to compute for this image (``heatmap``,
+            ``probability``; :data:`edge.types.EXTRA_OUTPUTS`); those the
+            model cannot produce are ignored. Empty: the fast path.
 
         Raises
         ------
@@ -288,7 +294,7 @@ class Scheduler:
         if not self._accepting:
             raise ProtocolError("overloaded", "The daemon is not accepting frames (starting or shutting down).")
         nbytes = int(image.nbytes)
-        job = _Job(image, stream, source, callback, received_ns or now, now, live, track_e2e, nbytes=nbytes)
+        job = _Job(image, stream, source, callback, received_ns or now, now, live, track_e2e, nbytes=nbytes, want=want)
         pol = q.policy
         victims = self._enqueue(q, name, job)
         if victims is None:
@@ -329,9 +335,16 @@ class Scheduler:
         return victims
 
     def infer(
-        self, image: np.ndarray, *, model: str, source: str, timeout_s: float = 30.0, stream: str = ""
+        self,
+        image: np.ndarray,
+        *,
+        model: str,
+        source: str,
+        timeout_s: float = 30.0,
+        stream: str = "",
+        want: frozenset[str] = frozenset(),
     ) -> InferenceResult:
-        """Submit one image (non-live: never shed) and wait for its result.
+        """Submit one image (non-live: never shed) and wait for its result (``want`` as for :meth:`submit`).
 
         Raises
         ------
@@ -346,7 +359,7 @@ class Scheduler:
             box.append(res)
             done.set()
 
-        self.submit(image, model=model, source=source, stream=stream or source, callback=_cb, live=False)
+        self.submit(image, model=model, source=source, stream=stream or source, callback=_cb, live=False, want=want)
         if not done.wait(timeout_s):
             raise ProtocolError("internal", f"No result from model {model!r} within {timeout_s} s.")
         return box[0]
@@ -549,7 +562,11 @@ class Scheduler:
         try:
             t_start = time.perf_counter_ns()
             try:
-                results = model.run([j.image for j in batch])
+                images = [j.image for j in batch]
+                if any(j.want for j in batch):  # maps asked for (heatmap, probability); else the fast path
+                    results = model.run(images, [j.want for j in batch])
+                else:
+                    results = model.run(images)
             except Exception as exc:  # the backend failed: answer every frame, keep serving
                 self._boundary.report(exc, f"inference of a batch of {len(batch)}")
                 results = [self._internal_result(model, f"Inference failed: {type(exc).__name__}.") for _ in batch]

@@ -15,6 +15,12 @@ Both take ``image`` ``[N, 1, 64, 64]`` float32 (small, so tests are fast)
 and have ``fp32`` and ``int8`` artifacts (the int8 one is the same graph;
 only the selection logic is under test).
 
+``fixture_engines_with_cls`` (session scope) adds the third committed model,
+``tiny-cls``: a binary classifier (label ``nodule``, outputs ``logits`` and
+``cam``, temperature 2) whose calibrated probability is
+``sigmoid(20 * (f - 0.1))``, ``f`` the mean of the min-max normalised,
+letterboxed input (see ``tests/trainer/test_fixture_engines.py``).
+
 Real peers (DCMTK, dicom3tools, Prometheus, Orthanc, systemd-analyze,
 OpenSSL): a test that drives one says so with ``@pytest.mark.peer("tool", ...)``
 or calls :func:`require_peer`. A missing peer skips the test with a reason
@@ -135,13 +141,26 @@ def wait_until(cond: Callable[[], object], timeout_s: float = 10.0, what: str = 
         time.sleep(interval_s)
 
 
+#: The committed models ``fixture_engines`` serves; ``fixture_engines_with_cls`` serves every one.
+FIXTURE_MODELS = ("tiny-seg", "tiny-det")
+
+
 @pytest.fixture(scope="session")
 def fixture_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An engines folder with ``tiny-seg`` and ``tiny-det`` (see module doc): a copy of the shipped one.
+    """An engines folder with ``tiny-seg`` and ``tiny-det`` (see module doc): a copy of the shipped ones.
 
     Copied, not used in place, so no test can write into the committed folder.
     """
-    return Path(shutil.copytree(FIXTURE_ENGINES, tmp_path_factory.mktemp("engines") / "engines"))
+    dst = tmp_path_factory.mktemp("engines") / "engines"
+    for name in FIXTURE_MODELS:
+        shutil.copytree(FIXTURE_ENGINES / name, dst / name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def fixture_engines_with_cls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An engines folder with ``tiny-seg``, ``tiny-det`` and ``tiny-cls`` (see module doc): a copy."""
+    return Path(shutil.copytree(FIXTURE_ENGINES, tmp_path_factory.mktemp("engines-cls") / "engines"))
 
 
 @pytest.fixture

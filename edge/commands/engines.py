@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"engines: {root}")
             for r in rows:
                 print(
-                    f"  {r['name']:<20} v{r['version']:<6} {r['task']:<13} labels={','.join(r['labels'])} "
+                    f"  {r['name']:<20} v{r['version']:<6} {r['task']:<14} labels={','.join(r['labels'])} "
                     f"input={'x'.join(map(str, r['input']))} artifacts={','.join(r['artifacts'])}"
                 )
             for name, why in broken:

@@ -6,8 +6,10 @@ falls due while the window is full is skipped, as a live probe would), at a
 fixed ``--fps``. Sources: a synthetic ultrasound probe (default) or X-ray
 frames, a folder of PNG/JPEG/TIFF/DICOM images, or one DICOM file
 (multi-frame cine: every frame). It prints one line per second (sent, ok,
-dropped, errors, p50/p99 latency) and a summary; ``--json`` prints the same
-as JSON lines.
+dropped, errors, p50/p99 latency) and a summary with what the last frame's
+reply said (a classification's classes and decision and how many frames
+were called positive, a detection's boxes, a segmentation's labelled
+share); ``--json`` prints the same as JSON lines.
 
 ``medge send dicom`` is provided by :mod:`edge.tools.dicom_scu` (C-STORE SCU).
 
@@ -27,6 +29,7 @@ Examples
 
     medge send zmq --fps 30 --duration-s 10
     medge send zmq --model xray-nodule-det --source xray --frame 512x512 --dtype uint16 --fps 5 --frames 20
+    medge send zmq --model xray-nodule-cls --source xray --want heatmap --fps 5 --frames 20
     medge send zmq --source cine.dcm --fps 25 --json
     medge send zmq --config /etc/medge/scanner-2.toml --frames 30
 """
@@ -88,7 +91,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                     help="synthetic pixel type (default uint8; xray uint16)")
     pz.add_argument("--window", type=int, default=8, help="most frames in flight (default %(default)s)")
     pz.add_argument("--seed", type=int, default=0, help="seed of the synthetic source")
-    pz.add_argument("--want", default=None, help="comma-separated 'want' list (e.g. mask,boxes)")
+    pz.add_argument("--want", default=None,
+                    help="comma-separated 'want' list: mask, boxes, heatmap, probability (default: mask,boxes)")
     pz.add_argument("--reply-timeout-s", type=_positive, default=5.0,
                     help="a frame with no reply after this long is a timeout; no reply at all: the run stops")
     pz.add_argument("--connect-timeout-s", type=_positive, default=3.0)
@@ -124,6 +128,41 @@ def _source(args: argparse.Namespace):
     n = len(src.arrays)
     f0 = src.arrays[0]
     return src, f"{p} ({n} frame(s), first {list(f0.shape)} {f0.dtype})"
+
+
+def last_result(rep: Any) -> dict[str, Any]:
+    """What one ok reply (:class:`edge.tools.zmq_client.Reply`) said, as JSON-ready data.
+
+    ``task``; ``classes`` and ``decision`` (classification); ``boxes`` (a
+    count); ``labelled`` (the share of mask pixels not background); and the
+    ``[H, W]`` of each map received (``mask``, ``probability``, ``heatmap``).
+    """
+    out: dict[str, Any] = {"task": rep.header.get("task")}
+    if rep.classes:
+        out["classes"], out["decision"] = rep.classes, rep.decision
+    if "boxes" in rep.header:
+        out["boxes"] = len(rep.boxes)
+    for key in ("mask", "probability", "heatmap"):
+        arr = getattr(rep, key)
+        if arr is not None:
+            out[key] = list(arr.shape)
+            if key == "mask":
+                out["labelled"] = round(float((arr > 0).mean()), 4) if arr.size else 0.0
+    return out
+
+
+def _result_line(result: dict[str, Any]) -> str:
+    """:func:`last_result` as one line for a person."""
+    parts = []
+    if "classes" in result:
+        shown = ", ".join(f"{c.get('label')} {float(c.get('score', 0.0)):.4f}" for c in result["classes"][:3])
+        parts.append(f"classes {shown}; decision {str(result['decision']).lower()}")
+    if result.get("boxes"):
+        parts.append(f"{result['boxes']} box(es)")
+    if "labelled" in result:
+        parts.append(f"mask {100 * result['labelled']:.1f} % labelled")
+    parts += [f"{k} {result[k][0]}x{result[k][1]}" for k in ("probability", "heatmap") if k in result]
+    return "; ".join(parts) or "nothing asked for (status and timing only)"
 
 
 def _say(args: argparse.Namespace, line: str) -> None:
@@ -168,10 +207,19 @@ def _run_zmq(args: argparse.Namespace) -> int:
                    connect_timeout_s=args.connect_timeout_s, on_tick=tick, curve=curve_from_args(args))
     summary: dict[str, Any] = res.summary()
     summary["endpoint"], summary["endpoint_from"] = endpoint, eps.zmq_ingest.origin
+    last = res.last_replies.get(args.stream)
+    if last is not None:
+        summary["last_result"] = last_result(last)
     if args.json:
         print(json.dumps({"type": "summary", **summary}), flush=True)
     else:
         print(f"summary: {describe(res)}")
+        if "last_result" in summary:
+            print(f"last result: {_result_line(summary['last_result'])}")
+        if "decisions" in summary:
+            d = summary["decisions"]
+            print(f"decisions: {d['positive']} positive, {d['negative']} negative "
+                  "(at the model's threshold, of the frames answered ok)")
         if summary["error_codes"]:
             print(f"error codes: {summary['error_codes']}")
     if res.aborted:

@@ -1,8 +1,11 @@
 """ZeroMQ egress: protocol v1 reply encoding and the results PUB socket.
 
-A reply is ``[header]`` or ``[header, mask]`` (see ``docs/protocol.md``);
-every reply to a frame request whose stream is known is also published as
-``[topic, header(, mask)]``, the topic being the stream name followed by
+A reply is ``[header]`` followed by the map frames its header describes, in
+the fixed order ``mask``, ``probability``, ``heatmap`` (each present only
+when described; see ``docs/protocol.md``), so a client that reads the mask
+as frame 2 is unaffected by the others. Every reply to a frame request
+whose stream is known is also published as ``[topic, header, maps...]``
+(byte-identical frames), the topic being the stream name followed by
 one NUL byte (:func:`topic`), so that a subscription to ``probe-1\\0``
 cannot match ``probe-10``. The answer to ``{"v": 1, "op": "models"}``
 (:func:`encode_models`, entries from :func:`describe_model`) is a reply
@@ -58,14 +61,20 @@ __all__ = [
     "describe_model",
     "describe_models",
     "DescribedModel",
+    "MAP_FRAMES",
     "TOPIC_TERMINATOR",
     "topic",
     "Publisher",
+    "copy_is_cheaper",
+    "ZERO_COPY_BYTES",
 ]
 
 _log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
+#: the map frames a reply may carry after its header, in this order, each described by the header key
+#: of the same name (``{"dtype": "uint8", "shape": [H, W]}``) and present only when described
+MAP_FRAMES = ("mask", "probability", "heatmap")
 ERROR_CODES = ("bad_header", "bad_shape", "bad_dtype", "payload_size", "unknown_model", "overloaded", "internal")
 #: ends every PUB topic frame; a stream name cannot hold it (control characters are refused)
 TOPIC_TERMINATOR = b"\x00"
@@ -99,12 +108,21 @@ class EncodedReply(NamedTuple):
     substituted : bool
         True when the intended reply could not be encoded and an
         ``internal`` error reply was encoded instead.
+    extras : tuple of numpy.ndarray
+        The ``probability`` and ``heatmap`` frames the header describes, in
+        :data:`MAP_FRAMES` order (uint8 ``[H, W]``, C-contiguous); usually empty.
     """
 
     header: bytes
     mask: np.ndarray | None
     status: str
     substituted: bool
+    extras: tuple[np.ndarray, ...] = ()
+
+    @property
+    def payload(self) -> tuple[np.ndarray, ...]:
+        """The frames after the header, in :data:`MAP_FRAMES` order."""
+        return self.extras if self.mask is None else (self.mask, *self.extras)
 
 
 def _encodes(value: Any) -> bool:
@@ -157,7 +175,10 @@ def encode_result(
     stream : str
         The request's stream (echoed; also the PUB topic).
     want_mask, want_boxes : bool
-        From the request's ``want``; leave out what was not asked for.
+        From the request's ``want``; leave out what was not asked for. The
+        ``probability`` and ``heatmap`` maps are in the reply when the
+        result carries them (they are computed only when asked for); a
+        classification's ``classes`` and ``decision`` always are.
     sent_ns : int or str, optional
         Echoed exactly as the request carried it (an integer, or a decimal
         string for clients whose JSON numbers are doubles); clients measure
@@ -166,8 +187,9 @@ def encode_result(
     Returns
     -------
     EncodedReply
-        The header, the mask (or ``None``), the status encoded and whether
-        an ``internal`` error replaced a reply that could not be encoded.
+        The header, the mask (or ``None``), the status encoded, whether an
+        ``internal`` error replaced a reply that could not be encoded, and
+        the other map frames.
     """
     hdr: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
@@ -181,12 +203,17 @@ def encode_result(
     if result.task:
         hdr["task"] = result.task
     mask_out: np.ndarray | None = None
+    extras: tuple[np.ndarray, ...] = ()
     if result.status == "ok":
         if want_boxes:
             hdr["boxes"] = [b.to_dict() for b in result.boxes]
+        if result.classes is not None:
+            hdr["classes"] = [c.to_dict() for c in result.classes]
+            hdr["decision"] = bool(result.decision)
         if want_mask and result.mask is not None:
-            mask_out = np.ascontiguousarray(result.mask, dtype=np.uint8)
-            hdr["mask"] = {"dtype": "uint8", "shape": list(mask_out.shape)}
+            mask_out = _map_frame(hdr, "mask", result.mask)
+        if result.probability is not None or result.heatmap is not None:
+            extras = _extra_frames(hdr, result)
     elif result.status == "dropped":
         hdr["reason"] = (result.error_message or "shed").removeprefix("shed: ")
     else:
@@ -199,7 +226,24 @@ def encode_result(
     if header is None:
         _log.debug("A %s reply could not be encoded; an internal error reply replaces it.", result.status)
         return EncodedReply(_internal_error(request_id, stream, result.model), None, "error", True)
-    return EncodedReply(header, mask_out, result.status, False)
+    return EncodedReply(header, mask_out, result.status, False, extras)
+
+
+def _map_frame(hdr: dict[str, Any], key: str, values: np.ndarray) -> np.ndarray:
+    """``values`` as a C-contiguous uint8 frame, described under ``hdr[key]``."""
+    frame = np.ascontiguousarray(values, dtype=np.uint8)
+    hdr[key] = {"dtype": "uint8", "shape": list(frame.shape)}
+    return frame
+
+
+def _extra_frames(hdr: dict[str, Any], result: InferenceResult) -> tuple[np.ndarray, ...]:
+    """The ``probability`` and ``heatmap`` frames the result carries, in :data:`MAP_FRAMES` order."""
+    frames = []
+    for key in MAP_FRAMES[1:]:
+        values = getattr(result, key)
+        if values is not None:
+            frames.append(_map_frame(hdr, key, values))
+    return tuple(frames)
 
 
 def encode_error(
@@ -394,29 +438,51 @@ def describe_model(model: DescribedModel | Manifest) -> dict[str, Any]:
     bare = isinstance(model, Manifest)
     manifest = model if isinstance(model, Manifest) else model.manifest
     threshold = manifest.postprocessing.threshold if isinstance(model, Manifest) else model.threshold
-    segmentation = manifest.task == "segmentation"
     return {
         "name": manifest.name,
         "version": manifest.version,
         "task": manifest.task,
         "labels": list(manifest.labels),
         "input": _input_semantics(manifest),
-        "output": {
-            "mask": segmentation,
-            "boxes": not segmentation,
-            "threshold": float(threshold),
-            "max_detections": None if segmentation else int(manifest.postprocessing.max_detections),
-            "nms_iou": None if segmentation else float(manifest.postprocessing.nms_iou),
-        },
+        "output": _output_description(manifest, float(threshold)),
         "precision": None if bare else str(model.precision),  # type: ignore[union-attr]
         "backend": None if bare else str(model.backend_label),  # type: ignore[union-attr]
         "research_only": bool(manifest.research_only),
     }
 
 
+def _output_description(manifest: Manifest, threshold: float) -> dict[str, Any]:
+    """``output`` of a models-reply entry: what an ``ok`` reply of this model can carry, and its thresholds."""
+    task, post = manifest.task, manifest.postprocessing
+    detection = task == "detection"
+    classification = task == "classification"
+    return {
+        "mask": task == "segmentation",
+        "boxes": detection,
+        "probability": task == "segmentation",
+        "classes": classification,
+        "heatmap": classification and "cam" in manifest.outputs,
+        "threshold": threshold,
+        "temperature": float(post.temperature or 1.0) if classification else None,
+        "max_detections": int(post.max_detections) if detection else None,
+        "nms_iou": float(post.nms_iou) if detection else None,
+    }
+
+
 def describe_models(models: Iterable[DescribedModel | Manifest]) -> list[dict[str, Any]]:
     """:func:`describe_model` of each model, in order."""
     return [describe_model(m) for m in models]
+
+
+#: map frames up to this many bytes in all are copied into the message: a memcpy beats zero-copy bookkeeping
+ZERO_COPY_BYTES = 128 * 1024
+
+
+def copy_is_cheaper(payload: Sequence[np.ndarray]) -> bool:
+    """Whether to send ``payload`` (the map frames) by copy rather than zero-copy (:data:`ZERO_COPY_BYTES`)."""
+    if len(payload) == 1:  # the usual reply: one mask
+        return int(payload[0].nbytes) <= ZERO_COPY_BYTES
+    return sum(int(f.nbytes) for f in payload) <= ZERO_COPY_BYTES
 
 
 def topic(stream: str, terminated: bool = True) -> bytes:
@@ -436,7 +502,7 @@ def topic(stream: str, terminated: bool = True) -> bytes:
 
 
 class Publisher:
-    """The results PUB socket: every reply as ``[topic(stream), header(, mask)]``.
+    """The results PUB socket: every reply as ``[topic(stream), header, maps...]``.
 
     Never blocks and never slows the daemon: a subscriber that cannot keep
     up loses messages beyond ``hwm`` (ZeroMQ PUB semantics). The daemon holds
@@ -487,13 +553,11 @@ class Publisher:
             raise
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    def publish(self, stream: str, header: bytes, mask: np.ndarray | None) -> None:
-        """Publish one reply (the caller serialises access to the socket)."""
-        frames: list[Any] = [topic(stream, self.terminated), header]
-        if mask is not None:
-            frames.append(mask)
+    def publish(self, stream: str, header: bytes, payload: Sequence[np.ndarray] = ()) -> None:
+        """Publish one reply: its header and map frames (:attr:`EncodedReply.payload`); the caller serialises access."""
+        frames: list[Any] = [topic(stream, self.terminated), header, *payload]
         try:
-            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=mask is None or mask.nbytes <= 128 * 1024)
+            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy_is_cheaper(payload))
         except zmq.ZMQError as exc:  # a PUB socket drops at the hwm itself; this is the socket failing
             reason = "closed" if exc.errno in (zmq.ETERM, zmq.ENOTSOCK) else "error"
             _log.debug("A result was not published (%s).", zmq.strerror(exc.errno))

@@ -40,13 +40,22 @@ from edge.errors import BackendUnavailableError, DataError, ModelError
 from edge.inference.backends import create_backend
 from edge.inference.chain import Step, plan, select
 from edge.inference.manifest import Manifest, default_engines_dir
-from edge.inference.postprocess import decode_detections, segmentation_mask
+from edge.inference.postprocess import (
+    class_heatmap,
+    classify,
+    decode_detections,
+    segmentation_mask,
+    segmentation_probability,
+)
 from edge.inference.preprocess import Geometry, preprocess
-from edge.types import Backend, Box, InferenceResult
+from edge.types import Backend, InferenceResult
 
 __all__ = ["LoadedModel", "ModelRegistry", "load_model", "resolve_precision"]
 
 _log = logging.getLogger(__name__)
+
+
+_NO_EXTRAS: frozenset[str] = frozenset()
 
 
 def _us(t0: int, t1: int) -> int:
@@ -137,8 +146,21 @@ class LoadedModel:
 
     @property
     def task(self) -> str:
-        """``segmentation`` or ``detection``."""
+        """``segmentation``, ``detection`` or ``classification``."""
         return self.manifest.task
+
+    @property
+    def extra_outputs(self) -> frozenset[str]:
+        """What of :data:`edge.types.EXTRA_OUTPUTS` this model can produce when asked.
+
+        ``probability`` for segmentation; ``heatmap`` for classification
+        when the model has a ``cam`` output; nothing for detection.
+        """
+        if self.task == "segmentation":
+            return frozenset({"probability"})
+        if self.task == "classification" and "cam" in self.manifest.outputs:
+            return frozenset({"heatmap"})
+        return frozenset()
 
     @property
     def max_batch(self) -> int:
@@ -165,30 +187,52 @@ class LoadedModel:
         return self.backend.infer(batch)
 
     def postprocess(
-        self, outputs: Mapping[str, np.ndarray], index: int, geom: Geometry
-    ) -> tuple[np.ndarray | None, list[Box]]:
-        """Item ``index`` of a batch's outputs to ``(mask, boxes)`` at the source size."""
-        post = self.postprocessing
-        if self.task == "segmentation":
-            name = self.manifest.outputs[0]
-            return segmentation_mask(outputs[name][index], geom, post.threshold), []
-        boxes = decode_detections(
-            outputs["heatmap"][index],
-            outputs["size"][index],
-            outputs["offset"][index],
-            geom,
-            post,
-            self.manifest.labels,
-        )
-        return None, boxes
+        self, outputs: Mapping[str, np.ndarray], index: int, geom: Geometry, want: frozenset[str] = frozenset()
+    ) -> InferenceResult:
+        """Item ``index`` of a batch's outputs to an ``ok`` result at the source size (no timings).
 
-    def run(self, images: Sequence[np.ndarray]) -> list[InferenceResult]:
+        ``want`` lists the extra outputs to compute (``heatmap``,
+        ``probability``); those this model cannot produce are ignored.
+        A classification whose logits are not finite is an ``internal`` error.
+        """
+        post = self.postprocessing
+        res = InferenceResult(status="ok", model=self.name, model_version=self.version, task=self.task)
+        if self.task == "segmentation":
+            logits = outputs[self.manifest.outputs[0]][index]
+            res.mask = segmentation_mask(logits, geom, post.threshold)
+            if "probability" in want:
+                res.probability = segmentation_probability(logits, geom)
+        elif self.task == "classification":
+            logits = outputs["logits"][index]
+            if not np.isfinite(logits).all():
+                return self._error("internal", "The model's logits are not finite.")
+            res.classes, res.decision, top = classify(logits, self.manifest.labels, post)
+            if "heatmap" in want and "cam" in outputs:
+                res.heatmap = class_heatmap(outputs["cam"][index], logits, top, geom, post.temperature or 1.0)
+        else:
+            res.boxes = decode_detections(
+                outputs["heatmap"][index],
+                outputs["size"][index],
+                outputs["offset"][index],
+                geom,
+                post,
+                self.manifest.labels,
+            )
+        return res
+
+    def run(
+        self, images: Sequence[np.ndarray], wants: Sequence[frozenset[str]] | None = None
+    ) -> list[InferenceResult]:
         """Preprocess, infer in batches of at most ``max_batch``, postprocess.
 
         Parameters
         ----------
         images : sequence of numpy.ndarray
             ``[H, W]``, ``[H, W, 1]`` or ``[H, W, 3]``; any supported dtype.
+        wants : sequence of frozenset of str, optional
+            Per image, the extra outputs to compute (``heatmap``,
+            ``probability``; see :attr:`extra_outputs`). ``None``: none, the
+            fast path.
 
         Returns
         -------
@@ -203,12 +247,18 @@ class LoadedModel:
         ModelError, RuntimeError
             If the backend fails (the whole batch fails).
         """
+        if wants is not None and len(wants) != len(images):
+            raise ValueError(f"{len(wants)} want sets for {len(images)} images.")
         results: list[InferenceResult] = []
-        for start in range(0, len(images), max(1, self.max_batch)):
-            results.extend(self._run_batch(images[start : start + self.max_batch]))
+        step = max(1, self.max_batch)
+        for start in range(0, len(images), step):
+            part = None if wants is None else wants[start : start + step]
+            results.extend(self._run_batch(images[start : start + step], part))
         return results
 
-    def _run_batch(self, images: Sequence[np.ndarray]) -> list[InferenceResult]:
+    def _run_batch(
+        self, images: Sequence[np.ndarray], wants: Sequence[frozenset[str]] | None = None
+    ) -> list[InferenceResult]:
         n = len(images)
         out: list[InferenceResult | None] = [None] * n
         batch = np.empty((n, *self.input_shape), dtype=np.float32)  # preprocessed in place, no stacking
@@ -231,22 +281,15 @@ class LoadedModel:
             infer_us = _us(t0, time.perf_counter_ns())
             for j, (slot, geom) in enumerate(zip(slots, geoms)):
                 t1 = time.perf_counter_ns()
-                mask, boxes = self.postprocess(outputs, j, geom)
+                res = self.postprocess(outputs, j, geom, _NO_EXTRAS if wants is None else wants[slot])
                 post_us = _us(t1, time.perf_counter_ns())
-                out[slot] = InferenceResult(
-                    status="ok",
-                    model=self.name,
-                    model_version=self.version,
-                    task=self.task,
-                    mask=mask,
-                    boxes=boxes,
-                    timing_us={
-                        "preprocess": pre_us[j],
-                        "infer": infer_us,
-                        "postprocess": post_us,
-                        "total": pre_us[j] + infer_us + post_us,
-                    },
-                )
+                res.timing_us = {
+                    "preprocess": pre_us[j],
+                    "infer": infer_us,
+                    "postprocess": post_us,
+                    "total": pre_us[j] + infer_us + post_us,
+                }
+                out[slot] = res
         return [r for r in out if r is not None]
 
     def _error(self, code: str, message: str) -> InferenceResult:

@@ -66,6 +66,7 @@ from edge.config import ZmqConfig
 from edge.egress.zmq import (
     ERROR_CODES,
     Publisher,
+    copy_is_cheaper,
     describe_models,
     encode_error,
     encode_models,
@@ -93,7 +94,6 @@ _log = logging.getLogger(__name__)
 SOURCE = "zmq"
 _LOOP_FAILURES_MAX = 50  # consecutive I/O loop failures before it gives up (and healthy() is False)
 _SOCKET_LINGER_MS = 500
-_ZERO_COPY_BYTES = 128 * 1024
 _BATCH_RECV = 256  # messages drained per wake-up before workers get the socket lock
 
 
@@ -363,10 +363,9 @@ class ZmqServer:
                 if self._metrics is not None and result.status == "ok":
                     self._metrics.requests_failed.labels(source=SOURCE, code="internal").inc()
             observe_ok = result.status == "ok" and not reply.substituted
-            frames: list[Any] = [*pending.envelope, reply.header]
-            if reply.mask is not None:
-                frames.append(reply.mask)
-            copy = reply.mask is None or reply.mask.nbytes <= _ZERO_COPY_BYTES  # a memcpy beats zero-copy bookkeeping
+            payload = reply.payload  # the map frames: mask, probability, heatmap (as described)
+            frames: list[Any] = [*pending.envelope, reply.header, *payload]
+            copy = copy_is_cheaper(payload)
             with self._lock:
                 self._inflight -= 1
                 decremented = True
@@ -379,7 +378,7 @@ class ZmqServer:
                 sent = self._send_reply(frames, copy=copy)
                 if sent:
                     self.replied += 1
-                self._pub.publish(req.stream, reply.header, reply.mask)
+                self._pub.publish(req.stream, reply.header, payload)
                 # the send may have consumed the edge-triggered notification of new input
                 if _input_waiting(router) or (self._closing.is_set() and self._inflight <= 0):
                     self._wake()
@@ -471,7 +470,7 @@ class ZmqServer:
             self._metrics.requests_failed.labels(source=SOURCE, code=code).inc()
         self._send_reply([*envelope, header])
         if stream is not None:  # an unknown or invalid stream has no topic: never published as "default"
-            self._pub.publish(stream, header, None)
+            self._pub.publish(stream, header)
 
     def _reply_models(self, envelope: list[bytes], request_id: Any, sent_ns: Any) -> None:
         """Answer ``op: models`` (not published: it is no stream's result)."""
@@ -534,6 +533,7 @@ class ZmqServer:
                     callback=functools.partial(self._on_result, pending),
                     received_ns=received,
                     track_e2e=False,
+                    want=req.extras,
                 )
             except BaseException:
                 self._inflight -= 1  # not accepted: no callback will come

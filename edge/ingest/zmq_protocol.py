@@ -37,7 +37,7 @@ import zmq
 from edge.egress.zmq import PROTOCOL_VERSION
 from edge.errors import ProtocolError
 from edge.inference.preprocess import SUPPORTED_DTYPES
-from edge.types import MAX_STREAM_CHARS, valid_stream
+from edge.types import EXTRA_OUTPUTS, MAX_STREAM_CHARS, valid_stream
 
 __all__ = [
     "Request",
@@ -54,6 +54,7 @@ __all__ = [
     "MAX_STREAM_CHARS",
     "OPS",
     "WANT_VALUES",
+    "DEFAULT_WANT",
 ]
 
 MAX_HEADER_BYTES = 65536
@@ -63,8 +64,14 @@ _MAX_INT_DIGITS = 20  # 2**64 has 20 digits; nanosecond timestamps have 19
 _MAX_STREAM_CHARS = MAX_STREAM_CHARS
 #: the request operations besides a frame request (a header without ``op``)
 OPS = ("models",)
-#: what a frame request's ``want`` may list; ``[]`` asks for status and timing only
-WANT_VALUES = ("mask", "boxes")
+#: what a frame request's ``want`` may list; ``[]`` asks for status and timing only. A value the
+#: request's model cannot produce (``heatmap`` from a segmentation model) is ignored, as ``mask`` from
+#: a detection model always was; ``op: models`` tells which outputs each model has.
+WANT_VALUES = ("mask", "boxes") + EXTRA_OUTPUTS
+#: ``want`` when the header has none: the mask and the boxes (the maps cost time: asked for only)
+DEFAULT_WANT = ("mask", "boxes")
+_EXTRAS = frozenset(EXTRA_OUTPUTS)
+_NO_EXTRAS: frozenset[str] = frozenset()
 # sent_ns as a decimal string: what an integer of at most 20 digits prints as, and nothing else
 _SENT_NS_TEXT = re.compile(r"-?[0-9]{1,20}")
 _WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in SUPPORTED_DTYPES}
@@ -81,6 +88,7 @@ class Request:
     want_mask: bool
     want_boxes: bool
     sent_ns: int | str | None  # echoed exactly as given (a decimal string stays a string)
+    extras: frozenset[str] = _NO_EXTRAS  # the maps asked for: "heatmap", "probability"
 
 
 def parse_header(frame: bytes | memoryview) -> dict[str, Any]:
@@ -290,8 +298,8 @@ def parse_request(
             "characters without control characters (U+0000 to U+001F, U+007F to U+009F) or line separators "
             "(U+2028, U+2029).",
         )
-    want = header.get("want", list(WANT_VALUES))
-    if not isinstance(want, list) or not all(isinstance(w, str) for w in want):
+    want = header.get("want", DEFAULT_WANT)
+    if not isinstance(want, (list, tuple)) or not all(isinstance(w, str) for w in want):
         raise ProtocolError("bad_header", f"Header field want is {_short(want)}; it must be a list of strings.")
     unknown = [w for w in want if w not in WANT_VALUES]
     if unknown:
@@ -335,4 +343,5 @@ def parse_request(
         want_mask="mask" in want,
         want_boxes="boxes" in want,
         sent_ns=sent_ns,
+        extras=_NO_EXTRAS if want is DEFAULT_WANT else _EXTRAS.intersection(want),
     )

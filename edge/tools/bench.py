@@ -75,7 +75,7 @@ def input_frame(task: str, frame: tuple[int, int], dtype: str = "uint8", kind: s
     from edge.tools.synthetic import UltrasoundProbe, XrayFrames
 
     if kind == "auto":
-        kind = "xray" if task == "detection" else "ultrasound"
+        kind = "xray" if task in ("detection", "classification") else "ultrasound"
     h, w = frame
     if kind == "xray":
         return XrayFrames(h, w, dtype, seed=0, loop=1).frame(0)

@@ -203,14 +203,18 @@ class Sample:
     status: str  # ok | dropped | error | timeout
     code: str | None = None
     timing_us: dict[str, int] = field(default_factory=dict)
+    decision: bool | None = None  # a classification's decision (ok replies of classification models)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        return {
+        d = {
             "stream": self.stream, "seq": self.seq, "t_send_s": round(self.t_send_s, 6),
             "latency_ms": None if self.latency_us is None else round(self.latency_us / 1000.0, 4),
             "status": self.status, "code": self.code, "timing_us": self.timing_us,
         }
+        if self.decision is not None:
+            d["decision"] = self.decision
+        return d
 
 
 @dataclass
@@ -286,6 +290,9 @@ class LoadResult:
             if s.status == "error":
                 codes[s.code or "?"] = codes.get(s.code or "?", 0) + 1
         out["error_codes"] = codes
+        decisions = [s.decision for s in self.samples if s.decision is not None]
+        if decisions:  # a classification model: how many frames it called positive
+            out["decisions"] = {"positive": sum(decisions), "negative": len(decisions) - sum(decisions)}
         return out
 
 
@@ -436,7 +443,8 @@ class _Run:
         status = rep.status if rep.status in ("ok", "dropped", "error") else "error"
         code = rep.error_code if status != "ok" else None
         self.samples.append(Sample(st.spec.name, seq, (t_send - self.t0) / 1e9, lat_us, status, code,
-                                   {k: v for k, v in rep.timing_us.items() if isinstance(v, (int, float))}))
+                                   {k: v for k, v in rep.timing_us.items() if isinstance(v, (int, float))},
+                                   rep.decision if status == "ok" else None))
         if status == "ok":
             self.tick.ok += 1
             self.tick_lat.append(lat_us / 1000.0)

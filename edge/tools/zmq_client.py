@@ -39,6 +39,7 @@ from edge.ops.curve import CurveClientKeys
 __all__ = [
     "PROTOCOL_VERSION",
     "TOPIC_TERMINATOR",
+    "MAP_FRAMES",
     "NotConnectedError",
     "Reply",
     "Published",
@@ -55,6 +56,8 @@ _log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 #: ends every PUB topic frame (docs/protocol.md, "PUB")
 TOPIC_TERMINATOR = b"\x00"
+#: the map frames after a reply's header, in this order, each present only when the header describes it
+MAP_FRAMES = ("mask", "probability", "heatmap")
 _DTYPES = ("uint8", "uint16", "int16", "float32")
 
 
@@ -64,13 +67,22 @@ class NotConnectedError(MedgeError):
 
 @dataclass
 class Reply:
-    """One decoded reply."""
+    """One decoded reply.
+
+    ``mask``, ``probability`` and ``heatmap`` are the map frames the header
+    describes (uint8 ``[H, W]`` at the request's resolution), ``None`` when
+    absent: the label mask (segmentation), the foreground probability
+    ``round(255 p)`` (segmentation, ``want`` ``probability``) and the class
+    activation map of ``classes[0]`` (classification, ``want`` ``heatmap``).
+    """
 
     id: str
     status: str
     header: dict[str, Any]
     mask: np.ndarray | None = None
     recv_ns: int = 0  # time.perf_counter_ns() when it was received
+    probability: np.ndarray | None = None
+    heatmap: np.ndarray | None = None
 
     @property
     def timing_us(self) -> dict[str, int]:
@@ -91,6 +103,18 @@ class Reply:
         """Detections in input pixel coordinates."""
         b = self.header.get("boxes") or []
         return b if isinstance(b, list) else []
+
+    @property
+    def classes(self) -> list[dict[str, Any]]:
+        """A classification's ``{"label", "score"}`` (calibrated probabilities), best first; empty otherwise."""
+        c = self.header.get("classes") or []
+        return [x for x in c if isinstance(x, dict)] if isinstance(c, list) else []
+
+    @property
+    def decision(self) -> bool | None:
+        """A classification's decision (``classes[0]`` at or above the model's threshold); ``None`` otherwise."""
+        d = self.header.get("decision")
+        return d if isinstance(d, bool) else None
 
 
 def encode_request(
@@ -146,11 +170,22 @@ def topic_for(stream: str) -> bytes:
     return stream.encode("utf-8") + TOPIC_TERMINATOR
 
 
-def decode_reply(frames: Sequence[bytes | zmq.Frame], recv_ns: int = 0) -> Reply:
-    """Parse ``[header]`` or ``[header, mask]``; raises :class:`ProtocolError` if malformed.
+def _map(data: bytes, info: dict[str, Any], key: str) -> np.ndarray:
+    """One map frame as the array its header entry describes."""
+    try:
+        shape = tuple(int(v) for v in info.get("shape", ()))
+        return np.frombuffer(data, dtype=np.dtype(str(info.get("dtype", "uint8")))).reshape(shape)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError("bad_shape", f"Reply {key} does not match its header: {exc}.") from exc
 
-    A leading empty delimiter frame (a daemon answering a REQ-style
-    envelope) is skipped.
+
+def decode_reply(frames: Sequence[bytes | zmq.Frame], recv_ns: int = 0) -> Reply:
+    """Parse ``[header, maps...]``; raises :class:`ProtocolError` if malformed.
+
+    The frames after the header are the maps the header describes, in
+    :data:`MAP_FRAMES` order (``mask``, ``probability``, ``heatmap``); a
+    described map without its frame is left ``None``. A leading empty
+    delimiter frame (a daemon answering a REQ-style envelope) is skipped.
     """
     parts = [f.bytes if isinstance(f, zmq.Frame) else f for f in frames]
     if parts and parts[0] == b"":
@@ -163,20 +198,23 @@ def decode_reply(frames: Sequence[bytes | zmq.Frame], recv_ns: int = 0) -> Reply
         raise ProtocolError("bad_header", f"Reply header is not JSON: {exc}.") from exc
     if not isinstance(header, dict):
         raise ProtocolError("bad_header", "Reply header is not a JSON object.")
-    mask = None
-    minfo = header.get("mask")
-    if len(parts) > 1 and isinstance(minfo, dict):
-        try:
-            shape = tuple(int(v) for v in minfo.get("shape", ()))
-            mask = np.frombuffer(parts[1], dtype=np.dtype(str(minfo.get("dtype", "uint8")))).reshape(shape)
-        except (TypeError, ValueError) as exc:
-            raise ProtocolError("bad_shape", f"Reply mask does not match its header: {exc}.") from exc
+    maps: dict[str, np.ndarray] = {}
+    rest = iter(parts[1:])
+    for key in MAP_FRAMES:
+        info = header.get(key)
+        if isinstance(info, dict):
+            data = next(rest, None)
+            if data is None:
+                break
+            maps[key] = _map(data, info, key)
     return Reply(
         id=str(header.get("id", "")),
         status=str(header.get("status", "")),
         header=header,
-        mask=mask,
+        mask=maps.get("mask"),
         recv_ns=recv_ns,
+        probability=maps.get("probability"),
+        heatmap=maps.get("heatmap"),
     )
 
 
@@ -402,7 +440,7 @@ class ZmqSubscriber:
             return None
         frames = self.socket.recv_multipart(copy=True)
         if len(frames) < 2:
-            raise ProtocolError("bad_header", f"A published message has {len(frames)} frame(s); expected 2 or 3.")
+            raise ProtocolError("bad_header", f"A published message has {len(frames)} frame(s); expected 2 or more.")
         name = frames[0].removesuffix(TOPIC_TERMINATOR).decode("utf-8", "replace")
         return Published(name, decode_reply(frames[1:], time.perf_counter_ns()))
 

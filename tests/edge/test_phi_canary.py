@@ -8,7 +8,9 @@ the canary ``CANARYzq9``, in a study whose UIDs carry the digit pattern
 ``4242424242``, with malformed values among them: an unparseable date, an
 invalid UID with letters, a one-component person name (highdicom warns
 with the name in the text). They are routed to the fixture models, turned
-into SEG, SR and secondary-capture overlays, and sent to three
+into SEG, SR and secondary-capture overlays (a CR goes to the fixture
+classifier ``tiny-cls``: a classification TID 1500 SR and a class
+activation map overlay, the map asked of the scheduler), and sent to three
 destinations: a DCMTK ``storescp`` that stores them, a ``storescp --refuse``
 that rejects every association (retried with backoff, results stay
 pending), and a scripted SCP that answers ``0xA700`` to every C-STORE (the
@@ -42,14 +44,17 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+import highdicom as hd
 import numpy as np
 import pytest
 import zmq
+from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.sequence import Sequence
+from pydicom.sr.codedict import codes
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom import AE, evt
@@ -164,6 +169,8 @@ def _instances() -> list[tuple[str, Dataset]]:
         out.append(("unknown character set", ds))
         ds = _series(f.make_dx(xray), 5)
         out.append(("dx", ds))
+        ds = _series(f.make_cr(xray), 7)
+        out.append(("cr", ds))  # -> tiny-cls: classification SR and CAM overlay
         ds = _series(f.make_compressed_us(JPEGBaseline8Bit), 6)
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
         ds.PixelData = encapsulate([_without_segment(frame, b"\xff\xdb")])  # no quantisation table
@@ -203,7 +210,7 @@ class _RefusingSCP:
 
 
 def _write_config(path: Path, engines: Path, spool: Path, ports: dict[str, int]) -> Path:
-    """The daemon's TOML: the SCP, US -> tiny-seg, DX -> tiny-det, overlays, three destinations."""
+    """The daemon's TOML: the SCP, US -> tiny-seg, DX -> tiny-det, CR -> tiny-cls, overlays, three destinations."""
     dests = [("pacs", ports["pacs"], "PACS"), ("refusing", ports["refusing"], "REFUSER"),
              ("busy", ports["busy"], "BUSYPACS")]
     lines = [
@@ -235,11 +242,14 @@ def _write_config(path: Path, engines: Path, spool: Path, ports: dict[str, int])
         "[[dicom.routes]]",
         'modality = "DX"',
         'model = "tiny-det"',
+        "[[dicom.routes]]",
+        'modality = "CR"',
+        'model = "tiny-cls"',
     ]
     for name, port, aet in dests:
         lines += ["[[dicom.destinations]]", f'name = "{name}"', 'host = "127.0.0.1"', f"port = {port}",
                   f'ae_title = "{aet}"']
-    for model in ("tiny-seg", "tiny-det"):
+    for model in ("tiny-seg", "tiny-det", "tiny-cls"):
         lines += ["[[models]]", f'name = "{model}"', 'precision = "fp32"']
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -332,7 +342,8 @@ def _zmq_traffic(ingest: str, publish: str, timeout_s: float = 20.0) -> list[byt
 @pytest.mark.peer("storescp")
 # Sending the malformed instances from this process makes pydicom warn here too (not the daemon's concern).
 @pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning", "ignore:Unknown encoding:UserWarning")
-def test_no_patient_data_leaves_the_daemon_outside_result_objects(fixture_engines: Path, tmp_path: Path) -> None:
+def test_no_patient_data_leaves_the_daemon_outside_result_objects(fixture_engines_with_cls: Path,
+                                                                  tmp_path: Path) -> None:
     ports = {k: free_port() for k in ("ingest", "publish", "metrics", "dicom", "pacs", "refusing")}
     pacs_dir = tmp_path / "pacs"
     pacs_dir.mkdir()
@@ -346,7 +357,7 @@ def test_no_patient_data_leaves_the_daemon_outside_result_objects(fixture_engine
             peer = subprocess.Popen([str(STORESCP), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             stack.callback(peer.wait, 10)
             stack.callback(peer.terminate)
-        config = _write_config(tmp_path / "medge.toml", fixture_engines, tmp_path / "spool", ports)
+        config = _write_config(tmp_path / "medge.toml", fixture_engines_with_cls, tmp_path / "spool", ports)
         log_path = tmp_path / "daemon.log"
         stack.enter_context(_debug_daemon(config, ports["metrics"], log_path))
         metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
@@ -355,6 +366,7 @@ def test_no_patient_data_leaves_the_daemon_outside_result_objects(fixture_engine
         ae.add_requested_context(f.US, ExplicitVRLittleEndian)
         ae.add_requested_context(f.US, JPEGBaseline8Bit)
         ae.add_requested_context(f.DX, ExplicitVRLittleEndian)
+        ae.add_requested_context(f.CR, ExplicitVRLittleEndian)
         assoc = ae.associate("127.0.0.1", ports["dicom"], ae_title="MEDGE")
         assert assoc.is_established
         statuses = [int(assoc.send_c_store(ds).Status) for _, ds in instances]
@@ -414,3 +426,16 @@ def test_no_patient_data_leaves_the_daemon_outside_result_objects(fixture_engine
     dead = list(spool.rglob("dead-letter/busy/*.dcm"))
     assert len(dead) == len(received) and all(CANARY.encode() in p.read_bytes() for p in dead)
     assert CANARY.encode() in (spool / "dicom" / "failed" / f"{undecodable}.dcm").read_bytes()
+
+    # The classification path ran: the CR's TID 1500 SR (a Present/Absent evaluation with its certainty) and its
+    # class activation map overlay reached the PACS, the canary in both (checked above) and in no log line.
+    cr_uid = str(next(ds for what, ds in instances if what == "cr").SOPInstanceUID)
+    results = [dcmread(p) for p in pacs_dir.iterdir() if p.is_file()]
+    cls_sr = [ds for ds in results if ds.Modality == "SR" and "tiny-cls" in ds.SeriesDescription]
+    assert len(cls_sr) == 1 and CANARY in str(cls_sr[0].PatientName)
+    (group,) = hd.sr.ComprehensiveSR.from_dataset(cls_sr[0]).content.get_image_measurement_groups()
+    assert group.source_images[0].referenced_sop_instance_uid == cr_uid
+    assert group.get_qualitative_evaluations()[0].value in (codes.SCT.Present, codes.SCT.Absent)
+    assert len(group.get_measurements(name=codes.DCM.CertaintyOfFinding)) == 1
+    (cam,) = [ds for ds in results if ds.Modality == "OT" and ds.SourceImageSequence[0].ReferencedSOPInstanceUID == cr_uid]
+    assert cam.ImageComments.startswith("nodule: ") and CANARY not in cam.ImageComments

@@ -8,7 +8,8 @@ Properties (hypothesis):
   integer ``v == 1``, or raises :class:`ProtocolError` ``bad_header``;
   nothing else.
 * ``parse_request`` of any parsed header and frames returns a consistent
-  :class:`Request` (a valid stream name, ``want`` within ``mask``/``boxes``,
+  :class:`Request` (a valid stream name, ``want`` within ``mask``/``boxes``/
+  ``heatmap``/``probability``, the maps asked for in ``extras``,
   ``sent_ns`` exactly as sent: an integer, or a string of at most 20
   digits) or raises :class:`ProtocolError` with a protocol code;
   ``request_op`` of any header is ``None``, ``"models"`` or ``bad_header``.
@@ -46,10 +47,19 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.egress.zmq import ERROR_CODES, TOPIC_TERMINATOR, encode_error, encode_models, encode_result, topic
+from edge.egress.zmq import (
+    ERROR_CODES,
+    MAP_FRAMES,
+    TOPIC_TERMINATOR,
+    encode_error,
+    encode_models,
+    encode_result,
+    topic,
+)
 from edge.errors import ProtocolError
 from edge.ingest.zmq_protocol import (
     MAX_HEADER_DEPTH,
+    DEFAULT_WANT,
     OPS,
     Request,
     WANT_VALUES,
@@ -58,7 +68,7 @@ from edge.ingest.zmq_protocol import (
     request_op,
     valid_stream,
 )
-from edge.types import Box, InferenceResult
+from edge.types import Box, ClassScore, InferenceResult
 
 settings.register_profile(
     "ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
@@ -122,7 +132,8 @@ _field_values = {
     ),
     "want": st.one_of(
         st.just(["mask", "boxes"]),
-        st.lists(st.sampled_from(["mask", "boxes", "foo", "heatmap", "Mask"]), max_size=3),
+        st.lists(st.sampled_from(["mask", "boxes", "heatmap", "probability", "foo", "Heatmap", "heatmaps"]),
+                 max_size=4),
         st.lists(_text, max_size=3),
         _json,
     ),
@@ -241,9 +252,10 @@ def test_parse_request_of_any_header(header: dict[str, Any], n_frames: int, payl
     assert req.model in (None, *MODELS) and isinstance(req.stream, str) and req.stream
     assert valid_stream(req.stream) and not re.search(r"[\x00-\x1f\x7f]", req.stream) and len(req.stream) <= 128
     assert topic(req.stream).endswith(TOPIC_TERMINATOR) and topic(req.stream).count(TOPIC_TERMINATOR) == 1
-    want = hdr.get("want", list(WANT_VALUES))
+    want = hdr.get("want", list(DEFAULT_WANT))
     assert set(want) <= set(WANT_VALUES)
     assert (req.want_mask, req.want_boxes) == ("mask" in want, "boxes" in want)
+    assert req.extras == {w for w in want if w in ("heatmap", "probability")}
     sent = hdr.get("sent_ns")
     assert req.sent_ns == sent and type(req.sent_ns) is type(sent)  # echoed exactly as sent
     assert sent is None or type(sent) is int or SENT_NS_TEXT.fullmatch(sent)
@@ -271,8 +283,16 @@ _results = st.one_of(
         status=st.just("ok"),
         model=st.sampled_from(MODELS),
         model_version=st.just("1"),
-        task=st.sampled_from(["segmentation", "detection"]),
+        task=st.sampled_from(["segmentation", "detection", "classification"]),
         mask=st.one_of(st.none(), st.just(np.zeros((3, 4), np.uint8))),
+        classes=st.one_of(
+            st.none(),
+            st.lists(st.builds(ClassScore, label=st.sampled_from(["nodule", "normal"]), score=st.floats(0, 1)),
+                     max_size=3),
+        ),
+        decision=st.one_of(st.none(), st.booleans()),
+        heatmap=st.one_of(st.none(), st.just(np.full((3, 4), 7, np.uint8))),
+        probability=st.one_of(st.none(), st.just(np.full((3, 4), 9, np.uint8))),
         boxes=st.lists(
             st.builds(
                 Box,
@@ -330,8 +350,22 @@ def test_encoders_never_raise_and_never_emit_invalid_json(request_id: Any, strea
     reply = encode_result(request_id, result, stream=stream)
     out = strict_json(reply.header)
     if reply.substituted:
-        assert out["status"] == "error" and out["error"]["code"] == "internal" and reply.mask is None
+        assert out["status"] == "error" and out["error"]["code"] == "internal" and reply.payload == ()
+    # every frame after the header is described by it, in the documented order
+    described = [k for k in MAP_FRAMES if isinstance(out.get(k), dict)]
+    assert len(reply.payload) == len(described)
+    for key, frame in zip(described, reply.payload):
+        assert list(frame.shape) == out[key]["shape"] and frame.dtype == np.uint8 and frame.flags.c_contiguous
+    assert ("classes" in out) == ("decision" in out) == (out["status"] == "ok" and result.classes is not None)
     strict_json(encode_error(request_id, "bad_header", "A sentence.", stream=stream))
+
+
+def test_encoder_replaces_a_nan_class_score_with_an_internal_error() -> None:
+    res = InferenceResult(status="ok", model="m", task="classification", classes=[ClassScore("nodule", math.nan)],
+                          decision=False, heatmap=np.zeros((2, 2), np.uint8))
+    reply = encode_result(7, res, stream="s")
+    out = strict_json(reply.header)
+    assert reply.substituted and out["error"]["code"] == "internal" and reply.payload == ()
 
 
 def test_encoder_replaces_a_nan_score_with_an_internal_error() -> None:

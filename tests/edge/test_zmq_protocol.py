@@ -231,7 +231,7 @@ MALFORMED = [
     ("1-D shape", [json.dumps({"v": 1, "id": "1d", "dtype": "uint8", "shape": [16]}).encode(), b"\0" * 16], "bad_shape"),
     ("string stream", _request("st", np.zeros((4, 4), np.uint8), stream=5), "bad_header"),
     ("unknown want", _request("wf", np.zeros((4, 4), np.uint8), want=["foo"]), "bad_header"),
-    ("want heatmap (not served)", _request("wh", np.zeros((4, 4), np.uint8), want=["mask", "heatmap"]), "bad_header"),
+    ("want misspelt heatmaps", _request("wh", np.zeros((4, 4), np.uint8), want=["mask", "heatmaps"]), "bad_header"),
     ("unknown op", [json.dumps({"v": 1, "id": "op", "op": "list"}).encode()], "bad_header"),
     ("models op with pixels", [json.dumps({"v": 1, "id": "mo", "op": "models"}).encode(), b"\0" * 16], "payload_size"),
     ("oversized header", [json.dumps({"v": 1, "pad": "x" * 70000}).encode(), b""], "bad_header"),
@@ -281,7 +281,8 @@ def test_models_request_lists_the_served_models(daemon: Daemon, ctx: zmq.Context
         assert m["input"]["normalize"] == "minmax" and m["input"]["per_frame"] is True
         assert m["input"]["full_scale"] is None and "minimum" in m["input"]["semantics"]
         assert m["precision"] == "fp32" and m["backend"] == "onnxruntime"
-    assert seg["output"] == {"mask": True, "boxes": False, "threshold": 0.5, "max_detections": None, "nms_iou": None}
+    assert seg["output"] == {"mask": True, "boxes": False, "probability": True, "classes": False, "heatmap": False,
+                             "threshold": 0.5, "temperature": None, "max_detections": None, "nms_iou": None}
     assert det["output"]["boxes"] is True and det["output"]["max_detections"] >= 1
 
 

@@ -11,8 +11,15 @@ the committed models cannot drift from the graphs described here.
   range: a result a test can compute on its own.
 * ``tiny-det``: ``heatmap = AveragePool4x4(image)``, ``size = 16``, ``offset = 0``:
   a bright square gives a box around it.
+* ``tiny-cls``: a binary classifier (label ``nodule``) with the bundled
+  classifier's two outputs: ``cam = 40 * (AveragePool8x8(image) - 0.1)``
+  ``[N, 1, 8, 8]`` and ``logits = mean(cam)`` ``[N, 1]``, temperature 2,
+  threshold 0.5. So ``p = sigmoid(20 * (f - 0.1))`` where ``f`` is the mean of
+  the (min-max normalised, letterboxed) input: a white square on black is
+  called present when it covers more than a tenth of the model input, and
+  the CAM is hot on it.
 
-Both take ``image`` ``[N, 1, 64, 64]`` float32 and have ``fp32`` and ``int8``
+All take ``image`` ``[N, 1, 64, 64]`` float32 and have ``fp32`` and ``int8``
 artifacts (the int8 one is the same graph; only the selection logic is under test).
 
 Regenerate after a deliberate change (then commit the folder)::
@@ -81,8 +88,31 @@ def _det_model(size: int):
     return model
 
 
+def _cls_model(size: int):
+    from onnx import TensorProto, helper
+
+    h = size // 8
+    inp = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, size, size])
+    outs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1]),
+        helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", 1, h, h]),
+    ]
+    offset = helper.make_tensor("offset", TensorProto.FLOAT, [], [0.1])
+    gain = helper.make_tensor("gain", TensorProto.FLOAT, [], [40.0])
+    nodes = [
+        helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[8, 8], strides=[8, 8]),
+        helper.make_node("Sub", ["pooled", "offset"], ["centred"]),
+        helper.make_node("Mul", ["centred", "gain"], ["cam"]),
+        helper.make_node("ReduceMean", ["cam"], ["logits"], axes=[2, 3], keepdims=0),
+    ]
+    graph = helper.make_graph(nodes, "tiny_cls", [inp], outs, initializer=[offset, gain])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
 def make_engines(root: Path, size: int = FIXTURE_SIZE) -> Path:
-    """Write ``tiny-seg`` and ``tiny-det`` model folders under ``root``."""
+    """Write ``tiny-seg``, ``tiny-det`` and ``tiny-cls`` model folders under ``root``."""
     specs = {
         "tiny-seg": ("segmentation", ("lesion",), ("logits",), _seg_model(size), Postprocessing(threshold=0.5)),
         "tiny-det": (
@@ -91,6 +121,13 @@ def make_engines(root: Path, size: int = FIXTURE_SIZE) -> Path:
             ("heatmap", "size", "offset"),
             _det_model(size),
             Postprocessing(threshold=0.5, nms_iou=0.5, max_detections=10, stride=4),
+        ),
+        "tiny-cls": (
+            "classification",
+            ("nodule",),
+            ("logits", "cam"),
+            _cls_model(size),
+            Postprocessing(threshold=0.5, temperature=2.0, target_sensitivity=0.9),
         ),
     }
     for name, (task, labels, outputs, model, post) in specs.items():
@@ -138,7 +175,7 @@ def test_shipped_fixture_engines_match_the_generator(tmp_path: Path) -> None:
 
 def test_shipped_fixture_engines_load_and_verify() -> None:
     """Each shipped manifest loads and its artifacts pass the daemon's own sha256 check."""
-    for name in ("tiny-seg", "tiny-det"):
+    for name in ("tiny-seg", "tiny-det", "tiny-cls"):
         m = Manifest.load(SHIPPED / name)
         for precision in ("fp32", "int8"):
             assert m.artifact_path(precision, verify=True).is_file()

@@ -19,11 +19,17 @@ a completed series gets:
   would repeat the clash.
 - Detection models -> one **Comprehensive SR** following TID 1500 with a
   planar ROI per box.
+- Classification models -> one **Comprehensive SR** following TID 1500
+  with a measurement group per processed frame (finding *Present* /
+  *Absent*, its certainty, the decision threshold); the sources are
+  :class:`~edge.egress.dicom.classification.ClassifiedSource`.
 - Multi-frame sources (ultrasound cine) -> one TID 1500 SR whose ROIs
   reference the source instance **and frame number** (highdicom cannot
   write a SEG of a multi-frame image without a frame of reference).
 - Optionally (the pipeline's choice) a **secondary-capture overlay** per
-  processed source frame: :func:`edge.egress.dicom.sc.make_overlay`.
+  processed source frame: :func:`edge.egress.dicom.sc.make_overlay`; for a
+  classification model only of frames whose class activation map was
+  computed (the pipeline asks for it only when overlays are on).
 
 Every UID of a result is derived from its inputs (source UIDs, model,
 kind), so processing the same instances again after a crash makes the same
@@ -67,7 +73,8 @@ def build_results(
     Returns
     -------
     list of pydicom.dataset.Dataset
-        SEG(s) for segmentation of single-frame sources, else one SR.
+        SEG(s) for segmentation of single-frame sources, else one SR
+        (detection, classification, multi-frame sources).
     """
     if not sources:
         return []
@@ -77,7 +84,7 @@ def build_results(
     def number(group: Sequence[SourceResult]) -> int:
         return min(numbers[str(s.dataset.SOPInstanceUID)] for s in group)
 
-    if model.task == "detection":
+    if model.task in ("detection", "classification"):
         return [make_findings_sr(sources, model, device_serial_number=serial, instance_number=number(sources))]
     to_sr = [s for s in sources if s.multiframe]
     out: list[Dataset] = []

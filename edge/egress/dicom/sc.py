@@ -8,6 +8,15 @@ number its source's result takes (see :mod:`edge.egress.dicom.results`), so
 overlays of different instances and frames of one series never share a
 number and sort like their sources. For research models its Image Comments
 say ``NOT FOR CLINICAL USE``.
+
+For a classification model
+(:class:`~edge.egress.dicom.classification.ClassifiedSource`) the overlay
+shows the frame's class activation map instead: red, its opacity
+proportional to the map (the calibrated probability scale, so a frame the
+model finds negative stays grey), and, when the decision threshold is
+known, the edge of the region at or above it in yellow. Its Image Comments
+state the label, the decision and the certainty. A map shows where the
+model's evidence lies; it is not an outline of a finding.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
+from edge.egress.dicom.classification import ClassifiedSource
 from edge.egress.dicom.common import (
     FRAMES_PER_INSTANCE_NUMBER,
     IS_MAX,
@@ -33,8 +43,9 @@ from edge.egress.dicom.common import (
     series_description,
     source_numbers,
 )
-from edge.egress.dicom.outlines import draw_overlay
+from edge.egress.dicom.outlines import draw_overlay, mask_boundary
 from edge.egress.dicom.reference import reference_dataset
+from edge.errors import DataError
 
 __all__ = ["make_overlay"]
 
@@ -52,6 +63,10 @@ _UNPAIRED_BODY_PARTS = frozenset(
 )
 # Source image of an overlay (CID 7202).
 _SOURCE_IMAGE_PURPOSE = Code("121322", "DCM", "Source image for image processing operation")
+# A class activation map over the frame: red at up to this opacity (map 255), the threshold's edge in yellow.
+_HEAT_ALPHA = 0.6
+_HEAT_RGB = (255, 0, 0)
+_EDGE_RGB = (255, 255, 0)
 
 
 def make_overlay(
@@ -80,11 +95,20 @@ def make_overlay(
     present and empty, which the standard allows when the side is unknown.
     Patient Orientation is the source's, else derived from its Image
     Orientation (Patient), else empty (Type 2C, unknown).
+
+    Raises
+    ------
+    DataError
+        A classified frame without its class activation map (or with one
+        of another size than the frame).
     """
     frame = int(result.frames[index])
-    mask = result.masks[index] if result.masks is not None else None
-    boxes = result.boxes[index] if index < len(result.boxes) else []
-    rgb = draw_overlay(frame_pixels, mask, boxes)
+    if isinstance(result, ClassifiedSource):
+        rgb = _heat_overlay(frame_pixels, result, index)
+    else:
+        mask = result.masks[index] if result.masks is not None else None
+        boxes = result.boxes[index] if index < len(result.boxes) else []
+        rgb = draw_overlay(frame_pixels, mask, boxes)
     ref = reference_dataset(source)
     laterality, laterality_applies = _laterality(ref)
     if instance_number is None:
@@ -108,9 +132,10 @@ def make_overlay(
     sc.BurnedInAnnotation = "YES"  # the result is drawn into the pixels
     sc.PatientOrientation = patient_orientation(ref)  # Type 2C: empty when unknown
     sc.SourceImageSequence = [_source_image(ref, frame if result.multiframe else None)]
-    sc.DerivationDescription = f"Result of {model.name} {model.version}".strip()[:1024] + " drawn over the source image"
-    if statement:
-        sc.ImageComments = statement
+    sc.DerivationDescription = _derivation(result, index, model)
+    comments = [c for c in (_classification_comment(result, index), statement) if c]
+    if comments:
+        sc.ImageComments = " ".join(comments)
     if ref.get("BodyPartExamined", ""):
         sc.BodyPartExamined = ref.BodyPartExamined  # what the Laterality condition is judged by
     if laterality_applies and "Laterality" not in sc:
@@ -120,6 +145,42 @@ def make_overlay(
     elif not laterality_applies and "Laterality" in sc:
         del sc.Laterality
     return sc
+
+
+def _heat_overlay(frame_pixels: np.ndarray, result: ClassifiedSource, index: int) -> np.ndarray:
+    """RGB uint8 frame with its class activation map in red and the threshold's edge in yellow."""
+    heat = result.heatmap(index)
+    if heat is None:
+        raise DataError(f"Processed frame {index + 1} has no class activation map to draw.")
+    rgb = draw_overlay(frame_pixels, None, [])
+    if heat.shape != rgb.shape[:2]:
+        raise DataError(f"The class activation map {heat.shape} is not the frame's size {rgb.shape[:2]}.")
+    alpha = heat.astype(np.float32)[..., None] * np.float32(_HEAT_ALPHA / 255.0)
+    blend = rgb.astype(np.float32) * (1.0 - alpha) + np.asarray(_HEAT_RGB, np.float32) * alpha
+    out = np.rint(blend).clip(0, 255).astype(np.uint8)
+    if result.threshold is not None:
+        out[mask_boundary(heat >= round(255.0 * result.threshold))] = _EDGE_RGB
+    return out
+
+
+def _derivation(result: SourceResult, index: int, model: ModelInfo) -> str:
+    """Derivation Description: what was drawn over the source image, by which model."""
+    by = f"{model.name} {model.version}".strip()
+    if isinstance(result, ClassifiedSource):
+        label = result.top(index)[0]
+        return f"Class activation map of {label} by {by} drawn over the source image"[:1024]
+    return f"Result of {by}"[:1024] + " drawn over the source image"
+
+
+def _classification_comment(result: SourceResult, index: int) -> str | None:
+    """The frame's classification in words (Image Comments), ``None`` for other models."""
+    if not isinstance(result, ClassifiedSource):
+        return None
+    label, score, decision = result.top(index)
+    text = f"{label}: {'Present' if decision else 'Absent'}, certainty of finding {100.0 * score:.1f} %"
+    if result.threshold is not None:
+        text += f" (decision threshold {result.threshold:.4f})"
+    return text + "."
 
 
 def _instance_number(source: Dataset, result: SourceResult, frame: int, series: Sequence[SourceResult] | None) -> int:

@@ -15,6 +15,14 @@
 - A source on which the model found nothing gets a TID 1501 group whose
   qualitative evaluation says *Absent*; the SR still lists the evaluated
   images in its image library.
+- Classification models (:class:`~edge.egress.dicom.classification.ClassifiedSource`):
+  one TID 1501 measurement group per processed frame, referencing the
+  source image (and frame number, for a multi-frame source): finding type
+  and a qualitative evaluation *<label> = Present / Absent* (CID 240) from
+  the top label and the model's decision, the label's calibrated
+  probability as a *Certainty of Finding* measurement in percent (as for
+  detection boxes), and the algorithm's name, version and decision
+  threshold (TID 4019 *Algorithm Parameters*).
 
 The SR's observer device UID is derived from the appliance's Device Serial
 Number and the model. For research models a TEXT item (*Comment*, DCM
@@ -33,6 +41,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from edge.egress.dicom.classification import ClassifiedSource, ClassifierInfo, threshold_parameter
 from edge.egress.dicom.common import (
     MANUFACTURER,
     SERIES_NUMBER,
@@ -72,7 +81,11 @@ def make_findings_sr(
 
     Works for single- and multi-frame sources; ROIs on multi-frame sources
     carry the referenced frame number. An SR with no ROI (nothing found)
-    still lists the evaluated images in its image library.
+    still lists the evaluated images in its image library. For a
+    classification model (``model.task``; ``sources`` are
+    :class:`~edge.egress.dicom.classification.ClassifiedSource`) one
+    measurement group per processed frame instead (see the module
+    docstring).
     ``instance_number`` defaults to the smallest of the sources' (see
     :mod:`edge.egress.dicom.results`).
     """
@@ -106,7 +119,11 @@ def _measurement_report(
     kwargs = dict(
         observation_context=hd.sr.ObservationContext(observer_device_context=_observer_device(model, serial)),
         procedure_reported=_procedure(str(first.get("Modality", "") or "")),
-        imaging_measurements=_roi_groups(sources, refs, model),
+        imaging_measurements=(
+            _classification_groups(sources, refs, model)
+            if model.task == "classification"
+            else _roi_groups(sources, refs, model)
+        ),
         title=codes.DCM.ImagingMeasurementReport,
     )
     try:
@@ -232,6 +249,62 @@ def _absent_group(src: SourceResult, ds: Dataset, model: ModelInfo) -> hd.sr.Mea
             )
         ],
     )
+
+
+def _classification_groups(
+    sources: Sequence[SourceResult], refs: Sequence[Dataset], model: ModelInfo
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """One TID 1501 group per processed frame of every source: the model's classification of it."""
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    for src, ds in zip(sources, refs):
+        if not isinstance(src, ClassifiedSource):
+            raise DataError("A classification SR needs the classification of every source instance.")
+        for idx, frame in enumerate(src.frames):
+            groups.append(_classification_group(ds, src, idx, int(frame), model))
+    return groups
+
+
+def _classification_group(
+    ds: Dataset, src: ClassifiedSource, idx: int, frame: int, model: ModelInfo
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of one frame: finding, Present/Absent, certainty, algorithm and threshold, source image."""
+    label, score, decision = src.top(idx)
+    threshold = src.threshold if src.threshold is not None else _model_threshold(model)
+    parameters = [threshold_parameter(threshold)] if threshold is not None else None
+    algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version or "0", parameters=parameters)
+    where = f" frame {frame}" if src.multiframe else ""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(ds.SOPInstanceUID, frame, model.name, "classification"),
+            identifier=f"{label}{where}"[:64],
+        ),
+        finding_type=label_code(label),
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.DCM.CertaintyOfFinding,
+                value=round(100.0 * score, 2),
+                unit=codes.UCUM.Percent,
+            )
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=label_code(label), value=codes.SCT.Present if decision else codes.SCT.Absent
+            )
+        ],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=ds.SOPClassUID,
+                referenced_sop_instance_uid=ds.SOPInstanceUID,
+                referenced_frame_numbers=[frame] if src.multiframe else None,
+            )
+        ],
+    )
+
+
+def _model_threshold(model: ModelInfo) -> float | None:
+    """The decision threshold ``model`` runs with, when its info carries one."""
+    return model.threshold if isinstance(model, ClassifierInfo) else None
 
 
 def _research_container(text: str) -> hd.sr.ContainerContentItem:

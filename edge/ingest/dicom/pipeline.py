@@ -19,6 +19,16 @@ finaliser draws the overlays on those, one instance at a time, instead of
 decoding the frames again. (A result saved without them, e.g. before
 overlays were switched on, falls back to decoding.)
 
+**Classification models** save per processed frame the classes (calibrated
+probabilities, best first) and the decision, with the decision threshold
+the model runs with (:class:`edge.egress.dicom.classification.ClassifierInfo`);
+their series become a TID 1500 SR. With overlays on, and only then, the
+worker asks the service for the class activation map (``want={"heatmap"}``)
+of the frames that get an overlay (the first :data:`OVERLAY_MAX_FRAMES`
+processed ones) and saves the maps with the result; the overlays show them
+(:func:`edge.egress.dicom.sc.make_overlay`). A frame without a map gets no
+overlay.
+
 **Bounded before decoded.** Every read of a spooled file (worker, recovery,
 finaliser, overlays) first runs the same bounded scan as the SCP on the
 file's bytes (:func:`edge.ingest.dicom.scan.scan_and_inflate`: inflated size, frames,
@@ -86,6 +96,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
+from edge.egress.dicom.classification import ClassifiedSource, ClassifierInfo
 from edge.egress.dicom.common import ModelInfo, SourceResult
 from edge.egress.dicom.outbox import Outbox
 from edge.egress.dicom.results import build_results
@@ -97,7 +108,7 @@ from edge.ingest.dicom.scan import InstanceInfo, ScanLimits, SizeLimitError, sca
 from edge.ingest.dicom.spool import InstanceResult, Spool, SpoolError
 from edge.ops.boundary import ErrorBoundary, LogThrottle
 from edge.ops.metrics import metrics_for, zeroed
-from edge.types import InferenceService
+from edge.types import InferenceResult, InferenceService
 
 __all__ = [
     "DicomPipeline",
@@ -213,6 +224,11 @@ class _Job:
     masks: list[np.ndarray] = field(default_factory=list)
     boxes: list[list[dict]] = field(default_factory=list)
     display: list[np.ndarray] = field(default_factory=list)  # decoded frames kept for the overlays
+    classes: list[list[dict]] = field(default_factory=list)  # classification: per frame, best first
+    decisions: list[bool] = field(default_factory=list)
+    heatmaps: list[np.ndarray] = field(default_factory=list)  # class activation maps of the overlays' frames
+    want_heatmap: bool = False  # ask the service for the maps (overlays on, classification model)
+    threshold: float | None = None  # the classification's decision threshold, when known
     version: str = ""
     task: str = ""
     counted: bool = False  # an attempt was begun for it (undone if it stops for a transient reason)
@@ -584,35 +600,58 @@ class DicomPipeline:
                 raise _ProcessingError("limits", str(exc)) from exc
             except (DataError, ValueError, KeyError, AttributeError, IndexError) as exc:
                 raise _ProcessingError("decode", f"frame {i + 1} cannot be decoded: {_kind(exc)}") from exc
-            if self.overlay and len(job.display) < OVERLAY_MAX_FRAMES:
+            overlaid = self.overlay and len(job.display) < OVERLAY_MAX_FRAMES
+            if overlaid:
                 job.display.append(np.array(image, copy=True))  # the service may keep or change its input
-            r = self._infer_frame(image, item.model)
-            job.version, job.task = r.model_version, r.task
-            job.numbers.append(i + 1)
-            if r.mask is not None:
-                job.masks.append(np.asarray(r.mask, dtype=np.uint8))
-            job.boxes.append([b.to_dict() for b in r.boxes])
-            job.done += 1
+            want = frozenset({"heatmap"}) if overlaid and job.want_heatmap else frozenset()
+            self._record(job, i, self._infer_frame(image, item.model, want))
             self._beat()
         if job.done < len(job.indices):
             if not self._queue.put(job, item.source, front=True):  # the rest at this source's next turn
                 raise _Transient("shutting down between two turns")
             return
-        result = InstanceResult(
-            model=item.model,
-            model_version=job.version,
-            task=job.task or self.model_info(item.model).task,
-            frames=job.numbers,
-            masks=np.stack(job.masks) if job.masks and len(job.masks) == len(job.numbers) else None,
-            boxes=job.boxes,
-            display=np.stack(job.display) if job.display else None,
-        )
+        result = self._instance_result(job)
         job.ds = None
-        job.display = []
+        job.display, job.heatmaps = [], []
         self._durably(lambda: self.spool.save_result(item.path, result), "saving a result")
         self._durably(lambda: self.spool.clear_attempts(item.path), "clearing an attempt count")
         job.counted = False
         self._added(item)
+
+    @staticmethod
+    def _record(job: _Job, index: int, r: InferenceResult) -> None:
+        """Keep what the service answered for frame ``index`` of ``job`` (mask, boxes, classes, map)."""
+        job.version, job.task = r.model_version, r.task
+        job.numbers.append(index + 1)
+        if r.mask is not None:
+            job.masks.append(np.asarray(r.mask, dtype=np.uint8))
+        job.boxes.append([b.to_dict() for b in r.boxes])
+        if r.classes is not None:
+            job.classes.append([c.to_dict() for c in r.classes])
+            job.decisions.append(bool(r.decision))
+        if r.heatmap is not None and len(job.heatmaps) < OVERLAY_MAX_FRAMES:
+            job.heatmaps.append(np.asarray(r.heatmap, dtype=np.uint8))
+        job.done += 1
+
+    def _instance_result(self, job: _Job) -> InstanceResult:
+        """The per-instance result of a job whose every frame ran (what the spool keeps)."""
+        n = len(job.numbers)
+        classified = bool(job.classes) and len(job.classes) == n
+        # The maps only when every overlaid frame has one (they pair with the first display frames).
+        maps = job.heatmaps if job.heatmaps and len(job.heatmaps) == min(n, OVERLAY_MAX_FRAMES) else []
+        return InstanceResult(
+            model=job.item.model,
+            model_version=job.version,
+            task=job.task or self.model_info(job.item.model).task,
+            frames=job.numbers,
+            masks=np.stack(job.masks) if job.masks and len(job.masks) == n else None,
+            boxes=job.boxes,
+            display=np.stack(job.display) if job.display else None,
+            classes=job.classes if classified else None,
+            decisions=job.decisions if classified else None,
+            threshold=job.threshold if classified else None,
+            heatmaps=np.stack(maps) if maps else None,
+        )
 
     def _open(self, job: _Job) -> None:
         """Read the job's instance (bounded) and choose its frames."""
@@ -627,17 +666,28 @@ class DicomPipeline:
         n = min(number_of_frames(ds), self.limits.max_frames)
         job.ds = ds
         job.indices = list(range(0, n, self.frame_stride))
+        info = self.model_info(job.item.model)
+        job.want_heatmap = self.overlay and info.task == "classification"
+        job.threshold = info.threshold if isinstance(info, ClassifierInfo) else None
 
     def _added(self, item: WorkItem) -> None:
         if not self.assembler.add(self._key(item), item.path):
             self._done()  # the same instance again (a resend) while its series is open
 
-    def _infer_frame(self, image: np.ndarray, model: str) -> Any:
-        """One frame through the service; overload and shedding are retried (never a failure)."""
+    def _infer_frame(self, image: np.ndarray, model: str, want: frozenset[str] = frozenset()) -> InferenceResult:
+        """One frame through the service; overload and shedding are retried (never a failure).
+
+        ``want``: the extra outputs to compute (``heatmap``); passed only when
+        not empty, so the default call is the one every service takes.
+        """
         attempt = 0
         while True:
             try:
-                r = self.service.infer(image, model=model, source="dicom", timeout_s=self.infer_timeout_s)
+                if want:
+                    r = self.service.infer(image, model=model, source="dicom", timeout_s=self.infer_timeout_s,
+                                           want=want)
+                else:
+                    r = self.service.infer(image, model=model, source="dicom", timeout_s=self.infer_timeout_s)
             except ProtocolError as exc:
                 if exc.code != "overloaded":
                     raise _ProcessingError("model", f"model {model} failed: {exc.code}: {exc}") from exc
@@ -704,7 +754,7 @@ class DicomPipeline:
             ds = read_spooled(p, self.limits, stop_before_pixels=True)
             # The result records what actually ran (version, task); the manifest gives labels.
             info = dataclasses.replace(info, version=res.model_version or info.version, task=res.task or info.task)
-            sources.append(SourceResult(ds, res.frames, res.masks, res.boxes))
+            sources.append(_source_result(ds, res, info))
             kept.append(p)
         if not sources:
             return
@@ -725,6 +775,11 @@ class DicomPipeline:
         out = []
         for p, src in zip(paths, sources):
             frames = src.frames[:OVERLAY_MAX_FRAMES]
+            if isinstance(src, ClassifiedSource):
+                src.heatmaps = self.spool.load_heatmaps(p)  # one instance's maps in memory at a time
+                frames = frames[: 0 if src.heatmaps is None else len(src.heatmaps)]  # a frame without: no overlay
+                if not frames:
+                    continue
             display = self.spool.load_display(p)  # one instance's frames in memory at a time
             full = None
             if display is None or len(display) < len(frames):
@@ -737,4 +792,17 @@ class DicomPipeline:
                     pixels = frame_to_array(full, decode_frame(full, number - 1))
                 out.append(make_overlay(src.dataset, pixels, src, idx, info,
                                         device_serial_number=self.device_serial_number, series=sources))
+            if isinstance(src, ClassifiedSource):
+                src.heatmaps = None
         return out
+
+
+def _source_result(ds: Dataset, res: InstanceResult, info: ModelInfo) -> SourceResult:
+    """A saved per-instance result as the result objects take it (classified, or masks and boxes)."""
+    if res.classes is None:
+        return SourceResult(ds, res.frames, res.masks, res.boxes)
+    threshold = res.threshold
+    if threshold is None and isinstance(info, ClassifierInfo):
+        threshold = info.threshold  # not known when it ran (an older result): the one the model runs with now
+    return ClassifiedSource(ds, res.frames, None, res.boxes, classes=res.classes,
+                            decisions=list(res.decisions or []), threshold=threshold)

@@ -214,6 +214,7 @@ def _status(code: int, comment: str) -> Dataset:
 
 def _model_info_from_config(config: Any) -> Any:
     """``model_info(name) -> ModelInfo`` backed by the served models' manifests."""
+    from edge.egress.dicom.classification import ClassifierInfo
     from edge.errors import ConfigError, ModelError
     from edge.inference.manifest import Manifest
 
@@ -224,8 +225,14 @@ def _model_info_from_config(config: Any) -> Any:
         with lock:
             if name not in cache:
                 try:
-                    m = Manifest.load(config.model_dir(config.model(name)))
-                    cache[name] = ModelInfo(m.name, m.version, m.task, tuple(m.labels), bool(m.research_only))
+                    mc = config.model(name)
+                    m = Manifest.load(config.model_dir(mc))
+                    args = (m.name, m.version, m.task, tuple(m.labels), bool(m.research_only))
+                    if m.task == "classification":  # the SR states the decision threshold the model served with
+                        t = mc.threshold if mc.threshold >= 0 else m.postprocessing.threshold
+                        cache[name] = ClassifierInfo(*args, threshold=float(t))
+                    else:
+                        cache[name] = ModelInfo(*args)
                 except (ModelError, ConfigError) as exc:
                     _log.warning("No manifest for model %s (%s); results name it without labels.", name, exc)
                     cache[name] = ModelInfo(name, "", "segmentation", ("finding",), True)

@@ -15,11 +15,13 @@ separate database to get out of step with the files:
     times is quarantined at the next start instead of crashing the daemon
     again (no poison pill).
 ``<root>/results/<name>.npz``
-    The inference result of one instance (masks and/or boxes per processed
-    frame; with overlays on, also the first decoded frames the overlays are
-    drawn on, so the finaliser never decodes a frame a second time).
-    Present means "inference done, series not yet finalised", so a
-    restart does not run the model again.
+    The inference result of one instance (masks, boxes, or classes and
+    decision per processed frame; with overlays on, also the first decoded
+    frames the overlays are drawn on, so the finaliser never decodes a frame
+    a second time, and a classification's class activation maps of those
+    frames). Present means "inference done, series not yet finalised", so a
+    restart does not run the model again. A result saved by an older
+    version (no classification fields) still loads.
 ``<root>/failed/<name>.dcm`` + ``<name>.reason.txt``
     Instances that were accepted but could not be processed (undecodable
     pixels, a model error, over an input bound, too many unfinished
@@ -96,6 +98,14 @@ class InstanceResult:
     the overlay images so that no frame is decoded twice (``None``: no
     overlays). It is saved losslessly and read back only by
     :meth:`Spool.load_display`, one instance at a time.
+
+    Classification models: ``classes`` holds, per processed frame, the
+    labels with their calibrated probabilities, best first (``label score``
+    dicts), ``decisions`` per processed frame whether the top label reached
+    ``threshold`` (the decision threshold in use, when known); ``None`` for
+    the other tasks. ``heatmaps`` ``[k, H, W]`` uint8: the class activation
+    maps of the first ``k`` processed frames, kept only for the overlays and
+    read back only by :meth:`Spool.load_heatmaps`.
     """
 
     model: str
@@ -105,6 +115,10 @@ class InstanceResult:
     masks: np.ndarray | None = None
     boxes: list[list[dict]] = field(default_factory=list)
     display: np.ndarray | None = None
+    classes: list[list[dict]] | None = None
+    decisions: list[bool] | None = None
+    threshold: float | None = None
+    heatmaps: np.ndarray | None = None
 
 
 #: Integer types a float32 display frame is stored as when it holds only their values (exact both ways).
@@ -335,6 +349,10 @@ class Spool:
             "frames": [int(f) for f in result.frames],
             "boxes": result.boxes,
         }
+        if result.classes is not None:  # only classification results carry these (older files lack them)
+            meta["classes"] = result.classes
+            meta["decisions"] = [bool(d) for d in result.decisions or []]
+            meta["threshold"] = None if result.threshold is None else float(result.threshold)
         display = None
         if result.display is not None:
             meta["display_dtype"] = np.dtype(result.display.dtype).str  # restored exactly on load
@@ -345,6 +363,8 @@ class Spool:
             arrays["masks"] = np.ascontiguousarray(result.masks, dtype=np.uint8)
         if display is not None:
             arrays["display"] = display
+        if result.heatmaps is not None:
+            arrays["heatmaps"] = np.ascontiguousarray(result.heatmaps, dtype=np.uint8)
         cast(Any, np.savez_compressed)(buf, **arrays)
         out = self.result_path(instance_path)
         atomic_write(out, [buf.getvalue()], tmp_dir=self.tmp_dir, mode=SPOOL_FILE_MODE)
@@ -353,7 +373,10 @@ class Spool:
     def load_result(self, instance_path: Path) -> InstanceResult | None:
         """The saved result of ``instance_path``, or ``None`` when there is none (or it is unreadable).
 
-        Its ``display`` frames are not read (see :meth:`load_display`).
+        Its ``display`` frames and ``heatmaps`` are not read (see
+        :meth:`load_display`, :meth:`load_heatmaps`). A result saved before
+        classification existed loads with ``classes`` and ``decisions``
+        ``None``.
         """
         p = self.result_path(instance_path)
         if not p.is_file():
@@ -372,6 +395,9 @@ class Spool:
             frames=list(meta["frames"]),
             masks=masks,
             boxes=meta["boxes"],
+            classes=meta.get("classes"),
+            decisions=meta.get("decisions"),
+            threshold=meta.get("threshold"),
         )
 
     def load_display(self, instance_path: Path) -> np.ndarray | None:
@@ -394,4 +420,21 @@ class Spool:
             _log.warning(
                 "Ignoring unreadable overlay frames in %s (%s); decoding them again.", p.name, type(exc).__name__
             )
+            return None
+
+    def load_heatmaps(self, instance_path: Path) -> np.ndarray | None:
+        """The class activation maps saved with the result of ``instance_path`` (uint8 ``[k, H, W]``), or ``None``.
+
+        ``None`` also when none were saved (overlays off, not a
+        classification) or the file cannot be read: those frames get no
+        overlay.
+        """
+        p = self.result_path(instance_path)
+        if not p.is_file():
+            return None
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                return z["heatmaps"] if "heatmaps" in z.files else None
+        except (OSError, ValueError, KeyError) as exc:
+            _log.warning("Ignoring unreadable class activation maps in %s (%s).", p.name, type(exc).__name__)
             return None
