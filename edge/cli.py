@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "serve": ("edge.commands.serve", "run the daemon (ZeroMQ + DICOM ingest, metrics, health)"),
     "demo": ("edge.commands.demo", "one-command demo: daemon + simulated probe + DICOM push + report"),
     "send": ("edge.commands.send", "test client / scanner simulator (zmq | dicom)"),
+    "capture": ("edge.commands.capture", "a scanner's video output (V4L2) or a video file to a model (capture extra)"),
     "bench": ("edge.commands.bench", "latency benchmark (engine | zmq | dicom)"),
     "engines": ("edge.commands.engines", "list bundled/installed engines, verify their sha256"),
     "doctor": ("edge.commands.doctor", "check GPU, TensorRT, ports, engines, spool permissions"),

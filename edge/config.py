@@ -15,7 +15,7 @@ Sources, later ones winning:
    (``9200``, ``true``, ``["A", "B"]``) and taken as strings otherwise;
    lists may also be written comma-separated (``MEDGE_DICOM__ALLOWED_CALLING_AES=A,B``).
    Arrays of tables (``[[models]]``, ``[[dicom.routes]]``,
-   ``[[dicom.destinations]]``) are file-only.
+   ``[[dicom.destinations]]``, ``[[capture]]``) are file-only.
 
 Validation happens once, in :func:`load_config`: an unknown key, a value of
 the wrong type or out of range raises :class:`~edge.errors.ConfigError`
@@ -75,6 +75,8 @@ __all__ = [
     "DicomDestination",
     "DicomConfig",
     "OutboxConfig",
+    "CaptureConfig",
+    "CAPTURE_COLORS",
     "SPOOL_SOURCES",
     "load_config_and_spool_source",
     "MedgeConfig",
@@ -354,6 +356,115 @@ class OutboxConfig:
     attempt_window_s: float = 3600.0
 
 
+# --------------------------------------------------------------------------- capture ([[capture]])
+#: ``[[capture]] color``: what a captured frame becomes before it is submitted.
+CAPTURE_COLORS = ("gray", "rgb")
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """``[[capture]]``: a video source the daemon reads as a live stream (:mod:`edge.ingest.capture`).
+
+    ``name`` names the source in logs, ``/healthz``, its thread
+    (``medge-capture-<name>``) and the ``capture`` label of its metrics.
+    ``source``: a V4L2 device (``/dev/video0``), an absolute path of a video
+    file, or a stream URL (``rtsp://...``), read through PyAV (the
+    ``capture`` extra). ``model``: the served model (empty: the default
+    model). ``stream``: the stream name of its results on the PUB socket
+    (empty: ``name``). ``crop``: ``[x, y, w, h]`` in source pixels, the image
+    area of the scanner's screen (empty: the whole frame). ``color``:
+    ``gray`` (uint8 ``[H, W]``) or ``rgb`` (uint8 ``[H, W, 3]``). ``fps``:
+    -1 paces a file or stream at its own frame rate (a device delivers at
+    its own), 0 reads a file as fast as it decodes, a positive value paces
+    a file at that rate and thins a faster device to it. ``loop``: start a
+    file again at its end (demos); otherwise the source stops there.
+    ``max_pixels``: a frame with more pixels (width x height, before the
+    crop) is skipped before it is converted. ``video_size`` and
+    ``input_format`` are passed to FFmpeg's V4L2 input for a device
+    (``"1920x1080"``, ``"mjpeg"``; empty: the device's current mode).
+    """
+
+    name: str
+    source: str
+    model: str = ""
+    stream: str = ""
+    crop: tuple[int, ...] = ()
+    color: str = "gray"
+    fps: float = -1.0
+    loop: bool = False
+    max_pixels: int = 3840 * 2160
+    video_size: str = ""
+    input_format: str = ""
+
+    @property
+    def stream_name(self) -> str:
+        """The stream its frames are submitted and published as."""
+        return self.stream or self.name
+
+
+def _validate_capture_entry(c: CaptureConfig, k: str) -> None:
+    """One ``[[capture]]`` table's own keys."""
+    _check(
+        _DESTINATION_NAME.fullmatch(c.name) is not None,
+        f"{k}.name",
+        f"{c.name[:80]!r} is not a plain name: letters, digits, '.', '_' and '-', at most 64, starting with a "
+        "letter or digit (it names the capture's thread and its metric label).",
+    )
+    src = c.source
+    _check(
+        src.startswith("/") or re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", src) is not None,
+        f"{k}.source",
+        f"{src[:200]!r} is not a device (/dev/videoN), an absolute file path or a URL (scheme://...).",
+    )
+    _check(
+        not c.stream or valid_stream(c.stream),
+        f"{k}.stream",
+        "must be a stream name: 1 to 128 characters, no control character or line separator (docs/protocol.md).",
+    )
+    _check(len(c.crop) in (0, 4), f"{k}.crop", f"must be [x, y, w, h] (4 integers) or empty, got {list(c.crop)}.")
+    if c.crop:
+        x, y, w, h = c.crop
+        _check(x >= 0 and y >= 0, f"{k}.crop", f"x and y must be >= 0, got {list(c.crop)}.")
+        _check(w >= 1 and h >= 1, f"{k}.crop", f"w and h must be >= 1, got {list(c.crop)}.")
+    _check(c.color in CAPTURE_COLORS, f"{k}.color", f"{c.color!r} is not one of {CAPTURE_COLORS}.")
+    _check(
+        c.fps == -1.0 or 0.0 <= c.fps <= 1000.0,
+        f"{k}.fps",
+        f"{c.fps} must be -1 (the source's rate), 0 (as fast as decoded) or a rate up to 1000.",
+    )
+    _check(c.max_pixels >= 1, f"{k}.max_pixels", "must be >= 1.")
+    if c.crop:
+        _check(c.crop[2] * c.crop[3] <= c.max_pixels, f"{k}.crop", "holds more pixels than max_pixels.")
+    _check(
+        not c.video_size or re.fullmatch(r"[1-9][0-9]{0,4}x[1-9][0-9]{0,4}", c.video_size) is not None,
+        f"{k}.video_size",
+        f"{c.video_size[:40]!r} is not WIDTHxHEIGHT (e.g. \"1920x1080\").",
+    )
+    _check(
+        re.fullmatch(r"[A-Za-z0-9_]{0,32}", c.input_format) is not None,
+        f"{k}.input_format",
+        f"{c.input_format[:40]!r} is not a pixel or codec format name (e.g. \"mjpeg\", \"yuyv422\").",
+    )
+
+
+def _validate_captures(
+    captures: tuple[CaptureConfig, ...], served: set[str], default_model: str, check_models: bool
+) -> tuple[CaptureConfig, ...]:
+    """Check every ``[[capture]]``; return them with ``model`` and ``stream`` filled in."""
+    out: list[CaptureConfig] = []
+    names: set[str] = set()
+    for i, c in enumerate(captures):
+        k = f"capture[{i}]"
+        _validate_capture_entry(c, k)
+        _check(c.name not in names, f"{k}.name", f"capture {c.name!r} is listed twice.")
+        names.add(c.name)
+        model = c.model or default_model
+        if check_models:
+            _check(model in served, f"{k}.model", f"{model!r} is not a served model ({', '.join(sorted(served))}).")
+        out.append(dataclasses.replace(c, model=model, stream=c.stream_name))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class MedgeConfig:
     """The whole configuration (top-level keys plus one attribute per section).
@@ -362,6 +473,7 @@ class MedgeConfig:
     ``engines/``). ``spool_dir``: received DICOM, outbox, dead letters.
     ``cache_dir``: built TensorRT engines (default ``<spool_dir>/engine-cache``).
     ``models`` empty in the file means every model in ``engines_dir``.
+    ``capture``: video sources read as live streams (``[[capture]]``, none by default).
     """
 
     engines_dir: Path = field(default_factory=lambda: _default_engines_dir())
@@ -374,6 +486,7 @@ class MedgeConfig:
     models: tuple[ModelConfig, ...] = ()
     dicom: DicomConfig = field(default_factory=DicomConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    capture: tuple[CaptureConfig, ...] = ()
 
     def model(self, name: str) -> ModelConfig:
         """The served model called ``name``.
@@ -878,7 +991,9 @@ def _validate(cfg: MedgeConfig, check_models: bool) -> MedgeConfig:
     routes = _dicom_routes(d, seen, check_models)
     _validate_destinations(d.destinations)
     _validate_outbox(cfg.outbox)
-    return dataclasses.replace(cfg, models=models, dicom=dataclasses.replace(d, routes=routes))
+    default_model = z.default_model or (models[0].name if models else "")
+    captures = _validate_captures(cfg.capture, seen, default_model, check_models)
+    return dataclasses.replace(cfg, models=models, dicom=dataclasses.replace(d, routes=routes), capture=captures)
 # --------------------------------------------------------------------------- public API
 def load_config(
     path: Path | str | None = None,

@@ -4,7 +4,14 @@ Start-up, in order: read and validate the configuration (a bad one stops
 here with a message naming the key); start the HTTP server (``/healthz``
 answers at once, ``/readyz`` says 503); load, verify and warm up every
 model; start the scheduler; bind the ZeroMQ sockets; start the DICOM SCP
-(``[dicom] enabled``); then ``/readyz`` answers 200.
+(``[dicom] enabled``); start the ``[[capture]]`` sources; then ``/readyz``
+answers 200.
+
+A capture source that cannot be opened (a V4L2 device absent at boot, a
+stream that is down) does not stop the start-up or readiness: it is
+retried with backoff on its own thread, ``medge_capture_up{capture}`` is 0
+and :meth:`Daemon.capture_status` says why (one line per source). Only
+PyAV missing while a ``[[capture]]`` is configured stops the start-up.
 
 Under systemd (``Type=notify``) it sends ``READY=1`` once ready and
 ``STOPPING=1`` when it starts shutting down (:mod:`edge.ops.systemd`);
@@ -32,9 +39,9 @@ takes MODEL's next batch exit (as a crashing thread would), and
 daemon logs a warning when one is armed. Never set it in production.
 
 Shutdown on SIGTERM or SIGINT, within ``shutdown_timeout_s`` plus about a
-second: stop accepting (new ZeroMQ requests are answered ``overloaded``),
-stop the DICOM side, let the scheduler answer every accepted frame, send
-the last replies, close the sockets, exit 0.
+second: stop the capture sources, stop accepting (new ZeroMQ requests are
+answered ``overloaded``), stop the DICOM side, let the scheduler answer
+every accepted frame, send the last replies, close the sockets, exit 0.
 
 Examples
 --------
@@ -53,7 +60,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 from prometheus_client import CollectorRegistry
@@ -68,6 +75,9 @@ from edge.ops.health import HealthServer
 from edge.ops.metrics import MODEL_FAILURE_CODES, Metrics, metrics_for
 from edge.ops.systemd import sd_notify  # re-exported: medge serve and the tests import it from here
 from edge.scheduler import Scheduler
+
+if TYPE_CHECKING:  # the capture modules are imported when a [[capture]] is configured
+    from edge.ingest.capture import CaptureSource
 
 __all__ = [
     "FAULT_INJECT_ENV",
@@ -129,6 +139,8 @@ class Daemon:
     zmq : ZmqServer or None
     dicom : object or None
         What ``edge.ingest.dicom.scp.start_dicom`` returned.
+    captures : list of CaptureSource
+        The running ``[[capture]]`` sources (:mod:`edge.ingest.capture`).
     ready_s : float
         Seconds from :meth:`start` to ready.
     stall_s : float
@@ -149,6 +161,7 @@ class Daemon:
         self.scheduler: Scheduler | None = None
         self.zmq: ZmqServer | None = None
         self.dicom: Any = None
+        self.captures: list[CaptureSource] = []
         self._zmq_ctx: zmq.Context | None = None
         self._curve: CurveServer | None = None
         self._ready = False
@@ -169,7 +182,10 @@ class Daemon:
 
         Components: ``scheduler`` (the model workers), ``zmq`` (the I/O
         loop), ``dicom_scp`` (the accept loop), ``dicom_pipeline`` (its
-        workers and finaliser) and ``outbox`` (the sender threads). Wedged
+        workers and finaliser), ``outbox`` (the sender threads) and
+        ``capture`` (a capture thread that died; an absent or failing
+        source is retried and is no readiness problem: see
+        :meth:`capture_status`). Wedged
         means: work waits and nothing got done for :attr:`stall_s`. The
         scheduler is watched from outside: frames accepted but unanswered
         while the answered count stands still (all models), and a model
@@ -208,7 +224,15 @@ class Daemon:
                     why = self._probe(lambda c=check: c(stall), name, problem)
                     if why:
                         bad.append((name, why))
+        for src in self.captures:
+            why = self._probe(src.healthy, "capture", f"the thread of capture {src.config.name} has died")
+            if why:
+                bad.append(("capture", why))
         return bad
+
+    def capture_status(self) -> list[str]:
+        """``capture <name>: <state>; <counts>`` for each ``[[capture]]`` source (``/healthz`` details)."""
+        return [f"capture {src.config.name}: {src.status()}" for src in self.captures]
 
     @staticmethod
     def _probe(check: Any, name: str, problem: str) -> str:
@@ -291,17 +315,19 @@ class Daemon:
             if cfg.dicom.enabled:
                 self.dicom = _start_dicom(cfg, self.scheduler, self.registry)
                 self.metrics.declare_source("dicom", self.scheduler.models(), MODEL_FAILURE_CODES)
+            self.captures = _start_captures(cfg, self.scheduler, self.metrics, self.zmq)
         except BaseException:
             self.close()
             raise
         self.ready_s = time.perf_counter() - t0
         self._ready = True
         _log.info(
-            "medge ready in %.2f s: models %s; zmq %s; dicom %s; metrics %s; spool %s.",
+            "medge ready in %.2f s: models %s; zmq %s; dicom %s; capture %s; metrics %s; spool %s.",
             self.ready_s,
             ", ".join(f"{m.name} ({m.backend_label}, {m.precision})" for m in self.models),
             self.zmq.ingest_endpoint if self.zmq else "off",
             f"{cfg.dicom.host}:{cfg.dicom.port}" if self.dicom is not None else "off",
+            ", ".join(c.config.name for c in self.captures) or "off",
             self.health.url if self.health else "off",
             cfg.spool_dir,
         )
@@ -315,10 +341,17 @@ class Daemon:
         self._ready = False
         t0 = time.monotonic()
         budget = self.config.shutdown_timeout_s
+        for src in self.captures:
+            src.stop()  # first (no frame of theirs is refused as overloaded), all at once; joined below
         if self.zmq is not None:
             self.zmq.stop_accepting()
         if self.scheduler is not None:
             self.scheduler.stop_accepting()
+        for src in self.captures:
+            try:
+                src.close(timeout_s=0.5)
+            except Exception:  # error boundary of shutdown: the rest must still close
+                _log.exception("Closing capture %s failed.", src.config.name)
         if self.dicom is not None:
             try:
                 self.dicom.close()
@@ -498,6 +531,32 @@ def _start_dicom(cfg: MedgeConfig, service: Scheduler, registry: CollectorRegist
     from edge.ingest.dicom.scp import start_dicom
 
     return start_dicom(cfg, service, registry, cfg.spool_dir)
+
+
+def _start_captures(
+    cfg: MedgeConfig, service: Scheduler, metrics: Metrics, server: ZmqServer | None
+) -> list[CaptureSource]:
+    """Start every ``[[capture]]`` source (PyAV is imported only when there is one).
+
+    The capture metric families are registered whether or not a source is
+    configured, so the exposition's families do not depend on the config.
+
+    Raises
+    ------
+    ConfigError
+        If a ``[[capture]]`` is configured and PyAV (the ``capture`` extra) is not installed.
+    """
+    metrics_for(metrics.registry).capture  # noqa: B018 - registers the families
+    if not cfg.capture:
+        return []
+    from edge.ingest.capture import CaptureSource
+    from edge.ingest.capture_frames import require_av
+
+    require_av()
+    publish = server.publish if server is not None else None
+    if publish is None:
+        _log.warning("[zmq] is disabled: capture results are counted but not published.")
+    return [CaptureSource(c, service, metrics, publish).start() for c in cfg.capture]
 
 
 def exit_after(seconds: float) -> None:

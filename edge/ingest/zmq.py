@@ -67,11 +67,11 @@ from edge.egress.zmq import (
     ERROR_CODES,
     Publisher,
     copy_is_cheaper,
-    describe_models,
     encode_error,
     encode_models,
     encode_result,
 )
+from edge.egress.zmq_catalogue import describe_models
 from edge.errors import ConfigError, ProtocolError
 from edge.ingest.zmq_protocol import (
     MAX_HEADER_BYTES,
@@ -124,7 +124,7 @@ class ZmqServer:
         bounded wait).
     catalog : iterable of LoadedModel (or Manifest), optional
         The served models, described in the reply to ``{"v": 1, "op":
-        "models"}`` (:func:`edge.egress.zmq.describe_model`). Without it
+        "models"}`` (:func:`edge.egress.zmq_catalogue.describe_model`). Without it
         that reply lists each served model by ``name`` only.
 
     Raises
@@ -251,6 +251,19 @@ class ZmqServer:
     def stop_accepting(self) -> None:
         """Answer new requests ``overloaded`` (shutting down); in-flight ones still get replies."""
         self._accepting = False
+
+    def publish(self, stream: str, header: bytes, payload: Iterable[Any] = ()) -> None:
+        """Publish a result of another source (``[[capture]]``) on PUB, under the socket lock.
+
+        Used only while the sockets are open; otherwise the result is counted
+        in ``medge_publish_dropped_total{reason="closed"}``.
+        """
+        with self._lock:
+            if not self._sockets_open or self._pub is None:
+                if self._metrics is not None:
+                    self._metrics.publish_dropped.labels(reason="closed").inc()
+                return
+            self._pub.publish(stream, header, list(payload))
 
     def close(self, timeout_s: float = 2.0) -> None:
         """Send the replies still owed (up to ``timeout_s``), close the sockets, stop the thread.

@@ -13,7 +13,7 @@ collector adds the ``medge_gpu_*`` gauges at scrape time. The frame path's
 families (scheduler, ZeroMQ, per-source counts) are :class:`Metrics`, made
 by the daemon and passed down. The other components' families come in
 small groups (:class:`BoundaryMetrics`, :class:`DaemonMetrics`,
-:class:`DicomMetrics`, :class:`OutboxMetrics`) from :func:`metrics_for`,
+:class:`DicomMetrics`, :class:`OutboxMetrics`, :class:`CaptureMetrics`) from :func:`metrics_for`,
 which registers each group once per registry: components handed the same
 registry share its families, and each test's fresh registry gets its own.
 
@@ -58,6 +58,7 @@ __all__ = [
     "DaemonMetrics",
     "DicomMetrics",
     "OutboxMetrics",
+    "CaptureMetrics",
     "STAGES",
     "DROP_REASONS",
     "MODEL_FAILURE_CODES",
@@ -328,6 +329,59 @@ class OutboxMetrics:
             zeroed(metric, names)
 
 
+class CaptureMetrics:
+    """The capture sources' families (:mod:`edge.ingest.capture`), by ``capture`` (a configured name).
+
+    Frames a source submits are counted like every other frame, with
+    ``source="capture"`` (:class:`Metrics`); these families say what
+    happened before that. Reason vocabularies stay with the code that
+    counts them (``SKIP_REASONS`` and ``ERROR_REASONS`` in
+    :mod:`edge.ingest.capture_frames`), which creates them at 0.
+
+    Attributes
+    ----------
+    up : Gauge
+        ``medge_capture_up{capture}``: 1 while the source is open and a
+        frame arrived within the last few seconds.
+    frames : Counter
+        ``medge_capture_frames_total{capture}``: frames decoded from the source.
+    skipped : Counter
+        ``medge_capture_frames_skipped_total{capture, reason}``: decoded
+        frames not submitted (too large, outside the crop, thinned to ``fps``).
+    errors : Counter
+        ``medge_capture_errors_total{capture, reason}``: failures to open,
+        read or decode the source (each open or read failure is followed by
+        a reopen after a backoff).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.up = Gauge(
+            "medge_capture_up",
+            "1 while a capture source is open and delivering usable frames, else 0 (absent, failing, silent, or "
+            "every frame skipped), by capture.",
+            ["capture"],
+            registry=r,
+        )
+        self.frames = Counter(
+            "medge_capture_frames", "Frames decoded from a capture source, by capture.", ["capture"], registry=r
+        )
+        self.skipped = Counter(
+            "medge_capture_frames_skipped",
+            "Decoded capture frames not submitted for inference (over max_pixels, crop outside the frame, "
+            "thinned to fps), by capture and reason.",
+            ["capture", "reason"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "medge_capture_errors",
+            "Capture source failures (open, read, decode), by capture and reason; open and read failures are "
+            "retried with backoff.",
+            ["capture", "reason"],
+            registry=r,
+        )
+
+
 _G = TypeVar("_G")
 
 
@@ -369,6 +423,11 @@ class ComponentMetrics:
     def outbox(self) -> OutboxMetrics:
         """The outbox's families."""
         return self._group(OutboxMetrics)
+
+    @property
+    def capture(self) -> CaptureMetrics:
+        """The capture sources' families."""
+        return self._group(CaptureMetrics)
 
 
 # The groups registered on each live registry. prometheus_client offers no public lookup of a
@@ -454,7 +513,9 @@ class Metrics:
         read from the socket until its reply was handed to the socket and
         published;
         ``dicom``: one frame handed to the scheduler until its result was
-        ready (no series wait, no delivery: see :attr:`OutboxMetrics.store_to_result`).
+        ready (no series wait, no delivery: see :attr:`OutboxMetrics.store_to_result`);
+        ``capture``: one captured frame handed to the scheduler until its
+        result was published (or ready, when ZeroMQ is off).
     build_info : Gauge
         ``medge_build_info{version, python, onnxruntime, tensorrt, pyzmq,
         pydicom, pynetdicom}`` = 1 (:func:`build_info_labels`).
