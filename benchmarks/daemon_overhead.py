@@ -96,7 +96,7 @@ def _machine() -> dict[str, Any]:
 class Daemon:
     """``medge serve`` as a child process on free ports."""
 
-    def __init__(self, workdir: Path, engines_dir: Path, dicom: bool = True) -> None:
+    def __init__(self, workdir: Path, engines_dir: Path, dicom: bool = True, precision: str | None = None) -> None:
         self.ingest = f"tcp://127.0.0.1:{free_port()}"
         self.publish = f"tcp://127.0.0.1:{free_port()}"
         self.http = f"http://127.0.0.1:{free_port()}"
@@ -106,7 +106,10 @@ class Daemon:
             f'[zmq]\ningest = "{self.ingest}"\npublish = "{self.publish}"\n'
             f'[metrics]\nport = {self.http.rsplit(":", 1)[1]}\n'
             f"[dicom]\nenabled = {'true' if dicom else 'false'}\nport = {free_port()}\n"
-            + "".join(f'[[models]]\nname = "{m}"\nspin_us = {SPIN_US}\n' for m in MODELS),
+            + "".join(
+                f'[[models]]\nname = "{m}"\nspin_us = {SPIN_US}\n' + (f'precision = "{precision}"\n' if precision else "")
+                for m in MODELS
+            ),
             encoding="utf-8",
         )
         self.log = open(workdir / "serve.log", "wb")

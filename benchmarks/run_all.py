@@ -16,6 +16,11 @@
    into the daemon's SCP, results received by a local storage SCP.
 6. ``benchmarks/dicom_ingest.py --skip-storescp``: our SCP against a bare
    pynetdicom SCP, DCMTK ``storescu`` sending (the ratio of the DICOM issue).
+7. ``benchmarks/native_sizes.py``: daemon − raw, the one-thread ZeroMQ
+   echo floor and the daemon's share over it, at model size and at native
+   sizes, with the issue-15 targets as PASS / FAIL; with Triton beside it
+   (``--triton``, :mod:`triton_peer`) where its venv (``.venv-triton`` or
+   ``MEDGE_TRITON_VENV``) exists, and a line saying so where it does not.
 
 Every measurement runs the real command line in a fresh process, as a user
 would. ``--quick`` shortens every step (for a smoke run; not for the record).
@@ -218,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             out["dicom_ingest"] = json.loads(latest.read_text(encoding="utf-8"))
         else:
             out["skipped"].append(f"dicom_ingest: exit {res.returncode}: {(res.stderr or res.stdout)[-300:]}")
+    _native_sizes(a, tmp, out)
     info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     out["wall_s"] = round(time.time() - t_start, 1)
     stem = f"{date}-{_slug(info)}" + ("-quick" if a.quick else "")
@@ -230,6 +236,29 @@ def main(argv: list[str] | None = None) -> int:
         update_readme(Path("benchmarks/results") / f"{stem}.md", out)
     print(md)
     return 0
+
+
+def _native_sizes(a: argparse.Namespace, tmp: Path, out: dict[str, Any]) -> None:
+    """Step 7: ``native_sizes.py`` (with ``--triton`` where the Triton venv exists) into ``out["native_sizes"]``."""
+    from triton_peer import SET_UP, venv_python
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "native_sizes.py"), "--out-dir", str(tmp / "native")]
+    if a.engines_dir:
+        cmd += ["--engines-dir", str(a.engines_dir)]
+    if a.quick:
+        cmd.append("--quick")
+    if venv_python() is not None:
+        cmd.append("--triton")
+    else:
+        out["skipped"].append(f"Triton beside the daemon: no venv at .venv-triton (or MEDGE_TRITON_VENV); set-up: {SET_UP}")
+    _log("native_sizes" + (" with Triton" if "--triton" in cmd else ""))
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    docs = sorted((tmp / "native").glob("*native-sizes*.json"))
+    if docs:
+        out["native_sizes"] = json.loads(docs[-1].read_text(encoding="utf-8"))
+        out["native_sizes"]["stdout"] = res.stdout[-4000:]
+    else:
+        out["skipped"].append(f"native_sizes: exit {res.returncode}: {(res.stderr or res.stdout)[-300:]}")
 
 
 # ---------------------------------------------------------------------------- markdown
@@ -354,6 +383,10 @@ def render_markdown(r: dict[str, Any]) -> str:
                   "| receiver | instances/s |", "| --- | --- |",
                   *[f"| {k} | {_f(v, 1)} |" for k, v in ips.items()], "",
                   f"Ratio ours / bare: **{_f(di['ratio_ours_over_bare'], 3)}** (target >= {di['target_ratio']})."]
+    if r.get("native_sizes"):
+        from native_sizes import markdown as native_markdown
+
+        lines += native_markdown(r["native_sizes"])
     lines += ["", f"Daemon ready after start: {r.get('daemon_ready_s')} s; exit status after SIGTERM: "
               f"{r.get('daemon_exit_status')}.", ""]
     return "\n".join(lines)

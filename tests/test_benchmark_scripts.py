@@ -24,3 +24,40 @@ def test_script_answers_help(script: Path) -> None:
     out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "usage:" in out.stdout
+
+
+def _load(name: str):
+    import importlib
+
+    bench = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module(name)
+
+
+def test_native_sizes_share_and_targets_from_samples() -> None:
+    """The daemon's share is daemon - floor at p50; each target line passes or fails on its own number."""
+    import numpy as np
+
+    ns = _load("native_sizes")
+    img = np.zeros((4, 4), np.uint8)
+    fast = ns.Case("m", "segmentation", "256x256 float32 (model size)", img, img[None, None], native=False)
+    fast.samples = {"raw": [10.0] * 99 + [11.0], "daemon": [10.5] * 99 + [12.0], "floor": [10.3] * 100}
+    slow = ns.Case("m", "segmentation", "480x640 uint8 (native)", img, img[None, None], native=True)
+    slow.samples = {"raw": [10.0] * 100, "daemon": [11.5] * 99 + [20.0], "floor": [10.4] * 100, "triton": [16.0] * 100}
+    rows = [ns.summarise(fast), ns.summarise(slow)]
+    assert rows[0]["daemon_share_over_floor_p50_ms"] == pytest.approx(0.2)
+    assert rows[1]["overhead_over_raw_ms"]["triton"]["p50_ms"] == pytest.approx(6.0)
+    lines = ns.verdicts(rows)
+    assert [ok for _, ok in lines] == [True, True, False, True]  # share 0.2; p99 0.5; native p50 1.5 > 1.0; p99 1.6
+    assert "share" in lines[0][0] and "p50 <= 1.0" in lines[2][0]
+
+
+def test_triton_venv_is_found_only_where_it_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tp = _load("triton_peer")
+    monkeypatch.setenv("MEDGE_TRITON_VENV", str(tmp_path / "nowhere"))
+    assert tp.venv_python() is None
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").write_text("")
+    monkeypatch.setenv("MEDGE_TRITON_VENV", str(tmp_path / "venv"))
+    assert tp.venv_python() == tmp_path / "venv" / "bin" / "python"

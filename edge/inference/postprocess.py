@@ -30,7 +30,6 @@ Examples
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
@@ -39,13 +38,12 @@ from PIL import Image
 
 from edge.errors import ModelError
 from edge.inference.manifest import Postprocessing
-from edge.inference.preprocess import Geometry, resize_float, resize_nearest
+from edge.inference.preprocess import Geometry, resize_float, resize_linear, resize_nearest
 from edge.types import Box, ClassScore
 
 __all__ = [
     "segmentation_mask",
     "segmentation_probability",
-    "upsample_threshold",
     "decode_detections",
     "nms",
     "box_iou",
@@ -110,10 +108,11 @@ def segmentation_mask(logits: np.ndarray, geom: Geometry, threshold: float) -> n
         cut = np.float32(math.log(t / (1.0 - t)))
         region = logits[0, rows, cols]
         nh, nw = region.shape
-        if geom.src_h >= nh and geom.src_w >= nw:
-            return upsample_threshold(region, geom.src_h, geom.src_w, cut)
-        up = resize_float(region, geom.src_h, geom.src_w)  # shrinking: antialiased, as ever
-        return (up > cut).view(np.uint8)
+        if geom.src_h >= nh and geom.src_w >= nw:  # enlarging: Pillow's bilinear, through OpenCV
+            up = resize_linear(region, geom.src_h, geom.src_w)
+        else:
+            up = resize_float(region, geom.src_h, geom.src_w)  # shrinking: antialiased, as ever
+        return np.greater(up, cut).view(np.uint8)
     labels = np.argmax(logits[:, rows, cols], axis=0).astype(np.uint8)
     return resize_nearest(labels, geom.src_h, geom.src_w)
 
@@ -134,76 +133,6 @@ def segmentation_probability(logits: np.ndarray, geom: Geometry) -> np.ndarray:
         region = np.asarray(logits[:, rows, cols], dtype=np.float32)
         p = resize_float(1.0 - _softmax(region, axis=0)[0], geom.src_h, geom.src_w)
     return _to_uint8(p)
-
-
-_MAX_EDGE_FRACTION = 0.03  # above this share of edge pixels the full float resize is cheaper
-
-
-@functools.lru_cache(maxsize=64)
-def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Half-pixel bilinear taps along one axis, edge-clamped (Pillow's BILINEAR when enlarging).
-
-    Returns ``(cell, lo, hi, frac)`` per output index: the padded cell index
-    (``floor(pos) + 1``), the two source taps and the weight of ``hi``.
-    """
-    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-    i0 = np.floor(pos).astype(np.intp)
-    taps = (i0 + 1, np.clip(i0, 0, n_in - 1), np.clip(i0 + 1, 0, n_in - 1), pos - i0)
-    for a in taps:
-        a.setflags(write=False)
-    return taps
-
-
-def upsample_threshold(plane: np.ndarray, height: int, width: int, cut: np.float32) -> np.ndarray:
-    """``bilinear_resize(plane) > cut`` as a uint8 0/1 mask, interpolating only where it matters.
-
-    Enlarging only (``height >= plane rows``, ``width >= plane columns``).
-    Where the four source pixels around an output pixel are all above (or all
-    at or below) ``cut``, so is their bilinear blend: those pixels are filled
-    from the low-resolution decision. Only output pixels whose neighbours
-    disagree (the mask's edge) are interpolated, in the order Pillow uses
-    (rows, then columns, float32 in between), so the mask equals thresholding
-    ``resize_float``'s output. A 192x256 -> 480x640 lesion mask takes about
-    a fifth of the full float resize; when edges are everywhere (more than
-    3 % of the output, e.g. noise) the full resize is used instead.
-    """
-    h, w = plane.shape
-    if height < h or width < w:
-        raise ValueError(f"upsample_threshold enlarges only ({h}x{w} -> {height}x{width}).")
-    if (h, w) == (height, width):
-        return (plane > cut).view(np.uint8)  # a fresh 0/1 array; the view saves a second pass
-    out = np.zeros((height, width), np.uint8)
-    padded = np.pad(plane > cut, 1, mode="edge")
-    q00, q10, q01, q11 = padded[:-1, :-1], padded[1:, :-1], padded[:-1, 1:], padded[1:, 1:]
-    every = q00 & q10 & q01 & q11
-    some = q00 | q10 | q01 | q11
-    if not some.any():
-        return out
-    cy, ly, hy, fy = _bilinear_taps(h, height)
-    cx, lx, hx, fx = _bilinear_taps(w, width)
-    rows, cols = np.flatnonzero(some.any(axis=1)), np.flatnonzero(some.any(axis=0))
-    y0, y1 = int(np.searchsorted(cy, rows[0])), int(np.searchsorted(cy, rows[-1], "right"))
-    x0, x1 = int(np.searchsorted(cx, cols[0])), int(np.searchsorted(cx, cols[-1], "right"))
-    state = every.view(np.uint8) + some.view(np.uint8)  # 0: all below, 1: mixed, 2: all above
-    mixed = int(np.count_nonzero(some)) - int(np.count_nonzero(every))
-    if mixed * (height / h) * (width / w) > _MAX_EDGE_FRACTION * height * width:
-        # an edge everywhere (noise): per-pixel interpolation would cost more than the full resize
-        out[...] = resize_float(plane, height, width) > cut
-        return out
-    cells = state.take(cy[y0:y1], axis=0).take(cx[x0:x1], axis=1)
-    np.equal(cells, 2, out=out[y0:y1, x0:x1].view(bool))
-    ys, xs = np.nonzero(cells == 1)
-    if ys.size:
-        ys += y0
-        xs += x0
-        src = plane.astype(np.float64, copy=False)
-        wx = fx[xs]
-        upper = (src[ly[ys], lx[xs]] * (1.0 - wx) + src[ly[ys], hx[xs]] * wx).astype(np.float32)
-        lower = (src[hy[ys], lx[xs]] * (1.0 - wx) + src[hy[ys], hx[xs]] * wx).astype(np.float32)
-        wy = fy[ys]
-        value = (upper.astype(np.float64) * (1.0 - wy) + lower.astype(np.float64) * wy).astype(np.float32)
-        out[ys, xs] = value > cut
-    return out
 
 
 def box_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:

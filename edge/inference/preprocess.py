@@ -2,7 +2,14 @@
 
 Both the trainer (``trainer/data.py``) and the daemon call :func:`preprocess`
 so a model sees identical inputs in training and in service. All operations
-are vectorised numpy or Pillow's C resampling; nothing loops over pixels.
+are vectorised numpy or OpenCV (``cv2.resize``); nothing loops over pixels.
+
+The model-input resize (:func:`resize_plane`) is Pillow's antialiased
+bilinear filter rebuilt from two OpenCV calls (a triangle prefilter, then
+bilinear sampling): about four times faster on a probe's 480x640 frame, and
+equal to Pillow inside the image at whole-number scales. :func:`resize_float`
+(Pillow itself) stays for the synthetic-data generators and the
+post-processing, whose pixels must not change.
 
 Examples
 --------
@@ -18,8 +25,11 @@ Examples
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -32,12 +42,19 @@ __all__ = [
     "geometry_for",
     "to_float_channels",
     "resize_float",
+    "resize_plane",
+    "resize_linear",
+    "triangle_taps",
     "resize_nearest",
     "preprocess",
 ]
 
 SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "float32")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+# One frame's resize takes tens of microseconds: splitting it over OpenCV's thread pool only adds
+# hand-offs, and the daemon's workers and ONNX Runtime already use the cores. Process-wide setting.
+cv2.setNumThreads(1)
 
 
 @dataclass(frozen=True)
@@ -108,6 +125,89 @@ def resize_float(plane: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(img.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
+def resize_linear(plane: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of one 2-D plane to a new float32 array (``cv2.INTER_LINEAR``, no antialiasing).
+
+    Half-pixel centres, edge pixels replicated. When enlarging (both axes)
+    this is the interpolation of :func:`resize_float` (Pillow's bilinear
+    filter has support 1 then) to float32 rounding; shrinking, it aliases:
+    use :func:`resize_plane`.
+    """
+    x = np.ascontiguousarray(plane, dtype=np.float32)
+    if x.shape == (height, width):
+        return x.copy() if x is plane else x
+    return cv2.resize(x, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+@functools.lru_cache(maxsize=64)
+def triangle_taps(scale: float) -> np.ndarray:
+    """The prefilter of :func:`resize_plane` for shrinking by ``scale``: Pillow's triangle at whole-pixel offsets.
+
+    ``max(0, 1 - |d| / scale)`` for integer ``d``, normalised to sum 1, as
+    float32 (read-only); ``[1]`` when ``scale <= 1`` (enlarging needs none).
+    """
+    if scale <= 1.0:
+        taps = np.ones(1, np.float32)
+    else:
+        d = np.arange(-math.ceil(scale), math.ceil(scale) + 1, dtype=np.float64)
+        w = np.clip(1.0 - np.abs(d) / scale, 0.0, None)
+        w = w[w > 0]
+        taps = (w / w.sum()).astype(np.float32)
+    taps.setflags(write=False)
+    return taps
+
+
+def resize_plane(plane: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The model-input resize of one 2-D plane: a new float32 ``height`` x ``width`` array.
+
+    Parameters
+    ----------
+    plane : numpy.ndarray
+        ``[H, W]`` uint8, uint16, int16 or float32 (never modified).
+    height, width : int
+        The size inside the model input (:attr:`Geometry.new_h`, :attr:`Geometry.new_w`).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32, C-contiguous, never a view of ``plane``.
+
+    Notes
+    -----
+    Pillow's antialiased bilinear filter (:func:`resize_float`, what the
+    bundled models were trained on) in two OpenCV steps:
+
+    1. Along each axis shrunk by ``s > 1``, a separable prefilter with
+       Pillow's triangle of half-width ``s`` sampled at whole pixels
+       (:func:`triangle_taps`; ``cv2.sepFilter2D``, float32 result, edge
+       pixels replicated).
+    2. Bilinear sampling at the output pixels' centres
+       (``cv2.INTER_LINEAR``, half-pixel centres).
+
+    When enlarging, and inside the image when ``s`` is a whole number (a
+    512x512 radiograph to 256x256), this is Pillow's result to float32
+    rounding; at 2.5x (480x640 to 192x256) it differs from it by 0.5/255
+    of the range on average. About four times faster than Pillow on a
+    probe frame. A box average (``cv2.INTER_AREA``) is not the same
+    filter: the bundled segmentation model loses 0.07 held-out Dice on it.
+    """
+    if plane.ndim != 2:
+        raise DataError(f"resize_plane takes one [H, W] plane, not shape {list(plane.shape)}.")
+    if height <= 0 or width <= 0:
+        raise DataError(f"Cannot resize to {height}x{width}.")
+    h, w = plane.shape
+    ky, kx = triangle_taps(h / height), triangle_taps(w / width)
+    if ky.size > 1 or kx.size > 1:
+        # uint8 goes straight in (OpenCV's fastest input here); other types are filtered as float32
+        src = plane if plane.dtype == np.uint8 else plane.astype(np.float32, copy=False)
+        x = cv2.sepFilter2D(np.ascontiguousarray(src), cv2.CV_32F, kx, ky, borderType=cv2.BORDER_REPLICATE)
+    else:
+        x = plane.astype(np.float32)  # a copy, even of float32: never a view of the caller's image
+    if x.shape == (height, width):
+        return x
+    return cv2.resize(x, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
 def resize_nearest(labels: np.ndarray, height: int, width: int) -> np.ndarray:
     """Nearest-neighbour resize of a 2-D label image (index arithmetic, no loops)."""
     h, w = labels.shape
@@ -162,8 +262,10 @@ def preprocess(
     """Turn one image into a ``[C, H, W]`` float32 model input.
 
     Steps: to float channels, optional CT window, resize (letterbox or
-    stretch), intensity normalisation over the image (not the padding), and
-    zero padding to the model input size.
+    stretch; :func:`resize_plane`), intensity normalisation over the image
+    (not the padding), and zero padding to the model input size. A
+    uint8 grayscale image without a window is filtered as it is (no float32
+    copy at full size).
 
     Parameters
     ----------
@@ -188,7 +290,9 @@ def preprocess(
     When the image already has the model's size and needs no channel
     conversion or window, it is converted straight into ``out`` and
     normalised there in place: one pass over the source, two over a buffer
-    that is still in cache. Every path computes the same float32 values.
+    that is still in cache. The resized image is normalised straight into
+    its place in ``out``. Every path computes the same float32 values from
+    the same resized image.
     """
     dst_h, dst_w = spec.size
     if out is None:
@@ -196,19 +300,21 @@ def preprocess(
     elif out.shape != (spec.channels, dst_h, dst_w) or out.dtype != np.float32:
         raise ValueError(f"out has shape {out.shape} {out.dtype}; expected {(spec.channels, dst_h, dst_w)} float32.")
     plane = _gray_plane(image, spec.channels)
-    if plane is not None and pre.window is None and plane.shape == (dst_h, dst_w):
-        geom = geometry_for(dst_h, dst_w, dst_h, dst_w, pre.resize)
-        _normalize_into(plane, out[0], pre)
-        return out, geom
-    planes = to_float_channels(image, spec.channels)
-    if pre.window is not None:
-        center, width = pre.window
-        planes = np.clip((planes - np.float32(center - width / 2.0)) / np.float32(width), 0.0, 1.0)
-    geom = geometry_for(planes.shape[1], planes.shape[2], dst_h, dst_w, pre.resize)
-    resized = np.stack([resize_float(p, geom.new_h, geom.new_w) for p in planes])
-    _normalize_into(resized, resized, pre)
+    if plane is not None and pre.window is None:
+        geom = geometry_for(plane.shape[0], plane.shape[1], dst_h, dst_w, pre.resize)
+        if plane.shape == (dst_h, dst_w):
+            _normalize_into(plane, out[0], pre)
+            return out, geom
+        resized = resize_plane(plane, geom.new_h, geom.new_w)[None]
+    else:
+        planes = to_float_channels(image, spec.channels)
+        if pre.window is not None:
+            center, width = pre.window
+            planes = np.clip((planes - np.float32(center - width / 2.0)) / np.float32(width), 0.0, 1.0)
+        geom = geometry_for(planes.shape[1], planes.shape[2], dst_h, dst_w, pre.resize)
+        resized = np.stack([resize_plane(p, geom.new_h, geom.new_w) for p in planes])
     top, left, nh, nw = geom.top, geom.left, geom.new_h, geom.new_w
-    out[:, top : top + nh, left : left + nw] = resized
+    _normalize_into(resized, out[:, top : top + nh, left : left + nw], pre)
     if (nh, nw) != (dst_h, dst_w):
         out[:, :top] = 0.0
         out[:, top + nh :] = 0.0

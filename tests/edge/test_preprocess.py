@@ -58,41 +58,93 @@ def test_out_of_the_wrong_shape_is_refused() -> None:
         preprocess(np.zeros(SPEC.size, np.uint8), SPEC, Preprocessing(), out=np.empty((1, 8, 8), np.float32))
 
 
-# ------------------------------------------------------------------ postprocessing
-@pytest.mark.parametrize(
-    "shape",
-    [(192, 256, 480, 640), (64, 64, 100, 70), (7, 9, 50, 50), (256, 256, 256, 256), (192, 256, 512, 512), (5, 5, 5, 40)],
-)
-@pytest.mark.parametrize("kind", ["blob", "noise"])
-def test_upsample_threshold_equals_thresholding_the_float_resize(
-    shape: tuple[int, int, int, int], kind: str, monkeypatch: pytest.MonkeyPatch
+# ------------------------------------------------------------------ the model-input resize (OpenCV)
+def _smooth_and_speckle(h: int, w: int, dtype: str, seed: int) -> np.ndarray:
+    """A test image with structure and pixel-level texture (speckle), in ``dtype``'s range."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 0.5 + 0.3 * np.sin(yy / 17.0) * np.cos(xx / 23.0)
+    img = np.clip(base * rng.rayleigh(0.8, (h, w)), 0.0, 1.0)
+    top = {"uint8": 255, "uint16": 4095, "int16": 2000, "float32": 1.0}[dtype]
+    return (img * top - (1000 if dtype == "int16" else 0)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "float32"])
+@pytest.mark.parametrize("src,dst", [((512, 512), (256, 256)), ((480, 640), (160, 320)), ((90, 120), (30, 40))])
+def test_resize_plane_is_pillows_filter_inside_the_image_at_whole_number_scales(
+    dtype: str, src: tuple[int, int], dst: tuple[int, int]
 ) -> None:
-    """The edge-only interpolation gives exactly the mask of the full Pillow float resize."""
-    import edge.inference.postprocess
-    from edge.inference.postprocess import upsample_threshold
-    from edge.inference.preprocess import resize_float
+    from edge.inference.preprocess import resize_float, resize_plane
 
-    h, w, oh, ow = shape
-    rng = np.random.default_rng(sum(shape))
-    if kind == "blob":  # a smooth logit field with a lesion-like region, as a segmentation model gives
-        yy, xx = np.mgrid[0:h, 0:w]
-        plane = (6.0 - 0.02 * ((yy - h / 2) ** 2 + (xx - w / 3) ** 2) * (256 / max(h, w)) + rng.normal(0, 0.3, (h, w)))
-    else:  # edges everywhere: exercises the fall-back to the full resize
-        plane = rng.normal(0, 2, (h, w))
-    plane = plane.astype(np.float32)
-    cut = np.float32(0.25)
-    want = (resize_float(plane, oh, ow) > cut).astype(np.uint8)
-    if kind == "blob" and oh >= 100:  # a real lesion edge: the interpolate-the-edge path, not the fall-back
-        monkeypatch.setattr(edge.inference.postprocess, "resize_float", lambda *a: pytest.fail("fell back to the full resize"))
-    got = upsample_threshold(plane, oh, ow, cut)
-    assert got.dtype == np.uint8 and got.shape == (oh, ow)
-    np.testing.assert_array_equal(got, want)
+    img = _smooth_and_speckle(*src, dtype, seed=sum(src))
+    got, want = resize_plane(img, *dst), resize_float(img.astype(np.float32), *dst)
+    assert got.shape == dst and got.dtype == np.float32 and got.flags.c_contiguous
+    span = float(img.max()) - float(img.min())
+    # the outermost output pixels differ: Pillow renormalises its taps there, OpenCV replicates the edge
+    np.testing.assert_allclose(got[2:-2, 2:-2], want[2:-2, 2:-2], rtol=0, atol=1e-5 * span)
+    assert np.abs(got - want).max() < 0.05 * span
 
 
-def test_upsample_threshold_all_background_and_all_foreground() -> None:
-    from edge.inference.postprocess import upsample_threshold
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_resize_plane_stays_close_to_pillow_at_a_fractional_scale(dtype: str) -> None:
+    """480x640 -> 192x256 (2.5x): the probe frame; linear sampling between prefiltered pixels."""
+    from edge.inference.preprocess import resize_float, resize_plane
 
-    assert not upsample_threshold(np.full((8, 8), -5, np.float32), 20, 30, np.float32(0)).any()
-    assert upsample_threshold(np.full((8, 8), 5, np.float32), 20, 30, np.float32(0)).all()
-    with pytest.raises(ValueError, match="enlarges only"):
-        upsample_threshold(np.zeros((8, 8), np.float32), 4, 30, np.float32(0))
+    img = _smooth_and_speckle(480, 640, dtype, seed=3)
+    span = float(img.max()) - float(img.min())
+    diff = np.abs(resize_plane(img, 192, 256) - resize_float(img.astype(np.float32), 192, 256)) / span
+    # pure pixel-level speckle, the hardest case: 1.3/255 on average (a box average, INTER_AREA: 7.3/255)
+    assert diff.mean() < 2.0 / 255 and diff.max() < 0.08
+    # and it is an antialiasing filter: an alternating pattern (above the new Nyquist rate) is averaged away
+    stripes = np.tile(np.array([0, 255], np.uint8), (480, 320))
+    flat = resize_plane(stripes, 192, 256)
+    assert np.abs(flat[4:-4, 4:-4] - 127.5).max() < 25.0
+
+
+@pytest.mark.parametrize("src,dst", [((100, 70), (256, 256)), ((7, 9), (50, 50)), ((192, 256), (192, 256))])
+def test_enlarging_is_pillows_bilinear(src: tuple[int, int], dst: tuple[int, int]) -> None:
+    from edge.inference.preprocess import resize_float, resize_linear, resize_plane
+
+    img = _smooth_and_speckle(*src, "float32", seed=5)
+    want = resize_float(img, *dst)
+    for got in (resize_plane(img, *dst), resize_linear(img, *dst)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        assert got is not img and not np.shares_memory(got, img)
+
+
+def test_uint8_is_filtered_as_it_is_and_gives_what_its_float32_copy_gives() -> None:
+    from edge.inference.preprocess import resize_plane
+
+    img = _smooth_and_speckle(480, 640, "uint8", seed=9)
+    before = img.copy()
+    np.testing.assert_allclose(resize_plane(img, 192, 256), resize_plane(img.astype(np.float32), 192, 256), atol=1e-3)
+    np.testing.assert_array_equal(img, before)
+    pre = dataclasses.replace(Preprocessing(), normalize="fixed", mean=0.0, std=255.0)
+    a, ga = preprocess(img, InputSpec(size=(256, 256)), pre)
+    b, gb = preprocess(img.astype(np.float32), InputSpec(size=(256, 256)), pre)
+    assert ga == gb and (ga.new_h, ga.new_w, ga.top) == (192, 256, 32)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert (a[0, :32] == 0).all() and (a[0, 224:] == 0).all() and a[0, 32:224].min() >= 0.0
+
+
+def test_triangle_taps() -> None:
+    from edge.inference.preprocess import triangle_taps
+
+    assert triangle_taps(1.0).tolist() == [1.0] and triangle_taps(0.5).tolist() == [1.0]
+    np.testing.assert_allclose(triangle_taps(2.0), np.array([1, 2, 1]) / 4)
+    np.testing.assert_allclose(triangle_taps(2.5), np.array([0.2, 0.6, 1.0, 0.6, 0.2]) / 2.6, rtol=1e-6)
+    for s in (1.25, 2.5, 3.0, 7.3):
+        k = triangle_taps(s)
+        assert k.dtype == np.float32 and k.size % 2 == 1 and abs(float(k.sum()) - 1) < 1e-6
+        np.testing.assert_array_equal(k, k[::-1])
+        assert not k.flags.writeable
+
+
+def test_resize_plane_refuses_what_it_cannot_resize() -> None:
+    from edge.errors import DataError
+    from edge.inference.preprocess import resize_plane
+
+    with pytest.raises(DataError, match="one \\[H, W\\] plane"):
+        resize_plane(np.zeros((4, 4, 3), np.uint8), 2, 2)
+    with pytest.raises(DataError, match="Cannot resize"):
+        resize_plane(np.zeros((4, 4), np.uint8), 0, 2)
