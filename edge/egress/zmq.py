@@ -8,9 +8,9 @@ whose stream is known is also published as ``[topic, header, maps...]``
 (byte-identical frames), the topic being the stream name followed by
 one NUL byte (:func:`topic`), so that a subscription to ``probe-1\\0``
 cannot match ``probe-10``. The answer to ``{"v": 1, "op": "models"}``
-(:func:`encode_models`, entries from :func:`describe_model`) is a reply
-only. These functions only encode; the socket work happens in
-:mod:`edge.ingest.zmq`.
+(:func:`encode_models`, entries from
+:func:`edge.egress.zmq_catalogue.describe_model`) is a reply only. These
+functions only encode; the socket work happens in :mod:`edge.ingest.zmq`.
 
 The encoders never raise and never emit invalid JSON: they encode with
 ``allow_nan=False`` into strict UTF-8, and a reply that cannot be encoded
@@ -40,14 +40,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from typing import Any, Iterable, NamedTuple, Protocol, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import zmq
 
-from edge.inference.manifest import Manifest
-from edge.inference.preprocess import SUPPORTED_DTYPES
 from edge.types import InferenceResult
 
 __all__ = [
@@ -58,9 +55,6 @@ __all__ = [
     "encode_result",
     "encode_error",
     "encode_models",
-    "describe_model",
-    "describe_models",
-    "DescribedModel",
     "MAP_FRAMES",
     "TOPIC_TERMINATOR",
     "topic",
@@ -293,7 +287,7 @@ def encode_models(
     request_id
         The request's ``id``, echoed.
     models : sequence of dict
-        One entry per served model, from :func:`describe_model`.
+        One entry per served model, from :func:`edge.egress.zmq_catalogue.describe_model`.
     default_model : str or None
         The model a frame request without ``model`` runs on.
     sent_ns : int or str, optional
@@ -316,162 +310,6 @@ def encode_models(
     if sent_ns is not None:
         hdr["sent_ns"] = sent_ns
     return _encode(hdr) or _internal_error(request_id, None, None)
-
-
-class DescribedModel(Protocol):
-    """What :func:`describe_model` reads: a served model (:class:`edge.inference.model.LoadedModel`)."""
-
-    manifest: Manifest
-    precision: str
-    backend_label: str
-
-    @property
-    def threshold(self) -> float: ...
-
-
-def _num(value: float) -> float | int:
-    """``value`` as an int when it is integral (``255`` rather than ``255.0`` in sentences and JSON)."""
-    return int(value) if float(value).is_integer() else float(value)
-
-
-def _bits(pre: Any) -> int | None:
-    """The bit depth a fixed ``(x - 0) / (2**b - 1)`` normalisation implies, else ``None``."""
-    if pre.normalize != "fixed" or pre.window is not None or pre.mean != 0:
-        return None
-    b = math.log2(pre.std + 1.0) if pre.std > 0 else 0.5
-    return int(b) if b.is_integer() and 1 <= b <= 16 else None
-
-
-def _input_semantics(manifest: Manifest) -> dict[str, Any]:
-    """How raw pixel values become the model's input, as data and as sentences."""
-    spec, pre = manifest.input, manifest.preprocessing
-    h, w = spec.size
-    parts: list[str] = []
-    full_scale: list[float | int] | None = None
-    if pre.window is not None:
-        c, ww = pre.window
-        lo, hi = c - ww / 2.0, c + ww / 2.0
-        parts.append(
-            f"Values are first clipped to the window [{_num(lo)}, {_num(hi)}] (centre {_num(c)}, width {_num(ww)}, "
-            "in the modality's units, e.g. HU) and mapped linearly to [0, 1]."
-        )
-        if pre.normalize == "fixed" and pre.mean == 0 and pre.std == 1:
-            full_scale = [_num(lo), _num(hi)]
-    if pre.normalize == "fixed":
-        if pre.window is None:
-            full_scale = [_num(pre.mean), _num(pre.mean + pre.std)]
-            parts.append(
-                f"Values are mapped by (x - {_num(pre.mean)}) / {_num(pre.std)} whatever the dtype, without "
-                f"clipping or per-frame rescaling: {_num(pre.mean)} is black and {_num(pre.mean + pre.std)} "
-                "full white. A frame on another scale is not rescaled and gives wrong results (for example "
-                "16-bit values read as far brighter than white, float32 in [0, 1] as nearly black): scale it "
-                f"to [{_num(pre.mean)}, {_num(pre.mean + pre.std)}] first."
-            )
-        else:
-            parts.append(f"Then (x - {_num(pre.mean)}) / {_num(pre.std)}.")
-    elif pre.normalize == "minmax":
-        parts.append(
-            ("Then each" if pre.window is not None else "Each")
-            + " frame is rescaled on its own from its minimum (0) to its maximum (1): any dtype and bit "
-            "depth work and absolute brightness does not matter; a constant frame becomes all 0, and a few "
-            "extreme pixels (a burned-in annotation, a dead pixel) compress the contrast of the rest."
-        )
-    else:  # zscore
-        parts.append(
-            ("Then each" if pre.window is not None else "Each")
-            + " frame is standardised on its own (mean 0, standard deviation 1): any dtype and bit depth work."
-        )
-    if pre.resize == "letterbox":
-        parts.append(f"The frame is resized to {h}x{w} keeping its aspect ratio, centred and zero-padded.")
-    else:
-        parts.append(f"The frame is resized (stretched) to {h}x{w}.")
-    if spec.channels == 1:
-        parts.append("RGB frames become luma (0.299 R + 0.587 G + 0.114 B).")
-    else:
-        parts.append("Grayscale frames are repeated into 3 channels.")
-    parts.append("float32 pixels must be finite (a NaN or an infinity makes the result meaningless).")
-    bits = _bits(pre)
-    per_frame = pre.normalize in ("minmax", "zscore")
-    if per_frame:
-        expected = list(SUPPORTED_DTYPES)
-    elif bits is not None:
-        expected = [d for d, b in (("uint8", 8), ("uint16", 16)) if bits <= b][:1]
-    else:
-        expected = []
-    return {
-        "size": [h, w],
-        "channels": spec.channels,
-        "color": pre.color,
-        "resize": pre.resize,
-        "expected_dtypes": expected,
-        "bits": bits,
-        "full_scale": full_scale,
-        "per_frame": per_frame,
-        "normalize": pre.normalize,
-        "mean": _num(pre.mean),
-        "std": _num(pre.std),
-        "window": None if pre.window is None else [_num(v) for v in pre.window],
-        "semantics": " ".join(parts),
-    }
-
-
-def describe_model(model: DescribedModel | Manifest) -> dict[str, Any]:
-    """One entry of the ``op: models`` reply: name, version, task, labels, input semantics, output.
-
-    Parameters
-    ----------
-    model : LoadedModel or Manifest
-        A served model (its threshold, precision and backend are then those
-        in use) or a bare manifest (the manifest's threshold; precision and
-        backend ``null``).
-
-    Examples
-    --------
-    >>> from edge.inference.manifest import Artifact, InputSpec, Manifest, Postprocessing, Preprocessing
-    >>> m = Manifest(name="m", version="2", task="segmentation", labels=("lesion",), input=InputSpec(),
-    ...              outputs=("logits",), preprocessing=Preprocessing(normalize="fixed", std=255.0),
-    ...              postprocessing=Postprocessing(), artifacts={"fp32": Artifact("m.onnx", "0")})
-    >>> d = describe_model(m)
-    >>> d["input"]["full_scale"], d["input"]["bits"], d["input"]["expected_dtypes"], d["output"]["mask"]
-    ([0, 255], 8, ['uint8'], True)
-    """
-    bare = isinstance(model, Manifest)
-    manifest = model if isinstance(model, Manifest) else model.manifest
-    threshold = manifest.postprocessing.threshold if isinstance(model, Manifest) else model.threshold
-    return {
-        "name": manifest.name,
-        "version": manifest.version,
-        "task": manifest.task,
-        "labels": list(manifest.labels),
-        "input": _input_semantics(manifest),
-        "output": _output_description(manifest, float(threshold)),
-        "precision": None if bare else str(model.precision),  # type: ignore[union-attr]
-        "backend": None if bare else str(model.backend_label),  # type: ignore[union-attr]
-        "research_only": bool(manifest.research_only),
-    }
-
-
-def _output_description(manifest: Manifest, threshold: float) -> dict[str, Any]:
-    """``output`` of a models-reply entry: what an ``ok`` reply of this model can carry, and its thresholds."""
-    task, post = manifest.task, manifest.postprocessing
-    detection = task == "detection"
-    classification = task == "classification"
-    return {
-        "mask": task == "segmentation",
-        "boxes": detection,
-        "probability": task == "segmentation",
-        "classes": classification,
-        "heatmap": classification and "cam" in manifest.outputs,
-        "threshold": threshold,
-        "temperature": float(post.temperature or 1.0) if classification else None,
-        "max_detections": int(post.max_detections) if detection else None,
-        "nms_iou": float(post.nms_iou) if detection else None,
-    }
-
-
-def describe_models(models: Iterable[DescribedModel | Manifest]) -> list[dict[str, Any]]:
-    """:func:`describe_model` of each model, in order."""
-    return [describe_model(m) for m in models]
 
 
 #: map frames up to this many bytes in all are copied into the message: a memcpy beats zero-copy bookkeeping

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.egress.zmq import MAP_FRAMES, describe_model, encode_result
+from edge.egress.zmq import MAP_FRAMES, encode_result
+from edge.egress.zmq_catalogue import describe_model
 from edge.errors import ModelError
 from edge.inference.manifest import Manifest, Postprocessing
 from edge.inference.model import LoadedModel, load_model

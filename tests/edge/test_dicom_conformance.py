@@ -16,7 +16,7 @@ Routing as a typical installation: US, CT, MR to a segmentation model, CR, DX to
 detection model, everything else unrouted.
 
 **Routed** files (one test per file): read and decoded as the pipeline does
-(:func:`edge.ingest.dicom.pipeline.read_spooled`, :func:`edge.ingest.dicom.pixels.decode_frame`,
+(:func:`edge.ingest.dicom.part10.read_spooled`, :func:`edge.ingest.dicom.pixels.decode_frame`,
 :func:`edge.ingest.dicom.pixels.frame_to_array`), masks/boxes from the deterministic
 :class:`tests.edge.dicom_factory.FakeService`, results made by
 :func:`edge.egress.dicom.results.build_results` and :func:`make_overlay`; each result
@@ -59,7 +59,7 @@ from edge.egress.dicom.outlines import mask_outlines
 from edge.egress.dicom.results import build_results
 from edge.egress.dicom.sc import make_overlay
 from edge.errors import DataError
-from edge.ingest.dicom.pipeline import read_spooled
+from edge.ingest.dicom.part10 import read_spooled
 from edge.ingest.dicom.pixels import decode_frame, frame_to_array, number_of_frames
 from edge.ingest.dicom.routing import Router
 from edge.ingest.dicom.scan import ScanLimits, SizeLimitError, scan_encoded, split_part10

@@ -464,6 +464,7 @@ def test_a_cine_with_stride_2_decodes_each_processed_frame_once(
     from edge.egress.dicom.outbox import Outbox
     from edge.egress.dicom.common import SourceResult
     from edge.egress.dicom.sc import make_overlay
+    from edge.ingest.dicom.part10 import instance_info_from_file
     from edge.ingest.dicom.pixels import decode_frame, frame_to_array
     from edge.ingest.dicom.routing import Router
     from edge.ingest.dicom.spool import Spool
@@ -488,7 +489,7 @@ def test_a_cine_with_stride_2_decodes_each_processed_frame_once(
     path = spool.store_instance(str(cine.SOPInstanceUID), [src.read_bytes()])
     pipe.start()
     try:
-        info = pipeline_module.instance_info_from_file(path)
+        info = instance_info_from_file(path)
         pipe.enqueue(pipeline_module.WorkItem(path, info, "us-lesion-seg", source="test"))
         assert pipe.wait_idle(60)
     finally:
@@ -546,6 +547,7 @@ def test_an_instance_finalised_before_its_resend_was_opened_is_done_not_failed(t
     import edge.ingest.dicom.pipeline as pipeline_module
     from edge.config import DicomRoute
     from edge.egress.dicom.outbox import Outbox
+    from edge.ingest.dicom.part10 import instance_info_from_file
     from edge.ingest.dicom.routing import Router
     from edge.ingest.dicom.spool import Spool
     from tests.edge.test_dicom_scp import INFOS
@@ -559,7 +561,7 @@ def test_an_instance_finalised_before_its_resend_was_opened_is_done_not_failed(t
     )
     (src,) = us_series(tmp_path / "src", 1, seed=30).values()
     path = spool.store_instance(str(dcmread(src).SOPInstanceUID), [src.read_bytes()])
-    info = pipeline_module.instance_info_from_file(path)
+    info = instance_info_from_file(path)
     spool.remove_instances([path])  # what the finaliser does once the series' results are in the outbox
     pipe.start()
     try:

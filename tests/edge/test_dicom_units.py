@@ -320,7 +320,7 @@ def test_scan_refuses_image_attributes_not_encoded_as_us_and_deep_nesting() -> N
 
 
 def test_read_spooled_inflates_under_the_bound_and_matches_pydicom(tmp_path: Path) -> None:
-    from edge.ingest.dicom.pipeline import instance_info_from_file, read_spooled
+    from edge.ingest.dicom.part10 import instance_info_from_file, read_spooled
     from edge.ingest.dicom.scan import split_part10
 
     path = TEST_FILES / "image_dfl.dcm"
@@ -355,9 +355,10 @@ def test_spool_counts_attempts_durably_and_forgets_them_with_the_instance(tmp_pa
 
 
 def test_fair_queue_takes_one_turn_per_source() -> None:
-    from edge.ingest.dicom.pipeline import WorkItem, _FairQueue, _Job
+    from edge.ingest.dicom.fair_queue import FairQueue
+    from edge.ingest.dicom.pipeline import WorkItem, _Job
 
-    q = _FairQueue()
+    q: FairQueue[_Job] = FairQueue()
 
     def job(name: str) -> _Job:
         return _Job(WorkItem(Path(name), InstanceInfo(), "m"))
@@ -640,7 +641,7 @@ def test_ybr_full_422_uncompressed_is_whole_and_decodes() -> None:
 
     from pydicom.data import get_testdata_file
 
-    from edge.ingest.dicom.pipeline import read_spooled
+    from edge.ingest.dicom.part10 import read_spooled
     from edge.ingest.dicom.pixels import decode_frames, frame_to_array
     from edge.ingest.dicom.scan import scan_encoded as _scan, split_part10 as _split
 

@@ -2,11 +2,12 @@
 
 The SCP's association threads only write the spool and call
 :meth:`DicomPipeline.enqueue`. Worker threads here then, per instance:
-read it (bounded: :func:`read_spooled`), decode the frames one at a time
-(:mod:`edge.ingest.dicom.pixels`: photometric interpretation, palette, rescale), run
-each frame (every ``frame_stride``-th of a cine, at most ``max_frames``)
-through ``service.infer(..., source="dicom")``, and save the per-instance
-result in the spool. A finaliser thread hands out series that have been
+read it (bounded: :func:`edge.ingest.dicom.part10.read_spooled`), decode
+the frames one at a time (:mod:`edge.ingest.dicom.pixels`: photometric
+interpretation, palette, rescale), run each frame (every
+``frame_stride``-th of a cine, at most ``max_frames``) through
+``service.infer(..., source="dicom")``, and save the per-instance result in
+the spool. A finaliser thread hands out series that have been
 idle for ``series_idle_s``, makes the DICOM results
 (:mod:`edge.egress.dicom.results`), writes them to the outbox and only then
 deletes the source instances.
@@ -41,10 +42,11 @@ once more on the exact bytes the decoder gets. An instance over a bound, or
 with a frame whose codestream declares more than the data set's image, is
 quarantined with reason ``limits``.
 
-**Fair sharing.** The work queue is round-robin over *sources* (the peer's
-IP address; ``recovery`` for instances recovered at start-up), not one
-FIFO: each source has its own queue and the workers take one turn from
-each source in rotation. A turn is one instance, or at most
+**Fair sharing.** The work queue
+(:class:`edge.ingest.dicom.fair_queue.FairQueue`) is round-robin over
+*sources* (the peer's IP address; ``recovery`` for instances recovered at
+start-up), not one FIFO: each source has its own queue and the workers take
+one turn from each source in rotation. A turn is one instance, or at most
 :data:`FRAMES_PER_TURN` frames of a multi-frame one, whose remaining frames
 wait for the source's next turn. So one association (or one peer with
 several) sending a long cine or a thousand instances delays another peer's
@@ -77,24 +79,17 @@ loops catch anything unexpected at one place
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from prometheus_client import CollectorRegistry
-from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from edge.egress.dicom.classification import ClassifiedSource, ClassifierInfo
 from edge.egress.dicom.common import ModelInfo, SourceResult
@@ -102,9 +97,11 @@ from edge.egress.dicom.outbox import Outbox
 from edge.egress.dicom.results import build_results
 from edge.egress.dicom.sc import make_overlay
 from edge.errors import DataError, MedgeError, ProtocolError
+from edge.ingest.dicom.fair_queue import FairQueue
+from edge.ingest.dicom.part10 import instance_info_from_file, read_spooled
 from edge.ingest.dicom.pixels import FrameGeometryError, decode_frame, frame_to_array, number_of_frames
 from edge.ingest.dicom.routing import PendingSeries, Router, SeriesAssembler, SeriesKey
-from edge.ingest.dicom.scan import InstanceInfo, ScanLimits, SizeLimitError, scan_and_inflate, split_part10
+from edge.ingest.dicom.scan import InstanceInfo, ScanLimits, SizeLimitError
 from edge.ingest.dicom.spool import InstanceResult, Spool, SpoolError
 from edge.ops.boundary import ErrorBoundary, LogThrottle
 from edge.ops.metrics import metrics_for, zeroed
@@ -117,10 +114,6 @@ __all__ = [
     "OVERLAY_MAX_FRAMES",
     "FAILURE_REASONS",
     "RETRY_STAGES",
-    "encode_file_meta",
-    "part10_chunks",
-    "instance_info_from_file",
-    "read_spooled",
 ]
 
 _log = logging.getLogger(__name__)
@@ -136,66 +129,6 @@ FAILURE_REASONS = ("decode", "model", "result", "unreadable", "unrouted", "inter
 RETRY_STAGES = ("inference", "spool", "results")
 #: Longest wait between two tries of a transient failure (service overloaded, disk full).
 _MAX_BACKOFF_S = 2.0
-_PREAMBLE = b"\x00" * 128 + b"DICM"
-
-
-def encode_file_meta(file_meta: Dataset) -> bytes:
-    """File meta information (group 0002) encoded as in a Part 10 file, after the ``DICM`` prefix."""
-    buf = DicomBytesIO()
-    buf.is_little_endian = True
-    buf.is_implicit_VR = False
-    write_file_meta_info(buf, file_meta, enforce_standard=True)
-    return buf.getvalue()
-
-
-def part10_chunks(file_meta: Dataset, data: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview]:
-    """A DICOM Part 10 file as chunks: preamble and ``DICM``, the encoded ``file_meta``, the data set's bytes."""
-    return [_PREAMBLE, encode_file_meta(file_meta), data]
-
-
-def read_spooled(path: Path, limits: ScanLimits | None = None, stop_before_pixels: bool = False) -> Dataset:
-    """Read a spooled instance with pydicom, only after it passed the bounded scan.
-
-    The file's bytes are scanned first (:func:`edge.ingest.dicom.scan.scan_and_inflate`:
-    structure, inflated size, frames, pixels per frame). A deflated data set
-    is inflated by that scan, under its cap, and pydicom gets the inflated
-    bytes as Explicit VR Little Endian: pydicom's own ``zlib.decompress``
-    (no size cap) never runs on spooled data.
-
-    Raises
-    ------
-    SizeLimitError
-        The instance is over an input bound.
-    edge.ingest.dicom.pixels.FrameGeometryError
-        A compressed frame's codestream declares more than the data set's image.
-    DataError
-        The file is not a whole DICOM file (or a codestream header cannot be read).
-    OSError
-        The file cannot be read.
-    """
-    raw = path.read_bytes()  # one read: a resend replaces the file by rename, never in place
-    ts, offset = split_part10(raw)
-    _info, data = scan_and_inflate(memoryview(raw)[offset:], ts, limits)
-    if ts != DeflatedExplicitVRLittleEndian:
-        return dcmread(io.BytesIO(raw), stop_before_pixels=stop_before_pixels)
-    meta = FileMetaDataset(read_dataset(io.BytesIO(raw[132:offset]), is_implicit_VR=False, is_little_endian=True))
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    encoded = b"".join(part10_chunks(meta, data))
-    del raw, data
-    return dcmread(io.BytesIO(encoded), stop_before_pixels=stop_before_pixels)
-
-
-def instance_info_from_file(path: Path, limits: ScanLimits | None = None) -> InstanceInfo:
-    """The routing attributes of a spooled file, from the bounded scan (no pydicom decode).
-
-    Raises
-    ------
-    SizeLimitError, DataError, OSError
-        As :func:`read_spooled`.
-    """
-    raw = path.read_bytes()
-    ts, offset = split_part10(raw)
-    return scan_and_inflate(memoryview(raw)[offset:], ts, limits)[0]
 
 
 @dataclass(frozen=True)
@@ -246,60 +179,6 @@ class _ProcessingError(MedgeError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-class _FairQueue:
-    """Round-robin over sources: each source has its own FIFO; one item per source per rotation."""
-
-    def __init__(self) -> None:
-        self._cv = threading.Condition()
-        self._queues: OrderedDict[str, deque[_Job]] = OrderedDict()
-        self._closed = False
-
-    def put(self, job: _Job, source: str, front: bool = False) -> bool:
-        """Queue ``job`` for ``source`` (``front``: ahead of the source's others, e.g. a continuation).
-
-        Returns False once closed (the job is not queued; its instance stays in the spool).
-        """
-        with self._cv:
-            if self._closed:
-                return False
-            q = self._queues.get(source)
-            if q is None:
-                q = self._queues[source] = deque()  # a new source joins at the end of the rotation
-            if front:
-                q.appendleft(job)
-            else:
-                q.append(job)
-            self._cv.notify()
-            return True
-
-    def get(self) -> _Job | None:
-        """The next job in rotation (blocks); ``None`` once closed."""
-        with self._cv:
-            while not self._queues and not self._closed:
-                self._cv.wait()
-            if self._closed:
-                return None
-            source, q = next(iter(self._queues.items()))
-            job = q.popleft()
-            del self._queues[source]
-            if q:
-                self._queues[source] = q  # its turn is over: to the end of the rotation
-            return job
-
-    def close(self) -> list[_Job]:
-        """Wake every waiting worker with ``None``; returns the jobs still queued."""
-        with self._cv:
-            self._closed = True
-            left = [j for q in self._queues.values() for j in q]
-            self._queues.clear()
-            self._cv.notify_all()
-            return left
-
-    def __len__(self) -> int:
-        with self._cv:
-            return sum(len(q) for q in self._queues.values())
 
 
 def _kind(exc: BaseException) -> str:
@@ -374,7 +253,7 @@ class DicomPipeline:
         self.limits = limits or ScanLimits()
         self.max_attempts = max(1, max_attempts)
         self.assembler = SeriesAssembler(series_idle_s)
-        self._queue = _FairQueue()
+        self._queue: FairQueue[_Job] = FairQueue()
         self._stop = threading.Event()
         self._n_workers = max(1, workers)
         self._threads: list[threading.Thread] = []

@@ -95,7 +95,8 @@ from edge.ingest.dicom.admission import (
     AdmittingServer,
     server_ssl_context,
 )
-from edge.ingest.dicom.pipeline import DicomPipeline, WorkItem, part10_chunks
+from edge.ingest.dicom.part10 import part10_chunks
+from edge.ingest.dicom.pipeline import DicomPipeline, WorkItem
 from edge.ingest.dicom.routing import Router
 from edge.ingest.dicom.scan import ScanLimits, SizeLimitError, scan_encoded
 from edge.ingest.dicom.spool import Spool, SpoolError, SpoolFullError
