@@ -30,7 +30,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-map-drop", type=float, default=DEFAULT_MAX_MAP_DROP)
     p.add_argument(
         "--activations", default="uint8", choices=["uint8", "int8"],
-        help="uint8 (asymmetric; fastest on ONNX Runtime CPU) or int8 (symmetric, zero point 0: TensorRT)",
+        help="uint8 (asymmetric; fastest on ONNX Runtime CPU) or int8 (symmetric, zero point 0, float biases, "
+             "TensorRT's Q/DQ placement: the int8-tensorrt artifact)",
     )
     p.add_argument("--method", default="minmax", choices=["minmax", "percentile"])
     p.add_argument("--heldout-n", type=int, default=None,

@@ -8,6 +8,15 @@ calibrator) build from.
 - weights: symmetric int8, per output channel;
 - activations: symmetric int8 (zero point 0), the form TensorRT requires;
   ``activation_type="uint8"`` is available for CPU-only deployments;
+- biases: left in float for TensorRT (its DequantizeLinear takes only INT8
+  inputs, so an INT32 bias behind a DequantizeLinear cannot be built; the
+  graph is checked with :func:`trainer.qdq_graph.tensorrt_qdq_problems`),
+  INT32 behind a DequantizeLinear for ONNX Runtime's CPU kernels (uint8,
+  where ``DQ -> Conv -> Q`` becomes one ``QLinearConv``);
+- placement for TensorRT: Q/DQ on the inputs of Conv (and Gemm, MatMul,
+  ConvTranspose), MaxPool, Concat and Resize; Conv outputs stay in float
+  (TensorRT fuses bias and ReLU and quantizes at the next op's input), and
+  so do the model's outputs;
 - calibration: min-max (or percentile) over a calibration set drawn from
   **training** data only; a set of size zero is a :class:`DataError`;
 - gate: the INT8 model is evaluated on the held-out set beside FP32; when
@@ -37,6 +46,7 @@ from edge.fileio import atomic_file
 
 if TYPE_CHECKING:
     from edge.inference.manifest import Manifest
+    from trainer.data import DetectionSet, SegmentationSet
 
 __all__ = [
     "DEFAULT_MAX_DICE_DROP",
@@ -116,6 +126,80 @@ def _pre_process(fp32_path: Path | str, pre: Path) -> None:
         shutil.copyfile(fp32_path, pre)
 
 
+_GATE_RUNTIME = {
+    "int8": "onnxruntime CPU, fused integer kernels",
+    "int8-tensorrt": "onnxruntime CPU, graph optimizations off (Q/DQ reference arithmetic)",
+}
+
+
+def _ort_version() -> str:
+    """The installed ONNX Runtime's version (the quantizer that wrote an artifact)."""
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
+
+
+_METHODS = ("minmax", "percentile")
+#: Ops whose inputs TensorRT wants quantized and whose outputs it leaves in float, fusing bias and ReLU.
+_TENSORRT_WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: What the TensorRT artifact quantizes: the weighted ops' inputs, and int8 data movement between them.
+_TENSORRT_OP_TYPES = _TENSORRT_WEIGHTED_OPS + ("MaxPool", "Concat", "Resize")
+
+
+def _check_quantize_args(calib: np.ndarray, activation_type: str, method: str, quantize_bias: bool | None) -> bool:
+    """Validate :func:`quantize_int8`'s arguments; returns whether to quantize biases."""
+    if calib.ndim != 4 or calib.shape[0] == 0:
+        raise DataError(
+            f"The calibration set has shape {list(calib.shape)}; it needs at least one [C, H, W] "
+            "input drawn from the training data (a calibration set of size zero cannot set INT8 ranges)."
+        )
+    if activation_type not in ("int8", "uint8"):
+        raise EngineBuildError(f"activation_type {activation_type!r} is not 'int8' or 'uint8'.")
+    if method not in _METHODS:
+        raise EngineBuildError(f"Calibration method {method!r} is not one of {sorted(_METHODS)}.")
+    for_tensorrt = activation_type == "int8"
+    if quantize_bias is None:
+        return not for_tensorrt
+    if for_tensorrt and quantize_bias:
+        raise EngineBuildError(
+            "quantize_bias=True with int8 activations gives INT32 DequantizeLinear inputs, which TensorRT "
+            "cannot build; leave biases in float for the TensorRT artifact."
+        )
+    return quantize_bias
+
+
+def _quantize_static(
+    pre: Path, out: Path, reader: _Reader, activation_type: str, method: str, exclude: list[str], quantize_bias: bool
+) -> None:
+    """ONNX Runtime's ``quantize_static`` in QDQ format: symmetric per-channel int8 weights."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    symmetric = activation_type == "int8"
+    extra: dict[str, object] = {
+        "ActivationSymmetric": symmetric,
+        "WeightSymmetric": True,
+        "CalibMovingAverage": False,
+        "QuantizeBias": quantize_bias,  # False: no INT32 bias behind a DequantizeLinear (TensorRT)
+    }
+    if symmetric:  # TensorRT's placement: Q/DQ on the inputs of weighted ops, their outputs left in float
+        extra["OpTypesToExcludeOutputQuantization"] = list(_TENSORRT_WEIGHTED_OPS)
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.999
+    quantize_static(
+        str(pre),
+        str(out),
+        reader,
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(_TENSORRT_OP_TYPES) if symmetric else None,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+        calibrate_method=CalibrationMethod.MinMax if method == "minmax" else CalibrationMethod.Percentile,
+        nodes_to_exclude=exclude,
+        extra_options=extra,
+    )
+
+
 def quantize_int8(
     fp32_path: Path | str,
     out_path: Path | str,
@@ -123,6 +207,7 @@ def quantize_int8(
     activation_type: str = "int8",
     method: str = "minmax",
     exclude_nodes: list[str] | None = None,
+    quantize_bias: bool | None = None,
 ) -> Path:
     """Write an explicit-Q/DQ INT8 copy of ``fp32_path`` calibrated on ``calibration_inputs``.
 
@@ -138,62 +223,43 @@ def quantize_int8(
         ``minmax`` or ``percentile`` (99.999th) calibration.
     exclude_nodes : list of str, optional
         Node names kept in float.
+    quantize_bias : bool, optional
+        Quantize Conv biases to INT32 behind a DequantizeLinear. Default:
+        yes for ``uint8`` (ONNX Runtime CPU), no for ``int8`` (TensorRT, whose
+        DequantizeLinear takes only INT8 inputs; ``True`` there is refused).
 
     Raises
     ------
     DataError
         If the calibration set is empty or not ``[N, C, H, W]``.
     EngineBuildError
-        If ONNX Runtime cannot quantize the model.
+        If ONNX Runtime cannot quantize the model, or an ``int8`` (TensorRT)
+        model comes out with a Q/DQ node TensorRT cannot build.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     calib = np.asarray(calibration_inputs)
-    if calib.ndim != 4 or calib.shape[0] == 0:
-        raise DataError(
-            f"The calibration set has shape {list(calib.shape)}; it needs at least one [C, H, W] "
-            "input drawn from the training data (a calibration set of size zero cannot set INT8 ranges)."
-        )
-    if activation_type not in ("int8", "uint8"):
-        raise EngineBuildError(f"activation_type {activation_type!r} is not 'int8' or 'uint8'.")
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
-    if method not in methods:
-        raise EngineBuildError(f"Calibration method {method!r} is not one of {sorted(methods)}.")
+    quantize_bias = _check_quantize_args(calib, activation_type, method, quantize_bias)
     import onnx
 
     input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
     out_path = Path(out_path)
-    symmetric = activation_type == "int8"
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         _pre_process(fp32_path, pre)
         tmp_out = Path(tmp) / "int8.onnx"
-        extra = {
-            "ActivationSymmetric": symmetric,
-            "WeightSymmetric": True,
-            "CalibMovingAverage": False,
-        }
-        if method == "percentile":
-            extra["CalibPercentile"] = 99.999
         try:
-            quantize_static(
-                str(pre),
-                str(tmp_out),
-                _Reader(input_name, calib),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                weight_type=QuantType.QInt8,
-                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                calibrate_method=methods[method],
-                nodes_to_exclude=exclude_nodes or [],
-                extra_options=extra,
-            )
+            _quantize_static(pre, tmp_out, _Reader(input_name, calib), activation_type, method,
+                             exclude_nodes or [], quantize_bias)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise EngineBuildError(f"ONNX Runtime could not quantize {fp32_path}: {exc}.") from exc
+        if activation_type == "int8":
+            from trainer.qdq_graph import finish_for_tensorrt
+
+            finish_for_tensorrt(tmp_out, f"The int8 Q/DQ model of {fp32_path}")
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp_out, "rb") as src, atomic_file(out_path) as dst:
             shutil.copyfileobj(src, dst)
-    _log.info("Wrote INT8 Q/DQ model %s (%s activations, %s calibration on %d inputs)", out_path, activation_type, method, calib.shape[0])
+    _log.info("Wrote INT8 Q/DQ model %s (%s activations, %s biases, %s calibration on %d inputs)", out_path,
+              activation_type, "int32" if quantize_bias else "float", method, calib.shape[0])
     return out_path
 
 
@@ -319,6 +385,42 @@ def _gated_metrics(man: "Manifest", full: Mapping[str, dict], fp32: str, key: st
     return metrics
 
 
+def _gate_scorer(
+    man: "Manifest", test: "DetectionSet | SegmentationSet", metric: str, fp32: Path, key: str, full: dict[str, dict]
+) -> Callable[[Path], float]:
+    """``score(path)`` for the gate: the held-out metric of an ONNX file, its full metrics kept in ``full``.
+
+    The CPU artifact (``int8``) is scored on the fused kernels that serve it;
+    the TensorRT one on the graph's own Q/DQ arithmetic
+    (:func:`qdq_reference_runner`), which TensorRT implements; FP32 as always.
+    """
+    from trainer.evaluate import evaluate_model, onnx_runner
+    from trainer.qdq_graph import qdq_reference_runner
+
+    int8_runner = qdq_reference_runner if key == "int8-tensorrt" else onnx_runner
+
+    def score(path: Path) -> float:
+        run = onnx_runner(path) if Path(path) == Path(fp32) else int8_runner(path)
+        m = evaluate_model(run, man.task, test, man.postprocessing, list(man.labels))
+        full[str(path)] = m
+        return float(m[metric])
+
+    return score
+
+
+def _quantization_record(key: str, method: str, calib_n: int, calib_source: str) -> dict[str, object]:
+    """How an INT8 artifact was made, as ``training.quantization[_tensorrt]`` records it (less gate and set)."""
+    trt = key == "int8-tensorrt"
+    return {
+        "format": "QDQ",
+        "weights": "int8 symmetric per-channel",
+        "activations": "int8 symmetric" if trt else "uint8 asymmetric",
+        "biases": "float" if trt else "int32",
+        "tool": f"onnxruntime.quantization.quantize_static {_ort_version()}",
+        "calibration": {"method": method, "n": calib_n, "source": calib_source},
+    }
+
+
 def quantize_engine(
     engine_dir: Path | str,
     calib_n: int = 64,
@@ -352,7 +454,7 @@ def quantize_engine(
         not given; or when no calibration data can be found for it.
     """
     from edge.inference.manifest import Manifest
-    from trainer.evaluate import evaluate_model, gated_metric, onnx_runner
+    from trainer.evaluate import gated_metric
     from trainer.export import ARTIFACT_FILES, build_manifest, write_manifest
     from trainer.provenance import plan_heldout
 
@@ -371,14 +473,9 @@ def quantize_engine(
         _log.warning("The INT8 gate of %s runs on %s, not on the held-out set its other metrics came from (%s).",
                      man.name, held_record["data"], recorded.get("data"))
     full: dict[str, dict] = {}
-
-    def score(path: Path) -> float:
-        m = evaluate_model(onnx_runner(path), man.task, test, man.postprocessing, list(man.labels))
-        full[str(path)] = m
-        return float(m[metric])
-
     key = "int8-tensorrt" if activation_type == "int8" else "int8"
     record = "quantization_tensorrt" if key == "int8-tensorrt" else "quantization"
+    score = _gate_scorer(man, test, metric, fp32, key, full)
     result = quantize_with_gate(
         fp32, d / ARTIFACT_FILES[key], calib, score, metric, max_drop,
         activation_type=activation_type, method=method,
@@ -389,11 +486,8 @@ def quantize_engine(
         training["heldout"] = held_record
     calib_source = "given inputs" if calib_override is not None else _calibration_source(man, calib_data)
     training[record] = {
-        "format": "QDQ",
-        "weights": "int8 symmetric per-channel",
-        "activations": "int8 symmetric" if activation_type == "int8" else "uint8 asymmetric",
-        "calibration": {"method": method, "n": int(calib.shape[0]), "source": calib_source},
-        "gate": {"metric": metric, **gate_summary(result)},
+        **_quantization_record(key, method, int(calib.shape[0]), calib_source),
+        "gate": {"metric": metric, **gate_summary(result), "runtime": _GATE_RUNTIME[key]},
         "heldout": held_record,
     }
     new = build_manifest(
