@@ -198,14 +198,14 @@ def metrics_check(sysfs_root: str = "/") -> Check:
 
 # --------------------------------------------------------------------------- CUDA runtime
 def _import_cudart() -> ModuleType | None:
+    """cuda-python's runtime module, or None where it is not installed (one import rule: the backend's)."""
+    from edge.errors import BackendUnavailableError
+    from edge.inference.backends.cuda_runtime import import_cudart
+
     try:
-        from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
-    except ImportError:
-        try:
-            from cuda import cudart  # type: ignore[import-not-found,no-redef]
-        except ImportError:
-            return None
-    return cudart
+        return import_cudart()
+    except BackendUnavailableError:
+        return None
 
 
 def cuda_versions() -> dict[str, Any]:
