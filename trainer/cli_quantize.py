@@ -3,7 +3,10 @@
 Calibrates on training data (never the held-out set), evaluates INT8 vs FP32
 on the held-out set and refuses (exit status 3, nothing written) when Dice
 drops by more than ``--max-dice-drop`` (segmentation, default 0.01) or mAP@0.5
-by more than ``--max-map-drop`` (detection, default 0.02). The held-out set
+by more than ``--max-map-drop`` (detection, default 0.02). The CPU artifact
+(uint8 activations, 7-bit weights unless ``--no-reduce-range``) is scored on
+the daemon's own session and on the Q/DQ reference arithmetic; both must pass
+and agree within the same threshold. The held-out set
 is the one the manifest records (as ``medge export`` evaluated it) or
 ``--heldout-data``; a model trained on your data with neither is refused.
 """
@@ -15,7 +18,7 @@ import json
 import sys
 
 from edge.inference.manifest import Manifest
-from trainer.quantize import DEFAULT_MAX_DICE_DROP, DEFAULT_MAX_MAP_DROP, GateRefused, quantize_engine
+from trainer.quantize import DEFAULT_MAX_DICE_DROP, DEFAULT_MAX_MAP_DROP, GateRefused, gate_summary, quantize_engine
 
 __all__ = ["configure_parser", "run"]
 
@@ -34,6 +37,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
              "TensorRT's Q/DQ placement: the int8-tensorrt artifact)",
     )
     p.add_argument("--method", default="minmax", choices=["minmax", "percentile"])
+    p.add_argument(
+        "--no-reduce-range", dest="reduce_range", action="store_false", default=None,
+        help="uint8 artifact: full 8-bit weights instead of 7-bit (reduce_range). The 7-bit default keeps ONNX "
+             "Runtime's u8s8 kernels from saturating on x86 CPUs without VNNI; the gate refuses an artifact whose "
+             "fused and reference scores differ",
+    )
     p.add_argument("--heldout-n", type=int, default=None,
                    help="synthetic held-out samples (default: the number the manifest records, else 200)")
     p.add_argument("--heldout-data", default=None, metavar="DIR",
@@ -50,14 +59,16 @@ def run(args: argparse.Namespace) -> int:
         r = quantize_engine(
             args.engine, calib_n=args.calib_n, calib_data=args.calib_data, max_drop=max_drop,
             activation_type=args.activations, method=args.method, heldout_n=args.heldout_n,
-            heldout_data=args.heldout_data,
+            heldout_data=args.heldout_data, reduce_range=args.reduce_range,
         )
     except GateRefused as exc:
         print(f"medge quantize: refused: {exc}", file=sys.stderr)
         return 3
-    out = {"metric": r.metric, "fp32": r.fp32, "int8": r.int8, "drop": r.drop, "max_drop": r.max_drop}
+    out = {"metric": r.metric, **gate_summary(r)}
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"INT8 written: {r.metric} FP32 {r.fp32:.4f} INT8 {r.int8:.4f} (drop {r.drop:.4f} <= {r.max_drop:.4f})")
+        ref = "" if r.reference is None else f"; Q/DQ reference {r.reference:.4f}"
+        print(f"INT8 written: {r.metric} FP32 {r.fp32:.4f} INT8 {r.int8:.4f} "
+              f"(drop {r.drop:.4f} <= {r.max_drop:.4f}){ref}")
     return 0

@@ -17,7 +17,9 @@ passes); :func:`strip_unused_opsets` drops the opset imports ONNX Runtime's
 optimizer adds for domains no node uses; :func:`finish_for_tensorrt` does
 both to a file (raising when a rule is broken); :func:`qdq_reference_runner` runs
 a Q/DQ graph by its ONNX definition on the CPU (what the TensorRT artifact's
-accuracy gate measures).
+accuracy gate measures), :func:`daemon_cpu_runner` runs it as the daemon
+serves it on the CPU (fused integer kernels), and :func:`cpu_int8_features`
+says whether this CPU's integer kernels can saturate (no VNNI).
 
 Examples
 --------
@@ -36,7 +38,15 @@ import numpy as np
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["tensorrt_qdq_problems", "strip_unused_opsets", "dq_input_types", "finish_for_tensorrt", "qdq_reference_runner"]
+__all__ = [
+    "tensorrt_qdq_problems",
+    "strip_unused_opsets",
+    "dq_input_types",
+    "finish_for_tensorrt",
+    "qdq_reference_runner",
+    "daemon_cpu_runner",
+    "cpu_int8_features",
+]
 
 _MAX_PROBLEMS = 20  # enough to act on; a broken graph repeats the same fault per layer
 
@@ -181,3 +191,56 @@ def qdq_reference_runner(path: Path | str) -> Callable[[np.ndarray], dict[str, n
         return dict(zip(names, sess.run(None, {in_name: np.ascontiguousarray(batch, dtype=np.float32)})))
 
     return run
+
+
+def daemon_cpu_runner(path: Path | str, max_batch: int = 16) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """A runner on the daemon's own ONNX Runtime CPU session (``OnnxRuntimeBackend``: ORT_ENABLE_ALL).
+
+    With graph optimizations on, ``DQ -> Conv -> Q`` groups become fused
+    integer kernels (``QLinearConv``) whose arithmetic depends on the CPU:
+    this is what ``medge serve`` computes on the machine that runs it.
+    Batches larger than ``max_batch`` are run in slices.
+    """
+    from edge.inference.backends.onnxruntime import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(path, precision="int8", provider="cpu", max_batch=max_batch, spin_us=0)
+
+    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+        if batch.shape[0] <= max_batch:
+            return backend.infer(batch)
+        parts = [backend.infer(batch[i : i + max_batch]) for i in range(0, batch.shape[0], max_batch)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    return run
+
+
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_int8_features(cpuinfo: Path | str = "/proc/cpuinfo") -> dict[str, object]:
+    """This CPU's model and the x86 flags that decide ONNX Runtime's u8s8 kernels.
+
+    Returns ``{"model", "avx2", "avx512f", "vnni"}``; ``vnni`` is True when
+    ``avx512_vnni``, ``avx_vnni`` or ``amx_int8`` is present (int32 dot
+    products, no 16-bit saturation). Without a readable ``cpuinfo`` (not
+    Linux) the flags are None and the model is :func:`platform.processor`.
+    """
+    import platform
+
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
+            text = fh.read(1 << 20)  # one processor's block is a few kB; bounded read
+    except OSError:
+        return {"model": platform.processor() or platform.machine(), "avx2": None, "avx512f": None, "vnni": None}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())  # the first processor's block
+    flags = set(fields.get("flags", "").split())
+    return {
+        "model": fields.get("model name", platform.machine()),
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+        "vnni": any(f in flags for f in _VNNI_FLAGS),
+    }

@@ -194,3 +194,44 @@ def test_strip_unused_opsets_keeps_the_used_domains() -> None:
                                                 helper.make_opsetid("ai.onnx.ml", 5)])
     assert strip_unused_opsets(model) == 2
     assert [(o.domain, o.version) for o in model.opset_import] == [("", 18)]
+
+
+def _weight_ranges(model: "onnx.ModelProto") -> list[int]:
+    """Largest |value| of each quantized (INT8 initializer) weight of ``model``."""
+    return [int(np.abs(numpy_helper.to_array(i).astype(np.int32)).max()) for i in model.graph.initializer
+            if i.data_type == TensorProto.INT8 and len(i.dims) == 4]
+
+
+def test_cpu_artifact_weights_use_7_bits_by_default(tmp_path: Path, tiny: Path, calib: np.ndarray) -> None:
+    """uint8 (CPU) form: reduce_range by default, so u8s8 pair sums cannot saturate on CPUs without VNNI."""
+    def ranges(name: str, **kw: object) -> list[int]:
+        return _weight_ranges(onnx.load(str(quantize_int8(tiny, tmp_path / name, calib, **kw))))
+
+    reduced = ranges("cpu.onnx", activation_type="uint8")
+    full = ranges("full.onnx", activation_type="uint8", reduce_range=False)
+    trt = ranges("trt.onnx", activation_type="int8")
+    assert len(reduced) == len(full) == len(trt) == 2
+    assert max(reduced) <= 64 and min(reduced) > 32  # 7-bit range, used in full
+    assert max(full) == 127 and max(trt) == 127  # 8 bits when turned off, and for TensorRT (int32 accumulation)
+    # 255 * 64 * 2 = 32640 fits a signed 16-bit pair sum; 255 * 127 * 2 = 64770 does not.
+    assert 255 * max(reduced) * 2 <= np.iinfo(np.int16).max < 255 * max(full) * 2
+
+
+def test_bundled_cpu_int8_artifacts_have_7_bit_weights() -> None:
+    for name in BUNDLED:
+        man = Manifest.load(default_engines_dir() / name)
+        ranges = _weight_ranges(onnx.load(str(man.artifact_path("int8", verify=True))))
+        assert ranges and max(ranges) <= 64
+        assert man.training["quantization"]["reduce_range"]["enabled"] is True
+
+
+def test_cpu_int8_features_reads_the_vnni_flags(tmp_path: Path) -> None:
+    from trainer.qdq_graph import cpu_int8_features
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n\n"
+                    "processor\t: 1\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    assert cpu_int8_features(info) == {"model": "Some CPU", "avx2": True, "avx512f": True, "vnni": True}
+    info.write_text("model name\t: AMD EPYC\nflags\t\t: fpu avx avx2 fma\n")
+    assert cpu_int8_features(info)["vnni"] is False
+    assert cpu_int8_features(tmp_path / "missing")["vnni"] is None

@@ -87,6 +87,53 @@ def test_quantize_engine_updates_manifest(tmp_path: Path, det_engine: Path) -> N
     q = man.training["quantization"]
     assert q["calibration"]["n"] == 2 and "training data" in q["calibration"]["source"]
     assert q["gate"]["max_drop"] == 1.0 and r.passed
+    assert q["reduce_range"]["enabled"] is True and "7-bit" in q["weights"] and "VNNI" in q["reduce_range"]["why"]
+    gate = q["gate"]  # served on the daemon's session, checked against the Q/DQ reference arithmetic
+    assert r.reference is not None and gate["reference"] == r.reference and gate["divergence"] == r.divergence
+    assert "daemon" in gate["runtime"] and "reference" in gate["reference_runtime"] and "vnni" in gate["cpu"]
+
+
+def test_quantize_engine_reduce_range_off_is_recorded(tmp_path: Path, det_engine: Path) -> None:
+    import shutil
+
+    eng = tmp_path / "e"
+    shutil.copytree(det_engine, eng)
+    quantize_engine(eng, calib_n=2, max_drop=1.0, heldout_n=3, reduce_range=False)
+    q = Manifest.load(eng).training["quantization"]
+    assert q["reduce_range"]["enabled"] is False and "7-bit" not in q["weights"]
+
+
+def test_gate_refuses_when_fused_kernels_and_reference_disagree(tmp_path: Path, det_engine: Path) -> None:
+    """Both drops within the threshold, but the served score is 0.02 from the reference: saturation, refused."""
+    calib = np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32)
+    target = tmp_path / "int8.onnx"
+    scores = iter([0.93, 0.94])  # FP32, then INT8 on the fused kernels
+    with pytest.raises(GateRefused, match=r"fused kernels \(0\.9400\) differs from the Q/DQ reference .* saturating"):
+        quantize_with_gate(det_engine / "model.onnx", target, calib, lambda p: next(scores), "dice", 0.015,
+                           reference_score=lambda p: 0.92)
+    assert not target.exists() and not list(tmp_path.iterdir())
+
+
+def test_gate_refuses_a_reference_drop_and_passes_agreement() -> None:
+    from trainer.quantize import GateResult
+
+    bad_reference = GateResult("dice", fp32=0.93, int8=0.93, max_drop=0.01, reference=0.919)
+    assert bad_reference.drop == 0 and not bad_reference.passed  # 0.011 below on the reference arithmetic
+    ok = GateResult("dice", fp32=0.93, int8=0.928, max_drop=0.01, reference=0.931)
+    assert ok.passed and ok.divergence == pytest.approx(0.003) and ok.reference_drop == pytest.approx(-0.001)
+    saturated = GateResult("dice", fp32=0.9333, int8=0.542, max_drop=0.01, reference=0.9277)
+    assert not saturated.passed and saturated.divergence == pytest.approx(0.3857)
+
+
+def test_cli_no_reduce_range_option() -> None:
+    import argparse
+
+    from trainer.cli_quantize import configure_parser
+
+    p = argparse.ArgumentParser()
+    configure_parser(p)
+    assert p.parse_args(["e"]).reduce_range is None  # quantize_engine's default: 7-bit for uint8
+    assert p.parse_args(["e", "--no-reduce-range"]).reduce_range is False
 
 
 def test_build_refuses_tensorrt_int8_from_uint8_activations(tmp_path) -> None:
@@ -119,6 +166,8 @@ def test_bundled_engines_carry_a_tensorrt_int8_artifact() -> None:
         assert man.artifact_key("int8", "onnxruntime") == "int8"
         gate = man.training["quantization_tensorrt"]["gate"]
         assert gate["drop"] <= gate["max_drop"]
+        cpu = man.training["quantization"]["gate"]  # served (fused) and reference scores both gated and agreeing
+        assert max(cpu["drop"], cpu["reference_drop"], cpu["divergence"]) <= cpu["max_drop"]
         model = onnx.load(str(man.artifact_path(INT8_TENSORRT, verify=True)))
         inits = {i.name: i for i in model.graph.initializer}
         zps = [numpy_helper.to_array(inits[n.input[2]]) for n in model.graph.node
