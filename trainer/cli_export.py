@@ -6,6 +6,12 @@ recorded in the checkpoint (synthetic: the generator's held-out seed; your
 data: the folder or split set aside by ``medge train --heldout-data`` /
 ``--heldout-fraction``) or from ``--heldout-data``; a model trained on your
 data with neither is refused (or exported with ``--no-eval``).
+
+A classifier exports ``logits`` and its class activation map ``cam`` from one
+graph; the temperature and the threshold that ``medge train`` fitted on the
+validation set go into the manifest's post-processing, the held-out metrics
+with their bootstrap 95 % intervals into ``metrics`` and the full FP32
+report into ``training.classification_report``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``medge train``: train a segmentation or detection model.
+"""``medge train``: train a segmentation, detection or classification model.
 
 Examples
 --------
@@ -6,7 +6,13 @@ Examples
 ultrasound lesion U-Net on synthetic data; ``--data DIR`` trains on your own
 ``DIR/images`` + ``DIR/masks`` (or ``DIR/annotations.json`` for detection);
 ``--init engines/us-lesion-seg/model.pt --freeze-encoder`` fine-tunes the
-bundled model. With your own data, set a held-out test set aside now
+bundled model. ``medge train --task classification --out runs/cls --init
+engines/xray-nodule-det/model.pt`` trains the nodule present / absent
+classifier from the bundled detector's encoder (``--loss``, ``--sampler``
+answer the class imbalance; the run ends by fitting the temperature and the
+threshold for ``--target-sensitivity`` on the validation set); your own
+classification data is ``DIR/<label>/<image>`` or a ``path,label`` CSV
+file, with ``--positive-label``. With your own data, set a held-out test set aside now
 (``--heldout-data DIR`` or ``--heldout-fraction 0.2``): the checkpoint
 records it and ``medge export`` / ``medge quantize`` evaluate on it. Under ``torchrun --nproc_per_node N`` the same command trains
 data-parallel.
@@ -18,6 +24,8 @@ import argparse
 import json
 import sys
 
+from trainer.classification import LOSSES, SAMPLERS
+from trainer.classification_data import POSITIVE_FRACTION, POSITIVE_LABEL
 from trainer.train import TrainConfig, train
 
 __all__ = ["configure_parser", "run"]
@@ -25,9 +33,11 @@ __all__ = ["configure_parser", "run"]
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     """Add ``medge train`` options to ``p``."""
-    p.add_argument("--task", required=True, choices=["segmentation", "detection"])
+    p.add_argument("--task", required=True, choices=["segmentation", "detection", "classification"])
     p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, metrics.jsonl")
-    p.add_argument("--data", default="synthetic", help="'synthetic' (default) or a folder with images/ + masks/ or annotations.json")
+    p.add_argument("--data", default="synthetic",
+                   help="'synthetic' (default) or a folder with images/ + masks/ or annotations.json; "
+                        "classification: a folder of class folders (DIR/<label>/<image>) or a path,label CSV file")
     p.add_argument("--val-data", default=None, help="validation folder (default: synthetic validation seed)")
     p.add_argument("--heldout-data", default=None, metavar="DIR",
                    help="with --data DIR: a separate held-out test folder, recorded in the checkpoint, never trained on")
@@ -47,8 +57,23 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", type=int, default=None, help="train on random crops of this size (segmentation)")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"], help="bfloat16 autocast on CPU")
-    p.add_argument("--init", default=None, metavar="CHECKPOINT", help="fine-tune from this checkpoint")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="fine-tune from this checkpoint (classification: or take a detector's or segmenter's encoder)")
     p.add_argument("--freeze-encoder", action="store_true", help="with --init: keep the encoder fixed")
+    cls = p.add_argument_group("classification")
+    cls.add_argument("--loss", default=None, choices=list(LOSSES),
+                     help="ce (default), weighted (class-weighted from the training set's frequencies) or focal (gamma 2)")
+    cls.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                     help="balanced (default: each class half of every epoch's draws, seeded) or random")
+    cls.add_argument("--target-sensitivity", type=float, default=0.90,
+                     help="the operating threshold is the highest with this sensitivity on the validation set")
+    cls.add_argument("--positive-fraction", type=float, default=POSITIVE_FRACTION,
+                     help="synthetic data: the share of images with nodules")
+    cls.add_argument("--positive-label", default=None, metavar="NAME",
+                     help=f"the positive class: the model's label and, with --data, its class folder or CSV label "
+                          f"(default {POSITIVE_LABEL!r})")
+    cls.add_argument("--synthetic-shape", type=int, nargs=2, default=None, metavar=("H", "W"),
+                     help="synthetic data: source image size (default 512 512)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that crosses this budget")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--no-progress", action="store_true")
@@ -64,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
         base=args.base, input_size=tuple(args.input_size), crop=args.crop, augment=not args.no_augment, amp=args.amp, init=args.init,
         freeze_encoder=args.freeze_encoder, max_minutes=args.max_minutes, threads=args.threads,
         progress=not args.no_progress, heldout_data=args.heldout_data, heldout_fraction=args.heldout_fraction,
+        loss=args.loss, sampler=args.sampler, target_sensitivity=args.target_sensitivity,
+        positive_fraction=args.positive_fraction, labels=[args.positive_label] if args.positive_label else [],
+        synthetic_shape=tuple(args.synthetic_shape) if args.synthetic_shape else None,
     )
     r = train(cfg)
     out = {
@@ -71,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         "epochs_run": r.epochs_run, "best_epoch": r.best_epoch, "best_score": r.best_score,
         "best_metrics": r.best_metrics, "seconds": round(r.seconds, 1), "stopped_early": r.stopped_early,
     }
+    if r.calibration is not None:
+        out["calibration"] = r.calibration
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:

@@ -23,6 +23,8 @@ User data (:func:`load_segmentation_folder`, :func:`load_detection_folder`):
 one COCO JSON file of boxes (detection). A folder's *items* are its image
 file names; :func:`split_items` sets a seeded fraction of them aside as a
 held-out split, and both loaders take ``items`` to load just one side.
+Classification sets (nodule present / absent, from :func:`make_xray` with
+``nodules``) live in :mod:`trainer.classification_data`.
 
 Examples
 --------
@@ -73,6 +75,11 @@ __all__ = [
     "folder_items",
     "split_items",
     "default_cache_dir",
+    "cache_path",
+    "save_arrays",
+    "check_items",
+    "boxes_to_input",
+    "IMAGE_SUFFIXES",
 ]
 
 _log = logging.getLogger(__name__)
@@ -87,7 +94,8 @@ US_PREPROCESSING = Preprocessing(color="grayscale", resize="letterbox", normaliz
 XRAY_PREPROCESSING = Preprocessing(color="grayscale", resize="letterbox", normalize="minmax")
 
 _CACHE_FORMAT = 2  # packed masks
-_IMAGE_SUFFIXES = (".png", ".dcm", ".dicom", "")
+_MAX_NODULES = 8
+IMAGE_SUFFIXES = (".png", ".dcm", ".dicom", "")
 
 
 def sample_rng(seed: int, index: int) -> np.random.Generator:
@@ -394,12 +402,17 @@ def _xray_vessels(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarra
 
 
 def _xray_nodules(rng: np.random.Generator, shape: tuple[int, int], yy: np.ndarray, xx: np.ndarray,
-                  mu: np.ndarray, lung_mask: np.ndarray) -> list[list[float]]:
+                  mu: np.ndarray, lung_mask: np.ndarray, count: int | None = None) -> list[list[float]]:
     """Nodules inside the lung fields (added to ``mu`` in place): spherical-projection profile,
-    varied size and contrast. Returns their boxes."""
+    varied size and contrast. Returns their boxes.
+
+    ``count`` overrides the drawn number of nodules (the draw is still made, so
+    the default stream is unchanged)."""
     h, w = shape
     boxes: list[list[float]] = []
     n_nod = int(rng.choice([0, 1, 2, 3, 4], p=[0.15, 0.35, 0.25, 0.15, 0.10]))
+    if count is not None:
+        n_nod = int(count)
     ys, xs = np.nonzero(lung_mask)
     for _ in range(n_nod if ys.size else 0):
         for _attempt in range(20):
@@ -443,7 +456,9 @@ def _xray_detector(rng: np.random.Generator, shape: tuple[int, int], mu: np.ndar
     return np.clip((noisy - lo) / (hi - lo), 0, 1) * 4095
 
 
-def make_xray(rng: np.random.Generator, shape: tuple[int, int] = XRAY_SHAPE) -> tuple[np.ndarray, np.ndarray]:
+def make_xray(
+    rng: np.random.Generator, shape: tuple[int, int] = XRAY_SHAPE, nodules: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic chest radiograph (PA view) and its nodule boxes.
 
     Parameters
@@ -452,6 +467,10 @@ def make_xray(rng: np.random.Generator, shape: tuple[int, int] = XRAY_SHAPE) -> 
         Source of randomness (see :func:`sample_rng`).
     shape : tuple of int
         Image ``(height, width)``.
+    nodules : int, optional
+        How many nodules to place (0 for none); by default 0-4, drawn. A
+        nodule that finds no free place in the lungs is left out, so the
+        boxes returned are the truth.
 
     Returns
     -------
@@ -459,14 +478,17 @@ def make_xray(rng: np.random.Generator, shape: tuple[int, int] = XRAY_SHAPE) -> 
         ``uint16`` ``[H, W]``, 12 bits stored, brighter = more attenuation
         (MONOCHROME2).
     boxes : numpy.ndarray
-        ``float32`` ``[M, 4]`` nodule boxes (x0, y0, x1, y1), ``M`` in 0..4.
+        ``float32`` ``[M, 4]`` nodule boxes (x0, y0, x1, y1), ``M`` in 0..4
+        (at most ``nodules`` when given).
     """
+    if nodules is not None and not 0 <= nodules <= _MAX_NODULES:
+        raise DataError(f"nodules {nodules} is not in 0..{_MAX_NODULES}.")
     h, w = shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     # Each stage draws from rng in turn: the order of the calls is the order of the draws.
     mu, lung_mask, lungs = _xray_anatomy(rng, shape, xx / w, yy / h)
     mu = mu + 0.05 * _xray_vessels(rng, shape) * lungs
-    boxes = _xray_nodules(rng, shape, yy, xx, mu, lung_mask)
+    boxes = _xray_nodules(rng, shape, yy, xx, mu, lung_mask, nodules)
     img = _xray_detector(rng, shape, mu)
     return img.astype(np.uint16), np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
 
@@ -522,7 +544,8 @@ def _mask_to_input(mask: np.ndarray, geom: Geometry) -> np.ndarray:
     return out
 
 
-def _boxes_to_input(boxes: np.ndarray, geom: Geometry) -> np.ndarray:
+def boxes_to_input(boxes: np.ndarray, geom: Geometry) -> np.ndarray:
+    """Source-pixel boxes ``[M, 4]`` in model-input pixels (the image's letterbox/stretch geometry)."""
     if boxes.size == 0:
         return np.zeros((0, 4), np.float32)
     x0, y0 = geom.to_input(boxes[:, 0], boxes[:, 1])
@@ -580,7 +603,7 @@ def detection_set_from_arrays(
         x, g = preprocess(img, spec, pre)
         xs.append(x)
         geoms.append(g)
-        ib.append(_boxes_to_input(np.asarray(b, np.float32).reshape(-1, 4), g))
+        ib.append(boxes_to_input(np.asarray(b, np.float32).reshape(-1, 4), g))
     cls = [np.zeros(len(b), np.int64) for b in boxes] if classes is None else [np.asarray(c, np.int64) for c in classes]
     return DetectionSet(
         inputs=np.stack(xs),
@@ -599,7 +622,7 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "medge"
 
 
-def _cache_path(cache_dir: Path | None, kind: str, n: int, seed: int) -> Path | None:
+def cache_path(cache_dir: Path | None, kind: str, n: int, seed: int) -> Path | None:
     """Cache file of the *source* images (preprocessing is redone on load: it is cheap)."""
     if cache_dir is None:
         return None
@@ -608,7 +631,8 @@ def _cache_path(cache_dir: Path | None, kind: str, n: int, seed: int) -> Path | 
     return Path(cache_dir) / f"{kind}-n{n}-s{seed}-{digest}.npz"
 
 
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+def save_arrays(path: Path, **arrays: np.ndarray) -> None:
+    """Write a cache ``.npz`` atomically (a half-written cache is never read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as fh:
         np.savez(fh, **arrays)
@@ -639,7 +663,7 @@ def synthetic_segmentation_set(
     if n <= 0:
         raise DataError(f"Cannot generate a set of {n} samples.")
     spec = spec or InputSpec()
-    path = _cache_path(Path(cache_dir) if cache_dir else None, "us", n, seed)
+    path = cache_path(Path(cache_dir) if cache_dir else None, "us", n, seed)
     if path is not None and path.is_file():
         with np.load(path) as z:
             images = list(z["images"])
@@ -649,7 +673,7 @@ def synthetic_segmentation_set(
     else:
         images, masks = _generate(make_ultrasound, n, seed)
         if path is not None:
-            _atomic_savez(path, images=np.stack(images), masks_packed=np.packbits(np.stack(masks) > 0, axis=-1))
+            save_arrays(path, images=np.stack(images), masks_packed=np.packbits(np.stack(masks) > 0, axis=-1))
     return segmentation_set_from_arrays(images, masks, spec, pre, keep_source, source=f"synthetic-us seed={seed}")
 
 
@@ -665,7 +689,7 @@ def synthetic_detection_set(
     if n <= 0:
         raise DataError(f"Cannot generate a set of {n} samples.")
     spec = spec or InputSpec()
-    path = _cache_path(Path(cache_dir) if cache_dir else None, "xray", n, seed)
+    path = cache_path(Path(cache_dir) if cache_dir else None, "xray", n, seed)
     if path is not None and path.is_file():
         with np.load(path) as z:
             images = list(z["images"])
@@ -677,7 +701,7 @@ def synthetic_detection_set(
         images, boxes = _generate(make_xray, n, seed)
         if path is not None:
             counts = np.array([len(b) for b in boxes], np.int64)
-            _atomic_savez(
+            save_arrays(
                 path, images=np.stack(images), counts=counts, boxes=np.concatenate(boxes).reshape(-1, 4)
             )
     return detection_set_from_arrays(images, boxes, spec, pre, keep_source=keep_source, source=f"synthetic-xray seed={seed}")
@@ -722,13 +746,13 @@ def load_image(path: Path | str) -> np.ndarray:
 def _find_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"Image folder {folder} does not exist.")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"Image folder {folder} holds no .png or DICOM files.")
     return files
 
 
-def _check_items(root: Path, wanted: Collection[str] | None, present: Sequence[str]) -> set[str] | None:
+def check_items(root: Path, wanted: Collection[str] | None, present: Sequence[str]) -> set[str] | None:
     """``wanted`` as a set, after checking that every one of them is in the folder."""
     if wanted is None:
         return None
@@ -762,7 +786,7 @@ def load_segmentation_folder(
     root = Path(root)
     images, masks = [], []
     files = _find_images(root / "images")
-    want = _check_items(root, items, [f.name for f in files])
+    want = check_items(root, items, [f.name for f in files])
     for img_path in files:
         if want is not None and img_path.name not in want:
             continue
@@ -812,7 +836,7 @@ def load_detection_folder(
     by_image: dict[int, list[dict]] = {}
     for a in coco.get("annotations") or []:
         by_image.setdefault(a["image_id"], []).append(a)
-    want = _check_items(root, items, [str(e.get("file_name", "")) for e in coco["images"] if isinstance(e, dict)])
+    want = check_items(root, items, [str(e.get("file_name", "")) for e in coco["images"] if isinstance(e, dict)])
     images, boxes, classes = [], [], []
     for entry in coco["images"]:
         try:
@@ -854,8 +878,13 @@ def _read_coco(ann_path: Path) -> dict[str, Any]:
 
 def folder_items(root: Path | str, task: str, annotations: str = "annotations.json") -> list[str]:
     """The items of a user's data folder, sorted: image file names in ``images/``
-    (segmentation) or listed in the COCO file (detection)."""
+    (segmentation), listed in the COCO file (detection), or ``<label>/<file>``
+    names and CSV paths (classification, :mod:`trainer.classification_data`)."""
     root = Path(root)
+    if task == "classification":
+        from trainer.classification_data import classification_items  # it builds on this module
+
+        return classification_items(root)
     if task == "segmentation":
         return [p.name for p in _find_images(root / "images")]
     coco = _read_coco(root / annotations)

@@ -14,6 +14,13 @@ measured is what is served.
   lies inside the nodule's box, each nodule counted once), the best
   sensitivity at <= 0.25 FP/image, and mAP@0.5 (VOC all-point AP at IoU
   >= 0.5, averaged over labels).
+- Classification: the calibrated probability ``sigmoid(logit / T)`` at the
+  manifest's threshold, reported by
+  :func:`trainer.classification_metrics.evaluation_report` (accuracy,
+  sensitivity, specificity, PPV, NPV, ROC AUC, PR AUC, ECE with bootstrap
+  95 % intervals, confusion matrix; ROC, PR and reliability plots when asked),
+  and where the nodules are known, how often the class activation map's
+  hottest cell falls on a nodule (:func:`cam_hits`).
 
 The default held-out synthetic set uses seed :data:`HELDOUT_SEED`, which
 training refuses to use.
@@ -35,6 +42,7 @@ import numpy as np
 
 from edge.inference.manifest import Postprocessing
 from edge.inference.postprocess import box_iou, decode_detections, segmentation_mask
+from trainer.classification_data import POSITIVE_LABEL, ClassificationSet
 from trainer.data import DetectionSet, SegmentationSet
 
 __all__ = [
@@ -56,6 +64,9 @@ __all__ = [
     "summarize",
     "evaluate_model",
     "gated_metric",
+    "evaluate_classification",
+    "cam_hits",
+    "CAM_MARGIN_CELLS",
 ]
 
 _log = logging.getLogger(__name__)
@@ -67,6 +78,8 @@ VALIDATION_SEED = 2
 HELDOUT_SEED = 1000
 #: The operating point the detector is judged at: false positives per image.
 FP_BUDGET = 0.25
+#: A CAM peak "next to" a nodule: within this many feature-map cells of its box.
+CAM_MARGIN_CELLS = 1.0
 
 Runner = Callable[[np.ndarray], Mapping[str, np.ndarray]]
 
@@ -94,7 +107,7 @@ def torch_runner(model: Any, task: str) -> Runner:
     """A runner over a PyTorch model (eval mode, no grad); outputs named as in ONNX."""
     import torch
 
-    names = ["logits"] if task == "segmentation" else ["heatmap", "size", "offset"]
+    names = {"segmentation": ["logits"], "classification": ["logits", "cam"]}.get(task, ["heatmap", "size", "offset"])
 
     def run(batch: np.ndarray) -> dict[str, np.ndarray]:
         was_training = model.training
@@ -301,7 +314,7 @@ def heldout_set(
     data: str | None = None,
     labels: Sequence[str] | None = None,
     cache_dir: str | Path | None = None,
-) -> DetectionSet | SegmentationSet:
+) -> DetectionSet | SegmentationSet | ClassificationSet:
     """The held-out set: synthetic with ``seed`` (default), or a user's folder ``data``."""
     from edge.inference.manifest import InputSpec
     from trainer.data import (
@@ -316,6 +329,13 @@ def heldout_set(
 
     spec = spec or InputSpec()
     cache = cache_dir if cache_dir is not None else default_cache_dir() / "data"
+    if task == "classification":
+        from trainer.classification_data import load_classification_folder, synthetic_classification_set
+
+        pre = pre or XRAY_PREPROCESSING
+        if data:
+            return load_classification_folder(data, spec, pre, positive_label=(list(labels or []) or [POSITIVE_LABEL])[0])
+        return synthetic_classification_set(n, seed, spec, pre, cache_dir=cache)
     if task == "segmentation":
         pre = pre or US_PREPROCESSING
         if data:
@@ -328,23 +348,102 @@ def heldout_set(
 
 
 def summarize(task: str, metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The scalar metrics kept in a manifest (no per-case lists or FROC curve)."""
+    """The scalar metrics kept in a manifest (no per-case lists or FROC curve; a classification
+    report flattened by :func:`~trainer.classification_metrics.report_scalars`, plus its CAM hits)."""
+    if task == "classification":
+        from trainer.classification_metrics import report_scalars
+
+        extra = {k: float(metrics[k]) for k in ("cam_hit_fraction", "cam_n") if metrics.get(k) is not None}
+        return {**report_scalars(metrics), **extra}
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def evaluate_model(
     runner: Runner,
     task: str,
-    ds: DetectionSet | SegmentationSet,
+    ds: DetectionSet | SegmentationSet | ClassificationSet,
     post: Postprocessing,
     labels: Sequence[str],
 ) -> dict[str, Any]:
-    """Evaluate ``runner`` on ``ds`` for ``task`` (Dice/IoU or FROC/mAP)."""
+    """Evaluate ``runner`` on ``ds`` for ``task`` (Dice/IoU, FROC/mAP, or the classification report)."""
+    if task == "classification":
+        return evaluate_classification(runner, ds, post)  # type: ignore[arg-type]
     if task == "segmentation":
         return evaluate_segmentation(runner, ds, threshold=post.threshold)  # type: ignore[arg-type]
     return evaluate_detection(runner, ds, post, labels)  # type: ignore[arg-type]
 
 
 def gated_metric(task: str) -> str:
-    """The metric the INT8 gate compares: ``dice`` or ``map50``."""
-    return "dice" if task == "segmentation" else "map50"
+    """The metric the INT8 gate compares: ``dice``, ``map50`` or ``roc_auc``."""
+    return {"segmentation": "dice", "classification": "roc_auc"}.get(task, "map50")
+
+
+def _logits_and_cams(runner: Runner, ds: ClassificationSet, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Positive-class logits ``(N,)`` and CAMs ``(N, h, w)`` (``None`` when the model has no ``cam``)."""
+    zs, cams = [], []
+    for sl in _batches(len(ds), batch_size):
+        out = runner(ds.inputs[sl])
+        z = np.asarray(out["logits"], np.float64)
+        if z.ndim != 2 or z.shape[1] != 1:
+            raise ValueError(f"A binary classifier's logits are [N, 1]; got {list(z.shape)}.")
+        zs.append(z[:, 0])
+        if "cam" in out:
+            cams.append(np.asarray(out["cam"], np.float32)[:, 0])
+    return np.concatenate(zs), (np.concatenate(cams) if cams else None)
+
+
+def cam_hits(cams: np.ndarray, ds: ClassificationSet, margin_cells: float = CAM_MARGIN_CELLS) -> dict[str, Any]:
+    """How often the hottest CAM cell of a positive case with known nodules falls on one.
+
+    The hottest cell's centre, in model-input pixels, *hits* when it lies
+    inside a nodule's box (model-input pixels) grown by ``margin_cells``
+    cells on every side ("inside or next to"). Returns ``cam_n`` (cases
+    judged), ``cam_hits`` and ``cam_hit_fraction`` (``None`` when no case
+    could be judged).
+    """
+    h_in, w_in = ds.inputs.shape[-2:]
+    n = hits = 0
+    for i in np.flatnonzero(ds.labels):
+        if i >= len(ds.input_boxes) or not len(ds.input_boxes[i]):
+            continue
+        cam = cams[i]
+        sy, sx = h_in / cam.shape[0], w_in / cam.shape[1]
+        cy, cx = np.unravel_index(int(np.argmax(cam)), cam.shape)
+        py, px = (cy + 0.5) * sy, (cx + 0.5) * sx
+        b = ds.input_boxes[i]
+        inside = ((b[:, 0] - margin_cells * sx <= px) & (px <= b[:, 2] + margin_cells * sx)
+                  & (b[:, 1] - margin_cells * sy <= py) & (py <= b[:, 3] + margin_cells * sy))
+        n += 1
+        hits += bool(inside.any())
+    return {"cam_n": n, "cam_hits": hits, "cam_hit_fraction": hits / n if n else None}
+
+
+def evaluate_classification(
+    runner: Runner,
+    ds: ClassificationSet,
+    post: Postprocessing,
+    report_dir: Path | str | None = None,
+    prefix: str = "",
+    n_boot: int = 1000,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """The held-out classification report at ``post``'s temperature and threshold.
+
+    :func:`trainer.classification_metrics.evaluation_report` on
+    ``sigmoid(logit / post.temperature)`` (temperature 1 when the
+    post-processing has none), plus :func:`cam_hits` when the model has a
+    ``cam`` output and the set knows its nodules; with ``report_dir`` the
+    ROC, PR and reliability PNGs are written there (``<prefix>-roc.png``, ...).
+    """
+    from trainer.classification_metrics import apply_temperature, evaluation_report
+
+    logits, cams = _logits_and_cams(runner, ds, batch_size)
+    temperature = post.temperature if post.temperature is not None else 1.0
+    p = apply_temperature(logits, temperature)
+    report = evaluation_report(ds.labels, p, post.threshold, out_dir=report_dir, prefix=prefix, n_boot=n_boot,
+                               seed=seed)
+    report["temperature"] = float(temperature)
+    if cams is not None and ds.input_boxes:
+        report.update(cam_hits(cams, ds))
+    return report

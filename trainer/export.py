@@ -6,6 +6,12 @@
 - Parity: ONNX Runtime's output is compared with PyTorch's on seeded random
   inputs at batch 1 and 2; the export is refused when the largest absolute
   difference exceeds ``atol`` (default :data:`PARITY_ATOL`).
+- Classifiers export two outputs of one graph: ``logits`` ``[N, 1]`` and
+  the class activation map ``cam`` ``[N, 1, H/16, W/16]``
+  (:class:`trainer.models.Classifier`); parity covers both. Their manifest
+  carries the temperature and threshold fitted on validation data at
+  training (or here, for a checkpoint without them) and the held-out
+  classification report.
 - FP16: weights and activations in float16 (onnxconverter-common's
   converter, clamped to the float16 range), inputs and outputs kept float32
   (a Cast at each end), for GPUs (TensorRT / CUDA EP).
@@ -70,7 +76,14 @@ ARTIFACT_FILES = {
 
 def output_names(task: str) -> list[str]:
     """ONNX output names of a model for ``task``."""
-    return ["logits"] if task == "segmentation" else ["heatmap", "size", "offset"]
+    return {"segmentation": ["logits"], "classification": ["logits", "cam"]}.get(task, ["heatmap", "size", "offset"])
+
+
+def _serving(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` set to return every served output (a classifier's CAM beside its logits)."""
+    if hasattr(model, "emit_cam"):
+        model.emit_cam = True
+    return model
 
 
 def _atomic_onnx_save(model: onnx.ModelProto, path: Path) -> None:
@@ -95,7 +108,7 @@ def export_onnx(
     spec = spec or InputSpec()
     path = Path(path)
     # channels_last weights (used in training) break torch.export's batch symbol.
-    m = fold_batchnorm(model).cpu().float().to(memory_format=torch.contiguous_format).eval()
+    m = _serving(fold_batchnorm(model).cpu().float().to(memory_format=torch.contiguous_format).eval())
     x = torch.zeros(2, spec.channels, *spec.size)
     batch = torch.export.Dim("batch", min=1, max=256)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -147,7 +160,7 @@ def check_parity(
     """
     spec = spec or InputSpec()
     rng = np.random.default_rng(seed)
-    m = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format).eval()
+    m = _serving(copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format).eval())
     worst = 0.0
     for n in (1, 2):
         x = rng.random((n, spec.channels, *spec.size), dtype=np.float32)
@@ -155,6 +168,8 @@ def check_parity(
             ref = m(torch.from_numpy(x))
         refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
         outs = _ort_run(onnx_path, x)
+        if len(outs) != len(refs):
+            raise ModelError(f"{onnx_path} has {len(outs)} outputs but the PyTorch model {len(refs)}.")
         for r, o in zip(refs, outs):
             if tuple(r.shape) != o.shape:
                 raise ModelError(f"ONNX output shape {o.shape} differs from PyTorch's {tuple(r.shape)}.")
@@ -271,12 +286,7 @@ def build_manifest(
                 "std": pre.std,
                 "window": list(pre.window) if pre.window else None,
             },
-            "postprocessing": {
-                "threshold": post.threshold,
-                "nms_iou": post.nms_iou,
-                "max_detections": post.max_detections,
-                "stride": post.stride,
-            },
+            "postprocessing": _post_dict(post),
             "artifacts": {k: {"path": a.path, "sha256": a.sha256} for k, a in arts.items()},
             "metrics": mets,
             "training": dict(training or {}),
@@ -285,6 +295,16 @@ def build_manifest(
         },
         directory=directory,
     )
+
+
+def _post_dict(post: Postprocessing) -> dict[str, Any]:
+    """The manifest's ``postprocessing`` (a classifier's calibration only where set)."""
+    d: dict[str, Any] = {"threshold": post.threshold, "nms_iou": post.nms_iou,
+                         "max_detections": post.max_detections, "stride": post.stride}
+    for key in ("temperature", "target_sensitivity"):
+        if getattr(post, key) is not None:
+            d[key] = getattr(post, key)
+    return d
 
 
 def write_manifest(manifest: Manifest, directory: Path | str | None = None) -> Path:
@@ -306,6 +326,10 @@ INTENDED_USE = {
     ),
     "detection": (
         "Research and demonstration only: detection of nodules in chest radiographs, "
+        "trained on synthetic data. NOT FOR CLINICAL USE."
+    ),
+    "classification": (
+        "Research and demonstration only: nodule present / absent in chest radiographs, "
         "trained on synthetic data. NOT FOR CLINICAL USE."
     ),
 }
@@ -332,6 +356,9 @@ def _checkpoint_io(ckpt: Mapping[str, Any]) -> tuple[InputSpec, Preprocessing, P
         pre_d["window"] = tuple(pre_d["window"])
     pre = Preprocessing(**pre_d)
     post = Postprocessing(**ckpt["postprocessing"])
+    if ckpt["task"] != "classification":  # checkpoints record every field; the others carry no calibration
+        post = Postprocessing(threshold=post.threshold, nms_iou=post.nms_iou, max_detections=post.max_detections,
+                              stride=post.stride)
     return spec, pre, post, list(ckpt["labels"])
 
 
@@ -364,10 +391,12 @@ def _write_artifacts(ckpt: Mapping[str, Any], checkpoint: Path | str, out: Path,
 
 def _evaluate_artifacts(ckpt: Mapping[str, Any], plan: Any, paths: Mapping[str, Path], spec: InputSpec,
                         pre: Preprocessing, post: Postprocessing, labels: list[str], synthetic: bool,
-                        val_n: int) -> tuple[Postprocessing, dict[str, dict[str, float]], int]:
+                        val_n: int) -> tuple[Postprocessing, dict[str, dict[str, float]], int, dict[str, Any]]:
     """Choose the detector threshold on validation data, then evaluate each artifact on the held-out set.
 
-    Returns the (possibly re-thresholded) post-processing, the metrics by precision and the held-out size.
+    Returns the (possibly re-thresholded) post-processing, the metrics by
+    precision, the held-out size and what the training record adds (a
+    classifier's FP32 report).
     """
     from trainer.evaluate import (
         FP_BUDGET,
@@ -383,6 +412,8 @@ def _evaluate_artifacts(ckpt: Mapping[str, Any], plan: Any, paths: Mapping[str, 
 
     task = ckpt["task"]
     cfg = ckpt.get("config", {})
+    if task == "classification":
+        return _evaluate_classifier(ckpt, plan, paths, spec, pre, post, labels)
     if task == "detection" and not synthetic and not cfg.get("val_data"):
         _log.warning("No validation folder recorded; keeping the detector threshold %.3f.", post.threshold)
     elif task == "detection":
@@ -401,7 +432,71 @@ def _evaluate_artifacts(ckpt: Mapping[str, Any], plan: Any, paths: Mapping[str, 
     metrics: dict[str, dict[str, float]] = {}
     for prec, p in paths.items():
         metrics[prec] = summarize(task, evaluate_model(onnx_runner(p), task, test, post, labels))
-    return post, metrics, n_heldout
+    return post, metrics, n_heldout, {}
+
+
+def _classifier_calibration(ckpt: Mapping[str, Any], fp32: Path, spec: InputSpec, pre: Preprocessing,
+                            post: Postprocessing, labels: list[str]) -> Postprocessing:
+    """``post`` as calibrated at training, or calibrated now on the recorded validation set (FP32 ONNX)."""
+    from trainer.classification import calibrate, predict_logits
+    from trainer.evaluate import VALIDATION_SEED, heldout_set, onnx_runner
+
+    if post.temperature is not None:
+        return post
+    cfg = ckpt.get("config", {})
+    rec = ckpt.get("training", {}) or {}
+    if cfg.get("data", "synthetic") == "synthetic":
+        from trainer.classification_data import synthetic_classification_set
+
+        shape = tuple(rec.get("source_shape") or cfg.get("synthetic_shape") or (512, 512))
+        val = synthetic_classification_set(int(cfg.get("n_val", 64)), int(cfg.get("val_seed", VALIDATION_SEED)), spec,
+                                           pre, positive_fraction=float(cfg.get("positive_fraction", 0.15)),
+                                           shape=(int(shape[0]), int(shape[1])))
+    elif cfg.get("val_data"):
+        val = heldout_set("classification", spec=spec, pre=pre, data=cfg["val_data"], labels=labels)
+    else:  # the training folder may hold the held-out split: never calibrate on it
+        raise DataError(
+            "The classifier checkpoint records no calibration and no validation folder to fit one on; "
+            "export the best.pt or last.pt that medge train calibrated."
+        )
+    _log.info("Checkpoint has no calibration; fitting it on %d validation cases.", len(val))
+    target = float(cfg.get("target_sensitivity", 0.90))
+    cal = calibrate(predict_logits(onnx_runner(fp32), val.inputs), val.labels, target)
+    return Postprocessing(threshold=cal["threshold"], nms_iou=post.nms_iou, max_detections=post.max_detections,
+                          stride=post.stride, temperature=cal["temperature"], target_sensitivity=target)
+
+
+def _evaluate_classifier(ckpt: Mapping[str, Any], plan: Any, paths: Mapping[str, Path], spec: InputSpec,
+                         pre: Preprocessing, post: Postprocessing,
+                         labels: list[str]) -> tuple[Postprocessing, dict[str, dict[str, float]], int, dict[str, Any]]:
+    """Calibration (recorded or fitted now), then each artifact's held-out classification report.
+
+    The manifest keeps each precision's scalars (values, interval ends,
+    confusion counts); the FP32 report itself goes into the training record
+    (``classification_report``).
+    """
+    from trainer.classification_data import classification_heldout
+    from trainer.evaluate import evaluate_classification, onnx_runner, summarize
+
+    post = _classifier_calibration(ckpt, paths["fp32"], spec, pre, post, labels)
+    test = classification_heldout(plan, ckpt.get("training", {}) or {}, spec, pre, labels[0])
+    _log.info("Evaluating on the held-out set %s (%d cases, %d positive).", plan.data, len(test), test.n_positive)
+    metrics: dict[str, dict[str, float]] = {}
+    reports: dict[str, dict[str, Any]] = {}
+    for prec, p in paths.items():
+        reports[prec] = evaluate_classification(onnx_runner(p), test, post)
+        metrics[prec] = summarize("classification", reports[prec])
+    return post, metrics, len(test), {"classification_report": reports["fp32"]}
+
+
+def _heldout_record(plan: Any, task: str, n: int | None) -> dict[str, Any] | None:
+    if plan is None:
+        return None
+    if task == "classification":
+        from trainer.classification_data import classification_heldout_record
+
+        return classification_heldout_record(plan, n)
+    return plan.record(task, n)
 
 
 def _export_training_record(ckpt: Mapping[str, Any], base_record: dict[str, Any], synthetic: bool, plan: Any,
@@ -413,8 +508,11 @@ def _export_training_record(ckpt: Mapping[str, Any], base_record: dict[str, Any]
     task = ckpt["task"]
     cfg = ckpt.get("config", {})
     knobs = ("batch_size", "lr", "epochs", "steps_per_epoch", "base", "augment", "seed")
+    if task == "classification":
+        knobs = (*knobs, "loss", "sampler", "target_sensitivity")
     if synthetic:
-        base_record["generator"] = GENERATORS[task]
+        if task in GENERATORS:
+            base_record["generator"] = GENERATORS[task]
         run_config = {k: cfg.get(k) for k in ("n_train", "n_val", *knobs, "data_seed", "val_seed")}
     else:
         # Nothing of the synthetic recipe describes a user's data: no generator, no data seeds
@@ -427,7 +525,7 @@ def _export_training_record(ckpt: Mapping[str, Any], base_record: dict[str, Any]
         **base_record,
         "epochs": int(ckpt.get("epoch", 0)),
         "config": run_config,
-        "heldout": plan.record(task, n_heldout) if plan is not None else None,
+        "heldout": _heldout_record(plan, task, n_heldout),
         "code_version": git_describe(),
         "checkpoint": {"path": "model.pt", "sha256": sha256_file(ckpt_dst)},
         "onnx_parity_max_abs_diff": parity,
@@ -489,7 +587,11 @@ def export_checkpoint(
     synthetic = not user
     n_heldout: int | None = None
     if evaluate and plan is not None:  # evaluate always has a plan (or plan_heldout raised)
-        post, metrics, n_heldout = _evaluate_artifacts(ckpt, plan, paths, spec, pre, post, labels, synthetic, val_n)
+        post, metrics, n_heldout, found = _evaluate_artifacts(ckpt, plan, paths, spec, pre, post, labels, synthetic,
+                                                              val_n)
+        extra_training = {**found, **dict(extra_training or {})}
+    elif task == "classification":  # the daemon needs a calibrated classifier even without metrics
+        post = _classifier_calibration(ckpt, paths["fp32"], spec, pre, post, labels)
     training = _export_training_record(ckpt, base_record, synthetic, plan, n_heldout, ckpt_dst, parity, atol,
                                        extra_training)
     if intended_use is None:

@@ -1,4 +1,4 @@
-"""Training loop for both tasks, single-process or data-parallel under ``torchrun``.
+"""Training loop for the three tasks, single-process or data-parallel under ``torchrun``.
 
 - Seeded: model init, sample order and augmentation come from ``seed``.
 - Data-parallel with no code change: when ``torchrun`` sets ``WORLD_SIZE``
@@ -10,12 +10,21 @@
   rotation, zoom and shift (one affine per sample; boxes follow their
   centres), gain/offset/gamma jitter, multiplicative speckle or additive noise.
 - Losses: BCE + soft Dice (segmentation); CenterNet focal loss on the
-  heatmap + L1 on size and offset (detection).
+  heatmap + L1 on size and offset (detection); cross-entropy, class-weighted
+  cross-entropy or focal loss, with random or class-balanced sampling
+  (classification, :mod:`trainer.classification`).
 - Validation each epoch through the served post-processing
-  (:mod:`trainer.evaluate`), early stopping on its score, ``best.pt`` and
-  ``last.pt`` checkpoints, one JSON line per epoch in ``metrics.jsonl``.
+  (:mod:`trainer.evaluate`; ROC AUC for classification), early stopping on
+  its score, ``best.pt`` and ``last.pt`` checkpoints, one JSON line per epoch
+  in ``metrics.jsonl``.
 - Transfer learning: ``init`` loads a checkpoint's weights;
-  ``freeze_encoder`` keeps its contracting path fixed.
+  ``freeze_encoder`` keeps its contracting path fixed. A classifier may
+  start from a detector's or segmenter's checkpoint: the encoder tensors
+  that match by name and shape are taken (:func:`trainer.models.transfer_encoder`).
+- Classification calibration: after the last epoch ``best.pt`` gets a
+  temperature fitted on the validation set and the threshold for the target
+  sensitivity (:func:`trainer.classification.calibrate`), in its
+  post-processing and its training record (``calibration``).
 
 Examples
 --------
@@ -45,6 +54,27 @@ from edge.errors import ConfigError, DataError
 from edge.fileio import atomic_file
 from edge.inference.manifest import InputSpec, Postprocessing, Preprocessing, sha256_file
 from edge.tools.progress import Progress, bar
+from trainer.classification import (
+    DEFAULT_LOSS,
+    DEFAULT_SAMPLER,
+    FOCAL_GAMMA,
+    LOSSES,
+    SAMPLERS,
+    calibrate,
+    class_weights,
+    classification_loss,
+    epoch_order,
+    predict_logits,
+    validation_metrics,
+)
+from trainer.classification_data import (
+    POSITIVE_FRACTION,
+    POSITIVE_LABEL,
+    ClassificationSet,
+    classification_data_record,
+    load_classification_folder,
+    synthetic_classification_set,
+)
 from trainer.data import (
     US_PREPROCESSING,
     XRAY_PREPROCESSING,
@@ -67,7 +97,7 @@ from trainer.evaluate import (
     evaluate_segmentation,
     torch_runner,
 )
-from trainer.models import CenterNet, build_model
+from trainer.models import CAM_STRIDE, TASK_NAMES, CenterNet, Classifier, build_model, transfer_encoder
 from trainer.provenance import checkpoint_record, data_record
 
 __all__ = [
@@ -85,13 +115,16 @@ __all__ = [
     "default_labels",
     "default_preprocessing",
     "default_postprocessing",
+    "calibrate_checkpoint",
 ]
 
 _log = logging.getLogger(__name__)
 
 
 def default_labels(task: str) -> list[str]:
-    """Label names of the bundled model for ``task``."""
+    """Label names of the bundled model for ``task`` (a classifier's one label is its positive class)."""
+    if task == "classification":
+        return [POSITIVE_LABEL]
     return ["lesion"] if task == "segmentation" else ["nodule"]
 
 
@@ -101,8 +134,9 @@ def default_preprocessing(task: str) -> Preprocessing:
 
 
 def default_postprocessing(task: str) -> Postprocessing:
-    """Post-processing defaults (the detector's threshold is tuned on validation data)."""
-    if task == "segmentation":
+    """Post-processing defaults (the detector's threshold is tuned on validation data; a classifier's
+    temperature and threshold are fitted on it after training: ``temperature`` ``None`` = not yet)."""
+    if task in ("segmentation", "classification"):
         return Postprocessing(threshold=0.5)
     return Postprocessing(threshold=0.3, nms_iou=0.3, max_detections=20, stride=4)
 
@@ -111,14 +145,22 @@ def default_postprocessing(task: str) -> Postprocessing:
 class TrainConfig:
     """Everything one training run needs; saved into every checkpoint.
 
-    ``data`` is ``"synthetic"`` or a folder (``images/`` + ``masks/`` or a
-    COCO ``annotations.json``); ``val_data`` likewise (default: synthetic
+    ``data`` is ``"synthetic"`` or a folder (``images/`` + ``masks/``, a
+    COCO ``annotations.json``, or for classification class folders
+    ``<label>/*`` or a ``path,label`` CSV file); ``val_data`` likewise (default: synthetic
     with :data:`~trainer.evaluate.VALIDATION_SEED`, or the training set for a
     folder). The held-out test set is recorded in the checkpoint, never
     trained on: the generator's held-out seed for synthetic data; for a
     folder, ``heldout_data`` (a separate folder) or ``heldout_fraction`` of
     ``data`` set aside by a split seeded with ``data_seed``
     (:func:`trainer.data.split_items`). ``medge export`` evaluates on it.
+
+    Classification only: ``loss`` (:data:`~trainer.classification.LOSSES`,
+    default ``ce``), ``sampler`` (``balanced``, the default, or ``random``),
+    ``target_sensitivity`` (the operating threshold's target on the
+    validation set), ``positive_fraction`` and ``synthetic_shape`` (source
+    image size) of the synthetic set; ``labels`` is the one positive label
+    (a user's class folder or CSV label).
     """
 
     task: str
@@ -151,11 +193,27 @@ class TrainConfig:
     labels: list[str] = field(default_factory=list)
     heldout_data: str | None = None
     heldout_fraction: float = 0.0
+    loss: str | None = None
+    sampler: str | None = None
+    target_sensitivity: float = 0.90
+    positive_fraction: float = POSITIVE_FRACTION
+    synthetic_shape: tuple[int, int] | None = None
+
+    @property
+    def loss_kind(self) -> str:
+        """The classification loss in effect."""
+        return self.loss or DEFAULT_LOSS
+
+    @property
+    def sampler_kind(self) -> str:
+        """The classification sampler in effect."""
+        return self.sampler or DEFAULT_SAMPLER
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for values that cannot work."""
-        if self.task not in ("segmentation", "detection"):
-            raise ConfigError(f"task {self.task!r} is not 'segmentation' or 'detection'.")
+        if self.task not in TASK_NAMES:
+            raise ConfigError(f"task {self.task!r} is not one of {', '.join(TASK_NAMES)}.")
+        self._validate_classification()
         for name in ("n_train", "n_val", "epochs", "batch_size", "base"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} {getattr(self, name)} is not >= 1.")
@@ -182,11 +240,39 @@ class TrainConfig:
                 if other not in (None, "synthetic") and Path(other).resolve() == held:
                     raise ConfigError(f"heldout_data {self.heldout_data} is also {key}; held-out data must never touch training.")
 
+    def _validate_classification(self) -> None:
+        """The classification-only settings: valid for a classifier, absent for the other tasks."""
+        if self.task != "classification":
+            for name in ("loss", "sampler", "synthetic_shape"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name} is a classification setting; task {self.task!r} has its own.")
+            return
+        if self.loss_kind not in LOSSES:
+            raise ConfigError(f"loss {self.loss!r} is not one of {', '.join(LOSSES)}.")
+        if self.sampler_kind not in SAMPLERS:
+            raise ConfigError(f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}.")
+        if not 0.0 < self.target_sensitivity <= 1.0:
+            raise ConfigError(f"target_sensitivity {self.target_sensitivity} is not in (0, 1].")
+        if not 0.0 < self.positive_fraction < 1.0:
+            raise ConfigError(f"positive_fraction {self.positive_fraction} is not between 0 and 1.")
+        if self.crop is not None:
+            raise ConfigError("crop is for segmentation and detection; a crop could cut a classifier's finding away.")
+        if any(s % CAM_STRIDE for s in self.input_size):
+            raise ConfigError(f"input_size {list(self.input_size)} is not divisible by {CAM_STRIDE} (the classifier's stride).")
+        if self.synthetic_shape is not None and min(self.synthetic_shape) < 64:
+            raise ConfigError(f"synthetic_shape {list(self.synthetic_shape)} is smaller than 64 x 64.")
+        if len(self.labels) > 1:
+            raise ConfigError(f"labels {self.labels} name more than one class; a classifier has one positive label.")
+
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict of the config."""
         d = dataclasses.asdict(self)
         d["out_dir"] = str(self.out_dir)
         d["input_size"] = list(self.input_size)
+        if self.synthetic_shape is not None:
+            d["synthetic_shape"] = list(self.synthetic_shape)
+        if self.task == "classification":  # what was in effect, not "default"
+            d["loss"], d["sampler"] = self.loss_kind, self.sampler_kind
         return d
 
 
@@ -202,6 +288,7 @@ class TrainResult:
     best_metrics: dict[str, Any]
     seconds: float
     stopped_early: bool
+    calibration: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------ losses
@@ -473,10 +560,39 @@ def _heldout_split(cfg: TrainConfig) -> tuple[list[str] | None, dict[str, Any] |
     return keep, {"fraction": cfg.heldout_fraction, "seed": cfg.data_seed, "n": len(held), "items": held}
 
 
+def _classification_sets(cfg: TrainConfig, labels: list[str], items: list[str] | None,
+                         cache: str) -> tuple[ClassificationSet, ClassificationSet]:
+    """Training and validation sets of a classifier; the validation set must hold both classes."""
+    spec = InputSpec(size=tuple(cfg.input_size))
+    pre = default_preprocessing(cfg.task)
+    positive = labels[0]
+    if cfg.data == "synthetic":
+        kw = {"positive_fraction": cfg.positive_fraction, "cache_dir": cache}
+        if cfg.synthetic_shape is not None:
+            kw["shape"] = tuple(cfg.synthetic_shape)
+        tr = synthetic_classification_set(cfg.n_train, cfg.data_seed, spec, pre, keep_source=False, **kw)
+        va = synthetic_classification_set(cfg.n_val, cfg.val_seed, spec, pre, keep_source=False, **kw)
+    else:
+        tr = load_classification_folder(cfg.data, spec, pre, positive_label=positive, items=items)
+        if cfg.val_data not in (None, "synthetic"):
+            va = load_classification_folder(cfg.val_data, spec, pre, positive_label=positive)
+        else:
+            va = tr
+            _log.warning("No validation data given; validating (and calibrating) on the training set.")
+    for name, ds in (("training", tr), ("validation", va)):
+        if ds.n_positive in (0, len(ds)):
+            raise DataError(
+                f"The {name} set holds {ds.n_positive} positive case(s) of {len(ds)}; a classifier needs both classes."
+            )
+    return tr, va
+
+
 def _load_sets(cfg: TrainConfig, labels: list[str], items: list[str] | None = None) -> tuple[Any, Any, list[str]]:
     spec = InputSpec(size=tuple(cfg.input_size))
     pre = default_preprocessing(cfg.task)
     cache = cfg.cache_dir if cfg.cache_dir is not None else str(default_cache_dir() / "data")
+    if cfg.task == "classification":
+        return (*_classification_sets(cfg, labels, items, cache), labels)
     if cfg.data == "synthetic":
         if cfg.task == "segmentation":
             tr = synthetic_segmentation_set(cfg.n_train, cfg.data_seed, spec, pre, keep_source=False, cache_dir=cache)
@@ -506,6 +622,8 @@ def _batch(ds: Any, idx: np.ndarray, task: str) -> dict[str, torch.Tensor]:
     x = torch.from_numpy(ds.inputs[idx])
     if task == "segmentation":
         return {"x": x, "mask": torch.from_numpy(ds.targets[idx])}
+    if task == "classification":
+        return {"x": x, "y": torch.from_numpy(ds.labels[idx])}
     m = max([len(ds.input_boxes[i]) for i in idx] + [0])
     boxes = torch.zeros(len(idx), m, 4)
     cls = torch.zeros(len(idx), m, dtype=torch.long)
@@ -554,11 +672,15 @@ class _Progress:
 def _score(task: str, metrics: Mapping[str, Any]) -> float:
     if task == "segmentation":
         return float(metrics["dice"])
+    if task == "classification":
+        return float(metrics["roc_auc"])
     return 0.5 * (float(metrics[f"sensitivity_at_{FP_BUDGET:g}fp"]) + float(metrics["map50"]))
 
 
 def _validate(model: nn.Module, ds: Any, task: str, labels: list[str]) -> dict[str, Any]:
     run = torch_runner(_unwrap(model), task)
+    if task == "classification":
+        return validation_metrics(predict_logits(run, ds.inputs), ds.labels)
     if task == "segmentation":
         m = evaluate_segmentation(run, ds, threshold=0.5)
     else:
@@ -599,29 +721,46 @@ def _init_checkpoint(cfg: TrainConfig, labels: list[str]) -> tuple[dict[str, Any
     """The ``init`` checkpoint (or ``None``) and the labels it implies; sets ``cfg.base`` from it."""
     init_ckpt = load_checkpoint(cfg.init) if cfg.init else None
     if init_ckpt is not None:
-        if init_ckpt["task"] != cfg.task:
+        # A classifier may take its encoder from a detector or a segmenter (same encoder layout).
+        encoder_only = cfg.task == "classification" and init_ckpt["task"] in ("segmentation", "detection")
+        if init_ckpt["task"] != cfg.task and not encoder_only:
             raise ConfigError(f"Checkpoint {cfg.init} is a {init_ckpt['task']} model, not {cfg.task}.")
         cfg.base = int(init_ckpt["model"]["base"])
-        if not cfg.labels:
+        if not cfg.labels and not encoder_only:
             labels = list(init_ckpt["labels"])
     return init_ckpt, labels
 
 
+def _frozen_modules(model: nn.Module) -> list[nn.Module]:
+    """What ``freeze_encoder`` keeps fixed: the encoder; a classifier's stages less their own shortcuts."""
+    if isinstance(model, Classifier):
+        return [block for stage in model.encoder for block in (stage[0], stage[1])]
+    return [model.encoder]
+
+
 def _build(cfg: TrainConfig, n_labels: int, init_ckpt: Mapping[str, Any] | None, device: torch.device,
-           distributed: bool, local: int) -> nn.Module:
-    """The model on ``device``: initial weights, frozen encoder, channels-last on CPU, DDP when distributed."""
+           distributed: bool, local: int) -> tuple[nn.Module, int]:
+    """The model on ``device`` and how many tensors came from ``init``: initial weights, frozen
+    encoder, channels-last on CPU, DDP when distributed."""
     model = build_model(cfg.task, num_classes=n_labels, base=cfg.base)
-    if init_ckpt is not None:
+    n_taken = 0
+    if init_ckpt is not None and init_ckpt["task"] != cfg.task:
+        n_taken = len(transfer_encoder(model, init_ckpt["state_dict"]))
+        _log.info("Initialised %d/%d tensors (encoder) from the %s checkpoint %s", n_taken,
+                  len(model.state_dict()), init_ckpt["task"], cfg.init)
+    elif init_ckpt is not None:
         own = model.state_dict()
         compatible = {k: v for k, v in init_ckpt["state_dict"].items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(compatible, strict=False)
+        n_taken = len(compatible)
         _log.info("Initialised %d/%d tensors from %s", len(compatible), len(own), cfg.init)
     if cfg.freeze_encoder:
-        for p in model.encoder.parameters():
-            p.requires_grad_(False)
-        for mod in model.encoder.modules():  # keep BN statistics of the pretrained encoder
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.momentum = 0.0
+        for frozen in _frozen_modules(model):
+            for p in frozen.parameters():
+                p.requires_grad_(False)
+            for mod in frozen.modules():  # keep BN statistics of the pretrained encoder
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.momentum = 0.0
     model.to(device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
@@ -629,15 +768,22 @@ def _build(cfg: TrainConfig, n_labels: int, init_ckpt: Mapping[str, Any] | None,
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[local] if device.type == "cuda" else None)
-    return model
+    return model, n_taken
 
 
 def _training_record(cfg: TrainConfig, n_train: int, n_val: int, split: dict[str, Any] | None, world: int,
-                     bf16: bool, init_ckpt: Mapping[str, Any] | None) -> dict[str, Any]:
+                     bf16: bool, init_ckpt: Mapping[str, Any] | None, n_init: int = 0,
+                     train_labels: np.ndarray | None = None) -> dict[str, Any]:
     """The provenance written into every checkpoint's ``training`` record."""
+    if cfg.task == "classification":
+        data = classification_data_record(cfg.data, cfg.val_data, n_train, n_val, cfg.data_seed, cfg.val_seed,
+                                          heldout_data=cfg.heldout_data, split=split,
+                                          positive_fraction=cfg.positive_fraction, shape=cfg.synthetic_shape)
+    else:
+        data = data_record(cfg.task, cfg.data, cfg.val_data, n_train, n_val, cfg.data_seed, cfg.val_seed,
+                           heldout_data=cfg.heldout_data, split=split)
     record = {
-        **data_record(cfg.task, cfg.data, cfg.val_data, n_train, n_val, cfg.data_seed, cfg.val_seed,
-                      heldout_data=cfg.heldout_data, split=split),
+        **data,
         "seed": cfg.seed,
         "world_size": world,
         "bf16": bf16,
@@ -649,7 +795,27 @@ def _training_record(cfg: TrainConfig, n_train: int, n_val: int, split: dict[str
         base_rec = checkpoint_record(init_ckpt)
         record["init_sha256"] = sha256_file(cfg.init)
         record["init_data"] = {k: base_rec[k] for k in ("source", "data", "generator", "n_train") if k in base_rec}
+        record["init_task"] = init_ckpt["task"]
+        record["init_tensors"] = n_init
+    if cfg.task == "classification" and train_labels is not None:
+        record.update(_classification_record(cfg, train_labels))
     return record
+
+
+def _classification_record(cfg: TrainConfig, train_labels: np.ndarray) -> dict[str, Any]:
+    """Loss, sampler and the class balance they answer, for the training record."""
+    n_pos = int(np.count_nonzero(train_labels))
+    rec: dict[str, Any] = {
+        "loss": cfg.loss_kind,
+        "sampler": cfg.sampler_kind,
+        "class_counts": {"negative": int(train_labels.size - n_pos), "positive": n_pos},
+        "target_sensitivity": cfg.target_sensitivity,
+    }
+    if cfg.loss_kind == "weighted":
+        rec["class_weights"] = [round(float(w), 6) for w in class_weights(train_labels)]
+    if cfg.loss_kind == "focal":
+        rec["focal_gamma"] = FOCAL_GAMMA
+    return rec
 
 
 @dataclass
@@ -670,11 +836,12 @@ class _Loop:
     per_rank_batch: int
     n_labels: int
     stream: TextIO | None
+    cls_weights: torch.Tensor | None = None
 
 
 def _make_loop(cfg: TrainConfig, device: torch.device, world: int, rank: int, model: nn.Module, n_train: int,
-               n_labels: int, stream: TextIO | None) -> _Loop:
-    """Optimiser, one-cycle schedule, steps per epoch, bf16 and the augmentation generator."""
+               n_labels: int, stream: TextIO | None, train_labels: np.ndarray | None = None) -> _Loop:
+    """Optimiser, one-cycle schedule, steps per epoch, bf16, the augmentation generator and class weights."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_rank_batch = max(1, cfg.batch_size // world)
@@ -683,8 +850,11 @@ def _make_loop(cfg: TrainConfig, device: torch.device, world: int, rank: int, mo
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
     bf16 = _use_bf16(cfg.amp) and device.type == "cpu"
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    weights = None
+    if cfg.task == "classification" and train_labels is not None:
+        weights = torch.tensor(class_weights(train_labels), dtype=torch.float32, device=device)
     return _Loop(cfg, device, world, rank, model, params, opt, sched, bf16, gen, steps, per_rank_batch,
-                 n_labels, stream)
+                 n_labels, stream, weights)
 
 
 def _write_epoch(loop: _Loop, labels: list[str], record: Mapping[str, Any], entry: Mapping[str, Any],
@@ -705,6 +875,8 @@ def _step_loss(loop: _Loop, b: dict[str, torch.Tensor]) -> torch.Tensor:
     """Augment, crop, forward one batch and return its loss."""
     cfg, device, gen, bf16 = loop.cfg, loop.device, loop.gen, loop.bf16
     x = b["x"]
+    if cfg.task == "classification":
+        return _classification_step(loop, x, b["y"])
     if cfg.task == "segmentation":
         mask = b["mask"]
         if cfg.augment:
@@ -733,6 +905,25 @@ def _step_loss(loop: _Loop, b: dict[str, torch.Tensor]) -> torch.Tensor:
     return detection_loss(hm, size, offset, t)
 
 
+def _classification_step(loop: _Loop, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Augment (whole frames: a crop could cut the finding away), forward, the chosen loss."""
+    if loop.cfg.augment:
+        x, _, _ = augment_batch(x, loop.gen, loop.cfg.task)
+    x, y = x.to(loop.device), y.to(loop.device)
+    if loop.device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=loop.bf16):
+        logits = loop.model(x)
+    return classification_loss(logits, y, loop.cfg.loss_kind, loop.cls_weights)
+
+
+def _epoch_indices(cfg: TrainConfig, tr: Any, epoch: int, need: int) -> np.ndarray:
+    """All ranks' sample indices for one epoch (each rank then takes every ``world``-th)."""
+    if cfg.task == "classification":
+        return epoch_order(tr.labels, need, cfg.sampler_kind, cfg.seed, epoch)
+    return np.resize(np.random.default_rng([cfg.seed, epoch]).permutation(len(tr)), need)
+
+
 def _train_epoch(loop: _Loop, tr: Any, epoch: int) -> float:
     """One epoch over this rank's shard of the epoch's permutation; the mean loss over every rank."""
     cfg, model, steps, per_rank_batch = loop.cfg, loop.model, loop.steps, loop.per_rank_batch
@@ -740,10 +931,10 @@ def _train_epoch(loop: _Loop, tr: Any, epoch: int) -> float:
     model.train()
     _set_logits(model, True)
     if cfg.freeze_encoder:
-        _unwrap(model).encoder.eval()
-    perm = np.random.default_rng([cfg.seed, epoch]).permutation(len(tr))
+        for frozen in _frozen_modules(_unwrap(model)):
+            frozen.eval()
     need = steps * per_rank_batch * world
-    perm = np.resize(perm, need)[rank::world]
+    perm = _epoch_indices(cfg, tr, epoch, need)[rank::world]
     bar = _Progress(steps, f"epoch {epoch}/{cfg.epochs}", loop.stream)
     loss_sum = 0.0
     for s in range(steps):
@@ -789,9 +980,10 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = 
     if len(tr) == 0:
         raise DataError("The training set is empty.")
 
-    model = _build(cfg, len(labels), init_ckpt, device, distributed, local)
+    model, n_init = _build(cfg, len(labels), init_ckpt, device, distributed, local)
     stream = sys.stderr if (cfg.progress and is_main) else None
-    loop = _make_loop(cfg, device, world, rank, model, len(tr), len(labels), stream)
+    train_labels = tr.labels if cfg.task == "classification" else None
+    loop = _make_loop(cfg, device, world, rank, model, len(tr), len(labels), stream, train_labels)
     log_path = out / "metrics.jsonl"
     if is_main and log_path.exists() and init_ckpt is None:
         log_path.unlink()
@@ -800,21 +992,14 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = 
     stopped_early = False
     best_path, last_path = out / "best.pt", out / "last.pt"
     epoch = 0
-    record = _training_record(cfg, len(tr), len(va), split, world, loop.bf16, init_ckpt)
+    record = _training_record(cfg, len(tr), len(va), split, world, loop.bf16, init_ckpt, n_init, train_labels)
     for epoch in range(1, cfg.epochs + 1):
         t_ep = time.monotonic()
         train_loss = _train_epoch(loop, tr, epoch)
         _set_logits(model, False)
         metrics = _validate(model, va, cfg.task, labels)
         score = _score(cfg.task, metrics)
-        entry = {
-            "epoch": epoch,
-            "train_loss": round(train_loss, 6),
-            "lr": loop.sched.get_last_lr()[0],
-            "seconds": round(time.monotonic() - t_ep, 2),
-            "score": round(score, 6),
-            **{f"val_{k}": (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
-        }
+        entry = _epoch_entry(loop, epoch, train_loss, time.monotonic() - t_ep, score, metrics)
         improved = score > best_score + cfg.min_delta
         if improved:
             best_score, best_epoch, best_metrics, bad_epochs = score, epoch, metrics, 0
@@ -833,10 +1018,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = 
         if cfg.max_minutes is not None and (time.monotonic() - t_start) / 60 >= cfg.max_minutes:
             _log.info("Stopping at epoch %d: time budget of %.1f min used.", epoch, cfg.max_minutes)
             break
-    if distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
+    calibration = _finish(cfg, va, best_path, last_path, is_main, distributed)
     return TrainResult(
         best_checkpoint=best_path,
         last_checkpoint=last_path,
@@ -846,4 +1028,63 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = 
         best_metrics=best_metrics,
         seconds=time.monotonic() - t_start,
         stopped_early=stopped_early,
+        calibration=calibration,
     )
+
+
+def _epoch_entry(loop: _Loop, epoch: int, train_loss: float, seconds: float, score: float,
+                 metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """One ``metrics.jsonl`` line."""
+    return {
+        "epoch": epoch,
+        "train_loss": round(train_loss, 6),
+        "lr": loop.sched.get_last_lr()[0],
+        "seconds": round(seconds, 2),
+        "score": round(score, 6),
+        **{f"val_{k}": (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
+    }
+
+
+def _finish(cfg: TrainConfig, va: Any, best_path: Path, last_path: Path, is_main: bool,
+            distributed: bool) -> dict[str, Any] | None:
+    """After the last epoch: wait for every rank; a classifier's checkpoints get their calibration.
+
+    Returns the best checkpoint's calibration (``None`` for the other tasks).
+    """
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 has written both checkpoints
+    if cfg.task != "classification":
+        return None
+    # Every rank computes the same; rank 0 writes.
+    calibration = calibrate_checkpoint(best_path, va, cfg.target_sensitivity, write=is_main)
+    calibrate_checkpoint(last_path, va, cfg.target_sensitivity, write=is_main)
+    if distributed:
+        dist.barrier()
+    return calibration
+
+
+def calibrate_checkpoint(path: Path, va: ClassificationSet, target_sensitivity: float,
+                         write: bool = True) -> dict[str, Any]:
+    """Fit a classifier checkpoint's temperature and threshold on ``va`` and record them in it.
+
+    The checkpoint's ``postprocessing`` gets ``threshold``, ``temperature``
+    and ``target_sensitivity``; its training record gets ``calibration``
+    (:func:`trainer.classification.calibrate`). ``write`` false only
+    computes (the other ranks under ``torchrun``).
+    """
+    ckpt = load_checkpoint(path)
+    logits = predict_logits(torch_runner(model_from_checkpoint(ckpt), "classification"), va.inputs)
+    cal = calibrate(logits, va.labels, target_sensitivity)
+    if write:
+        ckpt["postprocessing"] = {
+            **dict(ckpt["postprocessing"]),
+            "threshold": cal["threshold"],
+            "temperature": cal["temperature"],
+            "target_sensitivity": cal["target_sensitivity"],
+        }
+        ckpt["training"] = {**dict(ckpt.get("training") or {}), "calibration": cal}
+        with atomic_file(path) as fh:
+            torch.save(ckpt, fh)
+    return cal
