@@ -207,8 +207,9 @@ class LoadedModel:
             if not np.isfinite(logits).all():
                 return self._error("internal", "The model's logits are not finite.")
             res.classes, res.decision, top = classify(logits, self.manifest.labels, post)
-            if "heatmap" in want and "cam" in outputs:
-                res.heatmap = class_heatmap(outputs["cam"][index], logits, top, geom, post.temperature or 1.0)
+            cam = outputs.get("cam")
+            if "heatmap" in want and cam is not None and np.isfinite(cam[index]).all():
+                res.heatmap = class_heatmap(cam[index], res.classes[0].score, top, geom)
         else:
             res.boxes = decode_detections(
                 outputs["heatmap"][index],

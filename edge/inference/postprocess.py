@@ -358,35 +358,32 @@ def classify(
     return classes, bool(p[top] >= post.threshold), top
 
 
-def class_heatmap(
-    cam: np.ndarray, logits: np.ndarray, index: int, geom: Geometry, temperature: float
-) -> np.ndarray:
-    """Class activation map of label ``index`` (uint8 0..255, ``src_h`` x ``src_w``).
+def class_heatmap(cam: np.ndarray, score: float, index: int, geom: Geometry) -> np.ndarray:
+    """Class activation map of label ``index`` (uint8 0..255, ``src_h`` x ``src_w``), scaled by the score.
 
     Parameters
     ----------
     cam : numpy.ndarray
         ``[K, h, w]``: per feature cell, the head applied to that cell's
         features (a local logit; global average pooling of it is the logit).
-    logits : numpy.ndarray
-        ``[K]``, the image's logits.
+    score : float
+        The image's calibrated probability of label ``index`` (``classes``).
     index : int
         The label to map (the top class, :func:`classify`).
     geom : Geometry
         Where the source image sits in the model input.
-    temperature : float
-        The manifest's calibration temperature.
 
-    Each channel is shifted so its spatial mean equals its logit (a no-op
-    for a head whose ``cam`` carries the bias), passed through the
-    score's temperature and sigmoid (one label) or softmax (several), cut to
-    the image (without the letterbox padding), quantised to 0..255 and
-    resized bilinearly (8-bit: at most one level from resizing the floats).
+    The label's map is cut to the image (without the letterbox padding),
+    stretched to 0..1 within the image (Zhou et al.'s normalisation: the
+    hottest cell is 1) and multiplied by ``score``, so the hottest cell reads
+    ``255 * score``: a frame the model finds negative stays dark, a positive
+    one shows where its evidence lies. Local logits themselves are not used as
+    a scale: a trained head's cells reach +-100 on the logit scale, where any
+    sigmoid saturates and the hottest region is lost. A flat map is all
+    ``255 * score``. Resized bilinearly (8-bit).
     """
-    local = np.asarray(cam, dtype=np.float64)
-    z = np.asarray(logits, dtype=np.float64).reshape(-1)
-    local = (local + (z - local.mean(axis=(1, 2)))[:, None, None]) / float(temperature)
-    rows, cols = _region(local.shape[1], local.shape[2], geom)
-    region = local[:, rows, cols]
-    p = _sigmoid(region[0]) if region.shape[0] == 1 else _softmax(region, axis=0)[index]
-    return _resize_uint8(_to_uint8(p), geom.src_h, geom.src_w)
+    rows, cols = _region(cam.shape[1], cam.shape[2], geom)
+    region = np.asarray(cam[index, rows, cols], dtype=np.float64)
+    lo, hi = float(region.min()), float(region.max())
+    rel = (region - lo) / (hi - lo) if hi > lo and np.isfinite(hi - lo) else np.ones_like(region)
+    return _resize_uint8(_to_uint8(rel * min(max(float(score), 0.0), 1.0)), geom.src_h, geom.src_w)

@@ -81,28 +81,31 @@ def test_classify_several_labels_best_first() -> None:
         classify(np.zeros(2), ("a", "b", "c"), post)
 
 
-def test_class_heatmap_is_on_the_score_scale_and_maps_to_the_source() -> None:
-    """A fixed scale: one hot cell is 255 where it lies in the source image; a cold map stays dark."""
+def test_class_heatmap_peaks_where_the_evidence_is_scaled_by_the_score() -> None:
+    """The hottest cell maps to its place in the source image at 255 * score; a low score stays dark."""
     geom = geometry_for(48, 64, 64, 64, "letterbox")  # 48 rows of image, 8 rows of padding above and below
     cam = np.full((1, 8, 8), -4.0)
-    cam[0, 5, 7] = 12.0  # the last image row of cells (rows 1..6 hold the image), last column
-    hm = class_heatmap(cam, cam.mean(axis=(1, 2)), 0, geom, 1.0)
+    cam[0, 5, 7] = 120.0  # the last image row of cells (rows 1..6 hold the image), last column; logit scale
+    cam[0, 0, 0] = 500.0  # in the letterbox padding: not part of the image, must not set the scale
+    hm = class_heatmap(cam, 0.9, 0, geom)
     assert hm.shape == (48, 64) and hm.dtype == np.uint8
     y, x = np.unravel_index(int(np.argmax(hm)), hm.shape)
-    assert 32 <= y < 40 and x >= 56 and hm.max() > 230  # sigmoid(14.0) ~ 1, blurred a little by the resize
-    assert np.percentile(hm, 50) < 10  # sigmoid(-4) = 0.018 -> 5
-    cold = class_heatmap(np.full((1, 8, 8), -3.0), np.array([-3.0]), 0, geom, 1.0)
-    assert cold.max() <= 13  # a frame the model finds negative is dark everywhere (not min-max stretched)
-    # shifted so its mean is the logit: a constant added to the cam changes nothing
-    assert np.array_equal(class_heatmap(cam + 5.0, cam.mean(axis=(1, 2)), 0, geom, 1.0), hm)
+    assert 32 <= y < 40 and x >= 56 and 215 <= hm.max() <= 230  # 255 * 0.9 = 229.5, a little blurred
+    assert np.percentile(hm, 50) == 0  # the rest of the image is the coldest cell
+    cold = class_heatmap(cam, 0.02, 0, geom)
+    assert cold.max() <= 6  # a frame the model finds negative is dark everywhere
+    # a constant added to the cam, or a larger spread of the same shape, changes nothing
+    assert np.array_equal(class_heatmap(cam * 3.0 + 5.0, 0.9, 0, geom), hm)
+    assert np.array_equal(class_heatmap(np.zeros((1, 8, 8)), 0.5, 0, geom), np.full((48, 64), 128, np.uint8))
 
 
-def test_class_heatmap_of_several_labels_is_the_chosen_label_softmax() -> None:
+def test_class_heatmap_of_several_labels_maps_the_chosen_label() -> None:
     geom = geometry_for(32, 32, 32, 32, "letterbox")
     cam = np.zeros((3, 4, 4))
     cam[2, 0, 0] = 8.0
-    hm = class_heatmap(cam, cam.mean(axis=(1, 2)), 2, geom, 1.0)
-    assert hm[:8, :8].mean() > 200 and hm[24:, 24:].max() < 100  # softmax over 3 equal logits: 1/3 -> 85
+    cam[1, 3, 3] = 8.0
+    hm = class_heatmap(cam, 1.0, 2, geom)
+    assert hm[:4, :4].min() == 255 and hm[:8, :8].mean() > 150 and hm[24:, 24:].max() == 0  # label 1's cell is not drawn
 
 
 def _agrees(p: np.ndarray, mask: np.ndarray) -> bool:
@@ -141,7 +144,11 @@ def test_tiny_cls_scores_decides_and_maps_only_when_asked(fixture_engines_with_c
     assert mapped.probability is None  # not a segmentation model: ignored
     hm = mapped.heatmap
     assert hm is not None and hm.shape == big.shape and hm.dtype == np.uint8
-    assert hm[25:55, 35:75].mean() > 200 and hm[80:, :20].max() < 60  # hot on the square, dark elsewhere
+    y, x = np.unravel_index(int(np.argmax(hm)), hm.shape)
+    assert 20 <= y < 60 and 30 <= x < 80  # the hottest point is on the square
+    assert hm.max() == pytest.approx(255 * mapped.classes[0].score, abs=2)  # scaled by the score
+    assert hm[25:55, 35:75].mean() > 3 * hm[80:, :20].mean() and hm[80:, :20].max() < 60  # dark elsewhere
+    assert negative.heatmap is not None and negative.heatmap.max() <= 255 * negative.classes[0].score + 1
     assert model.run([big])[0].heatmap is None  # the default path computes no map
 
 

@@ -12,9 +12,10 @@ say ``NOT FOR CLINICAL USE``.
 For a classification model
 (:class:`~edge.egress.dicom.classification.ClassifiedSource`) the overlay
 shows the frame's class activation map instead: red, its opacity
-proportional to the map (the calibrated probability scale, so a frame the
-model finds negative stays grey), and, when the decision threshold is
-known, the edge of the region at or above it in yellow. Its Image Comments
+proportional to the map (relative within the frame and scaled by the
+frame's calibrated score, so a frame the model finds negative stays grey),
+and, when the decision threshold is known, the edge of the region at or
+above it in yellow (only a frame whose score reaches the threshold has one). Its Image Comments
 state the label, the decision and the certainty. A map shows where the
 model's evidence lies; it is not an outline of a finding.
 """
