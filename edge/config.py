@@ -216,7 +216,7 @@ class ModelConfig:
 
     name: str
     path: str = ""
-    precision: str = "fp32"
+    precision: str = "auto"
     backend: str = "onnxruntime"
     provider: str = "cpu"
     device_id: int = 0

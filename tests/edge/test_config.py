@@ -36,7 +36,7 @@ def test_no_config_serves_every_model_in_the_engines_dir(fixture_engines: Path) 
     cfg = load_config(None, env={"MEDGE_ENGINES_DIR": str(fixture_engines)})
     assert cfg.model_names == ("tiny-det", "tiny-seg")
     assert cfg.default_model == "tiny-det"
-    assert all(m.precision == "fp32" and m.backend == "onnxruntime" for m in cfg.models)
+    assert all(m.precision == "auto" and m.backend == "onnxruntime" for m in cfg.models)  # fast by default (issue 14)
 
 
 def test_default_dicom_routes_follow_the_bundled_model_names(engines_copy: Path) -> None:

@@ -280,7 +280,7 @@ def test_models_request_lists_the_served_models(daemon: Daemon, ctx: zmq.Context
         assert m["input"]["size"] == [64, 64] and m["input"]["channels"] == 1
         assert m["input"]["normalize"] == "minmax" and m["input"]["per_frame"] is True
         assert m["input"]["full_scale"] is None and "minimum" in m["input"]["semantics"]
-        assert m["precision"] == "fp32" and m["backend"] == "onnxruntime"
+        assert m["precision"] == "int8" and m["backend"] == "onnxruntime"  # precision = "auto" on a CPU
     assert seg["output"] == {"mask": True, "boxes": False, "probability": True, "classes": False, "heatmap": False,
                              "threshold": 0.5, "temperature": None, "max_detections": None, "nms_iou": None}
     assert det["output"]["boxes"] is True and det["output"]["max_detections"] >= 1
@@ -465,7 +465,7 @@ def test_metrics_reflect_traffic(daemon: Daemon) -> None:
     assert (reg.get_sample_value("medge_frames_received_total", {"source": "zmq", "model": "tiny-seg"}) or 0) >= 1
     assert (reg.get_sample_value("medge_end_to_end_seconds_count", {"source": "zmq", "model": "tiny-seg"}) or 0) >= 1
     assert (reg.get_sample_value("medge_stage_seconds_count", {"model": "tiny-seg", "stage": "egress"}) or 0) >= 1
-    info = {"model": "tiny-seg", "version": "1", "backend": "onnxruntime", "precision": "fp32", "fallback": ""}
+    info = {"model": "tiny-seg", "version": "1", "backend": "onnxruntime", "precision": "int8", "fallback": ""}
     assert reg.get_sample_value("medge_model_info", info) == 1
 
 
@@ -492,7 +492,7 @@ def test_bundled_models_over_the_wire_match_in_process(ctx: zmq.Context) -> None
     with Daemon(load_config(None, env=env)) as d:
         sock = _dealer(ctx, d)
         for name in BUNDLED:
-            with load_model(name) as local:
+            with load_model(name, precision="auto") as local:  # what the daemon serves by default
                 for i, img in enumerate(frames):
                     sock.send_multipart(_request(i, img, model=name, stream=name))
                     reply = sock.recv_multipart()
