@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         "spin_us": SPIN_US,
     }
     with tempfile.TemporaryDirectory(prefix="medge-overhead-") as tmp:
-        daemon = Daemon(Path(tmp), args.engines_dir, dicom=True)
+        daemon = Daemon(Path(tmp), args.engines_dir, dicom=True, precision="fp32")  # the raw side runs fp32 too
         try:
             ready_s = daemon.wait_ready()
             time.sleep(0.5)
