@@ -1,4 +1,4 @@
-"""``medge demo``: the daemon, a simulated ultrasound probe, a DICOM push, and a report.
+"""``medge demo``: the daemon, a simulated ultrasound probe and X-ray streams, a DICOM push, and a report.
 
 Argument parsing only; the demo itself (what it runs, in what order, and
 the report it writes) is :func:`edge.tools.demo.run_demo`.
@@ -15,6 +15,7 @@ __all__ = ["configure_parser", "run"]
 
 SEG_MODEL = "us-lesion-seg"
 DET_MODEL = "xray-nodule-det"
+CLS_MODEL = "xray-nodule-cls"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +29,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engines-dir", type=Path, default=None, help="engines folder (default: bundled)")
     parser.add_argument("--seg-model", default=SEG_MODEL, help="segmentation model (default %(default)s)")
     parser.add_argument("--det-model", default=DET_MODEL, help="detection model (default %(default)s)")
+    parser.add_argument("--cls-model", default=CLS_MODEL,
+                        help="classification model (default %(default)s; its stream is skipped when absent)")
     parser.add_argument("--xray-fps", type=float, default=2.0, help="X-ray stream rate (default 2)")
+    parser.add_argument("--cls-fps", type=float, default=4.0,
+                        help="rate of the labelled X-ray stream to the classifier (default 4; "
+                             "plus 1 fps asking for the heatmap)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""The demo runner behind ``medge demo``: the daemon, a simulated ultrasound probe, a DICOM push, and a report.
+"""The demo runner behind ``medge demo``: the daemon, simulated probe and X-ray streams, a DICOM push, a report.
 
 What it does, in about ``--duration-s`` plus a few seconds:
 
@@ -7,16 +7,24 @@ What it does, in about ``--duration-s`` plus a few seconds:
    results destination) and starts ``medge serve --config`` as a child
    process on the bundled models; waits for ``/readyz``;
 2. streams a simulated ultrasound probe (480x640 uint8, ``--fps``) to the
-   segmentation model and X-ray frames (512x512 uint16, 2 fps) to the
-   detection model, pipelined, printing a live table every second
-   (fps, p50/p99 latency, drops, errors);
-3. unless ``--no-dicom``, C-STOREs a few synthetic US and DX instances to the
-   daemon's SCP and waits for the SEG / SR results at the local SCP (if the
-   DICOM side cannot start, this step is skipped with a message);
+   segmentation model, X-ray frames (512x512 uint16, 2 fps) to the
+   detection model and, when a classification model is there
+   (``--cls-model``), labelled X-ray frames with and without nodules to it
+   (``--cls-fps``, plus 1 fps asking for the heatmap;
+   :mod:`edge.tools.demo_classification`), pipelined, printing a live table
+   every second (fps, p50/p99 latency, drops, errors);
+3. unless ``--no-dicom``, C-STOREs a few synthetic US and DX instances (and
+   one CR, routed to the classifier when there is one) to the daemon's SCP
+   and waits for the SEG / SR results at the local SCP (if the DICOM side
+   cannot start, this step is skipped with a message);
 4. stops the daemon with SIGTERM (graceful shutdown) and writes the report
    folder: ``overlay_segmentation.png``, ``overlay_detection.png``,
-   ``latency.png`` (histogram + CDF), ``summary.json``, ``report.md``,
-   ``medge.toml`` and ``daemon.log``.
+   ``latency.png`` (histogram + CDF), with a classifier
+   ``roc_classification.png`` and ``overlay_classification.png`` (a class
+   activation map), ``summary.json``, ``report.md``, ``medge.toml`` and
+   ``daemon.log``.
+
+A model that is not under the engines folder is left out with a note.
 
 Runs on a CPU-only machine. Exit status 0 when every frame got an ``ok``
 or ``dropped`` reply, 1 otherwise.
@@ -40,6 +48,8 @@ import numpy as np
 
 from edge.errors import MedgeError
 from edge.tools.daemon_process import DaemonProcess, free_port, write_demo_config
+from edge.tools.demo_classification import (ClassificationStreams, classification_cr, classification_markdown,
+                                            resolve_classifier, write_classification_report)
 
 __all__ = ["run_demo"]
 
@@ -59,10 +69,13 @@ def _dicom_available() -> tuple[bool, str]:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo with the options of ``medge demo``; see the module docstring."""
-    if args.duration_s <= 0 or args.fps <= 0:
-        raise MedgeError("--duration-s and --fps must be > 0.")
+    if args.duration_s <= 0 or args.fps <= 0 or args.cls_fps <= 0:
+        raise MedgeError("--duration-s, --fps and --cls-fps must be > 0.")
     t_start = time.monotonic()
     engines_dir, models, seg, det = _resolve_models(args)
+    cls, cls_note = resolve_classifier(engines_dir, args.cls_model)
+    if cls is not None:
+        models.append(cls.model)
     report = Path(args.report)
     report.mkdir(parents=True, exist_ok=True)
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
@@ -77,16 +90,16 @@ def run_demo(args: argparse.Namespace) -> int:
             catcher = ResultCatcher(0, "MEDGEPACS", keep_datasets=False)
         plan = _Plan(engines_dir, models, seg, det, report, work, args.precision,
                      ports={k: free_port() for k in ("ingest", "publish", "metrics", "dicom")},
-                     routes=_routes(seg, det))
+                     routes=_routes(seg, det, cls.model if cls else None),
+                     cls_streams=ClassificationStreams(cls, args.cls_fps) if cls else None)
         outcome = _run_daemon(args, plan, catcher, want_dicom, dicom_note)
     finally:
         if catcher is not None:
             catcher.close()
         shutil.rmtree(work, ignore_errors=True)
-    summary = _write_report(report, args, outcome.stream_res, outcome.sources, seg, det, outcome.dicom_summary,
-                            outcome.ready_s, outcome.exit_code, outcome.metrics_text, time.monotonic() - t_start)
-    print(f"report written to {report}/ (report.md, summary.json, overlay_segmentation.png, "
-          f"overlay_detection.png, latency.png)")
+    summary = _write_report(report, args, outcome, plan, cls_note, time.monotonic() - t_start)
+    print(f"report written to {report}/ (report.md, summary.json, "
+          + ", ".join(f for f in summary["files"].values() if f.endswith(".png")) + ")")
     frames = summary["frames"]
     return 0 if frames["errors"] == 0 and frames["timeouts"] == 0 and not summary["aborted"] else 1
 
@@ -104,6 +117,7 @@ class _Plan:
     precision: str
     ports: dict[str, int]
     routes: dict[str, str]
+    cls_streams: ClassificationStreams | None = None
 
     def write_config(self, *, dicom: bool, results_port: int | None) -> Path:
         """Write (or rewrite) the report folder's ``medge.toml``; return its path."""
@@ -118,6 +132,7 @@ class _Outcome:
 
     stream_res: Any
     sources: dict[str, Any]
+    stream_models: dict[str, str]
     dicom_summary: dict[str, Any]
     ready_s: float
     exit_code: int
@@ -151,14 +166,17 @@ def _dicom_plan(args: argparse.Namespace) -> tuple[bool, str]:
     return want_dicom, dicom_note
 
 
-def _routes(seg: str | None, det: str | None) -> dict[str, str]:
-    """The daemon's DICOM routes: US to the segmentation model, DX and CR to the detection model."""
+def _routes(seg: str | None, det: str | None, cls: str | None = None) -> dict[str, str]:
+    """The daemon's DICOM routes: US to the segmentation model, DX to the detection model, CR to the
+    classification model (to the detection model without one)."""
     routes = {}
     if seg:
         routes["US"] = seg
     if det:
         routes["DX"] = det
         routes["CR"] = det
+    if cls:
+        routes["CR"] = cls
     return routes
 
 
@@ -181,15 +199,17 @@ def _run_daemon(args: argparse.Namespace, plan: _Plan, catcher, want_dicom: bool
             daemon = _restart_without_dicom(daemon, plan, exc)
             ready_s = daemon.wait_ready(90.0)
         print(f"daemon ready in {ready_s:.1f} s")
-        stream_res, sources = _stream(args, ports["ingest"], plan.seg, plan.det)
+        stream_res, sources, stream_models = _stream(args, ports, plan.seg, plan.det, plan.cls_streams)
         dicom_summary: dict[str, Any] = {"status": dicom_note or "not run"}
         if want_dicom and catcher is not None:
-            dicom_summary = _dicom_push(ports["dicom"], catcher, plan.seg, plan.det)
+            dicom_summary = _dicom_push(ports["dicom"], catcher, plan.seg, plan.det, plan.routes.get("CR"))
         metrics_text = _fetch(f"http://127.0.0.1:{ports['metrics']}/metrics")
     finally:
+        if plan.cls_streams is not None:
+            plan.cls_streams.close()
         exit_code = daemon.stop()
     print(f"daemon stopped (exit status {exit_code})")
-    return _Outcome(stream_res, sources, dicom_summary, ready_s, exit_code, metrics_text)
+    return _Outcome(stream_res, sources, stream_models, dicom_summary, ready_s, exit_code, metrics_text)
 
 
 _DICOM_FAILED = "skipped: the daemon could not start with DICOM enabled (see daemon-dicom-failed.log)"
@@ -212,12 +232,16 @@ def _fetch(url: str) -> str:
         return ""
 
 
-def _stream(args: argparse.Namespace, ingest_port: int, seg: str | None, det: str | None):
+def _stream(args: argparse.Namespace, ports: dict[str, int], seg: str | None, det: str | None,
+            cls_streams: ClassificationStreams | None):
+    """Stream to every model for ``--duration-s``; the result, the sources and each stream's model."""
     from edge.tools.loadgen import StreamSpec, Tick, run_load
     from edge.tools.synthetic import UltrasoundProbe, XrayFrames
 
     specs = []
     sources: dict[str, Any] = {}
+    if cls_streams is not None:
+        cls_streams.subscribe(f"tcp://127.0.0.1:{ports['publish']}")  # before the first frame: slow joiner
     if seg:
         probe = UltrasoundProbe(480, 640, "uint8", seed=7, loop=24)
         sources["probe-1"] = probe
@@ -226,6 +250,9 @@ def _stream(args: argparse.Namespace, ingest_port: int, seg: str | None, det: st
         xr = XrayFrames(512, 512, "uint16", seed=3, loop=4)
         sources["xray-1"] = xr
         specs.append(StreamSpec(name="xray-1", source=xr, model=det, rate_fps=args.xray_fps, window=4))
+    if cls_streams is not None:
+        sources.update(cls_streams.sources)
+        specs += cls_streams.specs()
     print()
     print(f"streaming {args.duration_s:g} s: " + ", ".join(
         f"{s.name} -> {s.model} at {s.rate_fps:g} fps" for s in specs))
@@ -236,14 +263,19 @@ def _stream(args: argparse.Namespace, ingest_port: int, seg: str | None, det: st
         p99 = f"{t.p99_ms:7.2f}" if t.p99_ms is not None else f"{'-':>7}"
         print(f"{t.t_s + 1:4.0f} {t.ok:6d} {t.sent:5d} {t.ok:5d} {t.dropped:7d} {t.errors + t.timeouts:6d} {p50} {p99}",
               flush=True)
+        if cls_streams is not None:
+            cls_streams.drain()  # the scores, from PUB, once a second
 
-    res = run_load(f"tcp://127.0.0.1:{ingest_port}", specs, duration_s=args.duration_s,
+    res = run_load(f"tcp://127.0.0.1:{ports['ingest']}", specs, duration_s=args.duration_s,
                    reply_timeout_s=5.0, connect_timeout_s=5.0, on_tick=tick)
+    if cls_streams is not None:
+        cls_streams.finish(res)
     print()
-    return res, sources
+    return res, sources, {s.name: s.model for s in specs}
 
 
-def _dicom_push(port: int, catcher, seg: str | None, det: str | None) -> dict[str, Any]:
+def _dicom_push(port: int, catcher, seg: str | None, det: str | None, cr_model: str | None) -> dict[str, Any]:
+    """C-STORE the synthetic instances (3 US, 2 DX, 1 CR, as routed) and wait for their results."""
     from edge.tools.bench_dicom import store_instances
     from edge.tools.synthetic_dicom import synthetic_instances
 
@@ -252,6 +284,9 @@ def _dicom_push(port: int, catcher, seg: str | None, det: str | None) -> dict[st
         items += synthetic_instances(3, "US", seed=11)
     if det:
         items += synthetic_instances(2, "DX", seed=12)
+    cr = classification_cr() if cr_model else None
+    if cr is not None:
+        items.append(cr)
     print(f"DICOM: C-STORE of {len(items)} synthetic instance(s) to MEDGE@127.0.0.1:{port} ...")
     run = store_instances("127.0.0.1", port, "MEDGE", "MEDGEDEMO", items, timeout_s=15.0)
     stored = [r for r in run.records if r.status == 0]
@@ -269,6 +304,9 @@ def _dicom_push(port: int, catcher, seg: str | None, det: str | None) -> dict[st
            "instances_with_result": len(lat), "instances_without_result": len(missing),
            "store_ms_median": round(float(np.median([r.store_ms for r in stored])), 2) if stored else None,
            "store_to_result_ms_median": round(float(np.median(lat)), 1) if lat else None}
+    if cr is not None:  # which result the CR became (an SR from the classifier)
+        a = catcher.first_arrival(str(cr.SOPInstanceUID))
+        out["cr"] = {"model": cr_model, "result": a.modality if a is not None else None}
     print(f"DICOM: stored {len(stored)}/{len(items)}; {len(catcher.arrivals)} result(s) received "
           f"({', '.join(f'{k}: {v}' for k, v in kinds.items()) or 'none'}); "
           f"{len(missing)} instance(s) without a result"
@@ -283,27 +321,32 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
     return round(2.0 * int((a & b).sum()) / s, 3) if s else None
 
 
-def _write_report(report: Path, args, res, sources, seg, det, dicom_summary, ready_s, exit_code,
-                  metrics_text: str, wall_s: float) -> dict[str, Any]:
-    """Write the overlays, ``latency.png``, ``summary.json``, ``report.md`` and ``metrics.prom``; return the summary."""
+def _write_report(report: Path, args, outcome: _Outcome, plan: _Plan, cls_note: str,
+                  wall_s: float) -> dict[str, Any]:
+    """Write the overlays and plots, ``summary.json``, ``report.md`` and ``metrics.prom``; return the summary."""
     from edge.tools.results import atomic_write_text, write_json
 
+    res, sources, seg, det = outcome.stream_res, outcome.sources, plan.seg, plan.det
     files: dict[str, str] = {}
-    notes: list[str] = []
+    notes: list[str] = [cls_note] if cls_note else []
     seg_dice = _segmentation_overlay(report, res, sources, seg, files, notes)
     det_rep = _detection_overlay(report, res, sources, det, files, notes)
     per_stream = _latency_plot(report, res, sources, files)
+    classification: dict[str, Any] = {"status": cls_note or "not run"}
+    if plan.cls_streams is not None:
+        classification = write_classification_report(report, plan.cls_streams, res, files, notes)
     s = res.summary()
     summary = _summary(
-        args, s, seg=seg, det=det, ready_s=ready_s, exit_code=exit_code, per_stream=per_stream, seg_dice=seg_dice,
-        detections=len(det_rep.boxes) if det_rep is not None else None,
-        dicom_summary=dicom_summary, files=files, notes=notes, wall_s=wall_s,
+        args, s, models={"segmentation": seg, "detection": det, "classification": classification.get("model")},
+        stream_models=outcome.stream_models, ready_s=outcome.ready_s, exit_code=outcome.exit_code,
+        per_stream=per_stream, seg_dice=seg_dice, detections=len(det_rep.boxes) if det_rep is not None else None,
+        classification=classification, dicom_summary=outcome.dicom_summary, files=files, notes=notes, wall_s=wall_s,
     )
     write_json(report / "summary.json", summary)
-    md = _report_markdown(summary, s["server_stages_ms"], args.duration_s, ready_s)
+    md = _report_markdown(summary, s["server_stages_ms"], args.duration_s, outcome.ready_s)
     atomic_write_text(report / "report.md", "\n".join(md) + "\n")
-    if metrics_text:
-        atomic_write_text(report / "metrics.prom", metrics_text)
+    if outcome.metrics_text:
+        atomic_write_text(report / "metrics.prom", outcome.metrics_text)
         files["metrics"] = "metrics.prom"  # after summary.json: only the returned summary lists it
     return summary
 
@@ -368,8 +411,8 @@ def _latency_plot(report: Path, res, sources, files: dict[str, str]) -> dict[str
     return per_stream
 
 
-def _summary(args, s: dict[str, Any], *, seg, det, ready_s, exit_code, per_stream, seg_dice, detections,
-             dicom_summary, files, notes, wall_s: float) -> dict[str, Any]:
+def _summary(args, s: dict[str, Any], *, models, stream_models, ready_s, exit_code, per_stream, seg_dice,
+             detections, classification, dicom_summary, files, notes, wall_s: float) -> dict[str, Any]:
     """``summary.json``: the run's settings, counts, latencies, results and machine."""
     from edge.tools.results import machine_info
 
@@ -377,7 +420,7 @@ def _summary(args, s: dict[str, Any], *, seg, det, ready_s, exit_code, per_strea
     return {
         "tool": "medge demo", "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "duration_s": args.duration_s, "fps": args.fps, "precision": args.precision,
-        "models": {"segmentation": seg, "detection": det},
+        "models": models, "stream_models": stream_models,
         "daemon": {"ready_s": round(ready_s, 2), "exit_status": exit_code},
         "frames": frames, "achieved_fps": s["achieved_fps"], "aborted": s["aborted"],
         "error_codes": s["error_codes"],
@@ -385,7 +428,7 @@ def _summary(args, s: dict[str, Any], *, seg, det, ready_s, exit_code, per_strea
         "server_stages_ms": {k: {"median_ms": v.get("median_ms"), "p99_ms": v.get("p99_ms")}
                              for k, v in s["server_stages_ms"].items()},
         "segmentation_dice_vs_simulator": seg_dice,
-        "detections_last_frame": detections,
+        "detections_last_frame": detections, "classification": classification,
         "dicom": dicom_summary, "files": files, "notes": notes,
         "wall_s": round(wall_s, 1), "machine": machine_info(),
     }
@@ -394,7 +437,6 @@ def _summary(args, s: dict[str, Any], *, seg, det, ready_s, exit_code, per_strea
 def _report_markdown(summary: dict[str, Any], stages: dict[str, dict], duration_s: float, ready_s: float) -> list[str]:
     """The lines of ``report.md``, from the summary (and the unrounded ready time)."""
     frames, machine, files = summary["frames"], summary["machine"], summary["files"]
-    seg, det = summary["models"]["segmentation"], summary["models"]["detection"]
     md = [
         "# medge demo report", "",
         f"{summary['date_utc']} on {machine['cpu_model']} ({machine['cpu_usable']} usable cores"
@@ -407,7 +449,7 @@ def _report_markdown(summary: dict[str, Any], stages: dict[str, dict], duration_
         "| stream | model | n | p50 ms | p90 ms | p99 ms | max ms |", "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, st in summary["latency_ms_by_stream"].items():
-        model = seg if name == "probe-1" else det
+        model = summary["stream_models"].get(name)
         md.append(f"| {name} | {model} | {st.get('count', 0)} | {st.get('median_ms', '-')} | {st.get('p90_ms', '-')} "
                   f"| {st.get('p99_ms', '-')} | {st.get('max_ms', '-')} |")
     md += ["", "Daemon stages (p50 ms, from the replies' `timing_us`): " + ", ".join(
@@ -431,12 +473,17 @@ def _markdown_results(summary: dict[str, Any]) -> list[str]:
     if "overlay_detection" in files:
         md += ["## Detection", "", "Last reply's boxes (green) and the simulator's nodules (blue).", "",
                "![detection](overlay_detection.png)", ""]
+    if "n" in summary["classification"]:
+        md += classification_markdown(summary["classification"], files)
     md += ["## DICOM", ""]
     if dicom_summary.get("status") == "ran":
         md.append(f"C-STORE of {dicom_summary['sent']} synthetic instance(s): {dicom_summary['stored']} stored; "
                   f"{dicom_summary['results_received']} result(s) received at the local SCP "
                   f"({dicom_summary['results_by_modality']}); store-to-result median "
                   f"{dicom_summary['store_to_result_ms_median']} ms.")
+        if "cr" in dicom_summary:
+            md.append(f"The CR instance went to `{dicom_summary['cr']['model']}`; its result: "
+                      f"{dicom_summary['cr']['result'] or 'none received'}.")
     else:
         md.append(f"DICOM push {dicom_summary.get('status')}.")
     if notes:

@@ -1,10 +1,10 @@
-"""PNG figures: latency plots drawn with matplotlib, result overlays drawn with Pillow.
+"""PNG figures: latency and ROC plots drawn with matplotlib, result overlays drawn with Pillow.
 
-Latency plots need the ``plots`` extra (``pip install 'medge[plots]'``);
+Latency and ROC plots need the ``plots`` extra (``pip install 'medge[plots]'``);
 matplotlib is imported inside the plotting functions, with its Agg canvas and
 no pyplot state, so nothing else pays for it and the daemon never imports it.
-Where matplotlib is absent, :func:`save_latency_plot` skips the plot with one
-warning naming the extra. Overlays on images stay with Pillow, drawn with the
+Where matplotlib is absent, :func:`save_latency_plot` and
+:func:`save_roc_plot` skip the plot with one warning naming the extra. Overlays on images stay with Pillow, drawn with the
 daemon's own overlay drawing (:mod:`edge.egress.dicom.outlines`).
 
 Examples
@@ -38,8 +38,11 @@ __all__ = [
     "latency_png",
     "latency_figure",
     "save_latency_plot",
+    "roc_png",
+    "save_roc_plot",
     "overlay_mask",
     "overlay_boxes",
+    "overlay_heatmap",
     "save_png",
 ]
 
@@ -96,6 +99,40 @@ def overlay_boxes(image: np.ndarray, boxes: Iterable[Mapping[str, object]],
         x0, y0 = float(b["x0"]), float(b["y0"])  # type: ignore[arg-type]
         d.text((x0 + 2, max(0.0, y0 - 12)), f"{b.get('label', '')} {float(b.get('score', 0)):.2f}",  # type: ignore[arg-type]
                fill=color, font=font)
+    if caption:
+        _caption(img, caption)
+    return img
+
+
+def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.6,
+                    color: tuple[int, int, int] = (255, 40, 40), threshold: float | None = None,
+                    boxes: Iterable[Mapping[str, object]] = (), box_color: tuple[int, int, int] = (60, 140, 255),
+                    caption: str = "") -> Image.Image:
+    """The image in gray with a uint8 heatmap (0..255) blended in ``color``, weight ``alpha * heat / 255``.
+
+    With ``threshold`` (a probability in [0, 1]), the edge of the region at or
+    above ``round(255 * threshold)`` is drawn in yellow; ``boxes``
+    (``x0 y0 x1 y1``, source pixels) are outlined in ``box_color`` (e.g. the
+    simulator's truth).
+
+    Raises
+    ------
+    ValueError
+        If the heatmap's shape is not the image's, or ``alpha`` is not in [0, 1].
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha {alpha} is not in [0, 1].")
+    base = _rgb(image)
+    heat = np.asarray(heatmap)
+    if heat.shape != base.shape[:2]:
+        raise ValueError(f"Heatmap shape {list(heat.shape)} does not match image shape {list(base.shape[:2])}.")
+    weight = np.clip(heat.astype(np.float32), 0.0, 255.0)[..., None] * np.float32(alpha / 255.0)
+    blend = base.astype(np.float32) * (1.0 - weight) + np.asarray(color, np.float32) * weight
+    out = np.rint(blend).clip(0, 255).astype(np.uint8)
+    if threshold is not None:
+        out[mask_boundary(heat >= round(255.0 * float(threshold)))] = (255, 230, 40)
+    draw_boxes(out, list(boxes), box_color, width=2)  # type: ignore[arg-type]
+    img = Image.fromarray(out)
     if caption:
         _caption(img, caption)
     return img
@@ -191,5 +228,55 @@ def save_latency_plot(series: Mapping[str, Sequence[float] | np.ndarray], path: 
         if exc.name is None or not exc.name.startswith("matplotlib"):
             raise
         _log.warning("Latency plot %s skipped: matplotlib is not installed (%s).", path, PLOTS_EXTRA)
+        return None
+    return atomic_write_bytes(path, png)
+
+
+def roc_png(fpr: Sequence[float] | np.ndarray, tpr: Sequence[float] | np.ndarray, *, auc: float | None,
+            title: str = "ROC", operating_point: tuple[float, float] | None = None,
+            op_label: str = "operating point", size: tuple[int, int] = (560, 560)) -> bytes:
+    """A ROC curve (false- against true-positive rate, chance diagonal dashed) as PNG bytes.
+
+    ``operating_point`` is ``(fpr, tpr)`` of the decisions at the model's
+    threshold, marked and labelled ``op_label``; the legend gives ``auc``.
+
+    Raises
+    ------
+    ImportError
+        If matplotlib (the ``plots`` extra) is not installed.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    w, h = size
+    fig = Figure(figsize=(w / _DPI, h / _DPI), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="#999999", linewidth=1, label="chance")
+    auc_text = f"AUC {auc:.3f}" if auc is not None else "AUC undefined"
+    ax.plot(np.asarray(fpr, np.float64), np.asarray(tpr, np.float64),
+            color=_hex(PALETTE[0]), linewidth=2, label=auc_text)
+    if operating_point is not None:
+        ax.plot([operating_point[0]], [operating_point[1]], marker="o", color=_hex(PALETTE[3]),
+                linestyle="none", label=op_label)
+    ax.set(title=title, xlabel="false-positive rate (1 - specificity)", ylabel="true-positive rate (sensitivity)",
+           xlim=(-0.01, 1.01), ylim=(-0.01, 1.02), aspect="equal")
+    ax.grid(True, color="#e1e1e1")
+    ax.set_axisbelow(True)
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    return _png_bytes(fig)
+
+
+def save_roc_plot(path: Path | str, fpr: Sequence[float] | np.ndarray, tpr: Sequence[float] | np.ndarray, *,
+                  auc: float | None, title: str = "ROC", operating_point: tuple[float, float] | None = None,
+                  op_label: str = "operating point") -> Path | None:
+    """Write :func:`roc_png` to ``path`` atomically; return the path (``None`` without matplotlib, one warning)."""
+    try:
+        png = roc_png(fpr, tpr, auc=auc, title=title, operating_point=operating_point, op_label=op_label)
+    except ImportError as exc:
+        if exc.name is None or not exc.name.startswith("matplotlib"):
+            raise
+        _log.warning("ROC plot %s skipped: matplotlib is not installed (%s).", path, PLOTS_EXTRA)
         return None
     return atomic_write_bytes(path, png)

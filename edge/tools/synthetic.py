@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -160,6 +161,31 @@ class XrayFrames:
 
     ``truth(i)`` returns the nodule boxes as ``(x0, y0, x1, y1)`` tuples.
     Defaults to 512 x 512 ``uint16`` (12-bit values), like a downsampled DX.
+
+    Parameters
+    ----------
+    height, width : int
+        Frame size in pixels (>= 32 each).
+    dtype : str
+        ``uint16`` (12-bit values), ``uint8``, ``int16`` or ``float32``.
+    seed : int
+        Seed of all randomness.
+    loop : int
+        Number of distinct frames rendered; frame ``i`` is ``i % loop``.
+    nodules : sequence of int, optional
+        The number of nodules of each rendered frame, repeated over the loop
+        (frame ``j`` gets ``nodules[j % len(nodules)]``, each in 0..8; 0 is a
+        frame without a finding, a known negative for a classifier). By
+        default each frame draws 1 to 3 (the frames every earlier version
+        rendered, pixel for pixel).
+
+    Examples
+    --------
+    >>> xr = XrayFrames(64, 64, seed=1, loop=4, nodules=(0, 1))
+    >>> [xr.label(i) for i in range(4)]
+    [False, True, False, True]
+    >>> xr.truth(0)
+    []
     """
 
     height: int = 512
@@ -167,12 +193,15 @@ class XrayFrames:
     dtype: str = "uint16"
     seed: int = 0
     loop: int = 8
+    nodules: Sequence[int] | None = None
     _frames: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
     _boxes: list[list[tuple[float, float, float, float]]] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.height < 32 or self.width < 32:
             raise ValueError(f"Frame size {self.height}x{self.width} is too small (>= 32x32).")
+        if self.nodules is not None:
+            self.nodules = _nodule_counts(self.nodules)
         rng = np.random.default_rng(self.seed)
         h, w = self.height, self.width
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -188,10 +217,11 @@ class XrayFrames:
             curve = y_c + 0.06 * ((xn - 0.5) * 2) ** 2
             ribs += np.exp(-(((yn - curve) / 0.012) ** 2)) * np.clip(lungs, 0, 1)
         base = base + 0.12 * ribs
-        for _ in range(self.loop):
+        for j in range(self.loop):
             img = base.copy()
             boxes = []
-            for _ in range(int(rng.integers(1, 4))):
+            count = int(rng.integers(1, 4)) if self.nodules is None else self.nodules[j % len(self.nodules)]
+            for _ in range(count):
                 cx = rng.choice([rng.uniform(0.2, 0.4), rng.uniform(0.6, 0.8)]) * w
                 cy = rng.uniform(0.3, 0.7) * h
                 rad = rng.uniform(0.015, 0.035) * min(h, w)
@@ -210,6 +240,25 @@ class XrayFrames:
     def truth(self, i: int) -> list[tuple[float, float, float, float]]:
         """Nodule boxes of frame ``i`` in pixels."""
         return self._boxes[i % self.loop]
+
+    def label(self, i: int) -> bool:
+        """Whether frame ``i`` holds a nodule (the known label of a present/absent classifier)."""
+        return bool(self._boxes[i % self.loop])
+
+
+#: Most nodules one synthetic X-ray frame may hold.
+MAX_XRAY_NODULES = 8
+
+
+def _nodule_counts(nodules: Sequence[int]) -> tuple[int, ...]:
+    """``nodules`` as a non-empty tuple of ints in 0..MAX_XRAY_NODULES; ``ValueError`` otherwise."""
+    counts = tuple(nodules)
+    if not counts or len(counts) > 4096:
+        raise ValueError(f"nodules has {len(counts)} entries (1..4096 expected).")
+    for c in counts:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c <= MAX_XRAY_NODULES:
+            raise ValueError(f"Nodule count {c!r} is not an integer in 0..{MAX_XRAY_NODULES}.")
+    return tuple(int(c) for c in counts)
 
 
 def make_source(kind: str, height: int, width: int, dtype: str, seed: int = 0, loop: int = 32):
