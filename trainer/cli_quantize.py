@@ -2,8 +2,10 @@
 
 Calibrates on training data (never the held-out set), evaluates INT8 vs FP32
 on the held-out set and refuses (exit status 3, nothing written) when Dice
-drops by more than ``--max-dice-drop`` (segmentation, default 0.01) or mAP@0.5
-by more than ``--max-map-drop`` (detection, default 0.02). The CPU artifact
+drops by more than ``--max-dice-drop`` (segmentation, default 0.01), mAP@0.5
+by more than ``--max-map-drop`` (detection, default 0.02), or, for a
+classifier, ROC AUC by more than ``--max-auc-drop`` (0.01) or the sensitivity
+at the manifest's threshold by more than ``--max-sensitivity-drop`` (0.02). The CPU artifact
 (uint8 activations, 7-bit weights unless ``--no-reduce-range``) is scored on
 the daemon's own session and on the Q/DQ reference arithmetic; both must pass
 and agree within the same threshold. The held-out set
@@ -18,6 +20,7 @@ import json
 import sys
 
 from edge.inference.manifest import Manifest
+from trainer.int8_gate import DEFAULT_MAX_AUC_DROP, DEFAULT_MAX_SENSITIVITY_DROP
 from trainer.quantize import DEFAULT_MAX_DICE_DROP, DEFAULT_MAX_MAP_DROP, GateRefused, gate_summary, quantize_engine
 
 __all__ = ["configure_parser", "run"]
@@ -31,6 +34,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="calibration folder of training images (default: the training data the manifest records)")
     p.add_argument("--max-dice-drop", type=float, default=DEFAULT_MAX_DICE_DROP)
     p.add_argument("--max-map-drop", type=float, default=DEFAULT_MAX_MAP_DROP)
+    p.add_argument("--max-auc-drop", type=float, default=DEFAULT_MAX_AUC_DROP, help="classification: ROC AUC")
+    p.add_argument("--max-sensitivity-drop", type=float, default=DEFAULT_MAX_SENSITIVITY_DROP,
+                   help="classification: sensitivity at the manifest's decision threshold")
     p.add_argument(
         "--activations", default="uint8", choices=["uint8", "int8"],
         help="uint8 (asymmetric; fastest on ONNX Runtime CPU) or int8 (symmetric, zero point 0, float biases, "
@@ -54,12 +60,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Quantize; exit status 3 when the gate refuses."""
     task = Manifest.load(args.engine).task
-    max_drop = args.max_dice_drop if task == "segmentation" else args.max_map_drop
+    max_drop = {"segmentation": args.max_dice_drop, "classification": args.max_auc_drop}.get(task, args.max_map_drop)
+    also = {"sensitivity": args.max_sensitivity_drop} if task == "classification" else None
     try:
         r = quantize_engine(
             args.engine, calib_n=args.calib_n, calib_data=args.calib_data, max_drop=max_drop,
             activation_type=args.activations, method=args.method, heldout_n=args.heldout_n,
-            heldout_data=args.heldout_data, reduce_range=args.reduce_range,
+            heldout_data=args.heldout_data, reduce_range=args.reduce_range, also_max_drop=also,
         )
     except GateRefused as exc:
         print(f"medge quantize: refused: {exc}", file=sys.stderr)

@@ -52,7 +52,11 @@ __all__ = [
 SYNTHETIC = "synthetic"
 USER_DATA = "user-data"
 #: The synthetic generator of each task (``training.generator``).
-GENERATORS = {"segmentation": "trainer.data.make_ultrasound", "detection": "trainer.data.make_xray"}
+GENERATORS = {
+    "segmentation": "trainer.data.make_ultrasound",
+    "detection": "trainer.data.make_xray",
+    "classification": "trainer.classification_data.make_classification_xray",
+}
 #: Written as ``intended_use`` for a model trained on a user's data when none is given.
 INTENDED_USE_FILL_IN = (
     "FILL IN: intended use (task, population, device, setting) of this model trained on user data; "
@@ -170,10 +174,21 @@ class HeldoutPlan:
         """Whether this is the synthetic generator's held-out seed."""
         return self.data == SYNTHETIC
 
-    def load(self, task: str, spec: Any, pre: Any, labels: Sequence[str] | None = None) -> Any:
-        """The held-out set (source images kept, for evaluation at source resolution)."""
+    def load(self, task: str, spec: Any, pre: Any, labels: Sequence[str] | None = None,
+             training: Mapping[str, Any] | None = None) -> Any:
+        """The held-out set (source images kept, for evaluation at source resolution).
+
+        A classifier's set comes from
+        :func:`trainer.classification_data.classification_heldout` (the
+        source image size of ``training``, the model's training record).
+        """
         from trainer.evaluate import HELDOUT_SEED, heldout_set
 
+        if task == "classification":
+            from trainer.classification_data import POSITIVE_LABEL, classification_heldout
+
+            positive = (list(labels or []) or [POSITIVE_LABEL])[0]
+            return classification_heldout(self, training or {}, spec, pre, positive)
         if self.synthetic:
             seed = HELDOUT_SEED if self.seed is None else self.seed
             return heldout_set(task, int(self.n or DEFAULT_SYNTHETIC_HELDOUT_N), seed, spec, pre, labels=labels)
@@ -185,6 +200,12 @@ class HeldoutPlan:
 
     def record(self, task: str, n: int | None) -> dict[str, Any]:
         """The manifest's ``training.heldout``: what the set is, and ``n`` when it was evaluated."""
+        if self.synthetic and task == "classification":
+            from trainer.classification_data import POSITIVE_FRACTION
+
+            cls = {"data": SYNTHETIC, "generator": GENERATORS[task], "seed": self.seed,
+                   "positive_fraction": POSITIVE_FRACTION, "origin": self.origin}
+            return cls if n is None else {**cls, "n": int(n)}
         if self.synthetic:
             out: dict[str, Any] = {"data": SYNTHETIC, "generator": GENERATORS[task], "seed": self.seed}
         else:

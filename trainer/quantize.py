@@ -21,11 +21,17 @@ calibrator) build from.
   ConvTranspose), MaxPool, Concat and Resize; Conv outputs stay in float
   (TensorRT fuses bias and ReLU and quantizes at the next op's input), and
   so do the model's outputs;
+- a classifier's class activation map (output ``cam``) is computed in float
+  in both artifacts: the nodes between the last Conv and the ``cam`` output
+  are excluded from quantization (:func:`float_output_nodes`), so the map
+  keeps its FP32 resolution and only the features feeding it are quantized;
 - calibration: min-max (or percentile) over a calibration set drawn from
   **training** data only; a set of size zero is a :class:`DataError`;
 - gate: the INT8 model is evaluated on the held-out set beside FP32; when
-  Dice (segmentation) or mAP@0.5 (detection) drops by more than the
-  threshold, :class:`GateRefused` is raised and nothing is written. The CPU
+  Dice (segmentation), mAP@0.5 (detection), or a classifier's ROC AUC or
+  sensitivity at its manifest threshold (:data:`trainer.int8_gate.GATED_METRICS`)
+  drops by more than its threshold, :class:`GateRefused` is raised and
+  nothing is written. The CPU
   artifact is scored twice: on the daemon's own session (fused integer
   kernels of the CPU the gate runs on) and on the graph's Q/DQ reference
   arithmetic (what any other CPU computes, within rounding); both must pass,
@@ -45,7 +51,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -58,13 +64,18 @@ from trainer.int8_gate import (
     REFERENCE_RUN,
     GateRefused,
     GateResult,
+    gate_result,
     gate_scorers,
     gate_summary,
+    gated_metrics,
     refusal_message,
 )
 
 if TYPE_CHECKING:
+    import onnx
+
     from edge.inference.manifest import Manifest
+    from trainer.classification_data import ClassificationSet
     from trainer.data import DetectionSet, SegmentationSet
 
 __all__ = [
@@ -76,6 +87,7 @@ __all__ = [
     "quantize_with_gate",
     "gate_summary",
     "calibration_inputs",
+    "float_output_nodes",
     "quantize_engine",
 ]
 
@@ -135,6 +147,35 @@ _METHODS = ("minmax", "percentile")
 _TENSORRT_WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: What the TensorRT artifact quantizes: the weighted ops' inputs, and int8 data movement between them.
 _TENSORRT_OP_TYPES = _TENSORRT_WEIGHTED_OPS + ("MaxPool", "Concat", "Resize")
+
+
+#: Model outputs computed in float in every INT8 artifact: a classifier's class activation map.
+FLOAT_OUTPUTS = ("cam",)
+
+
+def float_output_nodes(model: "onnx.ModelProto", outputs: Sequence[str] = FLOAT_OUTPUTS) -> list[str]:
+    """Names of the nodes that compute ``outputs`` from the last weighted op, that op included.
+
+    From each named graph output present in ``model`` the producers are
+    followed back, one input at a time, through data-movement and
+    element-wise nodes, to the first Conv / Gemm / MatMul / ConvTranspose
+    (the map's own 1 x 1 convolution for a CAM). Excluding these from
+    quantization leaves the output in float. Outputs the graph lacks are
+    ignored (segmentation and detection models have none of them).
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    names: list[str] = []
+    for out in outputs:
+        node = producer.get(out)
+        for _ in range(len(model.graph.node)):  # bounded walk back to the weighted op
+            if node is None:
+                break
+            if node.name:
+                names.append(node.name)
+            if node.op_type in _TENSORRT_WEIGHTED_OPS or not node.input:
+                break
+            node = producer.get(node.input[0])
+    return names
 
 
 def _check_quantize_args(calib: np.ndarray, activation_type: str, method: str, quantize_bias: bool | None) -> bool:
@@ -216,7 +257,9 @@ def quantize_int8(
     method : str
         ``minmax`` or ``percentile`` (99.999th) calibration.
     exclude_nodes : list of str, optional
-        Node names kept in float.
+        Node names kept in float, beside those that compute a
+        :data:`FLOAT_OUTPUTS` output (:func:`float_output_nodes`; the
+        classifier's ``cam``), which are always kept in float.
     quantize_bias : bool, optional
         Quantize Conv biases to INT32 behind a DequantizeLinear. Default:
         yes for ``uint8`` (ONNX Runtime CPU), no for ``int8`` (TensorRT, whose
@@ -247,9 +290,10 @@ def quantize_int8(
         pre = Path(tmp) / "pre.onnx"
         _pre_process(fp32_path, pre)
         tmp_out = Path(tmp) / "int8.onnx"
+        exclude = list(exclude_nodes or []) + float_output_nodes(onnx.load(str(pre)))  # names after pre-processing
         try:
             _quantize_static(pre, tmp_out, _Reader(input_name, calib), activation_type, method,
-                             exclude_nodes or [], quantize_bias, reduce_range)
+                             exclude, quantize_bias, reduce_range)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise EngineBuildError(f"ONNX Runtime could not quantize {fp32_path}: {exc}.") from exc
         if activation_type == "int8":
@@ -272,8 +316,9 @@ def quantize_with_gate(
     score: Callable[[Path], float],
     metric: str,
     max_drop: float,
-    fp32_score: float | None = None,
-    reference_score: Callable[[Path], float] | None = None,
+    fp32_score: float | Mapping[str, float] | None = None,
+    reference_score: Callable[[Path], object] | None = None,
+    also: Mapping[str, float] | None = None,
     **quant_kwargs: object,
 ) -> GateResult:
     """Quantize to a staging file, score INT8 vs FP32 with ``score``, publish only if within ``max_drop``.
@@ -282,7 +327,9 @@ def quantize_with_gate(
     the gated metric (higher is better). ``reference_score(path)``, when
     given, scores the INT8 file a second way (the Q/DQ reference
     arithmetic): it too must be within ``max_drop`` of FP32, and within
-    ``max_drop`` of ``score``.
+    ``max_drop`` of ``score``. ``also`` gates further metrics (name: allowed
+    drop) the same way; the scorers then return ``{metric: value}`` mappings
+    holding ``metric`` and every one of ``also``.
 
     Raises
     ------
@@ -297,14 +344,14 @@ def quantize_with_gate(
         quantize_int8(fp32_path, staged, calibration_inputs, **quant_kwargs)  # type: ignore[arg-type]
         ref = score(Path(fp32_path)) if fp32_score is None else fp32_score
         got = score(staged)
-        reference = None if reference_score is None else float(reference_score(staged))
-        result = GateResult(metric=metric, fp32=float(ref), int8=float(got), max_drop=float(max_drop),
-                            reference=reference)
+        reference = None if reference_score is None else reference_score(staged)
+        result = gate_result(metric, max_drop, ref, got, reference, also)  # type: ignore[arg-type]
         if not result.passed:
             raise GateRefused(refusal_message(result, out_path))
         os.replace(staged, out_path)
-    _log.info("INT8 gate passed: %s FP32 %.4f INT8 %.4f (drop %.4f <= %.4f)%s", metric, ref, got, result.drop, max_drop,
-              "" if reference is None else f", Q/DQ reference {reference:.4f}")
+    for r in (result, *result.also):
+        _log.info("INT8 gate passed: %s FP32 %.4f INT8 %.4f (drop %.4f <= %.4f)%s", r.metric, r.fp32, r.int8, r.drop,
+                  r.max_drop, "" if r.reference is None else f", Q/DQ reference {r.reference:.4f}")
     return result
 
 
@@ -356,18 +403,41 @@ def _gate_record(result: GateResult, key: str) -> dict[str, object]:
 
 def _heldout_for_gate(
     man: "Manifest", d: Path, heldout_data: str | None, heldout_n: int | None
-) -> tuple["DetectionSet | SegmentationSet", dict[str, object]]:
+) -> tuple["DetectionSet | SegmentationSet | ClassificationSet", dict[str, object]]:
     """``(test set, its record)`` of the gate: the recorded held-out set or ``heldout_data``."""
     from trainer.provenance import plan_heldout
 
     plan = plan_heldout(man.training, man.task, heldout_data, heldout_n, what=f"Model {man.name!r} ({d})")
-    test = plan.load(man.task, man.input, man.preprocessing, list(man.labels))
+    test = plan.load(man.task, man.input, man.preprocessing, list(man.labels), training=man.training)
     held_record = plan.record(man.task, len(test))
     recorded = man.training.get("heldout")
     if isinstance(recorded, Mapping) and recorded.get("data") != held_record["data"]:
         _log.warning("The INT8 gate of %s runs on %s, not on the held-out set its other metrics came from (%s).",
                      man.name, held_record["data"], recorded.get("data"))
     return test, held_record
+
+
+def _calibration(man: "Manifest", calib_n: int, calib_data: str | None) -> np.ndarray:
+    """The calibration inputs: :func:`calibration_inputs`, or for a synthetic classifier its own training set."""
+    from trainer.provenance import is_user_data
+
+    if man.task != "classification" or calib_data or is_user_data(man.training):
+        return calibration_inputs(man, calib_n, calib_data)
+    from trainer.classification_data import POSITIVE_FRACTION, synthetic_classification_set
+    from trainer.data import XRAY_SHAPE, default_cache_dir
+    from trainer.evaluate import HELDOUT_SEED, TRAIN_SEED
+
+    if calib_n <= 0:
+        raise DataError(f"The calibration set has size {calib_n}; INT8 calibration needs at least one training sample.")
+    seed = int(man.training.get("data_seed", TRAIN_SEED))
+    if seed == HELDOUT_SEED:
+        raise DataError(f"Seed {seed} is the held-out set's; calibration must come from training data.")
+    shape = tuple(int(v) for v in man.training.get("source_shape") or XRAY_SHAPE)
+    fraction = float(man.training.get("positive_fraction") or POSITIVE_FRACTION)
+    return synthetic_classification_set(
+        calib_n, seed, man.input, man.preprocessing, keep_source=False, cache_dir=default_cache_dir() / "data",
+        positive_fraction=fraction, shape=(shape[0], shape[1]),
+    ).inputs
 
 
 def quantize_engine(
@@ -381,6 +451,7 @@ def quantize_engine(
     heldout_data: str | None = None,
     calib_override: np.ndarray | None = None,
     reduce_range: bool | None = None,
+    also_max_drop: Mapping[str, float] | None = None,
 ) -> GateResult:
     """Quantize ``engine_dir/model.onnx`` behind the gate and update its manifest.
 
@@ -394,7 +465,10 @@ def quantize_engine(
 
     The gate's held-out set is the one the manifest records
     (:func:`trainer.provenance.plan_heldout`), or ``heldout_data``; it is
-    written into the quantization record.
+    written into the quantization record. ``max_drop`` is the allowed drop
+    of the task's main metric (default from
+    :data:`trainer.int8_gate.GATED_METRICS`); ``also_max_drop`` overrides
+    the others' (a classifier's ``sensitivity``).
 
     Raises
     ------
@@ -411,17 +485,19 @@ def quantize_engine(
     man = Manifest.load(d)
     fp32 = man.artifact_path("fp32", verify=True)
     metric = gated_metric(man.task)
-    if max_drop is None:
-        max_drop = DEFAULT_MAX_DICE_DROP if man.task == "segmentation" else DEFAULT_MAX_MAP_DROP
+    main, max_drop, also = gated_metrics(man.task, max_drop)
+    if main != metric:
+        raise EngineBuildError(f"The gate's main metric for {man.task} is {main}, the evaluation's {metric}.")
+    also.update(also_max_drop or {})
     if reduce_range is None:
         reduce_range = activation_type == "uint8"
-    calib = calib_override if calib_override is not None else calibration_inputs(man, calib_n, calib_data)
+    calib = calib_override if calib_override is not None else _calibration(man, calib_n, calib_data)
     test, held_record = _heldout_for_gate(man, d, heldout_data, heldout_n)
     full: dict[str, dict] = {}
     key = "int8-tensorrt" if activation_type == "int8" else "int8"
-    score, reference = gate_scorers(man, test, metric, fp32, key, full)
+    score, reference = gate_scorers(man, test, metric, fp32, key, full, also=tuple(also))
     result = quantize_with_gate(
-        fp32, d / ARTIFACT_FILES[key], calib, score, metric, max_drop, reference_score=reference,
+        fp32, d / ARTIFACT_FILES[key], calib, score, metric, max_drop, reference_score=reference, also=also,
         activation_type=activation_type, method=method, reduce_range=reduce_range,
     )
     training = dict(man.training)

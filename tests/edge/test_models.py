@@ -13,7 +13,7 @@ from edge.errors import BackendUnavailableError, ModelError
 from edge.inference.manifest import default_engines_dir, discover
 from edge.inference.model import LoadedModel, ModelRegistry, load_model
 
-BUNDLED = ("us-lesion-seg", "xray-nodule-det")
+BUNDLED = ("us-lesion-seg", "xray-nodule-det", "xray-nodule-cls")
 
 
 def _bright_rect(shape: tuple[int, int], dtype: str, rect: tuple[int, int, int, int], seed: int = 0) -> np.ndarray:
@@ -151,6 +151,9 @@ def test_bundled_models_load_verify_and_answer() -> None:
                 assert res.status == "ok"
                 if model.task == "segmentation":
                     assert res.mask is not None and res.mask.shape == (480, 640)
+                elif model.task == "classification":
+                    assert res.classes and res.classes[0].label == "nodule" and 0.0 <= res.classes[0].score <= 1.0
+                    assert res.decision == (res.classes[0].score >= model.manifest.postprocessing.threshold)
                 else:
                     assert all(0 <= b.x0 <= b.x1 <= 640 and 0 <= b.y0 <= b.y1 <= 480 for b in res.boxes)
 

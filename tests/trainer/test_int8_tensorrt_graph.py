@@ -25,7 +25,7 @@ from edge.inference.manifest import INT8_TENSORRT, Manifest, default_engines_dir
 from trainer.qdq_graph import finish_for_tensorrt, strip_unused_opsets, tensorrt_qdq_problems  # noqa: E402
 from trainer.quantize import quantize_int8  # noqa: E402
 
-BUNDLED = ("us-lesion-seg", "xray-nodule-det")
+BUNDLED = ("us-lesion-seg", "xray-nodule-det", "xray-nodule-cls")
 
 
 def _non_int8_dq_inputs(model: "onnx.ModelProto") -> list[str]:

@@ -13,12 +13,13 @@ from edge.inference.manifest import discover  # noqa: E402
 from trainer.reproduce import main  # noqa: E402
 
 
-def test_quick_reproduce_builds_both_engines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_quick_reproduce_builds_every_engine(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "engines"
     rc = main(["--out", str(out), "--quick", "--no-progress", "--results", str(tmp_path / "r.json")])
     assert rc == 0
     found = discover(out)
-    assert set(found) == {"us-lesion-seg", "xray-nodule-det"}
+    assert set(found) == {"us-lesion-seg", "xray-nodule-det", "xray-nodule-cls"}
+    assert found["xray-nodule-cls"].training["init_task"] == "detection"  # the encoder of the detector just built
     for m in found.values():
         assert set(m.artifacts) == {"fp32", "fp16", "int8", "int8-tensorrt"}
         for prec in m.artifacts:
