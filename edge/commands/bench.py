@@ -68,31 +68,26 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not >= 1")
-    return v
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        v = int(text)
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is not >= {minimum}")
+        return v
+
+    parse.__name__ = "int"  # argparse's "invalid int value: 'x'"
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not >= 0")
-    return v
+_non_negative_int, _positive_int, _at_least_two = _int_at_least(0), _int_at_least(1), _int_at_least(2)
 
 
 def _percentage(text: str) -> float:
     v = float(text)
     if not 0 < v <= 1000:
         raise argparse.ArgumentTypeError(f"{text} is not a percentage in (0, 1000]")
-    return v
-
-
-def _at_least_two(text: str) -> int:
-    v = int(text)
-    if v < 2:
-        raise argparse.ArgumentTypeError(f"{text} is not >= 2")
     return v
 
 
