@@ -12,7 +12,7 @@ is what ingest sources (ZeroMQ, DICOM) call to get a result for one image.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -67,12 +67,15 @@ class Box:
     y1: float
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-ready dict with rounded coordinates."""
-        d = asdict(self)
-        for k in ("x0", "y0", "x1", "y1"):
-            d[k] = round(float(d[k]), 2)
-        d["score"] = round(float(d["score"]), 4)
-        return d
+        """JSON-ready dict with rounded coordinates (written out: ``dataclasses.asdict`` deep-copies)."""
+        return {
+            "label": self.label,
+            "score": round(float(self.score), 4),
+            "x0": round(float(self.x0), 2),
+            "y0": round(float(self.y0), 2),
+            "x1": round(float(self.x1), 2),
+            "y1": round(float(self.y1), 2),
+        }
 
 
 @dataclass(frozen=True)

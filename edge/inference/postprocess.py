@@ -109,6 +109,8 @@ def segmentation_mask(logits: np.ndarray, geom: Geometry, threshold: float) -> n
         cut = np.float32(math.log(t / (1.0 - t)))
         region = logits[0, rows, cols]
         nh, nw = region.shape
+        if (geom.src_h, geom.src_w) == (nh, nw):  # the model's size: threshold the logits themselves
+            return np.greater(region, cut).view(np.uint8)
         if geom.src_h >= nh and geom.src_w >= nw:  # enlarging: Pillow's bilinear, through OpenCV
             up = resize_linear(region, geom.src_h, geom.src_w)
         else:

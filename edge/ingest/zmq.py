@@ -436,13 +436,7 @@ class ZmqServer:
                             _log.warning("Closing with %d replies unsent.", self._inflight)
                             break
                     with self._lock:
-                        for _ in range(_BATCH_RECV):
-                            try:
-                                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                            except zmq.Again:
-                                break
-                            self._handle(frames)
-                        more = _input_waiting(router)
+                        more = self._drain(router)
                     failures = 0
                     if more:
                         continue  # a burst: keep draining, _BATCH_RECV messages per hold of the lock
@@ -465,6 +459,27 @@ class ZmqServer:
         finally:
             with self._lock:
                 self._close_sockets(_SOCKET_LINGER_MS)
+
+    def _drain(self, router: zmq.Socket) -> bool:
+        """Receive and handle up to ``_BATCH_RECV`` messages (lock held); whether more are waiting.
+
+        The socket's ``ZMQ_EVENTS`` says when a message is there, so the
+        loop never ends on a ``zmq.Again`` (raising it costs more than the
+        receive). Frames are read one by one with their ``more`` flag.
+        """
+        for _ in range(_BATCH_RECV):
+            if not _input_waiting(router):
+                return False
+            try:
+                frame = router.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:  # not expected after ZMQ_EVENTS said POLLIN
+                return False
+            frames = [frame]
+            while frame.more:  # the rest of a multipart message is already there (atomic delivery)
+                frame = router.recv(zmq.NOBLOCK, copy=False)
+                frames.append(frame)
+            self._handle(frames)
+        return _input_waiting(router)
 
     def _reply_error(
         self,

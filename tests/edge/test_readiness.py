@@ -360,3 +360,18 @@ def test_fault_injection_in_a_real_daemon(fixture_engines: Path, tmp_path: Path,
     assert code == 0, log[-3000:]
     assert notify.count("STOPPING=1") == 1
     assert "fault injection armed" in log
+
+
+def test_startup_heap_is_frozen_while_serving_and_released_on_close(fixture_engines: Path) -> None:
+    """A full garbage collection must not walk the start-up heap (models, modules) under a frame."""
+    import gc
+
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    d = Daemon(load_config(None, env=_env(fixture_engines))).start()
+    try:
+        assert d.ready
+        assert gc.get_freeze_count() > 10_000  # the imported modules and loaded sessions at least
+    finally:
+        d.close()
+    assert gc.get_freeze_count() == 0
