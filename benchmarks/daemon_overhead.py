@@ -96,7 +96,10 @@ def _machine() -> dict[str, Any]:
 class Daemon:
     """``medge serve`` as a child process on free ports."""
 
-    def __init__(self, workdir: Path, engines_dir: Path, dicom: bool = True, precision: str | None = None) -> None:
+    def __init__(self, workdir: Path, engines_dir: Path, dicom: bool = True, precision: str | None = None,
+                 models: tuple[str, ...] | None = None) -> None:
+        """``models``: the ``[[models]]`` tables to write (default :data:`MODELS`; ``()``: none, so the
+        daemon serves every engine in ``engines_dir`` with its defaults)."""
         self.ingest = f"tcp://127.0.0.1:{free_port()}"
         self.publish = f"tcp://127.0.0.1:{free_port()}"
         self.http = f"http://127.0.0.1:{free_port()}"
@@ -108,7 +111,7 @@ class Daemon:
             f"[dicom]\nenabled = {'true' if dicom else 'false'}\nport = {free_port()}\n"
             + "".join(
                 f'[[models]]\nname = "{m}"\nspin_us = {SPIN_US}\n' + (f'precision = "{precision}"\n' if precision else "")
-                for m in MODELS
+                for m in (MODELS if models is None else models)
             ),
             encoding="utf-8",
         )

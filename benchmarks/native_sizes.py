@@ -64,9 +64,13 @@ from edge.inference.model import load_model  # noqa: E402
 from edge.tools.daemon_process import free_port  # noqa: E402
 from edge.tools.synthetic import make_source  # noqa: E402
 
-MODELS = do.MODELS
+MODELS = ("us-lesion-seg", "xray-nodule-det", "xray-nodule-cls")  # every bundled model
 #: Per task: the source a scanner sends (kind of synthetic frame, height, width, dtype).
-NATIVE = {"segmentation": ("ultrasound", 480, 640, "uint8"), "detection": ("xray", 512, 512, "uint16")}
+NATIVE = {
+    "segmentation": ("ultrasound", 480, 640, "uint8"),
+    "detection": ("xray", 512, 512, "uint16"),
+    "classification": ("xray", 512, 512, "uint16"),
+}
 TARGET_SHARE_P50_MS = 0.3
 TARGET_NATIVE_P50_MS = 1.0
 TARGET_P99_MS = 2.0
@@ -305,7 +309,7 @@ def run(args: argparse.Namespace, extra_peers: dict[str, Peer] | None = None) ->
                               "rounds": args.rounds, "block": args.block}
     cases = make_cases(args.engines_dir)
     with tempfile.TemporaryDirectory(prefix="medge-native-") as tmp:
-        daemon = do.Daemon(Path(tmp), args.engines_dir, dicom=False, precision=args.precision)
+        daemon = do.Daemon(Path(tmp), args.engines_dir, dicom=False, precision=args.precision, models=MODELS)
         echo = None
         try:
             daemon.wait_ready()

@@ -61,3 +61,20 @@ def test_triton_venv_is_found_only_where_it_exists(tmp_path: Path, monkeypatch: 
     (tmp_path / "venv" / "bin" / "python").write_text("")
     monkeypatch.setenv("MEDGE_TRITON_VENV", str(tmp_path / "venv"))
     assert tp.venv_python() == tmp_path / "venv" / "bin" / "python"
+
+
+def test_default_stream_reads_models_and_judges_each_target() -> None:
+    """Served models come from medge_model_info; a drop, a fat process or a bad exit each fail their line."""
+    ds = _load("default_stream")
+    page = (
+        '# HELP medge_model_info x\nmedge_model_info{backend="onnxruntime",fallback="",model="a",precision="int8",'
+        'version="1"} 1.0\nmedge_model_info{backend="onnxruntime",fallback="",model="b",precision="fp32",'
+        'version="2"} 1.0\nmedge_ready 1.0\n'
+    )
+    models = ds.served_models(page)
+    assert [(m["model"], m["precision"]) for m in models] == [("a", "int8"), ("b", "fp32")]
+    live = {"seconds": 60.0, "dropped": 0, "errors": 0, "unanswered": 0}
+    good = {"stream_30fps": live, "rss_peak_bytes": 250 * 2**20, "models": models, "shutdown": {"exit_code": 0}}
+    assert [ok for _, ok in ds.verdicts(good)] == [True, True, True]
+    bad = dict(good, stream_30fps=dict(live, dropped=1), rss_peak_bytes=301 * 2**20, shutdown={"exit_code": 1})
+    assert [ok for _, ok in ds.verdicts(bad)] == [False, False, False]
