@@ -82,13 +82,14 @@ def encode_cine(path_stem: Path, fps: int, height: int, width: int, frames: int 
     return path
 
 
-def _config(tmp: Path, engines: Path, model: str, cine: Path, precision: str) -> Any:
+def _config(tmp: Path, engines: Path, model: str, cine: Path, precision: str, spin_us: int | None = None) -> Any:
     path = tmp / "medge.toml"
     path.write_text(
         f'engines_dir = "{engines}"\nspool_dir = "{tmp / "spool"}"\n'
         '[zmq]\ningest = "tcp://127.0.0.1:*"\npublish = "tcp://127.0.0.1:*"\n[metrics]\nport = 0\n'
         f'[dicom]\nenabled = false\n[[models]]\nname = "{model}"\n'
         + (f'precision = "{precision}"\n' if precision else "")
+        + (f"spin_us = {spin_us}\n" if spin_us is not None else "")
         +
         f'[[capture]]\nname = "probe"\nsource = "{cine}"\nmodel = "{model}"\nloop = true\n',
         encoding="utf-8",
@@ -225,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frame", default="480x640", help="HxW of the cine (default %(default)s)")
     ap.add_argument("--model", default="us-lesion-seg")
     ap.add_argument("--precision", default="", help="[[models]] precision (default: the configuration's default)")
+    ap.add_argument("--spin-us", type=int, default=None,
+                    help="[[models]] spin_us (default: the configuration's default, 1000)")
     ap.add_argument("--engines-dir", type=Path, default=default_engines_dir())
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     date = dt.datetime.now(dt.timezone.utc)
     with tempfile.TemporaryDirectory(prefix="medge-capture-") as tmp:
         cine = encode_cine(Path(tmp) / "cine", args.fps, h, w)
-        with Daemon(_config(Path(tmp), args.engines_dir, args.model, cine, args.precision)) as daemon:
+        with Daemon(_config(Path(tmp), args.engines_dir, args.model, cine, args.precision, args.spin_us)) as daemon:
             assert daemon.scheduler is not None
             policy = daemon.scheduler.policy(args.model)
             backlog, in_batches = policy.stream_backlog, policy.max_batch * policy.workers
@@ -256,10 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         "date_utc": date.isoformat(timespec="seconds"), "machine": machine, "pyav": av.__version__,
         "source": f"synthetic ultrasound {h}x{w} uint8, {cine.suffix} "
                   f"({'H.264' if cine.suffix == '.ts' else 'MJPEG'}), "
-                  f"{args.fps} fps, looped", "model": args.model, "precision": precision,
+                  f"{args.fps} fps, looped", "model": args.model, "precision": precision, "spin_us": args.spin_us,
         "stream_backlog": backlog, "measured": measured, "targets": targets,
     }
-    tag = f"-{precision}" if args.precision else ""
+    tag = (f"-{precision}" if args.precision else "") + (f"-spin{args.spin_us}" if args.spin_us is not None else "")
     stem = f"{date:%Y-%m-%d}-{machine['host'] or 'host'}-capture-timing{tag}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
