@@ -14,7 +14,9 @@
 - Calibration after training (:func:`calibrate`): one temperature fitted on
   the validation logits (:func:`trainer.classification_metrics.fit_temperature`)
   and the operating threshold on the calibrated probability for a target
-  sensitivity (:func:`~trainer.classification_metrics.choose_threshold`).
+  sensitivity (:func:`~trainer.operating_point.choose_threshold`; by default
+  the highest threshold whose 95 % lower confidence bound of the validation
+  sensitivity reaches the target).
 
 The model is binary: one logit, ``p = sigmoid(logit / T)`` is the
 probability of the positive class (the manifest's one label).
@@ -39,13 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from edge.errors import ConfigError, DataError
-from trainer.classification_metrics import (
-    apply_temperature,
-    average_precision,
-    choose_threshold,
-    fit_temperature,
-    roc_auc,
-)
+from trainer.classification_metrics import apply_temperature, average_precision, fit_temperature, roc_auc
+from trainer.operating_point import DEFAULT_THRESHOLD_CONFIDENCE, choose_threshold
 
 __all__ = [
     "LOSSES",
@@ -155,17 +152,29 @@ def validation_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]
     }
 
 
-def calibrate(logits: np.ndarray, labels: np.ndarray, target_sensitivity: float) -> dict[str, Any]:
+def calibrate(logits: np.ndarray, labels: np.ndarray, target_sensitivity: float,
+              confidence: float | None = DEFAULT_THRESHOLD_CONFIDENCE) -> dict[str, Any]:
     """Temperature and operating threshold from validation logits.
 
+    The threshold is :func:`~trainer.operating_point.choose_threshold`'s:
+    with ``confidence`` (default 0.95) the highest whose one-sided
+    Clopper-Pearson lower bound of the validation sensitivity reaches
+    ``target_sensitivity``; with 0 or ``None`` the highest whose validation
+    sensitivity does (the point rule).
+
     Returns ``temperature``, ``threshold`` (on ``sigmoid(logit / T)``),
-    ``target_sensitivity``, and on the validation set the ``sensitivity``
-    and ``specificity`` at the threshold, ``n`` and ``n_positive``.
+    ``target_sensitivity``, ``target_confidence`` (``None``: point rule),
+    ``method``, and on the validation set the ``sensitivity``, its
+    ``sensitivity_lower_bound`` (``None`` for the point rule),
+    ``target_met``, the ``specificity`` at the threshold, ``n`` and
+    ``n_positive``.
 
     Raises
     ------
     DataError
         If the validation set lacks a class (nothing to calibrate against).
+    ConfigError
+        If the target or the confidence is out of range.
     """
     z = np.asarray(logits, np.float64)
     y = np.asarray(labels).astype(np.int64)
@@ -176,14 +185,19 @@ def calibrate(logits: np.ndarray, labels: np.ndarray, target_sensitivity: float)
         )
     temperature = fit_temperature(z, y)
     p = apply_temperature(z, temperature)
-    chosen = choose_threshold(y, p, target_sensitivity)
-    _log.info("Calibration on %d validation cases: T = %.4g, threshold %.4g (sensitivity %.3f, specificity %s)",
-              y.size, temperature, chosen["threshold"], chosen["sensitivity"], chosen["specificity"])
+    chosen = choose_threshold(y, p, target_sensitivity, confidence)
+    _log.info("Calibration on %d validation cases: T = %.4g, threshold %.4g (%s rule: sensitivity %.3f, "
+              "lower bound %s, specificity %s)", y.size, temperature, chosen["threshold"], chosen["method"],
+              chosen["sensitivity"], chosen["sensitivity_lower_bound"], chosen["specificity"])
     return {
         "temperature": float(temperature),
         "threshold": float(chosen["threshold"]),
         "target_sensitivity": float(target_sensitivity),
+        "target_confidence": chosen["confidence"],
+        "method": chosen["method"],
         "sensitivity": chosen["sensitivity"],
+        "sensitivity_lower_bound": chosen["sensitivity_lower_bound"],
+        "target_met": chosen["target_met"],
         "specificity": chosen["specificity"],
         "n": int(y.size),
         "n_positive": n_pos,

@@ -1,9 +1,12 @@
 """Classification data: synthetic "nodule present / absent" radiographs and a loader for users' own data.
 
 Synthetic set (:func:`synthetic_classification_set`): chest radiographs from
-:func:`trainer.data.make_xray`, *present* = an image with 1-4 nodules (the
-generator's own count distribution given at least one), *absent* = the same
-generator with nodules disabled. Which samples are positive follows a fixed
+:func:`edge.tools.synthetic_xray.make_xray` (the detector's generator, numpy
+only, so the demo streams the same images), *present* = an image with 1-4
+nodules (the generator's own count distribution given at least one),
+*absent* = the same generator with nodules disabled
+(:func:`~edge.tools.synthetic_xray.make_classification_xray`, re-exported
+here). Which samples are positive follows a fixed
 schedule (:func:`positive_schedule`): sample ``i`` is positive when
 ``floor((i + 1) f) > floor(i f)`` for the positive fraction ``f`` (default
 :data:`POSITIVE_FRACTION`), so every prefix of a set holds ``floor(n f)``
@@ -29,7 +32,7 @@ Examples
 >>> [i for i in range(20) if positive_schedule(i, 0.15)]
 [6, 13, 19]
 >>> from trainer.classification_data import make_classification_xray
->>> from trainer.data import sample_rng
+>>> from edge.tools.synthetic_xray import sample_rng
 >>> img, boxes = make_classification_xray(sample_rng(0, 6), positive=True, shape=(128, 128))
 >>> img.shape, len(boxes) >= 1
 ((128, 128), True)
@@ -48,16 +51,14 @@ import numpy as np
 from edge.errors import DataError
 from edge.inference.manifest import InputSpec, Preprocessing
 from edge.inference.preprocess import Geometry, preprocess
+from edge.tools.synthetic_xray import XRAY_SHAPE, make_classification_xray, sample_rng
 from trainer.data import (
     IMAGE_SUFFIXES,
     XRAY_PREPROCESSING,
-    XRAY_SHAPE,
     boxes_to_input,
     cache_path,
     check_items,
     load_image,
-    make_xray,
-    sample_rng,
     save_arrays,
 )
 
@@ -90,9 +91,6 @@ GENERATOR = "trainer.classification_data.make_classification_xray"
 SYNTHETIC_DATA = "synthetic-xray-cls"
 #: Largest CSV of ``path,label`` rows read (bounded before it is read).
 MAX_CSV_BYTES = 64 << 20
-# The generator's nodule-count distribution (trainer.data) given at least one nodule.
-_PRESENT_COUNTS = np.array([1, 2, 3, 4])
-_PRESENT_P = np.array([0.35, 0.25, 0.15, 0.10]) / 0.85
 _PPM = 1_000_000
 
 
@@ -137,18 +135,6 @@ def positive_schedule(index: int, fraction: float = POSITIVE_FRACTION) -> bool:
     """Whether sample ``index`` of a synthetic set is positive (exact integer arithmetic)."""
     ppm = _check_fraction(fraction)
     return ((index + 1) * ppm) // _PPM > (index * ppm) // _PPM
-
-
-def make_classification_xray(
-    rng: np.random.Generator, positive: bool, shape: tuple[int, int] = XRAY_SHAPE
-) -> tuple[np.ndarray, np.ndarray]:
-    """One radiograph with 1-4 nodules (``positive``) or none, and its nodule boxes.
-
-    A positive image whose nodules all failed to find a place in the lungs
-    (rare) comes back with no boxes: the label is ``len(boxes) > 0``.
-    """
-    count = int(rng.choice(_PRESENT_COUNTS, p=_PRESENT_P)) if positive else 0
-    return make_xray(rng, shape, nodules=count)
 
 
 def classification_set_from_arrays(

@@ -31,8 +31,10 @@ evaluated in blocks as case-count weights, so memory stays bounded (about
 16 MiB per array) whatever ``n`` and ``n_boot``.
 
 :func:`fit_temperature` fits one temperature ``T`` on validation logits
-(binary ``(N,)`` or ``C``-class ``(N, C)``), :func:`choose_threshold` picks
-the operating threshold for a target sensitivity on the validation set, and
+(binary ``(N,)`` or ``C``-class ``(N, C)``), :func:`choose_threshold`
+(:mod:`trainer.operating_point`, re-exported here) picks the operating
+threshold for a target sensitivity on the validation set, by default with a
+95 % lower confidence bound of that sensitivity at the target, and
 :func:`evaluation_report` is the hook ``medge evaluate`` calls on the
 held-out set (report, plus the ROC, PR and reliability PNGs).
 
@@ -43,7 +45,7 @@ Examples
 >>> p = np.array([0.1, 0.4, 0.35, 0.8])
 >>> roc_auc(y, p), round(average_precision(y, p), 4)
 (0.75, 0.8333)
->>> choose_threshold(y, p, target_sensitivity=0.9)["threshold"]
+>>> choose_threshold(y, p, target_sensitivity=0.9, confidence=None)["threshold"]
 0.35
 >>> r = classification_report(y, p, threshold=0.35, n_boot=50)
 >>> r["sensitivity"]["value"], r["specificity"]["value"], r["confusion"]
@@ -61,6 +63,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from edge.errors import ConfigError, DataError
+from trainer.operating_point import DEFAULT_TARGET_SENSITIVITY, choose_threshold
 from trainer.temperature import TEMPERATURE_RANGE, apply_temperature, fit_temperature
 
 __all__ = [
@@ -91,8 +94,6 @@ _log = logging.getLogger(__name__)
 
 #: The metrics of :func:`classification_report`, in report order.
 METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "roc_auc", "pr_auc", "ece")
-#: The sensitivity the operating threshold is chosen for by default.
-DEFAULT_TARGET_SENSITIVITY = 0.90
 #: Most bootstrap resamples one report may ask for.
 MAX_BOOTSTRAP = 100_000
 #: Most calibration bins.
@@ -346,48 +347,6 @@ def expected_calibration_error(y: Any, p: Any, bins: int = 10) -> float:
     """ECE of the positive-class probability over ``bins`` equal-width bins (see the module doc)."""
     yb, s = binary_inputs(y, p)
     return _point(yb, s, 0.5, _check_bins(bins))["ece"]
-
-
-# ----------------------------------------------------------------- threshold
-def choose_threshold(y: Any, p: Any, target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY) -> dict[str, Any]:
-    """The highest threshold whose sensitivity on ``(y, p)`` is at least ``target_sensitivity``.
-
-    Sensitivity only changes at a positive case's score, so the threshold is
-    the ``k``-th highest positive score, ``k`` the least count with
-    ``k / n_positive >= target``; any higher threshold misses the target.
-
-    Returns
-    -------
-    dict
-        ``threshold``, and on this set ``sensitivity``, ``specificity``
-        (``None`` without negatives) and the ``target_sensitivity``.
-
-    Raises
-    ------
-    ConfigError
-        If the target is not in ``(0, 1]``.
-    DataError
-        If the set has no positive case.
-    """
-    target = float(target_sensitivity)
-    if not 0.0 < target <= 1.0:
-        raise ConfigError(f"The target sensitivity must lie in (0, 1]; got {target_sensitivity!r}.")
-    yb, s = binary_inputs(y, p, probabilities=False)
-    pos = np.sort(s[yb])[::-1]
-    if pos.size == 0:
-        raise DataError("Choosing a threshold for a sensitivity needs at least one positive case.")
-    k = min(pos.size, math.ceil(target * pos.size))
-    while k > 1 and (k - 1) / pos.size >= target:  # ceil may overshoot by one in floating point
-        k -= 1
-    threshold = float(pos[k - 1])
-    c = confusion(yb, s, threshold)
-    negatives = c["tn"] + c["fp"]
-    return {
-        "threshold": threshold,
-        "sensitivity": c["tp"] / pos.size,
-        "specificity": c["tn"] / negatives if negatives else None,
-        "target_sensitivity": target,
-    }
 
 
 # -------------------------------------------------------------------- report

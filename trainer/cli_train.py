@@ -10,7 +10,10 @@ bundled model. ``medge train --task classification --out runs/cls --init
 engines/xray-nodule-det/model.pt`` trains the nodule present / absent
 classifier from the bundled detector's encoder (``--loss``, ``--sampler``
 answer the class imbalance; the run ends by fitting the temperature and the
-threshold for ``--target-sensitivity`` on the validation set); your own
+threshold for ``--target-sensitivity`` on the validation set: the highest
+threshold whose one-sided 95 % lower confidence bound of the validation
+sensitivity reaches the target, ``--threshold-confidence`` to change the
+confidence, 0 for the point rule); your own
 classification data is ``DIR/<label>/<image>`` or a ``path,label`` CSV
 file, with ``--positive-label``. With your own data, set a held-out test set aside now
 (``--heldout-data DIR`` or ``--heldout-fraction 0.2``): the checkpoint
@@ -26,6 +29,7 @@ import sys
 
 from trainer.classification import LOSSES, SAMPLERS
 from trainer.classification_data import POSITIVE_FRACTION, POSITIVE_LABEL
+from trainer.operating_point import DEFAULT_THRESHOLD_CONFIDENCE
 from trainer.train import TrainConfig, train
 
 __all__ = ["configure_parser", "run"]
@@ -66,7 +70,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     cls.add_argument("--sampler", default=None, choices=list(SAMPLERS),
                      help="balanced (default: each class half of every epoch's draws, seeded) or random")
     cls.add_argument("--target-sensitivity", type=float, default=0.90,
-                     help="the operating threshold is the highest with this sensitivity on the validation set")
+                     help="the operating threshold is chosen on the validation set for this sensitivity (0.90)")
+    cls.add_argument("--threshold-confidence", type=float, default=DEFAULT_THRESHOLD_CONFIDENCE, metavar="C",
+                     help="the threshold is the highest whose one-sided Clopper-Pearson lower bound of the validation "
+                          f"sensitivity, at confidence C, reaches the target (default {DEFAULT_THRESHOLD_CONFIDENCE}); "
+                          "0: the highest whose validation sensitivity does (the point rule)")
     cls.add_argument("--positive-fraction", type=float, default=POSITIVE_FRACTION,
                      help="synthetic data: the share of images with nodules")
     cls.add_argument("--positive-label", default=None, metavar="NAME",
@@ -90,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         freeze_encoder=args.freeze_encoder, max_minutes=args.max_minutes, threads=args.threads,
         progress=not args.no_progress, heldout_data=args.heldout_data, heldout_fraction=args.heldout_fraction,
         loss=args.loss, sampler=args.sampler, target_sensitivity=args.target_sensitivity,
+        threshold_confidence=args.threshold_confidence,
         positive_fraction=args.positive_fraction, labels=[args.positive_label] if args.positive_label else [],
         synthetic_shape=tuple(args.synthetic_shape) if args.synthetic_shape else None,
     )

@@ -10,8 +10,10 @@
   the class activation map ``cam`` ``[N, 1, H/16, W/16]``
   (:class:`trainer.models.Classifier`); parity covers both. Their manifest
   carries the temperature and threshold fitted on validation data at
-  training (or here, for a checkpoint without them) and the held-out
-  classification report.
+  training (or here, for a checkpoint without them), the target sensitivity
+  and the confidence of its claim (``target_confidence``), and the held-out
+  classification report. Only a detector's manifest carries ``nms_iou``,
+  ``max_detections`` and ``stride``.
 - FP16: weights and activations in float16 (onnxconverter-common's
   converter, clamped to the float16 range), inputs and outputs kept float32
   (a Cast at each end), for GPUs (TensorRT / CUDA EP).
@@ -286,7 +288,7 @@ def build_manifest(
                 "std": pre.std,
                 "window": list(pre.window) if pre.window else None,
             },
-            "postprocessing": _post_dict(post),
+            "postprocessing": _post_dict(post, task),
             "artifacts": {k: {"path": a.path, "sha256": a.sha256} for k, a in arts.items()},
             "metrics": mets,
             "training": dict(training or {}),
@@ -297,11 +299,13 @@ def build_manifest(
     )
 
 
-def _post_dict(post: Postprocessing) -> dict[str, Any]:
-    """The manifest's ``postprocessing`` (a classifier's calibration only where set)."""
-    d: dict[str, Any] = {"threshold": post.threshold, "nms_iou": post.nms_iou,
-                         "max_detections": post.max_detections, "stride": post.stride}
-    for key in ("temperature", "target_sensitivity"):
+def _post_dict(post: Postprocessing, task: str) -> dict[str, Any]:
+    """The manifest's ``postprocessing``: ``threshold``, the detector's NMS fields for detection only,
+    a classifier's calibration only where set."""
+    d: dict[str, Any] = {"threshold": post.threshold}
+    if task == "detection":
+        d.update(nms_iou=post.nms_iou, max_detections=post.max_detections, stride=post.stride)
+    for key in ("temperature", "target_sensitivity", "target_confidence"):
         if getattr(post, key) is not None:
             d[key] = getattr(post, key)
     return d
@@ -440,6 +444,7 @@ def _classifier_calibration(ckpt: Mapping[str, Any], fp32: Path, spec: InputSpec
     """``post`` as calibrated at training, or calibrated now on the recorded validation set (FP32 ONNX)."""
     from trainer.classification import calibrate, predict_logits
     from trainer.evaluate import VALIDATION_SEED, heldout_set, onnx_runner
+    from trainer.operating_point import DEFAULT_TARGET_SENSITIVITY, DEFAULT_THRESHOLD_CONFIDENCE
 
     if post.temperature is not None:
         return post
@@ -460,10 +465,11 @@ def _classifier_calibration(ckpt: Mapping[str, Any], fp32: Path, spec: InputSpec
             "export the best.pt or last.pt that medge train calibrated."
         )
     _log.info("Checkpoint has no calibration; fitting it on %d validation cases.", len(val))
-    target = float(cfg.get("target_sensitivity", 0.90))
-    cal = calibrate(predict_logits(onnx_runner(fp32), val.inputs), val.labels, target)
-    return Postprocessing(threshold=cal["threshold"], nms_iou=post.nms_iou, max_detections=post.max_detections,
-                          stride=post.stride, temperature=cal["temperature"], target_sensitivity=target)
+    target = float(cfg.get("target_sensitivity", DEFAULT_TARGET_SENSITIVITY))
+    confidence = cfg.get("threshold_confidence", DEFAULT_THRESHOLD_CONFIDENCE)
+    cal = calibrate(predict_logits(onnx_runner(fp32), val.inputs), val.labels, target, confidence)
+    return Postprocessing(threshold=cal["threshold"], temperature=cal["temperature"], target_sensitivity=target,
+                          target_confidence=cal["target_confidence"])
 
 
 def _evaluate_classifier(ckpt: Mapping[str, Any], plan: Any, paths: Mapping[str, Path], spec: InputSpec,
@@ -509,7 +515,7 @@ def _export_training_record(ckpt: Mapping[str, Any], base_record: dict[str, Any]
     cfg = ckpt.get("config", {})
     knobs = ("batch_size", "lr", "epochs", "steps_per_epoch", "base", "augment", "seed")
     if task == "classification":
-        knobs = (*knobs, "loss", "sampler", "target_sensitivity")
+        knobs = (*knobs, "loss", "sampler", "target_sensitivity", "threshold_confidence")
     if synthetic:
         if task in GENERATORS:
             base_record["generator"] = GENERATORS[task]

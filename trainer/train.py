@@ -23,8 +23,9 @@
   that match by name and shape are taken (:func:`trainer.models.transfer_encoder`).
 - Classification calibration: after the last epoch ``best.pt`` gets a
   temperature fitted on the validation set and the threshold for the target
-  sensitivity (:func:`trainer.classification.calibrate`), in its
-  post-processing and its training record (``calibration``).
+  sensitivity at ``threshold_confidence``
+  (:func:`trainer.classification.calibrate`), in its post-processing and its
+  training record (``calibration``).
 
 Examples
 --------
@@ -98,6 +99,7 @@ from trainer.evaluate import (
     torch_runner,
 )
 from trainer.models import CAM_STRIDE, TASK_NAMES, CenterNet, Classifier, build_model, transfer_encoder
+from trainer.operating_point import DEFAULT_THRESHOLD_CONFIDENCE, check_confidence
 from trainer.provenance import checkpoint_record, data_record
 
 __all__ = [
@@ -158,7 +160,10 @@ class TrainConfig:
     Classification only: ``loss`` (:data:`~trainer.classification.LOSSES`,
     default ``ce``), ``sampler`` (``balanced``, the default, or ``random``),
     ``target_sensitivity`` (the operating threshold's target on the
-    validation set), ``positive_fraction`` and ``synthetic_shape`` (source
+    validation set), ``threshold_confidence`` (the confidence of that claim:
+    the threshold is the highest whose one-sided Clopper-Pearson lower bound
+    of the validation sensitivity reaches the target; 0 or ``None``: the
+    highest whose validation sensitivity does), ``positive_fraction`` and ``synthetic_shape`` (source
     image size) of the synthetic set; ``labels`` is the one positive label
     (a user's class folder or CSV label).
     """
@@ -196,6 +201,7 @@ class TrainConfig:
     loss: str | None = None
     sampler: str | None = None
     target_sensitivity: float = 0.90
+    threshold_confidence: float | None = DEFAULT_THRESHOLD_CONFIDENCE
     positive_fraction: float = POSITIVE_FRACTION
     synthetic_shape: tuple[int, int] | None = None
 
@@ -253,6 +259,7 @@ class TrainConfig:
             raise ConfigError(f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}.")
         if not 0.0 < self.target_sensitivity <= 1.0:
             raise ConfigError(f"target_sensitivity {self.target_sensitivity} is not in (0, 1].")
+        check_confidence(self.threshold_confidence)  # ConfigError outside [0, 1)
         if not 0.0 < self.positive_fraction < 1.0:
             raise ConfigError(f"positive_fraction {self.positive_fraction} is not between 0 and 1.")
         if self.crop is not None:
@@ -810,6 +817,7 @@ def _classification_record(cfg: TrainConfig, train_labels: np.ndarray) -> dict[s
         "sampler": cfg.sampler_kind,
         "class_counts": {"negative": int(train_labels.size - n_pos), "positive": n_pos},
         "target_sensitivity": cfg.target_sensitivity,
+        "threshold_confidence": check_confidence(cfg.threshold_confidence),
     }
     if cfg.loss_kind == "weighted":
         rec["class_weights"] = [round(float(w), 6) for w in class_weights(train_labels)]
@@ -1058,31 +1066,34 @@ def _finish(cfg: TrainConfig, va: Any, best_path: Path, last_path: Path, is_main
     if cfg.task != "classification":
         return None
     # Every rank computes the same; rank 0 writes.
-    calibration = calibrate_checkpoint(best_path, va, cfg.target_sensitivity, write=is_main)
-    calibrate_checkpoint(last_path, va, cfg.target_sensitivity, write=is_main)
+    confidence = check_confidence(cfg.threshold_confidence)
+    calibration = calibrate_checkpoint(best_path, va, cfg.target_sensitivity, write=is_main, confidence=confidence)
+    calibrate_checkpoint(last_path, va, cfg.target_sensitivity, write=is_main, confidence=confidence)
     if distributed:
         dist.barrier()
     return calibration
 
 
-def calibrate_checkpoint(path: Path, va: ClassificationSet, target_sensitivity: float,
-                         write: bool = True) -> dict[str, Any]:
+def calibrate_checkpoint(path: Path, va: ClassificationSet, target_sensitivity: float, write: bool = True,
+                         confidence: float | None = DEFAULT_THRESHOLD_CONFIDENCE) -> dict[str, Any]:
     """Fit a classifier checkpoint's temperature and threshold on ``va`` and record them in it.
 
-    The checkpoint's ``postprocessing`` gets ``threshold``, ``temperature``
-    and ``target_sensitivity``; its training record gets ``calibration``
-    (:func:`trainer.classification.calibrate`). ``write`` false only
-    computes (the other ranks under ``torchrun``).
+    The checkpoint's ``postprocessing`` gets ``threshold``, ``temperature``,
+    ``target_sensitivity`` and ``target_confidence`` (``None``: the point
+    rule); its training record gets ``calibration``
+    (:func:`trainer.classification.calibrate`, at ``confidence``). ``write``
+    false only computes (the other ranks under ``torchrun``).
     """
     ckpt = load_checkpoint(path)
     logits = predict_logits(torch_runner(model_from_checkpoint(ckpt), "classification"), va.inputs)
-    cal = calibrate(logits, va.labels, target_sensitivity)
+    cal = calibrate(logits, va.labels, target_sensitivity, confidence)
     if write:
         ckpt["postprocessing"] = {
             **dict(ckpt["postprocessing"]),
             "threshold": cal["threshold"],
             "temperature": cal["temperature"],
             "target_sensitivity": cal["target_sensitivity"],
+            "target_confidence": cal["target_confidence"],
         }
         ckpt["training"] = {**dict(ckpt.get("training") or {}), "calibration": cal}
         with atomic_file(path) as fh:

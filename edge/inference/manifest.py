@@ -58,7 +58,9 @@ ARTIFACT_KEYS = PRECISIONS + (INT8_TENSORRT,)
 _COLORS = ("grayscale", "rgb")
 _RESIZE = ("letterbox", "stretch")
 _NORMALIZE = ("minmax", "zscore", "fixed")
-_CLASSIFICATION_POST = ("temperature", "target_sensitivity")
+_CLASSIFICATION_POST = ("temperature", "target_sensitivity", "target_confidence")
+# Detection-only post-processing: left out of the other tasks' JSON (their defaults are never read).
+_DETECTION_POST = ("nms_iou", "max_detections", "stride")
 
 
 def sha256_file(path: Path | str, chunk_bytes: int = 1 << 20) -> str:
@@ -124,9 +126,15 @@ class Postprocessing:
     calibrated probability is ``sigmoid(logits / temperature)`` (one label)
     or ``softmax(logits / temperature)`` (K >= 2 labels); the decision is
     positive when the label's probability is ``>= threshold``, chosen on
-    validation data for ``target_sensitivity``. ``temperature`` and
-    ``target_sensitivity`` belong to classification only (``None`` and left
-    out of the JSON for the other tasks).
+    validation data for ``target_sensitivity``: with ``target_confidence``
+    (e.g. 0.95) as the highest threshold whose one-sided lower confidence
+    bound of the validation sensitivity reaches the target, without it (an
+    older manifest, or ``medge train --threshold-confidence 0``) as the
+    highest whose validation sensitivity does. ``temperature``,
+    ``target_sensitivity`` and ``target_confidence`` belong to
+    classification only (``None`` and left out of the JSON for the other
+    tasks); ``nms_iou``, ``max_detections`` and ``stride`` to detection
+    only (written for detection alone; the defaults fill them in elsewhere).
     """
 
     threshold: float = 0.5
@@ -135,6 +143,7 @@ class Postprocessing:
     stride: int = 4
     temperature: float | None = None
     target_sensitivity: float | None = None
+    target_confidence: float | None = None
 
 
 @dataclass(frozen=True)
@@ -225,6 +234,9 @@ class Manifest:
             d["preprocessing"]["window"] = list(self.preprocessing.window)
         for key in _CLASSIFICATION_POST:  # classification-only fields stay out of the other tasks' JSON
             if d["postprocessing"][key] is None:
+                del d["postprocessing"][key]
+        if self.task != "detection":  # and the detector's out of theirs
+            for key in _DETECTION_POST:
                 del d["postprocessing"][key]
         return d
 
@@ -357,6 +369,9 @@ class Manifest:
         ts = post.target_sensitivity
         if ts is not None and (not isinstance(ts, (int, float)) or not 0.0 < ts <= 1.0):
             raise bad(f"postprocessing.target_sensitivity {ts!r} is not in (0, 1].")
+        tc = post.target_confidence
+        if tc is not None and (isinstance(tc, bool) or not isinstance(tc, (int, float)) or not 0.0 < tc < 1.0):
+            raise bad(f"postprocessing.target_confidence {tc!r} is not in (0, 1).")
 
 
 def scan(engines_dir: Path | str | None = None) -> tuple[dict[str, list[Manifest]], list[tuple[Path, str]]]:

@@ -7,9 +7,10 @@ What it does, in about ``--duration-s`` plus a few seconds:
    results destination) and starts ``medge serve --config`` as a child
    process on the bundled models; waits for ``/readyz``;
 2. streams a simulated ultrasound probe (480x640 uint8, ``--fps``) to the
-   segmentation model, X-ray frames (512x512 uint16, 2 fps) to the
-   detection model and, when a classification model is there
-   (``--cls-model``), labelled X-ray frames with and without nodules to it
+   segmentation model, synthetic chest radiographs (512x512 uint16, 2 fps;
+   :class:`edge.tools.synthetic.Radiographs`, the X-ray models' training
+   generator) to the detection model and, when a classification model is
+   there (``--cls-model``), labelled radiographs with and without nodules to it
    (``--cls-fps``, plus 1 fps asking for the heatmap;
    :mod:`edge.tools.demo_classification`), pipelined, printing a live table
    every second (fps, p50/p99 latency, drops, errors);
@@ -236,7 +237,7 @@ def _stream(args: argparse.Namespace, ports: dict[str, int], seg: str | None, de
             cls_streams: ClassificationStreams | None):
     """Stream to every model for ``--duration-s``; the result, the sources and each stream's model."""
     from edge.tools.loadgen import StreamSpec, Tick, run_load
-    from edge.tools.synthetic import UltrasoundProbe, XrayFrames
+    from edge.tools.synthetic import Radiographs, UltrasoundProbe
 
     specs = []
     sources: dict[str, Any] = {}
@@ -247,7 +248,8 @@ def _stream(args: argparse.Namespace, ports: dict[str, int], seg: str | None, de
         sources["probe-1"] = probe
         specs.append(StreamSpec(name="probe-1", source=probe, model=seg, rate_fps=args.fps, window=8))
     if det:
-        xr = XrayFrames(512, 512, "uint16", seed=3, loop=4)
+        # The detector's own training generator (edge.tools.synthetic_xray), 1-3 nodules per frame.
+        xr = Radiographs(512, 512, "uint16", seed=3, loop=4, nodules=(1, 2, 3, 2))
         sources["xray-1"] = xr
         specs.append(StreamSpec(name="xray-1", source=xr, model=det, rate_fps=args.xray_fps, window=4))
     if cls_streams is not None:

@@ -1,8 +1,10 @@
 """The classification part of ``medge demo``: labelled X-ray streams, their scores, the ROC and a CAM overlay.
 
-Two ZeroMQ streams go to the classification model, both of synthetic X-ray
-frames whose labels are known (:class:`edge.tools.synthetic.XrayFrames` with
-``nodules``: half the frames hold no nodule):
+Two ZeroMQ streams go to the classification model, both of synthetic chest
+radiographs whose labels are known, drawn by the generator the bundled
+classifier was trained on (:class:`edge.tools.synthetic.Radiographs` with
+``nodules``, seeds 21 and 22, which no training, validation or held-out set
+uses: half the frames hold no nodule):
 
 * ``xray-cls-1`` at ``--cls-fps`` with ``want: []`` (the reply carries
   ``classes``, ``decision`` and timing only);
@@ -32,7 +34,7 @@ import zmq
 
 from edge.errors import MedgeError
 from edge.tools.loadgen import LoadResult, StreamSpec
-from edge.tools.synthetic import XrayFrames
+from edge.tools.synthetic import Radiographs
 from edge.tools.zmq_client import ProtocolError, Published, Reply, ZmqSubscriber
 
 if TYPE_CHECKING:
@@ -121,7 +123,7 @@ class ClassificationStreams:
 
     plan: ClassifierPlan
     fps: float
-    sources: dict[str, XrayFrames] = field(init=False)
+    sources: dict[str, Radiographs] = field(init=False)
     scored: list[ScoredFrame] = field(default_factory=list, init=False)
     cam: CamFrame | None = field(default=None, init=False)
     _seen: set[str] = field(default_factory=set, init=False, repr=False)
@@ -130,8 +132,8 @@ class ClassificationStreams:
     def __post_init__(self) -> None:
         if not self.fps > 0:
             raise MedgeError(f"--cls-fps {self.fps} is not > 0.")
-        self.sources = {name: XrayFrames(512, 512, "uint16", seed=_SEEDS[name], loop=_LOOPS[name],
-                                         nodules=_NODULES[name]) for name in (CLS_STREAM, CAM_STREAM)}
+        self.sources = {name: Radiographs(512, 512, "uint16", seed=_SEEDS[name], loop=_LOOPS[name],
+                                          nodules=_NODULES[name]) for name in (CLS_STREAM, CAM_STREAM)}
 
     def specs(self) -> list[StreamSpec]:
         """The two streams for the load generator."""
@@ -214,10 +216,10 @@ def _finding_score(rep: Reply, label: str) -> float | None:
 
 
 def classification_cr(seed: int = 13) -> Dataset:
-    """A CR instance of a synthetic chest X-ray with one nodule (phantom identity), for the DICOM push."""
+    """A CR instance of a synthetic chest radiograph with one nodule (phantom identity), for the DICOM push."""
     from edge.tools.synthetic_dicom import make_cr, phantom_identity
 
-    frame = XrayFrames(512, 512, "uint16", seed=seed, loop=1, nodules=(1,)).frame(0)
+    frame = Radiographs(512, 512, "uint16", seed=seed, loop=1, nodules=(1,)).frame(0)
     ds = make_cr(np.array(frame))
     for key, value in phantom_identity().items():
         setattr(ds, key, value)
@@ -310,9 +312,11 @@ def classification_markdown(section: dict[str, Any], files: dict[str, str]) -> l
           f"{section['threshold']:.4g}: sensitivity {pct(section['sensitivity'])}, specificity "
           f"{pct(section['specificity'])} (TP {c['tp']}, FP {c['fp']}, TN {c['tn']}, FN {c['fn']}); decisions: "
           f"{section['decisions']['positive']} present, {section['decisions']['negative']} absent.",
-          "The simulator is not the model's training distribution and the frames are few: this shows the "
-          "scores, decisions and maps travel end to end, not the model's accuracy (its held-out metrics are in "
-          "its manifest and model card).", ""]
+          "The frames come from the generator the model was trained on (seeds no training, validation or "
+          "held-out set uses), but they are few, half of them positive, and repeat in runs longer than the loop: "
+          "this shows the scores, decisions and maps travel end to end and agree with the model's held-out "
+          "behaviour, not a measurement of its accuracy (its held-out metrics, with confidence intervals, are "
+          "in its manifest and model card).", ""]
     if "roc_classification" in files:
         md += ["![ROC](roc_classification.png)", ""]
     cam = section.get("cam_frame")

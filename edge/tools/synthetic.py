@@ -6,6 +6,12 @@ hypoechoic lesion) and X-ray-like frames (a chest-like background with ribs
 and a few bright nodules). They are made to exercise the pipeline and look
 plausible in a report, not to be realistic. All randomness is seeded.
 
+:class:`Radiographs` is different: its frames are the synthetic chest
+radiographs the bundled X-ray models were trained on
+(:func:`edge.tools.synthetic_xray.make_xray`, the trainer's own generator,
+which lives in ``edge`` for this), so what the models say about them is what
+their held-out metrics lead one to expect; the demo streams those.
+
 A probe pre-renders a short loop of frames (``loop`` frames, default 32) so
 that streaming at 30-60 fps costs the client almost no CPU; the loop is
 continuous (the lesion's path is periodic).
@@ -28,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["UltrasoundProbe", "XrayFrames", "make_source"]
+__all__ = ["UltrasoundProbe", "XrayFrames", "Radiographs", "make_source"]
 
 
 def _to_dtype(x: np.ndarray, dtype: str, full_scale: float | None = None) -> np.ndarray:
@@ -248,6 +254,88 @@ class XrayFrames:
 
 #: Most nodules one synthetic X-ray frame may hold.
 MAX_XRAY_NODULES = 8
+#: Most pixels one :class:`Radiographs` renders over its loop (bounded before allocating).
+MAX_RADIOGRAPH_PIXELS = 64 * 512 * 512
+
+
+@dataclass
+class Radiographs:
+    """Synthetic chest radiographs from the generator the bundled X-ray models were trained on.
+
+    Frame ``j`` is :func:`edge.tools.synthetic_xray.make_xray` drawn from
+    ``sample_rng(seed, j)`` (so with the default ``uint16`` it is the very
+    image sample ``j`` of the trainer's synthetic set with that seed and
+    nodule count): body, lungs, ribs, clavicles, heart, vessel texture,
+    detector blur and noise, nodules with irregular margins.
+    ``truth(i)`` returns the nodule boxes as ``(x0, y0, x1, y1)`` tuples.
+
+    Parameters
+    ----------
+    height, width : int
+        Frame size in pixels (32 to 4096 each; the generator's default is 512 x 512).
+    dtype : str
+        ``uint16`` (the generator's 12-bit values, unchanged), ``uint8``,
+        ``int16`` or ``float32`` (the same image rescaled, as :class:`XrayFrames`).
+    seed : int
+        Seed of all randomness.
+    loop : int
+        Number of distinct frames rendered (about 0.1-0.2 s each at 512 x 512
+        on one core); frame ``i`` is ``i % loop``.
+    nodules : sequence of int, optional
+        Nodules asked for in each rendered frame, repeated over the loop
+        (each in 0..8; 0 is a frame without a finding, a known negative for
+        a classifier). By default the generator draws 0-4. A nodule that
+        finds no free place in the lungs is left out (rare), so ``truth`` and
+        ``label`` are what the frame holds.
+
+    Examples
+    --------
+    >>> xr = Radiographs(64, 64, seed=1, loop=2, nodules=(0, 1))
+    >>> xr.frame(0).dtype, xr.label(0), len(xr.truth(1)) <= 1
+    (dtype('uint16'), False, True)
+    """
+
+    height: int = 512
+    width: int = 512
+    dtype: str = "uint16"
+    seed: int = 0
+    loop: int = 8
+    nodules: Sequence[int] | None = None
+    _frames: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
+    _boxes: list[list[tuple[float, float, float, float]]] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from edge.tools.synthetic_xray import make_xray, sample_rng
+
+        if not (32 <= self.height <= 4096 and 32 <= self.width <= 4096):
+            raise ValueError(f"Frame size {self.height}x{self.width} is not within 32..4096 per side.")
+        if not 1 <= self.loop or self.loop * self.height * self.width > MAX_RADIOGRAPH_PIXELS:
+            raise ValueError(f"loop {self.loop} of {self.height}x{self.width} frames is not within 1 frame and "
+                             f"{MAX_RADIOGRAPH_PIXELS} pixels.")
+        if self.dtype not in ("uint16", "uint8", "int16", "float32"):
+            raise ValueError(f"dtype {self.dtype!r} is not one of uint8, uint16, int16, float32.")
+        if self.nodules is not None:
+            self.nodules = _nodule_counts(self.nodules)
+        for j in range(self.loop):
+            count = None if self.nodules is None else self.nodules[j % len(self.nodules)]
+            img, boxes = make_xray(sample_rng(self.seed, j), (self.height, self.width), nodules=count)
+            frame = img if self.dtype == "uint16" else _to_dtype(img.astype(np.float32) / 4095.0, self.dtype)
+            self._frames.append(frame)
+            self._boxes.append([(float(b[0]), float(b[1]), float(b[2]), float(b[3])) for b in boxes])
+
+    def frame(self, i: int) -> np.ndarray:
+        """Frame ``i`` (read-only; the loop repeats)."""
+        f = self._frames[i % self.loop]
+        f.flags.writeable = False
+        return f
+
+    def truth(self, i: int) -> list[tuple[float, float, float, float]]:
+        """Nodule boxes of frame ``i`` in pixels."""
+        return self._boxes[i % self.loop]
+
+    def label(self, i: int) -> bool:
+        """Whether frame ``i`` holds a nodule (the known label of a present/absent classifier)."""
+        return bool(self._boxes[i % self.loop])
 
 
 def _nodule_counts(nodules: Sequence[int]) -> tuple[int, ...]:

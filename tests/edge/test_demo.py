@@ -18,7 +18,8 @@ from edge.inference.manifest import default_engines_dir
 from edge.tools.demo_classification import resolve_classifier
 from edge.tools.plots import overlay_heatmap
 from edge.tools.roc import operating_point, roc_auc, roc_points
-from edge.tools.synthetic import XrayFrames
+from edge.tools.synthetic import Radiographs, XrayFrames
+from edge.tools.synthetic_xray import make_xray, sample_rng
 
 
 def _check_png(path: Path) -> None:
@@ -93,7 +94,10 @@ def test_demo_on_bundled_models_without_dicom(tmp_path: Path, capsys) -> None:
     assert (models["segmentation"], models["detection"]) == ("us-lesion-seg", "xray-nodule-det")
     assert summary["dicom"]["status"].startswith("skipped")
     if (default_engines_dir() / "xray-nodule-cls" / "manifest.json").is_file():
-        _check_classification(report, summary, "xray-nodule-cls")
+        c = _check_classification(report, summary, "xray-nodule-cls")
+        # The frames are the classifier's training generator's: it tells them apart (before, on frames of
+        # a look-alike simulator, the demo could call every frame positive).
+        assert c["confusion"]["tp"] > 0 and c["confusion"]["tn"] > 0
     else:  # skipped with a note
         assert models["classification"] is None
         assert summary["classification"]["status"].startswith("classification stream skipped")
@@ -123,6 +127,25 @@ def test_xray_frames_nodules_give_known_labels() -> None:
     for bad in ((), (9,), (-1,), (True,), (1.5,)):
         with pytest.raises(ValueError):
             XrayFrames(64, 64, nodules=bad)
+
+
+def test_radiographs_are_the_training_generator_with_known_labels() -> None:
+    xr = Radiographs(96, 96, "uint16", seed=4, loop=4, nodules=(0, 1, 2, 0))
+    for j in range(4):  # frame j is sample j of the seed, as the trainer draws it
+        img, boxes = make_xray(sample_rng(4, j), (96, 96), nodules=(0, 1, 2, 0)[j])
+        assert np.array_equal(xr.frame(j), img) and xr.truth(j) == [tuple(map(float, b)) for b in boxes]
+    assert [xr.label(i) for i in (0, 3, 4)] == [False, False, False] and not xr.frame(0).flags.writeable
+    assert xr.label(1) == bool(xr.truth(1)) and len(xr.truth(2)) <= 2
+    raw = Radiographs(96, 96, "uint16", seed=4, loop=1, nodules=(1,)).frame(0).astype(np.float32) / 4095.0
+    as8 = Radiographs(96, 96, "uint8", seed=4, loop=1, nodules=(1,)).frame(0)
+    f32 = Radiographs(96, 96, "float32", seed=4, loop=1, nodules=(1,)).frame(0)
+    assert np.array_equal(f32, raw) and np.array_equal(as8, (raw * 255.0 + 0.5).astype(np.uint8))  # rescaled
+    drawn = Radiographs(64, 64, seed=5, loop=2)  # without ``nodules``: the generator's own 0-4
+    assert drawn.truth(1) == [tuple(map(float, b)) for b in make_xray(sample_rng(5, 1), (64, 64))[1]]
+    for bad in ({"nodules": (9,)}, {"height": 16}, {"width": 5000}, {"loop": 0}, {"dtype": "int8"},
+                {"loop": 10_000}):
+        with pytest.raises(ValueError):
+            Radiographs(**{"height": 64, "width": 64, **bad})
 
 
 def test_roc_auc_is_the_mann_whitney_statistic_with_ties() -> None:

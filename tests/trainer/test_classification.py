@@ -7,6 +7,7 @@ against each other and a step takes ten times as long.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -191,6 +192,30 @@ def test_run_records_loss_sampler_and_calibration(cls_checkpoint: Path, tmp_path
     assert post["temperature"] == cal["temperature"] > 0 and post["threshold"] == cal["threshold"]
     assert post["target_sensitivity"] == 0.9 and cal["sensitivity"] >= 0.9 and cal["n_positive"] == 6
     assert load_checkpoint(cls_checkpoint.parent / "last.pt")["postprocessing"]["temperature"] > 0
+    # The default rule: a 95 % lower bound of the validation sensitivity; 6 positives cannot carry 0.90
+    # (6 of 6 bounds it at 0.05 ** (1 / 6) = 0.607), so the threshold calls every validation positive.
+    assert post["target_confidence"] == cal["target_confidence"] == 0.95 == rec["threshold_confidence"]
+    assert cal["method"] == "clopper-pearson" and cal["sensitivity"] == 1.0 and cal["target_met"] is False
+    assert cal["sensitivity_lower_bound"] == pytest.approx(0.05 ** (1 / 6))
+
+
+def test_threshold_confidence_zero_is_the_point_rule(tmp_path: Path, cache_dir: str) -> None:
+    from trainer.cli_train import configure_parser
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    args = parser.parse_args(["--task", "classification", "--out", str(tmp_path), "--threshold-confidence", "0"])
+    assert args.threshold_confidence == 0.0
+    assert parser.parse_args(["--task", "classification", "--out", "x"]).threshold_confidence == 0.95
+    ck = load_checkpoint(train(cls_config(tmp_path, cache_dir, n_train=12, n_val=10,
+                                          threshold_confidence=args.threshold_confidence)).last_checkpoint)
+    cal, post = ck["training"]["calibration"], ck["postprocessing"]
+    assert cal["method"] == "point" and cal["target_confidence"] is None and post["target_confidence"] is None
+    assert cal["sensitivity_lower_bound"] is None and cal["target_met"] is True
+    assert ck["training"]["threshold_confidence"] is None and ck["config"]["threshold_confidence"] == 0.0
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ConfigError, match="confidence"):
+            train(cls_config(tmp_path / "bad", cache_dir, threshold_confidence=bad))
 
 
 def test_classification_settings_are_checked(tmp_path: Path, cache_dir: str) -> None:
@@ -231,6 +256,27 @@ def test_manifest_checks_classification_calibration() -> None:
         Manifest.from_dict({**d, "task": "detection", "outputs": ["heatmap", "size", "offset"]})
 
 
+def test_manifest_target_confidence_is_optional_and_checked() -> None:
+    det = Manifest.load(default_engines_dir() / "xray-nodule-det").to_dict()
+    post = {"threshold": 0.06, "temperature": 0.5, "target_sensitivity": 0.9}
+    d = {**det, "task": "classification", "outputs": ["logits", "cam"], "postprocessing": post}
+    old = Manifest.from_dict(d)  # a manifest from before the key: the point rule
+    assert old.postprocessing.target_confidence is None and "target_confidence" not in old.to_dict()["postprocessing"]
+    new = Manifest.from_dict({**d, "postprocessing": {**post, "target_confidence": 0.95}})
+    assert new.postprocessing.target_confidence == 0.95
+    assert Manifest.from_dict(new.to_dict()) == new  # round trip
+    # Only a detector carries the NMS fields: a classifier's (and a segmenter's) JSON leaves them out.
+    assert set(new.to_dict()["postprocessing"]) == {"threshold", "temperature", "target_sensitivity",
+                                                     "target_confidence"}
+    seg = Manifest.load(default_engines_dir() / "us-lesion-seg")
+    assert set(seg.to_dict()["postprocessing"]) == {"threshold"}
+    for bad in (1.0, 0.0, -0.5, "0.95", True):
+        with pytest.raises(ModelError, match="target_confidence"):
+            Manifest.from_dict({**d, "postprocessing": {**post, "target_confidence": bad}})
+    with pytest.raises(ModelError, match="for classification"):
+        Manifest.from_dict({**det, "postprocessing": {**det["postprocessing"], "target_confidence": 0.95}})
+
+
 def test_export_then_evaluate(tmp_path: Path, cls_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import onnx
 
@@ -243,7 +289,10 @@ def test_export_then_evaluate(tmp_path: Path, cls_checkpoint: Path, capsys: pyte
     assert {"fp32", "fp16"} <= set(man.artifacts)
     assert man.postprocessing.temperature == ck["postprocessing"]["temperature"]
     assert man.postprocessing.threshold == ck["postprocessing"]["threshold"]
-    assert man.postprocessing.target_sensitivity == 0.9
+    assert man.postprocessing.target_sensitivity == 0.9 and man.postprocessing.target_confidence == 0.95
+    written = json.loads((tmp_path / "eng" / "manifest.json").read_text())["postprocessing"]
+    assert set(written) == {"threshold", "temperature", "target_sensitivity", "target_confidence"}  # no NMS fields
+    assert man.training["config"]["threshold_confidence"] == 0.95
     graph = onnx.load(str(man.artifact_path("fp32"))).graph
     assert [o.name for o in graph.output] == ["logits", "cam"]
     assert man.training["onnx_parity_max_abs_diff"] <= man.training["onnx_parity_tolerance"]
@@ -302,3 +351,22 @@ def test_users_class_folders_train_split_export_and_evaluate(tmp_path: Path, cac
     assert main(["evaluate", str(r.best_checkpoint), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["pytorch"]["n"] == 3 and out["pytorch"]["tp"] + out["pytorch"]["fn"] == sum("present/" in h for h in held)
+
+
+@pytest.mark.parametrize("confidence, expected", [("absent", 0.95), (0.0, None)])
+def test_export_calibrates_an_uncalibrated_checkpoint_at_its_confidence(
+        tmp_path: Path, cls_checkpoint: Path, confidence: object, expected: float | None) -> None:
+    """A checkpoint without a calibration (older, or a mid-run copy) is calibrated at export, by its config's
+    ``threshold_confidence`` (a config from before the setting: the default, 0.95)."""
+    from trainer.export import export_checkpoint
+
+    ck = load_checkpoint(cls_checkpoint)
+    ck["postprocessing"] = {**ck["postprocessing"], "temperature": None, "target_confidence": None}
+    ck["training"] = {k: v for k, v in ck["training"].items() if k != "calibration"}
+    ck["config"] = {k: v for k, v in ck["config"].items() if k != "threshold_confidence"}
+    if confidence != "absent":
+        ck["config"]["threshold_confidence"] = confidence
+    path = tmp_path / "uncalibrated.pt"
+    torch.save(ck, path)
+    man = export_checkpoint(path, tmp_path / "eng", "cls", fp16=False, evaluate=False)
+    assert man.postprocessing.temperature is not None and man.postprocessing.target_confidence == expected

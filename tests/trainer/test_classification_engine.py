@@ -58,11 +58,18 @@ def test_heldout_metrics_have_cis_and_the_operating_point_holds(manifest: Manife
     assert m["sensitivity_ci95_hi"] >= 0.90  # the target is at least inside the held-out CI
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 14 asks for held-out sensitivity >= 0.90; the bundled model, thresholded on validation for 0.90, "
-    "has 0.867 (52/60, CI 0.776-0.948) on the held-out set: known shortfall, see docs/models/xray-nodule-cls.md"))
 def test_heldout_sensitivity_meets_the_target(manifest: Manifest) -> None:
-    assert manifest.metrics["fp32"]["sensitivity"] >= 0.90  # held-out sensitivity at the recorded threshold
+    """Issue 14: held-out sensitivity >= 0.90 at the recorded threshold (and its recorded specificity).
+
+    The threshold is chosen on validation only, as the highest whose one-sided 95 % Clopper-Pearson lower
+    bound of the validation sensitivity reaches 0.90 (86 of the 90 validation positives called).
+    """
+    post, cal = manifest.postprocessing, manifest.training["calibration"]
+    assert post.target_sensitivity == 0.90 and post.target_confidence == 0.95
+    assert cal["method"] == "clopper-pearson" and cal["target_met"] and cal["sensitivity_lower_bound"] >= 0.90
+    m = manifest.metrics["fp32"]
+    assert m["sensitivity"] >= 0.90  # held-out sensitivity at the recorded threshold
+    assert m["specificity"] == pytest.approx(m["tn"] / (m["tn"] + m["fp"]))
 
 
 @pytest.mark.parametrize("record", ["quantization", "quantization_tensorrt"])

@@ -251,22 +251,23 @@ def test_bad_input_is_an_explicit_error(call, error) -> None:
 # ------------------------------------------------------------------ threshold
 def test_choose_threshold_by_hand() -> None:
     # Positive scores .9 .8 .6 .3: 0.75 sensitivity needs 3 of them, so the 3rd highest, 0.6.
-    got = choose_threshold(Y8, P8, target_sensitivity=0.75)
-    assert got == {"threshold": 0.6, "sensitivity": 0.75, "specificity": 0.75, "target_sensitivity": 0.75}
-    assert choose_threshold(Y8, P8, target_sensitivity=1.0)["threshold"] == 0.3
-    assert choose_threshold(Y8, P8, target_sensitivity=0.76)["threshold"] == 0.3
+    got = choose_threshold(Y8, P8, target_sensitivity=0.75, confidence=None)
+    assert got == {"threshold": 0.6, "sensitivity": 0.75, "specificity": 0.75, "target_sensitivity": 0.75,
+                   "confidence": None, "method": "point", "sensitivity_lower_bound": None, "target_met": True}
+    assert choose_threshold(Y8, P8, target_sensitivity=1.0, confidence=0)["threshold"] == 0.3
+    assert choose_threshold(Y8, P8, target_sensitivity=0.76, confidence=0)["threshold"] == 0.3
 
 
 def test_choose_threshold_exact_fraction_is_not_overshot() -> None:
     y = np.r_[np.ones(25, int), np.zeros(5, int)]
     p = np.r_[np.linspace(0.95, 0.5, 25), np.full(5, 0.1)]
-    got = choose_threshold(y, p, target_sensitivity=0.28)  # 0.28 * 25 is 7.000000000000001 in floating point
+    got = choose_threshold(y, p, target_sensitivity=0.28, confidence=None)  # 0.28 * 25 is 7.000000000000001 in floating point
     assert got["threshold"] == p[6] and got["sensitivity"] == 7 / 25 == 0.28
 
 
 def test_choose_threshold_is_the_highest_meeting_the_target() -> None:
     y, p = sample_set(500, 13)
-    got = choose_threshold(y, p, 0.9)
+    got = choose_threshold(y, p, 0.9, confidence=None)
 
     def sens(t: float) -> float:
         return float(np.mean(p[y == 1] >= t))
@@ -363,12 +364,14 @@ def test_threshold_falls_as_the_target_rises(data, a: float, b: float) -> None:
     if y.sum() == 0:
         return
     lo, hi = sorted((a, b))
-    at_lo, at_hi = choose_threshold(y, p, lo), choose_threshold(y, p, hi)
+    at_lo, at_hi = choose_threshold(y, p, lo, confidence=None), choose_threshold(y, p, hi, confidence=None)
     assert at_hi["threshold"] <= at_lo["threshold"]
     assert at_lo["sensitivity"] >= lo and at_hi["sensitivity"] >= hi
     assert at_hi["sensitivity"] >= at_lo["sensitivity"]
     higher = p[(y == 1) & (p > at_lo["threshold"])]  # the next positive score up misses the target
     assert higher.size == 0 or np.mean(p[y == 1] >= higher.min()) < lo
+    # The confidence-bound rule (the default) falls with the target too.
+    assert choose_threshold(y, p, hi)["threshold"] <= choose_threshold(y, p, lo)["threshold"]
 
 
 # ---------------------------------------------------------------------- plots
