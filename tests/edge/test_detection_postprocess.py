@@ -1,8 +1,10 @@
 """Detection post-processing (:func:`edge.inference.postprocess.decode_detections`) against a reference.
 
-The daemon's decoder is vectorised (peaks tested only above the threshold,
-a 3x3 maximum filter, a partial top-k, one class-aware IoU matrix). It must
-give exactly the boxes of the straightforward decoder kept below
+The daemon's decoder (:mod:`edge.inference.detection`: peaks tested only
+above the threshold, then a few peaks decoded in Python floats or many
+vectorised, with a partial top-k and one class-aware IoU matrix; the two
+paths are held to each other bit for bit in ``test_detection_fast_path.py``)
+must give exactly the boxes of the straightforward decoder kept below
 (:func:`reference_decode`: full-plane peak mask, a stable sort of every
 peak, greedy NMS one box at a time per class, a final sort by score): same
 boxes, same order, same floats to 1e-6, on the bundled detector's outputs
@@ -242,7 +244,7 @@ def test_ties_at_the_top_k_cut_keep_the_first_cells() -> None:
 @given(st.integers(0, 2**32 - 1), st.integers(1, 300), st.integers(0, 400), st.integers(1, 4))
 def test_top_candidates_is_a_stable_sort_cut(seed: int, n: int, limit: int, levels: int) -> None:
     """The partial top-k gives ``np.argsort(-scores, kind="stable")[:limit]``, ties at the cut included."""
-    from edge.inference.postprocess import _top_candidates
+    from edge.inference.detection import _top_candidates
 
     scores = (np.random.default_rng(seed).integers(0, levels + 1, size=n) / levels).astype(np.float32)
     np.testing.assert_array_equal(_top_candidates(scores, limit), np.argsort(-scores, kind="stable")[:limit])
