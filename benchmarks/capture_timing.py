@@ -82,7 +82,8 @@ def encode_cine(path_stem: Path, fps: int, height: int, width: int, frames: int 
     return path
 
 
-def _config(tmp: Path, engines: Path, model: str, cine: Path, precision: str, spin_us: int | None = None) -> Any:
+def _config(tmp: Path, engines: Path, model: str, cine: Path, precision: str, spin_us: int | None = None,
+            max_batch: int | None = None) -> Any:
     path = tmp / "medge.toml"
     path.write_text(
         f'engines_dir = "{engines}"\nspool_dir = "{tmp / "spool"}"\n'
@@ -90,6 +91,7 @@ def _config(tmp: Path, engines: Path, model: str, cine: Path, precision: str, sp
         f'[dicom]\nenabled = false\n[[models]]\nname = "{model}"\n'
         + (f'precision = "{precision}"\n' if precision else "")
         + (f"spin_us = {spin_us}\n" if spin_us is not None else "")
+        + (f"max_batch = {max_batch}\n" if max_batch is not None else "")
         +
         f'[[capture]]\nname = "probe"\nsource = "{cine}"\nmodel = "{model}"\nloop = true\n',
         encoding="utf-8",
@@ -228,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="", help="[[models]] precision (default: the configuration's default)")
     ap.add_argument("--spin-us", type=int, default=None,
                     help="[[models]] spin_us (default: the configuration's default, 1000)")
+    ap.add_argument("--max-batch", type=int, default=None,
+                    help="[[models]] max_batch (default: the [scheduler] value, 4)")
     ap.add_argument("--engines-dir", type=Path, default=default_engines_dir())
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
@@ -238,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     date = dt.datetime.now(dt.timezone.utc)
     with tempfile.TemporaryDirectory(prefix="medge-capture-") as tmp:
         cine = encode_cine(Path(tmp) / "cine", args.fps, h, w)
-        with Daemon(_config(Path(tmp), args.engines_dir, args.model, cine, args.precision, args.spin_us)) as daemon:
+        with Daemon(_config(Path(tmp), args.engines_dir, args.model, cine, args.precision, args.spin_us, args.max_batch)) as daemon:
             assert daemon.scheduler is not None
             policy = daemon.scheduler.policy(args.model)
             backlog, in_batches = policy.stream_backlog, policy.max_batch * policy.workers
@@ -259,10 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         "date_utc": date.isoformat(timespec="seconds"), "machine": machine, "pyav": av.__version__,
         "source": f"synthetic ultrasound {h}x{w} uint8, {cine.suffix} "
                   f"({'H.264' if cine.suffix == '.ts' else 'MJPEG'}), "
-                  f"{args.fps} fps, looped", "model": args.model, "precision": precision, "spin_us": args.spin_us,
+                  f"{args.fps} fps, looped", "model": args.model, "precision": precision, "spin_us": args.spin_us, "max_batch": args.max_batch,
         "stream_backlog": backlog, "measured": measured, "targets": targets,
     }
-    tag = (f"-{precision}" if args.precision else "") + (f"-spin{args.spin_us}" if args.spin_us is not None else "")
+    tag = ((f"-{precision}" if args.precision else "") + (f"-spin{args.spin_us}" if args.spin_us is not None else "")
+           + (f"-batch{args.max_batch}" if args.max_batch is not None else ""))
     stem = f"{date:%Y-%m-%d}-{machine['host'] or 'host'}-capture-timing{tag}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
