@@ -342,6 +342,15 @@ class Daemon:
             return
         self._stopped = True
         self._ready = False
+        try:
+            self._shut_down()
+        finally:
+            if self._heap_frozen:  # whatever failed above: the start-up heap is this daemon's to release
+                self._heap_frozen = False
+                _release_startup_heap()
+
+    def _shut_down(self) -> None:
+        """The steps of :meth:`close`, in order, each within the shutdown budget."""
         t0 = time.monotonic()
         budget = self.config.shutdown_timeout_s
         for src in self.captures:
@@ -374,9 +383,6 @@ class Daemon:
         if self.health is not None:
             self.health.close()
         self.models.close()
-        if self._heap_frozen:
-            gc.unfreeze()  # start-up objects become collectable again (an in-process restart, the tests)
-            self._heap_frozen = False
         if self.scheduler is not None:
             _log.info(
                 "medge stopped in %.2f s: %d frames accepted, %d answered.",
@@ -540,12 +546,30 @@ def _freeze_startup_heap() -> bool:
     (more than a 30 fps frame's whole budget beside inference). After
     ``gc.freeze()`` a full collection walks only what was allocated since
     (``gc.get_freeze_count()`` says how many objects were moved). Returns
-    True (``close`` unfreezes them).
+    True; :func:`_release_startup_heap` undoes it when the last daemon of
+    the process closes (``gc.unfreeze()`` is process-wide: it also releases
+    what the host application froze itself).
     """
-    gc.collect()
-    gc.freeze()
+    global _FREEZE_HOLDERS
+    with _FREEZE_LOCK:
+        gc.collect()
+        gc.freeze()
+        _FREEZE_HOLDERS += 1
     _log.debug("Start-up heap frozen: %d objects left out of garbage collection.", gc.get_freeze_count())
     return True
+
+
+def _release_startup_heap() -> None:
+    """One daemon's share of :func:`_freeze_startup_heap`: unfreeze when no running daemon holds it."""
+    global _FREEZE_HOLDERS
+    with _FREEZE_LOCK:
+        _FREEZE_HOLDERS = max(0, _FREEZE_HOLDERS - 1)
+        if _FREEZE_HOLDERS == 0:
+            gc.unfreeze()  # start-up objects become collectable again (an in-process restart, the tests)
+
+
+_FREEZE_LOCK = threading.Lock()
+_FREEZE_HOLDERS = 0  # daemons of this process that froze the heap and have not closed
 
 
 def _start_dicom(cfg: MedgeConfig, service: Scheduler, registry: CollectorRegistry) -> Any:

@@ -152,7 +152,7 @@ def sensitivity_lower_bound(hits: int, n: int, confidence: float) -> float:
     if k == n:
         return alpha ** (1.0 / n)
     log_coef = _log_binomial_coefficients(n)
-    lo, hi = 0.0, k / n  # the tail at p = k / n is at least about one half > alpha
+    lo, hi = 0.0, 1.0  # the tail is 0 at p = 0 and 1 at p = 1 (k >= 1): the bound lies between, at any alpha
     for _ in range(_MAX_BISECTIONS):
         if hi - lo <= _BOUND_TOLERANCE:
             break

@@ -59,6 +59,8 @@ _COLORS = ("grayscale", "rgb")
 _RESIZE = ("letterbox", "stretch")
 _NORMALIZE = ("minmax", "zscore", "fixed")
 _CLASSIFICATION_POST = ("temperature", "target_sensitivity", "target_confidence")
+#: The most boxes a detection manifest may ask for (the decoder's NMS is quadratic in 4x this).
+MAX_DETECTIONS = 1000
 # Detection-only post-processing: left out of the other tasks' JSON (their defaults are never read).
 _DETECTION_POST = ("nms_iou", "max_detections", "stride")
 
@@ -349,9 +351,22 @@ class Manifest:
                 raise bad(f"artifact key {prec!r} is not one of {ARTIFACT_KEYS}.")
         if "fp32" not in self.artifacts:
             raise bad("there is no fp32 artifact.")
-        if self.task == "detection" and set(self.outputs) != {"heatmap", "size", "offset"}:
-            raise bad(f"detection outputs {list(self.outputs)} are not heatmap, size, offset.")
+        if self.task == "detection":
+            self._validate_detection(bad)
         self._validate_classification(bad)
+
+    def _validate_detection(self, bad: Callable[[str], ModelError]) -> None:
+        """Detection outputs and the decoder's bounds (NMS builds an n x n matrix of 4 x max_detections)."""
+        if set(self.outputs) != {"heatmap", "size", "offset"}:
+            raise bad(f"detection outputs {list(self.outputs)} are not heatmap, size, offset.")
+        post = self.postprocessing
+        md, stride, iou = post.max_detections, post.stride, post.nms_iou
+        if isinstance(md, bool) or not isinstance(md, int) or not 1 <= md <= MAX_DETECTIONS:
+            raise bad(f"postprocessing.max_detections {md!r} is not an integer in [1, {MAX_DETECTIONS}].")
+        if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= 64:
+            raise bad(f"postprocessing.stride {stride!r} is not an integer in [1, 64].")
+        if isinstance(iou, bool) or not isinstance(iou, (int, float)) or not 0.0 <= iou <= 1.0:
+            raise bad(f"postprocessing.nms_iou {iou!r} is not in [0, 1].")
 
     def _validate_classification(self, bad: Callable[[str], ModelError]) -> None:
         """Classification outputs and calibration; the other tasks carry no calibration fields."""

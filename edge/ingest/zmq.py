@@ -95,6 +95,9 @@ SOURCE = "zmq"
 _LOOP_FAILURES_MAX = 50  # consecutive I/O loop failures before it gives up (and healthy() is False)
 _SOCKET_LINGER_MS = 500
 _BATCH_RECV = 256  # messages drained per wake-up before workers get the socket lock
+#: Frames kept of one message (identity, delimiter, header, pixels, and some to spare); the rest are let go
+#: as they are read, so a message of millions of empty frames costs no memory here (answered payload_size).
+_MAX_FRAMES = 8
 
 
 def _input_waiting(sock: zmq.Socket) -> bool:
@@ -475,11 +478,28 @@ class ZmqServer:
             except zmq.Again:  # not expected after ZMQ_EVENTS said POLLIN
                 return False
             frames = [frame]
+            total = 1
             while frame.more:  # the rest of a multipart message is already there (atomic delivery)
                 frame = router.recv(zmq.NOBLOCK, copy=False)
-                frames.append(frame)
-            self._handle(frames)
+                total += 1
+                if total <= _MAX_FRAMES:  # the rest is read and let go: a message's frame count is unbounded
+                    frames.append(frame)
+            if total > _MAX_FRAMES:
+                self._refuse_frame_count(frames, total)
+            else:
+                self._handle(frames)
         return _input_waiting(router)
+
+    def _refuse_frame_count(self, frames: list[zmq.Frame], total: int) -> None:
+        """Answer a message of more than ``_MAX_FRAMES`` frames (the identity included) ``payload_size``, unread."""
+        envelope = [frames[0].bytes]
+        if len(frames) > 1 and len(frames[1]) == 0:  # a REQ client's delimiter
+            envelope.append(b"")
+        self._reply_error(
+            envelope, None, "payload_size",
+            f"The message has {total - 1} frames; a request has at most 3 (an optional empty delimiter, the header, "
+            "the pixels).", None, None, None,
+        )
 
     def _reply_error(
         self,

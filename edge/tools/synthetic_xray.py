@@ -55,6 +55,8 @@ __all__ = [
 XRAY_SHAPE = (512, 512)
 #: Most nodules one radiograph may be asked for.
 MAX_NODULES = 8
+#: Sides :func:`make_xray` accepts; its working memory is about 90 bytes per pixel (1.5 GB at 4096 x 4096).
+MIN_SIDE, MAX_SIDE = 16, 4096
 #: A present case's nodule count: the generator's own distribution of 1-4 given at least one.
 PRESENT_COUNTS = np.array([1, 2, 3, 4])
 PRESENT_P = np.array([0.35, 0.25, 0.15, 0.10]) / 0.85
@@ -280,6 +282,10 @@ def make_xray(
         ``float32`` ``[M, 4]`` nodule boxes (x0, y0, x1, y1), ``M`` in 0..4
         (at most ``nodules`` when given).
     """
+    if (not isinstance(shape, (tuple, list)) or len(shape) != 2
+            or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in shape)
+            or not all(MIN_SIDE <= d <= MAX_SIDE for d in shape)):
+        raise DataError(f"shape {shape!r} is not (height, width) with each side in {MIN_SIDE}..{MAX_SIDE}.")
     if nodules is not None and not 0 <= nodules <= MAX_NODULES:
         raise DataError(f"nodules {nodules} is not in 0..{MAX_NODULES}.")
     h, w = shape

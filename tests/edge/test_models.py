@@ -249,3 +249,17 @@ def test_registry_refuses_a_model_configured_twice(fixture_engines: Path) -> Non
     )
     with pytest.raises(ModelError, match="configured twice"):
         ModelRegistry.from_config(cfg, warmup=False)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("max_detections", 0), ("max_detections", 10**6), ("max_detections", 3.0), ("max_detections", True),
+    ("stride", 0), ("stride", -4), ("stride", 1.5), ("nms_iou", -0.1), ("nms_iou", 1.5), ("nms_iou", "0.5"),
+])
+def test_detection_manifest_bounds_the_decoder(key: str, value: object) -> None:
+    """NMS is quadratic in 4 x max_detections: a manifest asking for a million boxes is refused at load."""
+    from edge.inference.manifest import Manifest
+
+    d = Manifest.load(default_engines_dir() / "xray-nodule-det").to_dict()
+    assert Manifest.from_dict(d).postprocessing.max_detections == 20  # the bundled one loads
+    with pytest.raises(ModelError, match=key):
+        Manifest.from_dict({**d, "postprocessing": {**d["postprocessing"], key: value}})

@@ -375,3 +375,28 @@ def test_startup_heap_is_frozen_while_serving_and_released_on_close(fixture_engi
     finally:
         d.close()
     assert gc.get_freeze_count() == 0
+
+
+def test_heap_stays_frozen_while_another_daemon_serves_and_after_a_failed_close(fixture_engines: Path) -> None:
+    """The freeze is released by the last daemon to close, also when a step of close() raises."""
+    import gc
+
+    gc.unfreeze()
+    a = Daemon(load_config(None, env=_env(fixture_engines))).start()
+    b = Daemon(load_config(None, env=_env(fixture_engines))).start()
+    try:
+        a.close()
+        assert gc.get_freeze_count() > 10_000  # b still serves: its heap stays out of the collector's way
+        real_close = b.models.close
+
+        def boom() -> None:
+            real_close()
+            raise RuntimeError("closing the models failed")
+
+        b.models.close = boom  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError):
+            b.close()
+        assert gc.get_freeze_count() == 0
+    finally:
+        a.close()
+        b.close()

@@ -61,6 +61,18 @@ def test_bound_one_of_one_and_higher_confidence_is_lower() -> None:
     assert sensitivity_lower_bound(50, 60, 0.99) < sensitivity_lower_bound(50, 60, 0.95) < 50 / 60
 
 
+@pytest.mark.parametrize("k, n, confidence, expected", [
+    (9, 10, 0.05, 0.963229), (9, 10, 0.2, 0.916740), (50, 60, 0.3, 0.847867),
+])
+def test_bound_at_low_confidence_may_exceed_the_point_estimate(k: int, n: int, confidence: float,
+                                                              expected: float) -> None:
+    """Below ~0.5 confidence the bound is above k / n (the bisection must not stop at k / n)."""
+    lb = sensitivity_lower_bound(k, n, confidence)
+    assert lb == pytest.approx(expected, abs=2e-6)  # scipy.special.betaincinv(k, n - k + 1, 1 - confidence)
+    tail = sum(math.comb(n, i) * lb**i * (1 - lb) ** (n - i) for i in range(k, n + 1))
+    assert tail == pytest.approx(1.0 - confidence, rel=1e-6)
+
+
 @PROPERTY
 @given(n=st.integers(1, 120), data=st.data(), confidence=st.sampled_from([0.5, 0.8, 0.9, 0.95, 0.99]))
 def test_bound_is_the_root_of_the_tail_and_grows_with_the_count(n: int, data: st.DataObject,

@@ -31,3 +31,12 @@ def test_trainer_data_make_xray_draws_the_same_pixels(nodules: int | None) -> No
         assert np.array_equal(a_img, b_img) and np.array_equal(a_boxes, b_boxes)
     with pytest.raises(DataError, match="nodules"):
         gen.make_xray(gen.sample_rng(0, 0), (64, 64), nodules=gen.MAX_NODULES + 1)
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (-5, 10), (10**6, 10**6), (True, 64), (64.0, 64), (64,)])
+def test_make_xray_refuses_a_shape_before_allocating(shape: object) -> None:
+    from edge.errors import DataError
+    from edge.tools.synthetic_xray import make_xray, sample_rng
+
+    with pytest.raises(DataError, match="shape"):
+        make_xray(sample_rng(1, 0), shape)  # type: ignore[arg-type]
