@@ -161,8 +161,30 @@ class UltrasoundProbe:
         return self._truth[i % self.loop]
 
 
+class _LoopedRadiographs:
+    """Frame, boxes and label of rendered radiograph ``i % loop`` (``_frames``, ``_boxes``, ``loop``)."""
+
+    _frames: list[np.ndarray]
+    _boxes: list[list[tuple[float, float, float, float]]]
+    loop: int
+
+    def frame(self, i: int) -> np.ndarray:
+        """Frame ``i`` (read-only; the loop repeats)."""
+        f = self._frames[i % self.loop]
+        f.flags.writeable = False
+        return f
+
+    def truth(self, i: int) -> list[tuple[float, float, float, float]]:
+        """Nodule boxes of frame ``i`` in pixels."""
+        return self._boxes[i % self.loop]
+
+    def label(self, i: int) -> bool:
+        """Whether frame ``i`` holds a nodule (the known label of a present/absent classifier)."""
+        return bool(self._boxes[i % self.loop])
+
+
 @dataclass
-class XrayFrames:
+class XrayFrames(_LoopedRadiographs):
     """Chest-X-ray-like frames (dark lung fields, bright ribs) with a few nodules.
 
     ``truth(i)`` returns the nodule boxes as ``(x0, y0, x1, y1)`` tuples.
@@ -237,19 +259,6 @@ class XrayFrames:
             self._frames.append(_to_dtype(img, self.dtype))
             self._boxes.append(boxes)
 
-    def frame(self, i: int) -> np.ndarray:
-        """Frame ``i`` (read-only; the loop repeats)."""
-        f = self._frames[i % self.loop]
-        f.flags.writeable = False
-        return f
-
-    def truth(self, i: int) -> list[tuple[float, float, float, float]]:
-        """Nodule boxes of frame ``i`` in pixels."""
-        return self._boxes[i % self.loop]
-
-    def label(self, i: int) -> bool:
-        """Whether frame ``i`` holds a nodule (the known label of a present/absent classifier)."""
-        return bool(self._boxes[i % self.loop])
 
 
 #: Most nodules one synthetic X-ray frame may hold.
@@ -259,7 +268,7 @@ MAX_RADIOGRAPH_PIXELS = 64 * 512 * 512
 
 
 @dataclass
-class Radiographs:
+class Radiographs(_LoopedRadiographs):
     """Synthetic chest radiographs from the generator the bundled X-ray models were trained on.
 
     Frame ``j`` is :func:`edge.tools.synthetic_xray.make_xray` drawn from
@@ -323,19 +332,6 @@ class Radiographs:
             self._frames.append(frame)
             self._boxes.append([(float(b[0]), float(b[1]), float(b[2]), float(b[3])) for b in boxes])
 
-    def frame(self, i: int) -> np.ndarray:
-        """Frame ``i`` (read-only; the loop repeats)."""
-        f = self._frames[i % self.loop]
-        f.flags.writeable = False
-        return f
-
-    def truth(self, i: int) -> list[tuple[float, float, float, float]]:
-        """Nodule boxes of frame ``i`` in pixels."""
-        return self._boxes[i % self.loop]
-
-    def label(self, i: int) -> bool:
-        """Whether frame ``i`` holds a nodule (the known label of a present/absent classifier)."""
-        return bool(self._boxes[i % self.loop])
 
 
 def _nodule_counts(nodules: Sequence[int]) -> tuple[int, ...]:
