@@ -17,7 +17,6 @@ Examples
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,22 +39,21 @@ __all__ = ["PLOT_NAMES", "write_report_plots"]
 
 #: The figures, by the key :func:`write_report_plots` returns them under.
 PLOT_NAMES = ("roc", "pr", "reliability")
-_SIZE_IN = 5.0
-_DPI = 100
+_SIZE_PX = 500  # each figure's width and height
 _GREY = "#999999"
 _MARK = "#d62728"
 
 
 def _draw_roc(ax: Any, y: np.ndarray, s: np.ndarray, threshold: float | None) -> None:
+    from edge.tools.plots import draw_roc
+
     fpr, tpr, _ = roc_curve(y, s)
-    ax.plot(fpr, tpr, linewidth=1.8, label=f"ROC AUC {roc_auc(y, s):.3f}")
-    ax.plot([0, 1], [0, 1], linestyle="--", color=_GREY, linewidth=1, label="chance")
-    if threshold is not None:
-        c = confusion(y, s, threshold)
-        ax.plot(c["fp"] / (c["fp"] + c["tn"]), c["tp"] / (c["tp"] + c["fn"]), "o", color=_MARK,
-                label=f"threshold {threshold:.3g}")
-    ax.set(title="ROC", xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(loc="lower right", fontsize="small")
+    if threshold is None:
+        draw_roc(ax, fpr, tpr, auc=roc_auc(y, s))
+        return
+    c = confusion(y, s, threshold)
+    point = (c["fp"] / (c["fp"] + c["tn"]), c["tp"] / (c["tp"] + c["fn"]))
+    draw_roc(ax, fpr, tpr, auc=roc_auc(y, s), operating_point=point, op_label=f"threshold {threshold:.3g}")
 
 
 def _draw_pr(ax: Any, y: np.ndarray, s: np.ndarray, threshold: float | None) -> None:
@@ -90,19 +88,15 @@ def _draw_reliability(ax: Any, y: np.ndarray, s: np.ndarray, bins: int) -> None:
 
 def _render(draw: Callable[[Any], None], caption: str) -> bytes:
     """One figure drawn by ``draw`` on a fresh Agg canvas, as PNG bytes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from edge.tools.plots import agg_figure, png_bytes
 
-    fig = Figure(figsize=(_SIZE_IN, _SIZE_IN), dpi=_DPI)
-    FigureCanvasAgg(fig)
+    fig = agg_figure((_SIZE_PX, _SIZE_PX))
     ax = fig.add_subplot()
     draw(ax)
     ax.grid(True, color="#e1e1e1")
     fig.suptitle(caption, fontsize="small")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def write_report_plots(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -40,6 +40,9 @@ __all__ = [
     "save_latency_plot",
     "roc_png",
     "save_roc_plot",
+    "draw_roc",
+    "agg_figure",
+    "png_bytes",
     "overlay_mask",
     "overlay_boxes",
     "overlay_heatmap",
@@ -162,17 +165,12 @@ def latency_png(series: Mapping[str, Sequence[float] | np.ndarray], title: str =
     ImportError
         If matplotlib (the ``plots`` extra) is not installed.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    w, h = size
-    fig = Figure(figsize=(w / _DPI, h / _DPI), dpi=_DPI)
-    FigureCanvasAgg(fig)
+    fig = agg_figure(size)
     data = {k: np.asarray(v, dtype=np.float64) for k, v in series.items() if len(v)}
     if not data:
         fig.suptitle(title)
         fig.text(0.5, 0.5, "no samples", ha="center", va="center")
-        return _png_bytes(fig)
+        return png_bytes(fig)
     allv = np.concatenate(list(data.values()))
     xlo = max(0.0, float(allv.min()) * 0.95)
     xhi = float(np.percentile(allv, 99.9)) * 1.02
@@ -199,12 +197,30 @@ def latency_png(series: Mapping[str, Sequence[float] | np.ndarray], title: str =
         ax.grid(True, color="#e1e1e1")
         ax.set_axisbelow(True)
     fig.tight_layout()
-    return _png_bytes(fig)
+    return png_bytes(fig)
 
 
-def _png_bytes(fig: Figure) -> bytes:
+def agg_figure(size: tuple[int, int]) -> Figure:
+    """A matplotlib figure of ``size`` pixels (width, height) on its own Agg canvas (no pyplot, no display).
+
+    Raises
+    ------
+    ImportError
+        If matplotlib (the ``plots`` extra) is not installed.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    w, h = size
+    fig = Figure(figsize=(w / _DPI, h / _DPI), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """``fig`` encoded as PNG at the figure's own resolution."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI)
+    fig.savefig(buf, format="png", dpi=fig.dpi)
     return buf.getvalue()
 
 
@@ -245,13 +261,19 @@ def roc_png(fpr: Sequence[float] | np.ndarray, tpr: Sequence[float] | np.ndarray
     ImportError
         If matplotlib (the ``plots`` extra) is not installed.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    fig = agg_figure(size)
+    draw_roc(fig.subplots(), fpr, tpr, auc=auc, title=title, operating_point=operating_point, op_label=op_label)
+    fig.tight_layout()
+    return png_bytes(fig)
 
-    w, h = size
-    fig = Figure(figsize=(w / _DPI, h / _DPI), dpi=_DPI)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+
+def draw_roc(ax: Any, fpr: Sequence[float] | np.ndarray, tpr: Sequence[float] | np.ndarray, *,
+             auc: float | None, title: str = "ROC", operating_point: tuple[float, float] | None = None,
+             op_label: str = "operating point") -> None:
+    """A ROC curve on matplotlib axes ``ax``: the curve, the chance diagonal, the operating point, a grid.
+
+    Shared by :func:`roc_png` (the demo report) and the trainer's evaluation plots.
+    """
     ax.plot([0, 1], [0, 1], linestyle="--", color="#999999", linewidth=1, label="chance")
     auc_text = f"AUC {auc:.3f}" if auc is not None else "AUC undefined"
     ax.plot(np.asarray(fpr, np.float64), np.asarray(tpr, np.float64),
@@ -264,8 +286,6 @@ def roc_png(fpr: Sequence[float] | np.ndarray, tpr: Sequence[float] | np.ndarray
     ax.grid(True, color="#e1e1e1")
     ax.set_axisbelow(True)
     ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    return _png_bytes(fig)
 
 
 def save_roc_plot(path: Path | str, fpr: Sequence[float] | np.ndarray, tpr: Sequence[float] | np.ndarray, *,
