@@ -161,12 +161,18 @@ class UltrasoundProbe:
         return self._truth[i % self.loop]
 
 
+@dataclass
 class _LoopedRadiographs:
-    """Frame, boxes and label of rendered radiograph ``i % loop`` (``_frames``, ``_boxes``, ``loop``)."""
+    """The parameters of a radiograph source, and frame, boxes and label of rendered frame ``i % loop``."""
 
-    _frames: list[np.ndarray]
-    _boxes: list[list[tuple[float, float, float, float]]]
-    loop: int
+    height: int = 512
+    width: int = 512
+    dtype: str = "uint16"
+    seed: int = 0
+    loop: int = 8
+    nodules: Sequence[int] | None = None
+    _frames: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
+    _boxes: list[list[tuple[float, float, float, float]]] = field(default_factory=list, init=False, repr=False)
 
     def frame(self, i: int) -> np.ndarray:
         """Frame ``i`` (read-only; the loop repeats)."""
@@ -216,14 +222,6 @@ class XrayFrames(_LoopedRadiographs):
     []
     """
 
-    height: int = 512
-    width: int = 512
-    dtype: str = "uint16"
-    seed: int = 0
-    loop: int = 8
-    nodules: Sequence[int] | None = None
-    _frames: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
-    _boxes: list[list[tuple[float, float, float, float]]] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.height < 32 or self.width < 32:
@@ -304,14 +302,6 @@ class Radiographs(_LoopedRadiographs):
     (dtype('uint16'), False, True)
     """
 
-    height: int = 512
-    width: int = 512
-    dtype: str = "uint16"
-    seed: int = 0
-    loop: int = 8
-    nodules: Sequence[int] | None = None
-    _frames: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
-    _boxes: list[list[tuple[float, float, float, float]]] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         from edge.tools.synthetic_xray import make_xray, sample_rng
