@@ -501,6 +501,23 @@ def crop_batch(
 
 
 # ------------------------------------------------------------- checkpoints
+def _init_record(path: Path | str) -> str:
+    """The ``--init`` checkpoint as recorded: relative to the working folder when inside it, else absolute.
+
+    ``init_sha256`` identifies the file; the path says where it was, and a
+    build folder's absolute path (``/tmp/...``) would say nothing on another
+    machine.
+
+    >>> _init_record(Path.cwd() / "engines" / "xray-nodule-det" / "model.pt")
+    'engines/xray-nodule-det/model.pt'
+    """
+    p = Path(os.path.abspath(path))
+    try:
+        return p.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return p.as_posix()
+
+
 def save_checkpoint(path: Path, model: nn.Module, cfg: TrainConfig, labels: list[str], extra: Mapping[str, Any]) -> Path:
     """Write a checkpoint atomically: weights, model config, labels, pre/post-processing, config."""
     spec = InputSpec(size=tuple(cfg.input_size))
@@ -794,7 +811,7 @@ def _training_record(cfg: TrainConfig, n_train: int, n_val: int, split: dict[str
         "seed": cfg.seed,
         "world_size": world,
         "bf16": bf16,
-        "init": str(cfg.init) if cfg.init else None,
+        "init": _init_record(cfg.init) if cfg.init else None,
         "freeze_encoder": cfg.freeze_encoder,
     }
     if init_ckpt is not None:

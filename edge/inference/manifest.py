@@ -8,7 +8,7 @@ the training record and the intended use.
 Examples
 --------
 >>> from edge.inference.manifest import Manifest, default_engines_dir
->>> m = Manifest.load(default_engines_dir() / "us-lesion-seg")  # doctest: +SKIP
+>>> m = Manifest.load(default_engines_dir() / "us-lesion-seg")  # a bundled model
 >>> m.task
 'segmentation'
 """
@@ -305,7 +305,7 @@ class Manifest:
 
         Examples
         --------
-        >>> m = Manifest.load(default_engines_dir() / "us-lesion-seg")  # doctest: +SKIP
+        >>> m = Manifest.load(default_engines_dir() / "us-lesion-seg")
         >>> m.artifact_key("int8", "onnxruntime", "tensorrt"), m.artifact_key("int8", "onnxruntime", "cpu")
         ('int8-tensorrt', 'int8')
         """
