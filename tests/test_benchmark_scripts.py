@@ -78,3 +78,16 @@ def test_default_stream_reads_models_and_judges_each_target() -> None:
     assert [ok for _, ok in ds.verdicts(good)] == [True, True, True]
     bad = dict(good, stream_30fps=dict(live, dropped=1), rss_peak_bytes=301 * 2**20, shutdown={"exit_code": 1})
     assert [ok for _, ok in ds.verdicts(bad)] == [False, False, False]
+
+
+@pytest.mark.parametrize("name", ["us-lesion-seg", "xray-nodule-det"])
+def test_in_graph_preprocessing_matches_the_daemons_path(name: str) -> None:
+    """The graph the in-graph benchmark times computes what the daemon computes (else its timing compares nothing)."""
+    pytest.importorskip("onnx", reason="the trainer extra builds the graphs")
+    ig = _load("in_graph_preprocessing")
+    row = ig.compare(name, "fp32", frames=2, rounds=1, block=1)
+    assert row["source"] == {"us-lesion-seg": "480x640 uint8", "xray-nodule-det": "512x512 uint16"}[name]
+    assert row["max_abs_output_diff"] < 1e-3  # fp32: float32 rounding, not a different filter
+    if name == "us-lesion-seg":
+        assert row["mask_agreement_min"] >= 0.9999
+    assert row["graph_run_p50_us"] > 0 and row["python_run_p50_us"] > 0

@@ -99,6 +99,11 @@ def check_confidence(confidence: float | None) -> float | None:
 
 
 def _check_target(target_sensitivity: float) -> float:
+    """``target_sensitivity`` as a float in ``(0, 1]``; a string or a bool is refused, not converted."""
+    if isinstance(target_sensitivity, bool) or not isinstance(
+        target_sensitivity, (int, float, np.integer, np.floating)
+    ):
+        raise ConfigError(f"The target sensitivity must be a number in (0, 1]; got {target_sensitivity!r}.")
     target = float(target_sensitivity)
     if not 0.0 < target <= 1.0:
         raise ConfigError(f"The target sensitivity must lie in (0, 1]; got {target_sensitivity!r}.")

@@ -108,6 +108,13 @@ def test_check_confidence_refuses(value: object) -> None:
         check_confidence(value)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("target", [0.0, 1.5, -0.1, float("nan"), True, "0.9", None])
+def test_choose_threshold_refuses_a_target_that_is_not_a_proportion(target: object) -> None:
+    y, p = scores(10, 40)
+    with pytest.raises(ConfigError):
+        choose_threshold(y, p, target)  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------- the threshold
 def test_ninety_positives_at_095_need_86_called() -> None:
     y, p = scores(90, 510)
