@@ -106,6 +106,10 @@ class ZmqConfig:
     bound), so a larger frame never reaches memory (ZeroMQ disconnects the
     peer). ``max_pixels`` bounds ``H*W`` of a declared shape (larger is
     ``bad_shape``). ``hwm`` is the ROUTER's high-water mark, in messages.
+    ``reply_buffer_mib`` bounds what the daemon holds for one client that
+    does not read its replies, in bytes: the ROUTER's send high-water mark
+    is :attr:`reply_hwm`, the replies of the largest size (``max_pixels``
+    for each of two maps) that fit, at least 2 and at most ``hwm``.
     ``publish_hwm`` is the PUB socket's high-water mark per subscriber, in
     messages: a subscriber that stops reading makes the daemon hold at most
     this many of its messages (about ``publish_hwm`` x one reply with its
@@ -127,6 +131,7 @@ class ZmqConfig:
     max_frame_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 4096 * 4096
     hwm: int = 1000
+    reply_buffer_mib: int = 256
     publish_hwm: int = 32
     publish_topic: str = "exact"
     curve_server_key: str = ""
@@ -136,6 +141,19 @@ class ZmqConfig:
     def curve_enabled(self) -> bool:
         """Whether CURVE authentication and encryption are configured."""
         return bool(self.curve_server_key)
+
+    @property
+    def reply_hwm(self) -> int:
+        """The ROUTER's send high-water mark: ``reply_buffer_mib`` of the largest replies, within ``[2, hwm]``.
+
+        The largest reply carries two maps of ``max_pixels`` uint8 pixels
+        (a mask and a probability map) and a header of at most 64 KiB.
+
+        >>> ZmqConfig().reply_hwm, ZmqConfig(max_pixels=480 * 640).reply_hwm
+        (7, 394)
+        """
+        largest = 2 * self.max_pixels + 64 * 1024
+        return max(2, min(self.hwm, (self.reply_buffer_mib << 20) // largest))
 
 
 @dataclass(frozen=True)
@@ -808,6 +826,7 @@ def _validate_zmq(z: ZmqConfig) -> None:
     _check(z.max_frame_bytes <= 2**31 - 1, "zmq.max_frame_bytes", "must be < 2 GiB.")
     _check(z.hwm >= 1, "zmq.hwm", "must be >= 1 (0 would mean no limit).")
     _check(z.publish_hwm >= 1, "zmq.publish_hwm", "must be >= 1 (0 would mean no limit).")
+    _check(1 <= z.reply_buffer_mib <= 1 << 20, "zmq.reply_buffer_mib", "must be 1 .. 1048576 (MiB).")
     _check(z.publish_topic in ("exact", "bare"), "zmq.publish_topic", 'must be "exact" or "bare".')
     _check(
         valid_stream(z.default_stream),

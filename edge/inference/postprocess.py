@@ -203,10 +203,19 @@ def class_heatmap(cam: np.ndarray, score: float, index: int, geom: Geometry) -> 
     one shows where its evidence lies. Local logits themselves are not used as
     a scale: a trained head's cells reach +-100 on the logit scale, where any
     sigmoid saturates and the hottest region is lost. A flat map is all
-    ``255 * score``. Resized bilinearly (8-bit).
+    ``255 * score``. Resized bilinearly (8-bit), then stretched back when
+    the resampling lowered the peak (a frame smaller than the map averages
+    it away), so the hottest point reads ``255 * score`` at every size.
     """
     rows, cols = _region(cam.shape[1], cam.shape[2], geom)
     region = np.asarray(cam[index, rows, cols], dtype=np.float64)
     lo, hi = float(region.min()), float(region.max())
     rel = (region - lo) / (hi - lo) if hi > lo and np.isfinite(hi - lo) else np.ones_like(region)
-    return _resize_uint8(_to_uint8(rel * min(max(float(score), 0.0), 1.0)), geom.src_h, geom.src_w)
+    cells = _to_uint8(rel * min(max(float(score), 0.0), 1.0))
+    out = _resize_uint8(cells, geom.src_h, geom.src_w)
+    peak, got = int(cells.max()), int(out.max())
+    if 0 < got != peak:  # resampling missed the hottest cell's centre, or averaged it away (a frame smaller than
+        # the map): stretch back so the hottest point reads 255 * score, as documented
+        gain = np.float32(peak / got)
+        out = np.clip(np.rint(np.multiply(out, gain, dtype=np.float32)), 0, 255).astype(np.uint8)
+    return out

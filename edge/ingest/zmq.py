@@ -140,7 +140,10 @@ class ZmqServer:
     Bounds, all set before anything is allocated: the ROUTER's
     ``ZMQ_MAXMSGSIZE`` is ``max(max_frame_bytes, MAX_HEADER_BYTES)``, so
     libzmq disconnects a peer whose frame announces more, before it reads the
-    frame; its send and receive high-water marks are ``hwm`` messages. The
+    frame; its receive high-water mark is ``hwm`` messages, its send one
+    :attr:`~edge.config.ZmqConfig.reply_hwm` (``reply_buffer_mib`` of the
+    largest replies, so a client that stops reading costs bytes bounded by
+    that, not ``hwm`` x a 4096x4096 reply's two maps). The
     PUB socket's high-water mark is ``publish_hwm`` messages per subscriber
     (see :class:`~edge.egress.zmq.Publisher`). ``ZMQ_ROUTER_MANDATORY`` is on,
     so a reply that cannot be queued (the client is not reading, or has
@@ -208,7 +211,7 @@ class ZmqServer:
         """Bind both sockets and start the I/O thread."""
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.RCVHWM, self._cfg.hwm)
-        router.setsockopt(zmq.SNDHWM, self._cfg.hwm)
+        router.setsockopt(zmq.SNDHWM, self._cfg.reply_hwm)  # bytes held for a client that does not read
         router.setsockopt(zmq.MAXMSGSIZE, max(self._cfg.max_frame_bytes, MAX_HEADER_BYTES))
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.LINGER, _SOCKET_LINGER_MS)
@@ -547,8 +550,8 @@ class ZmqServer:
             rid = header.get("id")
             sent_ns = header.get("sent_ns")
             requested_stream = header.get("stream", self._cfg.default_stream)
-            if valid_stream(requested_stream):
-                stream = requested_stream
+            if valid_stream(requested_stream) and header.get("op") != "models":
+                stream = requested_stream  # a models request's replies, errors too, are no stream's: not published
             if isinstance(header.get("model"), str):
                 model = header["model"][:64]
             check_version(header)

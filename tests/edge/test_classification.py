@@ -99,6 +99,16 @@ def test_class_heatmap_peaks_where_the_evidence_is_scaled_by_the_score() -> None
     assert np.array_equal(class_heatmap(np.zeros((1, 8, 8)), 0.5, 0, geom), np.full((48, 64), 128, np.uint8))
 
 
+@pytest.mark.parametrize("src", [(1, 1), (8, 8), (3, 5), (16, 16), (100, 100), (37, 300), (512, 512)])
+def test_the_hottest_point_reads_255_times_the_score_at_every_frame_size(src: tuple[int, int]) -> None:
+    """Even a frame smaller than the 16x16 map, whose shrink averages the peak away (a 1x1 frame read 42, not 136)."""
+    cam = np.random.default_rng(sum(src)).normal(0.0, 1.0, (1, 16, 16))
+    cam[0, 9, 4] = 30.0
+    for score in (0.533, 0.9, 1.0):
+        hm = class_heatmap(cam, score, 0, geometry_for(*src, 256, 256, "letterbox"))
+        assert hm.shape == src and int(hm.max()) == int(np.rint(255 * score))
+
+
 def test_class_heatmap_of_several_labels_maps_the_chosen_label() -> None:
     geom = geometry_for(32, 32, 32, 32, "letterbox")
     cam = np.zeros((3, 4, 4))

@@ -148,3 +148,72 @@ def test_resize_plane_refuses_what_it_cannot_resize() -> None:
         resize_plane(np.zeros((4, 4, 3), np.uint8), 2, 2)
     with pytest.raises(DataError, match="Cannot resize"):
         resize_plane(np.zeros((4, 4), np.uint8), 0, 2)
+
+
+# ------------------------------------------------------------------ steep shrinks (elongated or huge frames)
+@pytest.mark.parametrize("src,dst", [((4096, 64), (256, 4)), ((20000, 3), (256, 1)), ((64, 3000), (4, 192))])
+def test_a_steep_shrink_is_pillows_own_filter(src: tuple[int, int], dst: tuple[int, int]) -> None:
+    """Past PILLOW_SCALE (and up to REDUCE_SCALE) the resize is exactly Pillow's antialiased bilinear filter."""
+    from edge.inference.preprocess import PILLOW_SCALE, REDUCE_SCALE, resize_float, resize_plane
+
+    assert max(src[0] / dst[0], src[1] / dst[1]) > PILLOW_SCALE
+    assert max(src[0] / dst[0], src[1] / dst[1]) <= REDUCE_SCALE or src == (20000, 3)
+    img = _smooth_and_speckle(*src, "uint16", seed=5)
+    got, want = resize_plane(img, *dst), resize_float(img.astype(np.float32), *dst)
+    span = float(img.max()) - float(img.min())
+    if src == (20000, 3):  # 78x: box-reduced first, within 2 % of the range of the exact filter on speckle
+        assert np.abs(got - want).max() < 0.02 * span
+    else:
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * span)
+
+
+@pytest.mark.parametrize("shape", [(2_000_000, 1), (1, 300_000), (4096, 4096), (9000, 40)])
+def test_no_frame_meets_a_prefilter_longer_than_the_steep_bound(
+    shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The OpenCV prefilter costs pixels x taps: a 2,000,000 x 1 strip once took 40 s through it in the daemon.
+
+    Whatever the frame, the filter it meets has at most 2 x PILLOW_SCALE + 1 taps per axis, and the
+    result is still a finite, normalised model input.
+    """
+    import cv2
+
+    from edge.inference import preprocess as pp
+
+    seen: list[int] = []
+    real = cv2.sepFilter2D
+
+    def counting(src, ddepth, kx, ky, **kw):  # type: ignore[no-untyped-def]
+        seen.append(max(np.asarray(kx).size, np.asarray(ky).size))
+        return real(src, ddepth, kx, ky, **kw)
+
+    monkeypatch.setattr(pp.cv2, "sepFilter2D", counting)
+    img = np.random.default_rng(1).integers(0, 255, shape, dtype=np.uint8)
+    for pre in (Preprocessing(normalize="minmax"), Preprocessing(normalize="fixed", mean=0.0, std=255.0)):
+        x, geom = preprocess(img, InputSpec(size=(256, 256)), pre)
+        assert np.isfinite(x).all() and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+        assert (geom.src_h, geom.src_w) == shape
+    assert all(n <= 2 * pp.PILLOW_SCALE + 1 for n in seen), seen
+
+
+@pytest.mark.parametrize("normalize", ["minmax", "zscore"])
+@pytest.mark.parametrize("shape", [(512, 512), (256, 256), (40, 3000)])
+def test_finite_float32_pixels_whose_range_overflows_float32_normalise_like_any_others(
+    normalize: str, shape: tuple[int, int]
+) -> None:
+    """[-1.5e38, 1.5e38] is an affine copy of [0, 1]: minmax and zscore give the same model input, finite.
+
+    Before, ``x - min`` overflowed float32 (a detector found nothing, a classifier answered ``internal``).
+    """
+    import warnings
+
+    unit = np.random.default_rng(7).random(shape)
+    small, huge = unit.astype(np.float32), (unit * 3e38 - 1.5e38).astype(np.float32)
+    assert np.isfinite(huge).all()
+    spec, pre = InputSpec(size=(256, 256)), Preprocessing(normalize=normalize)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow on the way either
+        want, _ = preprocess(small, spec, pre)
+        got, _ = preprocess(huge, spec, pre)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * max(1.0, float(np.abs(want).max())))

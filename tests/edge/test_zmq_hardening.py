@@ -392,6 +392,40 @@ HOSTILE = [
 ]
 
 
+def test_a_client_that_does_not_read_costs_the_reply_buffer_not_hwm_replies(
+    tmp_path: Path, fixture_engines: Path, ctx: zmq.Context
+) -> None:
+    """A DEALER that sends 512x512 frames asking for mask and probability (512 KiB a reply) and reads nothing.
+
+    With ``reply_buffer_mib = 1`` the ROUTER holds 2 such replies for it (``reply_hwm``), not ``hwm``
+    (1000); the rest are counted lost (``reason="hwm"``), beyond what the loopback's socket buffers
+    take (4 MiB here: 8 replies). Before 2026-12-01 none was lost: ``hwm`` 4096x4096 replies of 32 MiB
+    each could pile up per client.
+    """
+    n = 60
+    img = np.zeros((512, 512), np.uint8)
+    with _daemon(tmp_path, fixture_engines, zmq_keys={"reply_buffer_mib": 1, "max_pixels": 512 * 512},
+                 scheduler={"stream_backlog": n, "queue_size": n}) as d:  # every frame runs: none shed
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.RCVHWM, 1)
+        sock.setsockopt(zmq.RCVBUF, 64 * 1024)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(d.endpoint)
+        for k in range(n):
+            sock.send_multipart(_request(k, img, model="tiny-seg", want=["mask", "probability"]), copy=False)
+        deadline = time.monotonic() + 120
+        while True:  # every frame answered (its reply queued, or lost at the high-water mark: counted in both)
+            s = _metrics(d.metrics_url)
+            ok = _total(s, "medge_end_to_end_seconds_count", source="zmq")
+            lost = _total(s, "medge_replies_lost_total", reason="hwm")
+            if ok >= n or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert ok == n and lost >= n - 14, (ok, lost)  # 2 held + at most ~12 in the socket buffers
+        sock.close(linger=0)
+    _assert_no_traceback(d.log)
+
+
 def test_hostile_json_is_bad_header_without_a_traceback(tmp_path: Path, fixture_engines: Path,
                                                         ctx: zmq.Context) -> None:
     """Deep nesting, a 5000-digit integer, NaN/Infinity, an overflowing float, v 1.0 / true: each is

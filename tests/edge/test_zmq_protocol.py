@@ -302,6 +302,37 @@ def test_models_request_is_a_reply_only_and_works_through_req(daemon: Daemon, ct
     assert json.loads(every.recv_multipart()[1])["id"] == "after-models"
 
 
+@pytest.mark.parametrize(
+    "extra, frames",
+    [({}, [b"\x00" * 16]), ({"sent_ns": "x"}, []), ({"v": 2}, [])],
+    ids=["with-pixels", "bad-sent-ns", "bad-version"],
+)
+def test_a_malformed_models_request_is_answered_but_not_published(
+    daemon: Daemon, ctx: zmq.Context, extra: dict, frames: list
+) -> None:
+    """Its error reply goes to the requester only, like a models reply (it once went to the default stream's subscribers)."""
+    every = _subscriber(ctx, daemon, b"")
+    sock = _dealer(ctx, daemon)
+    _joined(sock, "default", every)
+    sock.send_multipart([json.dumps({"v": 1, "op": "models", "id": "bad-models", **extra}).encode(), *frames])
+    hdr = json.loads(sock.recv_multipart()[0])
+    assert hdr["status"] == "error" and hdr["id"] == "bad-models", hdr
+    sock.send_multipart(_request("after-bad-models", np.zeros((4, 4), np.uint8)))
+    assert json.loads(sock.recv_multipart()[0])["status"] == "ok"
+    assert json.loads(every.recv_multipart()[1])["id"] == "after-bad-models"
+
+
+def test_model_null_is_the_default_model_and_other_non_strings_are_bad_header(daemon: Daemon, ctx: zmq.Context) -> None:
+    """As documented (``model``: a string, or ``null`` for the default), like ``op``."""
+    sock = _dealer(ctx, daemon)
+    sock.send_multipart(_request("null-model", np.zeros((4, 4), np.uint8), model=None))
+    hdr = json.loads(sock.recv_multipart()[0])
+    assert hdr["status"] == "ok" and hdr["model"] == daemon.zmq._default_model, hdr
+    for bad in (1, True, ["m"], {"m": 1}):
+        sock.send_multipart(_request("bad-model", np.zeros((4, 4), np.uint8), model=bad))
+        assert json.loads(sock.recv_multipart()[0])["error"]["code"] == "bad_header"
+
+
 def test_models_request_in_process_with_bundled_manifests(fixture_engines: Path, ctx: zmq.Context) -> None:
     """The ZmqServer describes the catalog it is given (here the bundled manifests, without loading
     them): us-lesion-seg reads values on a fixed 0..255 scale, xray-nodule-det per frame."""
@@ -780,7 +811,7 @@ def test_failed_io_loop_is_unhealthy_and_close_is_bounded(monkeypatch: pytest.Mo
 
 
 def test_sockets_are_bounded_before_anything_is_allocated() -> None:
-    """ROUTER: MAXMSGSIZE from max_frame_bytes, hwm both ways; PUB: publish_hwm and a fixed SNDBUF."""
+    """ROUTER: MAXMSGSIZE from max_frame_bytes, hwm in, reply_hwm out; PUB: publish_hwm and a fixed SNDBUF."""
     from edge.egress.zmq import PUBLISH_SNDBUF_BYTES
     from edge.ingest.zmq_protocol import MAX_HEADER_BYTES
 
@@ -789,7 +820,9 @@ def test_sockets_are_bounded_before_anything_is_allocated() -> None:
     try:
         with srv._lock:
             assert srv._router.getsockopt(zmq.MAXMSGSIZE) == MAX_HEADER_BYTES  # the header bound is larger
-            assert srv._router.getsockopt(zmq.SNDHWM) == srv._router.getsockopt(zmq.RCVHWM) == 77
+            assert srv._router.getsockopt(zmq.RCVHWM) == 77
+            # replies: reply_buffer_mib (256) of the largest (two 4096x4096 maps): 7, within [2, hwm]
+            assert srv._router.getsockopt(zmq.SNDHWM) == srv._cfg.reply_hwm == 7
             assert srv._pub.socket.getsockopt(zmq.SNDHWM) == 5
             assert srv._pub.socket.getsockopt(zmq.SNDBUF) == PUBLISH_SNDBUF_BYTES
     finally:
