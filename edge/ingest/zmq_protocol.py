@@ -313,7 +313,9 @@ def parse_request(
         raise ProtocolError("bad_header", "Header field dtype is missing.")
     dtype = header["dtype"]
     if not isinstance(dtype, str) or dtype not in SUPPORTED_DTYPES:
-        raise ProtocolError("bad_dtype", f"dtype {str(dtype)[:32]!r} is not one of {', '.join(SUPPORTED_DTYPES)}.")
+        shown = json.dumps(dtype)  # as the client wrote it: JSON, not Python's repr ("None", "['uint8']")
+        shown = shown if len(shown) <= 34 else shown[:32] + "..."
+        raise ProtocolError("bad_dtype", f"dtype {shown} is not one of {', '.join(SUPPORTED_DTYPES)}.")
     if "shape" not in header:
         raise ProtocolError("bad_header", "Header field shape is missing.")
     shape = _dims(header["shape"], max_pixels)

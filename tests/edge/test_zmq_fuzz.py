@@ -493,3 +493,17 @@ def test_running_server_answers_every_fuzzed_message(daemon: Any) -> None:
     assert models_ok > 0 and frames + failed + models_ok == n + 1  # a models request is no frame
     assert _total(reg, "medge_replies_lost_total") == 0
     assert _total(reg, "medge_internal_errors_total") == 0
+
+
+@pytest.mark.parametrize(
+    "dtype, shown",
+    [(None, "dtype null "), (["uint8"], 'dtype ["uint8"] '), ("complex64", 'dtype "complex64" '),
+     ("x" * 100, 'dtype "' + "x" * 31 + '... ')],
+)
+def test_a_bad_dtype_is_quoted_as_json_and_cut_short(dtype: Any, shown: str) -> None:
+    """The message quotes the value as the client wrote it (JSON), never Python's repr, and at most 32 characters."""
+    header = {"v": 1, "dtype": dtype, "shape": [2, 2]}
+    with pytest.raises(ProtocolError) as err:
+        parse_request(header, [b"", b"\0" * 4], models=["m"], default_stream="default",
+                      max_pixels=1 << 20, max_frame_bytes=1 << 20)
+    assert err.value.code == "bad_dtype" and err.value.message.startswith(shown), err.value.message
