@@ -106,10 +106,10 @@ class ZmqConfig:
     bound), so a larger frame never reaches memory (ZeroMQ disconnects the
     peer). ``max_pixels`` bounds ``H*W`` of a declared shape (larger is
     ``bad_shape``). ``hwm`` is the ROUTER's high-water mark, in messages.
-    ``reply_buffer_mib`` bounds what the daemon holds for one client that
-    does not read its replies, in bytes: the ROUTER's send high-water mark
-    is :attr:`reply_hwm`, the replies of the largest size (``max_pixels``
-    for each of two maps) that fit, at least 2 and at most ``hwm``.
+    ``reply_buffer_mib`` bounds the bytes of large replies (1 MiB of maps
+    or more) the daemon holds for one client that has not taken them yet:
+    a reply that would exceed it is lost (``reason="hwm"``), unless nothing
+    is held for that client (one always goes).
     ``publish_hwm`` is the PUB socket's high-water mark per subscriber, in
     messages: a subscriber that stops reading makes the daemon hold at most
     this many of its messages (about ``publish_hwm`` x one reply with its
@@ -141,19 +141,6 @@ class ZmqConfig:
     def curve_enabled(self) -> bool:
         """Whether CURVE authentication and encryption are configured."""
         return bool(self.curve_server_key)
-
-    @property
-    def reply_hwm(self) -> int:
-        """The ROUTER's send high-water mark: ``reply_buffer_mib`` of the largest replies, within ``[2, hwm]``.
-
-        The largest reply carries two maps of ``max_pixels`` uint8 pixels
-        (a mask and a probability map) and a header of at most 64 KiB.
-
-        >>> ZmqConfig().reply_hwm, ZmqConfig(max_pixels=480 * 640).reply_hwm
-        (7, 394)
-        """
-        largest = 2 * self.max_pixels + 64 * 1024
-        return max(2, min(self.hwm, (self.reply_buffer_mib << 20) // largest))
 
 
 @dataclass(frozen=True)

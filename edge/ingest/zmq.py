@@ -105,6 +105,46 @@ def _input_waiting(sock: zmq.Socket) -> bool:
     return bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
+#: Replies with at least this many bytes of maps are sent zero-copy and tracked until libzmq lets go of them.
+TRACKED_REPLY_BYTES = 1 << 20
+
+
+class _HeldReplies:
+    """The large replies libzmq still holds for each client (``reply_buffer_mib``), with their sizes.
+
+    A message count (``SNDHWM``) cannot bound bytes without also refusing
+    bursts of small replies to clients that do read (libzmq acknowledges
+    reads lazily, half a high-water mark at a time). So large replies are
+    sent zero-copy with a :class:`zmq.MessageTracker`, which says when
+    libzmq has handed the last frame to the kernel, and counted per client
+    until then. Used under the server's lock.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = int(budget_bytes)
+        self._held: dict[bytes, list[tuple[Any, int]]] = {}
+
+    def held(self, peer: bytes) -> int:
+        """Bytes of ``peer``'s large replies not yet written to its connection (done ones forgotten)."""
+        items = [(t, n) for t, n in self._held.get(peer, ()) if not t.done]
+        if items:
+            self._held[peer] = items
+        else:
+            self._held.pop(peer, None)
+        return sum(n for _, n in items)
+
+    def admits(self, peer: bytes, nbytes: int) -> bool:
+        """Whether a reply of ``nbytes`` may be queued for ``peer`` (always, when nothing is held for it)."""
+        if len(self._held) > 256:  # clients that went away leave done trackers behind: sweep them
+            for other in list(self._held):
+                self.held(other)
+        held = self.held(peer)
+        return held == 0 or held + nbytes <= self.budget
+
+    def add(self, peer: bytes, tracker: Any, nbytes: int) -> None:
+        self._held.setdefault(peer, []).append((tracker, nbytes))
+
+
 @dataclass(eq=False)
 class _Pending:
     envelope: list[bytes]
@@ -140,10 +180,11 @@ class ZmqServer:
     Bounds, all set before anything is allocated: the ROUTER's
     ``ZMQ_MAXMSGSIZE`` is ``max(max_frame_bytes, MAX_HEADER_BYTES)``, so
     libzmq disconnects a peer whose frame announces more, before it reads the
-    frame; its receive high-water mark is ``hwm`` messages, its send one
-    :attr:`~edge.config.ZmqConfig.reply_hwm` (``reply_buffer_mib`` of the
-    largest replies, so a client that stops reading costs bytes bounded by
-    that, not ``hwm`` x a 4096x4096 reply's two maps). The
+    frame; its send and receive high-water marks are ``hwm`` messages, and
+    large replies (:data:`TRACKED_REPLY_BYTES` of maps or more) are also
+    bounded in bytes per client, ``reply_buffer_mib`` (:class:`_HeldReplies`),
+    so a client that stops reading costs that, not ``hwm`` x a 4096x4096
+    reply's two maps. The
     PUB socket's high-water mark is ``publish_hwm`` messages per subscriber
     (see :class:`~edge.egress.zmq.Publisher`). ``ZMQ_ROUTER_MANDATORY`` is on,
     so a reply that cannot be queued (the client is not reading, or has
@@ -185,6 +226,7 @@ class ZmqServer:
         registry = metrics.registry if metrics is not None else None
         self._io_boundary = ErrorBoundary("zmq_io", _log, registry)
         self._reply_boundary = ErrorBoundary("zmq_reply", _log, registry)
+        self._held = _HeldReplies(config.reply_buffer_mib << 20)
         self._lost: dict[str, Any] = {}
         if metrics is not None:
             self._lost = {r: metrics.replies_lost.labels(reason=r) for r in REPLY_LOST_REASONS}
@@ -211,7 +253,7 @@ class ZmqServer:
         """Bind both sockets and start the I/O thread."""
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.RCVHWM, self._cfg.hwm)
-        router.setsockopt(zmq.SNDHWM, self._cfg.reply_hwm)  # bytes held for a client that does not read
+        router.setsockopt(zmq.SNDHWM, self._cfg.hwm)
         router.setsockopt(zmq.MAXMSGSIZE, max(self._cfg.max_frame_bytes, MAX_HEADER_BYTES))
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.LINGER, _SOCKET_LINGER_MS)
@@ -340,12 +382,21 @@ class ZmqServer:
         if counter is not None:
             counter.inc()
 
-    def _send_reply(self, frames: list[Any], copy: bool = True) -> bool:
-        """Send one reply on the ROUTER (lock held); count it lost when it cannot be queued."""
+    def _send_reply(self, frames: list[Any], copy: bool = True, nbytes: int = 0) -> bool:
+        """Send one reply on the ROUTER (lock held); count it lost when it cannot be queued.
+
+        ``nbytes``: the bytes of its maps; from :data:`TRACKED_REPLY_BYTES` on,
+        sent zero-copy and held against the client's ``reply_buffer_mib``.
+        """
         router = self._router
         assert router is not None
+        tracked = nbytes >= TRACKED_REPLY_BYTES
         try:
-            router.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+            if tracked and not self._held.admits(frames[0], nbytes):
+                raise zmq.Again()
+            tracker = router.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy and not tracked, track=tracked)
+            if tracked:
+                self._held.add(frames[0], tracker, nbytes)
         except zmq.Again:
             self._count_lost("hwm")
             _log.debug("A reply was not sent: the client's high-water mark is reached (it is not reading).")
@@ -394,7 +445,7 @@ class ZmqServer:
                     return
                 router = self._router
                 assert router is not None and self._pub is not None
-                sent = self._send_reply(frames, copy=copy)
+                sent = self._send_reply(frames, copy=copy, nbytes=sum(int(p.nbytes) for p in payload))
                 if sent:
                     self.replied += 1
                 self._pub.publish(req.stream, reply.header, payload)

@@ -29,7 +29,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import zmq
@@ -265,6 +265,18 @@ def echo_sent_ns(value: Any) -> int | str | None:
         return None
 
 
+def _checked_dtype(header: Mapping[str, Any]) -> str:
+    """The header's ``dtype``: ``bad_header`` when missing, ``bad_dtype`` (quoted as JSON) when unsupported."""
+    if "dtype" not in header:
+        raise ProtocolError("bad_header", "Header field dtype is missing.")
+    dtype = header["dtype"]
+    if not isinstance(dtype, str) or dtype not in SUPPORTED_DTYPES:
+        shown = json.dumps(dtype)  # as the client wrote it: JSON, not Python's repr ("None", "['uint8']")
+        shown = shown if len(shown) <= 34 else shown[:32] + "..."
+        raise ProtocolError("bad_dtype", f"dtype {shown} is not one of {', '.join(SUPPORTED_DTYPES)}.")
+    return dtype
+
+
 def parse_request(
     header: dict[str, Any],
     frames: Sequence[Any],
@@ -309,13 +321,7 @@ def parse_request(
             "([] for status and timing only).",
         )
     sent_ns = check_sent_ns(header.get("sent_ns"))
-    if "dtype" not in header:
-        raise ProtocolError("bad_header", "Header field dtype is missing.")
-    dtype = header["dtype"]
-    if not isinstance(dtype, str) or dtype not in SUPPORTED_DTYPES:
-        shown = json.dumps(dtype)  # as the client wrote it: JSON, not Python's repr ("None", "['uint8']")
-        shown = shown if len(shown) <= 34 else shown[:32] + "..."
-        raise ProtocolError("bad_dtype", f"dtype {shown} is not one of {', '.join(SUPPORTED_DTYPES)}.")
+    dtype = _checked_dtype(header)
     if "shape" not in header:
         raise ProtocolError("bad_header", "Header field shape is missing.")
     shape = _dims(header["shape"], max_pixels)

@@ -395,33 +395,37 @@ HOSTILE = [
 def test_a_client_that_does_not_read_costs_the_reply_buffer_not_hwm_replies(
     tmp_path: Path, fixture_engines: Path, ctx: zmq.Context
 ) -> None:
-    """A DEALER that sends 512x512 frames asking for mask and probability (512 KiB a reply) and reads nothing.
+    """A DEALER that sends 1024x1024 frames asking for mask and probability (2 MiB a reply) and reads nothing.
 
-    With ``reply_buffer_mib = 1`` the ROUTER holds 2 such replies for it (``reply_hwm``), not ``hwm``
-    (1000); the rest are counted lost (``reason="hwm"``), beyond what the loopback's socket buffers
-    take (4 MiB here: 8 replies). Before 2026-12-01 none was lost: ``hwm`` 4096x4096 replies of 32 MiB
-    each could pile up per client.
+    With ``reply_buffer_mib = 4`` the daemon holds 2 such replies for it, not ``hwm`` (1000: 2 GiB);
+    the rest are counted lost (``reason="hwm"``), beyond what the loopback's socket buffers take
+    (4 MiB here). Before 2026-12-01 none was lost: ``hwm`` replies of two 4096x4096 maps (32 MiB each)
+    could pile up per client. A client that reads, pipelining small replies, loses none
+    (``test_zmq_fuzz``'s window of 16, ``test_thousand_mixed_frames_pipelined``).
     """
-    n = 60
-    img = np.zeros((512, 512), np.uint8)
-    with _daemon(tmp_path, fixture_engines, zmq_keys={"reply_buffer_mib": 1, "max_pixels": 512 * 512},
-                 scheduler={"stream_backlog": n, "queue_size": n}) as d:  # every frame runs: none shed
+    n = 40
+    img = np.zeros((1024, 1024), np.uint8)
+    with _daemon(tmp_path, fixture_engines, zmq_keys={"reply_buffer_mib": 4, "max_pixels": 1024 * 1024},
+                 scheduler={"stream_backlog": n, "queue_size": n, "queue_max_mb": 64}) as d:  # none shed
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.RCVHWM, 1)
         sock.setsockopt(zmq.RCVBUF, 64 * 1024)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(d.endpoint)
+        before = _memory(d.pid)
         for k in range(n):
             sock.send_multipart(_request(k, img, model="tiny-seg", want=["mask", "probability"]), copy=False)
         deadline = time.monotonic() + 120
-        while True:  # every frame answered (its reply queued, or lost at the high-water mark: counted in both)
+        while True:  # every frame answered (its reply queued, or lost at the bound: counted in both)
             s = _metrics(d.metrics_url)
             ok = _total(s, "medge_end_to_end_seconds_count", source="zmq")
             lost = _total(s, "medge_replies_lost_total", reason="hwm")
             if ok >= n or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        assert ok == n and lost >= n - 14, (ok, lost)  # 2 held + at most ~12 in the socket buffers
+        grew = _memory(d.pid)["VmRSS"] - before["VmRSS"]
+        assert ok == n and lost >= n - 6, (ok, lost)  # 2 held + at most ~4 in the socket buffers
+        assert grew < 64 * MiB, f"RSS grew {grew / MiB:.0f} MiB"  # 40 held replies would be 80 MiB
         sock.close(linger=0)
     _assert_no_traceback(d.log)
 

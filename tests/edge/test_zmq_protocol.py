@@ -811,7 +811,7 @@ def test_failed_io_loop_is_unhealthy_and_close_is_bounded(monkeypatch: pytest.Mo
 
 
 def test_sockets_are_bounded_before_anything_is_allocated() -> None:
-    """ROUTER: MAXMSGSIZE from max_frame_bytes, hwm in, reply_hwm out; PUB: publish_hwm and a fixed SNDBUF."""
+    """ROUTER: MAXMSGSIZE from max_frame_bytes, hwm both ways, reply bytes; PUB: publish_hwm and a fixed SNDBUF."""
     from edge.egress.zmq import PUBLISH_SNDBUF_BYTES
     from edge.ingest.zmq_protocol import MAX_HEADER_BYTES
 
@@ -820,9 +820,8 @@ def test_sockets_are_bounded_before_anything_is_allocated() -> None:
     try:
         with srv._lock:
             assert srv._router.getsockopt(zmq.MAXMSGSIZE) == MAX_HEADER_BYTES  # the header bound is larger
-            assert srv._router.getsockopt(zmq.RCVHWM) == 77
-            # replies: reply_buffer_mib (256) of the largest (two 4096x4096 maps): 7, within [2, hwm]
-            assert srv._router.getsockopt(zmq.SNDHWM) == srv._cfg.reply_hwm == 7
+            assert srv._router.getsockopt(zmq.SNDHWM) == srv._router.getsockopt(zmq.RCVHWM) == 77
+            assert srv._held.budget == srv._cfg.reply_buffer_mib << 20 == 256 << 20  # large replies: bytes
             assert srv._pub.socket.getsockopt(zmq.SNDHWM) == 5
             assert srv._pub.socket.getsockopt(zmq.SNDBUF) == PUBLISH_SNDBUF_BYTES
     finally:
