@@ -77,6 +77,9 @@ __all__ = [
     "OutboxConfig",
     "CaptureConfig",
     "CAPTURE_COLORS",
+    "CAPTURE_MAX_FPS",
+    "CAPTURE_MIN_FPS",
+    "valid_capture_fps",
     "SPOOL_SOURCES",
     "load_config_and_spool_source",
     "MedgeConfig",
@@ -364,6 +367,21 @@ class OutboxConfig:
 # --------------------------------------------------------------------------- capture ([[capture]])
 #: ``[[capture]] color``: what a captured frame becomes before it is submitted.
 CAPTURE_COLORS = ("gray", "rgb")
+#: ``[[capture]] fps``: the slowest positive rate (one frame every 10 s) and the fastest; -1 and 0 mean
+#: "the source's own rate" and "as fast as decoded"
+CAPTURE_MIN_FPS = 0.1
+CAPTURE_MAX_FPS = 1000.0
+
+
+def valid_capture_fps(fps: float) -> bool:
+    """Whether ``fps`` is -1, 0 or a rate from :data:`CAPTURE_MIN_FPS` to :data:`CAPTURE_MAX_FPS` (NaN is not).
+
+    >>> [valid_capture_fps(v) for v in (-1, 0, 0.1, 30, 1000)]
+    [True, True, True, True, True]
+    >>> [valid_capture_fps(v) for v in (-2, 1e-300, 0.05, 1001, float("nan"), float("inf"))]
+    [False, False, False, False, False, False]
+    """
+    return fps in (-1.0, 0.0) or CAPTURE_MIN_FPS <= fps <= CAPTURE_MAX_FPS
 
 
 @dataclass(frozen=True)
@@ -380,8 +398,8 @@ class CaptureConfig:
     area of the scanner's screen (empty: the whole frame). ``color``:
     ``gray`` (uint8 ``[H, W]``) or ``rgb`` (uint8 ``[H, W, 3]``). ``fps``:
     -1 paces a file or stream at its own frame rate (a device delivers at
-    its own), 0 reads a file as fast as it decodes, a positive value paces
-    a file at that rate and thins a faster device to it. ``loop``: start a
+    its own), 0 reads a file as fast as it decodes, a positive value (0.1
+    to 1000) paces a file at that rate and thins a faster device to it. ``loop``: start a
     file again at its end (demos); otherwise the source stops there.
     ``max_pixels``: a frame with more pixels (width x height, before the
     crop) is skipped before it is converted. ``video_size`` and
@@ -416,10 +434,10 @@ def _validate_capture_entry(c: CaptureConfig, k: str) -> None:
         "letter or digit (it names the capture's thread and its metric label).",
     )
     src = c.source
-    _check(
+    _check(  # the value is not quoted: a URL may hold credentials, a file name a patient's name
         src.startswith("/") or re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", src) is not None,
         f"{k}.source",
-        f"{src[:200]!r} is not a device (/dev/videoN), an absolute file path or a URL (scheme://...).",
+        "is not a device (/dev/videoN), an absolute file path or a URL (scheme://...).",
     )
     _check(
         not c.stream or valid_stream(c.stream),
@@ -433,9 +451,10 @@ def _validate_capture_entry(c: CaptureConfig, k: str) -> None:
         _check(w >= 1 and h >= 1, f"{k}.crop", f"w and h must be >= 1, got {list(c.crop)}.")
     _check(c.color in CAPTURE_COLORS, f"{k}.color", f"{c.color!r} is not one of {CAPTURE_COLORS}.")
     _check(
-        c.fps == -1.0 or 0.0 <= c.fps <= 1000.0,
+        valid_capture_fps(c.fps),
         f"{k}.fps",
-        f"{c.fps} must be -1 (the source's rate), 0 (as fast as decoded) or a rate up to 1000.",
+        f"{c.fps} must be -1 (the source's rate), 0 (as fast as decoded) or a rate from {CAPTURE_MIN_FPS:g} "
+        f"to {CAPTURE_MAX_FPS:g}.",
     )
     _check(c.max_pixels >= 1, f"{k}.max_pixels", "must be >= 1.")
     if c.crop:

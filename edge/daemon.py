@@ -39,9 +39,13 @@ takes MODEL's next batch exit (as a crashing thread would), and
 daemon logs a warning when one is armed. Never set it in production.
 
 Shutdown on SIGTERM or SIGINT, within ``shutdown_timeout_s`` plus about a
-second: stop the capture sources, stop accepting (new ZeroMQ requests are
-answered ``overloaded``), stop the DICOM side, let the scheduler answer
-every accepted frame, send the last replies, close the sockets, exit 0.
+second: stop the capture sources (their threads get 0.5 s in all to end),
+stop accepting (new ZeroMQ requests are answered ``overloaded``), stop the
+DICOM side, let the scheduler answer every accepted frame, send the last
+replies, close the sockets, exit 0. A capture thread still blocked inside
+FFmpeg by then is not waited for: ``medge serve`` ends with
+:func:`end_process` (``os._exit`` after flushing the logs), as the
+interpreter's own exit would crash under it.
 
 Examples
 --------
@@ -59,6 +63,7 @@ import gc
 import importlib.util
 import logging
 import os
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -85,6 +90,7 @@ __all__ = [
     "STALL_S",
     "Daemon",
     "Watchdog",
+    "end_process",
     "exit_after",
     "inject_fault",
     "sd_notify",
@@ -95,6 +101,8 @@ _PROBE_LOG = LogThrottle(_log)  # health-check failures: one traceback per compo
 
 #: A serving loop that has work and has made no progress for this long is wedged (readiness, watchdog).
 STALL_S = 60.0
+#: Shutdown waits this long, in all, for the capture threads (stopped all at once) to end.
+_CAPTURE_CLOSE_S = 0.5
 
 #: Test-only fault injection, read once at start by ``medge serve`` (:func:`edge.commands.serve.run`) (see the module notes); unset in production.
 FAULT_INJECT_ENV = "MEDGE_FAULT_INJECT"
@@ -236,6 +244,10 @@ class Daemon:
         """``capture <name>: <state>; <counts>`` for each ``[[capture]]`` source (``/healthz`` details)."""
         return [f"capture {src.config.name}: {src.status()}" for src in self.captures]
 
+    def blocked_captures(self) -> list[str]:
+        """Names of the capture sources whose thread is still blocked in the source after :meth:`close`."""
+        return [src.config.name for src in self.captures if src.blocked]
+
     @staticmethod
     def _probe(check: Any, name: str, problem: str) -> str:
         """``problem`` if ``check()`` is false or raises, else ''."""
@@ -284,7 +296,8 @@ class Daemon:
             if cfg.metrics.enabled:
                 try:
                     self.health = HealthServer.from_config(
-                        cfg.metrics, self.registry, lambda: self.ready, reason=self.not_ready_reason
+                        cfg.metrics, self.registry, lambda: self.ready, reason=self.not_ready_reason,
+                        details=lambda: "\n".join(self.capture_status()),
                     )
                 except OSError as exc:
                     from edge.errors import ConfigError
@@ -359,11 +372,7 @@ class Daemon:
             self.zmq.stop_accepting()
         if self.scheduler is not None:
             self.scheduler.stop_accepting()
-        for src in self.captures:
-            try:
-                src.close(timeout_s=0.5)
-            except Exception:  # error boundary of shutdown: the rest must still close
-                _log.exception("Closing capture %s failed.", src.config.name)
+        _close_captures(self.captures, _CAPTURE_CLOSE_S)
         if self.dicom is not None:
             try:
                 self.dicom.close()
@@ -606,6 +615,45 @@ def _start_captures(
     if publish is None:
         _log.warning("[zmq] is disabled: capture results are counted but not published.")
     return [CaptureSource(c, service, metrics, publish).start() for c in cfg.capture]
+
+
+def _close_captures(captures: list[CaptureSource], timeout_s: float) -> None:
+    """Join the (already stopped) capture threads under one shared deadline of ``timeout_s``.
+
+    A thread still blocked at the deadline is left (:attr:`CaptureSource.blocked`):
+    ten sources blocked in an open cost ``timeout_s`` in all, not ten times it.
+    """
+    deadline = time.monotonic() + timeout_s
+    for src in captures:
+        try:
+            src.close(timeout_s=deadline - time.monotonic())
+        except Exception:  # error boundary of shutdown: the rest must still close
+            _log.exception("Closing capture %s failed.", src.config.name)
+
+
+def end_process(daemon: Daemon, status: int) -> int:
+    """After a finished :meth:`Daemon.close`: ``status``, or, with capture threads still blocked, exit now with it.
+
+    A capture thread blocked inside FFmpeg (a stream that does not answer,
+    a FIFO with no writer) cannot be stopped. Left to the interpreter's
+    exit, it calls back into Python (PyAV's I/O interrupt callback) after
+    the interpreter is finalised and the process dies of SIGSEGV instead of
+    exiting with ``status``. So once shutdown is otherwise complete, the
+    log handlers and stdout/stderr are flushed and the process ends with
+    ``os._exit(status)``, never finalising the interpreter under them.
+    """
+    blocked = daemon.blocked_captures()
+    if not blocked:
+        return status
+    _log.info("Capture %s still blocked in the source; exiting (%d) without waiting for it.",
+              ", ".join(blocked), status)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed or broken stream must not stop the exit
+            pass
+    os._exit(status)
 
 
 def exit_after(seconds: float) -> None:

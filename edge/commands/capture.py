@@ -20,17 +20,23 @@ Where they go:
   ``MEDGE_ENGINES_DIR``, else the bundled ones); no daemon needed.
 
 It prints one line per second (captured, sent, ok, dropped, errors,
-skipped, p50/p99 latency from send to reply) and a summary; ``--json``
-prints JSON lines. ``--overlay-out FILE.mp4`` writes every answered frame
+skipped, p50/p99 latency from send to reply) and a summary, which also
+counts the decoded frames that were not used, by reason (``oversize``,
+``crop``, ``rate``); ``--json`` prints JSON lines. The source is named
+without credentials, path or query (a URL's scheme, host and port; only a
+file's suffix). ``--overlay-out FILE.mp4`` writes every answered frame
 with the mask outlined and boxes drawn. To run a capture inside the daemon
 instead (retried for ever, results on PUB), configure ``[[capture]]``
 (docs/configuration.md).
 
 A source that cannot be opened ends the run: a file at once, a device or
-URL after 5 attempts with backoff (about 8 s).
+URL after 5 attempts with backoff: about 8 s when it refuses at once, up
+to about a minute when it does not answer (each attempt waits up to 10 s).
 
 Exit status: 0 every frame answered ``ok`` or ``dropped``; 1 errors,
-timeouts, or the source failed; 3 no daemon reachable.
+timeouts, the source failed, or it decoded frames and none could be used
+(all over ``--max-pixels`` or outside ``--crop``); 2 bad arguments; 3 no
+daemon reachable.
 
 Examples
 --------
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,6 +62,11 @@ __all__ = ["configure_parser", "run", "parse_crop"]
 
 _GIVE_UP_FILE = 1
 _GIVE_UP_LIVE = 5
+_EXIT_USAGE = 2
+
+
+class _UsageError(MedgeError):
+    """Arguments each valid alone that do not go together: a usage error (exit 2), as argparse's."""
 
 
 def parse_crop(text: str) -> tuple[int, int, int, int]:
@@ -73,16 +85,41 @@ def parse_crop(text: str) -> tuple[int, int, int, int]:
 
 
 def _fps(text: str) -> float:
-    v = float(text)
-    if v != -1 and not 0 <= v <= 1000:
-        raise argparse.ArgumentTypeError(f"{text} is not -1 (the source's rate), 0 (as fast as decoded) or up to 1000")
+    """``--fps``: -1, 0, or a rate within ``[[capture]] fps``'s bounds."""
+    from edge.config import CAPTURE_MAX_FPS, CAPTURE_MIN_FPS, valid_capture_fps
+
+    v = _number(text)
+    if not valid_capture_fps(v):
+        raise argparse.ArgumentTypeError(
+            f"{text} is not -1 (the source's rate), 0 (as fast as decoded) or a rate from {CAPTURE_MIN_FPS:g} "
+            f"to {CAPTURE_MAX_FPS:g}"
+        )
     return v
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
 def _positive(text: str) -> float:
-    v = float(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not > 0")
+    """A finite number > 0 (not NaN, not infinity)."""
+    v = _number(text)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0")
+    return v
+
+
+def _count(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not >= 1")
     return v
 
 
@@ -111,13 +148,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=_fps, default=-1.0,
                         help="-1: the source's rate (default); 0: as fast as decoded; else this rate")
     stop = parser.add_mutually_exclusive_group()
-    stop.add_argument("--frames", type=int, default=None, help="stop after this many captured frames")
+    stop.add_argument("--frames", type=_count, default=None, help="stop after this many captured frames")
     stop.add_argument("--duration-s", type=_positive, default=None, help="stop after this long")
     parser.add_argument("--loop", action="store_true", help="start a file again at its end")
-    parser.add_argument("--window", type=int, default=2, help="most frames in flight (default %(default)s)")
+    parser.add_argument("--window", type=_count, default=2, help="most frames in flight (default %(default)s)")
     parser.add_argument("--overlay-out", type=Path, default=None, metavar="FILE",
                         help="write the answered frames with outlines and boxes to this video file (.mp4)")
-    parser.add_argument("--max-pixels", type=int, default=3840 * 2160,
+    parser.add_argument("--max-pixels", type=_count, default=3840 * 2160,
                         help="skip frames with more pixels (default %(default)s)")
     parser.add_argument("--video-size", default="", help="V4L2 device mode, e.g. 1920x1080")
     parser.add_argument("--input-format", default="", help="V4L2 device format, e.g. mjpeg or yuyv422")
@@ -132,18 +169,27 @@ def _say(args: argparse.Namespace, line: str) -> None:
 
 
 def _capture_config(args: argparse.Namespace) -> Any:
-    """A ``CaptureConfig`` from the arguments (a relative file path made absolute)."""
-    from edge.config import CaptureConfig
-    from edge.ingest.capture_frames import source_kind
+    """A ``CaptureConfig`` from the arguments (a relative file path made absolute).
 
+    Raises
+    ------
+    _UsageError
+        A crop holding more pixels than ``--max-pixels`` (no frame could ever be used).
+    MedgeError
+        A file source that does not exist (named without its path).
+    """
+    from edge.config import CaptureConfig
+    from edge.ingest.capture_frames import describe_source, source_kind
+
+    if args.crop and args.crop[2] * args.crop[3] > args.max_pixels:
+        raise _UsageError(f"argument --crop: {args.crop[2]}x{args.crop[3]} holds more pixels than "
+                          f"--max-pixels {args.max_pixels}")
     source = args.source
     if source_kind(source) == "file":
         path = Path(source).resolve()
         if not path.is_file():
-            raise MedgeError(f"{source} is not a file.")
+            raise MedgeError(f"The source ({describe_source(source)}) is not a file, or does not exist.")
         source = str(path)
-    if args.frames is not None and args.frames < 1:
-        raise MedgeError(f"--frames {args.frames} is not >= 1.")
     return CaptureConfig(name="cli", source=source, model=args.model or "", stream=args.stream,
                          crop=tuple(args.crop or ()), color=args.color, fps=args.fps, loop=args.loop,
                          max_pixels=args.max_pixels, video_size=args.video_size, input_format=args.input_format)
@@ -184,11 +230,15 @@ def run(args: argparse.Namespace) -> int:
     """Capture, send, print; see the module notes for the exit status."""
     from edge.ingest.capture_frames import FrameStream, SourceUnavailable, require_av, source_kind
     from edge.tools.capture_client import OverlayWriter, run_capture
-    from edge.tools.endpoints import EXIT_FAILURES, EXIT_OK, EXIT_UNREACHABLE
+    from edge.tools.endpoints import EXIT_FAILURES, EXIT_UNREACHABLE
     from edge.tools.zmq_client import NotConnectedError
 
     require_av()
-    cap = _capture_config(args)
+    try:
+        cap = _capture_config(args)
+    except _UsageError as exc:
+        print(f"medge capture: error: {exc}", file=sys.stderr)
+        return _EXIT_USAGE
     give_up = _GIVE_UP_FILE if source_kind(cap.source) == "file" else _GIVE_UP_LIVE
     frames = FrameStream(cap, give_up_after=give_up)
     try:
@@ -196,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     except NotConnectedError as exc:
         print(f"medge capture: error: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    _say(args, f"medge capture: {cap.source} ({frames.kind}, {cap.color}"
+    _say(args, f"medge capture: {frames.described} ({frames.kind}, {cap.color}"
                f"{', crop ' + ','.join(map(str, cap.crop)) if cap.crop else ''}) -> {where}, stream {cap.stream!r}")
     if not args.json:
         print(f"{'t_s':>5} {'captured':>8} {'sent':>5} {'ok':>5} {'dropped':>7} {'errors':>6} {'skipped':>7} "
@@ -220,15 +270,37 @@ def run(args: argparse.Namespace) -> int:
         print(f"medge capture: error: {failed}", file=sys.stderr)
         return EXIT_FAILURES
     summary = stats.summary()
+    _print_summary(args, summary, overlay)
+    return _exit_status(summary)
+
+
+def _print_summary(args: argparse.Namespace, summary: dict[str, Any], overlay: Any) -> None:
+    """The summary: a JSON line with ``--json``, else one line (and the overlay's)."""
     if args.json:
         print(json.dumps({"type": "summary", **summary}), flush=True)
-    else:
-        lat = summary["latency"]
-        print(f"summary: {summary['captured']} captured ({summary['captured_fps']} fps), {summary['sent']} sent, "
-              f"{summary['ok']} ok, {summary['dropped']} dropped, {summary['errors']} errors, "
-              f"{summary['timeouts']} timeouts, {summary['skipped']} skipped (newest wins); latency "
-              + (f"p50 {lat['median_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms"
-                 if lat.get("count") else "none"))
-        if overlay is not None:
-            print(f"overlay: {overlay.frames} frames in {overlay.path}")
-    return EXIT_FAILURES if summary["errors"] or summary["timeouts"] else EXIT_OK
+        return
+    lat = summary["latency"]
+    unused = summary["unused"]
+    print(f"summary: {summary['captured']} captured ({summary['captured_fps']} fps), {summary['sent']} sent, "
+          f"{summary['ok']} ok, {summary['dropped']} dropped, {summary['errors']} errors, "
+          f"{summary['timeouts']} timeouts, {summary['skipped']} skipped (newest wins), "
+          f"{sum(unused.values())} decoded frames not used ("
+          + ", ".join(f"{reason} {n}" for reason, n in unused.items()) + "); latency "
+          + (f"p50 {lat['median_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms"
+             if lat.get("count") else "none"))
+    if overlay is not None:
+        print(f"overlay: {overlay.frames} frames in {overlay.path}")
+
+
+def _exit_status(summary: dict[str, Any]) -> int:
+    """1 for errors, timeouts, or decoded frames none of which could be used; else 0."""
+    from edge.tools.endpoints import EXIT_FAILURES, EXIT_OK
+
+    if summary["errors"] or summary["timeouts"]:
+        return EXIT_FAILURES
+    if summary["captured"] == 0 and sum(summary["unused"].values()):
+        print("medge capture: error: no decoded frame could be used ("
+              + ", ".join(f"{reason} {n}" for reason, n in summary["unused"].items() if n)
+              + "): check --crop and --max-pixels against the source's frame size.", file=sys.stderr)
+        return EXIT_FAILURES
+    return EXIT_OK

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from edge.config import load_config
-from edge.daemon import Daemon, FAULT_INJECT_ENV, Watchdog, exit_after, inject_fault, sd_notify
+from edge.daemon import Daemon, FAULT_INJECT_ENV, Watchdog, end_process, exit_after, inject_fault, sd_notify
 from edge.inference.model import ModelRegistry
 
 __all__ = ["configure_parser", "run"]
@@ -75,4 +75,4 @@ def run(args: argparse.Namespace) -> int:
         if release is not None:
             release.set()  # a batch hung by fault injection returns, so shutdown stays bounded
         exit_after(config.shutdown_timeout_s + 0.9)
-    return 0
+    return end_process(daemon, 0)  # os._exit(0) here if a capture thread is still blocked in FFmpeg

@@ -124,7 +124,7 @@ class CaptureSource:
         self._thread.start()
         _log.info(
             "Capture %s: %s (%s) -> model %s, stream %r.",
-            self.config.name, self.config.source, self.reader.kind, self.config.model, self.config.stream_name,
+            self.config.name, self.reader.described, self.reader.kind, self.config.model, self.config.stream_name,
         )
         return self
 
@@ -136,15 +136,22 @@ class CaptureSource:
     def close(self, timeout_s: float = 1.0) -> None:
         """Stop reading and submitting; wait up to ``timeout_s`` for the thread.
 
-        A thread blocked in a device read (a driver that delivers nothing)
-        is left to end with the process; it submits nothing more.
+        A thread blocked in a device read or an open (a driver that
+        delivers nothing, a FIFO with no writer) is left to end with the
+        process (:attr:`blocked`); it submits nothing more.
         """
         self.stop()
         if self._thread is not None:
-            self._thread.join(timeout_s)
+            self._thread.join(max(0.0, timeout_s))
             if self._thread.is_alive():
                 _log.warning("Capture %s: the reading thread is still blocked in the source; not waiting.",
                              self.config.name)
+
+    @property
+    def blocked(self) -> bool:
+        """Stopped, and its thread has not ended (blocked inside FFmpeg or a system call)."""
+        t = self._thread
+        return self._closing.is_set() and t is not None and t.is_alive()
 
     @property
     def up(self) -> bool:
@@ -187,7 +194,7 @@ class CaptureSource:
 
     def _submit(self, item: Captured) -> None:
         """Wait until the frame is due, then hand it to the scheduler (never blocks on inference)."""
-        delay = item.due - time.monotonic()
+        delay = min(item.due - time.monotonic(), self.reader.pacer.ahead_max_s, threading.TIMEOUT_MAX)
         if delay > 0 and self._closing.wait(delay):
             return
         with self._lock:

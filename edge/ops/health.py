@@ -5,7 +5,10 @@
   for ``application/openmetrics-text``, else the Prometheus text format; see
   :func:`prometheus_client.exposition.choose_encoder`), gzipped when its
   ``Accept-Encoding`` allows ``gzip``.
-* ``/healthz``: 200 while the process serves HTTP at all (liveness).
+* ``/healthz``: 200 while the process serves HTTP at all (liveness). The
+  body's first line is ``ok``; the daemon adds one line per ``[[capture]]``
+  source after it (``capture <name>: <state>; <counts>``, see
+  :meth:`edge.daemon.Daemon.capture_status`), which never change the code.
 * ``/readyz``: 200 (body ``ready``) once every model is loaded and warmed
   up and the ingest sockets are bound, while every serving loop is alive
   and making progress; 503 before that, while shutting down and whenever a
@@ -230,13 +233,25 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             return self._metrics()
         if path == "/healthz":
-            return 200, b"ok\n", _TEXT, {}
+            return 200, self._healthz(), _TEXT, {}
         if path == "/readyz":
             if self.server.ready():
                 return 200, b"ready\n", _TEXT, {}
             why = self.server.reason() if self.server.reason is not None else ""
             return 503, (f"not ready: {why}\n" if why else "not ready\n").encode("utf-8"), _TEXT, {}
         return 404, b"not found: try /metrics, /healthz or /readyz\n", _TEXT, {}
+
+    def _healthz(self) -> bytes:
+        """``ok``, then the details lines, if any: a failing details call is counted and leaves ``ok`` alone."""
+        details = self.server.details
+        if details is None:
+            return b"ok\n"
+        try:
+            text = details().strip("\n")
+        except Exception as exc:  # noqa: BLE001 - liveness must answer 200 whatever the details do
+            self.server.boundary.report(exc, "GET /healthz details")
+            text = ""
+        return ("ok\n" + (text + "\n" if text else "")).encode("utf-8", "replace")
 
     def _metrics(self) -> tuple[int, bytes, str, dict[str, str]]:
         """The registry in the format the ``Accept`` header asks for, gzipped if accepted."""
@@ -277,11 +292,13 @@ class _Server(ThreadingHTTPServer):
         idle_timeout_s: float,
         max_connections: int,
         reason: Callable[[], str] | None = None,
+        details: Callable[[], str] | None = None,
     ) -> None:
         super().__init__(addr, _Handler)
         self.registry = registry
         self.ready = ready
         self.reason = reason
+        self.details = details
         self.ssl_context = ssl_context
         self.auth = auth
         self.idle_timeout_s = idle_timeout_s
@@ -452,6 +469,8 @@ class HealthServer:
         Returns whether ``/readyz`` answers 200.
     reason : callable, optional
         Returns why not, for the 503 body (component and cause; never request data).
+    details : callable, optional
+        Returns lines added to ``/healthz``'s body after ``ok`` (the daemon's capture status lines).
     tls_cert, tls_key : str, optional
         PEM certificate (chain) and unencrypted key: serve HTTPS (TLS 1.2+).
     tls_client_ca : str, optional
@@ -492,6 +511,7 @@ class HealthServer:
         idle_timeout_s: float = 10.0,
         max_connections: int = 32,
         reason: Callable[[], str] | None = None,
+        details: Callable[[], str] | None = None,
     ) -> None:
         if tls_client_ca and not tls_cert:
             raise ConfigError("Config key metrics.tls_client_ca: needs metrics.tls_cert and tls_key.")
@@ -510,6 +530,7 @@ class HealthServer:
             idle_timeout_s=float(idle_timeout_s),
             max_connections=int(max_connections),
             reason=reason,
+            details=details,
         )
         self.host = host
         self.port = int(self._server.server_address[1])
@@ -541,6 +562,7 @@ class HealthServer:
         registry: CollectorRegistry,
         ready: Callable[[], bool],
         reason: Callable[[], str] | None = None,
+        details: Callable[[], str] | None = None,
     ) -> "HealthServer":
         """Start a server as ``[metrics]`` (an :class:`edge.config.MetricsConfig`) says."""
         return cls(
@@ -555,6 +577,7 @@ class HealthServer:
             idle_timeout_s=config.idle_timeout_s,
             max_connections=config.max_connections,
             reason=reason,
+            details=details,
         )
 
     @property

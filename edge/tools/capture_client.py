@@ -44,7 +44,7 @@ from edge.config import MedgeConfig
 from edge.egress.dicom.outlines import draw_boxes, mask_boundary
 from edge.egress.zmq import encode_result
 from edge.errors import MedgeError, ProtocolError
-from edge.ingest.capture_frames import Captured, FrameStream, require_av
+from edge.ingest.capture_frames import SKIP_REASONS, Captured, FrameStream, require_av
 from edge.ops.curve import CurveClientKeys
 from edge.tools.results import summarize_ms
 from edge.tools.zmq_client import NotConnectedError, Reply, ZmqClient, decode_reply
@@ -60,7 +60,13 @@ _POLL_S = 0.05
 
 @dataclass
 class CaptureStats:
-    """What one ``medge capture`` run saw (counts, and send-to-reply latencies in ms)."""
+    """What one ``medge capture`` run saw (counts, and send-to-reply latencies in ms).
+
+    ``skipped``: captured frames replaced by a newer one while the window
+    was full (newest wins); ``unused``: decoded frames the source did not
+    deliver, by :data:`edge.ingest.capture_frames.SKIP_REASONS` (over
+    ``max_pixels``, outside the crop, thinned to ``fps``).
+    """
 
     captured: int = 0
     sent: int = 0
@@ -69,6 +75,7 @@ class CaptureStats:
     errors: int = 0
     timeouts: int = 0
     skipped: int = 0
+    unused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
     latencies_ms: list[float] = field(default_factory=list)
     error_codes: Counter = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
@@ -84,6 +91,7 @@ class CaptureStats:
             "errors": self.errors,
             "timeouts": self.timeouts,
             "skipped": self.skipped,
+            "unused": dict(self.unused),
             "elapsed_s": round(elapsed, 3),
             "captured_fps": round(self.captured / elapsed, 2),
             "answered_fps": round(self.ok / elapsed, 2),
@@ -305,6 +313,16 @@ class _Run:
             self.overlay.write(sent.image, rep)
 
 
+def _wait_until_due(run: _Run, item: Captured, end: float | None) -> bool:
+    """Take replies until ``item`` is due (True), or until ``end`` comes first (False)."""
+    while (left := item.due - time.monotonic()) > 0:
+        if end is not None and time.monotonic() >= end:
+            return False
+        run.pump(min(left, _POLL_S))
+    run.pump(0.0)
+    return True
+
+
 def run_capture(
     frames: FrameStream,
     transport: Transport,
@@ -318,7 +336,8 @@ def run_capture(
 ) -> CaptureStats:
     """Capture until ``max_frames``, ``duration_s`` or the end of a file; then wait for the last replies.
 
-    ``on_tick`` gets :meth:`CaptureStats.summary` once a second.
+    ``on_tick`` gets :meth:`CaptureStats.summary` once a second. ``duration_s``
+    also ends a wait for a frame that is not yet due.
 
     Raises
     ------
@@ -335,9 +354,8 @@ def run_capture(
     items = iter(frames)
     try:
         for item in items:
-            while (left := item.due - time.monotonic()) > 0:
-                run.pump(min(left, _POLL_S))
-            run.pump(0.0)
+            if not _wait_until_due(run, item, end):
+                break
             run.offer(item)
             now = time.monotonic()
             if on_tick is not None and now >= next_tick:
@@ -348,6 +366,7 @@ def run_capture(
     finally:
         frames.stop()
         items.close()  # closes the source now, not when the generator is collected
+        run.stats.unused = {reason: frames.skipped.get(reason, 0) for reason in SKIP_REASONS}
     deadline = time.monotonic() + reply_timeout_s
     while (run.inflight or run.held is not None) and time.monotonic() < deadline:
         run.pump(_POLL_S)

@@ -9,8 +9,10 @@ for H.264 (a damaged middle still demuxes), Matroska for MJPEG.
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pytest
@@ -45,8 +47,12 @@ def codec() -> tuple[str, str]:
     return ("libx264", ".ts") if "libx264" in need_pyav().codecs_available else ("mjpeg", ".mkv")
 
 
-def encode(path: Path, frames: Iterable[np.ndarray], fps: int = 30) -> Path:
-    """Encode uint8 gray ``[H, W]`` or RGB ``[H, W, 3]`` frames to ``path`` (its suffix from :func:`codec`)."""
+def encode(path: Path, frames: Iterable[np.ndarray], fps: int = 30, pts: Sequence[int] | None = None) -> Path:
+    """Encode uint8 gray ``[H, W]`` or RGB ``[H, W, 3]`` frames to ``path`` (its suffix from :func:`codec`).
+
+    ``pts``: each frame's timestamp in frame intervals (default 0, 1, 2, ...): a jump in them is a
+    timestamp jump in the file.
+    """
     av = need_pyav()
     name, _ = codec()
     with av.open(str(path), "w") as out:
@@ -59,7 +65,7 @@ def encode(path: Path, frames: Iterable[np.ndarray], fps: int = 30) -> Path:
                 if name == "libx264":
                     stream.options = {"preset": "ultrafast", "tune": "zerolatency", "crf": "18"}
             frame = av.VideoFrame.from_ndarray(img, format="gray" if img.ndim == 2 else "rgb24")
-            frame.pts = i
+            frame.pts = i if pts is None else pts[i]
             for packet in stream.encode(frame):
                 out.mux(packet)
         assert stream is not None, "no frames to encode"
@@ -86,3 +92,16 @@ def ultrasound_frames(n: int, height: int = 120, width: int = 160) -> list[np.nd
 def split_cine(folder: Path, n: int = 30, fps: int = 30) -> Path:
     """The split pattern as a video file in ``folder``."""
     return encode(folder / f"split{codec()[1]}", split_frames(n), fps)
+
+
+def png_bomb(path: Path, side: int) -> Path:
+    """A small PNG declaring a ``side`` x ``side`` 16-bit RGBA picture (``8 * side**2`` bytes decoded)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    squeeze = zlib.compressobj(9)
+    row = b"\0" * (1 + side * 8)
+    idat = b"".join(squeeze.compress(row) for _ in range(side)) + squeeze.flush()
+    header = struct.pack(">IIBBBBB", side, side, 16, 6, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path

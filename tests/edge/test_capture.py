@@ -9,8 +9,12 @@ frame's range, so the mask of a known picture is known).
 from __future__ import annotations
 
 import glob
+import itertools
+import logging
+import os
 import threading
 import time
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,14 +23,20 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.edge._capture_media import BRIGHT, DARK, SPLIT_X, codec, encode, need_pyav, split_cine, ultrasound_frames
+from tests.edge._capture_media import (
+    BRIGHT, DARK, SPLIT_X, codec, encode, need_pyav, png_bomb, split_cine, split_frames, ultrasound_frames,
+)
 from tests.conftest import wait_until
 
 from edge.config import CaptureConfig, load_config
 from edge.daemon import Daemon
 from edge.errors import ProtocolError
 from edge.ingest.capture import CaptureSource
-from edge.ingest.capture_frames import FrameConverter, FrameStream, Pacer, SourceUnavailable, source_kind
+from edge.ingest.capture_frames import (
+    Captured, FrameConverter, FrameStream, Pacer, SourceUnavailable, decoder_max_pixels, describe_source,
+    source_kind,
+)
+from edge.tools.daemon_process import free_port
 from edge.ops.metrics import Metrics
 from edge.types import InferenceResult
 from edge.tools.zmq_client import ZmqClient, ZmqSubscriber
@@ -75,8 +85,48 @@ def test_pacer_follows_source_timestamps_and_a_looped_file() -> None:
     assert p.due(0.0, now=50.0) == 50.0
     assert p.due(0.5, now=50.01) == pytest.approx(50.5)
     assert p.due(1.0, now=50.02) == pytest.approx(51.0)
-    assert p.due(0.0, now=51.0) == 51.0  # timestamps went back (the file looped): clock restarts
-    assert p.due(0.04, now=51.001) == pytest.approx(51.04)
+    # timestamps went back (the file looped): the clock restarts one frame interval after the last frame
+    assert p.due(0.0, now=51.0) == pytest.approx(51.0 + 1 / 30)
+    assert p.due(0.04, now=51.001) == pytest.approx(51.04 + 1 / 30)
+    assert p.jumps == 0
+
+
+def test_a_timestamp_jump_forward_restarts_the_clock_and_is_counted() -> None:
+    p = Pacer(fps=-1.0, kind="file")
+    assert p.ahead_max_s == 1.0
+    assert p.due(0.0, now=10.0) == 10.0
+    assert p.due(3600.0, now=10.01) == pytest.approx(10.0 + 1 / 30)  # +1 h: not an hour's wait
+    assert p.due(3600.04, now=10.02) == pytest.approx(10.04 + 1 / 30)  # the clock goes on from there
+    assert p.due(1e300, now=10.03) <= 10.03 + p.ahead_max_s  # beyond threading.TIMEOUT_MAX too
+    assert p.jumps == 2
+    assert Pacer(fps=0.1, kind="file").ahead_max_s == pytest.approx(20.0)  # two intervals at the slowest rate
+    assert Pacer(fps=-1.0, kind="file", fallback_fps=1e-300).fallback_fps == 30.0
+
+
+def test_a_file_with_a_timestamp_jump_is_not_held_up(tmp_path: Path) -> None:
+    pts = list(range(10)) + [i + 3600 * 30 for i in range(10, 20)]  # +1 h after frame 10
+    path = encode(tmp_path / f"jump{codec()[1]}", split_frames(20), pts=pts)
+    stream = FrameStream(_cap(path))
+    ahead = []
+    for item in stream:
+        ahead.append(item.due - time.monotonic())
+    assert len(ahead) == 20 and max(ahead) < stream.pacer.ahead_max_s
+    assert stream.errors["timestamp"] == 1 and stream.ended
+
+
+def test_a_damaged_timestamp_far_ahead_is_bounded_too() -> None:
+    times = [i / 30 for i in range(5)] + [11884.0] + [i / 30 for i in range(6, 12)]  # one PTS 3.3 h ahead
+    stream = FrameStream(_cap("/srv/x.ts"), opener=lambda source, **kw: _Container([True] * 12, times=times))
+    ahead = [item.due - time.monotonic() for item in stream]
+    assert len(ahead) == 12 and max(ahead) < stream.pacer.ahead_max_s
+    assert stream.errors["timestamp"] == 1
+
+
+def test_a_looped_one_frame_file_keeps_its_rate(tmp_path: Path) -> None:
+    path = split_cine(tmp_path, n=1)
+    stream = FrameStream(_cap(path, fps=10.0, loop=True))
+    dues = [item.due for item in itertools.islice(stream, 6)]
+    assert np.diff(dues) == pytest.approx([0.1] * 5, abs=0.01)  # each reopen continues the clock
 
 
 def test_pacer_never_delays_a_device_and_thins_it_to_fps() -> None:
@@ -126,7 +176,7 @@ def test_a_file_is_read_whole_cropped_and_in_gray(tmp_path: Path) -> None:
     assert {im.shape for im in images} == {(64, 64)}
     img = images[10]  # crop x 60: columns 0..19 were dark, 20..63 bright
     assert abs(float(img[:, :16].mean()) - DARK) < 8 and abs(float(img[:, 24:].mean()) - BRIGHT) < 8
-    assert stream.errors == {"open": 0, "read": 0, "decode": 0}
+    assert stream.errors == dict.fromkeys(("open", "open_timeout", "oversize", "read", "decode", "timestamp"), 0)
 
 
 def test_an_ultrasound_cine_decodes_close_to_its_frames(tmp_path: Path) -> None:
@@ -195,25 +245,28 @@ def test_damaged_packets_are_skipped_and_the_file_still_plays_to_its_end(tmp_pat
 
 
 class _Packet:
-    def __init__(self, good: bool) -> None:
-        self.good = good
+    def __init__(self, good: bool, t: float | None = None) -> None:
+        self.good, self.t = good, t
 
     def decode(self) -> list[Any]:
         av = need_pyav()
         if not self.good:
             raise av.error.InvalidDataError(-1094995529, "Invalid data found when processing input")
-        return [av.VideoFrame.from_ndarray(np.full((16, 16), 128, np.uint8), format="gray")]
+        frame = av.VideoFrame.from_ndarray(np.full((16, 16), 128, np.uint8), format="gray")
+        if self.t is not None:
+            frame.pts, frame.time_base = round(self.t * 90_000), Fraction(1, 90_000)
+        return [frame]
 
 
 class _Container:
-    """A source whose packets are given: True decodes to a frame, False does not decode."""
+    """A source whose packets are given: True decodes to a frame, False does not decode; ``times``: their PTS."""
 
-    def __init__(self, packets: list[bool]) -> None:
-        self.packets = packets
+    def __init__(self, packets: list[bool], times: list[float] | None = None) -> None:
+        self.packets, self.times = packets, times or [None] * len(packets)
         self.streams = type("S", (), {"video": [type("V", (), {"average_rate": 30})()]})()
 
     def demux(self, stream: Any) -> Iterator[_Packet]:
-        return (_Packet(g) for g in self.packets)
+        return (_Packet(g, t) for g, t in zip(self.packets, self.times))
 
     def close(self) -> None:
         pass
@@ -228,7 +281,7 @@ def test_an_undecodable_packet_is_counted_and_skipped() -> None:
 
     stream = FrameStream(_cap("/srv/x.mp4", fps=0.0), opener=opener)
     assert len(_drain(stream)) == 3 and stream.ended
-    assert stream.errors == {"open": 0, "read": 0, "decode": 3} and opened == ["/srv/x.mp4"]
+    assert stream.errors == {**dict.fromkeys(stream.errors, 0), "decode": 3} and opened == ["/srv/x.mp4"]
 
 
 def test_a_source_that_stops_decoding_is_reopened() -> None:
@@ -272,6 +325,109 @@ def test_a_refused_frame_is_counted_and_the_source_goes_on() -> None:
     assert value("medge_requests_failed_total", {"source": "capture", "code": "overloaded"}) == 3
     assert value("medge_end_to_end_seconds_count", {"source": "capture", "model": "tiny-seg"}) == 3
     assert src.status().startswith("ended: end of file after 6 frames")
+
+
+# ----------------------------------------------------------------------------- bounds
+def test_a_stream_declaring_more_than_max_pixels_is_refused_at_open(tmp_path: Path, caplog) -> None:
+    path = split_cine(tmp_path, n=5)  # 160 x 120
+    stream = FrameStream(_cap(path, fps=0.0, max_pixels=160 * 120 - 1), retry_base_s=0.01, give_up_after=2)
+    with caplog.at_level(logging.WARNING), pytest.raises(SourceUnavailable, match="over max_pixels"):
+        _drain(stream)
+    assert stream.errors["oversize"] == 2 and stream.decoded == 0 and stream.skipped["oversize"] == 0
+    assert "refused a .ts file" in caplog.text or "refused a .mkv file" in caplog.text
+
+
+def test_the_decoder_never_allocates_a_picture_over_max_pixels(tmp_path: Path) -> None:
+    av = need_pyav()
+    bomb = png_bomb(tmp_path / "bomb.png", 3000)  # 72 MB when decoded, 32 kB on disk
+    options: list[dict[str, str]] = []
+
+    def opener(source: str, **kw: Any) -> Any:
+        options.append(kw["options"])
+        return av.open(source, **kw)
+
+    stream = FrameStream(_cap(bomb, fps=0.0, max_pixels=1000 * 1000), opener=opener)
+    assert _drain(stream) == [] and stream.ended
+    assert stream.decoded == 0  # FFmpeg refused the picture: it was never decoded (and then skipped)
+    assert options == [{"max_pixels": str(decoder_max_pixels(1000 * 1000))}]  # and the probing decoder
+    ctx = type("Ctx", (), {"width": 64, "height": 48, "is_open": False, "options": {"threads": "2"}})()
+    container = _Container([True])
+    container.streams.video[0].codec_context = ctx
+    FrameStream(_cap("/srv/x.mp4", max_pixels=5000), opener=lambda source, **kw: container)._open()
+    assert ctx.options == {"threads": "2", "max_pixels": str(decoder_max_pixels(5000))}  # before it opens
+
+
+def test_a_size_change_in_mid_stream_is_not_decoded_past_max_pixels(tmp_path: Path) -> None:
+    if codec()[0] != "libx264":
+        pytest.skip("needs H.264 in MPEG-TS (files that can be concatenated)")
+    small = encode(tmp_path / "a.ts", split_frames(60))  # 2 s: probing at open sees only these
+    large = encode(tmp_path / "b.ts", split_frames(8, height=480, width=640))  # over decoder_max_pixels
+    both = tmp_path / "both.ts"
+    both.write_bytes(small.read_bytes() + large.read_bytes())
+    stream = FrameStream(_cap(both, fps=0.0, max_pixels=160 * 120), give_up_after=1)
+    images = _drain(stream)
+    assert {im.shape for im in images} == {(120, 160)} and len(images) == 60 and stream.ended
+    assert stream.decoded == 60 and stream.skipped["oversize"] == 0 and stream.errors["decode"] >= 1
+
+
+def test_an_open_that_blocks_is_counted_logged_and_shown(caplog) -> None:
+    release = threading.Event()
+
+    def opener(source: str, **kw: Any) -> Any:
+        release.wait(30.0)
+        raise FileNotFoundError(2, "No such file or directory")
+
+    stream = FrameStream(_cap("/srv/fifo.ts"), opener=opener, open_timeout_s=0.05, retry_base_s=0.01)
+    with caplog.at_level(logging.WARNING):
+        t = _iterate_in_thread(stream)
+        wait_until(lambda: stream.errors["open_timeout"] == 1, 10.0, "the open watchdog")
+        assert stream.status.startswith("down: open_timeout: blocked opening the source")
+        src = CaptureSource(_cap("/srv/fifo.ts"), _RefusingService(), reader=stream)  # type: ignore[arg-type]
+        assert src.status().startswith("down: open_timeout: blocked opening")
+        stream.stop()
+        release.set()
+        t.join(5.0)
+    assert not t.is_alive() and stream.errors["open_timeout"] == 1  # once per open, not once per poll
+    assert caplog.text.count("has not returned after") == 1
+
+
+def test_a_far_future_frame_never_overflows_the_wait() -> None:
+    service = _RefusingService()
+    reader = FrameStream(_cap("/srv/x.mp4"), opener=lambda source, **kw: _Container([]))
+    src = CaptureSource(_cap("/srv/x.mp4", model="tiny-seg"), service, reader=reader)  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    src._submit(Captured(np.zeros((8, 8), np.uint8), time.monotonic() + 1e300, 0))  # no OverflowError
+    assert time.monotonic() - t0 < reader.pacer.ahead_max_s + 1.0 and len(service.calls) == 1
+
+
+def test_sources_are_described_without_credentials_or_paths() -> None:
+    assert describe_source("rtsp://user:s3cretpw@10.1.2.3:8554/Doe_John?token=abc") == "rtsp://10.1.2.3:8554"
+    assert describe_source("http://cam.local/live.ts") == "http://cam.local"
+    assert describe_source("/dev/video0") == "/dev/video0"
+    assert describe_source("/data/Doe_John_1970/Doe_John.MP4") == "a .mp4 file"
+    assert describe_source("/data/Doe_John") == "a file"
+
+
+def test_logs_and_statuses_never_quote_credentials_or_paths(tmp_path: Path, caplog) -> None:
+    folder = tmp_path / "Doe_John_19700101"
+    folder.mkdir()
+    bad = folder / "Doe_John_cine.mp4"
+    bad.write_bytes(np.random.default_rng(3).bytes(5000))
+    url = f"rtsp://user:s3cretpw@127.0.0.1:{free_port()}/Doe_John?token=t0ken"
+    with caplog.at_level(logging.INFO):
+        sources = [CaptureSource(_cap(src, name=f"c{i}", model="tiny-seg"), _RefusingService(),  # type: ignore[arg-type]
+                                 reader=FrameStream(_cap(src, name=f"c{i}"), retry_base_s=0.01)).start()
+                   for i, src in enumerate((url, str(bad)))]
+        wait_until(lambda: all(s.reader.errors["open"] >= 1 for s in sources), 10.0, "both sources to fail")
+        lines = [s.status() for s in sources]
+        for s in sources:
+            s.close()
+        with pytest.raises(SourceUnavailable) as exc:
+            _drain(FrameStream(_cap(url), give_up_after=1))
+    text = caplog.text + "\n".join(lines) + str(exc.value)
+    assert "rtsp://127.0.0.1:" in text and "a .mp4 file" in text
+    for secret in ("s3cretpw", "user:", "t0ken", "Doe_John", str(tmp_path)):
+        assert secret not in text, secret
 
 
 def test_a_missing_device_gives_up_only_when_asked_to(tmp_path: Path) -> None:
@@ -408,3 +564,110 @@ def test_a_30_fps_capture_keeps_the_backlog_bounded(tmp_path: Path, fixture_engi
     assert elapsed > 2.0  # paced at the file's 30 fps, not read as fast as it decodes
     assert max(depths) <= backlog and pending <= backlog  # newest wins: the backlog never grows
     assert dropped <= 0.5 * src.submitted
+
+
+# ----------------------------------------------------------------------------- shutdown with blocked sources
+def _fifos(folder: Path, n: int) -> list[Path]:
+    paths = [folder / f"fifo{i}" for i in range(n)]
+    for p in paths:
+        os.mkfifo(p)
+    return paths
+
+
+def _unblock(fifos: list[Path]) -> None:
+    """Open each FIFO for writing and close it: a reader blocked in its open gets the end of the file."""
+    for p in fifos:
+        try:
+            os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader (any more)
+            pass
+
+
+def _get(url: str) -> tuple[int, str]:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback
+        return resp.status, resp.read().decode()
+
+
+def test_blocked_sources_share_one_shutdown_wait_and_show_in_healthz(tmp_path: Path, fixture_engines: Path) -> None:
+    fifos = _fifos(tmp_path, 6)  # no writer: FFmpeg's open blocks in the kernel
+    caps = "".join(f'[[capture]]\nname = "f{i}"\nsource = "{p}"\n' for i, p in enumerate(fifos))
+    d = Daemon(_daemon_config(tmp_path, fixture_engines, caps)).start()
+    try:
+        assert d.health is not None
+        wait_until(lambda: all(c.reader.opening for c in d.captures), 10.0, "every source opening")
+        code, body = _get(d.health.url + "/healthz")
+        assert code == 200 and body.startswith("ok\n")
+        assert body.splitlines()[1:] == d.capture_status() and "capture f5: starting;" in body
+        t0 = time.monotonic()
+        d.close()
+        elapsed = time.monotonic() - t0
+        assert sorted(d.blocked_captures()) == sorted(f"f{i}" for i in range(6))
+        assert elapsed < 2.0  # 0.5 s for all the capture threads together, not 0.5 s each
+    finally:
+        d.close()
+        _unblock(fifos)
+
+
+def test_end_process_exits_with_the_status_while_a_capture_is_blocked(
+    tmp_path: Path, fixture_engines: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edge.daemon
+
+    exits: list[int] = []
+
+    class _Exited(Exception):
+        pass
+
+    def fake_exit(status: int) -> None:
+        exits.append(status)
+        raise _Exited
+
+    monkeypatch.setattr(edge.daemon.os, "_exit", fake_exit)
+    monkeypatch.setattr(edge.daemon.logging, "shutdown", lambda: exits.append(-1))
+    fifos = _fifos(tmp_path, 1)
+    d = Daemon(_daemon_config(tmp_path, fixture_engines, f'[[capture]]\nname = "f"\nsource = "{fifos[0]}"\n'))
+    try:
+        d.start()
+        wait_until(lambda: d.captures[0].reader.opening, 10.0, "the source opening")
+        d.close()
+        with pytest.raises(_Exited):
+            edge.daemon.end_process(d, 0)
+        assert exits == [-1, 0]  # logs flushed, then os._exit(0): no interpreter exit under a blocked thread
+    finally:
+        d.close()
+        _unblock(fifos)
+    assert edge.daemon.end_process(Daemon(d.config), 3) == 3  # nothing blocked: a normal return
+
+
+def test_sigterm_with_captures_blocked_in_ffmpeg_exits_0(tmp_path: Path, fixture_engines: Path) -> None:
+    """``medge serve``: a stream that never answers and a FIFO with no writer do not crash the exit (SIGSEGV)."""
+    import socket
+
+    from edge.tools.daemon_process import DaemonProcess
+
+    fifos = _fifos(tmp_path, 1)
+    with socket.socket() as silent:  # accepts (the kernel does), never sends: FFmpeg polls its interrupt callback
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = free_port()
+        caps = (f'[[capture]]\nname = "fifo"\nsource = "{fifos[0]}"\n'
+                f'[[capture]]\nname = "tcp"\nsource = "tcp://127.0.0.1:{silent.getsockname()[1]}"\n')
+        cfg = tmp_path / "medge.toml"
+        cfg.write_text(
+            f'engines_dir = "{fixture_engines}"\nspool_dir = "{tmp_path / "spool"}"\n'
+            '[zmq]\ningest = "tcp://127.0.0.1:*"\npublish = "tcp://127.0.0.1:*"\ndefault_model = "tiny-seg"\n'
+            f'[metrics]\nport = {port}\n[dicom]\nenabled = false\n' + caps, encoding="utf-8")
+        daemon = DaemonProcess(cfg, port, tmp_path / "serve.log")
+        try:
+            daemon.wait_ready(30.0)
+            t0 = time.monotonic()
+            assert daemon.stop(10.0) == 0, daemon.log_tail(30)
+            assert time.monotonic() - t0 < 5.0
+        finally:
+            if daemon.exit_code is None:
+                daemon.stop()
+            _unblock(fifos)
+    log = (tmp_path / "serve.log").read_text()
+    assert "still blocked in the source; exiting (0) without waiting" in log and "medge stopped in" in log

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -94,8 +96,74 @@ def test_a_source_that_cannot_be_read_is_exit_1(tmp_path: Path, fixture_engines:
     assert "is not a file" in capsys.readouterr().err
 
 
-def test_bad_arguments_are_usage_errors(cine: Path) -> None:
-    for bad in (["--crop", "1,2,3"], ["--crop", "0,0,0,5"], ["--fps", "-3"]):
+def test_bad_arguments_are_usage_errors(cine: Path, capsys) -> None:
+    for bad in (["--crop", "1,2,3"], ["--crop", "0,0,0,5"], ["--fps", "-3"], ["--fps", "1e-300"], ["--fps", "nan"],
+                ["--max-pixels", "-5"], ["--max-pixels", "0"], ["--reply-timeout-s", "nan"],
+                ["--duration-s", "nan"], ["--duration-s", "inf"], ["--connect-timeout-s", "-1"],
+                ["--window", "0"], ["--frames", "0"]):
         with pytest.raises(SystemExit) as exc:
             main(["capture", str(cine), "--local", *bad])
-        assert exc.value.code == 2
+        assert exc.value.code == 2, bad
+    # each valid alone, but no frame could ever be used together
+    assert main(["capture", str(cine), "--local", "--crop", "0,0,99999,99999"]) == 2
+    assert "more pixels than --max-pixels" in capsys.readouterr().err
+
+
+def test_frames_skipped_at_the_source_are_counted_by_reason(daemon: Daemon, cine: Path, capsys) -> None:
+    assert daemon.zmq is not None
+    rc = main(["capture", str(cine), "--endpoint", daemon.zmq.ingest_endpoint, "--model", "tiny-seg",
+               "--fps", "0", "--crop", "0,0,200,200", "--json"])  # fits max_pixels, not the 160x120 frames
+    out = capsys.readouterr()
+    s = _summary(out.out)
+    assert rc == 1 and s["captured"] == 0 and s["sent"] == 0
+    assert s["unused"] == {"oversize": 0, "crop": 30, "rate": 0}
+    assert "no decoded frame could be used (crop 30)" in out.err
+    rc = main(["capture", str(cine), "--endpoint", daemon.zmq.ingest_endpoint, "--model", "tiny-seg",
+               "--fps", "0", "--max-pixels", str(160 * 120 - 1)])  # refused at open: the file fails
+    assert rc == 1 and "over max_pixels" in capsys.readouterr().err
+
+
+def test_duration_ends_a_wait_for_a_frame_far_ahead() -> None:
+    from edge.ingest.capture_frames import Captured
+    from edge.tools.capture_client import run_capture
+
+    class Frames:
+        skipped = {"oversize": 0, "crop": 0, "rate": 0}
+
+        def __iter__(self):
+            yield Captured(np.zeros((8, 8), np.uint8), time.monotonic(), 0)
+            yield Captured(np.zeros((8, 8), np.uint8), time.monotonic() + 3600.0, 1)  # an hour ahead
+
+        def stop(self) -> None:
+            pass
+
+    class Transport:
+        def send(self, image: np.ndarray, req_id: int) -> None:
+            pass
+
+        def poll(self, timeout_s: float) -> list:
+            threading.Event().wait(timeout_s)  # as a transport waits for replies; none come
+            return []
+
+        def close(self) -> None:
+            pass
+
+    t0 = time.monotonic()
+    stats = run_capture(Frames(), Transport(), duration_s=0.3, reply_timeout_s=0.1)  # type: ignore[arg-type]
+    assert time.monotonic() - t0 < 2.0 and stats.captured == 1 and stats.timeouts == 1
+
+
+def test_the_source_is_named_without_its_path(tmp_path: Path, fixture_engines: Path, capsys,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDGE_ENGINES_DIR", str(fixture_engines))
+    folder = tmp_path / "Doe_John_19700101"
+    folder.mkdir()
+    good = split_cine(folder, n=3)
+    bad = folder / "Doe_John.mp4"
+    bad.write_bytes(np.random.default_rng(0).bytes(5000))
+    assert main(["capture", str(good), "--local", "--model", "tiny-seg", "--frames", "2", "--fps", "0"]) == 0
+    assert main(["capture", str(bad), "--local", "--model", "tiny-seg", "--frames", "2"]) == 1
+    assert main(["capture", str(folder / "absent.mp4"), "--local", "--frames", "2"]) == 1
+    out = capsys.readouterr()
+    assert "medge capture: a .ts file" in out.out or "medge capture: a .mkv file" in out.out
+    assert "Cannot open a .mp4 file" in out.err and "Doe_John" not in out.out + out.err

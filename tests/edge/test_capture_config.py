@@ -45,6 +45,11 @@ def test_defaults_fill_in_model_and_stream(tmp_path: Path, fixture_engines: Path
         ('name = "a"\nsource = "/dev/video0"\ncrop = [0, 0, 0, 3]', "capture[0].crop", "w and h must be >= 1"),
         ('name = "a"\nsource = "/dev/video0"\ncolor = "bgr"', "capture[0].color", "not one of"),
         ('name = "a"\nsource = "/dev/video0"\nfps = -2', "capture[0].fps", "must be -1"),
+        ('name = "a"\nsource = "/dev/video0"\nfps = 1e-300', "capture[0].fps", "from 0.1 to 1000"),
+        ('name = "a"\nsource = "/dev/video0"\nfps = 0.05', "capture[0].fps", "from 0.1 to 1000"),
+        ('name = "a"\nsource = "/dev/video0"\nfps = nan', "capture[0].fps", "must be -1"),
+        ('name = "a"\nsource = "rtsp://u:s3cret@h/Doe_John"\nfps = inf', "capture[0].fps", "must be -1"),
+        ('name = "a"\nsource = "Doe_John/cine.mp4"', "capture[0].source", "absolute file path"),
         ('name = "a"\nsource = "/dev/video0"\nmodel = "nope"', "capture[0].model", "not a served model"),
         ('name = "a"\nsource = "/dev/video0"\nstream = "x\\u0001"', "capture[0].stream", "stream name"),
         ('name = "a"\nsource = "/dev/video0"\nmax_pixels = 0', "capture[0].max_pixels", ">= 1"),
@@ -59,6 +64,7 @@ def test_bad_values_name_the_key(tmp_path: Path, fixture_engines: Path, body: st
     with pytest.raises(ConfigError) as exc:
         _load(tmp_path, fixture_engines, body)
     assert key in str(exc.value) and problem in str(exc.value)
+    assert "s3cret" not in str(exc.value) and "Doe_John" not in str(exc.value)
 
 
 def test_a_capture_without_pyav_is_a_clear_start_up_error(tmp_path: Path, fixture_engines: Path,
