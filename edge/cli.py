@@ -121,6 +121,11 @@ def _short_path(filename: str) -> str:
 class _WithholdDicomLibraryText(logging.Filter):
     """A handler filter: records of pydicom's and highdicom's loggers lose their text.
 
+    So do the records of pynetdicom's modules that quote element values
+    (``pynetdicom.utils``: ``Non-conformant 'Affected SOP Instance UID'
+    value '<uid>'``; ``pynetdicom.dsutils``); its association and DIMSE
+    records are kept.
+
     pydicom logs the same value-quoting message it warns with (``Invalid
     value for VR DA: '<birth date>'``); the place and level are kept.
 
@@ -134,15 +139,24 @@ class _WithholdDicomLibraryText(logging.Filter):
     """
 
     _PREFIXES = ("pydicom", "highdicom")
+    # pynetdicom's modules whose records quote element values: ``utils`` validates UIDs and AE
+    # titles (``Non-conformant 'Affected SOP Instance UID' value '<uid>'``, ``Invalid ... value``),
+    # ``dsutils`` encodes and decodes data sets. Its association, DIMSE and transport records
+    # (events, statuses, AE titles, contexts) hold no element values and are kept.
+    _VALUE_LOGGERS = ("pynetdicom.utils", "pynetdicom.dsutils")
+    _WITHHELD = "%s %s at %s:%d (text withheld: it may quote patient data)."
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.split(".", 1)[0] in self._PREFIXES:
-            record.msg = "%s %s at %s:%d (text withheld: it may quote patient data)."
+            record.msg = self._WITHHELD
             record.args = (record.name, record.levelname, record.module, record.lineno)
             record.exc_info = None
             record.exc_text = None
             record.stack_info = None
             return True
+        if record.name in self._VALUE_LOGGERS and not isinstance(record.msg, BaseException):
+            record.msg = self._WITHHELD  # an exception, and its traceback, are made safe below
+            record.args = (record.name, record.levelname, record.module, record.lineno)
         if isinstance(record.msg, BaseException) and not isinstance(record.msg, MedgeError):
             kind = type(record.msg)
             record.msg = "%s.%s (message withheld: it may quote data from the peer)"

@@ -315,3 +315,31 @@ def test_pipeline_turns_classified_dx_and_cr_into_sr_and_overlays(overlay: bool,
         assert dx_sc.ImageComments.startswith("nodule: Present, certainty of finding 90.0 %")
         rgb = dx_sc.pixel_array
         assert rgb[25, 38, 0] > rgb[25, 38, 1] + 100 and rgb[55, 5, 0] == rgb[55, 5, 1]  # the spot is red
+
+
+# --------------------------------------------------------------------------- UIDs follow the content
+def test_another_threshold_gives_other_result_uids_and_the_same_one_the_same() -> None:
+    """Defect 4: a result made at another decision threshold (or model version) never reuses a UID."""
+    import dataclasses
+
+    img = np.full((64, 80), 1000, np.uint16)
+    dx = roundtrip(f.make_dx(img))
+    heat = np.zeros((1, 64, 80), np.uint8)
+    heat[0, 20:40, 30:50] = 230
+
+    def results(model: ClassifierInfo, threshold: float) -> tuple[Dataset, Dataset]:
+        src = classified(dx, [1], [0.0625], threshold=threshold)
+        src.heatmaps = heat
+        (sr,) = build_results([src], model)
+        return sr, make_overlay(dx, img, src, 0, model)
+
+    low = dataclasses.replace(CLS, threshold=0.0625)
+    high = dataclasses.replace(CLS, threshold=0.99)
+    sr_low, sc_low = results(low, 0.0625)
+    sr_high, sc_high = results(high, 0.99)
+    sr_again, sc_again = results(low, 0.0625)
+    sr_v2, sc_v2 = results(dataclasses.replace(low, version="1.3"), 0.0625)
+    assert sr_again.SOPInstanceUID == sr_low.SOPInstanceUID and sc_again.SOPInstanceUID == sc_low.SOPInstanceUID
+    assert len({str(d.SOPInstanceUID) for d in (sr_low, sr_high, sr_v2, sc_low, sc_high, sc_v2)}) == 6
+    assert sr_high.SeriesInstanceUID != sr_low.SeriesInstanceUID and sc_high.SeriesInstanceUID != sc_low.SeriesInstanceUID
+    assert sr_again.SeriesInstanceUID == sr_low.SeriesInstanceUID

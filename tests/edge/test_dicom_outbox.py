@@ -159,7 +159,7 @@ def test_permanent_refusal_goes_to_dead_letter_with_reason(tmp_path: Path) -> No
 
 
 def test_too_many_transient_refusals_in_the_window_go_to_dead_letter(tmp_path: Path) -> None:
-    scp = ScriptedSCP([0xA700] * 3)
+    scp = ScriptedSCP([0x0110] * 3)  # processing failure: transient, but charged (out of resources is not)
     reg = CollectorRegistry()
     policy = RetryPolicy(retry_base_s=0.05, retry_max_s=0.1, max_attempts=3, attempt_window_s=60)
     try:
@@ -171,6 +171,43 @@ def test_too_many_transient_refusals_in_the_window_go_to_dead_letter(tmp_path: P
         scp.close()
     assert "refused 3 times" in dead.with_name(dead.stem + ".reason.txt").read_text()
     assert scp.stored == []
+
+
+def test_out_of_resources_is_waited_out_and_never_dead_lettered(tmp_path: Path) -> None:
+    """Defect 5: a PACS out of resources (0xA7xx, 0x0213) far more often than max_attempts loses nothing."""
+    scp = ScriptedSCP([0xA700, 0xA701, 0x0213, 0xA7FF, 0xA700, 0xA700, 0xA700])
+    reg = CollectorRegistry()
+    policy = RetryPolicy(retry_base_s=0.01, retry_max_s=0.02, max_attempts=2, attempt_window_s=3600)
+    objs = results(2)
+    try:
+        with Outbox(tmp_path / "outbox", [Destination("pacs", "127.0.0.1", scp.port, "SCRIPTED")], reg, policy=policy) as ob:
+            for o in objs:
+                ob.put(o)
+            assert ob.wait_idle(20)
+            assert ob.dead_letters("pacs") == []
+    finally:
+        scp.close()
+    assert sorted(scp.stored) == sorted(str(o.SOPInstanceUID) for o in objs)
+    assert metric(reg, "medge_outbox_failures_total", destination="pacs") == 7
+    assert metric(reg, "medge_outbox_dead_letter_total", destination="pacs") == 0
+    assert not list((tmp_path / "outbox" / "pending" / "pacs").glob("*.attempts.json"))  # nothing charged
+
+
+def test_a_refused_object_waits_its_backoff_while_the_others_go(tmp_path: Path) -> None:
+    """Defect 5: no head-of-line blocking: the first object's refusal does not hold back the rest."""
+    scp = ScriptedSCP([0xA700])  # the oldest object is refused once, the others are accepted
+    reg = CollectorRegistry()
+    policy = RetryPolicy(retry_base_s=30.0, retry_max_s=30.0, max_attempts=10, attempt_window_s=3600)
+    objs = results(3)
+    try:
+        with Outbox(tmp_path / "outbox", [Destination("pacs", "127.0.0.1", scp.port, "SCRIPTED")], reg, policy=policy) as ob:
+            for o in objs:
+                ob.put(o)
+            poll(lambda: len(ob.pending("pacs")) == 1, what="the two objects behind the refused one sent")
+            assert len(scp.stored) == 2  # the refused one waits its 30 s backoff
+            assert ob.pending("pacs")[0].stem not in scp.stored  # the refused one, not sent
+    finally:
+        scp.close()
 
 
 def test_pending_results_survive_a_restart(tmp_path: Path) -> None:

@@ -465,6 +465,12 @@ def _malformed_us(case: str) -> Dataset:
         V.put_raw(d, "PatientWeight", b"70.1234567890123456789", "DS")
     elif case == "charset":
         V.put_raw(d, "SpecificCharacterSet", b"ISO_IR 999")
+    elif case == "two_patient_ids":  # defect 8: Patient ID is VM 1
+        V.put_raw(d, "PatientID", b"PID8675309\\PID2")
+    elif case == "other_id_without_type":  # defect 8: Type of Patient ID is Type 1 in the item
+        item = Dataset()
+        item.PatientID = "PID8675310"
+        d.OtherPatientIDsSequence = [item]
     return V.received(d)
 
 
@@ -479,6 +485,8 @@ MALFORMED = {
     "patient_sex": ("male", "PatientSex", ""),
     "long_decimal": ("70.1234567890123456789", "PatientWeight", "70.1234567890124"),
     "charset": ("ISO_IR 999", "SpecificCharacterSet", "ISO_IR 192"),
+    "two_patient_ids": ("PID8675309", "PatientID", ""),
+    "other_id_without_type": ("PID8675310", "OtherPatientIDsSequence", None),
 }
 
 
@@ -551,3 +559,66 @@ def test_configured_device_serial_number_reaches_results_through_the_pipeline(tm
         assert ingest.pipeline is not None and ingest.pipeline.device_serial_number == "MEDGE-SN-0042"
     finally:
         ingest.close()
+
+
+def _with_charset_of(name: str) -> tuple[Dataset, Dataset]:
+    """A US image carrying, byte for byte, the Specific Character Set and names of pydicom's test file ``name``."""
+    from pydicom.data import get_charset_files
+    from pydicom.tag import Tag
+
+    (path,) = get_charset_files(name)
+    charset_file = dcmread(path)
+    d = V.us_plain()
+    d.BodyPartExamined = "ABDOMEN"
+    for keyword in ("SpecificCharacterSet", "PatientName"):
+        raw = charset_file.get_item(keyword)
+        d._dict[Tag(raw.tag)] = raw
+    return V.received(d), charset_file
+
+
+@pytest.mark.parametrize(
+    "name", ["chrH31.dcm", "chrH32.dcm", "chrI2.dcm", "chrJapMulti.dcm", "chrJapMultiExplicitIR6.dcm", "chrX1.dcm"]
+)
+def test_iso2022_names_are_decoded_into_utf8_results(name: str, tmp_path: Path) -> None:
+    """Defect 3 (ISO 2022 names): every result says the name pydicom reads in the source, in UTF-8."""
+    src, charset_file = _with_charset_of(name)
+    expected = str(charset_file.PatientName)
+    mask = disc(48, 64, 30, 20, 9)
+    (seg,) = build_results([SourceResult(src, [1], mask[None])], SEG)
+    (sr,) = build_results([SourceResult(src, [1], None, [[]])], DET)
+    sc = make_overlay(src, np.zeros((48, 64), np.float32), SourceResult(src, [1], mask[None]), 0, SEG)
+    for obj, kind in ((seg, "seg"), (sr, "sr"), (sc, "sc")):
+        stem = f"{name.split('.')[0]}_{kind}"
+        warnings = dciodvfy(obj, tmp_path, stem)
+        assert allowed(warnings) and all("DICOMDIR" in w for w in warnings), warnings
+        with pywarnings.catch_warnings():
+            pywarnings.simplefilter("error")  # e.g. pydicom's "unknown escape sequence"
+            back = dcmread(tmp_path / f"{stem}.dcm")
+            assert str(back.PatientName) == expected
+        assert back.SpecificCharacterSet == "ISO_IR 192"
+        assert b"\x1b" not in (tmp_path / f"{stem}.dcm").read_bytes()
+    hd.seg.segread(tmp_path / f"{name.split('.')[0]}_seg.dcm")
+    hd.sr.srread(tmp_path / f"{name.split('.')[0]}_sr.dcm")
+    hd.imread(tmp_path / f"{name.split('.')[0]}_sc.dcm")
+
+
+def test_two_frames_of_a_single_frame_sop_class_are_referenced_without_frame_numbers(tmp_path: Path) -> None:
+    """Defect 9: a Secondary Capture instance carrying 2 frames: no Referenced Frame Number for its class."""
+    from pydicom.data import get_testdata_file
+
+    full = dcmread(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    src = roundtrip(full)
+    assert int(src.NumberOfFrames) == 2 and src.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    rows, cols = int(src.Rows), int(src.Columns)
+    boxes = [[{"label": "nodule", "score": 0.8, "x0": 4, "y0": 5, "x1": 20, "y1": 25}] for _ in (1, 2)]
+    masks = np.stack([disc(rows, cols, cols / 2, rows / 2, 20)] * 2)
+    (det,) = build_results([SourceResult(src, [1, 2], None, boxes)], DET)
+    (seg_sr,) = build_results([SourceResult(src, [1, 2], masks)], SEG)
+    gray = full.pixel_array[1].mean(axis=-1).astype(np.float32)
+    sc = make_overlay(src, gray, SourceResult(src, [1, 2], masks), 1, SEG)
+    for obj, name in ((det, "sc2_det"), (seg_sr, "sc2_seg_sr"), (sc, "sc2_overlay")):
+        dciodvfy(obj, tmp_path, name)
+        assert not [e for e in obj.iterall() if e.keyword == "ReferencedFrameNumber"], name
+    assert [fr for _, fr, *_ in _rois(det)] == [None, None]
+    hd.sr.srread(tmp_path / "sc2_det.dcm")
+    hd.imread(tmp_path / "sc2_overlay.dcm")

@@ -189,9 +189,13 @@ def _without_segment(codestream: bytes, marker: bytes) -> bytes:
 
 
 class _RefusingSCP:
-    """A storage SCP that answers ``status`` (default 0xA700, out of resources) to every C-STORE."""
+    """A storage SCP that answers ``status`` (default 0x0110, processing failure) to every C-STORE.
 
-    def __init__(self, status: int = 0xA700) -> None:
+    A transient refusal that is charged an attempt, so results reach the dead-letter folder (out of
+    resources, 0xA7xx, is never charged: it would keep them pending).
+    """
+
+    def __init__(self, status: int = 0x0110) -> None:
         self.status = status
         self.refused = 0  # C-STOREs answered (only the SCP's own thread writes it)
         ae = AE(ae_title="BUSYPACS")

@@ -184,3 +184,31 @@ def test_logged_exceptions_keep_their_frames_and_lose_third_party_messages() -> 
     ours = DataError("Data set is truncated: unpack requires a buffer of 4 bytes.")
     text = formatted("pynetdicom.events", lambda lg, e: lg.exception(e), ours)
     assert text.count("Data set is truncated") == 2  # medge's own messages carry no patient data: kept
+
+
+def test_pynetdicom_records_that_quote_values_are_withheld_and_its_association_records_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Defect 7: pynetdicom's UID validation warning quotes the value (here a SOP Instance UID with a name)."""
+    from pynetdicom.utils import set_uid
+
+    handler = logging.Handler()
+    seen: list[logging.LogRecord] = []
+    handler.emit = seen.append  # type: ignore[method-assign]
+    handler.addFilter(_WithholdDicomLibraryText())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="pynetdicom"):
+            set_uid("CANARY.ZELDA.PID8675309", "Affected SOP Instance UID")
+            logging.getLogger("pynetdicom.assoc").info("Association Accepted")
+            logging.getLogger("pynetdicom.acse").error("Reason: %s", "Calling AE title not recognised")
+    finally:
+        root.removeHandler(handler)
+    text = [logging.Formatter("%(name)s: %(message)s").format(r) for r in seen if r.name.startswith("pynetdicom")]
+    assert len(text) == 3, text
+    assert not [r for r in seen if "ZELDA" in r.getMessage()]
+    assert "ZELDA" not in text[0] and "PID8675309" not in text[0]
+    assert text[0].startswith("pynetdicom.utils: pynetdicom.utils WARNING at utils:") and "withheld" in text[0]
+    assert text[1] == "pynetdicom.assoc: Association Accepted"
+    assert text[2] == "pynetdicom.acse: Reason: Calling AE title not recognised"

@@ -3,10 +3,14 @@
 - :class:`ModelInfo` and :class:`SourceResult`: what a result says about
   its model, and one source instance with the results of its processed
   frames;
-- UIDs: every UID of a result is derived from its inputs (source UIDs,
-  model, kind) by :func:`derived_uid`, so processing the same instances
-  again after a crash makes the same objects and a PACS sees a resend, not
-  a duplicate;
+- UIDs: every UID of a result is derived from its inputs by
+  :func:`derived_uid`: source UIDs, kind, the model and its configuration
+  (:func:`model_key`: name, version, decision threshold, serial) and, for
+  the SOP Instance UID, what the model said (:func:`results_digest`). So
+  processing the same instances again after a crash makes the same objects
+  and a PACS sees a resend, not a duplicate, while a result with other
+  content (another threshold, model version or precision) never reuses a
+  UID;
 - the appliance's identity in every result: Manufacturer, model name,
   software version and Device Serial Number (:func:`equipment`,
   :func:`default_device_serial`);
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 import re
 import socket
@@ -53,11 +58,15 @@ __all__ = [
     "MANUFACTURER",
     "NOT_CLINICAL",
     "SERIES_NUMBER",
+    "series_uid",
     "IS_MAX",
     "FRAMES_PER_INSTANCE_NUMBER",
+    "SINGLE_FRAME_SOP_CLASSES",
     "ModelInfo",
     "SourceResult",
     "derived_uid",
+    "model_key",
+    "results_digest",
     "series_description",
     "research_statement",
     "label_code",
@@ -73,6 +82,15 @@ MANUFACTURER = "medge"
 SERIES_NUMBER = {"SEG": 9901, "SR": 9902, "SC": 9903}
 NOT_CLINICAL = "NOT FOR CLINICAL USE"
 FRAMES_PER_INSTANCE_NUMBER = 10000  # overlay Instance Number = source number * this + frame number
+#: Image Storage SOP classes whose IODs have no Multi-frame Module (PS3.3 A): CR, DX, MG, IO (for
+#: presentation and processing), CT, MR, US (and its retired class), Secondary Capture, PET, and the
+#: single-frame VL images. A reference to one of these shall not have a Referenced Frame Number.
+SINGLE_FRAME_SOP_CLASSES = frozenset(
+    "1.2.840.10008.5.1.4.1.1." + suffix
+    for suffix in (
+        "1 1.1 1.1.1 1.2 1.2.1 1.3 1.3.1 2 4 6 6.1 7 128 77.1.1 77.1.2 77.1.3 77.1.4".split()
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -106,10 +124,76 @@ class SourceResult:
         """Whether the source has more than one frame."""
         return _int_of(self.dataset, "NumberOfFrames", 1) > 1
 
+    @property
+    def frame_references(self) -> bool:
+        """Whether a reference to the source names frames (Referenced Frame Number).
+
+        Only for a multi-frame source of a multi-frame SOP class: a reference
+        to an instance of a single-frame class (CT, CR, Secondary Capture)
+        shall not name a frame, even when the instance carries several.
+        """
+        return self.multiframe and str(self.dataset.get("SOPClassUID", "")) not in SINGLE_FRAME_SOP_CLASSES
+
 
 def derived_uid(*parts: object) -> str:
     """A UID derived from ``parts`` (the same parts give the same UID)."""
     return generate_uid(entropy_srcs=[str(p) for p in parts])
+
+
+def series_uid(ds: Dataset, *parts: object) -> str:
+    """A result series' UID: the source series, ``parts`` and the patient (one result series, one patient).
+
+    The pipeline gives each patient of a source series its own result
+    (a series naming two patients is the sender's error); derived from the
+    source series alone, their result series would share one UID. The
+    patient's identifiers enter only the UID's hash.
+    """
+    patient = [str(ds.get(k, "")) for k in ("PatientID", "IssuerOfPatientID", "PatientName")]
+    return derived_uid(ds.SeriesInstanceUID, *parts, hashlib.sha256("\0".join(patient).encode("utf-8")).hexdigest())
+
+
+def model_key(model: ModelInfo, serial: str, sources: Sequence[SourceResult] = ()) -> tuple[str, ...]:
+    """What of the model and its configuration a result's content depends on, for its UIDs.
+
+    Name, version, task, labels, research flag, the appliance's serial and
+    the decision threshold in use (the model's and the sources'): results
+    made with another threshold say something else, so they get other UIDs.
+
+    Examples
+    --------
+    >>> model_key(ModelInfo("m", "1", "detection", ("nodule",), False), "S1")
+    ('m', '1', 'detection', 'nodule', 'False', 'S1', 'threshold=')
+    """
+    thresholds = {getattr(model, "threshold", None)} | {getattr(s, "threshold", None) for s in sources}
+    stated = ",".join(sorted(repr(float(t)) for t in thresholds if t is not None))
+    return (
+        model.name, model.version, model.task, "\\".join(model.labels), str(model.research_only), serial,
+        f"threshold={stated}",
+    )
+
+
+def results_digest(sources: Sequence[SourceResult]) -> str:
+    """A SHA-256 over what the model said about ``sources`` (frames, masks, boxes, classes, decisions).
+
+    Part of a result's SOP Instance UID: the same results give the same UID
+    (a resend after a crash), other results (another precision, runtime or
+    threshold) another one, never one UID for two contents.
+    """
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(f"{s.dataset.get('SOPInstanceUID', '')}|{list(map(int, s.frames))}|".encode())
+        if s.masks is not None:
+            masks = np.ascontiguousarray(s.masks)
+            h.update(f"{masks.shape}{masks.dtype}".encode())
+            h.update(masks.tobytes())
+        extra = {k: getattr(s, k, None) for k in ("classes", "decisions", "threshold")}
+        h.update(json.dumps([s.boxes, extra], sort_keys=True, default=_plain).encode())
+    return h.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar or array as the Python value JSON writes the same way as after a reload."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def series_description(model: ModelInfo, kind: str) -> str:

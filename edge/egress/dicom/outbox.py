@@ -7,8 +7,12 @@ destination. A sender takes up to 100 of its destination's pending objects,
 oldest first, and sends them over one association (C-STORE SCU); each
 object's response status decides its fate (:func:`classify_status`): sent
 objects are removed, rejected ones are moved to the dead-letter folder with
-the reason, and a transient refusal is charged as an attempt and makes the
-destination back off.
+the reason, and a transiently refused object waits its own backoff while
+the others go on (no head-of-line blocking). A refusal for lack of
+resources (:func:`out_of_resources`: ``0xA7xx``, ``0x0213``) is never
+charged an attempt, so a PACS that is full for hours loses nothing; other
+transient refusals are charged, and ``max_attempts`` of them within
+``attempt_window_s`` dead-letter the object.
 
 A sender lists its ``pending/<destination>/`` folder on every turn of its
 loop (at least once a second when idle, every few seconds while it backs
@@ -115,6 +119,7 @@ __all__ = [
     "RetryPolicy",
     "Outbox",
     "classify_status",
+    "out_of_resources",
 ]
 
 _log = logging.getLogger(__name__)
@@ -181,6 +186,9 @@ class RetryPolicy:
 def classify_status(status: int) -> str:
     """``success``, ``transient`` or ``permanent`` for a C-STORE response status.
 
+    Of the transient ones, :func:`out_of_resources` are never charged an
+    attempt (see the module docstring).
+
     Warnings (``0xB000``, ``0xB006``, ``0xB007``: stored with coercion or
     elements discarded) count as success. Out of resources (``0xA7xx``),
     resource limitation (``0x0213``), duplicate invocation (``0x0210``) and
@@ -194,6 +202,23 @@ def classify_status(status: int) -> str:
     if (status & 0xFF00) == 0xA700 or status in (0x0213, 0x0210, 0x0110):
         return "transient"
     return "permanent"
+
+
+def out_of_resources(status: int) -> bool:
+    """Whether a refusal says the destination lacks resources now (``0xA7xx``, ``0x0213``).
+
+    PS3.4 B.2.3 defines *Refused: Out of Resources* (``0xA7xx``) for C-STORE
+    and PS3.7 C.4 *Resource limitation* (``0x0213``) for any DIMSE service:
+    the object itself is fine and a later try can succeed. Such a refusal is
+    retried with backoff like an unreachable destination, never charged an
+    attempt and never dead-lettered.
+
+    Examples
+    --------
+    >>> out_of_resources(0xA700), out_of_resources(0xA7FF), out_of_resources(0x0213), out_of_resources(0x0110)
+    (True, True, True, False)
+    """
+    return (status & 0xFF00) == 0xA700 or status == 0x0213
 
 class _Backlog:
     """What waits for one destination: how many objects and the oldest one's write time.
@@ -271,6 +296,16 @@ class _DestinationState:
         self.logged_reason = ""
         self.logged_at = 0.0
         self.unlogged = 0
+        # Objects a refusal holds back (file name -> (refusals, monotonic time of the next try)).
+        self.held: dict[str, tuple[int, float]] = {}
+
+    def ready(self, paths: list[Path], now: float) -> tuple[list[Path], float | None]:
+        """The objects of ``paths`` not held back at ``now``, and when the next held one is due."""
+        names = {p.name for p in paths}
+        self.held = {k: v for k, v in self.held.items() if k in names}  # sent, moved away or re-queued
+        ready = [p for p in paths if self.held.get(p.name, (0, 0.0))[1] <= now]
+        due = [t for _, t in self.held.values() if t > now]
+        return ready, (min(due) if due else None)
 
 
 class Outbox:
@@ -551,8 +586,9 @@ class Outbox:
                     wake.wait(min(state.next_try - now, _BACKOFF_RESCAN_S))
                     wake.clear()
                     continue
+                paths, due = state.ready(paths, now)  # a refused object waits out its backoff; others go
                 if not paths:
-                    wake.wait(1.0)
+                    wake.wait(min(due - now, _BACKOFF_RESCAN_S) if due is not None else 1.0)
                     wake.clear()
                     continue
                 self._busy[dest.name] = time.monotonic()
@@ -567,15 +603,27 @@ class Outbox:
     def _backoff(self, dest: Destination, state: _DestinationState, why: str) -> None:
         state.failures += 1
         delay = self.policy.delay(state.failures)
+        state.next_try = time.monotonic() + delay
+        self._report(dest, state, why, state.failures, delay, "results stay pending")
+
+    def _hold(self, dest: Destination, state: _DestinationState, path: Path, why: str) -> None:
+        """Hold ``path`` back for its own backoff after a transient refusal; the other objects go on."""
+        refusals = state.held.get(path.name, (0, 0.0))[0] + 1
+        delay = self.policy.delay(refusals)
+        state.held[path.name] = (refusals, time.monotonic() + delay)
+        self._report(dest, state, why, refusals, delay, "that result stays pending, the others go on")
+
+    def _report(
+        self, dest: Destination, state: _DestinationState, why: str, attempt: int, delay: float, fate: str
+    ) -> None:
+        """Log a failure when the destination starts failing or the reason changes, else once a minute."""
         now = time.monotonic()
-        state.next_try = now + delay
-        # Logged when the destination starts failing or the reason changes, else once a minute.
         if why != state.logged_reason or now - state.logged_at >= _FAILURE_LOG_INTERVAL_S:
             more = f" ({state.unlogged} more failed attempts since the last report)" if state.unlogged else ""
             _log.warning(
-                "Destination %s (%s:%d %s%s): %s; attempt %d failed, next try in %.1f s; results stay pending%s.",
+                "Destination %s (%s:%d %s%s): %s; attempt %d failed, next try in %.1f s; %s%s.",
                 dest.name, dest.host, dest.port, dest.ae_title, ", TLS" if dest.tls else "", why,
-                state.failures, delay, more,
+                attempt, delay, fate, more,
             )
             state.logged_reason, state.logged_at, state.unlogged = why, now, 0
         else:
@@ -688,6 +736,9 @@ class Outbox:
         if verdict == "permanent":
             self._dead_letter(dest, path, f"destination refused it with status 0x{status:04X}")
             return None
+        if out_of_resources(status):  # the destination is short of resources: wait, however long
+            self._hold(dest, state, path, f"out of resources, status 0x{status:04X}")
+            return None
         if self._charge_attempt(path):
             self._dead_letter(
                 dest,
@@ -696,7 +747,8 @@ class Outbox:
                 f"last status 0x{status:04X}",
             )
             return None
-        return f"transient failure status 0x{status:04X}"
+        self._hold(dest, state, path, f"transient failure status 0x{status:04X}")
+        return None
 
     def _delivered(self, dest: Destination, state: _DestinationState, path: Path) -> None:
         """``dest`` has ``path``: count and time it, then remove it and its attempts record."""
@@ -707,6 +759,7 @@ class Outbox:
             self._store_to_result.labels(destination=dest.name).observe(max(0.0, time.time() - stored_at))
         self._remove_sent(dest, path)
         attempts_path(path).unlink(missing_ok=True)
+        state.held.pop(path.name, None)
         self._recovered(dest, state)
 
     def _charge_attempt(self, path: Path) -> bool:
@@ -725,6 +778,7 @@ class Outbox:
             self._stored_bytes -= replaced
             self._forget(dest, path)
         attempts_path(path).unlink(missing_ok=True)
+        self._state[dest.name].held.pop(path.name, None)
         self._dead.labels(destination=dest.name).inc()
         self._stored_at.pop((dest.name, path.name), None)
         _log.error("Result %s for destination %s moved to the dead-letter folder: %s.", path.name, dest.name, reason)

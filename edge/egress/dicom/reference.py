@@ -12,7 +12,7 @@ single attributes the same way for the rest of :mod:`edge.egress.dicom`.
   exactly: the result always references its source by them;
 - identifiers (Patient ID, Issuer of Patient ID, Accession Number, Study
   ID) are kept exactly as sent (a result must match its study in the PACS),
-  only a missing one is added empty;
+  only a missing one is added empty (and an invalid one, below, left empty);
 - the Type 2 attributes of the Patient and General Study modules that the
   result IODs require (Patient's Name, Patient ID, Birth Date, Sex, Study
   Date, Study Time, Referring Physician's Name, Study ID, Accession Number)
@@ -33,9 +33,22 @@ single attributes the same way for the rest of :mod:`edge.egress.dicom`.
   components) is dropped, and a sequence with such a value anywhere inside
   is dropped as a whole; private attributes, pixel data and overlays are
   not copied;
-- a Specific Character Set highdicom refuses (``ISO_IR 999``): text values
-  are read as ISO 8859-1 and the result is written in UTF-8
-  (``ISO_IR 192``); sequences are then dropped.
+- an identifier with more than one value (two Patient IDs: VM 1 in every
+  result IOD) is left empty (Type 2) or dropped (Issuer of Patient ID);
+- a sequence item without its Type 1 attributes is dropped (an Other
+  Patient IDs item without Type of Patient ID; a code item without value,
+  scheme or meaning), and the sequence with it when no item is left;
+- a Specific Character Set with code extensions (ISO 2022, several
+  values such as ``\\ISO 2022 IR 87`` or ``ISO 2022 IR 13\\ISO 2022 IR 87``),
+  or one highdicom refuses: text values (sequences included) are decoded by
+  pydicom with the source's character set and the result is written in
+  UTF-8 (``ISO_IR 192``), so ``Yamada^Tarou=山田^太郎`` stays that name
+  (earlier versions copied the ISO 2022 bytes, escape sequences and all,
+  into a UTF-8 result); a single character set highdicom accepts
+  (``ISO_IR 100``, ``GB18030``) is kept with the values as they are;
+- a Specific Character Set pydicom does not know either (``ISO_IR 999``):
+  text values are read as ISO 8859-1 and written in UTF-8; sequences are
+  then dropped.
 
 The cleaning reads raw values without converting them, so pydicom's own
 validation warnings (which quote the value) are not triggered either.
@@ -50,6 +63,7 @@ from typing import Any
 import highdicom as hd
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
@@ -88,6 +102,8 @@ _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "U
 _TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UC", "UT", "PN"})
 _DATE_CLASSES = {"DA": DA, "TM": TM, "DT": DT}
 _CHARSETS_OK: dict[str, bool] = {}
+# How a source's text is copied (:func:`_text_mode`): as it is, decoded by pydicom, or as ISO 8859-1.
+_KEEP, _DECODE, _LATIN1 = "keep", "decode", "latin1"
 
 
 def _skip_tag(tag: BaseTag) -> bool:
@@ -302,34 +318,75 @@ def reference_dataset(ds: Dataset, *, keep_geometry: bool = True) -> Dataset:
     With ``keep_geometry=False`` the patient coordinate system (Frame of
     Reference, image plane, pixel measures) is left out: what a SEG of an
     image without a complete image plane must not claim.
+
+    Examples
+    --------
+    >>> from pydicom.data import get_charset_files
+    >>> import pydicom
+    >>> src = pydicom.dcmread(get_charset_files("chrH31.dcm")[0])
+    >>> ref = reference_dataset(src)
+    >>> ref.SpecificCharacterSet, str(ref.PatientName) == str(src.PatientName)
+    ('ISO_IR 192', True)
     """
     out = Dataset()
     if hasattr(ds, "file_meta"):
         out.file_meta = ds.file_meta
-    charset = attribute_strings(ds, "SpecificCharacterSet")
-    charset_ok = not charset or _charset_ok(charset)
-    if not charset_ok:
-        # highdicom refuses the term: text is read as ISO 8859-1 and written as UTF-8.
+    mode = _text_mode(attribute_strings(ds, "SpecificCharacterSet"))
+    if mode != _KEEP:
+        # Text is decoded (by pydicom, else as ISO 8859-1) and written as UTF-8.
         out.SpecificCharacterSet = "ISO_IR 192"
-    latin1 = not charset_ok
     for tag in list(ds.keys()):
         tag = BaseTag(tag)
-        if _skip_tag(tag) or (tag == 0x00080005 and latin1):
+        if _skip_tag(tag) or (tag == 0x00080005 and mode != _KEEP):
             continue
-        _copy_element(ds, tag, out, latin1)
+        _copy_element(ds, tag, out, mode)
     _complete(out, keep_geometry)
     return out
 
 
-def _copy_element(ds: Dataset, tag: BaseTag, out: Dataset, latin1: bool) -> None:
+def _text_mode(charset: list[str] | None) -> str:
+    """How text is copied: as it is (``keep``), decoded by pydicom (``decode``) or as ISO 8859-1 (``latin1``)."""
+    terms = [t.strip() for t in charset or []]
+    if not terms or (len(terms) == 1 and _charset_ok(terms)):
+        return _KEEP
+    if all(t in python_encoding for t in terms):
+        return _DECODE  # code extensions (ISO 2022), or a set highdicom refuses that pydicom decodes
+    return _LATIN1
+
+
+def _decoded(ds: Dataset, tag: BaseTag, vr: str) -> DataElement:
+    """The element decoded by pydicom with the data set's character set, as a new element (sequences deep)."""
+    elem = ds[tag]
+    if vr == "SQ":
+        items = []
+        for item in elem.value or []:
+            new = Dataset()
+            for t in item.keys():
+                t = BaseTag(t)
+                v = _vr_of(item.get_item(t))
+                if v is not None and not _skip_tag(t):
+                    new[t] = _decoded(item, t, v)
+            items.append(new)
+        return DataElement(tag, vr, items)
+    if vr in _TEXT_VRS:
+        values = [str(v) for v in _values(elem.value)]
+        return DataElement(tag, vr, (values[0] if len(values) == 1 else values) if values else "")
+    return DataElement(tag, vr, elem.value)
+
+
+def _copy_element(ds: Dataset, tag: BaseTag, out: Dataset, mode: str) -> None:
     """Copy one element of ``ds`` into ``out`` as it is, repaired, or not at all."""
     elem = ds.get_item(tag)
     keyword = keyword_for_tag(tag)
     vr = _vr_of(elem)
-    if keyword in KEY_UIDS or (keyword in _IDENTIFIERS and not latin1):
+    latin1 = mode == _LATIN1
+    if keyword in KEY_UIDS:
         out[tag] = elem  # never altered
         return
     if vr is None or (vr == "SQ" and latin1):
+        return
+    if keyword in _IDENTIFIERS:
+        _copy_identifier(ds, tag, out, mode)
         return
     if keyword in _TYPE2:
         try:
@@ -347,11 +404,74 @@ def _copy_element(ds: Dataset, tag: BaseTag, out: Dataset, latin1: bool) -> None
         return
     elif not _element_ok(ds, elem, latin1=latin1):
         return
-    if latin1 and vr in _TEXT_VRS:
-        values = _element_values(ds, elem, vr, latin1)
+    _put(ds, tag, elem, vr, out, mode)
+
+
+def _put(ds: Dataset, tag: BaseTag, elem: DataElement | RawDataElement, vr: str, out: Dataset, mode: str) -> None:
+    """Copy a valid element: text decoded unless the character set is kept; sequences without incomplete items."""
+    if vr == "SQ":
+        seq = _complete_items(tag, _decoded(ds, tag, vr) if mode == _DECODE else ds[tag])
+        if seq is not None:
+            out[tag] = seq
+    elif mode == _LATIN1 and vr in _TEXT_VRS:
+        values = _element_values(ds, elem, vr, True)
         out.add_new(tag, vr, (values[0] if len(values) == 1 else values) if values else "")
+    elif mode == _DECODE and vr in _TEXT_VRS:
+        out[tag] = _decoded(ds, tag, vr)
     else:
         out[tag] = elem
+
+
+def _copy_identifier(ds: Dataset, tag: BaseTag, out: Dataset, mode: str) -> None:
+    """An identifier exactly as sent (decoded if need be); one value only: else empty (Type 2) or dropped."""
+    elem = ds.get_item(tag)
+    vr = _vr_of(elem) or "LO"
+    keyword = keyword_for_tag(tag)
+    try:
+        values = _element_values(ds, elem, vr, mode == _LATIN1)
+        ok = len(values) <= 1 and all(valid_value(vr, v) for v in values)
+    except Exception:  # noqa: BLE001 - undecodable
+        ok = False
+    if not ok:
+        if keyword in _TYPE2:
+            out.add_new(tag, _TYPE2[keyword], "")  # e.g. two Patient IDs: VM 1 in every result IOD
+        return
+    _put(ds, tag, elem, vr, out, mode)
+
+
+# Sequences whose items have Type 1 attributes a source may leave out: such items are dropped.
+_ITEM_TYPE1 = {"OtherPatientIDsSequence": ("PatientID", "TypeOfPatientID")}
+
+
+def _has(item: Dataset, keyword: str) -> bool:
+    return bool(str(item.get(keyword, "") or "").strip())
+
+
+def _code_complete(item: Dataset) -> bool:
+    """A code item with its Type 1 (and 1C) attributes: a value, its scheme (unless a URN) and a meaning."""
+    if not _has(item, "CodeMeaning"):
+        return False
+    if _has(item, "URNCodeValue"):
+        return True
+    return (_has(item, "CodeValue") or _has(item, "LongCodeValue")) and _has(item, "CodingSchemeDesignator")
+
+
+def _complete_items(tag: BaseTag, elem: DataElement) -> DataElement | None:
+    """A sequence without the items that lack a Type 1 attribute (see :data:`_ITEM_TYPE1`, and code items).
+
+    ``None`` when no item is left of a sequence that had some.
+    """
+    keyword = keyword_for_tag(tag)
+    items = list(elem.value or [])
+    if keyword in _ITEM_TYPE1:
+        kept = [item for item in items if all(_has(item, k) for k in _ITEM_TYPE1[keyword])]
+    elif keyword.endswith("CodeSequence"):
+        kept = [item for item in items if _code_complete(item)]
+    else:
+        return elem
+    if items and not kept:
+        return None
+    return DataElement(tag, "SQ", kept)
 
 
 def _complete(out: Dataset, keep_geometry: bool) -> None:

@@ -31,9 +31,13 @@ a completed series gets:
   classification model only of frames whose class activation map was
   computed (the pipeline asks for it only when overlays are on).
 
-Every UID of a result is derived from its inputs (source UIDs, model,
-kind), so processing the same instances again after a crash makes the same
-objects and a PACS sees a resend, not a duplicate. Every result carries the
+Every UID of a result is derived from its inputs (source UIDs, kind, the
+model and its configuration, and for the SOP Instance UID a digest of the
+results: :func:`~edge.egress.dicom.common.model_key`,
+:func:`~edge.egress.dicom.common.results_digest`), so processing the same
+instances again after a crash makes the same objects and a PACS sees a
+resend, not a duplicate, and a result with other content (another decision
+threshold, model version or precision) never reuses a UID. Every result carries the
 appliance's Device Serial Number, and the SR's observer device UID is
 derived from that serial and the model.
 

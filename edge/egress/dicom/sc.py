@@ -7,7 +7,11 @@ Instance Number is ``10000 x n + frame number``, where ``n`` is the
 number its source's result takes (see :mod:`edge.egress.dicom.results`), so
 overlays of different instances and frames of one series never share a
 number and sort like their sources. For research models its Image Comments
-say ``NOT FOR CLINICAL USE``.
+say ``NOT FOR CLINICAL USE``. Its SOP Instance UID is derived from the
+source and frame, the model and its configuration
+(:func:`~edge.egress.dicom.common.model_key`) and a digest of its pixels and
+comment: the same overlay made again has the same UID, another one (e.g. at
+another decision threshold) another UID.
 
 For a classification model
 (:class:`~edge.egress.dicom.classification.ClassifiedSource`) the overlay
@@ -22,6 +26,7 @@ model's evidence lies; it is not an outline of a finding.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import highdicom as hd
@@ -37,7 +42,9 @@ from edge.egress.dicom.common import (
     ModelInfo,
     SourceResult,
     derived_uid,
+    series_uid,
     device_serial,
+    model_key,
     equipment,
     patient_orientation,
     research_statement,
@@ -115,6 +122,9 @@ def make_overlay(
     if instance_number is None:
         instance_number = _instance_number(source, result, frame, series)
     statement = research_statement(model)
+    serial = device_serial(device_serial_number)
+    key = model_key(model, serial, [result])
+    comment = _classification_comment(result, index)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=ref,
         pixel_array=rgb,
@@ -122,19 +132,19 @@ def make_overlay(
         bits_allocated=8,
         coordinate_system="PATIENT",
         patient_orientation=("L", "F"),  # placeholder required by highdicom; replaced below
-        series_instance_uid=derived_uid(ref.SeriesInstanceUID, model.name, "SC", "series"),
+        series_instance_uid=series_uid(ref, *key, "SC", "series"),
         series_number=SERIES_NUMBER["SC"],
-        sop_instance_uid=derived_uid(model.name, model.version, "SC", ref.SOPInstanceUID, frame),
+        sop_instance_uid=derived_uid(*key, "SC", ref.SOPInstanceUID, frame, _pixels_digest(rgb, comment)),
         instance_number=int(instance_number),
         series_description=series_description(model, "overlay"),
         laterality=hd.LateralityValues(laterality) if laterality else None,
-        **equipment(model, device_serial(device_serial_number)),
+        **equipment(model, serial),
     )
     sc.BurnedInAnnotation = "YES"  # the result is drawn into the pixels
     sc.PatientOrientation = patient_orientation(ref)  # Type 2C: empty when unknown
-    sc.SourceImageSequence = [_source_image(ref, frame if result.multiframe else None)]
+    sc.SourceImageSequence = [_source_image(ref, frame if result.frame_references else None)]
     sc.DerivationDescription = _derivation(result, index, model)
-    comments = [c for c in (_classification_comment(result, index), statement) if c]
+    comments = [c for c in (comment, statement) if c]
     if comments:
         sc.ImageComments = " ".join(comments)
     if ref.get("BodyPartExamined", ""):
@@ -146,6 +156,13 @@ def make_overlay(
     elif not laterality_applies and "Laterality" in sc:
         del sc.Laterality
     return sc
+
+
+def _pixels_digest(rgb: np.ndarray, comment: str | None) -> str:
+    """SHA-256 of what the overlay shows (pixels, classification comment): part of its UID."""
+    h = hashlib.sha256(np.ascontiguousarray(rgb).tobytes())
+    h.update(f"{rgb.shape}|{comment}".encode())
+    return h.hexdigest()
 
 
 def _heat_overlay(frame_pixels: np.ndarray, result: ClassifiedSource, index: int) -> np.ndarray:

@@ -33,7 +33,10 @@ from edge.egress.dicom.common import (
     ModelInfo,
     SourceResult,
     derived_uid,
+    series_uid,
     device_serial,
+    model_key,
+    results_digest,
     equipment,
     has_patient_geometry,
     label_code,
@@ -89,6 +92,8 @@ def make_segmentation(
     ]
     first = refs[0]
     src_uids = sorted(str(r.SOPInstanceUID) for r in refs)
+    serial = device_serial(device_serial_number)
+    key = model_key(model, serial, sources)  # another model version: other UIDs
     if instance_number is None:
         instance_number = source_numbers(sources)[str(sources[0].dataset.SOPInstanceUID)]
     pixel_array = stack if n_labels > 1 else stack.astype(bool)
@@ -97,14 +102,14 @@ def make_segmentation(
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=derived_uid(first.SeriesInstanceUID, model.name, "SEG", "series"),
+        series_instance_uid=series_uid(first, *key, "SEG", "series"),
         series_number=SERIES_NUMBER["SEG"],
-        sop_instance_uid=derived_uid(model.name, model.version, "SEG", *src_uids),
+        sop_instance_uid=derived_uid(*key, "SEG", results_digest(sources), *src_uids),
         instance_number=int(instance_number),
         series_description=series_description(model, "SEG"),
         content_description=_content_description(model),
         omit_empty_frames=False,
-        **equipment(model, device_serial(device_serial_number)),
+        **equipment(model, serial),
     )
     if "FrameOfReferenceUID" not in seg:
         # General Image Patient Orientation: Type 2C when there is no image plane; empty when unknown.

@@ -48,7 +48,10 @@ from edge.egress.dicom.common import (
     ModelInfo,
     SourceResult,
     derived_uid,
+    series_uid,
     device_serial,
+    model_key,
+    results_digest,
     equipment,
     label_code,
     research_statement,
@@ -98,12 +101,13 @@ def make_findings_sr(
         instance_number = min(source_numbers(sources).values())
     report = _measurement_report(sources, refs, model, serial)
     src_uids = sorted(str(r.SOPInstanceUID) for r in refs)
+    key = model_key(model, serial, sources)  # other threshold or version: other UIDs
     return hd.sr.ComprehensiveSR(
         evidence=refs,
         content=report,
-        series_instance_uid=derived_uid(first.SeriesInstanceUID, model.name, "SR", "series"),
+        series_instance_uid=series_uid(first, *key, "SR", "series"),
         series_number=SERIES_NUMBER["SR"],
-        sop_instance_uid=derived_uid(model.name, model.version, "SR", *src_uids),
+        sop_instance_uid=derived_uid(*key, "SR", results_digest(sources), *src_uids),
         instance_number=int(instance_number),
         is_complete=True,
         series_description=series_description(model, "SR"),
@@ -172,7 +176,7 @@ def _roi_groups(sources: Sequence[SourceResult], refs: Sequence[Dataset], model:
             regions = _frame_regions(src, idx, model, rows=int(ds.Rows), cols=int(ds.Columns))
             found_any = found_any or bool(regions)
             for n, region in enumerate(regions, start=1):
-                groups.append(_roi_group(ds, frame, src.multiframe, n, region, model))
+                groups.append(_roi_group(ds, frame, src, n, region, model))
         if not found_any:
             groups.append(_absent_group(src, ds, model))
     return groups
@@ -195,16 +199,16 @@ def _frame_regions(src: SourceResult, idx: int, model: ModelInfo, *, rows: int, 
 
 
 def _roi_group(
-    ds: Dataset, frame: Any, multiframe: bool, n: int, region: _Region, model: ModelInfo
+    ds: Dataset, frame: Any, src: SourceResult, n: int, region: _Region, model: ModelInfo
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410 group of one region: its outline on the source image (and frame), its score if any."""
     poly, label, score = region
     ref = hd.sr.SourceImageForRegion(
         referenced_sop_class_uid=ds.SOPClassUID,
         referenced_sop_instance_uid=ds.SOPInstanceUID,
-        referenced_frame_numbers=[int(frame)] if multiframe else None,
+        referenced_frame_numbers=[int(frame)] if src.frame_references else None,
     )
-    where = f"frame {frame} " if multiframe else ""
+    where = f"frame {frame} " if src.multiframe else ""
     tracking = hd.sr.TrackingIdentifier(
         uid=derived_uid(ds.SOPInstanceUID, frame, model.name, n, "roi"),
         identifier=f"{label} {n} {where}".strip()[:64],
@@ -245,7 +249,7 @@ def _absent_group(src: SourceResult, ds: Dataset, model: ModelInfo) -> hd.sr.Mea
             hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=ds.SOPClassUID,
                 referenced_sop_instance_uid=ds.SOPInstanceUID,
-                referenced_frame_numbers=[int(f) for f in src.frames] if src.multiframe else None,
+                referenced_frame_numbers=[int(f) for f in src.frames] if src.frame_references else None,
             )
         ],
     )
@@ -296,7 +300,7 @@ def _classification_group(
             hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=ds.SOPClassUID,
                 referenced_sop_instance_uid=ds.SOPInstanceUID,
-                referenced_frame_numbers=[frame] if src.multiframe else None,
+                referenced_frame_numbers=[frame] if src.frame_references else None,
             )
         ],
     )

@@ -23,7 +23,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from edge.ingest.dicom.scan import InstanceInfo, ScanLimits, scan_and_inflate, split_part10
+from edge.ingest.dicom.scan import InstanceInfo, ScanLimits, check_key_uids, scan_and_inflate, split_part10
 
 __all__ = [
     "encode_file_meta",
@@ -88,7 +88,12 @@ def instance_info_from_file(path: Path, limits: ScanLimits | None = None) -> Ins
     ------
     SizeLimitError, DataError, OSError
         As :func:`read_spooled`.
+    edge.ingest.dicom.scan.KeyUidError
+        A Study, Series or SOP Instance UID is not a valid UID (a file
+        spooled by a version that did not check them).
     """
     raw = path.read_bytes()
     ts, offset = split_part10(raw)
-    return scan_and_inflate(memoryview(raw)[offset:], ts, limits)[0]
+    info = scan_and_inflate(memoryview(raw)[offset:], ts, limits)[0]
+    check_key_uids(info)
+    return info

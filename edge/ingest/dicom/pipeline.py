@@ -333,6 +333,7 @@ class DicomPipeline:
             if model is None:
                 self._fail(path, "unrouted", "no routing rule matches it any more")
                 continue
+            self.spool.remember(path, info.identity)  # a conflicting object must not replace it
             self.enqueue(WorkItem(path, info, model, source="recovery"))
             n += 1
         if n:
@@ -385,7 +386,8 @@ class DicomPipeline:
     # ------------------------------------------------------------------ internals
     @staticmethod
     def _key(item: WorkItem) -> SeriesKey:
-        return SeriesKey(item.info.study_instance_uid, item.info.series_instance_uid, item.model)
+        return SeriesKey(item.info.study_instance_uid, item.info.series_instance_uid, item.model,
+                         patient=item.info.patient_key)
 
     def _done(self, n: int = 1) -> None:
         with self._lock:
@@ -629,7 +631,9 @@ class DicomPipeline:
         for p in sorted(paths, key=lambda q: q.name):
             res = self.spool.load_result(p)
             if res is None or not p.exists():
-                continue
+                if p.exists():  # its result file became unreadable: never dropped, run again at the next start
+                    _log.warning("The result of %s cannot be read; it stays in the spool for the next start.", p.name)
+                continue  # else finalised meanwhile with the same object sent again
             ds = read_spooled(p, self.limits, stop_before_pixels=True)
             # The result records what actually ran (version, task); the manifest gives labels.
             info = dataclasses.replace(info, version=res.model_version or info.version, task=res.task or info.task)

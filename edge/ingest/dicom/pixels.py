@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import struct
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -540,14 +540,35 @@ def frame_to_array(ds: Dataset, frame: np.ndarray, apply_window: bool = False) -
     """
     pi = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if pi == "PALETTE COLOR":
-        return np.asarray(apply_color_lut(frame, ds))
+        return _lut("palette", lambda: np.asarray(apply_color_lut(frame, ds)))
     if frame.ndim == 3:
         return frame  # RGB (YBR already converted by pydicom)
-    out = apply_modality_lut(frame, ds).astype(np.float32, copy=False)
+    out = _lut("modality LUT (rescale)", lambda: apply_modality_lut(frame, ds).astype(np.float32, copy=False))
     if apply_window and ("WindowCenter" in ds or "VOILUTSequence" in ds):
-        out = np.asarray(apply_voi_lut(out, ds), dtype=np.float32)
+        out = _lut("VOI LUT (window)", lambda: np.asarray(apply_voi_lut(out, ds), dtype=np.float32))
     if pi == "MONOCHROME1":
         out = np.float32(out.max() + out.min()) - out
+    return out
+
+
+def _lut(what: str, apply: Callable[[], np.ndarray]) -> np.ndarray:
+    """``apply()``, with a broken LUT or rescale (a non-numeric slope, a short palette) or a
+    non-finite result (a slope of 1e308) as :class:`DataError` naming ``what``, never the values.
+
+    Examples
+    --------
+    >>> _lut("palette", lambda: np.zeros(2)).tolist()
+    [0.0, 0.0]
+    """
+    try:
+        with np.errstate(all="ignore"):
+            out = apply()
+    except MemoryError:
+        raise  # not the instance's fault
+    except Exception as exc:  # noqa: BLE001 - pydicom and numpy raise many types; translated once here
+        raise DataError(f"The {what} of the instance cannot be applied: {type(exc).__name__}.") from exc
+    if out.dtype.kind == "f" and not np.isfinite(out).all():
+        raise DataError(f"The {what} of the instance gives values that are not finite.")
     return out
 
 

@@ -3,8 +3,8 @@
 - :class:`Router` maps (Modality, SOP Class UID, BodyPartExamined) to a
   model with first-match-wins rules (``[[dicom.routes]]``), on the
   attributes the header scan found (:class:`edge.ingest.dicom.scan.InstanceInfo`);
-- :class:`SeriesAssembler` groups processed instances by study, series and
-  model, and says when a series is complete: ``series_idle_s`` after its
+- :class:`SeriesAssembler` groups processed instances by study, series,
+  patient and model, and says when a series is complete: ``series_idle_s`` after its
   last instance arrived.
 
 Examples
@@ -92,11 +92,18 @@ class Router:
 # --------------------------------------------------------------------------- assembly
 @dataclass(frozen=True)
 class SeriesKey:
-    """What one result object covers: a series of a study, through one model."""
+    """What one result object covers: a series of a study, of one patient, through one model.
+
+    ``patient`` is :attr:`edge.ingest.dicom.scan.InstanceInfo.patient_key`
+    (a hash, never the identifiers): a series whose instances name two
+    patients becomes two results, one per patient, so no result ever
+    mixes patients.
+    """
 
     study_instance_uid: str
     series_instance_uid: str
     model: str
+    patient: str = ""
 
 
 @dataclass

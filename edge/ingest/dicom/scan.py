@@ -25,8 +25,10 @@ Examples
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import re
 import struct
 from array import array
 import zlib
@@ -51,6 +53,10 @@ __all__ = [
     "scan_and_inflate",
     "inflate_bounded",
     "split_part10",
+    "KEY_UIDS",
+    "KeyUidError",
+    "check_key_uids",
+    "valid_uid",
 ]
 
 _log = logging.getLogger(__name__)
@@ -89,6 +95,28 @@ _WANTED = {
     0x00280008: "number_of_frames",
     0x00280004: "photometric",  # not routing: 4:2:2 YBR holds 2 samples per pixel, not 3 (PS3.5 8.2.1)
 }
+# Patient identity (tag -> name): read only to be hashed (InstanceInfo.patient_key), never kept or shown.
+_PATIENT = {0x00100010: "name", 0x00100020: "id", 0x00100021: "issuer"}
+#: The UIDs every routed instance must carry, valid (field of InstanceInfo -> name in messages).
+KEY_UIDS = {
+    "study_instance_uid": "Study Instance UID",
+    "series_instance_uid": "Series Instance UID",
+    "sop_instance_uid": "SOP Instance UID",
+}
+_UID_SYNTAX = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_UID_MAX = 64
+
+
+def valid_uid(uid: str) -> bool:
+    """Whether ``uid`` is a valid UI value: 1 to 64 characters, digits and dots, no empty component,
+    no leading zero in a component other than ``0`` (PS3.5 9.1).
+
+    Examples
+    --------
+    >>> valid_uid("1.2.840.10008.1.2"), valid_uid("1.02.3"), valid_uid("1..2"), valid_uid("")
+    (True, False, False, False)
+    """
+    return 0 < len(uid) <= _UID_MAX and _UID_SYNTAX.fullmatch(uid) is not None
 
 
 @dataclass(frozen=True)
@@ -104,6 +132,22 @@ class InstanceInfo:
     number_of_frames: int = 1
     #: The data set holds Pixel Data (native or encapsulated); an image instance without it cannot be run.
     has_pixels: bool = True
+    #: A one-way hash (SHA-256, hex) of Patient ID, Issuer of Patient ID and Patient's Name as encoded;
+    #: tells two patients apart without holding either. Never written to a path, log or label.
+    patient_key: str = ""
+
+    @property
+    def identity(self) -> str:
+        """A short hash of what makes this instance the object it is, besides its SOP Instance UID.
+
+        Study, series, SOP class, Modality, Body Part Examined and the
+        patient: two instances with the same SOP Instance UID and the same
+        identity are the same object sent again; a different identity is a
+        conflicting object (see :meth:`edge.ingest.dicom.spool.Spool.store_instance`).
+        """
+        parts = (self.study_instance_uid, self.series_instance_uid, self.sop_class_uid, self.modality,
+                 self.body_part, self.patient_key)
+        return hashlib.sha256("\x00".join(parts).encode("utf-8", "replace")).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- header scan
@@ -137,6 +181,18 @@ class SizeLimitError(DataError):
     def __init__(self, message: str, key: str, comment: str) -> None:
         super().__init__(message)
         self.key = key
+        self.comment = comment[:_MAX_COMMENT]
+
+
+class KeyUidError(DataError):
+    """A key UID (:data:`KEY_UIDS`) is missing, empty, too long or not a valid UID.
+
+    ``comment`` (at most 64 characters, for the Error Comment) names the
+    attribute and the fault, never the value.
+    """
+
+    def __init__(self, message: str, comment: str) -> None:
+        super().__init__(message)
         self.comment = comment[:_MAX_COMMENT]
 
 
@@ -187,6 +243,7 @@ class _Reader:
         self.implicit = implicit
         self.end = "<" if little else ">"
         self.found: dict[str, str] = {}
+        self.patient: dict[str, bytes] = {}
         self.image: dict[str, int] = {}
         self.raw: dict[str, tuple[int, int]] = {}
         # Top-level encapsulated Pixel Data: its Basic Offset Table and fragments (value offset, length).
@@ -223,6 +280,8 @@ class _Reader:
         elif tag in _WANTED:
             raw = bytes(self.data[vpos : vpos + length])
             self.found[_WANTED[tag]] = raw.decode("ascii", "replace").strip(" \x00")
+        elif tag in _PATIENT:
+            self.patient[_PATIENT[tag]] = bytes(self.data[vpos : vpos + length]).strip(b" \x00")
         elif tag in _IMAGE_US:
             if length == 2:
                 self.image[_IMAGE_US[tag]] = struct.unpack_from(self.end + "H", self.data, vpos)[0]
@@ -257,7 +316,7 @@ class _Reader:
                     f"Element ({tag >> 16:04X},{tag & 0xFFFF:04X}) of {length} bytes runs past "
                     f"the end of the data set; it is truncated."
                 )
-            if top and (tag in _WANTED or tag in _IMAGE_US or tag in _TOP_RAW):
+            if top and (tag in _WANTED or tag in _IMAGE_US or tag in _TOP_RAW or tag in _PATIENT):
                 self.record(tag, length, vpos)
             elif top and tag == _PIXEL_DATA:
                 self.image["pixel_bytes"] = length
@@ -640,8 +699,46 @@ def scan_and_inflate(
         series_instance_uid=f.get("series_instance_uid", ""),
         number_of_frames=frames,
         has_pixels="pixel_bytes" in img or reader.encapsulated,
+        patient_key=_patient_key(reader.patient),
     )
     return info, data
+
+
+def check_key_uids(info: InstanceInfo) -> None:
+    """Raise :class:`KeyUidError` unless the Study, Series and SOP Instance UIDs of ``info`` are valid UIDs.
+
+    Checked for every instance that is stored (a routed one) and again at
+    recovery: results reference the instance by these UIDs. The error's
+    comment names the attribute and the fault, never the value.
+
+    Examples
+    --------
+    >>> check_key_uids(InstanceInfo(sop_instance_uid="1.2.3", study_instance_uid="1.2", series_instance_uid="1.2.4"))
+    >>> check_key_uids(InstanceInfo(sop_instance_uid="1.2.3", study_instance_uid="1.02"))
+    Traceback (most recent call last):
+    ...
+    edge.ingest.dicom.scan.KeyUidError: The data set's Study Instance UID is not a valid UID; results could not reference it.
+    """
+    for key, name in KEY_UIDS.items():
+        value = getattr(info, key)
+        if not value:
+            what = "missing or empty"
+        elif len(value) > _UID_MAX:
+            what = "longer than 64 characters"
+        elif not valid_uid(value):
+            what = "not a valid UID"
+        else:
+            continue
+        raise KeyUidError(f"The data set's {name} is {what}; results could not reference it.", f"{name} {what}")
+
+
+def _patient_key(patient: dict[str, bytes]) -> str:
+    """SHA-256 (hex) of the encoded patient identity attributes; the same bytes give the same key."""
+    h = hashlib.sha256()
+    for name in ("id", "issuer", "name"):
+        value = patient.get(name, b"")
+        h.update(len(value).to_bytes(4, "big") + value)
+    return h.hexdigest()
 
 
 def scan_encoded(

@@ -19,10 +19,16 @@ What happens on the network (association) thread, and nothing more:
 2. Routing: an instance no rule routes to a served model is accepted and
    logged by SOP class (``unrouted = "accept"``, not stored) or refused with
    ``0x0122`` (``unrouted = "reject"``). A routed instance without Pixel
-   Data (nothing a model could run) is answered ``0xC210``.
+   Data (nothing a model could run), or whose Study, Series or SOP
+   Instance UID is missing, empty, longer than 64 characters or not a
+   valid UID (results could not reference it), is answered ``0xC210``.
 3. The encoded bytes (file meta + data set, exactly as received) are written
    to the spool: temp file, fsync, rename, fsync of the folder. Only then is
-   success (``0x0000``) returned. A full spool (``[dicom] spool_max_mb``
+   success (``0x0000``) returned. An instance whose SOP Instance UID is
+   already pending for another object (another study, series, SOP class,
+   modality or patient) is answered ``0x0111`` (duplicate SOP instance) and
+   not written; the same object sent again replaces its pending copy and
+   gets success (idempotent). A full spool (``[dicom] spool_max_mb``
    over the received instances plus the outbox, or less free disk than
    ``spool_min_free_mb`` after the write) or an unwritable one answers
    ``0xA700`` (out of resources), never success; nothing is left behind.
@@ -98,8 +104,8 @@ from edge.ingest.dicom.admission import (
 from edge.ingest.dicom.part10 import part10_chunks
 from edge.ingest.dicom.pipeline import DicomPipeline, WorkItem
 from edge.ingest.dicom.routing import Router
-from edge.ingest.dicom.scan import ScanLimits, SizeLimitError, scan_encoded
-from edge.ingest.dicom.spool import Spool, SpoolError, SpoolFullError
+from edge.ingest.dicom.scan import KeyUidError, ScanLimits, SizeLimitError, check_key_uids, scan_encoded
+from edge.ingest.dicom.spool import Spool, SpoolConflictError, SpoolError, SpoolFullError
 from edge.ops.boundary import ErrorBoundary, LogThrottle
 from edge.ops.metrics import metrics_for, zeroed
 from edge.types import InferenceService
@@ -112,6 +118,7 @@ __all__ = [
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_CANNOT_UNDERSTAND",
     "STATUS_SOP_CLASS_NOT_SUPPORTED",
+    "STATUS_DUPLICATE_SOP_INSTANCE",
     "DicomIngest",
     "start_dicom",
 ]
@@ -200,6 +207,7 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_INTERNAL = 0xC211
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+STATUS_DUPLICATE_SOP_INSTANCE = 0x0111
 
 _MAX_COMMENT = 64  # Error Comment (0000,0902) is LO
 
@@ -526,6 +534,12 @@ class DicomIngest:
             self._unrouted.labels(sop_class_uid=sop, action="accept").inc()
             self._received.labels(calling_ae=self._calling_label(event.assoc.requestor.ae_title)).inc()
             return STATUS_SUCCESS
+        try:
+            check_key_uids(info)  # results reference it by these: refuse it now, not after success
+        except KeyUidError as exc:
+            self._throttle.warning("key_uid", "C-STORE refused: %s", exc)
+            self._refused.labels(status=f"0x{STATUS_CANNOT_UNDERSTAND:04X}").inc()
+            return _status(STATUS_CANNOT_UNDERSTAND, exc.comment)
         if not info.has_pixels:
             # A routed image without Pixel Data can never be run: refuse it now (the sender learns
             # why) rather than answer success and quarantine it later.
@@ -533,7 +547,17 @@ class DicomIngest:
             self._refused.labels(status=f"0x{STATUS_CANNOT_UNDERSTAND:04X}").inc()
             return _status(STATUS_CANNOT_UNDERSTAND, "Routed instance holds no Pixel Data")
         try:
-            path = self.spool.store_instance(info.sop_instance_uid, part10_chunks(event.file_meta, data))
+            path = self.spool.store_instance(
+                info.sop_instance_uid, part10_chunks(event.file_meta, data), identity=info.identity
+            )
+        except SpoolConflictError:
+            # Same SOP Instance UID, another object (study, series, SOP class, modality or patient) still
+            # pending: refuse it rather than overwrite, or be overwritten by, the one acknowledged first.
+            self._throttle.warning(
+                "duplicate_sop", "C-STORE refused: another object with the same SOP Instance UID is pending."
+            )
+            self._refused.labels(status=f"0x{STATUS_DUPLICATE_SOP_INSTANCE:04X}").inc()
+            return _status(STATUS_DUPLICATE_SOP_INSTANCE, "SOP Instance UID already pending for another object")
         except SpoolFullError as exc:
             _log.error("Spool full, answering out of resources: %s", exc)
             self._refused.labels(status=f"0x{STATUS_OUT_OF_RESOURCES:04X}").inc()

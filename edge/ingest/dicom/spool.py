@@ -31,6 +31,15 @@ separate database to get out of step with the files:
     Partially written files; anything here at start-up is garbage from a
     crash and is removed.
 
+A received instance is named by its SOP Instance UID. The spool also knows,
+in memory, each pending instance's *identity* (study, series, SOP class,
+modality, body part and a hash of the patient:
+:attr:`edge.ingest.dicom.scan.InstanceInfo.identity`; recovery reads it
+back from the files): :meth:`Spool.store_instance` replaces a pending
+instance only with the same object sent again, and refuses another object
+that carries the same SOP Instance UID (:class:`SpoolConflictError`), so
+one never overwrites the other.
+
 Every write is atomic and durable (:mod:`edge.fileio`): temp file in the same
 file system, ``fsync``, ``os.replace``, ``fsync`` of the folder.
 
@@ -62,12 +71,13 @@ import numpy as np
 from edge.errors import MedgeError
 from edge.fileio import atomic_write, fsync_dir
 
-__all__ = ["SpoolError", "SpoolFullError", "Spool", "InstanceResult", "SPOOL_FILE_MODE", "safe_name"]
+__all__ = ["SpoolError", "SpoolFullError", "SpoolConflictError", "Spool", "InstanceResult", "SPOOL_FILE_MODE", "safe_name"]
 
 _log = logging.getLogger(__name__)
 
 _UID_RE = re.compile(r"^[0-9.]{1,64}$")
 SPOOL_FILE_MODE = 0o640  # rw-r----- less the umask, for every file in the spool and its outbox (patient data)
+_NAME_LOCKS = 64  # stripes of the per-name locks
 
 
 class SpoolError(MedgeError):
@@ -76,6 +86,14 @@ class SpoolError(MedgeError):
 
 class SpoolFullError(SpoolError):
     """The spool has no room for another instance (quota or free disk space)."""
+
+
+class SpoolConflictError(MedgeError):
+    """Another object with the same SOP Instance UID (another study, series, SOP class or patient) is pending.
+
+    Not a disk problem: nothing was written, and retrying will not help
+    until the pending one is done.
+    """
 
 
 def safe_name(uid: str) -> str:
@@ -178,6 +196,10 @@ class Spool:
         self.extra_bytes = extra_bytes
         self._last_recount = float("-inf")
         self._lock = threading.Lock()
+        # Identity (InstanceInfo.identity) of each pending instance by file name, and locks (by name)
+        # that make "check for a conflicting object, then write" and "remove" one step each.
+        self._identities: dict[str, str] = {}
+        self._name_locks = tuple(threading.Lock() for _ in range(_NAME_LOCKS))
         try:
             for d in (self.instances_dir, self.results_dir, self.failed_dir, self.tmp_dir):
                 d.mkdir(parents=True, exist_ok=True)
@@ -216,18 +238,42 @@ class Spool:
                     f"below the reserve of {self.min_free_bytes} after {size} more."
                 )
 
-    def store_instance(self, sop_instance_uid: str, chunks: Sequence[bytes]) -> Path:
+    def _name_lock(self, name: str) -> threading.Lock:
+        return self._name_locks[hash(name) % _NAME_LOCKS]
+
+    def store_instance(self, sop_instance_uid: str, chunks: Sequence[bytes], identity: str = "") -> Path:
         """Write one received instance durably; returns its path.
+
+        ``identity`` (:attr:`edge.ingest.dicom.scan.InstanceInfo.identity`)
+        tells a resend of the same object (same identity: the file is
+        replaced, harmless) from a different object with the same SOP
+        Instance UID (refused while the first is pending). Empty: no check.
 
         Raises
         ------
+        SpoolConflictError
+            A different object with this SOP Instance UID is pending; nothing was written.
         SpoolFullError
             Quota or disk reserve exceeded (also for ``ENOSPC``/``EDQUOT``).
         SpoolError
             Any other I/O error.
         """
-        size = sum(len(c) for c in chunks)
         path = self.instances_dir / f"{safe_name(sop_instance_uid)}.dcm"
+        with self._name_lock(path.name):
+            held = self._identities.get(path.name)
+            if identity and held and held != identity and path.exists():
+                raise SpoolConflictError(
+                    "An instance with the same SOP Instance UID but another study, series, SOP class, "
+                    "modality or patient is pending; this one is refused."
+                )
+            self._write_instance(path, chunks)
+            if identity:
+                self._identities[path.name] = identity
+        return path
+
+    def _write_instance(self, path: Path, chunks: Sequence[bytes]) -> None:
+        """Write ``path`` atomically within the quota (see :meth:`store_instance`)."""
+        size = sum(len(c) for c in chunks)
         with self._lock:
             self._check_room(size)
             self._used_bytes += size
@@ -243,7 +289,12 @@ class Spool:
         if old:
             with self._lock:
                 self._used_bytes -= old
-        return path
+
+    def remember(self, path: Path, identity: str) -> None:
+        """Record the identity of an instance found in the spool (recovery), for :meth:`store_instance`."""
+        with self._name_lock(path.name):
+            if path.exists():
+                self._identities[path.name] = identity
 
     def pending_instances(self) -> list[Path]:
         """Instances with no result in the outbox yet, oldest first."""
@@ -254,11 +305,13 @@ class Spool:
     def remove_instances(self, paths: Iterable[Path]) -> None:
         """Delete instances (and their per-instance results) whose result is in the outbox."""
         for p in paths:
-            try:
-                size = p.stat().st_size
-                p.unlink()
-            except FileNotFoundError:
-                size = 0
+            with self._name_lock(p.name):
+                try:
+                    size = p.stat().st_size
+                    p.unlink()
+                except FileNotFoundError:
+                    size = 0
+                self._identities.pop(p.name, None)
             with self._lock:
                 self._used_bytes -= size
             for q in (self.result_path(p), self.attempts_path(p)):
@@ -273,13 +326,15 @@ class Spool:
         dst = self.failed_dir / path.name
         atomic_write(self.failed_dir / f"{path.stem}.reason.txt", [reason.encode("utf-8") + b"\n"],
                      mode=SPOOL_FILE_MODE)
-        try:
-            size = path.stat().st_size
-            shutil.move(str(path), dst)
-            fsync_dir(self.failed_dir)
-            fsync_dir(self.instances_dir)
-        except FileNotFoundError:
-            size = 0
+        with self._name_lock(path.name):
+            try:
+                size = path.stat().st_size
+                shutil.move(str(path), dst)
+                fsync_dir(self.failed_dir)
+                fsync_dir(self.instances_dir)
+            except FileNotFoundError:
+                size = 0
+            self._identities.pop(path.name, None)
         with self._lock:
             self._used_bytes -= size
         for q in (self.result_path(path), self.attempts_path(path)):
