@@ -342,6 +342,7 @@ def compare(name: str, precision: str, frames: int, rounds: int, block: int, pro
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if backend.spin_us > 0 else "0")
         if backend.spin_us > 0:
             so.add_session_config_entry("session.intra_op.spin_duration_us", str(backend.spin_us))
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         session = ort.InferenceSession(str(path), so, providers=[PROVIDERS[provider]])
     names = [o.name for o in session.get_outputs()]
     source = make_source(kind, height=size[0], width=size[1], dtype=dtype, seed=7)

@@ -128,11 +128,12 @@ def test_tensorrt_matches_onnxruntime(fixture_engines: Path, tmp_path: Path) -> 
 
 
 def test_onnxruntime_spin_is_bounded_and_configurable(fixture_engines: Path) -> None:
-    """spin_us reaches the session as a bounded spin; 0 turns spinning off."""
+    """spin_us reaches the session as a bounded spin that stops when a run returns; 0 turns spinning off."""
     path = fixture_engines / "tiny-seg" / "model.onnx"
     on = OnnxRuntimeBackend(path, spin_us=250)
     opts = on._session.get_session_options()
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert opts.get_session_config_entry("session.intra_op.spin_duration_us") == "250"
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"  # within a run, not after it
     off = OnnxRuntimeBackend(path, spin_us=0)
     assert off._session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"

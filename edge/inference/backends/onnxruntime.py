@@ -311,10 +311,12 @@ class OnnxRuntimeBackend:
     spin_us : int
         How long the intra-op threads spin for more work after a parallel
         section before they sleep (``session.intra_op.spin_duration_us``);
-        0 turns spinning off. Bounded spinning keeps the cores awake
-        through the end of a run, so the hand-offs that follow (result to
-        the reply, reply to the socket) skip a wake-up of an idle core;
-        ONNX Runtime's unbounded default burns a core between frames.
+        0 turns spinning off. Bounded spinning keeps the threads awake
+        between the parallel sections of a run (a wake-up of an idle core
+        costs ~90 µs on a VM); ONNX Runtime's unbounded default burns a core
+        between frames. The spinning stops when :meth:`infer`'s run returns
+        (``session.force_spinning_stop``): after it, a spinning thread only
+        takes the core that the post-processing and the reply need.
     input_name, input_chw : str, tuple of int
         The model's input; the TensorRT provider's optimization profile needs them.
     cache_dir : path-like
@@ -376,6 +378,9 @@ class OnnxRuntimeBackend:
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_us > 0 else "0")
         if spin_us > 0:
             so.add_session_config_entry("session.intra_op.spin_duration_us", str(int(spin_us)))
+            # spin inside a run, not after it: on 2 cores a thread spinning on after Run() returns
+            # takes the core the reply needs (daemon - raw 0.01-0.18 ms lower p50, docs/configuration.md)
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         self.spin_us = int(spin_us)
         providers = self._providers(provider, input_name, input_chw, cache_dir, model_name, onnx_sha256, device_id)
         self._session = _open_session(ort, self.path, so, providers, ep)
