@@ -856,7 +856,7 @@ def _validate_metrics(mc: MetricsConfig) -> None:
     for name in ("tls_cert", "tls_key", "tls_client_ca", "basic_auth_file"):
         p = getattr(mc, name)
         _check(not p or Path(p).is_file(), f"metrics.{name}", f"file {p} does not exist.")
-    _check(mc.idle_timeout_s > 0, "metrics.idle_timeout_s", "must be > 0.")
+    _check(0 < mc.idle_timeout_s <= 86400, "metrics.idle_timeout_s", "must be > 0 and at most 86400 (a day).")
     _check(mc.max_connections >= 1, "metrics.max_connections", "must be >= 1.")
     _check(mc.stall_s > 0, "metrics.stall_s", "must be > 0 (seconds).")
 

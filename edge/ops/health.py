@@ -222,7 +222,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, path: str) -> tuple[int, bytes, str, dict[str, str]]:
         auth = self.server.auth
-        if auth is not None and not auth.check(self.headers.get("Authorization")):
+        if auth is not None and not auth.check(self.headers.get("Authorization"), str(self.client_address[0])):
             held = self.server.throttle.due("auth")
             if held is not None:
                 _log.warning(

@@ -21,7 +21,9 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import threading
+import time
 from pathlib import Path
 
 import bcrypt
@@ -31,6 +33,13 @@ from edge.errors import ConfigError
 __all__ = ["HtpasswdAuth"]
 
 _BCRYPT_PREFIXES = ("$2y$", "$2b$", "$2a$")
+#: A whole bcrypt hash: prefix, a two-digit cost of 04-31, 22 characters of salt and 31 of hash.
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+#: A client whose checks failed this often within FAILURE_WINDOW_S gets 401 without a bcrypt check until the
+#: window ends: a bcrypt costs tens of milliseconds of a core, and 32 clients sending wrong passwords held every
+#: connection slot busy with them (a scraper with the right password was turned away).
+FAILURES_BEFORE_THROTTLE = 5
+FAILURE_WINDOW_S = 10.0
 
 
 class HtpasswdAuth:
@@ -73,7 +82,7 @@ class HtpasswdAuth:
             if not line or line.startswith("#"):
                 continue
             user, sep, hashed = line.partition(":")
-            if not sep or not user or not hashed.startswith(_BCRYPT_PREFIXES):
+            if not sep or not user or _BCRYPT_HASH.fullmatch(hashed) is None:
                 raise ConfigError(
                     f"Config key metrics.basic_auth_file: line {number} of {self.path} is not 'user:bcrypt-hash' "
                     "(make it with 'htpasswd -nbB user password'; other hash types are not accepted)."
@@ -86,14 +95,37 @@ class HtpasswdAuth:
         self._decoy = next(iter(users.values()))
         self._lock = threading.Lock()
         self._verified: dict[str, bytes] = {}
+        self._failures: dict[str, tuple[int, float]] = {}  # client -> (failed checks, start of their window)
 
     @property
     def users(self) -> tuple[str, ...]:
         """The user names in the file."""
         return tuple(self._users)
 
-    def check(self, authorization: str | None) -> bool:
-        """Whether an ``Authorization`` header value carries valid credentials."""
+    def check(self, authorization: str | None, peer: str = "") -> bool:
+        """Whether an ``Authorization`` header value carries valid credentials.
+
+        ``peer`` (the client's address): after :data:`FAILURES_BEFORE_THROTTLE`
+        failed bcrypt checks within :data:`FAILURE_WINDOW_S`, its further
+        attempts fail at once, without a bcrypt, until the window ends
+        (credentials verified before still pass: they are cached).
+        """
+        return self._check(authorization, peer)
+
+    def _throttled(self, peer: str) -> bool:
+        with self._lock:
+            count, since = self._failures.get(peer, (0, 0.0))
+        return count >= FAILURES_BEFORE_THROTTLE and time.monotonic() - since < FAILURE_WINDOW_S
+
+    def _failed(self, peer: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._failures) > 4096:  # many clients: forget the ones whose window has ended
+                self._failures = {k: v for k, v in self._failures.items() if now - v[1] < FAILURE_WINDOW_S}
+            count, since = self._failures.get(peer, (0, now))
+            self._failures[peer] = (count + 1, since) if now - since < FAILURE_WINDOW_S else (1, now)
+
+    def _check(self, authorization: str | None, peer: str) -> bool:
         if not authorization:
             return False
         scheme, _, token = authorization.strip().partition(" ")
@@ -101,7 +133,7 @@ class HtpasswdAuth:
             return False
         try:
             user, sep, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, UnicodeDecodeError, ValueError):  # ValueError: non-ASCII base64 text
             return False
         if not sep:
             return False
@@ -111,6 +143,8 @@ class HtpasswdAuth:
             known = self._verified.get(user)
         if known is not None and hmac.compare_digest(known, digest):
             return True
+        if peer and self._throttled(peer):
+            return False
         hashed = self._users.get(user)
         try:
             ok = bcrypt.checkpw(secret, hashed if hashed is not None else self._decoy)
@@ -120,4 +154,6 @@ class HtpasswdAuth:
             with self._lock:
                 self._verified[user] = digest
             return True
+        if peer:  # only checks that cost a bcrypt count (a first request without credentials does not)
+            self._failed(peer)
         return False

@@ -375,6 +375,58 @@ def test_unusable_tls_or_htpasswd_files_are_config_errors(pki: Pki, tmp_path: Pa
         HealthServer("127.0.0.1", 0, reg, lambda: True, basic_auth_file=str(empty))
 
 
+def test_a_malformed_bcrypt_hash_or_an_unbounded_idle_timeout_is_a_config_error(tmp_path: Path) -> None:
+    """A hash cut short (say by the shell expanding ``$``) failed every request with a bare 401; ``inf`` killed the server."""
+    from edge.config import load_config
+
+    short = tmp_path / "short.htpasswd"
+    short.write_text("prom:$2b$12$short\n")
+    with pytest.raises(ConfigError, match="line 1"):
+        HtpasswdAuth(short)
+    for value in ("inf", "1e10"):
+        cfg = tmp_path / f"m-{value}.toml"
+        cfg.write_text(f"[metrics]\nidle_timeout_s = {value}\n")
+        with pytest.raises(ConfigError, match="idle_timeout_s"):
+            load_config(cfg)
+
+
+def test_repeated_failures_from_one_client_stop_costing_bcrypt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """32 clients sending wrong passwords kept every connection slot in bcrypt and a scraper was turned away."""
+    from edge.ops import http_auth
+
+    calls = {"n": 0}
+    real = bcrypt.checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        calls["n"] += 1
+        return real(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
+    auth = HtpasswdAuth(htpasswd(tmp_path / "h"))
+    assert auth.check(basic(USER, PASSWORD), "10.0.0.9")  # verified once: cached from now on
+    calls["n"] = 0
+    for _ in range(3 * http_auth.FAILURES_BEFORE_THROTTLE):
+        assert not auth.check(basic(USER, "wrong"), "10.0.0.1")
+    assert calls["n"] == http_auth.FAILURES_BEFORE_THROTTLE  # then refused without a bcrypt
+    assert not auth.check(basic(USER, "wrong"), "10.0.0.2") and calls["n"] == http_auth.FAILURES_BEFORE_THROTTLE + 1
+    assert auth.check(basic(USER, PASSWORD), "10.0.0.1")  # cached credentials still pass from the throttled client
+    later = time.monotonic() + http_auth.FAILURE_WINDOW_S + 1
+    monkeypatch.setattr(http_auth.time, "monotonic", lambda: later)
+    assert not auth.check(basic(USER, "wrong"), "10.0.0.1") and calls["n"] == http_auth.FAILURES_BEFORE_THROTTLE + 2
+
+
+def test_a_non_ascii_authorization_header_is_401_not_500(tmp_path: Path) -> None:
+    reg = CollectorRegistry()
+    with HealthServer("127.0.0.1", 0, reg, lambda: True, basic_auth_file=str(htpasswd(tmp_path / "h"))) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
+        conn.putrequest("GET", "/metrics")
+        conn.putheader("Authorization", "Basic \xe9\xe9\xe9\xe9")
+        conn.endheaders()
+        assert conn.getresponse().status == 401
+        conn.close()
+    assert internal_errors(reg) == 0
+
+
 # ---------------------------------------------------------------------------------------------- basic auth
 def test_basic_auth_guards_every_endpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="edge.ops.health")
