@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Mapping, Sequence
@@ -58,7 +59,8 @@ from trainer.data import (
     boxes_to_input,
     cache_path,
     check_items,
-    load_image,
+    load_item,
+    refuse_aliases,
     save_arrays,
 )
 
@@ -229,44 +231,84 @@ def synthetic_classification_set(
 
 
 # ------------------------------------------------------------- user data
-def _folder_entries(root: Path) -> list[tuple[str, Path, str]]:
-    """``(item, path, label)`` of every image in ``root/<label>/``."""
-    entries = []
+#: ``(item, path, label, where)``: ``where`` says which item it is without naming the file.
+_Entry = tuple[str, Path, str, str]
+
+
+def _folder_entries(root: Path) -> list[_Entry]:
+    """``(item, path, label, where)`` of every image in ``root/<label>/``."""
+    entries: list[_Entry] = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for f in sorted(sub.iterdir()):
-            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES:
-                entries.append((f"{sub.name}/{f.name}", f, sub.name))
+        files = [f for f in sorted(sub.iterdir())
+                 if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES]
+        for k, f in enumerate(files):
+            where = f"Image {k} of class folder {sub.name!r} of {root} (sorted by name, counting from 0)"
+            entries.append((f"{sub.name}/{f.name}", f, sub.name, where))
     if not entries:
         raise DataError(f"{root} holds no class folders with .png or DICOM images (root/<label>/<image>).")
+    refuse_aliases(root, [e[0] for e in entries], root)
     return entries
 
 
-def _csv_entries(csv_path: Path) -> list[tuple[str, Path, str]]:
-    """``(item, path, label)`` of every ``path,label`` row of a CSV file."""
+def _csv_rows(csv_path: Path) -> list[tuple[int, list[str]]]:
+    """``(line number, cells)`` of every non-blank row of a UTF-8 CSV file (a BOM is skipped).
+
+    Raises
+    ------
+    DataError
+        If the file is larger than :data:`MAX_CSV_BYTES` or not UTF-8.
+    """
     size = csv_path.stat().st_size
     if size > MAX_CSV_BYTES:
         raise DataError(f"CSV file {csv_path} is {size} bytes, more than the {MAX_CSV_BYTES} read.")
-    entries = []
-    with open(csv_path, encoding="utf-8", newline="") as fh:
-        for line_no, row in enumerate(csv.reader(fh), start=1):
-            if not row or all(not c.strip() for c in row):
-                continue
-            cells = [c.strip() for c in row]
-            if line_no == 1 and [c.lower() for c in cells] == ["path", "label"]:
-                continue
-            if len(cells) != 2 or not cells[0] or not cells[1]:
-                raise DataError(f"Line {line_no} of {csv_path} is not 'path,label'.")
-            p = Path(cells[0])
-            entries.append((cells[0], p if p.is_absolute() else csv_path.parent / p, cells[1]))
+    try:
+        # utf-8-sig: Excel writes "UTF-8 CSV" with a byte order mark, which would glue onto the header.
+        with open(csv_path, encoding="utf-8-sig", newline="") as fh:
+            rows = list(enumerate(csv.reader(fh), start=1))
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"CSV file {csv_path} is not UTF-8 text (byte {exc.start} cannot be decoded); save it as UTF-8."
+        ) from exc
+    return [(n, [c.strip() for c in row]) for n, row in rows if row and any(c.strip() for c in row)]
+
+
+def _check_aliases(csv_path: Path, entries: Sequence[_Entry], lines: Sequence[int]) -> None:
+    """Refuse two rows naming the same file (compared by resolved real path, so ``./a.png`` is ``a.png``).
+
+    The same file twice would be counted twice and could land on both sides
+    of a train/held-out split; with two labels it is also contradictory. The
+    error names line numbers, not paths (file names can hold patient names).
+    """
+    seen: dict[str, tuple[int, str]] = {}
+    for (_, path, label, _), line_no in zip(entries, lines):
+        key = os.path.realpath(path)
+        if key in seen:
+            first, first_label = seen[key]
+            what = "with two different labels" if label != first_label else "more than once"
+            raise DataError(f"CSV file {csv_path} lists the same image {what} (lines {first} and {line_no}).")
+        seen[key] = (line_no, label)
+
+
+def _csv_entries(csv_path: Path) -> list[_Entry]:
+    """``(item, path, label, where)`` of every ``path,label`` row of a CSV file."""
+    entries: list[_Entry] = []
+    lines: list[int] = []
+    for line_no, cells in _csv_rows(csv_path):
+        if line_no == 1 and [c.lower() for c in cells] == ["path", "label"]:
+            continue
+        if len(cells) != 2 or not cells[0] or not cells[1]:
+            raise DataError(f"Line {line_no} of {csv_path} is not 'path,label'.")
+        p = Path(cells[0])
+        where = f"The image on line {line_no} of {csv_path}"
+        entries.append((cells[0], p if p.is_absolute() else csv_path.parent / p, cells[1], where))
+        lines.append(line_no)
     if not entries:
         raise DataError(f"CSV file {csv_path} lists no images.")
-    items = [e[0] for e in entries]
-    if len(set(items)) != len(items):
-        raise DataError(f"CSV file {csv_path} lists an image more than once.")
+    _check_aliases(csv_path, entries, lines)
     return entries
 
 
-def _entries(root: Path) -> list[tuple[str, Path, str]]:
+def _entries(root: Path) -> list[_Entry]:
     if root.is_dir():
         return _folder_entries(root)
     if root.is_file() and root.suffix.lower() == ".csv":
@@ -318,10 +360,10 @@ def load_classification_folder(
     want = check_items(root, items, [e[0] for e in entries])
     chosen = [e for e in entries if want is None or e[0] in want]
     labels = _binary_labels([e[2] for e in chosen], positive_label, root)
-    images = [load_image(e[1]) for e in chosen]
+    images = [load_item(e[1], e[3]) for e in chosen]
     return classification_set_from_arrays(
-        images, labels, spec or InputSpec(), pre, source=str(root), items=[e[0] for e in chosen],
-        positive_label=positive_label,
+        images, labels, spec or InputSpec(), pre, keep_source=False, source=str(root),  # nothing reads them
+        items=[e[0] for e in chosen], positive_label=positive_label,
     )
 
 

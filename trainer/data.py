@@ -43,10 +43,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -77,10 +79,13 @@ __all__ = [
     "synthetic_segmentation_set",
     "synthetic_detection_set",
     "load_image",
+    "load_item",
+    "MAX_IMAGE_PIXELS",
     "load_segmentation_folder",
     "load_detection_folder",
     "folder_items",
     "split_items",
+    "refuse_aliases",
     "default_cache_dir",
     "cache_path",
     "save_arrays",
@@ -333,8 +338,13 @@ def segmentation_set_from_arrays(
     pre: Preprocessing,
     keep_source: bool = True,
     source: str = "",
+    keep_images: bool | None = None,
 ) -> SegmentationSet:
-    """Preprocess images and masks into a :class:`SegmentationSet`."""
+    """Preprocess images and masks into a :class:`SegmentationSet`.
+
+    ``keep_source`` keeps the source masks (evaluation at source resolution
+    needs them) and, unless ``keep_images`` is False, the source images.
+    """
     if len(images) != len(masks):
         raise DataError(f"{len(images)} images but {len(masks)} masks.")
     if not images:
@@ -351,7 +361,7 @@ def segmentation_set_from_arrays(
         inputs=np.stack(xs),
         targets=np.stack(ys),
         geoms=geoms,
-        images=list(images) if keep_source else [],
+        images=list(images) if keep_source and keep_images is not False else [],
         masks=list(masks) if keep_source else [],
         source=source,
     )
@@ -481,28 +491,65 @@ def synthetic_detection_set(
 
 
 # ------------------------------------------------------------- user data
+#: Most pixels (width x height) of one user image: the daemon's default ``[zmq] max_pixels``
+#: (:class:`edge.config.ZmqConfig`), so a model is never trained on frames it could not serve.
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def _check_pixels(width: int, height: int) -> None:
+    """Refuse an image with more than :data:`MAX_IMAGE_PIXELS` pixels (before its pixels are decoded)."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(
+            f"the image is {width}x{height}, more than the {MAX_IMAGE_PIXELS} pixels "
+            "(4096x4096) a training image may have; downscale it first."
+        )
+
+
+def _load_png(p: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            # The size is checked below against a far smaller limit: PIL's own warning adds nothing.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(p)
+        with im:
+            _check_pixels(im.size[0], im.size[1])
+            arr = np.asarray(im)
+    except Image.DecompressionBombError as exc:
+        raise DataError(
+            f"the image has more pixels than PIL will decode, far more than the {MAX_IMAGE_PIXELS} pixels "
+            "(4096x4096) a training image may have; downscale it first."
+        ) from exc
+    except UnidentifiedImageError as exc:
+        raise DataError("cannot read the PNG: not an image PIL can identify.") from exc
+    except OSError as exc:
+        # An OSError with a filename would put the file's name (possibly a patient's) in the message.
+        raise DataError(f"cannot read the PNG: {exc.strerror if exc.filename else exc}.") from exc
+    if arr.ndim == 3 and arr.shape[2] in (2, 4):
+        arr = arr[:, :, :-1]  # LA / RGBA: drop the alpha channel
+    return arr
+
+
 def load_image(path: Path | str) -> np.ndarray:
     """Read one image: DICOM through :mod:`edge.ingest.dicom.pixels` (first frame) or PNG.
+
+    Images of more than :data:`MAX_IMAGE_PIXELS` pixels are refused from
+    their header, before their pixels are decoded. An alpha channel (LA or
+    RGBA PNG) is dropped.
 
     Raises
     ------
     DataError
-        If the file is missing, not a readable DICOM/PNG, or has no pixels.
+        If the file is missing, not a readable DICOM/PNG, has no pixels or
+        too many. The message does not name the file (its name may hold a
+        patient's): callers say which item it is (:func:`load_item`).
     """
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"Image {p} does not exist.")
+        raise DataError("the image file does not exist.")
     if p.suffix.lower() == ".png":
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(p) as im:
-                arr = np.asarray(im)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"Cannot read PNG {p}: {exc}.") from exc
-        if arr.ndim == 3 and arr.shape[2] == 4:
-            arr = arr[:, :, :3]
-        return arr
+        return _load_png(p)
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -511,9 +558,26 @@ def load_image(path: Path | str) -> np.ndarray:
     try:
         ds = pydicom.dcmread(p)
     except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
-        raise DataError(f"Cannot read DICOM file {p}: {exc}.") from exc
+        raise DataError(f"cannot read the file as DICOM (not DICOM, or damaged: {type(exc).__name__}).") from exc
+    _check_pixels(int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0))
     frames = decode_frames(ds)
     return frame_to_array(ds, frames[0])
+
+
+def load_item(path: Path | str, where: str) -> np.ndarray:
+    """:func:`load_image`, its errors prefixed by ``where`` (the item's position, never its name).
+
+    Examples
+    --------
+    >>> load_item("/nonexistent/DOE_JANE.png", "Image 3 of data/images (sorted, from 0)")
+    Traceback (most recent call last):
+    ...
+    edge.errors.DataError: Image 3 of data/images (sorted, from 0): the image file does not exist.
+    """
+    try:
+        return load_image(path)
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from exc
 
 
 def _find_images(folder: Path) -> list[Path]:
@@ -560,24 +624,26 @@ def load_segmentation_folder(
     images, masks = [], []
     files = _find_images(root / "images")
     want = check_items(root, items, [f.name for f in files])
-    for img_path in files:
+    for k, img_path in enumerate(files):
         if want is not None and img_path.name not in want:
             continue
+        where = f"Image {k} of {root / 'images'} (sorted by name, counting from 0)"
         mask_path = root / "masks" / f"{img_path.stem}.png"
         if not mask_path.is_file():
-            raise DataError(f"Image {img_path} has no mask {mask_path}.")
-        img = load_image(img_path)
-        m = load_image(mask_path)
+            raise DataError(f"{where} has no mask in {root / 'masks'} (masks/<image stem>.png).")
+        img = load_item(img_path, where)
+        m = load_item(mask_path, f"The mask of {where[0].lower()}{where[1:]}")
         if m.ndim == 3:
             m = m[:, :, 0]
         if m.shape[:2] != img.shape[:2]:
             raise DataError(
-                f"Mask {mask_path} is {m.shape[0]}x{m.shape[1]} but its image {img_path} is "
+                f"The mask of {where[0].lower()}{where[1:]} is {m.shape[0]}x{m.shape[1]} but the image is "
                 f"{img.shape[0]}x{img.shape[1]}; masks must have the image's size."
             )
         images.append(img)
         masks.append((m > 0).astype(np.uint8))
-    return segmentation_set_from_arrays(images, masks, spec or InputSpec(), pre, source=str(root))
+    # Evaluation needs the source masks, nothing needs the source images: drop them (memory).
+    return segmentation_set_from_arrays(images, masks, spec or InputSpec(), pre, source=str(root), keep_images=False)
 
 
 def load_detection_folder(
@@ -606,31 +672,73 @@ def load_detection_folder(
     cats = sorted(coco.get("categories") or [{"id": 1, "name": "nodule"}], key=lambda c: c["id"])
     names = list(labels) if labels else [str(c["name"]) for c in cats]
     cat_index = {c["id"]: i for i, c in enumerate(cats)}
-    by_image: dict[int, list[dict]] = {}
-    for a in coco.get("annotations") or []:
-        by_image.setdefault(a["image_id"], []).append(a)
+    by_image = _annotations_by_image(coco, ann_path)
     want = check_items(root, items, [str(e.get("file_name", "")) for e in coco["images"] if isinstance(e, dict)])
     images, boxes, classes = [], [], []
-    for entry in coco["images"]:
+    for j, entry in enumerate(coco["images"]):
         try:
             if want is not None and str(entry["file_name"]) not in want:
                 continue
             img_path = root / "images" / entry["file_name"]
-            img = load_image(img_path)
+            img = load_item(img_path, f"Image {j} (counting from 0) of {ann_path}")
             b, c = [], []
-            for a in by_image.get(entry["id"], []):
-                x, y, bw, bh = (float(v) for v in a["bbox"])
-                if bw <= 0 or bh <= 0 or x < 0 or y < 0 or x + bw > img.shape[1] + 0.5 or y + bh > img.shape[0] + 0.5:
-                    raise DataError(f"Box {a['bbox']} in {ann_path} lies outside its {img.shape[1]}x{img.shape[0]} image {img_path}.")
-                b.append([x, y, x + bw, y + bh])
+            for k, a in by_image.get(entry["id"], []):
+                b.append(_coco_box(a["bbox"], k, img.shape, ann_path))
                 c.append(cat_index.get(a.get("category_id", cats[0]["id"]), 0))
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"COCO annotation file {ann_path} is malformed: {exc!r}.") from exc
         images.append(img)
         boxes.append(np.asarray(b, np.float32).reshape(-1, 4))
         classes.append(np.asarray(c, np.int64))
-    ds = detection_set_from_arrays(images, boxes, spec or InputSpec(), pre, classes=classes, source=str(root))
+    # Nothing reads a user set's source images (boxes and geometries suffice): do not keep them.
+    ds = detection_set_from_arrays(images, boxes, spec or InputSpec(), pre, classes=classes, keep_source=False,
+                                   source=str(root))
     return ds, names
+
+
+def _annotations_by_image(coco: Mapping[str, Any], ann_path: Path) -> dict[Any, list[tuple[int, dict]]]:
+    """``(index, annotation)`` pairs of the COCO file, grouped by ``image_id``.
+
+    Raises
+    ------
+    DataError
+        If ``annotations`` is not a list of objects with an ``image_id``
+        (the error names the annotation's index in the list).
+    """
+    anns = coco.get("annotations") or []
+    if not isinstance(anns, list):
+        raise DataError(f"COCO annotation file {ann_path} is malformed: 'annotations' is not a list.")
+    by_image: dict[Any, list[tuple[int, dict]]] = {}
+    for k, a in enumerate(anns):
+        if not isinstance(a, dict) or "image_id" not in a:
+            raise DataError(
+                f"COCO annotation file {ann_path} is malformed: annotation {k} (counting from 0) "
+                "is not an object with an 'image_id'."
+            )
+        by_image.setdefault(a["image_id"], []).append((k, a))
+    return by_image
+
+
+def _coco_box(bbox: Any, k: int, shape: tuple[int, ...], ann_path: Path) -> list[float]:
+    """COCO ``[x, y, w, h]`` of annotation ``k`` as ``[x0, y0, x1, y1]``, checked against the image.
+
+    Raises
+    ------
+    DataError
+        If the box is not four finite numbers or lies outside the
+        ``shape[1] x shape[0]`` image (the error names the annotation's index).
+    """
+    if isinstance(bbox, (str, bytes)) or len(bbox) != 4:
+        raise DataError(f"Annotation {k} (counting from 0) in {ann_path} has a bbox that is not [x, y, w, h].")
+    x, y, bw, bh = (float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (x, y, bw, bh)):
+        raise DataError(
+            f"Annotation {k} (counting from 0) in {ann_path} has a non-finite bbox value (NaN or infinity)."
+        )
+    h, w = shape[0], shape[1]
+    if bw <= 0 or bh <= 0 or x < 0 or y < 0 or x + bw > w + 0.5 or y + bh > h + 0.5:
+        raise DataError(f"Box {list(bbox)} of annotation {k} in {ann_path} lies outside its {w}x{h} image.")
+    return [x, y, x + bw, y + bh]
 
 
 def _read_coco(ann_path: Path) -> dict[str, Any]:
@@ -659,12 +767,38 @@ def folder_items(root: Path | str, task: str, annotations: str = "annotations.js
 
         return classification_items(root)
     if task == "segmentation":
-        return [p.name for p in _find_images(root / "images")]
+        return refuse_aliases(root, [p.name for p in _find_images(root / "images")], root / "images")
     coco = _read_coco(root / annotations)
     try:
-        return sorted(str(e["file_name"]) for e in coco["images"])
+        names = sorted(str(e["file_name"]) for e in coco["images"])
     except (KeyError, TypeError) as exc:
         raise DataError(f"COCO annotation file {root / annotations} is malformed: {exc!r}.") from exc
+    return refuse_aliases(root, names, root / "images")
+
+
+def refuse_aliases(root: Path, items: Sequence[str], folder: Path) -> list[str]:
+    """``items`` (names under ``folder``), after checking no two different names are the same file.
+
+    Names are compared by resolved real path (``./a.png`` and ``a.png``, or a
+    symbolic link and its target, are one file), so :func:`split_items` can
+    never put one file on both sides of a split. The error gives positions
+    in the sorted listing, not names (file names can hold patient names).
+
+    Raises
+    ------
+    DataError
+        If two different item names resolve to the same file.
+    """
+    seen: dict[str, tuple[int, str]] = {}
+    for k, item in enumerate(items):
+        key = os.path.realpath(folder / item)
+        first = seen.setdefault(key, (k, item))
+        if first[1] != item:
+            raise DataError(
+                f"{root} names the same image file twice under different names (items {first[0]} and {k} "
+                "of its sorted listing, counting from 0); a file must appear once."
+            )
+    return list(items)
 
 
 def split_items(items: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -146,6 +146,16 @@ def _ort_run(path: Path | str, x: np.ndarray) -> list[np.ndarray]:
     return sess.run(None, {sess.get_inputs()[0].name: x})
 
 
+def _check_finite_output(ref: np.ndarray, out: np.ndarray, onnx_path: Path | str) -> None:
+    """Raise :class:`ModelError` if the PyTorch or ONNX output holds NaN or infinity."""
+    for who, arr in (("PyTorch", ref), ("ONNX Runtime", out)):
+        if not np.isfinite(arr).all():
+            raise ModelError(
+                f"The {who} output for {onnx_path} holds non-finite values (NaN or infinity); "
+                "the model's weights are unusable (was its training loss finite?)."
+            )
+
+
 def check_parity(
     model: torch.nn.Module,
     onnx_path: Path | str,
@@ -158,7 +168,9 @@ def check_parity(
     Raises
     ------
     ModelError
-        If the ONNX outputs differ from PyTorch's by more than ``atol``.
+        If the ONNX outputs differ from PyTorch's by more than ``atol``, or
+        either holds a non-finite value (NaN or infinity: a model trained to
+        NaN weights agrees with itself, so the difference alone cannot tell).
     """
     spec = spec or InputSpec()
     rng = np.random.default_rng(seed)
@@ -175,6 +187,7 @@ def check_parity(
         for r, o in zip(refs, outs):
             if tuple(r.shape) != o.shape:
                 raise ModelError(f"ONNX output shape {o.shape} differs from PyTorch's {tuple(r.shape)}.")
+            _check_finite_output(r.numpy(), o, onnx_path)
             worst = max(worst, float(np.max(np.abs(r.numpy() - o))))
     if worst > atol:
         raise ModelError(f"ONNX Runtime differs from PyTorch by {worst:.2e} (> {atol:.0e}) on {onnx_path}.")

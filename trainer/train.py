@@ -949,6 +949,25 @@ def _epoch_indices(cfg: TrainConfig, tr: Any, epoch: int, need: int) -> np.ndarr
     return np.resize(np.random.default_rng([cfg.seed, epoch]).permutation(len(tr)), need)
 
 
+def _check_finite_loss(loss: torch.Tensor, epoch: int, step: int) -> None:
+    """Stop training (before the optimizer step) when a batch's loss is NaN or infinite.
+
+    A non-finite loss poisons the weights at the next step; going on would
+    save a NaN model as "best" and export it.
+
+    Raises
+    ------
+    DataError
+        If ``loss`` is not finite.
+    """
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise DataError(
+            f"The training loss is not finite (NaN or infinity) at epoch {epoch}, step {step}; "
+            "training stopped without saving it. Check the data for non-finite values "
+            "(boxes, pixels) or lower the learning rate (--lr)."
+        )
+
+
 def _train_epoch(loop: _Loop, tr: Any, epoch: int) -> float:
     """One epoch over this rank's shard of the epoch's permutation; the mean loss over every rank."""
     cfg, model, steps, per_rank_batch = loop.cfg, loop.model, loop.steps, loop.per_rank_batch
@@ -965,6 +984,7 @@ def _train_epoch(loop: _Loop, tr: Any, epoch: int) -> float:
     for s in range(steps):
         idx = perm[s * per_rank_batch : (s + 1) * per_rank_batch]
         loss = _step_loss(loop, _batch(tr, idx, cfg.task))
+        _check_finite_loss(loss, epoch, s + 1)
         loop.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(loop.params, 5.0)
