@@ -135,6 +135,19 @@ def _ports(cfg: MedgeConfig) -> list[Check]:
     return out
 
 
+def _metrics_files(cfg: MedgeConfig) -> list[Check]:
+    """``[metrics]``'s TLS and htpasswd files, loaded as ``medge serve`` loads them."""
+    from edge.ops.health import HealthServer
+
+    if not cfg.metrics.enabled:
+        return []
+    try:
+        what = HealthServer.check_files(cfg.metrics)
+    except ConfigError as exc:
+        return [Check("metrics files", "fail", str(exc))]
+    return [Check("metrics files", "ok", ", ".join(what) or "no TLS, no auth")]
+
+
 def _writable(label: str, folder: Path) -> Check:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -166,6 +179,7 @@ def run_checks(config_path: Path | None) -> list[Check]:
     if cfg is not None:
         checks.extend(_engines(cfg))
         checks.extend(_ports(cfg))
+        checks.extend(_metrics_files(cfg))
         checks.append(_writable("spool", cfg.spool_dir))
         checks.append(_writable("engine cache", cfg.engine_cache_dir))
     return checks

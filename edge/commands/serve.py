@@ -43,6 +43,11 @@ def run(args: argparse.Namespace) -> int:
     """Run until SIGTERM or SIGINT; 0 after a clean shutdown."""
     config = load_config(args.config)
     if getattr(args, "check", False):
+        from edge.ops.health import HealthServer
+
+        metrics = HealthServer.check_files(config.metrics)  # TLS and htpasswd files, as serve loads them
+        if metrics:
+            print(f"metrics: {', '.join(metrics)}")
         with ModelRegistry.from_config(config) as models:
             for m in models:
                 print(f"{m.name} v{m.version}: {m.task}, {m.backend_label}, {m.precision}, max batch {m.max_batch}")

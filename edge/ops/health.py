@@ -555,6 +555,37 @@ class HealthServer:
                 "TLS or basic auth" if ssl_context is None and auth is None else "TLS" if ssl_context is None else "basic auth",
             )
 
+    @staticmethod
+    def check_files(config: Any) -> list[str]:
+        """What ``[metrics]``'s TLS and htpasswd files would make the server do, checked without binding.
+
+        Loads the certificate, key and client CA into a TLS context and parses
+        the htpasswd file, as :meth:`from_config` does; returns lines such as
+        ``"TLS"``, ``"basic auth for 1 user(s)"``.
+
+        Raises
+        ------
+        ConfigError
+            A file :meth:`from_config` would refuse (``medge serve --check``
+            and ``medge doctor`` passed such files while ``serve`` refused
+            them, until 2026-12-01).
+        """
+        if not config.enabled:
+            return []
+        if config.tls_client_ca and not config.tls_cert:
+            raise ConfigError("Config key metrics.tls_client_ca: needs metrics.tls_cert and tls_key.")
+        ssl_context = _server_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+        auth = HtpasswdAuth(config.basic_auth_file) if config.basic_auth_file else None
+        return [
+            line
+            for line in (
+                "TLS" if ssl_context is not None else "",
+                "client certificates required" if config.tls_client_ca else "",
+                f"basic auth for {len(auth.users)} user(s)" if auth is not None else "",
+            )
+            if line
+        ]
+
     @classmethod
     def from_config(
         cls,

@@ -265,6 +265,35 @@ def test_serve_check(tmp_path: Path, fixture_engines: Path, capsys: pytest.Captu
     assert "tiny-seg v1: segmentation, onnxruntime, int8" in out and "configuration OK" in out
 
 
+def test_serve_check_and_doctor_load_the_metrics_files_as_serve_does(
+    tmp_path: Path, fixture_engines: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A truncated htpasswd hash or a key file that is not a key: serve refused it, --check and doctor passed it."""
+    from edge.cli import main
+    from edge.commands.doctor import run_checks
+
+    bad = tmp_path / "h.htpasswd"
+    bad.write_text("prom:$2b$12$short\n")
+    cfg = tmp_path / "medge.toml"
+    cfg.write_text(
+        f'engines_dir = "{fixture_engines}"\n[[models]]\nname = "tiny-seg"\n'
+        f'[metrics]\nbasic_auth_file = "{bad}"\n'
+    )
+    assert main(["serve", "--config", str(cfg), "--check"]) != 0
+    assert "line 1" in capsys.readouterr().err
+    checks = {c.name: c for c in run_checks(cfg)}
+    assert checks["metrics files"].status == "fail" and "line 1" in checks["metrics files"].detail
+    key = tmp_path / "not-a.key"
+    key.write_text("not a key\n")
+    cfg.write_text(
+        f'engines_dir = "{fixture_engines}"\n[[models]]\nname = "tiny-seg"\n'
+        f'[metrics]\ntls_cert = "{key}"\ntls_key = "{key}"\n'
+    )
+    assert main(["serve", "--config", str(cfg), "--check"]) != 0
+    assert "metrics.tls" in capsys.readouterr().err
+    assert {c.name: c for c in run_checks(cfg)}["metrics files"].status == "fail"
+
+
 def test_sd_notify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from edge.daemon import sd_notify
 
