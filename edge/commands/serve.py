@@ -67,12 +67,16 @@ def run(args: argparse.Namespace) -> int:
     interval_s = Watchdog.interval_from_env()
     with Daemon(config) as daemon:
         release = inject_fault(daemon, fault) if fault else None
-        sd_notify("READY=1")
-        watchdog = Watchdog(lambda: daemon.ready, interval_s).start() if interval_s else None
-        if watchdog is not None:
-            _log.info("systemd watchdog: WATCHDOG=1 every %.1f s while every serving loop makes progress.", interval_s)
-        while not stop.wait(0.5):
-            pass
+        watchdog = None
+        if not stop.is_set():  # a SIGTERM during start-up (loading, warm-up): never READY=1, shut down now
+            sd_notify("READY=1")
+            watchdog = Watchdog(lambda: daemon.ready, interval_s).start() if interval_s else None
+            if watchdog is not None:
+                _log.info(
+                    "systemd watchdog: WATCHDOG=1 every %.1f s while every serving loop makes progress.", interval_s
+                )
+            while not stop.wait(0.5):
+                pass
         _log.info("%s received; shutting down.", received[0] if received else "stop")
         if watchdog is not None:
             watchdog.stop()

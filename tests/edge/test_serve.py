@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import os
 import re
@@ -292,6 +294,40 @@ def test_serve_check_and_doctor_load_the_metrics_files_as_serve_does(
     assert main(["serve", "--config", str(cfg), "--check"]) != 0
     assert "metrics.tls" in capsys.readouterr().err
     assert {c.name: c for c in run_checks(cfg)}["metrics files"].status == "fail"
+
+
+def test_sigterm_during_start_up_never_sends_ready(
+    tmp_path: Path, fixture_engines: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM while models load: the daemon shuts down once started, without READY=1 (it sent READY=1 first)."""
+    import signal as _signal
+
+    from edge.commands import serve
+    from edge.daemon import Daemon
+
+    sent: list[str] = []
+    monkeypatch.setattr(serve, "sd_notify", lambda msg: sent.append(msg) or True)
+    monkeypatch.setattr(serve, "exit_after", lambda _s: None)  # no watchdog timer for the test process
+
+    class SigtermDuringStart(Daemon):
+        def start(self) -> "Daemon":  # the signal arrives while the daemon is still starting
+            started = super().start()
+            os.kill(os.getpid(), _signal.SIGTERM)
+            return started
+
+    monkeypatch.setattr(serve, "Daemon", SigtermDuringStart)
+    cfg = tmp_path / "medge.toml"
+    cfg.write_text(
+        f'engines_dir = "{fixture_engines}"\nspool_dir = "{tmp_path / "spool"}"\n[[models]]\nname = "tiny-seg"\n'
+        '[zmq]\ningest = "tcp://127.0.0.1:*"\npublish = "tcp://127.0.0.1:*"\n[metrics]\nenabled = false\n'
+        "[dicom]\nenabled = false\n"
+    )
+    previous = _signal.getsignal(_signal.SIGTERM)
+    try:
+        assert serve.run(argparse.Namespace(config=str(cfg), check=False)) == 0
+    finally:
+        _signal.signal(_signal.SIGTERM, previous)
+    assert "READY=1" not in sent and "STOPPING=1" in sent, sent
 
 
 def test_sd_notify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
