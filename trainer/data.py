@@ -515,7 +515,10 @@ def _load_png(p: Path) -> np.ndarray:
             im = Image.open(p)
         with im:
             _check_pixels(im.size[0], im.size[1])
-            arr = np.asarray(im)
+            if im.mode in ("P", "PA"):  # palette indices are not intensities: their colours are
+                arr = np.asarray(im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB"))
+            else:
+                arr = np.asarray(im)
     except Image.DecompressionBombError as exc:
         raise DataError(
             f"the image has more pixels than PIL will decode, far more than the {MAX_IMAGE_PIXELS} pixels "
@@ -642,6 +645,8 @@ def load_segmentation_folder(
             )
         images.append(img)
         masks.append((m > 0).astype(np.uint8))
+    if items is None and masks and not any(bool(m.any()) for m in masks):
+        raise DataError(f"Every mask in {root / 'masks'} is empty: a segmenter cannot learn without a lesion.")
     # Evaluation needs the source masks, nothing needs the source images: drop them (memory).
     return segmentation_set_from_arrays(images, masks, spec or InputSpec(), pre, source=str(root), keep_images=False)
 
@@ -673,6 +678,7 @@ def load_detection_folder(
     names = list(labels) if labels else [str(c["name"]) for c in cats]
     cat_index = {c["id"]: i for i, c in enumerate(cats)}
     by_image = _annotations_by_image(coco, ann_path)
+    _check_coco_consistency(coco, by_image, cat_index, ann_path)
     want = check_items(root, items, [str(e.get("file_name", "")) for e in coco["images"] if isinstance(e, dict)])
     images, boxes, classes = [], [], []
     for j, entry in enumerate(coco["images"]):
@@ -717,6 +723,48 @@ def _annotations_by_image(coco: Mapping[str, Any], ann_path: Path) -> dict[Any, 
             )
         by_image.setdefault(a["image_id"], []).append((k, a))
     return by_image
+
+
+def _check_coco_consistency(
+    coco: Mapping[str, Any], by_image: Mapping[Any, list[tuple[int, dict]]], cat_index: Mapping[Any, int],
+    ann_path: Path,
+) -> None:
+    """Refuse what would train on wrong truth without a word.
+
+    An image listed twice (by id or file name: two truths for one image),
+    an annotation whose ``image_id`` names no image (its image would be
+    taken as free of findings) or whose ``category_id`` is not a category
+    (it became the first class), and a file without any annotation (a
+    detector cannot learn from images without a single box). Errors give
+    indices, never file names.
+    """
+    entries = [e for e in coco["images"] if isinstance(e, dict)]
+    ids = [e.get("id") for e in entries]
+    names = [str(e.get("file_name", "")) for e in entries]
+    for label, values in (("id", ids), ("file_name", names)):
+        seen: dict[Any, int] = {}
+        for j, v in enumerate(values):
+            if v in seen:
+                raise DataError(
+                    f"COCO annotation file {ann_path}: images {seen[v]} and {j} (counting from 0) have the same "
+                    f"{label}; one image must have one truth."
+                )
+            seen[v] = j
+    known = set(ids)
+    for image_id, anns in by_image.items():
+        if image_id not in known:
+            raise DataError(
+                f"Annotation {anns[0][0]} (counting from 0) in {ann_path} names an image_id that no image has; "
+                "its image would be taken as free of findings."
+            )
+        for k, a in anns:
+            if "category_id" in a and a["category_id"] not in cat_index:
+                raise DataError(
+                    f"Annotation {k} (counting from 0) in {ann_path} has a category_id that is not among the "
+                    "file's categories."
+                )
+    if not by_image:
+        raise DataError(f"COCO annotation file {ann_path} holds no annotation: a detector cannot learn without boxes.")
 
 
 def _coco_box(bbox: Any, k: int, shape: tuple[int, ...], ann_path: Path) -> list[float]:

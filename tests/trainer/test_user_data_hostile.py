@@ -223,3 +223,51 @@ def test_user_sets_do_not_keep_source_images(tmp_path: Path) -> None:
     ds, _ = load_detection_folder(_coco_folder(tmp_path / "d"), SPEC)
     cls = load_classification_folder(_csv_folder(tmp_path / "c", "path,label\n" + ROWS), SPEC)
     assert len(ds) == 3 and ds.images == [] and len(cls) == 6 and cls.images == []
+
+
+# ------------------------------------------------------------- truth that would train wrong without a word
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c["annotations"].append({"id": 9, "image_id": 77, "category_id": 1, "bbox": [2, 2, 4, 4]}),
+         "names an image_id that no image has"),
+        (lambda c: c["annotations"][0].update(category_id=5), "category_id that is not among"),
+        (lambda c: c["images"].append({"id": 9, "file_name": "0.png"}), "same file_name"),
+        (lambda c: c["images"].append({"id": 1, "file_name": "1b.png"}), "same id"),
+        (lambda c: c.update(annotations=[]), "holds no annotation"),
+    ],
+    ids=["orphan-annotation", "unknown-category", "duplicate-file", "duplicate-id", "no-boxes"],
+)
+def test_coco_truth_that_would_be_silently_wrong_is_refused(tmp_path: Path, change, message: str) -> None:
+    """Before: an unknown category became class 0, an orphan annotation made its image a negative, ..."""
+    root = _coco_folder(tmp_path / "d")
+    coco = json.loads((root / "annotations.json").read_text())
+    change(coco)
+    (root / "annotations.json").write_text(json.dumps(coco))
+    with pytest.raises(DataError, match=message):
+        load_detection_folder(root, InputSpec(size=(16, 16)))
+
+
+def test_a_folder_of_empty_masks_is_refused(tmp_path: Path) -> None:
+    from trainer.data import load_segmentation_folder
+
+    for i in range(3):
+        _png(tmp_path / "s" / "images" / f"{i}.png", i)
+        (tmp_path / "s" / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "s" / "masks" / f"{i}.png")
+    with pytest.raises(DataError, match="Every mask .* is empty"):
+        load_segmentation_folder(tmp_path / "s", InputSpec(size=(16, 16)))
+
+
+def test_a_palette_png_is_read_as_its_colours_not_its_indices(tmp_path: Path) -> None:
+    """A palette whose index 0 is white: the image is its colours (luma), not the indices (it trained inverted)."""
+    grey = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)
+    img = Image.fromarray(255 - grey, mode="L").convert("P")  # indices and colours differ after quantisation
+    palette = img.getpalette()[: 256 * 3]
+    inverted = [255 - v for v in palette]
+    idx = np.asarray(img)
+    img.putpalette(inverted)
+    img.save(tmp_path / "p.png")
+    got = load_image(tmp_path / "p.png")
+    want = np.asarray(inverted, np.uint8).reshape(-1, 3)[idx]
+    assert got.shape == (8, 8, 3) and np.array_equal(got, want)
