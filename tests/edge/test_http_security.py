@@ -375,6 +375,20 @@ def test_unusable_tls_or_htpasswd_files_are_config_errors(pki: Pki, tmp_path: Pa
         HealthServer("127.0.0.1", 0, reg, lambda: True, basic_auth_file=str(empty))
 
 
+@pytest.fixture
+def bcrypt_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """``{"n": how many bcrypt checks ran}``, counted from here on."""
+    calls = {"n": 0}
+    real = bcrypt.checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        calls["n"] += 1
+        return real(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
+    return calls
+
+
 def test_a_malformed_bcrypt_hash_or_an_unbounded_idle_timeout_is_a_config_error(tmp_path: Path) -> None:
     """A hash cut short (say by the shell expanding ``$``) failed every request with a bare 401; ``inf`` killed the server."""
     from edge.config import load_config
@@ -390,18 +404,13 @@ def test_a_malformed_bcrypt_hash_or_an_unbounded_idle_timeout_is_a_config_error(
             load_config(cfg)
 
 
-def test_repeated_failures_from_one_client_stop_costing_bcrypt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_repeated_failures_from_one_client_stop_costing_bcrypt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bcrypt_calls: dict[str, int]
+) -> None:
     """32 clients sending wrong passwords kept every connection slot in bcrypt and a scraper was turned away."""
     from edge.ops import http_auth
 
-    calls = {"n": 0}
-    real = bcrypt.checkpw
-
-    def counting(password: bytes, hashed: bytes) -> bool:
-        calls["n"] += 1
-        return real(password, hashed)
-
-    monkeypatch.setattr(bcrypt, "checkpw", counting)
+    calls = bcrypt_calls
     auth = HtpasswdAuth(htpasswd(tmp_path / "h"))
     assert auth.check(basic(USER, PASSWORD), "10.0.0.9")  # verified once: cached from now on
     calls["n"] = 0
@@ -455,15 +464,8 @@ def test_basic_auth_guards_every_endpoint(tmp_path: Path, caplog: pytest.LogCapt
     assert "Authorization" not in caplog.text
 
 
-def test_successful_verifications_are_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = {"n": 0}
-    real = bcrypt.checkpw
-
-    def counting(password: bytes, hashed: bytes) -> bool:
-        calls["n"] += 1
-        return real(password, hashed)
-
-    monkeypatch.setattr(bcrypt, "checkpw", counting)
+def test_successful_verifications_are_cached(tmp_path: Path, bcrypt_calls: dict[str, int]) -> None:
+    calls = bcrypt_calls
     with HealthServer("127.0.0.1", 0, CollectorRegistry(), lambda: True, basic_auth_file=str(htpasswd(tmp_path / "h"))) as srv:
         for _ in range(5):
             assert get(srv.url + "/metrics", authorization=basic(USER, PASSWORD))[0] == 200

@@ -96,7 +96,8 @@ def test_sets_go_through_edge_preprocess(cache_dir: str) -> None:
         np.testing.assert_allclose(ib, a * 64 / 512, rtol=1e-5)
 
 
-def _write_dicom(path: Path, arr: np.ndarray) -> None:
+def _write_dicom(path: Path, arr: np.ndarray | None) -> None:
+    """A 12-bit secondary capture of ``arr`` at ``path``; ``None``: no image attributes and no pixel data."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -108,6 +109,9 @@ def _write_dicom(path: Path, arr: np.ndarray) -> None:
     ds.file_meta = meta
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    if arr is None:
+        ds.save_as(path, enforce_file_format=True)
+        return
     ds.Modality = "OT"
     ds.Rows, ds.Columns = arr.shape
     ds.SamplesPerPixel = 1

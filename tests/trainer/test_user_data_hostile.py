@@ -176,18 +176,9 @@ def test_csv_image_error_gives_the_line_not_the_name(tmp_path: Path) -> None:
 
 
 def _dicom_without_pixels(path: Path) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from tests.trainer.test_data import _write_dicom
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.save_as(path, enforce_file_format=True)
+    _write_dicom(path, None)
 
 
 def test_dicom_without_pixels_names_its_position_in_the_folder(tmp_path: Path) -> None:
