@@ -57,6 +57,7 @@ __all__ = [
     "FakeService",
     "free_port",
     "dicom_config",
+    "c_store",
 ]
 
 def write_deflate_bomb(
@@ -256,3 +257,28 @@ def dicom_config(tmp_path: Path, base=None, **dicom_overrides):
     d = dataclasses.replace(cfg.dicom, **settings)
     o = dataclasses.replace(cfg.outbox, retry_base_s=0.1, retry_max_s=0.5)
     return dataclasses.replace(cfg, dicom=d, outbox=o, spool_dir=tmp_path / "spool")
+
+
+def c_store(port: int, paths: list[Path], calling: str = "PYSCU", bind: str = "127.0.0.1") -> list[Dataset]:
+    """Send files as stored (no decode, any transfer syntax) with pynetdicom; returns the status data sets."""
+    from pydicom.filereader import read_file_meta_info
+    from pynetdicom import AE, _config
+    from pynetdicom.presentation import build_context
+
+    pairs: list[tuple[str, str]] = []
+    for p in paths:
+        meta = read_file_meta_info(p)  # never dcmread: pydicom would inflate a deflated data set in full
+        pair = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+        if pair not in pairs:
+            pairs.append(pair)
+    ae = AE(ae_title=calling)
+    ae.requested_contexts = [build_context(s, t) for s, t in pairs]
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDGE", bind_address=(bind, 0))
+    assert assoc.is_established
+    chunked, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True  # raw bytes, as sent
+    try:
+        return [assoc.send_c_store(p) for p in paths]
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+        assoc.release()

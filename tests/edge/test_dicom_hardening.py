@@ -29,8 +29,7 @@ from prometheus_client import CollectorRegistry
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from pynetdicom import AE, _config
-from pynetdicom.presentation import build_context
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from edge.config import DicomTlsConfig
@@ -83,25 +82,7 @@ def wait_metric(reg: CollectorRegistry, name: str, value: float, timeout_s: floa
     return metric(reg, name, **labels)
 
 
-def store(port: int, paths: list[Path], calling: str = "PYSCU", bind: str = "127.0.0.1") -> list[Dataset]:
-    """Send files as stored (no decode, any transfer syntax) with pynetdicom; returns the status data sets."""
-    pairs: list[tuple[str, str]] = []
-    for p in paths:
-        meta = read_file_meta_info(p)  # never dcmread: pydicom would inflate a deflated data set in full
-        pair = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
-        if pair not in pairs:
-            pairs.append(pair)
-    ae = AE(ae_title=calling)
-    ae.requested_contexts = [build_context(s, t) for s, t in pairs]
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    assoc = ae.associate("127.0.0.1", port, ae_title="MEDGE", bind_address=(bind, 0))
-    assert assoc.is_established
-    chunked, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True  # raw bytes, as sent
-    try:
-        return [assoc.send_c_store(p) for p in paths]
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = chunked
-        assoc.release()
+store = f.c_store  # send files as stored; returns the status data sets
 
 
 def echo(port: int, tls: ssl.SSLContext | None = None, timeout_s: float = 2.0) -> tuple[bool, float]:

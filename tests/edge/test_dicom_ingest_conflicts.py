@@ -15,15 +15,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-import pydicom
 import pytest
 from prometheus_client import CollectorRegistry
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pynetdicom import AE
-from pynetdicom.presentation import build_context
 
 from edge.egress.dicom.common import ModelInfo
 from edge.errors import DataError
@@ -70,29 +67,8 @@ def start_scp(tmp_path: Path) -> Iterator[Callable[..., tuple[DicomIngest, f.Fak
 
 
 def store(port: int, paths: list[Path]) -> list[tuple[int, str]]:
-    """Send files as stored (no decode, no validation) with pynetdicom; returns (status, error comment)."""
-    from pynetdicom import _config
-
-    pairs = []
-    for p in paths:
-        meta = pydicom.filereader.read_file_meta_info(p)
-        pair = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
-        if pair not in pairs:
-            pairs.append(pair)
-    ae = AE(ae_title="PYSCU")
-    ae.requested_contexts = [build_context(s, t) for s, t in pairs]
-    assoc = ae.associate("127.0.0.1", port, ae_title="MEDGE")
-    assert assoc.is_established
-    chunked, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
-    try:
-        out = []
-        for p in paths:
-            rsp = assoc.send_c_store(p)
-            out.append((int(rsp.Status), str(rsp.get("ErrorComment", ""))))
-        return out
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = chunked
-        assoc.release()
+    """Send files as stored (no decode, no validation); returns (status, error comment) per file."""
+    return [(int(r.Status), str(r.get("ErrorComment", ""))) for r in f.c_store(port, paths)]
 
 
 def metric(reg: CollectorRegistry, name: str, **labels: str) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -9,7 +10,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -85,6 +86,16 @@ class ScriptedSCP:
         self.server.shutdown()
 
 
+@contextlib.contextmanager
+def scripted_outbox(tmp_path: Path, scp: "ScriptedSCP", reg: CollectorRegistry, policy: RetryPolicy) -> Iterator[Outbox]:
+    """An outbox whose one destination, ``pacs``, is ``scp``; ``scp`` is closed on the way out, whatever happens."""
+    try:
+        with Outbox(tmp_path / "outbox", [Destination("pacs", "127.0.0.1", scp.port, "SCRIPTED")], reg, policy=policy) as ob:
+            yield ob
+    finally:
+        scp.close()
+
+
 def metric(reg: CollectorRegistry, name: str, **labels: str) -> float:
     return reg.get_sample_value(name, labels) or 0.0
 
@@ -140,18 +151,15 @@ def test_permanent_refusal_goes_to_dead_letter_with_reason(tmp_path: Path) -> No
     scp = ScriptedSCP([0xA900])
     reg = CollectorRegistry()
     objs = results(2)
-    try:
-        with Outbox(tmp_path / "outbox", [Destination("pacs", "127.0.0.1", scp.port, "SCRIPTED")], reg, policy=FAST) as ob:
-            for o in objs:
-                ob.put(o)
-            assert ob.wait_idle(20)
-            dead = ob.dead_letters("pacs")
-            # Disk use follows the files: the sent one is gone, the dead letter still counts.
-            assert ob.stored_bytes() == ob.stored_bytes(recount=True) == dead[0].stat().st_size > 0
-            dead[0].unlink()  # a person clears the dead letter: seen on the next recount
-            assert ob.stored_bytes(recount=True) == 0
-    finally:
-        scp.close()
+    with scripted_outbox(tmp_path, scp, reg, FAST) as ob:
+        for o in objs:
+            ob.put(o)
+        assert ob.wait_idle(20)
+        dead = ob.dead_letters("pacs")
+        # Disk use follows the files: the sent one is gone, the dead letter still counts.
+        assert ob.stored_bytes() == ob.stored_bytes(recount=True) == dead[0].stat().st_size > 0
+        dead[0].unlink()  # a person clears the dead letter: seen on the next recount
+        assert ob.stored_bytes(recount=True) == 0
     assert len(dead) == 1 and len(scp.stored) == 1
     reason = dead[0].with_name(dead[0].stem + ".reason.txt").read_text()
     assert "0xA900" in reason
@@ -162,13 +170,10 @@ def test_too_many_transient_refusals_in_the_window_go_to_dead_letter(tmp_path: P
     scp = ScriptedSCP([0x0110] * 3)  # processing failure: transient, but charged (out of resources is not)
     reg = CollectorRegistry()
     policy = RetryPolicy(retry_base_s=0.05, retry_max_s=0.1, max_attempts=3, attempt_window_s=60)
-    try:
-        with Outbox(tmp_path / "outbox", [Destination("pacs", "127.0.0.1", scp.port, "SCRIPTED")], reg, policy=policy) as ob:
-            ob.put(results(1)[0])
-            assert ob.wait_idle(20)
-            (dead,) = ob.dead_letters("pacs")
-    finally:
-        scp.close()
+    with scripted_outbox(tmp_path, scp, reg, policy) as ob:
+        ob.put(results(1)[0])
+        assert ob.wait_idle(20)
+        (dead,) = ob.dead_letters("pacs")
     assert "refused 3 times" in dead.with_name(dead.stem + ".reason.txt").read_text()
     assert scp.stored == []
 
@@ -179,14 +184,11 @@ def test_out_of_resources_is_waited_out_and_never_dead_lettered(tmp_path: Path) 
     reg = CollectorRegistry()
     policy = RetryPolicy(retry_base_s=0.01, retry_max_s=0.02, max_attempts=2, attempt_window_s=3600)
     objs = results(2)
-    try:
-        with Outbox(tmp_path / "outbox", [Destination("pacs", "127.0.0.1", scp.port, "SCRIPTED")], reg, policy=policy) as ob:
-            for o in objs:
-                ob.put(o)
-            assert ob.wait_idle(20)
-            assert ob.dead_letters("pacs") == []
-    finally:
-        scp.close()
+    with scripted_outbox(tmp_path, scp, reg, policy) as ob:
+        for o in objs:
+            ob.put(o)
+        assert ob.wait_idle(20)
+        assert ob.dead_letters("pacs") == []
     assert sorted(scp.stored) == sorted(str(o.SOPInstanceUID) for o in objs)
     assert metric(reg, "medge_outbox_failures_total", destination="pacs") == 7
     assert metric(reg, "medge_outbox_dead_letter_total", destination="pacs") == 0
@@ -199,15 +201,12 @@ def test_a_refused_object_waits_its_backoff_while_the_others_go(tmp_path: Path) 
     reg = CollectorRegistry()
     policy = RetryPolicy(retry_base_s=30.0, retry_max_s=30.0, max_attempts=10, attempt_window_s=3600)
     objs = results(3)
-    try:
-        with Outbox(tmp_path / "outbox", [Destination("pacs", "127.0.0.1", scp.port, "SCRIPTED")], reg, policy=policy) as ob:
-            for o in objs:
-                ob.put(o)
-            poll(lambda: len(ob.pending("pacs")) == 1, what="the two objects behind the refused one sent")
-            assert len(scp.stored) == 2  # the refused one waits its 30 s backoff
-            assert ob.pending("pacs")[0].stem not in scp.stored  # the refused one, not sent
-    finally:
-        scp.close()
+    with scripted_outbox(tmp_path, scp, reg, policy) as ob:
+        for o in objs:
+            ob.put(o)
+        poll(lambda: len(ob.pending("pacs")) == 1, what="the two objects behind the refused one sent")
+        assert len(scp.stored) == 2  # the refused one waits its 30 s backoff
+        assert ob.pending("pacs")[0].stem not in scp.stored  # the refused one, not sent
 
 
 def test_pending_results_survive_a_restart(tmp_path: Path) -> None:
@@ -268,14 +267,11 @@ def test_an_unexpected_sender_error_backs_off_and_delivers_later(tmp_path: Path,
 
     monkeypatch.setattr(Outbox, "_send_batch", flaky)
     objs = results(2)
-    try:
-        with Outbox(tmp_path / "outbox", [Destination("pacs", "127.0.0.1", scp.port, "SCRIPTED")], reg, policy=FAST) as ob:
-            for o in objs:
-                ob.put(o)
-            assert ob.wait_idle(20)
-            assert ob.dead_letters("pacs") == []
-    finally:
-        scp.close()
+    with scripted_outbox(tmp_path, scp, reg, FAST) as ob:
+        for o in objs:
+            ob.put(o)
+        assert ob.wait_idle(20)
+        assert ob.dead_letters("pacs") == []
     assert sorted(scp.stored) == sorted(str(o.SOPInstanceUID) for o in objs)
     assert metric(reg, "medge_internal_errors_total", component="outbox") == 1
     assert metric(reg, "medge_outbox_failures_total", destination="pacs") == 1
