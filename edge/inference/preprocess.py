@@ -131,12 +131,14 @@ def to_float_channels(image: np.ndarray, channels: int) -> np.ndarray:
     raise DataError(f"Image shape {list(image.shape)} is not [H, W], [H, W, 1] or [H, W, 3].")
 
 
-def resize_float(plane: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear (antialiased when shrinking) resize of one float32 plane."""
+def resize_float(plane: np.ndarray, height: int, width: int, reducing_gap: float | None = None) -> np.ndarray:
+    """Bilinear (antialiased when shrinking) resize of one float32 plane (Pillow; ``reducing_gap`` as Pillow's)."""
     if plane.shape == (height, width):
         return plane.astype(np.float32, copy=False)
     img = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))
-    return np.asarray(img.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    return np.asarray(
+        img.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=reducing_gap), dtype=np.float32
+    )
 
 
 def resize_linear(plane: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -234,10 +236,9 @@ def _steep(plane: np.ndarray, height: int, width: int) -> bool:
 
 
 def _resize_steep(plane: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Pillow's antialiased bilinear filter (float32), box-reduced first beyond :data:`REDUCE_SCALE`."""
-    img = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))
+    """:func:`resize_float` (a new array), box-reduced first beyond :data:`REDUCE_SCALE`."""
     gap = 2.0 if plane.shape[0] > REDUCE_SCALE * height or plane.shape[1] > REDUCE_SCALE * width else None
-    return np.asarray(img.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=gap), dtype=np.float32)
+    return resize_float(plane, height, width, reducing_gap=gap)
 
 
 def _check_resize(plane: np.ndarray, height: int, width: int) -> None:
